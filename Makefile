@@ -1,0 +1,43 @@
+# qtool: `make demo` and `make test` do all of their set-up on a fresh machine.
+# With no virtual environment active, one is created in .venv and the package is installed
+# into it (the C kernels are compiled by that install).
+
+SHELL := /bin/bash
+PYTHON_SYS ?= python3
+
+ifdef VIRTUAL_ENV
+  VENV := $(VIRTUAL_ENV)
+else
+  VENV := $(CURDIR)/.venv
+endif
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qtool-installed
+
+.PHONY: install demo test test-fast bench lint native-test clean
+
+# Reinstall when the package definition or the C sources change.
+$(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard native/src/*.c native/include/*.h qtool/kernels/_build.py)
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	QTOOL_NATIVE=1 $(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check qtool tests bench examples
+
+native-test:
+	$(MAKE) -C native test
+
+clean:
+	rm -rf build *.egg-info qtool/kernels/_qtool_native*.so examples/out

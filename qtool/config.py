@@ -1,0 +1,250 @@
+"""Recipes: named, versionable sets of choices for calibrate / convert / eval.
+
+A recipe is a TOML file of sections that map onto frozen dataclasses. Named presets live in
+``qtool/configs/`` (``--recipe int8-static``); any path to a ``.toml`` file works as well.
+CLI flags override recipe values (``Recipe.override``). Unknown keys are rejected by name,
+so a typo never silently falls back to a default.
+
+Example::
+
+    [quantize]
+    bits = 8
+    per_channel = true
+    exclude = ["head/Gemm"]
+
+    [calibration]
+    method = "percentile"
+    percentile = 99.99
+
+    [[layer]]                 # per-layer overrides, first match wins
+    match = "lm_head*"
+    bits = 8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from qtool.errors import RecipeError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    method: str = "minmax"  # minmax | percentile | entropy | mse
+    percentile: float = 99.99
+    bins: int = 2048
+    samples: int = 0  # 0: every sample in the folder
+    batch_size: int = 1
+    moving_average: float = 0.0  # 0: plain min/max; else the EMA constant for min/max
+    symmetric: bool = False
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    bits: int = 8
+    dtype: str = "int"  # int | fp16
+    dynamic: bool = False
+    format: str = "qdq"  # qdq | qoperator | matmulnbits
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    activation_type: str = "uint8"  # uint8 runs fused on x86 CPUs; int8 often does not
+    weight_type: str = "int8"
+    op_types: tuple[str, ...] = ()  # empty: every op of the registry
+    exclude: tuple[str, ...] = ()  # node names, op types or glob patterns left in float
+    allow_opset_upgrade: bool = False
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    block_size: int = 128
+    symmetric: bool = True
+    algorithm: str = "rtn"  # rtn | mse | hqq | gptq | awq
+    format: str = "matmulnbits"  # matmulnbits | qdq
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations, the fast path on x86
+    keep_8bit: tuple[str, ...] = ()
+    quantize_gather: bool = True
+
+
+@dataclass(frozen=True)
+class Fp16Config:
+    keep_io_types: bool = True
+    op_block_list: tuple[str, ...] = ("Resize", "Range", "CumSum", "TopK", "NonMaxSuppression")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How image files become input tensors (ignored for .npy/.npz/.pb datasets)."""
+
+    resize: int = 0  # shorter side, pixels; 0 keeps the size
+    crop: int = 0  # center crop to crop x crop; 0: none
+    size: tuple[int, ...] = ()  # (height, width) to resize to exactly; overrides resize/crop
+    scale: float = 1.0 / 255.0  # applied to 0..255 pixels before mean/std
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    layout: str = "NCHW"  # NCHW | NHWC
+    color: str = "RGB"  # RGB | BGR | L
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    metrics: tuple[str, ...] = ()
+    runs: int = 50
+    warmup: int = 5
+    threads: int = 0  # 0: onnxruntime's default
+    max_drop: float | None = None
+    min_sqnr: float | None = None
+    max_latency_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer choice: nodes whose name (or op type) matches ``match`` get these bits.
+
+    bits: 32 keeps float, 16 fp16, 8/4/3/2 integer. Used by `qtool tune` output recipes.
+    """
+
+    match: str
+    bits: int
+
+    def matches(self, node_name: str, op_type: str = "") -> bool:
+        return fnmatch.fnmatchcase(node_name, self.match) or self.match == op_type
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "default"
+    description: str = ""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    weight_only: WeightOnlyConfig = field(default_factory=WeightOnlyConfig)
+    fp16: Fp16Config = field(default_factory=Fp16Config)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    layer: tuple[LayerOverride, ...] = ()
+
+    def override(self, section: str, **values: Any) -> Recipe:
+        """A copy with ``values`` set in ``section``; ``None`` values mean "not given"."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            return self
+        current = getattr(self, section)
+        try:
+            updated = dataclasses.replace(current, **_coerce_section(type(current), values, section))
+        except TypeError as exc:
+            raise RecipeError(f"bad override for [{section}]: {exc}") from None
+        return dataclasses.replace(self, **{section: updated})
+
+    def bits_for(self, node_name: str, op_type: str, default: int) -> int:
+        for rule in self.layer:
+            if rule.matches(node_name, op_type):
+                return rule.bits
+        return default
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {
+    "calibration": CalibrationConfig,
+    "quantize": QuantizeConfig,
+    "weight_only": WeightOnlyConfig,
+    "fp16": Fp16Config,
+    "preprocess": PreprocessConfig,
+    "eval": EvalConfig,
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def load_recipe(name_or_path: str | Path | None) -> Recipe:
+    """A recipe by preset name (``int8-static``) or by path to a TOML file; None: defaults."""
+    if name_or_path is None:
+        return Recipe()
+    candidate = Path(name_or_path)
+    if candidate.suffix != ".toml" and (CONFIG_DIR / f"{name_or_path}.toml").exists():
+        candidate = CONFIG_DIR / f"{name_or_path}.toml"
+    if not candidate.exists():
+        raise RecipeError(
+            f"recipe not found: {name_or_path}",
+            f"use a preset ({', '.join(preset_names())}) or a path to a .toml file",
+        )
+    try:
+        data = tomllib.loads(candidate.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe {candidate} is not valid TOML: {exc}", "fix the syntax") from None
+    return recipe_from_dict(data, default_name=candidate.stem, source=str(candidate))
+
+
+def recipe_from_dict(data: dict[str, Any], default_name: str = "custom", source: str = "") -> Recipe:
+    where = f" in {source}" if source else ""
+    top_keys = {"name", "description", "layer", *_SECTIONS}
+    unknown = sorted(set(data) - top_keys)
+    if unknown:
+        raise RecipeError(
+            f"unknown recipe key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{where}",
+            f"valid top-level keys: {', '.join(sorted(top_keys))}",
+        )
+    kwargs: dict[str, Any] = {
+        "name": str(data.get("name", default_name)),
+        "description": str(data.get("description", "")),
+    }
+    for section, cls in _SECTIONS.items():
+        values = data.get(section, {})
+        if not isinstance(values, dict):
+            raise RecipeError(f"[{section}] must be a table{where}", f"write it as [{section}]")
+        kwargs[section] = cls(**_coerce_section(cls, values, section, where))
+    layers = data.get("layer", [])
+    if not isinstance(layers, list):
+        raise RecipeError(f"'layer' must be an array of tables{where}", "write it as [[layer]]")
+    overrides = []
+    for entry in layers:
+        extra = sorted(set(entry) - {"match", "bits"})
+        if extra or "match" not in entry or "bits" not in entry:
+            raise RecipeError(
+                f"bad [[layer]] entry {entry}{where}",
+                "each [[layer]] needs exactly: match = \"pattern\", bits = 32|16|8|4|3|2",
+            )
+        if entry["bits"] not in (32, 16, 8, 4, 3, 2):
+            raise RecipeError(f"[[layer]] bits must be 32, 16, 8, 4, 3 or 2{where}", "")
+        overrides.append(LayerOverride(str(entry["match"]), int(entry["bits"])))
+    kwargs["layer"] = tuple(overrides)
+    return Recipe(**kwargs)
+
+
+def _coerce_section(cls: type, values: dict[str, Any], section: str, where: str = "") -> dict:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise RecipeError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(f'{section}.{k}') for k in unknown)}{where}",
+            f"valid keys in [{section}]: {', '.join(sorted(fields))}",
+        )
+    out = {}
+    for key, value in values.items():
+        default = getattr(cls(), key)
+        if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+            value = tuple(value)
+        elif isinstance(default, bool) and not isinstance(value, bool):
+            raise RecipeError(f"{section}.{key} must be true or false{where}, got {value!r}", "")
+        elif isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
+            raise RecipeError(f"{section}.{key} must be an integer{where}, got {value!r}", "")
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        out[key] = value
+    return out

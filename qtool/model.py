@@ -1,0 +1,304 @@
+"""Model I/O: load ONNX files (weights stay on disk until used), save atomically, verify.
+
+Loading goes through onnx-ir, so initializers stored as external data are memory-mapped
+lazily: reading a graph's structure and tensor metadata never reads the weights.
+
+Saving never touches the input model: the output is written into a temporary folder beside
+its destination, loaded once by onnxruntime as a check, and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+
+from qtool import __version__
+from qtool.errors import ModelError, UsageError
+
+# protobuf cannot serialise a message of 2 GiB or more; stay clear of the limit.
+PROTOBUF_LIMIT_BYTES = 2 * 1024**3 - 64 * 1024**2
+PROVENANCE_PREFIX = "qtool."
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model; external data is referenced lazily, never read here."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}", "check the path; qtool reads .onnx files")
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder, not a model file", "pass the .onnx file itself")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path} is empty", "the file is not an ONNX model; re-export it")
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf's DecodeError and friends carry no useful type
+        raise ModelError(
+            f"{path} is not a readable ONNX model ({_short(exc)})",
+            "the file is truncated or not ONNX; re-export or re-download it",
+        ) from None
+    if len(model.graph.outputs) == 0 or model.ir_version is None:
+        raise ModelError(
+            f"{path} does not parse as an ONNX model (no graph outputs)",
+            "the file is probably not ONNX; check how it was exported",
+        )
+    _check_external_files(model, path)
+    return model
+
+
+def _check_external_files(model: ir.Model, path: Path) -> None:
+    for tensor in iter_initializers(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            data_file = Path(tensor.base_dir) / tensor.location
+            if not data_file.exists():
+                raise ModelError(
+                    f"external data file missing: {data_file} (needed by tensor {tensor.name!r})",
+                    f"keep {tensor.location} next to {path.name}, as it was when the model was saved",
+                )
+            end = (tensor.offset or 0) + (tensor.length or 0)
+            if data_file.stat().st_size < end:
+                raise ModelError(
+                    f"external data file {data_file} is shorter than tensor {tensor.name!r} needs",
+                    "the data file is truncated; copy it again from the original",
+                )
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
+def iter_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
+    """The graph and every subgraph of its If/Loop/Scan nodes, depth first."""
+    yield graph
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield from iter_graphs(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.value:
+                    yield from iter_graphs(sub)
+
+
+def iter_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Every node of the model, including those inside subgraphs."""
+    for graph in iter_graphs(model.graph):
+        yield from graph
+
+
+def iter_initializers(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    for graph in iter_graphs(model.graph):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(t.nbytes for t in iter_initializers(model))
+
+
+def model_inputs(model: ir.Model) -> list[ir.Value]:
+    """Graph inputs that are fed at run time (initializers listed as inputs excluded)."""
+    return [v for v in model.graph.inputs if not v.is_initializer()]
+
+
+def opset_version(model: ir.Model, domain: str = "") -> int | None:
+    return model.opset_imports.get(domain)
+
+
+def require_opset(model: ir.Model, minimum: int, why: str, allow_upgrade: bool) -> None:
+    """Refuse to raise the default-domain opset silently.
+
+    Rewrites that need a newer opset call this; without ``allow_upgrade`` the user is told
+    which flag turns the upgrade on. The upgrade itself only bumps the import, which is
+    valid for the ops qtool emits, and is reported by the caller.
+    """
+    current = opset_version(model) or 0
+    if current >= minimum:
+        return
+    if not allow_upgrade:
+        raise UsageError(
+            f"{why} needs opset {minimum}, the model has opset {current}",
+            "pass --allow-opset-upgrade to let qtool raise the opset, or choose another format",
+        )
+    model.opset_imports[""] = minimum
+
+
+def graph_fingerprint(model: ir.Model) -> str:
+    """A hash of the graph's structure: nodes, names, and initializer shapes and dtypes.
+
+    Weights' values are deliberately left out: hashing them would read every byte of a large
+    model, and a calibration table stays valid when only weight values change.
+    """
+    h = hashlib.sha256()
+    for graph in iter_graphs(model.graph):
+        for value in graph.inputs:
+            h.update(f"in:{value.name}:{value.dtype}".encode())
+        for value in graph.outputs:
+            h.update(f"out:{value.name}".encode())
+        for name, value in sorted(graph.initializers.items()):
+            tensor = value.const_value
+            shape = tuple(tensor.shape) if tensor is not None else ()
+            h.update(f"init:{name}:{value.dtype}:{shape}".encode())
+        for node in graph:
+            ins = ",".join(v.name if v is not None else "" for v in node.inputs)
+            outs = ",".join(v.name for v in node.outputs)
+            h.update(f"node:{node.domain}:{node.op_type}:{ins}->{outs}".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    path: Path
+    external_data: Path | None
+    bytes_written: int
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None) -> Path:
+    """Validate where a model will be written, before any work is done."""
+    output = Path(output)
+    if input_path is not None:
+        if same_file(output, input_path):
+            raise UsageError(
+                f"output path {output} is the input model",
+                "qtool never overwrites its input; choose another -o path",
+            )
+        if output.exists():
+            # Writing over a file that the input's external data lives in would corrupt it.
+            for data_file in _external_files_of(Path(input_path)):
+                if same_file(output, data_file):
+                    raise UsageError(
+                        f"output path {output} is the input model's external data file",
+                        "choose another -o path",
+                    )
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.exists():
+        raise UsageError(
+            f"output folder {parent} does not exist", f"create it first: mkdir -p {parent}"
+        )
+    if not os.access(parent, os.W_OK):
+        raise UsageError(
+            f"output folder {parent} is not writable", "choose a folder you can write to"
+        )
+    if output.is_dir():
+        raise UsageError(f"output path {output} is a folder", "give a file name ending in .onnx")
+    return output
+
+
+def _external_files_of(path: Path) -> set[Path]:
+    with contextlib.suppress(Exception):
+        model = ir.load(path)
+        return {
+            Path(t.base_dir) / t.location
+            for t in iter_initializers(model)
+            if isinstance(t, ir.ExternalTensor)
+        }
+    return set()
+
+
+def add_provenance(model: ir.Model, recipe: dict | None = None, source: str | None = None) -> None:
+    """Record what made this model in metadata_props (qtool.version, .date, .recipe, .source)."""
+    props = model.metadata_props
+    props[PROVENANCE_PREFIX + "version"] = __version__
+    props[PROVENANCE_PREFIX + "date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"
+    )
+    if recipe is not None:
+        props[PROVENANCE_PREFIX + "recipe"] = json.dumps(recipe, sort_keys=True, default=str)
+    if source is not None:
+        props[PROVENANCE_PREFIX + "source"] = source
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+    external_data: bool | None = None,
+    verify: bool = True,
+    on_tensor: Callable[[int, int], None] | None = None,
+) -> SaveResult:
+    """Write ``model`` to ``path`` atomically; return where it went.
+
+    ``external_data``: True forces a ``<name>.data`` file beside the model, None decides by
+    size (external when the initializers would break protobuf's 2 GiB limit).
+    ``verify`` loads the written file with onnxruntime before it is moved into place, so a
+    model that fails to load is never left behind. ``on_tensor(done_bytes, total_bytes)``
+    reports progress (tensors written, tensors in all) while external data is written.
+    """
+    path = check_output_path(path, input_path)
+    if external_data is None:
+        external_data = initializer_bytes(model) > PROTOBUF_LIMIT_BYTES
+    data_name = path.name + ".data" if external_data else None
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".qtool-", dir=path.parent))
+    try:
+        tmp_model = tmp_dir / path.name
+        callback = None
+        if on_tensor is not None and data_name is not None:
+            done = 0
+
+            def callback(tensor, info):  # noqa: ANN001 - onnx-ir's callback signature
+                nonlocal done
+                done += 1  # callbacks may arrive out of index order: count them
+                on_tensor(done, info.total)
+
+        try:
+            ir.save(model, tmp_model, external_data=data_name, callback=callback)
+        except OSError as exc:
+            raise ModelError(
+                f"could not write {path}: {exc.strerror or exc}",
+                "check free disk space and permissions of the output folder",
+            ) from None
+        if verify:
+            verify_loads(tmp_model)
+        written = tmp_model.stat().st_size
+        data_path = None
+        if data_name is not None:
+            data_path = path.parent / data_name
+            written += (tmp_dir / data_name).stat().st_size
+            os.replace(tmp_dir / data_name, data_path)
+        os.replace(tmp_model, path)
+        return SaveResult(path=path, external_data=data_path, bytes_written=written)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def verify_loads(path: str | os.PathLike) -> None:
+    """Raise ModelError unless onnxruntime can build a CPU session from ``path``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Full optimisation would spend seconds on large models; loading and resolving the
+    # graph is the check we want.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(
+            f"onnxruntime cannot load the converted model: {_short(exc)}",
+            "nothing was written; run with --verbose and report this as a qtool bug",
+        ) from None
+
+
+def model_size_bytes(path: str | os.PathLike) -> int:
+    """File size plus the size of every external data file it references."""
+    path = Path(path)
+    return path.stat().st_size + sum(f.stat().st_size for f in _external_files_of(path))
