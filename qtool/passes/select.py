@@ -1,0 +1,80 @@
+"""Choose which nodes a static int8 conversion quantizes, and so which tensors to calibrate.
+
+Calibration and conversion both call ``select_nodes`` with the same recipe, so the table
+holds exactly the ranges that conversion will ask for.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from qtool import ops
+from qtool.config import Recipe
+from qtool.model import iter_nodes
+
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+@dataclass
+class Selection:
+    quantized: list[ir.Node] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # node name -> reason
+    activation_tensors: list[str] = field(default_factory=list)  # to calibrate, in graph order
+
+
+def excluded(node: ir.Node, patterns: tuple[str, ...]) -> bool:
+    """A node is excluded when a pattern equals its op type or glob-matches its name."""
+    name = node.name or ""
+    return any(p == node.op_type or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def is_float_activation(value: ir.Value | None) -> bool:
+    return (
+        value is not None
+        and value.dtype in _FLOAT_TYPES
+        and not value.is_initializer()
+        and value.const_value is None
+        and not (value.producer() is not None and value.producer().op_type == "Constant")
+    )
+
+
+def select_nodes(model: ir.Model, recipe: Recipe, scheme: str = "int8-static") -> Selection:
+    """The nodes ``recipe`` quantizes in ``scheme`` and the activations they touch."""
+    q = recipe.quantize
+    selection = Selection()
+    seen: set[str] = set()
+
+    def want(value: ir.Value | None) -> None:
+        if is_float_activation(value) and value.name not in seen:
+            seen.add(value.name)
+            selection.activation_tensors.append(value.name)
+
+    for node in iter_nodes(model):
+        name = node.name or f"{node.op_type}_{id(node)}"
+        if ops.rule_for(node) is None:
+            continue
+        if not ops.is_candidate(node, scheme):
+            selection.skipped[name] = f"{node.op_type} is not quantized in {scheme}"
+            continue
+        if q.op_types and node.op_type not in q.op_types:
+            selection.skipped[name] = f"{node.op_type} not in the recipe's op_types"
+            continue
+        if excluded(node, q.exclude):
+            selection.skipped[name] = "excluded by --exclude / recipe"
+            continue
+        if recipe.bits_for(name, node.op_type, q.bits) >= 16:
+            selection.skipped[name] = "kept in float by a [[layer]] override"
+            continue
+        inputs = [node.inputs[i] for i in ops.activation_inputs(node)]
+        if not any(is_float_activation(v) for v in inputs):
+            selection.skipped[name] = "no float activation input"
+            continue
+        selection.quantized.append(node)
+        for value in inputs:
+            want(value)
+        for value in node.outputs:
+            want(value)
+    return selection
