@@ -1,0 +1,206 @@
+"""Stream intermediate activations out of onnxruntime, one batch at a time.
+
+One session is built with the requested tensors added as extra graph outputs; every batch
+of the dataset runs through it and its tensors are handed to the caller, who is expected
+to fold them into small statistics and drop them. Nothing accumulates here, so memory is
+the model, the session's working set and one batch of activations, whatever the number of
+samples.
+
+Weights are never duplicated: the graph is serialised on its own, initializers stored as
+external data keep pointing at the original files (onnxruntime is told their folder with
+the session config key ``session.model_external_initializers_file_folder_path``), and
+nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qtool.data import Dataset
+from qtool.errors import CalibrationError, ModelError
+
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+def infer_types(model: ir.Model) -> bool:
+    """Fill in missing dtypes/shapes of intermediate values (in place); True if it ran.
+
+    Activation selection needs each value's element type, which exporters often leave
+    out. onnx's shape inference runs on the graph only (onnx-ir strips weight data).
+    """
+    missing = any(
+        v.dtype is None for node in model.graph for v in node.outputs if v is not None
+    )
+    if not missing:
+        return False
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    ShapeInferencePass(strict_mode=False)(model)
+    return True
+
+
+def _external_folder(model: ir.Model) -> str | None:
+    from qtool.model import iter_initializers
+
+    folders = {
+        str(Path(t.base_dir).resolve())
+        for t in iter_initializers(model)
+        if isinstance(t, ir.ExternalTensor)
+    }
+    if len(folders) > 1:
+        raise ModelError(
+            "the model's external data lives in several folders: " + ", ".join(sorted(folders)),
+            "save the model once with qtool or onnx so that its data files sit beside it",
+        )
+    return folders.pop() if folders else None
+
+
+def build_session(
+    model: ir.Model,
+    tensor_names: Sequence[str],
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    threads: int = 0,
+):
+    """An onnxruntime session whose outputs are the model's outputs plus ``tensor_names``.
+
+    Returns ``(session, output_names)``. The input model is not modified: the extra
+    outputs are added to the serialised copy of the graph.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    main_values: dict[str, ir.Value] = {}
+    for node in model.graph:
+        for value in node.outputs:
+            if value is not None:
+                main_values[value.name] = value
+    graph_inputs = {v.name for v in model.graph.inputs}
+    subgraph_values = set()
+    from qtool.model import iter_graphs
+
+    for sub in list(iter_graphs(model.graph))[1:]:
+        for node in sub:
+            subgraph_values.update(v.name for v in node.outputs if v is not None)
+
+    existing = [v.name for v in model.graph.outputs]
+    extra = []
+    for name in tensor_names:
+        if name in existing or name in graph_inputs or name in extra:
+            continue
+        if name not in main_values:
+            if name in subgraph_values:
+                raise CalibrationError(
+                    f"tensor {name!r} lives inside an If/Loop/Scan subgraph and cannot be observed",
+                    "exclude the node that consumes it (--exclude) or inline the control flow",
+                )
+            raise CalibrationError(
+                f"tensor {name!r} is not produced by any node of the model",
+                "check the tensor name (`qtool inspect MODEL` lists the graph)",
+            )
+        extra.append(name)
+
+    try:
+        proto = ir.serde.serialize_model(model)
+    except Exception as exc:
+        raise ModelError(f"cannot serialise the model for onnxruntime: {exc}", "") from None
+    for name in extra:
+        value = main_values[name]
+        info = onnx.ValueInfoProto(name=name)
+        if value.dtype is not None:
+            # Only the element type: onnxruntime infers the shape, and a stale symbolic
+            # shape here would be an error.
+            info.type.tensor_type.elem_type = int(value.dtype)
+        proto.graph.output.append(info)
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    folder = _external_folder(model)
+    if folder is not None:
+        options.add_session_config_entry(EXTERNAL_FOLDER_KEY, folder)
+    data = proto.SerializeToString()
+    del proto
+    try:
+        session = ort.InferenceSession(data, options, providers=list(providers))
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise ModelError(
+            f"onnxruntime cannot run the model: {(text[0] if text else type(exc).__name__)[:200]}",
+            "check that `onnxruntime` runs the original model; calibration needs it to",
+        ) from None
+    return session, [o.name for o in session.get_outputs()]
+
+
+def stream_tensors(
+    model: ir.Model | str | os.PathLike,
+    dataset: Dataset,
+    tensor_names: list[str],
+    *,
+    batch_size: int = 1,
+    limit: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    check_finite: bool = True,
+    threads: int = 0,
+) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
+    """Yield ``(sample indices, {tensor name: array})`` for each batch of ``dataset``.
+
+    ``tensor_names`` may name graph inputs, graph outputs or any intermediate value of the
+    main graph. ``limit``/``shard`` select samples as ``Dataset.batches`` does.
+    With ``check_finite`` a NaN or Inf raises CalibrationError naming the tensor and the
+    sample file; callers that compute min/max anyway can pass False and check themselves
+    with ``raise_non_finite``.
+    """
+    if not isinstance(model, ir.Model):
+        from qtool.model import load
+
+        model = load(model)
+    if not 0 <= shard[0] < shard[1]:
+        raise CalibrationError(
+            f"shard {shard[0]}/{shard[1]} is out of range", "use I/N with 0 <= I < N, e.g. 0/4"
+        )
+    session, outputs = build_session(model, tensor_names, providers, threads)
+    input_names = {i.name for i in session.get_inputs()}
+    wanted = list(dict.fromkeys(tensor_names))
+    for ids, feed in dataset.batches(batch_size, limit=limit, shard=shard):
+        try:
+            results = session.run(outputs, {k: v for k, v in feed.items() if k in input_names})
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            names = ", ".join(dataset.samples[i].path.name for i in ids[:3])
+            raise CalibrationError(
+                f"onnxruntime failed on sample {names}: {(text[0] if text else '')[:200]}",
+                "check that the samples match the model's inputs (shape, dtype, value range)",
+            ) from None
+        by_name = dict(zip(outputs, results))
+        tensors = {name: by_name[name] if name in by_name else feed[name] for name in wanted}
+        del results, by_name
+        if check_finite:
+            for name, array in tensors.items():
+                if array.dtype.kind == "f" and not np.isfinite(array).all():
+                    raise_non_finite(name, array, ids, dataset)
+        yield ids, tensors
+
+
+def raise_non_finite(name: str, array: np.ndarray, ids: list[int], dataset: Dataset) -> None:
+    """Raise CalibrationError naming ``name`` and the first sample whose values are NaN/Inf."""
+    sample = ids[0]
+    if array.ndim >= 1 and array.shape[0] == len(ids):
+        for row, index in enumerate(ids):
+            if not np.isfinite(array[row]).all():
+                sample = index
+                break
+    bad = array[~np.isfinite(array)]
+    kind = "NaN" if np.isnan(bad).any() else "Inf"
+    raise CalibrationError(
+        f"tensor {name!r} holds {kind} values for sample {dataset.samples[sample].path.name} "
+        f"(#{sample})",
+        "check that sample (corrupt or out-of-range input?) or remove it from the folder; "
+        "a model that overflows in float32 cannot be calibrated",
+    )
