@@ -1,0 +1,40 @@
+/* Internal helpers shared by the kernel sources (not part of the contract). */
+#ifndef QT_INTERNAL_H
+#define QT_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "qtool.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define QT_X86 1
+#include <immintrin.h>
+#define QT_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define QT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#define QT_TARGET_VNNI \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
+#else
+#define QT_X86 0
+#endif
+
+/* The level to use now (reads QTOOL_ISA on first call). */
+int qt__isa(void);
+
+static inline int qt__bits(qt_qtype t) { return t <= QT_S8 ? 8 : (t <= QT_S4 ? 4 : 2); }
+static inline int qt__signed(qt_qtype t) { return (int)t & 1; }
+static inline int32_t qt__qmin(qt_qtype t) {
+    return qt__signed(t) ? -(1 << (qt__bits(t) - 1)) : 0;
+}
+static inline int32_t qt__qmax(qt_qtype t) {
+    return qt__signed(t) ? (1 << (qt__bits(t) - 1)) - 1 : (1 << qt__bits(t)) - 1;
+}
+static inline int qt__valid_qtype(int t) { return t >= QT_U8 && t <= QT_S2; }
+
+/* |x| <= FLT_MAX, false for NaN and +-Inf, without libm. */
+static inline int qt__finite(float x) {
+    union { float f; uint32_t u; } v = {x};
+    return (v.u & 0x7f800000u) != 0x7f800000u;
+}
+
+#endif
