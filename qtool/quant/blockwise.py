@@ -1,0 +1,431 @@
+"""Block quantization algorithms for weight-only compression.
+
+Every algorithm takes a weight in the quantized orientation ``w[rows, cols]`` (blocks of
+``block_size`` along cols, the reduction axis K; see :mod:`qtool.quant.formats`) and
+returns a :class:`~qtool.quant.formats.BlockQuant` with unsigned codes:
+
+    w ~= (q - z) * s,   q = clamp(round_half_even(w / s) + z, 0, 2^bits - 1)
+
+Symmetric: ``s = max|w| / (2^(bits-1) - 1)``, ``z = 2^(bits-1)``. Asymmetric: ``lo =
+min(min w, 0)``, ``hi = max(max w, 0)``, ``s = (hi - lo) / (2^bits - 1)``, ``z =
+clamp(round_half_even(-lo / s), 0, 2^bits - 1)``. Scales are computed in float64 and
+rounded to float32 once; a zero scale becomes 1.0 (these are the definitions of the native
+``qt_block_params_rtn`` kernel, so the two stay interchangeable).
+
+Algorithms (``ALGORITHMS``):
+
+- ``rtn``: the formulas above.
+- ``mse``: per block, the clipping range shrunk by f in [min_shrink, 1] (``n_grid`` steps)
+  that minimises ``sum (w - w_hat)^2``.
+- ``hqq``: half-quadratic optimisation of the zero point with an l_p (p < 1) error model,
+  then a least-squares scale refit ``s = <w, q - z> / <q - z, q - z>`` per block; zero
+  points stay integers so every format and onnxruntime's fast kernels can use them.
+- ``gptq``: column-by-column quantization that pushes each column's error onto the not yet
+  quantized columns through the inverse Hessian ``H = 2 X^T X`` of the layer's input.
+- ``awq``: activation-aware per-input-channel scaling ``w[:, k] * s_k`` (undone on the
+  activations), ``s = mean|x|^alpha`` with alpha searched on the calibration Hessian.
+
+Search-based algorithms keep, per block, whichever of their result and RTN's is better,
+so they never do worse than RTN on the error they minimise.
+Errors are reported as mean squared weight error (units: weight^2) and, for data-aware
+methods, output error ``tr(D H D^T) / tr(W H W^T)`` (relative, D = W - W_hat).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qtool.errors import UsageError
+from qtool.quant.formats import BlockQuant, n_blocks, pad_cols
+
+ALGORITHMS = ("rtn", "mse", "hqq", "gptq", "awq")
+DATA_AWARE = ("gptq", "awq")
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """Second moments of one MatMul input, accumulated over calibration rows.
+
+    ``xtx``: float64 [K, K] = sum_i x_i x_i^T; ``abs_sum``: float64 [K] = sum_i |x_i|;
+    ``count``: number of rows x_i (tokens) seen.
+    """
+
+    xtx: np.ndarray
+    abs_sum: np.ndarray
+    count: int
+
+    @classmethod
+    def from_activations(cls, x: np.ndarray) -> ActivationStats:
+        x2 = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
+        return cls(x2.T @ x2, np.abs(x2).sum(0), x2.shape[0])
+
+    def merged(self, other: ActivationStats) -> ActivationStats:
+        return ActivationStats(self.xtx + other.xtx, self.abs_sum + other.abs_sum, self.count + other.count)
+
+    @property
+    def hessian(self) -> np.ndarray:
+        """``H = 2 X^T X / n`` (float64 [K, K])."""
+        return 2.0 * self.xtx / max(self.count, 1)
+
+
+@dataclass(frozen=True)
+class QuantOutcome:
+    """An algorithm's result and how close it got, next to RTN's.
+
+    ``weight_mse``/``rtn_weight_mse``: mean of (w - w_hat)^2. ``output_error``/
+    ``rtn_output_error``: relative output error (data-aware only, else None).
+    ``input_scale``: AWQ's per-input-channel factor [K]; the activations must be
+    multiplied by it before the quantized MatMul (None: no scaling).
+    """
+
+    bq: BlockQuant
+    weight_mse: float
+    rtn_weight_mse: float
+    output_error: float | None = None
+    rtn_output_error: float | None = None
+    input_scale: np.ndarray | None = None
+
+
+# ---- RTN -------------------------------------------------------------------------------
+
+
+def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    rows, cols = w.shape
+    return pad_cols(np.asarray(w, dtype=np.float32), block_size).reshape(rows, n_blocks(cols, block_size), block_size)
+
+
+def _params_from_range(lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool):
+    """Scale (float32) and zero point (uint8) from a block range, per the module docstring."""
+    qmax = (1 << bits) - 1
+    if symmetric:
+        amax = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64)
+        scale = (amax / ((1 << (bits - 1)) - 1)).astype(np.float32)
+        scale[scale == 0] = 1.0
+        return scale, None
+    lo = np.minimum(lo, 0).astype(np.float64)
+    hi = np.maximum(hi, 0).astype(np.float64)
+    scale = ((hi - lo) / qmax).astype(np.float32)
+    scale[scale == 0] = 1.0
+    zp = np.clip(np.rint(-lo / scale.astype(np.float64)), 0, qmax).astype(np.uint8)
+    return scale, zp
+
+
+def quantize_blocks(xb: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, bits: int) -> np.ndarray:
+    """Codes uint8 [rows, nb, bs] = clamp(round_half_even(x / s) + z, 0, 2^bits - 1)."""
+    qmax = (1 << bits) - 1
+    z = np.float32(1 << (bits - 1)) if zp is None else zp[..., None].astype(np.float32)
+    q = np.rint(xb / scale[..., None]) + z
+    np.clip(q, 0, qmax, out=q)
+    return q.astype(np.uint8)
+
+
+def _dequant(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, bits: int) -> np.ndarray:
+    z = np.float32(1 << (bits - 1)) if zp is None else zp[..., None].astype(np.float32)
+    return (q.astype(np.float32) - z) * scale[..., None]
+
+
+def _block_sse(xb: np.ndarray, q: np.ndarray, scale, zp, bits) -> np.ndarray:
+    d = xb - _dequant(q, scale, zp, bits)
+    return np.einsum("rbk,rbk->rb", d, d, dtype=np.float64)
+
+
+def _finish(w: np.ndarray, q: np.ndarray, scale, zp, bits: int, block_size: int) -> BlockQuant:
+    rows, cols = w.shape
+    codes = np.ascontiguousarray(q.reshape(rows, -1)[:, :cols])
+    return BlockQuant(codes, scale, zp, bits, block_size)
+
+
+def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> BlockQuant:
+    """Round-to-nearest block quantization of ``w[rows, cols]`` (formulas in the module doc)."""
+    xb = _blocks(w, block_size)
+    if symmetric:
+        amax = np.abs(xb).max(-1)
+        scale, zp = _params_from_range(-amax, amax, bits, True)
+    else:
+        scale, zp = _params_from_range(xb.min(-1), xb.max(-1), bits, False)
+    return _finish(w, quantize_blocks(xb, scale, zp, bits), scale, zp, bits, block_size)
+
+
+# ---- MSE clipping search -----------------------------------------------------------------
+
+
+def mse(
+    w: np.ndarray,
+    bits: int,
+    block_size: int,
+    symmetric: bool = True,
+    n_grid: int = 20,
+    min_shrink: float = 0.5,
+) -> BlockQuant:
+    """Per block, the range ``f * range`` (f_j = 1 - j (1 - min_shrink)/(n_grid - 1)) with the
+    least ``sum (w - w_hat)^2``; f = 1 is RTN, so the result is never worse than RTN."""
+    xb = _blocks(w, block_size)
+    lo0, hi0 = xb.min(-1), xb.max(-1)
+    if symmetric:
+        amax = np.maximum(-lo0, hi0)
+        lo0, hi0 = -amax, amax
+    best = None
+    for j in range(n_grid):
+        f = np.float32(1.0 - j * (1.0 - min_shrink) / max(n_grid - 1, 1))
+        scale, zp = _params_from_range(lo0 * f, hi0 * f, bits, symmetric)
+        q = quantize_blocks(xb, scale, zp, bits)
+        err = _block_sse(xb, q, scale, zp, bits)
+        if best is None:
+            best = [err, q, scale, zp]
+            continue
+        better = err < best[0]
+        best[0] = np.where(better, err, best[0])
+        best[1] = np.where(better[..., None], q, best[1])
+        best[2] = np.where(better, scale, best[2])
+        if zp is not None:
+            best[3] = np.where(better, zp, best[3])
+    _, q, scale, zp = best
+    return _finish(w, q, scale.astype(np.float32), zp, bits, block_size)
+
+
+# ---- HQQ ---------------------------------------------------------------------------------
+
+
+def _ls_scale(xb, q, zp, bits, fallback):
+    """Least-squares scale for fixed codes: s = <w, q - z> / <q - z, q - z> (per block)."""
+    z = np.float32(1 << (bits - 1)) if zp is None else zp[..., None].astype(np.float32)
+    d = q.astype(np.float32) - z
+    num = np.einsum("rbk,rbk->rb", xb, d, dtype=np.float64)
+    den = np.einsum("rbk,rbk->rb", d, d, dtype=np.float64)
+    ok = (den > 0) & (num > 0)
+    s = np.where(ok, num / np.where(ok, den, 1.0), fallback).astype(np.float32)
+    return s
+
+
+def hqq(
+    w: np.ndarray,
+    bits: int,
+    block_size: int,
+    symmetric: bool = False,
+    iterations: int = 20,
+    p: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+) -> BlockQuant:
+    """Half-quadratic optimisation of the zero point, then a least-squares scale refit.
+
+    With the scale fixed at RTN's, alternate (HQQ, p < 1 makes outliers cheap):
+        q = clamp(round(w/s + z)),  e = shrink_p(w - (q - z) s, beta),
+        z = mean_block(q - (w - e)/s),  beta *= kappa
+    where shrink_p(x, beta) = sign(x) max(|x| - |x|^(p-1)/beta, 0). Then z is rounded to an
+    integer, codes recomputed, and s refitted by least squares (twice). Symmetric weights
+    keep z = 2^(bits-1) and only get the alternating scale refit.
+    Per block the better of this and RTN (by squared weight error) is kept.
+    """
+    xb = _blocks(w, block_size)
+    qmax = (1 << bits) - 1
+    base = rtn(w, bits, block_size, symmetric)
+    scale = base.scales.copy()
+    zp = base.zero_points
+    if not symmetric:
+        zf = zp.astype(np.float32)
+        inv_s = (1.0 / scale)[..., None]
+        for _ in range(iterations):
+            q = np.clip(np.rint(xb * inv_s + zf[..., None]), 0, qmax)
+            r = xb - (q - zf[..., None]) * scale[..., None]
+            a = np.abs(r)
+            e = np.sign(r) * np.maximum(a - np.power(np.maximum(a, 1e-12), p - 1) / beta, 0)
+            zf = np.mean(q - (xb - e) * inv_s, axis=-1)
+            beta *= kappa
+        zp = np.clip(np.rint(zf), 0, qmax).astype(np.uint8)
+    for _ in range(3):
+        q = quantize_blocks(xb, scale, zp, bits)
+        scale = _ls_scale(xb, q, zp, bits, scale)
+    q = quantize_blocks(xb, scale, zp, bits)
+    # Keep RTN where it is better (per block).
+    q0 = pad_cols(base.codes, block_size).reshape(q.shape)
+    err = _block_sse(xb, q, scale, zp, bits)
+    err0 = _block_sse(xb, q0, base.scales, base.zero_points, bits)
+    better = err <= err0
+    q = np.where(better[..., None], q, q0)
+    scale = np.where(better, scale, base.scales).astype(np.float32)
+    if zp is not None:
+        zp = np.where(better, zp, base.zero_points)
+    return _finish(w, q, scale, zp, bits, block_size)
+
+
+# ---- GPTQ --------------------------------------------------------------------------------
+
+
+def gptq(
+    w: np.ndarray,
+    bits: int,
+    block_size: int,
+    hessian: np.ndarray,
+    symmetric: bool = True,
+    damp: float = 0.01,
+    act_order: bool = False,
+    lazy_block: int = 128,
+) -> BlockQuant:
+    """GPTQ on ``w[N, K]`` with the input Hessian ``H[K, K] = 2 X^T X / n``.
+
+    Columns are quantized in order (descending diag(H) with ``act_order``); each column's
+    scaled error ``e = (w_j - w_hat_j) / U_jj`` is subtracted from the remaining columns as
+    ``W[:, j+1:] -= e U[j, j+1:]``, with U the upper Cholesky factor of (H + damp*mean(diag
+    H) I)^-1. Updates inside a ``lazy_block`` of columns are applied eagerly, the rest once
+    per block (one GEMM). Block scales/zero points come from the (updated) weights at the
+    start of each quantization block; with act_order they come from the original weights.
+    """
+    w = np.array(w, dtype=np.float64)
+    rows, k = w.shape
+    h = np.array(hessian, dtype=np.float64)
+    if h.shape != (k, k):
+        raise UsageError(f"GPTQ Hessian has shape {h.shape}, the weight needs ({k}, {k})", "")
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    nb = n_blocks(k, block_size)
+    qmax = (1 << bits) - 1
+    codes = np.zeros((rows, k), dtype=np.uint8)
+    scales = np.zeros((rows, nb), dtype=np.float32)
+    zps = None if symmetric else np.zeros((rows, nb), dtype=np.uint8)
+
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    if act_order:  # static groups: parameters from the original weights
+        static = rtn(w.astype(np.float32), bits, block_size, symmetric)
+        scales[:] = static.scales
+        if zps is not None:
+            zps[:] = static.zero_points
+    w = w[:, perm]
+    h = h[np.ix_(perm, perm)]
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    try:
+        lower = np.linalg.cholesky(h)
+        h_inv = np.linalg.inv(lower).T @ np.linalg.inv(lower)  # (L L^T)^-1
+        u = np.linalg.cholesky(h_inv).T
+    except np.linalg.LinAlgError:
+        raise UsageError(
+            "GPTQ: the activation Hessian is not positive definite even after damping",
+            "use more calibration samples, or --algorithm awq / mse",
+        ) from None
+    lazy = max(block_size, (lazy_block // block_size) * block_size) if not act_order else lazy_block
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1 = w[:, i1:i2].copy()
+        err1 = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = perm[i1 + i]
+            g = col // block_size
+            if not act_order and col % block_size == 0:
+                seg = w1[:, i : i + block_size].astype(np.float32)
+                if symmetric:
+                    amax = np.abs(seg).max(-1)
+                    s, _ = _params_from_range(-amax, amax, bits, True)
+                else:
+                    s, z = _params_from_range(seg.min(-1), seg.max(-1), bits, False)
+                    zps[:, g] = z
+                scales[:, g] = s
+            s = scales[:, g].astype(np.float64)
+            z = (1 << (bits - 1)) if zps is None else zps[:, g].astype(np.float64)
+            x = w1[:, i]
+            q = np.clip(np.rint((x.astype(np.float32) / s.astype(np.float32)).astype(np.float64)) + z, 0, qmax)
+            codes[:, col] = q.astype(np.uint8)
+            e = (x - (q - z) * s) / u1[i, i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return BlockQuant(codes, scales, zps, bits, block_size)
+
+
+# ---- AWQ ---------------------------------------------------------------------------------
+
+
+def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float:
+    """Relative output error ``tr(D H D^T) / tr(W H W^T)`` for D = w - w_hat, w [N, K]."""
+    d = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
+    w = np.asarray(w, np.float64)
+    num = float(np.einsum("nk,nk->", d @ hessian, d))
+    den = float(np.einsum("nk,nk->", w @ hessian, w))
+    return num / den if den > 0 else num
+
+
+def awq(
+    w: np.ndarray,
+    bits: int,
+    block_size: int,
+    stats: ActivationStats,
+    symmetric: bool = True,
+    n_grid: int = 11,
+) -> tuple[BlockQuant, np.ndarray | None]:
+    """Activation-aware scaling: quantize ``w[:, k] * s_k`` and feed ``x_k / s_k``.
+
+    ``s = m^alpha / sqrt(max(m^alpha) min(m^alpha))`` with ``m = mean|x|`` per input channel,
+    alpha on a grid over [0, 1] chosen by the output error tr(D H D^T); alpha = 0 is RTN.
+    Returns the quantized scaled weight and the activation factor ``1/s`` [K] (None when
+    alpha = 0 won, i.e. no rescaling is needed).
+    """
+    w = np.asarray(w, np.float32)
+    h = stats.hessian
+    m = np.maximum(stats.abs_sum / max(stats.count, 1), 1e-8)
+    best = None
+    for alpha in np.linspace(0.0, 1.0, n_grid):
+        s = np.power(m, alpha)
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        bq = rtn(w * s[None, :], bits, block_size, symmetric)
+        w_hat = bq.dequantize() / s[None, :]
+        err = output_error(w, w_hat, h)
+        if best is None or err < best[0]:
+            best = (err, bq, s, alpha)
+    _, bq, s, alpha = best
+    return bq, (None if alpha == 0 else (1.0 / s).astype(np.float32))
+
+
+# ---- dispatch ----------------------------------------------------------------------------
+
+
+def quantize_weight(
+    w: np.ndarray,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    algorithm: str,
+    stats: ActivationStats | None = None,
+    compare: bool = True,
+) -> QuantOutcome:
+    """Quantize ``w[rows, cols]`` with ``algorithm`` and measure it against RTN.
+
+    ``compare=False`` skips RTN's error (used for ``rtn`` itself on large models: the
+    comparison would cost a second pass).
+    """
+    if algorithm not in ALGORITHMS:
+        raise UsageError(f"unknown algorithm {algorithm!r}", f"choose one of {', '.join(ALGORITHMS)}")
+    if algorithm in DATA_AWARE and stats is None:
+        raise UsageError(
+            f"--algorithm {algorithm} needs calibration activations",
+            "pass --data DIR with sample inputs, or use --algorithm mse / hqq (data-free)",
+        )
+    w = np.asarray(w, dtype=np.float32)
+    input_scale = None
+    if algorithm == "rtn":
+        bq = rtn(w, bits, block_size, symmetric)
+    elif algorithm == "mse":
+        bq = mse(w, bits, block_size, symmetric)
+    elif algorithm == "hqq":
+        bq = hqq(w, bits, block_size, symmetric)
+    elif algorithm == "gptq":
+        bq = gptq(w, bits, block_size, stats.hessian, symmetric)
+    else:
+        bq, input_scale = awq(w, bits, block_size, stats, symmetric)
+    w_hat = bq.dequantize()
+    if input_scale is not None:
+        w_hat = w_hat * input_scale[None, :]
+    err = float(np.mean((w - w_hat) ** 2))
+    if not compare and algorithm == "rtn":
+        return QuantOutcome(bq, err, err)
+    base = bq if algorithm == "rtn" else rtn(w, bits, block_size, symmetric)
+    base_hat = base.dequantize()
+    rtn_err = float(np.mean((w - base_hat) ** 2))
+    out_err = rtn_out = None
+    if stats is not None and algorithm in DATA_AWARE:
+        h = stats.hessian
+        out_err = output_error(w, w_hat, h)
+        rtn_out = output_error(w, base_hat, h)
+    return QuantOutcome(bq, err, rtn_err, out_err, rtn_out, input_scale)
