@@ -1,0 +1,184 @@
+"""Choosing a tensor's range [lo, hi] from its statistics.
+
+- ``minmax``: the exact min and max (or their moving averages).
+- ``percentile``: keep ``p`` percent of the values. Symmetric: ``t`` = the p-th percentile
+  of ``|x|``, range ``[-t, t]`` clipped to the data. Asymmetric: the two tails share the
+  rest equally, range = [quantile((100 - p) / 200), quantile(1 - (100 - p) / 200)].
+  Quantiles interpolate linearly inside a bin, so they are exact to within one bin width.
+- ``entropy``: the threshold ``t`` (a bin edge) minimising KL(P || Q), where P is the
+  histogram of |x| up to t with everything beyond t added to its last bin, and Q is P's
+  in-range part quantized to the number of levels the target type has on that side
+  (2^bits - 1 steps for one-signed data, 2^(bits-1) for data of both signs) and expanded
+  back over P's non-empty bins.
+- ``mse``: the threshold minimising the expected squared error of quantizing with it:
+  ``E(t) = N_in(t) * delta(t)^2 / 12 + sum_{|x| > t} (|x| - t)^2`` with step
+  ``delta(t) = t / (2^bits - 1)`` for one-signed data and ``2 t / (2^bits - 1)`` for data of
+  both signs (units: the tensor's units squared, summed over values).
+
+Entropy and MSE work on |x| (the histogram folded at zero, exact since zero is a bin edge)
+and give ``[max(min, -t), min(max, t)]``; for one-signed data that is ``[0, t]`` or
+``[-t, 0]`` clipped to the data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qtool.calibration.observers import Histogram
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
+
+
+def fold(hist: Histogram) -> tuple[np.ndarray, float]:
+    """Counts of |x| on bins ``[j w, (j + 1) w)``, j = 0.., and the bin width ``w``."""
+    w = hist.width
+    grid = hist.start + np.arange(hist.bins)
+    size = int(max(abs(grid[0]), abs(grid[-1]) + 1))
+    folded = np.zeros(size, dtype=np.int64)
+    pos = grid >= 0
+    np.add.at(folded, grid[pos], hist.counts[pos])
+    # bin g < 0 covers [g w, (g + 1) w): its |x| lies in [(-g - 1) w, -g w)
+    np.add.at(folded, -grid[~pos] - 1, hist.counts[~pos])
+    nz = np.nonzero(folded)[0]
+    return folded[: nz[-1] + 1] if nz.size else folded[:1], w
+
+
+def quantile(hist: Histogram, q: float) -> float:
+    """The q-quantile (0 <= q <= 1) of the histogrammed values, linear inside a bin."""
+    total = hist.total
+    if total == 0:
+        return 0.0
+    cum = np.cumsum(hist.counts)
+    target = q * total
+    j = int(np.searchsorted(cum, target, side="left"))
+    j = min(j, hist.bins - 1)
+    before = cum[j - 1] if j > 0 else 0
+    inside = hist.counts[j]
+    frac = (target - before) / inside if inside else 0.0
+    value = (hist.start + j + frac) * hist.width
+    return float(min(max(value, hist.lo), hist.hi))
+
+
+def _folded_quantile(counts: np.ndarray, w: float, q: float) -> float:
+    total = counts.sum()
+    cum = np.cumsum(counts)
+    target = q * total
+    j = min(int(np.searchsorted(cum, target, side="left")), counts.size - 1)
+    before = cum[j - 1] if j > 0 else 0
+    frac = (target - before) / counts[j] if counts[j] else 0.0
+    return float((j + frac) * w)
+
+
+def percentile_range(hist: Histogram, percentile: float, symmetric: bool) -> tuple[float, float]:
+    if not 0 < percentile <= 100:
+        raise ValueError("percentile must be in (0, 100]")
+    if hist.total == 0:
+        return 0.0, 0.0
+    if symmetric:
+        counts, w = fold(hist)
+        t = min(_folded_quantile(counts, w, percentile / 100), max(abs(hist.lo), abs(hist.hi)))
+        return _clip_symmetric(hist, t)
+    tail = (100 - percentile) / 200
+    return quantile(hist, tail), quantile(hist, 1 - tail)
+
+
+def _clip_symmetric(hist: Histogram, t: float) -> tuple[float, float]:
+    return max(hist.lo, -t), min(hist.hi, t)
+
+
+def _one_signed(hist: Histogram) -> bool:
+    return hist.lo >= 0 or hist.hi <= 0
+
+
+def entropy_range(hist: Histogram, bits: int = 8) -> tuple[float, float]:
+    """KL-optimal threshold (see module docstring); searches every candidate bin edge
+    from the number of levels to the max, coarse-to-fine."""
+    if hist.total == 0:
+        return 0.0, 0.0
+    counts, w = fold(hist)
+    levels = 2**bits - 1 if _one_signed(hist) else 2 ** (bits - 1)
+    n = counts.size
+    if n <= levels:
+        return hist.lo, hist.hi  # fewer occupied bins than levels: nothing to gain
+    p_all = counts.astype(np.float64)
+    suffix = np.concatenate([np.cumsum(p_all[::-1])[::-1], [0.0]])
+
+    def kl(i: int) -> float:
+        ref = p_all[:i]
+        p = ref.copy()
+        p[-1] += suffix[i]
+        group = (np.arange(i) * levels) // i
+        sums = np.bincount(group, weights=ref, minlength=levels)
+        nonzero = np.bincount(group, weights=(ref > 0), minlength=levels)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(ref > 0, sums[group] / nonzero[group], 0.0)
+        mask = p > 0
+        # P has mass where Q has none only at the last bin (the clipped tail): smooth Q
+        # there so that the divergence is large but finite.
+        q = np.where(mask & (q == 0), 1e-4 * p[-1] + 1e-12, q)
+        p_n, q_n = p[mask] / p.sum(), q[mask] / q.sum()
+        return float(np.sum(p_n * np.log(p_n / q_n)))
+
+    candidates = range(levels, n + 1)
+    step = max(1, len(candidates) // 128)
+    best = min(candidates[::step], key=kl)
+    fine = range(max(levels, best - step + 1), min(n, best + step - 1) + 1)
+    best = min(fine, key=kl)
+    return _clip_symmetric(hist, best * w)
+
+
+def mse_range(hist: Histogram, bits: int = 8) -> tuple[float, float]:
+    """Threshold minimising the expected squared quantization error (module docstring)."""
+    if hist.total == 0:
+        return 0.0, 0.0
+    counts, w = fold(hist)
+    steps = 2**bits - 1 if _one_signed(hist) else (2**bits - 1) / 2
+    c = counts.astype(np.float64)
+    centers = (np.arange(c.size) + 0.5) * w
+    # tail sums from bin i upward: S0 = sum c, S1 = sum c x, S2 = sum c x^2
+    s0 = np.concatenate([np.cumsum(c[::-1])[::-1], [0.0]])
+    s1 = np.concatenate([np.cumsum((c * centers)[::-1])[::-1], [0.0]])
+    s2 = np.concatenate([np.cumsum((c * centers**2)[::-1])[::-1], [0.0]])
+    i = np.arange(1, c.size + 1)
+    t = i * w
+    delta = t / steps
+    inside = s0[0] - s0[i]
+    err = inside * delta**2 / 12 + s2[i] - 2 * t * s1[i] + t**2 * s0[i]
+    best = int(i[int(np.argmin(err))])
+    return _clip_symmetric(hist, best * w)
+
+
+def choose_range(
+    method: str,
+    lo: float,
+    hi: float,
+    hist: Histogram | None,
+    *,
+    percentile: float = 99.99,
+    symmetric: bool = False,
+    bits: int = 8,
+    ema: tuple[float, float] | None = None,
+) -> tuple[float, float]:
+    """The range ``method`` picks for a tensor with exact ``lo``/``hi`` and ``hist``."""
+    if method == "minmax":
+        lo, hi = ema if ema is not None else (lo, hi)
+        if symmetric:
+            a = max(abs(lo), abs(hi))
+            return (-a if lo < 0 else lo), a
+        return lo, hi
+    if hist is None:
+        raise ValueError(f"method {method} needs a histogram")
+    if method == "percentile":
+        return percentile_range(hist, percentile, symmetric)
+    if method == "entropy":
+        return entropy_range(hist, bits)
+    if method == "mse":
+        return mse_range(hist, bits)
+    raise ValueError(f"unknown calibration method {method!r}")
+
+
+def is_finite_range(r: tuple[float, float]) -> bool:
+    return all(math.isfinite(v) for v in r)
