@@ -58,8 +58,11 @@ def quantile(hist: Histogram, q: float) -> float:
     before = cum[j - 1] if j > 0 else 0
     inside = hist.counts[j]
     frac = (target - before) / inside if inside else 0.0
-    value = (hist.start + j + frac) * hist.width
-    return float(min(max(value, hist.lo), hist.hi))
+    # Interpolate between the bin's edges, narrowed to the exact min/max in the end bins
+    # (a ReLU output's zero bin then gives exactly 0, not a point inside the bin).
+    left = max((hist.start + j) * hist.width, hist.lo)
+    right = min((hist.start + j + 1) * hist.width, hist.hi)
+    return float(left + frac * (right - left))
 
 
 def _folded_quantile(counts: np.ndarray, w: float, q: float) -> float:

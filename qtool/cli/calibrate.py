@@ -1,0 +1,205 @@
+"""`qtool calibrate` and `qtool merge-tables`: streaming calibration into mergeable tables."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from qtool.cli.app import app, console, emit_json, info, progress, settings
+
+
+class Method(str, Enum):
+    minmax = "minmax"
+    percentile = "percentile"
+    entropy = "entropy"
+    mse = "mse"
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (and of finished child processes), MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024  # Linux reports KiB
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model: Path = typer.Argument(..., help="The float .onnx model (never modified)."),
+    data: Path = typer.Option(..., "--data", help="Folder of calibration samples."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the table (.json)."),
+    method: Method = typer.Option(None, "--method", help="Range choice [default: the recipe's]."),
+    percentile: float = typer.Option(None, "--percentile", help="For --method percentile, e.g. 99.99."),
+    bins: int = typer.Option(None, "--bins", help="Histogram bins per tensor [default: 2048]."),
+    samples: int = typer.Option(None, "--samples", help="Use the first N samples (0: all)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Samples per onnxruntime run."),
+    recipe: str = typer.Option("int8-static", "--recipe", help="Preset name or .toml path."),
+    shard: str = typer.Option("0/1", "--shard", help="I/N: observe every N-th batch from I."),
+    workers: int = typer.Option(1, "--workers", help="Run K shard processes here and merge."),
+    threads: int = typer.Option(0, "--threads", help="onnxruntime threads per process (0: auto)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Observe the activations the recipe quantizes and write their ranges to a table.
+
+    Memory stays flat in the number of samples: each batch's activations are folded into
+    per-tensor histograms and dropped. Shard tables (--shard I/N, e.g. one per CI job)
+    merge with `qtool merge-tables` into exactly the statistics of one run.
+
+    Example: qtool calibrate model.onnx --data calib/ -o table.json --method entropy
+    """
+    from qtool.calibration import calibrate, calibration_params, parse_shard, shard_samples
+    from qtool.config import load_recipe
+    from qtool.errors import UsageError
+    from qtool.model import check_output_path
+
+    r = load_recipe(recipe).override(
+        "calibration",
+        method=method.value if method is not None else None,
+        percentile=percentile,
+        bins=bins,
+        samples=samples,
+        batch_size=batch_size,
+    )
+    calibration_params(r)  # validate flags before any work
+    shard_spec = parse_shard(shard)
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}", "e.g. --workers 2")
+    if workers > 1 and shard_spec != (0, 1):
+        raise UsageError("--workers and --shard cannot be combined", "use one or the other")
+    if output.suffix != ".json":
+        raise UsageError(f"the table is JSON: -o {output} should end in .json", "e.g. -o table.json")
+    check_output_path(output, model)
+
+    start = time.perf_counter()
+    if workers > 1:
+        table = _run_workers(model, data, output, r, recipe, workers, threads, sys.argv)
+    else:
+        from qtool.data import Dataset, input_specs
+        from qtool.model import load
+
+        # Size the bar before the run (the dataset scan is cheap; samples are not read).
+        ds = Dataset(data, input_specs(load(model)), r.preprocess)
+        count = len(ds) if r.calibration.samples <= 0 else min(r.calibration.samples, len(ds))
+        total = shard_samples(count, max(1, r.calibration.batch_size), shard_spec)
+        with progress("calibrating", total) as advance:
+            seen = 0
+
+            def on_progress(p):  # noqa: ANN001
+                nonlocal seen
+                advance(p.done - seen)
+                seen = p.done
+
+            table = calibrate(model, data, r, shard=shard_spec, on_progress=on_progress,
+                              threads=threads)
+    seconds = time.perf_counter() - start
+    table.save(output)
+    summary = _summary(table, output, seconds)
+    if json_out:
+        emit_json(summary)
+    if not settings.quiet:
+        _print_summary(summary)
+
+
+def _run_workers(model, data, output, r, recipe, workers, threads, argv) -> object:  # noqa: ANN001
+    """K local processes, one shard each, then an exact merge of their tables."""
+    from qtool.calibration import CalibrationTable
+    from qtool.errors import CalibrationError
+
+    per = threads or max(1, (os.cpu_count() or 1) // workers)
+    c = r.calibration
+    base = [sys.executable, "-m", "qtool", "calibrate", str(model), "--data", str(data),
+            "--recipe", recipe, "--method", c.method, "--percentile", repr(c.percentile),
+            "--bins", str(c.bins), "--samples", str(c.samples), "--batch-size",
+            str(c.batch_size), "--threads", str(per), "--quiet"]
+    with tempfile.TemporaryDirectory(prefix=".qtool-shards-", dir=output.parent) as tmp:
+        paths = [Path(tmp) / f"shard{i}.json" for i in range(workers)]
+        procs = [
+            subprocess.Popen(base + ["--shard", f"{i}/{workers}", "-o", str(p)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for i, p in enumerate(paths)
+        ]
+        with progress("calibrating", workers, unit="shards") as advance:
+            errors = []
+            for i, proc in enumerate(procs):
+                _, err = proc.communicate()
+                advance(1)
+                if proc.returncode != 0:
+                    errors.append((i, proc.returncode, err.strip()))
+        if errors:
+            i, code, err = errors[0]
+            lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+            msg = lines[0][len("error:"):].strip() if lines else err[-300:]
+            raise CalibrationError(f"shard {i}/{workers} failed (exit {code}): {msg}",
+                                   "run that shard alone with --shard to see the full message")
+        return CalibrationTable.merge([CalibrationTable.load(p) for p in paths])
+
+
+def _summary(table, output: Path, seconds: float) -> dict:  # noqa: ANN001
+    ranges = table.ranges()
+    widest = sorted(ranges.items(), key=lambda kv: kv[1][1] - kv[1][0], reverse=True)
+    return {
+        "table": str(output),
+        "method": table.method,
+        "params": table.params,
+        "samples": table.samples,
+        "shards": list(table.shards),
+        "tensors": len(ranges),
+        "seconds": round(seconds, 3),
+        "samples_per_second": round(table.samples / seconds, 2) if seconds > 0 else None,
+        "peak_memory_mb": round(_peak_rss_mb(), 1),
+        "widest": [
+            {"tensor": n, "range": [lo, hi], "min": table.tensors[n].minmax.lo,
+             "max": table.tensors[n].minmax.hi}
+            for n, (lo, hi) in widest[:8]
+        ],
+    }
+
+
+def _print_summary(s: dict) -> None:
+    t = Table(title=f"widest chosen ranges ({s['method']})", title_justify="left", show_edge=False)
+    for col in ("tensor", "chosen lo", "chosen hi", "min", "max"):
+        t.add_column(col, justify="left" if col == "tensor" else "right")
+    for w in s["widest"]:
+        t.add_row(escape(w["tensor"]), f"{w['range'][0]:.4g}", f"{w['range'][1]:.4g}",
+                  f"{w['min']:.4g}", f"{w['max']:.4g}")
+    console.print(t)
+    info(
+        f"{s['tensors']} tensors observed over {s['samples']} samples in {s['seconds']:.1f} s "
+        f"({s['samples_per_second']} samples/s), peak memory {s['peak_memory_mb']:.0f} MiB "
+        f"-> {escape(s['table'])}"
+    )
+
+
+@app.command("merge-tables")
+def merge_tables_command(
+    tables: list[Path] = typer.Argument(..., help="Calibration tables (.json) to merge."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the merged table."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Merge shard tables into one: counts, min/max and histograms add exactly, so the
+    result equals one calibration run over all the shards' samples.
+
+    Example: qtool merge-tables shard0.json shard1.json -o table.json
+    """
+    from qtool.calibration import CalibrationTable
+    from qtool.errors import UsageError
+
+    if len(tables) < 2:
+        raise UsageError("merge-tables needs at least two tables", "pass A.json B.json ... -o OUT.json")
+    start = time.perf_counter()
+    merged = CalibrationTable.merge([CalibrationTable.load(p) for p in tables])
+    merged.save(output)
+    summary = _summary(merged, output, time.perf_counter() - start)
+    if json_out:
+        emit_json(summary)
+    if not settings.quiet:
+        _print_summary(summary)
