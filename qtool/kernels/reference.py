@@ -1,0 +1,395 @@
+"""numpy twins of the native kernels: the definition of every kernel in native/.
+
+Each function here has the name of a C kernel minus ``qt_`` and the same public
+signature as ``qtool.kernels``. Integer and packed results of the C paths match these bit
+for bit; float GEMM results match within rounding. Arithmetic is float32 unless a
+docstring says double, rounding is half to even (``np.rint``), codes saturate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qtool.kernels._common import (
+    arg_error,
+    check_finite,
+    nbits_check,
+    qtype_info,
+    quant_geometry,
+    quant_params,
+)
+
+_F32 = np.float32
+
+# ---- 1. statistics ----------------------------------------------------------------
+
+
+def minmax(x: np.ndarray) -> tuple[float, float]:
+    """(min(x), max(x)) of a non-empty float32 tensor; -0.0 is reported as 0.0.
+
+    Raises NonFiniteError on NaN/Inf.
+    """
+    x = np.asarray(x, dtype=_F32)
+    if x.size == 0:
+        raise arg_error("minmax", "empty tensor has no min/max")
+    check_finite("minmax", x)
+    return float(x.min() + _F32(0)), float(x.max() + _F32(0))
+
+
+def histogram(x: np.ndarray, lo: float, hi: float, counts: np.ndarray) -> np.ndarray:
+    """Add x's bin counts to ``counts`` (int64 [bins], updated in place) and return it.
+
+    bin = clamp(floor(((x - lo) / (hi - lo)) * bins), 0, bins - 1), in float32: x == hi goes
+    to the last bin, values outside [lo, hi] to the edge bins. Needs lo < hi (float32),
+    hi - lo finite, 1 <= bins <= 2**24. On NaN/Inf raises NonFiniteError, counts untouched.
+    """
+    x = np.asarray(x, dtype=_F32).reshape(-1)
+    bins = _check_histogram(counts, lo, hi)
+    check_finite("histogram", x)
+    lo32, hi32 = _F32(lo), _F32(hi)
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = ((x - lo32) / (hi32 - lo32)) * _F32(bins)
+    idx = np.clip(np.floor(t), 0, bins - 1).astype(np.int64)
+    counts += np.bincount(idx, minlength=bins)
+    return counts
+
+
+def _check_histogram(counts, lo, hi) -> int:
+    if not (isinstance(counts, np.ndarray) and counts.dtype == np.int64 and counts.ndim == 1
+            and counts.flags.c_contiguous and counts.flags.writeable):
+        raise arg_error("histogram", "counts must be a writable contiguous int64 1-D array")
+    bins = counts.shape[0]
+    if not 1 <= bins <= 1 << 24:
+        raise arg_error("histogram", f"bins must be in [1, 2**24], got {bins}")
+    lo32, hi32 = _F32(lo), _F32(hi)
+    with np.errstate(over="ignore"):
+        w = hi32 - lo32
+    if not (np.isfinite(lo32) and np.isfinite(hi32) and np.isfinite(w) and hi32 > lo32):
+        raise arg_error("histogram", f"need finite lo < hi, got [{lo}, {hi}]")
+    return bins
+
+
+# ---- 2. quantize / dequantize ----------------------------------------------------
+
+
+def _broadcast(p: np.ndarray, geo) -> np.ndarray:
+    """Parameters laid out against x viewed as [outer, axis_len, inner]."""
+    if geo.block == 0:
+        return p.reshape(1, -1, 1)
+    p = p.reshape(geo.outer, -1, geo.inner)
+    return np.repeat(p, geo.block, axis=1)[:, : geo.axis_len, :]
+
+
+def quantize(x, scale, zero_point=None, *, qtype: str = "u8", axis: int | None = None,
+             block_size: int = 0) -> np.ndarray:
+    """q = saturate(rint(x / scale) + zero_point), float32 divide (ONNX QuantizeLinear).
+
+    Layout: per-tensor (axis None, one scale), per-axis (scale [x.shape[axis]]) or
+    block-wise (block_size > 0: scale has x's shape with the axis dim ceil(dim/block_size)).
+    Returns one code per byte (uint8 for u*, int8 for s*) in x's shape.
+    Raises NonFiniteError on NaN/Inf in x.
+    """
+    x = np.asarray(x, dtype=_F32)
+    _, _, qmin, qmax, dt = qtype_info(qtype)
+    geo = quant_geometry("quantize", x.shape, axis, block_size)
+    s, z = quant_params("quantize", geo, scale, zero_point, qtype)
+    check_finite("quantize", x)
+    xv = x.reshape(geo.outer, geo.axis_len, geo.inner)
+    with np.errstate(over="ignore"):
+        r = np.rint(xv / _broadcast(s, geo))
+    if z is not None:
+        r = r + _broadcast(z, geo).astype(_F32)
+    return np.clip(r, qmin, qmax).astype(dt).reshape(x.shape)
+
+
+def dequantize(q, scale, zero_point=None, *, qtype: str = "u8", axis: int | None = None,
+               block_size: int = 0) -> np.ndarray:
+    """y = float32(q - zero_point) * scale (ONNX DequantizeLinear); layouts as quantize."""
+    _, _, _, _, dt = qtype_info(qtype)
+    q = np.asarray(q)
+    if q.dtype != dt:
+        raise arg_error("dequantize", f"codes of {qtype} must be {dt}, got {q.dtype}")
+    geo = quant_geometry("dequantize", q.shape, axis, block_size)
+    s, z = quant_params("dequantize", geo, scale, zero_point, qtype)
+    c = q.reshape(geo.outer, geo.axis_len, geo.inner).astype(np.int32)
+    if z is not None:
+        c = c - _broadcast(z, geo)
+    return (c.astype(_F32) * _broadcast(s, geo)).reshape(q.shape)
+
+
+# ---- 3. packing ------------------------------------------------------------------
+
+
+def pack(q, qtype: str) -> np.ndarray:
+    """ONNX sub-byte layout: element i in byte i*bits//8 at bit (i*bits) % 8 (first element
+    in the low bits), last byte zero padded. Codes are masked to `bits`. Returns uint8
+    [ceil(n*bits/8)] for the flattened q; 8-bit types are copied."""
+    bits, _, _, _, dt = qtype_info(qtype)
+    q = np.asarray(q)
+    if q.dtype != dt:
+        raise arg_error("pack", f"codes of {qtype} must be {dt}, got {q.dtype}")
+    u = q.reshape(-1).view(np.uint8)
+    if bits == 8:
+        return u.copy()
+    per = 8 // bits
+    n = u.size
+    padded = np.zeros(-(-n // per) * per, dtype=np.uint8)
+    padded[:n] = u & ((1 << bits) - 1)
+    groups = padded.reshape(-1, per).astype(np.uint32)
+    shifts = np.arange(per, dtype=np.uint32) * bits
+    return (groups << shifts).sum(axis=1, dtype=np.uint32).astype(np.uint8)
+
+
+def unpack(packed, n: int, qtype: str) -> np.ndarray:
+    """Inverse of pack: the first n codes (one per byte), sign-extended for s* types."""
+    bits, signed, _, _, dt = qtype_info(qtype)
+    p = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if p.size < -(-n * bits // 8):
+        raise arg_error("unpack", f"{p.size} bytes cannot hold {n} {qtype} codes")
+    if bits == 8:
+        return p[:n].view(dt).copy()
+    per = 8 // bits
+    shifts = np.arange(per, dtype=np.uint8) * bits
+    v = ((p[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n].astype(np.uint8)
+    if signed:
+        sign = np.uint8(1 << (bits - 1))
+        v = (v ^ sign) - sign  # uint8 wrap-around = two's complement sign extension
+    return v.view(dt)
+
+
+def pack_matmulnbits(q, bits: int, block_size: int, zero_points=None) -> np.ndarray:
+    """com.microsoft MatMulNBits weight: codes q [N, K] (uint8, W transposed) ->
+    uint8 [N, ceil(K/block_size), block_size*bits/8], each block packed low bits first.
+    K is padded to a block multiple with the block's zero point (zero_points uint8
+    [N, n_blocks], default 2**(bits-1)), i.e. with zero-valued weights."""
+    nbits_check("pack_matmulnbits", bits, block_size)
+    q = np.asarray(q)
+    if q.dtype != np.uint8 or q.ndim != 2:
+        raise arg_error("pack_matmulnbits", "q must be uint8 [N, K]")
+    n, k = q.shape
+    nb = -(-k // block_size)
+    zp = _zero_points_or_default(zero_points, n, nb, bits)
+    full = np.empty((n, nb * block_size), dtype=np.uint8)
+    full[:, :k] = q
+    full[:, k:] = zp[:, -1:] if nb else 0
+    qt = {2: "u2", 4: "u4", 8: "u8"}[bits]
+    return pack(full, qt).reshape(n, nb, block_size * bits // 8)
+
+
+def unpack_matmulnbits(b, K: int, bits: int, block_size: int) -> np.ndarray:
+    """Inverse of pack_matmulnbits: b [N, n_blocks, blob] -> codes [N, K] (padding dropped)."""
+    nbits_check("unpack_matmulnbits", bits, block_size)
+    b = np.asarray(b, dtype=np.uint8)
+    nb = -(-K // block_size)
+    if b.ndim != 3 or b.shape[1:] != (nb, block_size * bits // 8):
+        raise arg_error("unpack_matmulnbits", f"b must be [N, {nb}, {block_size * bits // 8}]")
+    n = b.shape[0]
+    qt = {2: "u2", 4: "u4", 8: "u8"}[bits]
+    return unpack(b, n * nb * block_size, qt).reshape(n, nb * block_size)[:, :K].copy()
+
+
+def _zero_points_or_default(zero_points, n: int, nb: int, bits: int) -> np.ndarray:
+    if zero_points is None:
+        return np.full((n, nb), 1 << (bits - 1), dtype=np.uint8)
+    zp = np.asarray(zero_points)
+    if zp.shape != (n, nb) or zp.dtype != np.uint8:
+        raise arg_error("pack_matmulnbits", f"zero_points must be uint8 [{n}, {nb}]")
+    return zp
+
+
+def pack_zero_points(zp, bits: int) -> np.ndarray:
+    """MatMulNBits zero points: uint8 [N, n_blocks] -> uint8 [N * ceil(n_blocks*bits/8)],
+    each row packed low bits first and zero padded to a whole byte."""
+    zp = np.asarray(zp)
+    if zp.dtype != np.uint8 or zp.ndim != 2:
+        raise arg_error("pack_zero_points", "zero points must be uint8 [N, n_blocks]")
+    nbits_check("pack_zero_points", bits, 16)
+    qt = {2: "u2", 4: "u4", 8: "u8"}[bits]
+    return np.concatenate([pack(row, qt) for row in zp]) if zp.shape[0] else np.zeros(0, np.uint8)
+
+
+def unpack_zero_points(packed, N: int, n_blocks: int, bits: int) -> np.ndarray:
+    """Inverse of pack_zero_points -> uint8 [N, n_blocks]."""
+    nbits_check("unpack_zero_points", bits, 16)
+    row = -(-n_blocks * bits // 8)
+    p = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if p.size != N * row:
+        raise arg_error("unpack_zero_points", f"expected {N * row} bytes, got {p.size}")
+    qt = {2: "u2", 4: "u4", 8: "u8"}[bits]
+    out = np.empty((N, n_blocks), dtype=np.uint8)
+    for i in range(N):
+        out[i] = unpack(p[i * row : (i + 1) * row], n_blocks, qt)
+    return out
+
+
+# ---- 4. block-wise parameters ---------------------------------------------------
+
+
+def _blocks(kernel: str, x, block_size: int) -> np.ndarray:
+    x = np.asarray(x, dtype=_F32)
+    if x.ndim != 2 or block_size < 1:
+        raise arg_error(kernel, "x must be [rows, cols] and block_size >= 1")
+    check_finite(kernel, x)
+    rows, cols = x.shape
+    nb = -(-cols // block_size)
+    # zero padding changes neither the range (which includes 0) nor the error (0 -> 0)
+    xb = np.zeros((rows, nb * block_size), dtype=_F32)
+    xb[:, :cols] = x
+    return xb.reshape(rows, nb, block_size)
+
+
+def _params_from_range(lo, hi, f, qtype: str, symmetric: bool):
+    bits, signed, qmin, qmax, _ = qtype_info(qtype)
+    f = _F32(f)
+    if symmetric:
+        half = 1 << (bits - 1)
+        a = np.maximum(-lo, hi) * f
+        s = (a.astype(np.float64) / (half - 1)).astype(_F32)
+        s[s == 0] = 1.0
+        return s, np.full(s.shape, 0 if signed else half, dtype=np.int32)
+    lf, hf = lo * f, hi * f
+    s = ((hf.astype(np.float64) - lf.astype(np.float64)) / (qmax - qmin)).astype(_F32)
+    s[s == 0] = 1.0
+    z = np.clip(np.rint(qmin - lf.astype(np.float64) / s.astype(np.float64)), qmin, qmax)
+    return s, z.astype(np.int32)
+
+
+def _sqerr(xb, s, z, qtype: str) -> np.ndarray:
+    _, _, qmin, qmax, _ = qtype_info(qtype)
+    s3, z3 = s[..., None], z[..., None].astype(_F32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = np.clip(np.rint(xb / s3) + z3, qmin, qmax)
+        d = xb - (r - z3) * s3
+        return (d * d).astype(np.float64).sum(axis=-1)
+
+
+def block_params_rtn(x, block_size: int, qtype: str, symmetric: bool):
+    """Round-to-nearest parameters for blocks of block_size along the last axis of
+    x [rows, cols] -> (scale float32 [rows, nb], zero_point int32 [rows, nb]).
+
+    lo = min(min x, 0), hi = max(max x, 0); in double, rounded to float32 once:
+      symmetric:  scale = max(-lo, hi) / (2**(bits-1) - 1); zp = 0 (signed) or 2**(bits-1)
+      asymmetric: scale = (hi - lo) / (qmax - qmin); zp = clamp(rint(qmin - lo / scale))
+    A zero scale (all-zero block, underflow) becomes 1.0.
+    """
+    return block_params_mse(x, block_size, qtype, symmetric, n_grid=1, min_shrink=1.0)
+
+
+def block_params_mse(x, block_size: int, qtype: str, symmetric: bool, n_grid: int = 20,
+                     min_shrink: float = 0.5):
+    """Per-block clipping search: for f_j = float32(1 - j*(1 - min_shrink)/(n_grid - 1)),
+    j = 0..n_grid-1, shrink the range (lo*f, hi*f in float32), derive parameters as
+    block_params_rtn and keep the f_j with the least sum((x - dequantize(quantize(x)))**2)
+    (float32 per element, summed in double; first j on ties)."""
+    if n_grid < 1 or not 0.0 < float(_F32(min_shrink)) <= 1.0:
+        raise arg_error("block_params_mse", "need n_grid >= 1 and 0 < min_shrink <= 1")
+    xb = _blocks("block_params", x, block_size)
+    lo = np.minimum(xb.min(axis=-1, initial=0), _F32(0)) if xb.size else np.zeros(xb.shape[:2], _F32)
+    hi = np.maximum(xb.max(axis=-1, initial=0), _F32(0)) if xb.size else np.zeros(xb.shape[:2], _F32)
+    best_s, best_z = _params_from_range(lo, hi, 1.0, qtype, symmetric)
+    if n_grid == 1:
+        return best_s, best_z
+    best_e = _sqerr(xb, best_s, best_z, qtype)
+    ms = float(_F32(min_shrink))
+    for g in range(1, n_grid):
+        f = 1.0 - g * (1.0 - ms) / (n_grid - 1)
+        s, z = _params_from_range(lo, hi, f, qtype, symmetric)
+        e = _sqerr(xb, s, z, qtype)
+        better = e < best_e
+        best_e = np.where(better, e, best_e)
+        best_s = np.where(better, s, best_s)
+        best_z = np.where(better, z, best_z)
+    return best_s, best_z
+
+
+# ---- 5. int8 GEMM -----------------------------------------------------------------
+
+
+def gemm_u8s8(a, b_t, a_zero_point: int = 0, b_zero_point=None) -> np.ndarray:
+    """C[m, n] = sum_k (a[m, k] - a_zero_point) * (b_t[n, k] - b_zero_point[n]), exact int32.
+
+    a: uint8 [M, K]; b_t: int8 [N, K] (B transposed); b_zero_point: int8 [N] or None.
+    Wraps modulo 2**32 on overflow (not reachable for K < 2**15).
+    """
+    a, b_t, zb = _check_gemm(a, b_t, a_zero_point, b_zero_point)
+    # float64 products and sums are exact here (|term| < 2**17, K < 2**36)
+    c = (a.astype(np.float64) - a_zero_point) @ (b_t.astype(np.float64) - zb[:, None]).T
+    return c.astype(np.int64).astype(np.int32)
+
+
+def _check_gemm(a, b_t, a_zero_point, b_zero_point):
+    a, b_t = np.asarray(a), np.asarray(b_t)
+    if a.dtype != np.uint8 or b_t.dtype != np.int8 or a.ndim != 2 or b_t.ndim != 2 \
+            or a.shape[1] != b_t.shape[1]:
+        raise arg_error("gemm_u8s8", "need a uint8 [M, K] and b_t int8 [N, K]")
+    if not 0 <= int(a_zero_point) <= 255:
+        raise arg_error("gemm_u8s8", "a_zero_point must be in [0, 255]")
+    if b_zero_point is None:
+        zb = np.zeros(b_t.shape[0], dtype=np.int8)
+    else:
+        zb = np.asarray(b_zero_point)
+        if zb.dtype != np.int8 or zb.shape != (b_t.shape[0],):
+            raise arg_error("gemm_u8s8", "b_zero_point must be int8 [N]")
+    return a, b_t, zb
+
+
+def requantize(acc, multiplier, zero_point: int, qtype: str = "u8") -> np.ndarray:
+    """out[m, n] = saturate(rint(float32(acc[m, n]) * multiplier[n]) + zero_point), float32.
+
+    acc int32 [M, N], multiplier float32 [N], qtype u8 or s8."""
+    acc, mult = _check_requantize(acc, multiplier, zero_point, qtype)
+    _, _, qmin, qmax, dt = qtype_info(qtype)
+    with np.errstate(over="ignore"):
+        r = np.rint(acc.astype(_F32) * mult[None, :]) + _F32(zero_point)
+    return np.clip(r, qmin, qmax).astype(dt)
+
+
+def _check_requantize(acc, multiplier, zero_point, qtype):
+    _, _, qmin, qmax, _ = qtype_info(qtype)
+    acc = np.asarray(acc)
+    mult = np.ascontiguousarray(multiplier, dtype=_F32).reshape(-1)
+    if qtype not in ("u8", "s8") or acc.dtype != np.int32 or acc.ndim != 2:
+        raise arg_error("requantize", "need acc int32 [M, N] and qtype u8/s8")
+    if mult.shape != (acc.shape[1],) or not np.isfinite(mult).all():
+        raise arg_error("requantize", "multiplier must be finite float32 [N]")
+    if not qmin <= int(zero_point) <= qmax:
+        raise arg_error("requantize", f"zero_point outside [{qmin}, {qmax}]")
+    return acc, mult
+
+
+# ---- 6. 4-bit block GEMM ----------------------------------------------------------
+
+
+def gemm_q4(a, b, scales, zero_points, K: int, block_size: int) -> np.ndarray:
+    """Y = a @ W, W[k, n] = float32(q[n, k] - zp[n, k // bs]) * scales[n, k // bs].
+
+    a float32 [M, K]; b uint8 [N, n_blocks, block_size/2] (MatMulNBits, bits=4); scales
+    float32 [N, n_blocks] (or flat); zero_points packed uint8 [N * ceil(n_blocks/2)] or
+    None (8). Returns float32 [M, N]; summation order is BLAS's."""
+    a, b, s, zp = _check_q4(a, b, scales, zero_points, K, block_size)
+    n, nb = b.shape[0], b.shape[1]
+    q = unpack_matmulnbits(b, K, 4, block_size).astype(np.int32)
+    z = (np.full((n, nb), 8, np.uint8) if zp is None else unpack_zero_points(zp, n, nb, 4))
+    rep = lambda p: np.repeat(p, block_size, axis=1)[:, :K]  # noqa: E731
+    w = (q - rep(z).astype(np.int32)).astype(_F32) * rep(s)
+    return (a @ w.T).astype(_F32)
+
+
+def _check_q4(a, b, scales, zero_points, K, block_size):
+    nbits_check("gemm_q4", 4, block_size)
+    a, b = np.asarray(a, dtype=_F32), np.asarray(b)
+    nb = -(-K // block_size)
+    if a.ndim != 2 or a.shape[1] != K:
+        raise arg_error("gemm_q4", f"a must be float32 [M, {K}]")
+    if b.dtype != np.uint8 or b.ndim != 3 or b.shape[1:] != (nb, block_size // 2):
+        raise arg_error("gemm_q4", f"b must be uint8 [N, {nb}, {block_size // 2}]")
+    n = b.shape[0]
+    s = np.ascontiguousarray(scales, dtype=_F32)
+    if s.size != n * nb:
+        raise arg_error("gemm_q4", f"scales must hold N*n_blocks = {n * nb} values")
+    zp = None
+    if zero_points is not None:
+        zp = np.ascontiguousarray(zero_points, dtype=np.uint8).reshape(-1)
+        if zp.size != n * ((nb + 1) // 2):
+            raise arg_error("gemm_q4", f"packed zero_points must hold {n * ((nb + 1) // 2)} bytes")
+    return a, b, s.reshape(n, nb), zp
