@@ -1,0 +1,256 @@
+"""The conversion entry point: one function that dispatches a recipe to its passes.
+
+``convert(model, recipe, table=...)`` returns a new model and the PassReports of every
+pass that ran; the input model is not modified (it is cloned first). Dispatch:
+
+- ``quantize.dtype == "fp16"``                      -> qtool.passes.fp16
+- ``bits in (2, 3, 4)`` or ``format == "matmulnbits"`` -> qtool.passes.weight_only
+- ``bits == 8`` and ``dynamic``                     -> preprocess, qtool.passes.dynamic
+- ``bits == 8``                                     -> preprocess, qtool.passes.qdq (needs a
+  calibration table), then qtool.passes.qoperator when ``format == "qoperator"``
+
+every int8 path ends with qtool.passes.cleanup.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import onnx_ir as ir
+
+from qtool.config import Recipe
+from qtool.errors import CalibrationError, ConversionError, UsageError
+from qtool.model import graph_fingerprint, iter_nodes
+from qtool.passes import PassReport
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class RangeTable(Protocol):
+    """What convert needs from a calibration table (qtool.calibration.CalibrationTable)."""
+
+    def ranges(self) -> dict[str, tuple[float, float]]: ...
+
+
+@dataclass(frozen=True)
+class ConvertPlan:
+    """Which pipeline a recipe selects, decided before any model is loaded."""
+
+    kind: str  # "fp16" | "weight-only" | "int8-dynamic" | "int8-static"
+    needs_table: bool
+    format: str
+
+
+def plan_for(recipe: Recipe) -> ConvertPlan:
+    """The pipeline for ``recipe``; raises UsageError for combinations that make no sense."""
+    q = recipe.quantize
+    if q.dtype == "fp16":
+        return ConvertPlan("fp16", False, "fp16")
+    if q.dtype != "int":
+        raise UsageError(f"unknown dtype {q.dtype!r}", "use --dtype int or --dtype fp16")
+    if q.bits in (2, 3, 4) or q.format == "matmulnbits":
+        if q.dynamic:
+            raise UsageError("--dynamic is an int8 mode", "drop --dynamic for weight-only 4/3/2-bit")
+        if q.format == "qoperator":
+            raise UsageError(
+                "--format qoperator is an int8 format",
+                "use --format matmulnbits or qdq for 4/3/2-bit weights",
+            )
+        fmt = "matmulnbits" if q.format == "matmulnbits" else recipe.weight_only.format
+        return ConvertPlan("weight-only", False, fmt)
+    if q.bits != 8:
+        raise UsageError(f"--bits {q.bits} is not supported", "use --bits 8, 4, 3 or 2, or --dtype fp16")
+    if q.activation_type not in ("uint8", "int8") or q.weight_type not in ("int8", "uint8"):
+        raise UsageError(
+            f"activation type {q.activation_type!r} / weight type {q.weight_type!r} not supported",
+            "use uint8 or int8",
+        )
+    if q.dynamic:
+        if q.format == "qoperator":
+            raise UsageError(
+                "--dynamic already emits integer ops; --format qoperator is for static int8",
+                "drop --format, or drop --dynamic and pass --calib/--data",
+            )
+        return ConvertPlan("int8-dynamic", False, "dynamic")
+    return ConvertPlan("int8-static", True, q.format)
+
+
+@dataclass
+class ConvertSummary:
+    """Per op type: nodes quantized, nodes left in float, and why (reason -> count)."""
+
+    quantized: Counter = field(default_factory=Counter)
+    float_: Counter = field(default_factory=Counter)
+    reasons: dict[str, Counter] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        ops = sorted(set(self.quantized) | set(self.float_))
+        return {
+            op: {
+                "quantized": self.quantized.get(op, 0),
+                "float": self.float_.get(op, 0),
+                "reasons": dict(self.reasons.get(op, {})),
+            }
+            for op in ops
+        }
+
+
+_NOT_COMPUTE = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Constant", "Cast",
+    "Identity", "Shape",
+}
+
+
+def summarize(before: ir.Model, after: ir.Model, reports: list[PassReport]) -> ConvertSummary:
+    """Count, per op type of the model given to the passes, what became of each node.
+
+    A node is "quantized" when it is gone from the output (replaced by an integer op, or
+    folded into one) or now reads a dequantized/quantized input; otherwise it is float, with
+    the reason the passes gave (or "not supported" when no pass looked at it).
+    """
+    summary = ConvertSummary()
+    after_nodes = {n.name: n for n in iter_nodes(after) if n.name}
+    skipped: dict[str, str] = {}
+    for report in reports:
+        skipped.update(report.skipped)
+    folded = {n.name for n in iter_nodes(before)} - set(after_nodes)
+    for node in iter_nodes(before):
+        if node.op_type in _NOT_COMPUTE or node.domain not in ("", "ai.onnx"):
+            continue
+        op = node.op_type
+        now = after_nodes.get(node.name)
+        if now is None and node.name in folded:
+            summary.quantized[op] += 1
+            continue
+        if now is not None and _reads_quantized(now):
+            summary.quantized[op] += 1
+            continue
+        summary.float_[op] += 1
+        reason = skipped.get(node.name, "not quantized by this scheme")
+        summary.reasons.setdefault(op, Counter())[reason] += 1
+    return summary
+
+
+def _reads_quantized(node: ir.Node) -> bool:
+    for value in node.inputs:
+        producer = value.producer() if value is not None else None
+        if producer is not None and producer.op_type in ("DequantizeLinear", "DynamicQuantizeLinear"):
+            return True
+    return False
+
+
+def _table_ranges(table: RangeTable | Mapping | None) -> dict[str, tuple[float, float]]:
+    if table is None:
+        raise UsageError(
+            "static int8 needs activation ranges and none were given",
+            "pass --calib TABLE.json (from qtool calibrate) or --data DIR to calibrate inline, "
+            "or --dynamic for weights-only calibration-free int8",
+        )
+    if isinstance(table, Mapping):
+        return {str(k): (float(v[0]), float(v[1])) for k, v in table.items()}
+    return {str(k): (float(v[0]), float(v[1])) for k, v in table.ranges().items()}
+
+
+def check_table(table: Any, raw: ir.Model, prepared: ir.Model, preprocess_changed: bool) -> None:
+    """Accept a table made on the model as loaded or on its pre-processed form.
+
+    A table of the raw model is only valid when pre-processing did not change any
+    activation (BatchNorm folding changes what a Conv outputs).
+    """
+    fingerprint = getattr(table, "fingerprint", None)
+    if fingerprint is None or isinstance(table, Mapping):
+        return
+    if fingerprint == graph_fingerprint(prepared):
+        return
+    if fingerprint == graph_fingerprint(raw):
+        if not preprocess_changed:
+            return
+        raise CalibrationError(
+            "the calibration table was made on the model before pre-processing "
+            "(BatchNorm folding changes the ranges it recorded)",
+            "calibrate with `qtool convert --data DIR`, or a table from `qtool calibrate` of this version",
+        )
+    checker = getattr(table, "check_model", None)
+    if checker is not None:
+        checker(raw)  # raises CalibrationError with the calibration module's own message
+    raise CalibrationError(
+        "the calibration table was made for a different model",
+        "re-run qtool calibrate on this model",
+    )
+
+
+def convert(
+    model: ir.Model,
+    recipe: Recipe,
+    *,
+    table: RangeTable | Mapping | None = None,
+    on_progress: Progress | None = None,
+    preprocessed: bool = False,
+) -> tuple[ir.Model, list[PassReport]]:
+    """Convert ``model`` as ``recipe`` says; return (new model, reports of every pass).
+
+    ``table``: a CalibrationTable (or a plain ``{tensor: (lo, hi)}`` mapping) for static
+    int8, made on this model. ``preprocessed``: the model has already been through
+    qtool.passes.preprocess (as ``convert --data`` does before calibrating).
+    """
+    plan = plan_for(recipe)
+    raw = model
+    model = model.clone()
+    reports: list[PassReport] = []
+
+    def stage(name: str) -> Callable[[int, int], None] | None:
+        if on_progress is None:
+            return None
+        return lambda done, total: on_progress(name, done, total)
+
+    if plan.kind == "fp16":
+        from qtool.passes.fp16 import convert_fp16
+
+        reports.append(convert_fp16(model, recipe.fp16))
+        return model, reports
+    if plan.kind == "weight-only":
+        from qtool.passes.weight_only import apply_weight_only
+
+        reports.append(apply_weight_only(model, recipe, recipe.quantize.bits, on_progress=stage("weights")))
+        return model, reports
+
+    changed = False
+    if not preprocessed:
+        from qtool.passes.preprocess import preprocess
+
+        pre = preprocess(model)
+        reports.append(pre)
+        changed = any(pre.counts.get(k) for k in ("batchnorm_folded",))
+    if plan.kind == "int8-dynamic":
+        from qtool.passes.dynamic import quantize_dynamic
+
+        reports.append(quantize_dynamic(model, recipe, on_progress=stage("quantize")))
+    else:
+        ranges = _table_ranges(table)
+        check_table(table, raw, model, changed)
+        from qtool.passes.qdq import quantize_static
+
+        reports.append(quantize_static(model, recipe, ranges, on_progress=stage("quantize")))
+        if plan.format == "qoperator":
+            from qtool.passes.qoperator import to_qoperator
+
+            reports.append(to_qoperator(model))
+    from qtool.passes.cleanup import cleanup
+
+    reports.append(cleanup(model))
+    return model, reports
+
+
+def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
+    """Worst output's cosine similarity and SQNR (dB) of ``candidate`` vs ``reference``."""
+    from qtool.quant.scales import cosine, sqnr_db
+
+    if not reference:
+        raise ConversionError("no outputs to compare", "")
+    cos = [cosine(r, c) for r, c in zip(reference, candidate)]
+    sq = [sqnr_db(r, c) for r, c in zip(reference, candidate)]
+    return {"cosine": min(cos), "sqnr_db": min(sq)}

@@ -1,0 +1,159 @@
+"""Cleanup after quantization: pairs that buy nothing, and tensors nobody reads.
+
+Rules, applied until nothing changes:
+
+- ``requant_removed``: ``DQ -> Q`` with the same scale and zero point is the identity on the
+  integer tensor; the Q's readers read the DQ's input instead.
+- ``dangling_qdq_removed``: a ``Q -> DQ`` pair whose producer and readers are all float
+  ops (no integer kernel can absorb it) only adds rounding error; it is removed.
+- ``unused_removed``: initializers and Constant nodes that nothing reads.
+
+Works in place; returns a PassReport with a count per rule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qtool import ops
+from qtool.model import iter_graphs
+from qtool.passes import PassReport
+
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+def _producer_op(value: ir.Value | None) -> str | None:
+    producer = value.producer() if value is not None else None
+    return producer.op_type if producer is not None else None
+
+
+def _same_params(a: ir.Node, b: ir.Node) -> bool:
+    for i in (1, 2):
+        va = a.inputs[i] if i < len(a.inputs) else None
+        vb = b.inputs[i] if i < len(b.inputs) else None
+        if va is vb:
+            continue
+        if va is None or vb is None or va.const_value is None or vb.const_value is None:
+            return False
+        if not np.array_equal(va.const_value.numpy(), vb.const_value.numpy()):
+            return False
+    return a.attributes.get_int("axis", 1) == b.attributes.get_int("axis", 1)
+
+
+def integer_ready(node: ir.Node) -> bool:
+    """Whether a runtime can run ``node`` on integers: a registry op whose activation and
+    weight inputs all come from DequantizeLinear (data-movement ops need just one)."""
+    rule = ops.rule_for(node)
+    if rule is None:
+        return False
+    indices = set(ops.activation_inputs(node)) | {i for i in rule.weights if i < len(node.inputs)}
+    fed = [_producer_op(node.inputs[i]) == "DequantizeLinear" for i in sorted(indices)
+           if node.inputs[i] is not None]
+    if not fed:
+        return False
+    return fed[0] if rule.share_scale else all(fed)
+
+
+def _replace(old: ir.Value, new: ir.Value) -> None:
+    for use in list(old.uses()):
+        use.node.replace_input_with(use.idx, new)
+
+
+def _graph_output_index(graph: ir.Graph, value: ir.Value) -> int | None:
+    for i, out in enumerate(graph.outputs):
+        if out is value:
+            return i
+    return None
+
+
+def remove_requant(graph: ir.Graph) -> int:
+    removed = 0
+    for q in list(graph):
+        if q.op_type != "QuantizeLinear":
+            continue
+        dq = q.inputs[0].producer()
+        if dq is None or dq.op_type != "DequantizeLinear" or not _same_params(q, dq):
+            continue
+        if q.outputs[0].is_graph_output():
+            continue
+        _replace(q.outputs[0], dq.inputs[0])
+        graph.remove(q, safe=True)
+        removed += 1
+    return removed
+
+
+def remove_dangling(graph: ir.Graph) -> int:
+    removed = 0
+    for q in list(graph):
+        if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx"):
+            continue
+        uses = list(q.outputs[0].uses())
+        if not uses or any(u.node.op_type != "DequantizeLinear" for u in uses):
+            continue
+        if q.outputs[0].is_graph_output():
+            continue
+        source = q.inputs[0]
+        producer = source.producer()
+        if producer is not None and integer_ready(producer):
+            continue
+        readers = [r.node for dq in (u.node for u in uses) for r in dq.outputs[0].uses()]
+        if any(integer_ready(r) or r.op_type == "QuantizeLinear" for r in readers):
+            continue
+        for dq in [u.node for u in uses]:
+            out = dq.outputs[0]
+            index = _graph_output_index(graph, out)
+            if index is not None:
+                if source.is_graph_output() or source.is_graph_input():
+                    continue  # keep: renaming would clash with another graph output/input
+                name = out.name
+                out.name = None
+                source.name = name
+                graph.outputs[index] = source
+            _replace(out, source)
+            graph.remove(dq, safe=True)
+        if not q.outputs[0].uses():
+            graph.remove(q, safe=True)
+            removed += 1
+    return removed
+
+
+def remove_unused(model: ir.Model) -> int:
+    """Drop Constant nodes, QDQ nodes and initializers that nothing reads."""
+    removed = 0
+    changed = True
+    while changed:
+        changed = False
+        for graph in iter_graphs(model.graph):
+            for node in reversed(list(graph)):
+                if node.op_type not in ("Constant", *_QDQ):
+                    continue
+                if any(o.uses() or o.is_graph_output() for o in node.outputs):
+                    continue
+                graph.remove(node, safe=True)
+                removed += 1
+                changed = True
+            for name, value in list(graph.initializers.items()):
+                if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+                    del graph.initializers[name]
+                    removed += 1
+    return removed
+
+
+def cleanup(model: ir.Model) -> PassReport:
+    """Apply the rules above to every graph of ``model``, in place."""
+    report = PassReport("cleanup")
+    changed = True
+    while changed:
+        changed = False
+        for graph in iter_graphs(model.graph):
+            for key, rule in (("requant_removed", remove_requant),
+                              ("dangling_qdq_removed", remove_dangling)):
+                n = rule(graph)
+                if n:
+                    report.count(key, n)
+                    changed = True
+    n = remove_unused(model)
+    if n:
+        report.count("unused_removed", n)
+    return report

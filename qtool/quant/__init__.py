@@ -1,0 +1,1 @@
+"""Quantization maths shared by the conversion passes (scales, zero points, rounding)."""
