@@ -1,0 +1,276 @@
+"""Layer-wise diagnosis: which layers of the candidate lose the precision, and what to do.
+
+Tensors are matched by name: qtool's and onnxruntime's converters keep the float tensor
+names of the original graph on the outputs of quantized layers (the DequantizeLinear or
+the scale-Mul that ends a quantized group, MatMulNBits nodes keep the MatMul's output name).
+Every tensor produced by a node in both graphs (float, not a weight) is a *matched tensor*.
+
+For each matched tensor T, with r the reference's value, c the candidate's and l the
+candidate's *local* value:
+
+- ``sqnr_db``: SQNR(r, c) = 10 log10(sum r^2 / sum (r - c)^2): the error accumulated up to T;
+- ``local_sqnr_db``: SQNR(r, l), where l is computed by the candidate's nodes between T and
+  the previous matched tensors, fed with the *reference's* values of those tensors: the
+  error this layer adds on its own. One extra session computes every l at once: the
+  candidate graph with each consumer of a matched tensor rewired to a new input fed with
+  the reference's value.
+
+Layers are ranked by local SQNR, worst first; the quantized ones standing out (local SQNR
+``OUTLIER_MARGIN_DB`` below the median, at most ``top``) are suggested for
+``--exclude`` (int8 candidates: keep them in float) or for ``bits = 8`` (4-bit and lower
+candidates), as flags and as a ready-to-paste recipe snippet of ``[[layer]]`` overrides.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+from qtool.errors import UsageError
+from qtool.eval.hwcheck import INTEGER_OPS, QDQ_OPS
+from qtool.eval.metrics import sqnr_db
+from qtool.eval.runner import open_session
+
+LOCAL_SUFFIX = "::qtool_reference"
+OUTLIER_MARGIN_DB = 3.0  # a layer stands out when its local SQNR is this far below the median
+_LOW_BIT_TYPES = {21, 22, 23, 24, 25, 26}  # UINT4, INT4, FLOAT4E2M1, ... (onnx TensorProto)
+
+
+def _load(path: str | os.PathLike):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _constants(graph) -> set[str]:
+    names = {i.name for i in graph.initializer}
+    names.update(out for n in graph.node if n.op_type == "Constant" for out in n.output)
+    return names
+
+
+def matched_tensors(reference_graph, candidate_graph) -> list[str]:
+    """Node outputs present in both graphs (not weights), in the reference's node order."""
+    ref_consts, cand_consts = _constants(reference_graph), _constants(candidate_graph)
+    cand_outputs = {o for n in candidate_graph.node for o in n.output if o}
+    names = []
+    for node in reference_graph.node:
+        if node.op_type == "Constant":
+            continue
+        for out in node.output:
+            if out and out in cand_outputs and out not in ref_consts and out not in cand_consts:
+                names.append(out)
+    return names
+
+
+def local_model(candidate_proto, names: list[str], types: dict[str, int]) -> bytes:
+    """The candidate with every consumer of a matched tensor T reading input ``T::qtool_reference``.
+
+    Its outputs are the matched tensors, each computed by the candidate's own nodes from the
+    reference's values of the matched tensors before it.
+    """
+    import onnx
+    from onnx import helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(candidate_proto)
+    wanted = set(names)
+    used = []
+    for node in copy.graph.node:
+        for i, name in enumerate(node.input):
+            if name in wanted:
+                if name not in used:
+                    used.append(name)
+                node.input[i] = name + LOCAL_SUFFIX
+    copy.graph.input.extend(
+        helper.make_tensor_value_info(n + LOCAL_SUFFIX, types[n], None) for n in used
+    )
+    del copy.graph.output[:]
+    copy.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    return copy.SerializeToString()
+
+
+def _segment(graph, tensor: str, stops: set[str]) -> list:
+    """Nodes computing ``tensor`` back to the ``stops`` tensors, graph inputs and weights."""
+    producers = {out: node for node in graph.node for out in node.output if out}
+    seen, order, todo = set(), [], [tensor]
+    while todo:
+        name = todo.pop()
+        node = producers.get(name)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type != "Constant":
+            order.append(node)
+        for inp in node.input:
+            if inp and inp not in stops:
+                todo.append(inp)
+    return order
+
+
+def _onnx_elem(dtype: np.dtype) -> int:
+    from onnx import helper
+
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _is_low_bit(candidate_proto) -> bool:
+    if any(n.op_type == "MatMulNBits" for n in candidate_proto.graph.node):
+        return True
+    return any(i.data_type in _LOW_BIT_TYPES for i in candidate_proto.graph.initializer)
+
+
+def diagnose(
+    candidate: str | os.PathLike,
+    reference: str | os.PathLike,
+    dataset,
+    *,
+    batch_size: int = 1,
+    limit: int = 0,
+    top: int = 5,
+    threads: int = 0,
+) -> dict:
+    """Per-layer SQNR of ``candidate`` against ``reference`` on ``dataset``; see the module doc."""
+    ref_proto, cand_proto = _load(reference), _load(candidate)
+    names = matched_tensors(ref_proto.graph, cand_proto.graph)
+    if not names:
+        raise UsageError(
+            "the candidate shares no intermediate tensor names with the reference",
+            "diagnosis matches layers by tensor name; compare a model with the one it was converted from",
+        )
+    from qtool.calibration.collect import build_session, infer_types, stream_tensors
+    from qtool.model import load
+
+    ref_ir, cand_ir = load(reference), load(candidate)
+    infer_types(cand_ir)
+    cand_sess, _ = build_session(cand_ir, names, threads=threads)
+    cand_inputs = {i.name for i in cand_sess.get_inputs()}
+    input_names = [v.name for v in ref_ir.graph.inputs if not v.is_initializer()]
+    cand_dir = Path(candidate).resolve().parent
+
+    acc: dict[str, list[float]] = {}  # name -> [sum r^2, sum (r-c)^2, sum (r-l)^2]
+    local_sess = local_inputs = None
+    samples = 0
+    stream = stream_tensors(ref_ir, dataset, names + input_names, batch_size=batch_size,
+                            limit=limit, check_finite=False, threads=threads)
+    for ids, tensors in stream:
+        feed = {k: tensors[k] for k in input_names}
+        if local_sess is None:
+            # Compare float tensors only; the rest (shapes, indices) are not layers.
+            names = [n for n in names if tensors[n].dtype.kind == "f"]
+            if not names:
+                raise UsageError("no float tensors are shared by the two models", "")
+            acc = {n: [0.0, 0.0, 0.0] for n in names}
+            local_sess = open_session(
+                local_model(cand_proto, names, {n: _onnx_elem(tensors[n].dtype) for n in names}),
+                threads=threads, external_data_dir=cand_dir, role="candidate (layer by layer)",
+            )
+            local_inputs = {i.name for i in local_sess.get_inputs()}
+        cand_vals = dict(zip(names, cand_sess.run(names, {k: v for k, v in feed.items() if k in cand_inputs})))
+        local_feed = {k: v for k, v in feed.items() if k in local_inputs}
+        for n in names:
+            if n + LOCAL_SUFFIX in local_inputs:
+                local_feed[n + LOCAL_SUFFIX] = tensors[n]
+        local_vals = dict(zip(names, local_sess.run(names, local_feed)))
+        for n in names:
+            r = tensors[n].astype(np.float64, copy=False)
+            a = acc[n]
+            a[0] += float(np.sum(r * r))
+            a[1] += float(np.sum((r - cand_vals[n]) ** 2))
+            a[2] += float(np.sum((r - local_vals[n]) ** 2))
+        samples += len(ids)
+        del tensors, cand_vals, local_vals
+
+    stops = set(names)
+    ref_inputs = {i.name for i in ref_proto.graph.input}
+    layers = []
+    for n in names:
+        cand_nodes = _segment(cand_proto.graph, n, (stops - {n}) | ref_inputs)
+        ref_nodes = _segment(ref_proto.graph, n, (stops - {n}) | ref_inputs)
+        cand_ops = [x.op_type for x in cand_nodes]
+        quantized = any(op in QDQ_OPS or op in INTEGER_OPS for op in cand_ops)
+        main = _main_node(ref_nodes)
+        layers.append({
+            "tensor": n,
+            "node": (main.name or main.op_type) if main is not None else n,
+            "op_type": main.op_type if main is not None else "",
+            "reference_nodes": [x.name for x in ref_nodes if x.name],
+            "candidate_ops": cand_ops,
+            "quantized": quantized,
+            "sqnr_db": sqnr_db(acc[n][0], acc[n][1]),
+            "local_sqnr_db": sqnr_db(acc[n][0], acc[n][2]),
+        })
+    layers.sort(key=lambda x: (not x["quantized"], x["local_sqnr_db"]))
+    ranked = [x for x in layers if x["quantized"] and x["local_sqnr_db"] != math.inf]
+    worst = outliers(ranked, top)
+    suggested = []
+    for layer in worst:
+        for name in _quantizable(layer, ref_proto.graph):
+            if name not in suggested:
+                suggested.append(name)
+    low_bit = _is_low_bit(cand_proto)
+    bits = 8 if low_bit else 32
+    return {
+        "samples": samples,
+        "matched_tensors": len(names),
+        "top": top,
+        "layers": layers,
+        "suggested": suggested,
+        "exclude_flags": [] if low_bit else [f"--exclude {shlex.quote(s)}" for s in suggested],
+        "recipe_snippet": recipe_snippet(suggested, bits),
+        "advice": (
+            f"the {len(suggested)} layer(s) adding the most error on their own: "
+            + ("keep them at 8 bits" if low_bit else "leave them in float (--exclude)")
+            + " and re-convert; then re-run qtool eval to check the gain"
+        ) if suggested else "no quantized layer stands out",
+    }
+
+
+def outliers(ranked: list[dict], top: int, margin_db: float = OUTLIER_MARGIN_DB) -> list[dict]:
+    """The layers (worst first) whose local SQNR is ``margin_db`` below the median of all
+    quantized layers, at most ``top``; the single worst one when none stands out."""
+    if not ranked:
+        return []
+    median = float(np.median([x["local_sqnr_db"] for x in ranked]))
+    chosen = [x for x in ranked if x["local_sqnr_db"] <= median - margin_db][:top]
+    return chosen or ranked[:1]
+
+
+# Ops whose name users pass to --exclude: the weight ops first, then anything quantizable.
+_WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Gather")
+
+
+def _main_node(nodes: list):
+    for node in nodes:
+        if node.op_type in _WEIGHT_OPS:
+            return node
+    return nodes[0] if nodes else None
+
+
+def _quantizable(layer: dict, graph) -> list[str]:
+    from qtool.ops import OP_RULES
+
+    by_name = {n.name: n for n in graph.node if n.name}
+    names = layer["reference_nodes"]
+    weight = [n for n in names if by_name[n].op_type in _WEIGHT_OPS]
+    if weight:
+        return weight
+    return [n for n in names if by_name[n].op_type in OP_RULES][:1] or names[:1]
+
+
+def recipe_snippet(nodes: list[str], bits: int) -> str:
+    """``[[layer]]`` overrides for ``nodes`` (see qtool.config.LayerOverride)."""
+    if not nodes:
+        return ""
+    what = "in float" if bits == 32 else f"at {bits} bits"
+    lines = [f"# from qtool eval --diagnose: keep {what} the layers that lose the most precision"]
+    for n in nodes:
+        lines += ["[[layer]]", f"match = {_toml_str(n)}", f"bits = {bits}", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,125 @@
+"""onnxruntime sessions per execution provider, and streaming a dataset through them.
+
+Only one batch of inputs and outputs is alive at a time; metrics accumulate as batches go.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from qtool.errors import ModelError, UsageError
+
+# Short names users type for --ep, and the onnxruntime provider they mean.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+}
+
+
+def provider_name(short: str) -> str:
+    """``cpu`` -> ``CPUExecutionProvider``; full names pass through. Must be available here."""
+    import onnxruntime as ort
+
+    full = PROVIDERS.get(short.lower(), short)
+    available = ort.get_available_providers()
+    if full not in available:
+        names = [k for k, v in PROVIDERS.items() if v in available]
+        raise UsageError(
+            f"execution provider {short!r} is not available in this onnxruntime build",
+            f"available here: {', '.join(names) or ', '.join(available)}",
+        )
+    return full
+
+
+def session_options(threads: int = 0, optimization: str = "all", optimized_path: str | None = None):
+    """SessionOptions with ``threads`` intra-op threads (0: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads > 0:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    options.graph_optimization_level = levels[optimization]
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return options
+
+
+def open_session(
+    model: str | os.PathLike | bytes,
+    provider: str = "cpu",
+    *,
+    threads: int = 0,
+    optimization: str = "all",
+    optimized_path: str | None = None,
+    external_data_dir: str | os.PathLike | None = None,
+    role: str = "model",
+):
+    """An InferenceSession on ``provider``; a model that fails to load raises ModelError.
+
+    ``model`` may be serialized bytes (a modified copy that exposes intermediate tensors);
+    ``external_data_dir`` then says where its external weights live, so they are read in
+    place instead of being copied.
+    """
+    import onnxruntime as ort
+
+    options = session_options(threads, optimization, optimized_path)
+    if external_data_dir is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(external_data_dir)
+        )
+    where = "the model bytes" if isinstance(model, bytes) else str(model)
+    if not isinstance(model, bytes) and not Path(model).exists():
+        raise ModelError(f"{role} model not found: {model}", "check the path")
+    try:
+        return ort.InferenceSession(
+            model if isinstance(model, bytes) else str(model), options,
+            providers=[provider_name(provider)],
+        )
+    except UsageError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"onnxruntime cannot load the {role} model {where}: {first}",
+            "check that the file is a complete ONNX model and that this onnxruntime supports its ops",
+        ) from None
+
+
+def run(session, feed: dict[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Run one batch; returns output name -> array (all outputs when ``names`` is None)."""
+    names = list(names) if names is not None else [o.name for o in session.get_outputs()]
+    try:
+        values = session.run(names, feed)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise ModelError(
+            f"onnxruntime failed while running the model: {first}",
+            "check that the dataset matches the model's inputs (qtool inspect MODEL)",
+        ) from None
+    return dict(zip(names, values))
+
+
+def stream(
+    sessions: Sequence, dataset, batch_size: int = 1, limit: int = 0
+) -> Iterator[tuple[list[int], dict, list[dict[str, np.ndarray]]]]:
+    """For each batch: (sample ids, feed, [outputs of each session]); one batch alive at a time."""
+    for ids, feed in dataset.batches(batch_size, limit=limit):
+        yield ids, feed, [run(s, feed) for s in sessions]
