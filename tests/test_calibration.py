@@ -1,0 +1,252 @@
+"""Calibration library: histograms, thresholds, streaming, tables, shards, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from qtool.calibration import CalibrationTable, calibrate, stream_tensors
+from qtool.calibration.observers import Histogram, level_for
+from qtool.calibration.thresholds import choose_range, percentile_range, quantile
+from qtool.config import Recipe
+from qtool.data import Dataset, input_specs
+from qtool.errors import CalibrationError, DataError
+
+RNG = np.random.default_rng(1234)
+
+
+def _gauss_with_outliers(n=400_000, outliers=8):
+    x = RNG.standard_normal(n).astype(np.float32)
+    x[:outliers] = np.float32(40.0) * np.sign(RNG.standard_normal(outliers)).astype(np.float32)
+    x[0] = 50.0
+    return x
+
+
+def _hist(x, bins=2048, chunks=5):
+    h = Histogram(bins)
+    for part in np.array_split(x, chunks):
+        h.update(part)
+    return h
+
+
+# -- histograms ------------------------------------------------------------------------
+
+
+def test_histogram_counts_every_value_and_bins_exactly():
+    x = _gauss_with_outliers()
+    h = _hist(x)
+    assert h.total == x.size
+    assert (h.lo, h.hi) == (float(x.min()), float(x.max()))
+    edges = h.edges()
+    expected, _ = np.histogram(x.astype(np.float64), bins=edges)
+    assert np.array_equal(h.counts, expected)
+
+
+def test_histogram_growth_is_order_independent():
+    # Small values first, then a wide batch forces several doublings.
+    x = np.concatenate([RNG.uniform(0, 0.01, 5000), RNG.uniform(-300, 900, 5000)]).astype(np.float32)
+    grown = _hist(x, chunks=2)
+    once = Histogram(2048)
+    once.update(x[::-1].copy())
+    assert (grown.k, grown.start) == (once.k, once.start) == (level_for(x.min(), x.max(), 2048),
+                                                              grown.start)
+    assert np.array_equal(grown.counts, once.counts)
+
+
+def test_merge_of_two_halves_equals_one_run():
+    x = _gauss_with_outliers()
+    a, b = _hist(x[: x.size // 3]), _hist(x[x.size // 3 :])
+    merged = a.merge(b)
+    whole = _hist(x, chunks=1)
+    assert (merged.k, merged.start, merged.lo, merged.hi) == (whole.k, whole.start, whole.lo, whole.hi)
+    assert np.array_equal(merged.counts, whole.counts)
+
+
+# -- thresholds ------------------------------------------------------------------------
+
+
+def test_percentile_matches_numpy_within_a_bin():
+    x = _gauss_with_outliers()
+    h = _hist(x)
+    for q in (0.001, 0.25, 0.5, 0.9, 0.9999):
+        assert abs(quantile(h, q) - np.quantile(x, q)) <= h.width
+    lo, hi = percentile_range(h, 99.9, symmetric=False)
+    assert abs(lo - np.quantile(x, 0.0005)) <= h.width
+    assert abs(hi - np.quantile(x, 0.9995)) <= h.width
+    lo, hi = percentile_range(h, 99.9, symmetric=True)
+    assert hi == -lo and abs(hi - np.quantile(np.abs(x), 0.999)) <= h.width
+
+
+@pytest.mark.parametrize("method", ["entropy", "mse"])
+def test_entropy_and_mse_clip_outliers(method):
+    x = _gauss_with_outliers(outliers=3)
+    h = _hist(x)
+    lo, hi = choose_range(method, h.lo, h.hi, h)
+    # Entropy clips hard; MSE weighs the outliers' squared error against the rounding
+    # error of 400k Gaussian values and lands near half the max.
+    assert 2.5 < hi < (0.25 if method == "entropy" else 0.6) * h.hi, (lo, hi)
+    assert lo == -hi
+
+
+def test_entropy_one_signed_data_gives_zero_based_range():
+    x = np.maximum(_gauss_with_outliers(outliers=3), 0)
+    h = _hist(x)
+    lo, hi = choose_range("entropy", h.lo, h.hi, h)
+    assert lo == 0.0 and 1.0 < hi < 0.5 * h.hi
+
+
+def test_minmax_moving_average_and_symmetric():
+    assert choose_range("minmax", -1.0, 3.0, None, symmetric=True) == (-3.0, 3.0)
+    assert choose_range("minmax", -1.0, 3.0, None, ema=(-0.5, 2.0)) == (-0.5, 2.0)
+
+
+# -- streaming over a model built in code ------------------------------------------------
+
+
+def _model(path, nan_on_negative_input=False):
+    """x[N,4] -> MatMul(W) -> Relu -> Add(b) -> y; optionally Log(x) first (NaN for x<0)."""
+    w = helper.make_tensor("W", TensorProto.FLOAT, [4, 3], RNG.standard_normal(12).tolist())
+    b = helper.make_tensor("b", TensorProto.FLOAT, [3], [0.5, -0.5, 1.0])
+    nodes = []
+    src = "x"
+    if nan_on_negative_input:
+        nodes.append(helper.make_node("Log", ["x"], ["logx"], name="log"))
+        src = "logx"
+    nodes += [
+        helper.make_node("MatMul", [src, "W"], ["mm"], name="mm"),
+        helper.make_node("Relu", ["mm"], ["act"], name="relu"),
+        helper.make_node("Add", ["act", "b"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [w, b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def _data(folder, n=24, shape=(4,), positive=True):
+    folder.mkdir()
+    for i in range(n):
+        x = RNG.standard_normal(shape).astype(np.float32)
+        np.save(folder / f"s{i:03d}.npy", np.abs(x) + 0.1 if positive else x)
+    return folder
+
+
+def _recipe(method="percentile", **kw):
+    return Recipe().override("calibration", method=method, **kw)
+
+
+def test_stream_tensors_matches_onnxruntime(tmp_path):
+    import onnxruntime as ort
+
+    path = _model(tmp_path / "m.onnx")
+    data = _data(tmp_path / "d")
+    ds = Dataset(data, input_specs(ir.load(path)))
+    seen = []
+    for ids, tensors in stream_tensors(path, ds, ["x", "mm", "y"], batch_size=5):
+        assert set(tensors) == {"x", "mm", "y"}
+        seen += ids
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (y,) = sess.run(["y"], {"x": tensors["x"]})
+        np.testing.assert_allclose(tensors["y"], y, rtol=1e-6)
+        w = onnx.numpy_helper.to_array(onnx.load(path).graph.initializer[0])
+        np.testing.assert_allclose(tensors["mm"], tensors["x"] @ w, rtol=1e-5, atol=1e-6)
+    assert seen == list(range(24))
+
+
+def test_calibrate_observes_selected_tensors_and_roundtrips(tmp_path):
+    path = _model(tmp_path / "m.onnx")
+    data = _data(tmp_path / "d")
+    table = calibrate(path, data, _recipe("minmax", batch_size=4))
+    assert table.samples == 24
+    assert set(table.ranges()) >= {"x", "mm"}
+    xs = np.stack([np.load(p) for p in sorted(data.glob("*.npy"))])
+    assert table.ranges()["x"] == (float(xs.min()), float(xs.max()))
+    table.save(tmp_path / "t.json")
+    again = CalibrationTable.load(tmp_path / "t.json")
+    assert again.ranges() == table.ranges()
+    assert again.fingerprint == table.fingerprint and again.samples == 24
+    assert again.to_dict()["tensors"] == table.to_dict()["tensors"]
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_shards_merge_to_one_run(tmp_path, method):
+    path = _model(tmp_path / "m.onnx")
+    data = _data(tmp_path / "d", n=30, positive=False)
+    recipe = _recipe(method, batch_size=4)
+    whole = calibrate(path, data, recipe)
+    shards = [calibrate(path, data, recipe, shard=(i, 3)) for i in range(3)]
+    assert sum(s.samples for s in shards) == 30
+    merged = CalibrationTable.merge(shards[::-1])
+    assert merged.samples == whole.samples
+    assert merged.ranges() == whole.ranges()
+    for name, stats in whole.tensors.items():
+        m = merged.tensors[name]
+        assert (m.minmax.lo, m.minmax.hi, m.minmax.count) == (stats.minmax.lo, stats.minmax.hi,
+                                                               stats.minmax.count)
+        if stats.histogram is not None:
+            assert np.array_equal(m.histogram.counts, stats.histogram.counts)
+
+
+# -- bad inputs --------------------------------------------------------------------------
+
+
+def test_non_finite_activation_names_tensor_and_sample(tmp_path):
+    path = _model(tmp_path / "m.onnx", nan_on_negative_input=True)
+    data = _data(tmp_path / "d", n=6)
+    np.save(data / "s003.npy", np.array([1.0, -2.0, 1.0, 1.0], np.float32))
+    with pytest.raises(CalibrationError) as err:
+        calibrate(path, data, _recipe(batch_size=4))
+    assert "'logx'" in err.value.message and "s003.npy" in err.value.message
+    assert "NaN" in err.value.message and err.value.hint
+
+
+def test_dataset_that_does_not_match_the_model(tmp_path):
+    path = _model(tmp_path / "m.onnx")
+    data = _data(tmp_path / "d", shape=(5,))
+    with pytest.raises(DataError) as err:
+        calibrate(path, data, _recipe())
+    assert "s000.npy" in err.value.message and err.value.hint
+
+
+def test_table_for_another_model_is_refused(tmp_path):
+    path = _model(tmp_path / "m.onnx")
+    other = _model(tmp_path / "o.onnx", nan_on_negative_input=True)
+    table = calibrate(path, _data(tmp_path / "d"), _recipe("minmax"))
+    table.check_model(ir.load(path))
+    with pytest.raises(CalibrationError) as err:
+        table.check_model(ir.load(other))
+    assert "another model" in err.value.message and "qtool calibrate" in err.value.hint
+
+
+def test_bad_shard_and_bad_merges(tmp_path):
+    path = _model(tmp_path / "m.onnx")
+    data = _data(tmp_path / "d")
+    with pytest.raises(CalibrationError):
+        calibrate(path, data, _recipe(), shard=(3, 3))
+    a = calibrate(path, data, _recipe(batch_size=4), shard=(0, 2))
+    with pytest.raises(CalibrationError, match="more than once"):
+        CalibrationTable.merge([a, a])
+    other = calibrate(path, data, _recipe("entropy", batch_size=4), shard=(1, 2))
+    with pytest.raises(CalibrationError, match="different settings"):
+        CalibrationTable.merge([a, other])
+
+
+def test_damaged_or_foreign_table_files(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "foreign.json").write_text(json.dumps({"hello": 1}))
+    (tmp_path / "v9.json").write_text(json.dumps({"format": "qtool.calibration", "version": 9}))
+    for name, words in (("bad.json", "invalid JSON"), ("foreign.json", "not a qtool"),
+                        ("v9.json", "version 9")):
+        with pytest.raises(CalibrationError, match=words):
+            CalibrationTable.load(tmp_path / name)
