@@ -1,0 +1,145 @@
+"""Dynamic int8: weights quantized offline, activations quantized per batch at run time.
+
+Each MatMul/Gemm with a constant 2-D weight becomes onnxruntime's
+``com.microsoft.DynamicQuantizeMatMul(A, B_q, b_scale, b_zero_point, bias)``: the CPU
+provider quantizes A to uint8 per tensor at run time (``s_A = (max - min) / 255`` over
+the batch) and runs a u8 x s8 integer GEMM with per-column float rescaling::
+
+    Y = s_A * b_scale[n] * sum_k (A_q[m, k] - z_A) * (B_q[k, n] - b_zp[n]) + bias[n]
+
+This is the form onnxruntime's MatMulIntegerToFloat fusion produces from
+DynamicQuantizeLinear + MatMulInteger; emitting it directly means no fusion has to fire.
+Weights are int8 symmetric per output column (``b_scale[n] = max_k |B[k, n]| / 127``).
+
+Conv is not converted: ConvInteger has no fast u8 x s8 kernel on the CPU provider (and
+cannot run some type combinations at all), so dynamic Conv would be slower than float.
+Sensitive layers (the LM head, embeddings) are kept in float with ``--exclude``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from qtool import ops
+from qtool.config import Recipe
+from qtool.model import iter_nodes
+from qtool.passes import PassReport
+from qtool.passes.qdq import GraphBuilder, _replace_node_output, quantize_gathers
+from qtool.passes.select import excluded, is_float_activation
+from qtool.quant.scales import DegenerateRange, quantize, weight_params
+
+MS_DOMAIN = "com.microsoft"
+# Below this many weights the integer GEMM's quantization overhead outweighs its gain.
+MIN_WEIGHT_ELEMENTS = 4096
+
+
+def _gemm_weight(node: ir.Node, w: np.ndarray) -> np.ndarray | str:
+    """The weight as [K, N] for Y = A @ W, or the reason the Gemm cannot be converted."""
+    attrs = node.attributes
+    if attrs.get_int("transA", 0):
+        return "Gemm with transA"
+    if attrs.get_float("alpha", 1.0) != 1.0:
+        return "Gemm with alpha != 1"
+    return w.T if attrs.get_int("transB", 0) else w
+
+
+def _gemm_bias(node: ir.Node, n: int) -> ir.Value | None | str:
+    if len(node.inputs) < 3 or node.inputs[2] is None:
+        return None
+    tensor = ops.constant_weight(node, 2)
+    if tensor is None or tuple(tensor.shape) not in ((n,), (1, n)):
+        return "Gemm bias C is not a constant of shape [N]"
+    if node.attributes.get_float("beta", 1.0) != 1.0:
+        return "Gemm with beta != 1"
+    return node.inputs[2]
+
+
+def quantize_dynamic(
+    model: ir.Model,
+    recipe: Recipe,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> PassReport:
+    """Rewrite MatMul/Gemm with constant weights into DynamicQuantizeMatMul, in place."""
+    q = recipe.quantize
+    report = PassReport("dynamic")
+    b = GraphBuilder(model)
+    weight_type = q.weight_type
+    nodes = [n for n in iter_nodes(model) if n.op_type in ("MatMul", "Gemm", "Conv")
+             and n.domain in ("", "ai.onnx")]
+    cache: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = {}
+    for done, node in enumerate(nodes, 1):
+        if on_progress is not None:
+            on_progress(done, len(nodes))
+        name = node.name or node.op_type
+        reason = _convert_one(b, node, recipe, weight_type, cache)
+        if reason is None:
+            report.count(node.op_type)
+        else:
+            report.skip(name, reason)
+    if not q.op_types or "Gather" in q.op_types:
+        quantize_gathers(model, recipe, b, report)
+    if report.counts:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+    return report
+
+
+def _convert_one(b: GraphBuilder, node: ir.Node, recipe: Recipe, weight_type: str,
+                 cache: dict) -> str | None:
+    q = recipe.quantize
+    if node.op_type == "Conv":
+        return "dynamic Conv (ConvInteger) is slower than float on onnxruntime's CPU provider; use static int8"
+    if q.op_types and node.op_type not in q.op_types:
+        return f"{node.op_type} not in the recipe's op_types"
+    if excluded(node, q.exclude):
+        return "excluded by --exclude / recipe"
+    if recipe.bits_for(node.name or "", node.op_type, 8) >= 16:
+        return "kept in float by a [[layer]] override"
+    if not is_float_activation(node.inputs[0]) or node.inputs[0].dtype != ir.DataType.FLOAT:
+        return "input A is not a float32 activation"
+    tensor = ops.constant_weight(node, 1)
+    if tensor is None:
+        return "weight is not a constant (activation x activation MatMul)"
+    if tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 2:
+        return "weight is not a 2-D float32 constant"
+    if tensor.size < MIN_WEIGHT_ELEMENTS:
+        return f"weight has {tensor.size} elements: too small to gain from int8"
+    w = tensor.numpy()
+    bias = None
+    if node.op_type == "Gemm":
+        w = _gemm_weight(node, w)
+        if isinstance(w, str):
+            return w
+        bias = _gemm_bias(node, w.shape[1])
+        if isinstance(bias, str):
+            return bias
+        if node.inputs[0].shape is not None and len(node.inputs[0].shape) != 2:
+            return "Gemm input is not 2-D"
+    axis = 1 if q.per_channel else None
+    key = (id(node.inputs[1]), node.attributes.get_int("transB", 0) if node.op_type == "Gemm" else 0, axis)
+    if key not in cache:
+        try:
+            p = weight_params(w, axis, weight_type, symmetric=True)
+        except DegenerateRange as exc:
+            return f"weight: {exc.reason}"
+        base = node.inputs[1].name or "w"
+        wq = b.initializer(quantize(w, p), base + "_quantized")
+        scale = b.initializer(p.scale, base + "_scale")
+        zp = b.initializer(p.zero_point, base + "_zero_point")
+        cache[key] = (wq, scale, zp)
+    wq, scale, zp = cache[key]
+    if bias is not None and tuple(bias.const_value.shape) != (w.shape[1],):
+        bias_value = b.initializer(bias.const_value.numpy().reshape(-1), (bias.name or "bias") + "_1d")
+    else:
+        bias_value = bias
+    inputs = [node.inputs[0], wq, scale, zp] + ([bias_value] if bias_value is not None else [])
+    out = node.outputs[0]
+    new = b.node("DynamicQuantizeMatMul", inputs, node.name or "matmul", domain=MS_DOMAIN,
+                 dtype=ir.DataType.FLOAT, shape=out.shape)
+    node.graph.insert_before(node, new)
+    _replace_node_output(b, out, new.outputs[0])
+    node.graph.remove(node, safe=True)
+    return None
