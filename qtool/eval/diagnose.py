@@ -52,44 +52,69 @@ def _constants(graph) -> set[str]:
     return names
 
 
-def matched_tensors(reference_graph, candidate_graph) -> list[str]:
-    """Node outputs present in both graphs (not weights), in the reference's node order."""
+def matched_tensors(reference_graph, candidate_graph) -> dict[str, str]:
+    """Reference tensor name -> the candidate tensor holding the same value, in node order.
+
+    A tensor matches when a node produces it in both graphs (weights excluded). When the
+    candidate only quantizes it (every consumer is a QuantizeLinear feeding a
+    DequantizeLinear), the DequantizeLinear's output is what the rest of the candidate sees,
+    so that is the tensor compared: converters may fold a Relu into the quantization
+    (zero point 0 clips negatives), leaving the name on the unclipped value.
+    """
     ref_consts, cand_consts = _constants(reference_graph), _constants(candidate_graph)
     cand_outputs = {o for n in candidate_graph.node for o in n.output if o}
-    names = []
+    consumers: dict[str, list] = {}
+    for node in candidate_graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in candidate_graph.output}
+    matched = {}
     for node in reference_graph.node:
         if node.op_type == "Constant":
             continue
         for out in node.output:
             if out and out in cand_outputs and out not in ref_consts and out not in cand_consts:
-                names.append(out)
-    return names
+                matched[out] = _dequantized_alias(out, consumers, graph_outputs)
+    return matched
 
 
-def local_model(candidate_proto, names: list[str], types: dict[str, int]) -> bytes:
-    """The candidate with every consumer of a matched tensor T reading input ``T::qtool_reference``.
+def _dequantized_alias(name: str, consumers: dict[str, list], graph_outputs: set[str]) -> str:
+    users = consumers.get(name, [])
+    if not users or name in graph_outputs or any(u.op_type != "QuantizeLinear" for u in users):
+        return name
+    for q in users:
+        for dq in consumers.get(q.output[0], []):
+            if dq.op_type == "DequantizeLinear":
+                return dq.output[0]
+    return name
 
-    Its outputs are the matched tensors, each computed by the candidate's own nodes from the
-    reference's values of the matched tensors before it.
+
+def local_model(candidate_proto, matched: dict[str, str], types: dict[str, int]) -> bytes:
+    """The candidate with every consumer of a matched tensor reading the reference's value.
+
+    ``matched`` maps reference names to candidate names; consumers of candidate tensor C
+    (matched to reference tensor T) read a new input ``T::qtool_reference`` instead. The
+    outputs are the matched candidate tensors, each computed by the candidate's own nodes
+    from the reference's values of the matched tensors before it.
     """
     import onnx
     from onnx import helper
 
     copy = onnx.ModelProto()
     copy.CopyFrom(candidate_proto)
-    wanted = set(names)
+    to_ref = {c: r for r, c in matched.items()}
     used = []
     for node in copy.graph.node:
         for i, name in enumerate(node.input):
-            if name in wanted:
-                if name not in used:
-                    used.append(name)
-                node.input[i] = name + LOCAL_SUFFIX
+            if name in to_ref:
+                if to_ref[name] not in used:
+                    used.append(to_ref[name])
+                node.input[i] = to_ref[name] + LOCAL_SUFFIX
     copy.graph.input.extend(
-        helper.make_tensor_value_info(n + LOCAL_SUFFIX, types[n], None) for n in used
+        helper.make_tensor_value_info(r + LOCAL_SUFFIX, types[r], None) for r in used
     )
     del copy.graph.output[:]
-    copy.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    copy.graph.output.extend(helper.make_empty_tensor_value_info(c) for c in matched.values())
     return copy.SerializeToString()
 
 
@@ -135,8 +160,8 @@ def diagnose(
 ) -> dict:
     """Per-layer SQNR of ``candidate`` against ``reference`` on ``dataset``; see the module doc."""
     ref_proto, cand_proto = _load(reference), _load(candidate)
-    names = matched_tensors(ref_proto.graph, cand_proto.graph)
-    if not names:
+    matched = matched_tensors(ref_proto.graph, cand_proto.graph)
+    if not matched:
         raise UsageError(
             "the candidate shares no intermediate tensor names with the reference",
             "diagnosis matches layers by tensor name; compare a model with the one it was converted from",
@@ -146,62 +171,67 @@ def diagnose(
 
     ref_ir, cand_ir = load(reference), load(candidate)
     infer_types(cand_ir)
-    cand_sess, _ = build_session(cand_ir, names, threads=threads)
+    cand_names = list(dict.fromkeys(matched.values()))
+    cand_sess, _ = build_session(cand_ir, cand_names, threads=threads)
     cand_inputs = {i.name for i in cand_sess.get_inputs()}
     input_names = [v.name for v in ref_ir.graph.inputs if not v.is_initializer()]
     cand_dir = Path(candidate).resolve().parent
 
-    acc: dict[str, list[float]] = {}  # name -> [sum r^2, sum (r-c)^2, sum (r-l)^2]
+    acc: dict[str, list[float]] = {}  # ref name -> [sum r^2, sum (r-c)^2, sum (r-l)^2]
     local_sess = local_inputs = None
     samples = 0
-    stream = stream_tensors(ref_ir, dataset, names + input_names, batch_size=batch_size,
+    stream = stream_tensors(ref_ir, dataset, list(matched) + input_names, batch_size=batch_size,
                             limit=limit, check_finite=False, threads=threads)
     for ids, tensors in stream:
         feed = {k: tensors[k] for k in input_names}
+        cand_vals = dict(zip(cand_names, cand_sess.run(
+            cand_names, {k: v for k, v in feed.items() if k in cand_inputs})))
         if local_sess is None:
-            # Compare float tensors only; the rest (shapes, indices) are not layers.
-            names = [n for n in names if tensors[n].dtype.kind == "f"]
-            if not names:
+            # Compare float tensors of the same shape only; the rest are not layers.
+            matched = {r: c for r, c in matched.items()
+                       if tensors[r].dtype.kind == "f" and cand_vals[c].shape == tensors[r].shape}
+            if not matched:
                 raise UsageError("no float tensors are shared by the two models", "")
-            acc = {n: [0.0, 0.0, 0.0] for n in names}
+            acc = {r: [0.0, 0.0, 0.0] for r in matched}
             local_sess = open_session(
-                local_model(cand_proto, names, {n: _onnx_elem(tensors[n].dtype) for n in names}),
+                local_model(cand_proto, matched, {r: _onnx_elem(tensors[r].dtype) for r in matched}),
                 threads=threads, external_data_dir=cand_dir, role="candidate (layer by layer)",
             )
             local_inputs = {i.name for i in local_sess.get_inputs()}
-        cand_vals = dict(zip(names, cand_sess.run(names, {k: v for k, v in feed.items() if k in cand_inputs})))
+            local_outputs = list(matched.values())
         local_feed = {k: v for k, v in feed.items() if k in local_inputs}
-        for n in names:
-            if n + LOCAL_SUFFIX in local_inputs:
-                local_feed[n + LOCAL_SUFFIX] = tensors[n]
-        local_vals = dict(zip(names, local_sess.run(names, local_feed)))
-        for n in names:
-            r = tensors[n].astype(np.float64, copy=False)
-            a = acc[n]
-            a[0] += float(np.sum(r * r))
-            a[1] += float(np.sum((r - cand_vals[n]) ** 2))
-            a[2] += float(np.sum((r - local_vals[n]) ** 2))
+        for r in matched:
+            if r + LOCAL_SUFFIX in local_inputs:
+                local_feed[r + LOCAL_SUFFIX] = tensors[r]
+        local_vals = dict(zip(local_outputs, local_sess.run(local_outputs, local_feed)))
+        for r, c in matched.items():
+            ref = tensors[r].astype(np.float64, copy=False)
+            a = acc[r]
+            a[0] += float(np.sum(ref * ref))
+            a[1] += float(np.sum((ref - cand_vals[c]) ** 2))
+            a[2] += float(np.sum((ref - local_vals[c]) ** 2))
         samples += len(ids)
         del tensors, cand_vals, local_vals
 
-    stops = set(names)
+    ref_stops, cand_stops = set(matched), set(matched.values())
     ref_inputs = {i.name for i in ref_proto.graph.input}
     layers = []
-    for n in names:
-        cand_nodes = _segment(cand_proto.graph, n, (stops - {n}) | ref_inputs)
-        ref_nodes = _segment(ref_proto.graph, n, (stops - {n}) | ref_inputs)
+    for r, c in matched.items():
+        cand_nodes = _segment(cand_proto.graph, c, (cand_stops - {c}) | ref_inputs)
+        ref_nodes = _segment(ref_proto.graph, r, (ref_stops - {r}) | ref_inputs)
         cand_ops = [x.op_type for x in cand_nodes]
         quantized = any(op in QDQ_OPS or op in INTEGER_OPS for op in cand_ops)
         main = _main_node(ref_nodes)
         layers.append({
-            "tensor": n,
-            "node": (main.name or main.op_type) if main is not None else n,
+            "tensor": r,
+            "candidate_tensor": c,
+            "node": (main.name or main.op_type) if main is not None else r,
             "op_type": main.op_type if main is not None else "",
             "reference_nodes": [x.name for x in ref_nodes if x.name],
             "candidate_ops": cand_ops,
             "quantized": quantized,
-            "sqnr_db": sqnr_db(acc[n][0], acc[n][1]),
-            "local_sqnr_db": sqnr_db(acc[n][0], acc[n][2]),
+            "sqnr_db": sqnr_db(acc[r][0], acc[r][1]),
+            "local_sqnr_db": sqnr_db(acc[r][0], acc[r][2]),
         })
     layers.sort(key=lambda x: (not x["quantized"], x["local_sqnr_db"]))
     ranked = [x for x in layers if x["quantized"] and x["local_sqnr_db"] != math.inf]
@@ -215,7 +245,7 @@ def diagnose(
     bits = 8 if low_bit else 32
     return {
         "samples": samples,
-        "matched_tensors": len(names),
+        "matched_tensors": len(matched),
         "top": top,
         "layers": layers,
         "suggested": suggested,

@@ -1,0 +1,234 @@
+"""`qtool eval`: accuracy, latency and size of a candidate against its reference, with CI gates."""
+
+from __future__ import annotations
+
+import enum
+import os
+import tempfile
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from qtool.cli.app import app, console, emit_json, info, progress, settings, warn
+
+
+class Backend(str, enum.Enum):
+    onnxruntime = "onnxruntime"
+    native = "native"
+
+
+def _split(values: list[str] | None) -> list[str]:
+    out = []
+    for v in values or []:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return out
+
+
+@app.command("eval")
+def eval_command(
+    candidate: Path = typer.Argument(..., help="The compressed model to evaluate."),
+    reference: Path | None = typer.Option(
+        None, "--reference", "-r", help="The float model it came from (for drops, SQNR, ratios)."
+    ),
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset folder (.npy/.npz/images/test_data_set_*)."),
+    labels: Path | None = typer.Option(None, "--labels", help="Labels file (default: labels.* in --data)."),
+    metric: list[str] | None = typer.Option(
+        None, "--metric", "-m",
+        help="top1, top5, accuracy, perplexity, cosine, sqnr, mse, or module:function; repeat or comma-separate.",
+    ),
+    ep: str = typer.Option("cpu", "--ep", help="Execution providers, comma-separated (cpu,cuda,...)."),
+    latency: bool = typer.Option(False, "--latency", help="Measure latency, throughput and memory."),
+    runs: int | None = typer.Option(None, "--runs", help="Timed runs per model [default: 50]."),
+    warmup: int | None = typer.Option(None, "--warmup", help="Untimed warm-up runs [default: 5]."),
+    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads (0: onnxruntime default)."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Samples per run."),
+    limit: int = typer.Option(0, "--limit", help="Use only the first N samples (0: all)."),
+    json_out: str | None = typer.Option(None, "--json", help="Write the JSON report to PATH ('-': stdout)."),
+    markdown: Path | None = typer.Option(None, "--markdown", help="Write a Markdown summary to PATH."),
+    max_drop: float | None = typer.Option(None, "--max-drop", help="Gate: max absolute metric drop."),
+    min_sqnr: float | None = typer.Option(None, "--min-sqnr", help="Gate: min output SQNR in dB."),
+    max_latency_ratio: float | None = typer.Option(
+        None, "--max-latency-ratio", help="Gate: max candidate/reference median latency."
+    ),
+    diagnose: bool = typer.Option(False, "--diagnose", help="Per-layer SQNR, worst layers, --exclude advice."),
+    top: int = typer.Option(5, "--top", help="With --diagnose: at most this many layers suggested."),
+    backend: Backend = typer.Option(
+        Backend.onnxruntime, "--backend",
+        help="native: also run integer layers through qtool's kernels and compare.",
+    ),
+    recipe: str | None = typer.Option(None, "--recipe", help="Recipe whose [eval] section sets defaults."),
+) -> None:
+    """Evaluate CANDIDATE (against --reference): metrics, output SQNR, latency, size; CI gates.
+
+    Exit codes: 0 all gates passed, 1 error, 2 usage error, 3 a gate failed.
+
+    Examples:
+      qtool eval int8.onnx -r model.onnx -d eval/ --max-drop 0.01 --json report.json
+      qtool eval int8.onnx -r model.onnx -d eval/ --latency --max-latency-ratio 1.0
+      qtool eval int8.onnx -r model.onnx -d eval/ --diagnose
+      qtool eval lm-int8.onnx -r lm.onnx -d tokens/ --metric perplexity   (input_ids in .npz)
+    """
+    from qtool.config import load_recipe
+    from qtool.errors import UsageError
+    from qtool.eval import evaluate
+    from qtool.eval.gates import raise_on_failure
+    from qtool.eval.report import to_markdown
+
+    r = load_recipe(recipe).override(
+        "eval", runs=runs, warmup=warmup, threads=threads, max_drop=max_drop, min_sqnr=min_sqnr,
+        max_latency_ratio=max_latency_ratio,
+    )
+    e = r.eval
+    if json_out is not None and json_out != "-":
+        _check_writable(Path(json_out), "--json")
+    if markdown is not None:
+        _check_writable(markdown, "--markdown")
+    metrics = _split(metric) or list(e.metrics)
+    providers = _split([ep])
+    if not providers:
+        raise UsageError("--ep needs at least one provider", "e.g. --ep cpu")
+
+    from qtool.data import Dataset, input_specs
+    from qtool.model import load
+
+    total = None
+    try:
+        total = len(Dataset(data, input_specs(load(candidate)), r.preprocess))
+        total = min(total, limit) if limit > 0 else total
+    except Exception:  # noqa: BLE001 - evaluate() reports the same problem with context
+        total = None
+    with progress("evaluating", total) as advance:
+        report = evaluate(
+            candidate, data, reference=reference, labels=labels, metrics=metrics, providers=providers,
+            batch_size=batch_size, limit=limit, latency=latency, runs=e.runs, warmup=e.warmup,
+            threads=e.threads, diagnose=diagnose, diagnose_top=top, backend=backend.value,
+            max_drop=e.max_drop, min_sqnr=e.min_sqnr, max_latency_ratio=e.max_latency_ratio,
+            preprocess=r.preprocess, on_batch=advance,
+        )
+    doc = report.to_dict()
+    if not (settings.quiet and json_out == "-"):
+        _print_report(doc)
+    if json_out == "-":
+        emit_json(doc)
+    elif json_out is not None:
+        _write_atomic(Path(json_out), report.to_json() + "\n")
+        info(f"report written to {escape(json_out)}")
+    if markdown is not None:
+        _write_atomic(markdown, to_markdown(doc))
+        info(f"markdown summary written to {escape(str(markdown))}")
+    for w in doc["warnings"]:
+        warn(escape(w))
+    from qtool.eval.gates import GateResult
+
+    raise_on_failure([GateResult(**g) for g in doc["gates"]])
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    from qtool.errors import UsageError
+
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{flag}: folder {parent} does not exist", f"create it first: mkdir -p {parent}")
+    if path.is_dir():
+        raise UsageError(f"{flag}: {path} is a folder", "give a file name")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".qtool-", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _n(x, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def _print_report(doc: dict) -> None:
+    cand = doc["candidate"]
+    ref = doc["reference"]
+    title = f"[bold]{escape(cand['path'])}[/bold]" + (f" vs {escape(ref['path'])}" if ref else "")
+    console.print(f"{title}  ({doc['data']['samples']} samples)")
+    if doc["metrics"]:
+        t = Table(title="metrics", title_justify="left", show_edge=False)
+        for col in ("metric", "candidate", "reference", "drop"):
+            t.add_column(col, justify="left" if col == "metric" else "right")
+        for m in doc["metrics"]:
+            t.add_row(escape(m["name"]), _n(m["candidate"]), _n(m["reference"]), _n(m["drop"]))
+        console.print(t)
+    if doc["outputs"]:
+        t = Table(title="outputs vs reference", title_justify="left", show_edge=False)
+        for col in ("output", "SQNR dB", "cosine", "max abs", "MSE", "argmax agree"):
+            t.add_column(col, justify="left" if col == "output" else "right")
+        for o in doc["outputs"]:
+            sq = "exact" if o["sqnr_db"] is None else f"{o['sqnr_db']:.2f}"
+            t.add_row(escape(o["name"]), sq, _n(o["cosine"], 6), _n(o["max_abs"]), _n(o["mse"]),
+                      _n(o["argmax_agreement"]))
+        console.print(t)
+    if doc["consistency"]:
+        t = Table(title="consistency", title_justify="left", show_edge=False)
+        for col in ("a", "b", "tensor", "SQNR dB", "max abs", "exact"):
+            t.add_column(col)
+        for c in doc["consistency"]:
+            t.add_row(escape(c["a"]), escape(c["b"]), escape(c["output"]),
+                      "exact" if c["sqnr_db"] is None else f"{c['sqnr_db']:.2f}", _n(c["max_abs"]),
+                      _n(c.get("exact_match_rate")))
+        console.print(t)
+    if doc["latency"]:
+        t = Table(title="latency (ms)", title_justify="left", show_edge=False)
+        for col in ("model", "ep", "median", "p90", "p99", "IQR", "median CI", "/s", "MiB"):
+            t.add_column(col, justify="left" if col in ("model", "ep") else "right", no_wrap=True)
+        for s in doc["latency"]:
+            lo, hi = s["median_ci_ms"]
+            t.add_row("cand" if s["model"] == "candidate" else "ref", s["provider"],
+                      f"{s['median_ms']:.3g}", f"{s['p90_ms']:.3g}", f"{s['p99_ms']:.3g}",
+                      f"{s['iqr_ms']:.2g}", f"{lo:.3g}-{hi:.3g}", f"{s['throughput']:.0f}",
+                      _n(s["memory_mib"], 2))
+        console.print(t)
+        for p, ratio in doc["latency_ratio"].items():
+            console.print(f"latency ratio candidate/reference on {p}: [bold]{ratio:.3f}[/bold]")
+    size = doc["size"]
+    line = f"size: {size['candidate_bytes'] / 2**20:.2f} MiB"
+    if size.get("reference_bytes"):
+        line += f" (reference {size['reference_bytes'] / 2**20:.2f} MiB, {size['compression_ratio']:.2f}x smaller)"
+    console.print(line)
+    hw = doc["hardware"]
+    if hw:
+        for p in hw["providers"]:
+            ints = ", ".join(f"{k} x{v}" for k, v in p["integer_nodes"].items()) or "none"
+            console.print(f"{p['provider']}: integer kernels: {escape(ints)}")
+            unfused = [n for n in p["float_after_dequantize"] if n["dequantized"] == "activations"]
+            weight_only = len(p["float_after_dequantize"]) - len(unfused)
+            if unfused:
+                console.print(f"  float after DequantizeLinear (unfused): "
+                              f"{escape(', '.join(n['node'] or n['op_type'] for n in unfused[:8]))}")
+            if weight_only:
+                console.print(f"  {weight_only} node(s) run in float on dequantized weights")
+    diag = doc["diagnosis"]
+    if diag:
+        t = Table(title=f"diagnosis: {diag['matched_tensors']} matched tensors, worst layers first",
+                  title_justify="left", show_edge=False)
+        for col in ("layer", "op", "local SQNR dB", "SQNR dB", "tensor"):
+            t.add_column(col, justify="right" if "SQNR" in col else "left")
+        for layer in [x for x in diag["layers"] if x["quantized"]][: max(diag["top"], 10)]:
+            t.add_row(escape(layer["node"]), layer["op_type"], _n(layer["local_sqnr_db"]),
+                      _n(layer["sqnr_db"]), escape(layer["tensor"]))
+        console.print(t)
+        console.print(escape(diag.get("advice", "")))
+        if diag["exclude_flags"]:
+            console.print("  " + escape(" ".join(diag["exclude_flags"])))
+        if diag["recipe_snippet"]:
+            console.print(diag["recipe_snippet"], markup=False, highlight=False)
+    for g in doc["gates"]:
+        from qtool.eval.gates import GateResult
+
+        text = GateResult(**g).describe()
+        console.print(("[green]" if g["passed"] else "[red]") + escape(text) + ("[/green]" if g["passed"] else "[/red]"))
