@@ -216,6 +216,8 @@ class MinMax:
             self.ema_lo = c * self.ema_lo + (1 - c) * lo
             self.ema_hi = c * self.ema_hi + (1 - c) * hi
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        if c == 0:  # no moving average: keep the exact values, so shards merge exactly
+            self.ema_lo, self.ema_hi = self.lo, self.hi
         self.count += n
         self.batches += 1
 
@@ -224,6 +226,9 @@ class MinMax:
         (a moving average depends on order, so shards cannot reproduce it exactly)."""
         b = self.batches + other.batches
         wa, wb = (self.batches / b, other.batches / b) if b else (0.5, 0.5)
+        if self.moving_average == 0:
+            lo, hi = min(self.lo, other.lo), max(self.hi, other.hi)
+            return MinMax(0.0, lo, hi, self.count + other.count, b, lo, hi)
         return MinMax(
             self.moving_average,
             min(self.lo, other.lo),
