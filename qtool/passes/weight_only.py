@@ -37,7 +37,13 @@ from qtool.errors import UsageError
 from qtool.model import iter_graphs, require_opset
 from qtool.passes import PassReport
 from qtool.quant import formats
-from qtool.quant.blockwise import ALGORITHMS, DATA_AWARE, ActivationStats, QuantOutcome, quantize_weight
+from qtool.quant.blockwise import (
+    ALGORITHMS,
+    DATA_AWARE,
+    ActivationStats,
+    QuantOutcome,
+    quantize_weight,
+)
 
 MS_DOMAIN = "com.microsoft"
 _FLOAT_WEIGHTS = (ir.DataType.FLOAT,)
@@ -397,7 +403,7 @@ def apply_weight_only(
     if fmt == "matmulnbits":
         for item in items:
             if item.kind == "matmul":
-                k, n = item.weight.const_value.shape
+                _, n = item.weight.const_value.shape
                 found = _single_add_bias(item.node, n)
                 if found is not None:
                     item.add, item.bias = found

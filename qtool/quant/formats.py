@@ -96,7 +96,7 @@ def n_blocks(cols: int, block_size: int) -> int:
     return -(-cols // block_size)
 
 
-def pad_cols(x: np.ndarray, block_size: int, value: float | int = 0) -> np.ndarray:
+def pad_cols(x: np.ndarray, block_size: int, value: float = 0) -> np.ndarray:
     """``x[rows, cols]`` padded along cols to a multiple of ``block_size`` (a view if none needed)."""
     rows, cols = x.shape
     padded = n_blocks(cols, block_size) * block_size
