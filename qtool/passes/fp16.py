@@ -210,6 +210,7 @@ def _decide(
                     for i in slots[0]
                 ):
                     reason = "data movement on float32 data (stays float32 on CPU)"
+                    plan.store_half_weights.add(node)  # e.g. a Gather on an embedding table
             if reason is None and slots is not None and (slots[0] or slots[1]):
                 plan.half[node] = slots
             else:
