@@ -105,7 +105,15 @@ _NOT_COMPUTE = {
 }
 
 
-def summarize(before: ir.Model, after: ir.Model, reports: list[PassReport]) -> ConvertSummary:
+NodeInfo = tuple[str, str, str]  # (name, op_type, domain)
+
+
+def snapshot(model: ir.Model) -> list[NodeInfo]:
+    """The (name, op type, domain) of every node: what ``summarize`` compares against."""
+    return [(n.name or "", n.op_type, n.domain) for n in iter_nodes(model)]
+
+
+def summarize(before: list[NodeInfo], after: ir.Model, reports: list[PassReport]) -> ConvertSummary:
     """Count, per op type of the model given to the passes, what became of each node.
 
     A node is "quantized" when it is gone from the output (replaced by an integer op, or
@@ -117,20 +125,18 @@ def summarize(before: ir.Model, after: ir.Model, reports: list[PassReport]) -> C
     skipped: dict[str, str] = {}
     for report in reports:
         skipped.update(report.skipped)
-    folded = {n.name for n in iter_nodes(before)} - set(after_nodes)
-    for node in iter_nodes(before):
-        if node.op_type in _NOT_COMPUTE or node.domain not in ("", "ai.onnx"):
+    for name, op, domain in before:
+        if op in _NOT_COMPUTE or domain not in ("", "ai.onnx"):
             continue
-        op = node.op_type
-        now = after_nodes.get(node.name)
-        if now is None and node.name in folded:
+        now = after_nodes.get(name)
+        if now is None and name:
             summary.quantized[op] += 1
             continue
         if now is not None and _reads_quantized(now):
             summary.quantized[op] += 1
             continue
         summary.float_[op] += 1
-        reason = skipped.get(node.name, "not quantized by this scheme")
+        reason = skipped.get(name, "not supported by this scheme")
         summary.reasons.setdefault(op, Counter())[reason] += 1
     return summary
 
@@ -190,13 +196,32 @@ def convert(
     table: RangeTable | Mapping | None = None,
     on_progress: Progress | None = None,
     preprocessed: bool = False,
+    activations: dict | None = None,
 ) -> tuple[ir.Model, list[PassReport]]:
     """Convert ``model`` as ``recipe`` says; return (new model, reports of every pass).
 
     ``table``: a CalibrationTable (or a plain ``{tensor: (lo, hi)}`` mapping) for static
     int8, made on this model. ``preprocessed``: the model has already been through
     qtool.passes.preprocess (as ``convert --data`` does before calibrating).
+    ``activations``: gptq/awq statistics for weight-only (collect_weight_only_stats).
     """
+    converted, reports, _ = convert_with_summary(
+        model, recipe, table=table, on_progress=on_progress, preprocessed=preprocessed,
+        activations=activations,
+    )
+    return converted, reports
+
+
+def convert_with_summary(
+    model: ir.Model,
+    recipe: Recipe,
+    *,
+    table: RangeTable | Mapping | None = None,
+    on_progress: Progress | None = None,
+    preprocessed: bool = False,
+    activations: dict | None = None,
+) -> tuple[ir.Model, list[PassReport], ConvertSummary]:
+    """``convert`` plus the per-op-type summary of what was quantized and what stayed float."""
     plan = plan_for(recipe)
     raw = model
     model = model.clone()
@@ -210,13 +235,16 @@ def convert(
     if plan.kind == "fp16":
         from qtool.passes.fp16 import convert_fp16
 
+        before = snapshot(model)
         reports.append(convert_fp16(model, recipe.fp16))
-        return model, reports
+        return model, reports, summarize(before, model, reports)
     if plan.kind == "weight-only":
         from qtool.passes.weight_only import apply_weight_only
 
-        reports.append(apply_weight_only(model, recipe, recipe.quantize.bits, on_progress=stage("weights")))
-        return model, reports
+        before = snapshot(model)
+        reports.append(apply_weight_only(model, recipe, recipe.quantize.bits,
+                                         activations=activations, on_progress=stage("weights")))
+        return model, reports, summarize(before, model, reports)
 
     changed = False
     if not preprocessed:
@@ -225,6 +253,7 @@ def convert(
         pre = preprocess(model)
         reports.append(pre)
         changed = any(pre.counts.get(k) for k in ("batchnorm_folded",))
+    before = snapshot(model)
     if plan.kind == "int8-dynamic":
         from qtool.passes.dynamic import quantize_dynamic
 
@@ -242,7 +271,7 @@ def convert(
     from qtool.passes.cleanup import cleanup
 
     reports.append(cleanup(model))
-    return model, reports
+    return model, reports, summarize(before, model, reports)
 
 
 def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
