@@ -34,6 +34,7 @@ from qtool import __version__
 HELP = """\
 Compress ONNX models and prove the result.
 
+\b
   qtool inspect model.onnx                      what is in a model, what can be quantized
   qtool calibrate model.onnx --data calib/ -o table.json
   qtool convert model.onnx -o int8.onnx --calib table.json
