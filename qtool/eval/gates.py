@@ -36,7 +36,8 @@ class GateResult:
         else:
             what = f"latency ratio {_fmt(self.value)} on {self.subject} (max {_fmt(self.threshold)})"
         if not self.passed and self.margin is not None:
-            what += f", over the limit by {_fmt(-self.margin)}"
+            short = "below the minimum" if self.gate == "min-sqnr" else "over the limit"
+            what += f", {short} by {_fmt(-self.margin)}" + (" dB" if self.gate == "min-sqnr" else "")
         return f"--{self.gate} {verb}: {what}"
 
     def to_dict(self) -> dict:
