@@ -3,7 +3,7 @@
 #
 #   examples/ci.sh [CANDIDATE.onnx]
 #
-# Without CANDIDATE the demo model is converted to dynamic int8 first. Two gates run:
+# Without CANDIDATE the demo model is converted to static int8 first (calibrated on data/calib). Two gates run:
 #   1. --max-drop 0.01: top-1 may drop by at most one point        -> passes (exit 0)
 #   2. --min-sqnr 60:   logits within 60 dB of the float model     -> int8 cannot: exit 3
 # A real pipeline stops at the first non-zero exit; this demo runs both and checks that the
@@ -23,7 +23,7 @@ CAND="${1:-}"
 
 if [ -z "$CAND" ]; then
     CAND="$OUT/digits_int8.onnx"
-    $QTOOL convert "$REF" -o "$CAND" --recipe int8-dynamic || exit $?
+    $QTOOL convert "$REF" -o "$CAND" --data "$HERE/data/calib" || exit $?
 fi
 
 echo "== gate 1: accuracy drop <= 0.01"

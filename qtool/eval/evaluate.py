@@ -74,7 +74,11 @@ def evaluate(
     if (max_drop is not None or min_sqnr is not None or max_latency_ratio is not None) and reference is None:
         raise UsageError("quality gates compare with a reference model", "pass --reference FLOAT_MODEL")
     if runs < 1 or warmup < 0 or batch_size < 1:
-        raise UsageError("--runs and --batch-size must be at least 1, --warmup at least 0", "")
+        raise UsageError(
+            f"--runs and --batch-size must be at least 1, --warmup at least 0 (got runs={runs}, "
+            f"batch size={batch_size}, warmup={warmup})",
+            "e.g. --runs 50 --warmup 5 --batch-size 1",
+        )
     providers = list(providers) or ["cpu"]
     for p in providers:
         runner.provider_name(p)
