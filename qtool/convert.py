@@ -132,7 +132,7 @@ def summarize(before: list[NodeInfo], after: ir.Model, reports: list[PassReport]
         if now is None and name:
             summary.quantized[op] += 1
             continue
-        if now is not None and _reads_quantized(now):
+        if now is not None and name not in skipped and _reads_quantized(now):
             summary.quantized[op] += 1
             continue
         summary.float_[op] += 1
@@ -142,6 +142,11 @@ def summarize(before: list[NodeInfo], after: ir.Model, reports: list[PassReport]
 
 
 def _reads_quantized(node: ir.Node) -> bool:
+    """A registry op reading a dequantized input (weights-only counts too)."""
+    from qtool import ops
+
+    if ops.rule_for(node) is None:
+        return False
     for value in node.inputs:
         producer = value.producer() if value is not None else None
         if producer is not None and producer.op_type in ("DequantizeLinear", "DynamicQuantizeLinear"):
