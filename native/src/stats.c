@@ -1,5 +1,6 @@
 /* Statistics for calibration: min/max and histogram update. */
 #include <math.h>
+#include <string.h>
 
 #include "qt_internal.h"
 
@@ -169,6 +170,23 @@ QT_TARGET_AVX512 static int hist_idx_avx512(const float *x, int64_t n, float lo,
 }
 #endif
 
+/* Undo the counts of x[0..n) (all finite, counted by an earlier pass). */
+static void hist_undo(hist_idx_fn fn, const float *x, int64_t n, float lo, float w, float fb,
+                      float bmax, int64_t *counts, int32_t *idx) {
+    for (int64_t u = 0; u < n; u += HIST_CHUNK) {
+        int64_t len = n - u < HIST_CHUNK ? n - u : HIST_CHUNK;
+        fn(x + u, len, lo, w, fb, bmax, idx);
+        for (int64_t i = 0; i < len; i++) counts[idx[i]]--;
+    }
+}
+
+/* Up to this many bins, counting goes through 4 interleaved uint32 sub-histograms on the
+ * stack: consecutive values in the same bin then update different addresses instead of
+ * serialising on one load-add-store chain. A span flushes into counts before a uint32
+ * could overflow. */
+#define HIST_SUB_BINS 2048
+#define HIST_SPAN ((int64_t)1 << 30)
+
 int qt_histogram(const float *x, int64_t n, float lo, float hi, int64_t *counts,
                  int64_t bins) {
     if (x == NULL || counts == NULL || n < 0 || bins < 1 || bins > (1 << 24)) return QT_ERR_ARG;
@@ -182,13 +200,35 @@ int qt_histogram(const float *x, int64_t n, float lo, float hi, int64_t *counts,
     else if (isa >= QT_ISA_AVX2) fn = hist_idx_avx2;
 #endif
     int32_t idx[HIST_CHUNK];
+    if (bins <= HIST_SUB_BINS && n >= 8 * bins && fn != hist_idx_scalar) {
+        uint32_t sub[4][HIST_SUB_BINS]; /* 32 KiB of stack */
+        for (int64_t s0 = 0; s0 < n; s0 += HIST_SPAN) {
+            int64_t span = n - s0 < HIST_SPAN ? n - s0 : HIST_SPAN;
+            for (int c = 0; c < 4; c++) memset(sub[c], 0, (size_t)bins * sizeof(uint32_t));
+            for (int64_t s = s0; s < s0 + span; s += HIST_CHUNK) {
+                int64_t len = s0 + span - s < HIST_CHUNK ? s0 + span - s : HIST_CHUNK;
+                if (fn(x + s, len, lo, w, fb, bmax, idx) != QT_OK) {
+                    hist_undo(fn, x, s0, lo, w, fb, bmax, counts, idx);
+                    return QT_ERR_NONFINITE;
+                }
+                int64_t i = 0;
+                for (; i + 4 <= len; i += 4) {
+                    sub[0][idx[i]]++;
+                    sub[1][idx[i + 1]]++;
+                    sub[2][idx[i + 2]]++;
+                    sub[3][idx[i + 3]]++;
+                }
+                for (; i < len; i++) sub[0][idx[i]]++;
+            }
+            for (int64_t b = 0; b < bins; b++)
+                counts[b] += (int64_t)sub[0][b] + sub[1][b] + sub[2][b] + sub[3][b];
+        }
+        return QT_OK;
+    }
     for (int64_t s = 0; s < n; s += HIST_CHUNK) {
         int64_t len = n - s < HIST_CHUNK ? n - s : HIST_CHUNK;
         if (fn(x + s, len, lo, w, fb, bmax, idx) != QT_OK) {
-            for (int64_t u = 0; u < s; u += HIST_CHUNK) { /* undo the counted chunks */
-                fn(x + u, HIST_CHUNK, lo, w, fb, bmax, idx);
-                for (int64_t i = 0; i < HIST_CHUNK; i++) counts[idx[i]]--;
-            }
+            hist_undo(fn, x, s, lo, w, fb, bmax, counts, idx);
             return QT_ERR_NONFINITE;
         }
         for (int64_t i = 0; i < len; i++) counts[idx[i]]++;
