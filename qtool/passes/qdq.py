@@ -333,10 +333,9 @@ class _StaticPlan:
             return False
         b = tensor.numpy()
         n = b.shape[0]
-        w_scale = w.scale if w.per_channel else np.full(n, float(w.scale), np.float32)
-        if w_scale.shape[0] != n:
+        if w.per_channel and w.scale.shape[0] != n:
             return False
-        p = bias_params(x.scale, w_scale, axis=0)
+        p = bias_params(x.scale, w.scale, axis=0)  # per-tensor weights: a scalar bias scale
         if not np.all(p.scale > 0):
             return False
         q = np.rint(b.astype(np.float64) / p.scale.astype(np.float64))

@@ -1,0 +1,187 @@
+"""`qtool convert`: every mode end to end, the report, and every error's exit code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qtool.cli import run
+
+RNG = np.random.default_rng(11)
+
+
+def _cnn(path, opset=17):
+    """x[N,3,8,8] -> Conv -> BatchNorm -> Relu -> Conv -> GlobalAveragePool -> Flatten -> Gemm."""
+    inits = [
+        numpy_helper.from_array((RNG.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.ones(8, np.float32) * 1.5, "gamma"),
+        numpy_helper.from_array(np.full(8, 0.1, np.float32), "beta"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "mean"),
+        numpy_helper.from_array(np.ones(8, np.float32), "var"),
+        numpy_helper.from_array((RNG.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32), "w2"),
+        numpy_helper.from_array((RNG.standard_normal((10, 8)) * 0.3).astype(np.float32), "fc"),
+    ]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+         helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["bn"], name="bn"),
+         helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "w2"], ["c2"], pads=[1] * 4, name="conv2"),
+         helper.make_node("GlobalAveragePool", ["c2"], ["g"], name="gap"),
+         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+         helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1, name="fc")],
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return str(path)
+
+
+def _data(folder, n=8):
+    folder.mkdir()
+    for i in range(n):
+        np.save(folder / f"s{i}.npy", RNG.standard_normal((3, 8, 8)).astype(np.float32))
+    return str(folder)
+
+
+def _digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _types(path):
+    return [n.op_type for n in onnx.load(path).graph.node]
+
+
+def test_static_with_data_writes_verified_model_and_json_report(tmp_path, capsys):
+    model, data = _cnn(tmp_path / "m.onnx"), _data(tmp_path / "calib")
+    digest = _digest(model)
+    out = tmp_path / "q.onnx"
+    assert run(["convert", model, "-o", str(out), "--data", data, "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "int8-static" and report["format"] == "qdq"
+    assert report["ops"]["Conv"] == {"quantized": 2, "float": 0, "reasons": {}}
+    assert report["ops"]["Gemm"]["quantized"] == 1
+    assert report["fidelity"]["cosine"] > 0.99 and report["fidelity"]["sqnr_db"] > 20
+    assert report["size_bytes"]["output"] > 0 and report["size_ratio"] > 0
+    assert _digest(model) == digest  # input untouched
+    types = _types(out)
+    assert "BatchNormalization" not in types and "Relu" not in types and types.count("Conv") == 2
+    props = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert "qtool.recipe" in props and props["qtool.source"] == model
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
+def test_human_report_lists_ops_size_and_fidelity(tmp_path, capsys):
+    model, data = _cnn(tmp_path / "m.onnx"), _data(tmp_path / "calib")
+    assert run(["convert", model, "-o", str(tmp_path / "q.onnx"), "--data", data]) == 0
+    err = capsys.readouterr().err
+    assert "quantized" in err and "Conv" in err and "fidelity on one sample: cosine" in err
+    assert "x of" in err  # size ratio
+
+
+def test_qoperator_dynamic_and_fp16_modes(tmp_path):
+    model, data = _cnn(tmp_path / "m.onnx"), _data(tmp_path / "calib")
+    assert run(["convert", model, "-o", str(tmp_path / "qo.onnx"), "--data", data,
+                "--format", "qoperator", "-q"]) == 0
+    assert _types(tmp_path / "qo.onnx").count("QLinearConv") == 2
+    assert run(["convert", model, "-o", str(tmp_path / "dyn.onnx"), "--dynamic", "-q",
+                "--recipe", "int8-dynamic"]) == 0
+    ort.InferenceSession(str(tmp_path / "dyn.onnx"), providers=["CPUExecutionProvider"])
+    assert run(["convert", model, "-o", str(tmp_path / "h.onnx"), "--dtype", "fp16", "-q"]) == 0
+    sess = ort.InferenceSession(str(tmp_path / "h.onnx"), providers=["CPUExecutionProvider"])
+    x = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = sess.run(None, {"x": x})[0]
+    assert got.dtype == np.float32 and np.allclose(got, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_calib_table_from_calibrate_is_accepted(tmp_path):
+    model, data = _cnn(tmp_path / "m.onnx"), _data(tmp_path / "calib")
+    table = tmp_path / "t.json"
+    assert run(["calibrate", model, "--data", data, "-o", str(table), "-q"]) == 0
+    code = run(["convert", model, "-o", str(tmp_path / "q.onnx"), "--calib", str(table), "-q"])
+    # a table of the raw graph is refused only when pre-processing changed activations
+    # (here BatchNorm folding), with a hint; otherwise it converts.
+    assert code in (0, 1)
+    if code == 0:
+        ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        ([], 2, "static int8 needs activation ranges"),
+        (["--calib", "t.json", "--data", "calib"], 2, "alternatives"),
+        (["--dynamic", "--format", "qoperator"], 2, "qoperator is for static"),
+        (["--bits", "5"], 2, "--bits 5"),
+        (["--bits", "4", "--algorithm", "gptq"], 2, "needs sample inputs"),
+        (["--bits", "4", "--block-size", "48"], 2, "--block-size 48"),
+        (["--dtype", "fp16", "--calib", "t.json"], 2, "--calib is only used by static int8"),
+        (["--dynamic", "--samples", "4"], 2, "--samples needs --data"),
+        (["--calib", "missing.json"], 2, "calibration table not found"),
+        (["--recipe", "no-such-recipe", "--dynamic"], 2, "recipe not found"),
+        (["--format", "bogus", "--dynamic"], 2, "bogus"),
+    ],
+)
+def test_bad_flags_are_usage_errors(tmp_path, capsys, monkeypatch, args, code, message):
+    monkeypatch.chdir(tmp_path)
+    model = _cnn(tmp_path / "m.onnx")
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "t.json").write_text("{}")
+    assert run(["convert", model, "-o", "out.onnx", *args]) == code
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err and "hint:" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_output_equal_to_input_is_refused(tmp_path, capsys):
+    model, data = _cnn(tmp_path / "m.onnx"), _data(tmp_path / "calib")
+    digest = _digest(model)
+    assert run(["convert", model, "-o", model, "--data", data]) == 2
+    assert "never overwrites its input" in capsys.readouterr().err
+    assert _digest(model) == digest
+
+
+def test_table_for_another_model_is_refused(tmp_path, capsys):
+    model, data = _cnn(tmp_path / "m.onnx"), _data(tmp_path / "calib")
+    other = tmp_path / "other.onnx"
+    m = onnx.load(model)
+    m.graph.node[-1].name = "renamed_fc"
+    m.graph.node[-1].output[0] = "y2"
+    m.graph.output[0].name = "y2"
+    onnx.save(m, other)
+    table = tmp_path / "t.json"
+    assert run(["calibrate", str(other), "--data", data, "-o", str(table), "-q"]) == 0
+    assert run(["convert", model, "-o", str(tmp_path / "q.onnx"), "--calib", str(table)]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "different model" in err or "another model" in err
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_missing_model_and_old_opset(tmp_path, capsys):
+    data = _data(tmp_path / "calib")
+    assert run(["convert", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "q.onnx"), "--data", data]) == 1
+    assert "not found" in capsys.readouterr().err
+    old = _cnn(tmp_path / "old.onnx", opset=11)
+    assert run(["convert", old, "-o", str(tmp_path / "q.onnx"), "--data", data]) == 2
+    err = capsys.readouterr().err
+    assert "opset 13" in err and "--allow-opset-upgrade" in err
+    assert run(["convert", old, "-o", str(tmp_path / "q.onnx"), "--data", data, "--per-tensor", "-q"]) == 0
+    assert onnx.load(tmp_path / "q.onnx").opset_import[0].version == 11
+
+
+def test_int8_activations_warn_that_they_are_slow_here(tmp_path, capsys):
+    model, data = _cnn(tmp_path / "m.onnx"), _data(tmp_path / "calib")
+    assert run(["convert", model, "-o", str(tmp_path / "q.onnx"), "--data", data,
+                "--activation-type", "int8", "-q"]) == 0
+    assert "warning:" in capsys.readouterr().err
