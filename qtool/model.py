@@ -247,6 +247,11 @@ def save(
         external_data = initializer_bytes(model) > PROTOBUF_LIMIT_BYTES
     data_name = path.name + ".data" if external_data else None
 
+    if data_name is None and any(isinstance(t, ir.ExternalTensor) for t in iter_initializers(model)):
+        # Saving inline: weights still referencing the input's external data file (e.g. the
+        # float LayerNorm weights left after weight-only quantization) must be copied in,
+        # or the output would point at a data file that is not beside it.
+        ir.external_data.load_to_model(model)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".qtool-", dir=path.parent))
     try:
         tmp_model = tmp_dir / path.name

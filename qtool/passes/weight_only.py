@@ -43,6 +43,7 @@ from qtool.quant.blockwise import (
     ActivationStats,
     QuantOutcome,
     quantize_weight,
+    rtn_columns,
 )
 
 MS_DOMAIN = "com.microsoft"
@@ -177,6 +178,11 @@ def _quantize_item(item: _Item, wo, algorithm: str) -> QuantOutcome:
     if algorithm in DATA_AWARE and item.kind != "gather" and stats is not None:
         return quantize_weight(np.ascontiguousarray(w, dtype=np.float32), item.bits, wo.block_size, wo.symmetric, algorithm, stats)
     alg = algorithm if algorithm not in DATA_AWARE else "mse"
+    if alg == "rtn" and item.kind == "matmul" and item.alpha == 1.0:
+        # Blocks run along axis 0 of W[K, N]: quantize K-slabs in place, no float transpose.
+        bq, sse = rtn_columns(item.weight.const_value.numpy(), item.bits, wo.block_size, wo.symmetric)
+        mse_ = sse / max(bq.codes.size, 1)
+        return QuantOutcome(bq, mse_, mse_)
     step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
     codes = np.empty((rows, cols), dtype=np.uint8)
     nb = formats.n_blocks(cols, wo.block_size)

@@ -148,6 +148,50 @@ def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> Bl
     return _finish(w, quantize_blocks(xb, scale, zp, bits), scale, zp, bits, block_size)
 
 
+def rtn_columns(w_kn: np.ndarray, bits: int, block_size: int, symmetric: bool = True,
+                chunk_rows: int = 0) -> tuple[BlockQuant, float]:
+    """RTN of a MatMul weight stored as ``W[K, N]`` with blocks along K, without a float
+    transpose: equal to ``rtn(W.T, ...)`` code for code. Works through whole blocks of K
+    rows at a time (a contiguous, cache-sized slab), so it streams a memory-mapped weight.
+
+    Returns (BlockQuant in the [N, K] orientation, sum of squared weight errors).
+    Uses the native ``quantize`` kernel when present (bits 2, 4, 8).
+    """
+    from qtool import kernels
+
+    k, n = w_kn.shape
+    nb = n_blocks(k, block_size)
+    if not chunk_rows:  # a [chunk, N] float slab of about 512 KiB stays in L2
+        chunk_rows = max(block_size, (1 << 17) // max(n, 1) // block_size * block_size)
+    codes_t = np.empty((n, k), dtype=np.uint8)
+    scales = np.empty((n, nb), dtype=np.float32)
+    zps = None if symmetric else np.empty((n, nb), dtype=np.uint8)
+    qtype = {2: "u2", 4: "u4", 8: "u8"}.get(bits)
+    native = qtype is not None and kernels.BACKEND == "native"
+    sse = 0.0
+    for k0 in range(0, k, chunk_rows):
+        k1 = min(k0 + chunk_rows, k)
+        b0, b1 = k0 // block_size, n_blocks(k1, block_size)
+        xt = np.ascontiguousarray(np.asarray(w_kn[k0:k1], dtype=np.float32).T)  # [N, chunk], in cache
+        if native:
+            s, z = kernels.block_params_rtn(xt, block_size, qtype, symmetric)
+            q = kernels.quantize(xt, s, z, qtype=qtype, axis=1, block_size=block_size)
+            y = kernels.dequantize(q, s, z, qtype=qtype, axis=1, block_size=block_size)
+            z = None if symmetric else z.astype(np.uint8)
+        else:
+            part = rtn(xt, bits, block_size, symmetric)
+            q, s, z = part.codes, part.scales, part.zero_points
+            y = part.dequantize()
+        codes_t[:, k0:k1] = q
+        scales[:, b0:b1] = s
+        if zps is not None:
+            zps[:, b0:b1] = z
+        y -= xt
+        sse += float(np.einsum("ij,ij->", y, y))
+    bq = BlockQuant(codes_t, scales, zps, bits, block_size)
+    return bq, sse
+
+
 # ---- MSE clipping search -----------------------------------------------------------------
 
 
