@@ -166,25 +166,18 @@ def _table_ranges(table: RangeTable | Mapping | None) -> dict[str, tuple[float, 
     return {str(k): (float(v[0]), float(v[1])) for k, v in table.ranges().items()}
 
 
-def check_table(table: Any, raw: ir.Model, prepared: ir.Model, preprocess_changed: bool) -> None:
-    """Accept a table made on the model as loaded or on its pre-processed form.
+def check_table(table: Any, raw: ir.Model, prepared: ir.Model) -> str:
+    """Which graph the table was made on: "prepared" (after pre-processing) or "raw".
 
-    A table of the raw model is only valid when pre-processing did not change any
-    activation (BatchNorm folding changes what a Conv outputs).
+    Raises CalibrationError when it matches neither.
     """
     fingerprint = getattr(table, "fingerprint", None)
     if fingerprint is None or isinstance(table, Mapping):
-        return
+        return "prepared"
     if fingerprint == graph_fingerprint(prepared):
-        return
+        return "prepared"
     if fingerprint == graph_fingerprint(raw):
-        if not preprocess_changed:
-            return
-        raise CalibrationError(
-            "the calibration table was made on the model before pre-processing "
-            "(BatchNorm folding changes the ranges it recorded)",
-            "calibrate with `qtool convert --data DIR`, or a table from `qtool calibrate` of this version",
-        )
+        return "raw"
     checker = getattr(table, "check_model", None)
     if checker is not None:
         checker(raw)  # raises CalibrationError with the calibration module's own message
@@ -192,6 +185,30 @@ def check_table(table: Any, raw: ir.Model, prepared: ir.Model, preprocess_change
         "the calibration table was made for a different model",
         "re-run qtool calibrate on this model",
     )
+
+
+def remap_folded_ranges(
+    raw: ir.Model, prepared: ir.Model, ranges: dict[str, tuple[float, float]], report: PassReport
+) -> dict[str, tuple[float, float]]:
+    """Ranges of a raw-graph table, made valid for the pre-processed graph.
+
+    BatchNorm folding makes ``Conv -> c -> BN -> b`` into ``Conv -> c`` where ``c`` now
+    carries what ``b`` did: ``c`` takes ``b``'s range when the table has it, else its stale
+    (pre-BatchNorm) range is dropped and that tensor stays float (a following ReLU's own
+    range still lets the Conv output be quantized through the ReLU fold).
+    """
+    ranges = dict(ranges)
+    remaining = {n.name for n in iter_nodes(prepared)}
+    for node in iter_nodes(raw):
+        if node.op_type != "BatchNormalization" or node.name in remaining:
+            continue
+        x, y = node.inputs[0].name, node.outputs[0].name
+        if y in ranges:
+            ranges[x] = ranges[y]
+            report.count("ranges moved through folded BatchNorm")
+        elif ranges.pop(x, None) is not None:
+            report.count("stale ranges dropped (folded BatchNorm)")
+    return ranges
 
 
 def convert(
@@ -265,7 +282,10 @@ def convert_with_summary(
         reports.append(quantize_dynamic(model, recipe, on_progress=stage("quantize")))
     else:
         ranges = _table_ranges(table)
-        check_table(table, raw, model, changed)
+        if check_table(table, raw, model) == "raw" and changed:
+            remap = PassReport("table")
+            ranges = remap_folded_ranges(raw, model, ranges, remap)
+            reports.append(remap)
         from qtool.passes.qdq import quantize_static
 
         reports.append(quantize_static(model, recipe, ranges, on_progress=stage("quantize")))

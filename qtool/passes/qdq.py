@@ -232,12 +232,15 @@ class _StaticPlan:
         out = node.outputs[0]
         if out in self.params or out.name in self.bad:
             return
-        rng = self.range_of(out)
+        act = self._foldable_activation(out)
+        rng = self.ranges.get(out.name)
+        if rng is None and act is not None:
+            rng = self.ranges.get(act.outputs[0].name)  # the fold only needs the ReLU's range
         if rng is None:
+            self.bad.setdefault(out.name, "no calibrated range")
             return
         if node.op_type == "Softmax":
             rng = (0.0, 1.0)
-        act = self._foldable_activation(out)
         if act is not None:
             folded = self._folded_params(out, act, rng)
             if folded is not None:
