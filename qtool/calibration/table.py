@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import onnx_ir as ir
 from qtool.calibration.observers import Histogram, MinMax, TensorObserver
 from qtool.calibration.thresholds import HISTOGRAM_METHODS, METHODS, choose_range
 from qtool.errors import CalibrationError, UsageError
+from qtool.fileio import write_text_atomic
 
 FORMAT = "qtool.calibration"
 VERSION = 1
@@ -198,20 +198,8 @@ class CalibrationTable:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the table as JSON atomically (a temporary file renamed into place)."""
-        path = Path(path)
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise UsageError(f"output folder {parent} does not exist", f"create it: mkdir -p {parent}")
         text = json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=True)
-        fd, tmp = tempfile.mkstemp(prefix=".qtool-", suffix=".json", dir=parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationTable:
