@@ -14,7 +14,14 @@ from onnx import TensorProto, helper, numpy_helper
 from qtool.errors import DataError, GateFailed, ModelError, UsageError
 from qtool.eval import evaluate, validate
 from qtool.eval.gates import check_gates, raise_on_failure
-from qtool.eval.metrics import Accuracy, OutputComparison, Perplexity, TopK, load_plugin, make_metric
+from qtool.eval.metrics import (
+    Accuracy,
+    OutputComparison,
+    Perplexity,
+    TopK,
+    load_plugin,
+    make_metric,
+)
 from qtool.eval.report import to_markdown
 
 SQNR_TOL = 1e-9

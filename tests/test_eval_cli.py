@@ -103,7 +103,7 @@ def test_candidate_that_fails_to_load(tmp_path, capsys):
 
 def test_ci_example_one_gate_passes_one_fails(int8, tmp_path):
     env = dict(os.environ, QTOOL=f"{sys.executable} -m qtool", OUT=str(tmp_path))
-    proc = subprocess.run(["bash", str(EXAMPLES / "ci.sh"), str(int8)], env=env, capture_output=True,
+    proc = subprocess.run(["bash", str(EXAMPLES / "ci.sh"), str(int8)], env=env, capture_output=True, check=False,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "accuracy gate passed (exit 0)" in proc.stdout

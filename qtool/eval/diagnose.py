@@ -249,11 +249,12 @@ def diagnose(
         "top": top,
         "layers": layers,
         "suggested": suggested,
-        "exclude_flags": [] if low_bit else [f"--exclude {shlex.quote(s)}" for s in suggested],
+        # qtool convert flags: keep in float (int8 candidates) or at 8 bits (low-bit ones)
+        "exclude_flags": [f"{'--keep-8bit' if low_bit else '--exclude'} {shlex.quote(s)}" for s in suggested],
         "recipe_snippet": recipe_snippet(suggested, bits),
         "advice": (
             f"the {len(suggested)} layer(s) adding the most error on their own: "
-            + ("keep them at 8 bits" if low_bit else "leave them in float (--exclude)")
+            + ("keep them at 8 bits (--keep-8bit)" if low_bit else "leave them in float (--exclude)")
             + " and re-convert; then re-run qtool eval to check the gain"
         ) if suggested else "no quantized layer stands out",
     }

@@ -7,7 +7,6 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-
 from qtool.config import PreprocessConfig
 from qtool.errors import DataError, UsageError
 from qtool.eval import gates as gates_mod

@@ -6,8 +6,9 @@ Layers handled (found in the candidate graph, weights constant):
 - ``MatMulInteger`` (uint8 activations x int8 weights, as dynamic int8 produces):
   ``C = (A - a_zp) (W - w_zp)`` exact int32 via ``gemm_u8s8``; compared exactly
   (``exact_match_rate`` = fraction of equal int32 elements).
-- ``MatMulNBits`` with ``bits = 4``: ``Y = A W`` with W dequantized per block via
-  ``gemm_q4``; compared as floats (max abs difference, SQNR).
+- ``MatMulNBits`` with ``bits = 4``: ``Y = A W (+ bias)`` with W dequantized per block via
+  ``gemm_q4``; compared as floats (max abs difference, SQNR). onnxruntime's
+  ``accuracy_level = 4`` quantizes A to int8 on the fly, so a small difference is expected.
 
 Each layer's inputs and onnxruntime's output are exposed from one session
 (``qtool.calibration.collect.build_session``); the first ``MAX_BATCHES`` batches are used.
@@ -79,14 +80,17 @@ def find_layers(proto) -> list[dict]:
             zp = const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
             if b is None or scales is None or (len(node.input) > 3 and node.input[3] and zp is None):
                 continue
-            if len(node.input) > 4 and any(node.input[4:]):
-                continue  # g_idx / bias: not handled natively
+            if len(node.input) > 4 and node.input[4]:
+                continue  # g_idx (act-order): not handled natively
+            bias = const(node.input[5]) if len(node.input) > 5 and node.input[5] else None
+            if len(node.input) > 5 and node.input[5] and bias is None:
+                continue
             if zp is not None and zp.dtype != np.uint8:
                 continue
             layers.append({
                 "kind": "gemm_q4", "node": node.name or node.output[0], "a": node.input[0],
                 "output": node.output[0], "b": b, "scales": scales, "zp": zp,
-                "K": int(_attr(node, "K")), "block_size": int(_attr(node, "block_size")),
+                "K": int(_attr(node, "K")), "block_size": int(_attr(node, "block_size")), "bias": bias,
             })
     return layers
 
@@ -143,6 +147,8 @@ class NativeComparison:
             else:
                 got = self.kernels.gemm_q4(np.ascontiguousarray(rows, dtype=np.float32), layer["b"],
                                            layer["scales"], layer["zp"], layer["K"], layer["block_size"])
+                if layer["bias"] is not None:
+                    got = got + layer["bias"].astype(np.float32)
                 n = layer["b"].shape[0]
             s = self.stats[layer["node"]]
             s["seconds"] += time.perf_counter() - start
