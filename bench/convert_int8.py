@@ -1,0 +1,250 @@
+"""int8 conversion side by side with onnxruntime's quantizer, on the real models of bench/zoo.py.
+
+    python bench/convert_int8.py                         # every prepared model
+    python bench/convert_int8.py --only efficientnet_lite0 ppocr_rec
+    python bench/convert_int8.py --report                # only rebuild the Markdown table
+
+For each model, in one run: fp32; onnxruntime ``quantize_static`` (QDQ, its defaults: int8
+activations and weights, per tensor; and the x86-friendly u8 activations / s8 per-channel
+weights); onnxruntime ``quantize_dynamic`` (int8 weights, per tensor and per channel); qtool
+static (its default recipe ``int8-static``) and, for transformer models, qtool dynamic.
+Static variants calibrate on the model's ``calib`` split (same samples for both tools, min/max
+for onnxruntime, qtool's recipe default for qtool) and are evaluated on the ``eval`` split.
+
+Columns: file size, the model's metric and its change vs fp32, onnxruntime CPU latency
+(median of many runs of one eval sample, 2 intra-op threads), and conversion time including
+calibration. The machine is shared with other engineers while this runs: latencies are noisy,
+ratios come from the same run. Each model's results are cached as JSON in
+``bench/.cache/work/convert_int8/`` and the table is written to
+``bench/results/convert_int8.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import zoo  # noqa: E402
+
+RESULTS = HERE / "results" / "convert_int8.md"
+WORK = zoo.CACHE / "work" / "convert_int8"
+MODELS = ["resnet18_synth", "mnist_cnn", "efficientnet_lite0", "ppocr_rec", "minilm", "smollm2"]
+TRANSFORMERS = {"minilm", "smollm2"}
+# onnxruntime's MinMax calibrator keeps every intermediate tensor of every sample in memory;
+# on SmolLM2 (thousands of tensors of 128 x 576+ floats) that does not fit: static onnxruntime
+# runs on fewer samples there, and says so in the table.
+ORT_STATIC_SAMPLES = {"smollm2": 4}
+LATENCY_RUNS = {"smollm2": 8, "minilm": 30, "ppocr_rec": 30}
+METRIC_DIRECTION = {"cer": -1, "perplexity": -1, "rel_l2": -1}
+
+
+def _size(path: Path) -> int:
+    from qtool.model import model_size_bytes
+
+    return model_size_bytes(path)
+
+
+def _metric(name: str, result: dict) -> tuple[str, float]:
+    for key in ("top1", "cer", "pearson", "perplexity", "accuracy", "cosine"):
+        if key in result:
+            return key, float(result[key])
+    key = next(k for k, v in result.items() if isinstance(v, float))
+    return key, float(result[key])
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over the zoo's calib split."""
+
+    def __init__(self, name: str, limit: int | None) -> None:
+        self.feeds = iter(list(zoo.iter_split(name, "calib"))[:limit])
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+    def rewind(self):  # pragma: no cover - newer onnxruntime asks for it
+        pass
+
+
+def ort_static(name: str, src: Path, dst: Path, *, u8: bool, per_channel: bool) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    reader = _Reader(name, ORT_STATIC_SAMPLES.get(name))
+    CalibrationDataReader.register(_Reader)
+    quantize_static(
+        str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8 if u8 else QuantType.QInt8,
+        weight_type=QuantType.QInt8, per_channel=per_channel,
+        use_external_data_format=_size(src) > 1.8e9,
+    )
+
+
+def ort_dynamic(name: str, src: Path, dst: Path, *, per_channel: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
+
+
+def qtool_convert(name: str, src: Path, dst: Path, *, dynamic: bool) -> dict:
+    from qtool.calibration import calibrate
+    from qtool.config import load_recipe
+    from qtool.convert import convert_with_summary
+    from qtool.model import add_provenance, load, save
+    from qtool.passes.preprocess import preprocess
+
+    model = load(src)
+    if dynamic:
+        recipe = load_recipe("int8-dynamic")
+        converted, reports, summary = convert_with_summary(model, recipe)
+    else:
+        recipe = load_recipe("int8-static")
+        preprocess(model)
+        table = calibrate(model, zoo.data_dir(name, "calib"), recipe)
+        converted, reports, summary = convert_with_summary(model, recipe, table=table, preprocessed=True)
+    add_provenance(converted, recipe.to_dict(), source=str(src))
+    save(converted, dst, input_path=src)
+    return {"ops": summary.to_dict(), "passes": [{"name": r.name, "counts": r.counts} for r in reports]}
+
+
+def _configs(name: str) -> list[tuple[str, callable]]:
+    configs = [
+        ("onnxruntime static QDQ (defaults: s8 act, per-tensor)",
+         lambda s, d: ort_static(name, s, d, u8=False, per_channel=False)),
+        ("onnxruntime static QDQ (u8 act, s8 per-channel)",
+         lambda s, d: ort_static(name, s, d, u8=True, per_channel=True)),
+        ("onnxruntime dynamic (per-tensor)", lambda s, d: ort_dynamic(name, s, d, per_channel=False)),
+        ("onnxruntime dynamic (per-channel)", lambda s, d: ort_dynamic(name, s, d, per_channel=True)),
+        ("qtool static (default int8-static)", lambda s, d: qtool_convert(name, s, d, dynamic=False)),
+    ]
+    if name in TRANSFORMERS:
+        configs.append(("qtool dynamic (int8-dynamic)", lambda s, d: qtool_convert(name, s, d, dynamic=True)))
+    return configs
+
+
+def run_model(name: str, skip: set[str]) -> dict:
+    src = zoo.model_path(name)
+    out_dir = WORK / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    feed = next(zoo.iter_split(name, "eval"))
+    runs = LATENCY_RUNS.get(name, 50)
+    rows = []
+
+    def measure(label: str, path: Path, seconds: float | None, extra: dict | None = None) -> dict:
+        t0 = time.perf_counter()
+        metric = zoo.evaluate(name, path)
+        eval_s = time.perf_counter() - t0
+        lat = zoo.latency(path, feed, runs=runs)
+        row = {"config": label, "size": _size(path), "metric": metric, "latency_ms": lat["median_ms"],
+               "convert_s": seconds, "eval_s": round(eval_s, 1)}
+        if extra:
+            row.update(extra)
+        print(f"[convert_int8] {name} | {label}: {json.dumps({k: v for k, v in row.items() if k != 'ops'})}",
+              file=sys.stderr, flush=True)
+        return row
+
+    rows.append(measure("fp32", src, None))
+    for i, (label, fn) in enumerate(_configs(name)):
+        if any(s in label for s in skip):
+            continue
+        dst = out_dir / f"c{i}.onnx"
+        for stale in (dst, dst.with_name(dst.name + ".data")):
+            stale.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        try:
+            extra = fn(src, dst) or {}
+        except Exception as exc:  # a failing tool is a result, not a crash of the bench
+            rows.append({"config": label, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            traceback.print_exc()
+            continue
+        seconds = round(time.perf_counter() - t0, 1)
+        try:
+            rows.append(measure(label, dst, seconds, extra))
+        except Exception as exc:
+            rows.append({"config": label, "convert_s": seconds,
+                         "error": f"does not run: {type(exc).__name__}: {str(exc)[:200]}"})
+    result = {"model": name, "rows": rows, "latency_runs": runs,
+              "ort_static_samples": ORT_STATIC_SAMPLES.get(name)}
+    (WORK / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def _fmt_metric(key: str, value: float) -> str:
+    return f"{key} {value:.4f}" if abs(value) < 100 else f"{key} {value:,.1f}"
+
+
+def write_report() -> str:
+    lines = [
+        "# int8 conversion: qtool vs onnxruntime's quantizer",
+        "",
+        "Written by `python bench/convert_int8.py`. onnxruntime "
+        + _ort_version() + ", CPU provider, 2 intra-op threads; latency = median over many runs "
+        "of one eval sample; convert time includes calibration. Calibration on the `calib` split, "
+        "metric on the `eval` split (bench/zoo.py). Shared machine: latencies are noisy, compare "
+        "ratios within one model.",
+        "",
+    ]
+    for name in MODELS:
+        path = WORK / f"{name}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        rows = data["rows"]
+        fp32 = next(r for r in rows if r["config"] == "fp32")
+        key, base = _metric(name, fp32["metric"])
+        lines += [f"## {name}", "",
+                  "| config | size MB | " + key + " | change vs fp32 | latency ms | speed-up vs fp32 | convert s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['config']} | | failed: {r['error'][:120]} | | | | {r.get('convert_s') or ''} |")
+                continue
+            _, value = _metric(name, r["metric"])
+            change = value - base
+            speed = fp32["latency_ms"] / r["latency_ms"] if r["latency_ms"] else float("nan")
+            lines.append(
+                f"| {r['config']} | {r['size'] / 1e6:.1f} | {_fmt_metric(key, value)} | {change:+.4f} | "
+                f"{r['latency_ms']:.2f} | {speed:.2f}x | {r['convert_s'] if r['convert_s'] is not None else ''} |"
+            )
+        if data.get("ort_static_samples"):
+            lines.append(f"\nonnxruntime static calibrated on {data['ort_static_samples']} samples "
+                         "(its calibrator holds every activation of every sample in memory).")
+        lines.append("")
+    text = "\n".join(lines) + "\n"
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text)
+    return text
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=None, help="model names (default: all prepared)")
+    parser.add_argument("--skip", nargs="*", default=[], help="skip configs whose label contains this")
+    parser.add_argument("--report", action="store_true", help="only rebuild the Markdown table")
+    args = parser.parse_args()
+    if not args.report:
+        WORK.mkdir(parents=True, exist_ok=True)
+        for name in args.only or MODELS:
+            if not zoo.model_path(name).exists():
+                print(f"[convert_int8] {name} not prepared; run: python bench/zoo.py prepare --only {name}",
+                      file=sys.stderr)
+                continue
+            run_model(name, set(args.skip))
+    print(write_report())
+
+
+if __name__ == "__main__":
+    main()
