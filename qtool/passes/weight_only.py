@@ -42,8 +42,8 @@ from qtool.quant.blockwise import (
     DATA_AWARE,
     ActivationStats,
     QuantOutcome,
+    quantize_slabs,
     quantize_weight,
-    rtn_columns,
 )
 
 MS_DOMAIN = "com.microsoft"
@@ -178,11 +178,17 @@ def _quantize_item(item: _Item, wo, algorithm: str) -> QuantOutcome:
     if algorithm in DATA_AWARE and item.kind != "gather" and stats is not None:
         return quantize_weight(np.ascontiguousarray(w, dtype=np.float32), item.bits, wo.block_size, wo.symmetric, algorithm, stats)
     alg = algorithm if algorithm not in DATA_AWARE else "mse"
-    if alg == "rtn" and item.kind == "matmul" and item.alpha == 1.0:
-        # Blocks run along axis 0 of W[K, N]: quantize K-slabs in place, no float transpose.
-        bq, sse = rtn_columns(item.weight.const_value.numpy(), item.bits, wo.block_size, wo.symmetric)
-        mse_ = sse / max(bq.codes.size, 1)
-        return QuantOutcome(bq, mse_, mse_)
+    if alg in ("rtn", "mse"):
+        # Cache-sized slabs straight from the (memory-mapped) stored layout, native kernels.
+        src = item.weight.const_value.numpy()
+        k_axis = 0 if item.kind == "matmul" or (item.kind == "gemm" and not item.transpose_b) else 1
+        if item.alpha != 1.0:
+            src = src * np.float32(item.alpha)
+        # RTN alone skips measuring its error (a dequantize pass): it is the fast default.
+        bq, sse = quantize_slabs(src, item.bits, wo.block_size, wo.symmetric, alg, k_axis=k_axis, measure=alg != "rtn")
+        rtn_sse = sse if alg == "rtn" else quantize_slabs(src, item.bits, wo.block_size, wo.symmetric, "rtn", k_axis=k_axis)[1]
+        size = max(bq.codes.size, 1)
+        return QuantOutcome(bq, sse / size, rtn_sse / size)
     step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
     codes = np.empty((rows, cols), dtype=np.uint8)
     nb = formats.n_blocks(cols, wo.block_size)
@@ -458,7 +464,9 @@ def apply_weight_only(
         if on_progress is not None:
             on_progress(done, total)
 
-    if items:
+    if items and algorithm == "rtn" and np.isnan(weight_err):
+        report.notes.append(f"rtn: {len(items)} tensors (error not measured on the fast path; any other algorithm reports it vs RTN)")
+    elif items:
         n_weights = total // 4
         report.notes.append(
             f"{algorithm}: weight MSE {weight_err / n_weights:.3e} vs RTN {rtn_err / n_weights:.3e} "

@@ -150,46 +150,79 @@ def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> Bl
 
 def rtn_columns(w_kn: np.ndarray, bits: int, block_size: int, symmetric: bool = True,
                 chunk_rows: int = 0) -> tuple[BlockQuant, float]:
-    """RTN of a MatMul weight stored as ``W[K, N]`` with blocks along K, without a float
-    transpose: equal to ``rtn(W.T, ...)`` code for code. Works through whole blocks of K
-    rows at a time (a contiguous, cache-sized slab), so it streams a memory-mapped weight.
+    """RTN of a MatMul weight stored as ``W[K, N]`` (blocks along K); see quantize_slabs."""
+    return quantize_slabs(w_kn, bits, block_size, symmetric, "rtn", k_axis=0, chunk=chunk_rows)
 
-    Returns (BlockQuant in the [N, K] orientation, sum of squared weight errors).
-    Uses the native ``quantize`` kernel when present (bits 2, 4, 8).
+
+def quantize_slabs(
+    w: np.ndarray,
+    bits: int,
+    block_size: int,
+    symmetric: bool = True,
+    method: str = "rtn",
+    k_axis: int = 1,
+    chunk: int = 0,
+    measure: bool = True,
+) -> tuple[BlockQuant, float]:
+    """RTN or MSE-clipped block quantization of a 2-D weight, one cache-sized slab at a time.
+
+    ``k_axis=0``: ``w`` is a MatMul weight ``W[K, N]`` (blocks along K); slabs are whole
+    blocks of K rows, transposed in cache, so no full float transpose is ever made.
+    ``k_axis=1``: ``w`` is already ``[rows, K]``; slabs are groups of rows.
+    Codes equal ``rtn``/``mse`` on the [N, K] orientation exactly. Streams a memory-mapped
+    weight (each slab is read once). Uses the native kernels when present (bits 2, 4, 8).
+
+    Returns (BlockQuant in the [rows, K] orientation, sum of squared weight errors; NaN
+    when ``measure`` is False, which saves a dequantize pass).
     """
     from qtool import kernels
 
-    k, n = w_kn.shape
+    if k_axis == 0:
+        k, n = w.shape
+    else:
+        n, k = w.shape
     nb = n_blocks(k, block_size)
-    if not chunk_rows:  # a [chunk, N] float slab of about 512 KiB stays in L2
-        chunk_rows = max(block_size, (1 << 17) // max(n, 1) // block_size * block_size)
-    codes_t = np.empty((n, k), dtype=np.uint8)
+    codes = np.empty((n, k), dtype=np.uint8)
     scales = np.empty((n, nb), dtype=np.float32)
     zps = None if symmetric else np.empty((n, nb), dtype=np.uint8)
     qtype = {2: "u2", 4: "u4", 8: "u8"}.get(bits)
     native = qtype is not None and kernels.BACKEND == "native"
+    if not chunk:  # a float slab of about 512 KiB stays in L2
+        if k_axis == 0:
+            chunk = max(block_size, (1 << 17) // max(n, 1) // block_size * block_size)
+        else:
+            chunk = max(1, (1 << 17) // max(k, 1))
+    extent = k if k_axis == 0 else n
     sse = 0.0
-    for k0 in range(0, k, chunk_rows):
-        k1 = min(k0 + chunk_rows, k)
-        b0, b1 = k0 // block_size, n_blocks(k1, block_size)
-        xt = np.ascontiguousarray(np.asarray(w_kn[k0:k1], dtype=np.float32).T)  # [N, chunk], in cache
+    for i0 in range(0, extent, chunk):
+        i1 = min(i0 + chunk, extent)
+        if k_axis == 0:
+            x = np.ascontiguousarray(np.asarray(w[i0:i1], dtype=np.float32).T)  # [N, chunk]
+            rows, cols = slice(None), slice(i0, i1)
+            blocks = slice(i0 // block_size, n_blocks(i1, block_size))
+        else:
+            x = np.ascontiguousarray(w[i0:i1], dtype=np.float32)  # [chunk, K]
+            rows, cols, blocks = slice(i0, i1), slice(None), slice(None)
         if native:
-            s, z = kernels.block_params_rtn(xt, block_size, qtype, symmetric)
-            q = kernels.quantize(xt, s, z, qtype=qtype, axis=1, block_size=block_size)
-            y = kernels.dequantize(q, s, z, qtype=qtype, axis=1, block_size=block_size)
+            if method == "mse":
+                sc, z = kernels.block_params_mse(x, block_size, qtype, symmetric)
+            else:
+                sc, z = kernels.block_params_rtn(x, block_size, qtype, symmetric)
+            q = kernels.quantize(x, sc, z, qtype=qtype, axis=1, block_size=block_size)
+            y = kernels.dequantize(q, sc, z, qtype=qtype, axis=1, block_size=block_size) if measure else None
             z = None if symmetric else z.astype(np.uint8)
         else:
-            part = rtn(xt, bits, block_size, symmetric)
-            q, s, z = part.codes, part.scales, part.zero_points
-            y = part.dequantize()
-        codes_t[:, k0:k1] = q
-        scales[:, b0:b1] = s
+            part = mse(x, bits, block_size, symmetric) if method == "mse" else rtn(x, bits, block_size, symmetric)
+            q, sc, z = part.codes, part.scales, part.zero_points
+            y = part.dequantize() if measure else None
+        codes[rows, cols] = q
+        scales[rows, blocks] = sc
         if zps is not None:
-            zps[:, b0:b1] = z
-        y -= xt
-        sse += float(np.einsum("ij,ij->", y, y))
-    bq = BlockQuant(codes_t, scales, zps, bits, block_size)
-    return bq, sse
+            zps[rows, blocks] = z
+        if measure:
+            y -= x
+            sse += float(np.einsum("ij,ij->", y, y))
+    return BlockQuant(codes, scales, zps, bits, block_size), (sse if measure else float("nan"))
 
 
 # ---- MSE clipping search -----------------------------------------------------------------

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qtool import kernels
 from qtool.errors import UsageError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -120,6 +121,13 @@ def dequantize_blocks(
 
 
 # ---- packing -------------------------------------------------------------------------
+# The numpy code below is the definition; with the native backend the same layouts come
+# from qtool.kernels (qt_pack, qt_pack_matmulnbits), tested equal in tests/test_lowbit.py.
+
+
+def _native() -> bool:
+    return kernels.BACKEND == "native"
+
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -134,6 +142,10 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
         return codes.astype(np.uint8, copy=True)
     if bits not in (2, 4):
         raise ValueError(f"pack_bits: bits must be 2, 4 or 8, got {bits}")
+    if _native() and codes.dtype == np.uint8 and (codes.ndim == 1 or (codes.shape[-1] * bits) % 8 == 0):
+        # whole bytes per row: packing the flattened array is the same as row by row
+        out = kernels.pack(codes.reshape(-1), "u4" if bits == 4 else "u2")
+        return out.reshape(*codes.shape[:-1], -1)
     per_byte = 8 // bits
     n = codes.shape[-1]
     n_bytes = -(-n // per_byte)
@@ -185,6 +197,9 @@ def pack_matmulnbits(codes: np.ndarray, zero_points: np.ndarray | None, bits: in
     """
     n, k = codes.shape
     nb = n_blocks(k, block_size)
+    if _native() and bits in (2, 4, 8):
+        zp = None if zero_points is None else np.rint(zero_points).astype(np.uint8)
+        return kernels.pack_matmulnbits(np.ascontiguousarray(codes, dtype=np.uint8), bits, block_size, zp)
     kp = nb * block_size
     if kp != k:
         full = np.empty((n, kp), dtype=np.uint8)
