@@ -331,7 +331,7 @@ def assert_q4_close(got, want, a, b, s, z, K, bs, what):
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 def test_gemm_q4(path):
     for M, N, K, bs in [(1, 1, 1, 16), (1, 31, 33, 16), (2, 32, 1023, 32), (9, 5, 4097, 64),
-                        (33, 3, 256, 128)]:
+                        (33, 3, 256, 128), (10, 130, 96, 32)]:
         for zp in (True, False):
             a, b, s, z = q4_case(M, N, K, bs, zp=zp)
             want = ref.gemm_q4(a, b, s, z, K, bs)

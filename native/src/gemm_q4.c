@@ -43,10 +43,10 @@ static void q4_scalar(const float *A, const uint8_t *b, const float *scales, con
 
 QT_TARGET_AVX512 static ALWAYS_INLINE void q4_rows_avx512(const float *A, const uint8_t *b,
                                                           const float *scales, const uint8_t *zp,
-                                                          int64_t N, int64_t K, int64_t bs,
-                                                          float *Y, const int MT) {
+                                                          int64_t N, int64_t n0, int64_t n1, int64_t K,
+                                                          int64_t bs, float *Y, const int MT) {
     const int64_t nb = (K + bs - 1) / bs, blob = bs / 2, zrow = (nb + 1) / 2;
-    for (int64_t n = 0; n < N; n++) {
+    for (int64_t n = n0; n < n1; n++) {
         __m512 acc[8];
         for (int r = 0; r < MT; r++) acc[r] = _mm512_setzero_ps();
         for (int64_t j = 0; j < nb; j++) {
@@ -74,10 +74,10 @@ QT_TARGET_AVX512 static ALWAYS_INLINE void q4_rows_avx512(const float *A, const 
 
 QT_TARGET_AVX2 static ALWAYS_INLINE void q4_rows_avx2(const float *A, const uint8_t *b,
                                                       const float *scales, const uint8_t *zp,
-                                                      int64_t N, int64_t K, int64_t bs,
-                                                      float *Y, const int MT) {
+                                                      int64_t N, int64_t n0, int64_t n1, int64_t K,
+                                                      int64_t bs, float *Y, const int MT) {
     const int64_t nb = (K + bs - 1) / bs, blob = bs / 2, zrow = (nb + 1) / 2;
-    for (int64_t n = 0; n < N; n++) {
+    for (int64_t n = n0; n < n1; n++) {
         __m256 acc[4];
         float tail[4] = {0, 0, 0, 0};
         for (int r = 0; r < MT; r++) acc[r] = _mm256_setzero_ps();
@@ -116,12 +116,16 @@ QT_TARGET_AVX2 static ALWAYS_INLINE void q4_rows_avx2(const float *A, const uint
     }
 }
 
-#define Q4_CASE(fn, mt) case mt: fn(A + m * K, b, scales, zp, N, K, bs, Y + m * N, mt); break;
+#define Q4_CASE(fn, mt) case mt: fn(A + m * K, b, scales, zp, N, n0, n1, K, bs, Y + m * N, mt); break;
+/* Columns in chunks of Q4_NCHUNK (their packed weights stay in L2) outside the row tiles,
+ * so B streams from memory once however many row tiles M has. */
+#define Q4_NCHUNK 64
 
 QT_TARGET_AVX512 static void q4_avx512(const float *A, const uint8_t *b, const float *scales,
                                        const uint8_t *zp, int64_t M, int64_t N, int64_t K,
                                        int64_t bs, float *Y) {
-    for (int64_t m = 0; m < M; m += 8) {
+    for (int64_t n0 = 0; n0 < N; n0 += Q4_NCHUNK)
+    for (int64_t m = 0, n1 = N - n0 < Q4_NCHUNK ? N : n0 + Q4_NCHUNK; m < M; m += 8) {
         switch (M - m < 8 ? (int)(M - m) : 8) {
             Q4_CASE(q4_rows_avx512, 1) Q4_CASE(q4_rows_avx512, 2) Q4_CASE(q4_rows_avx512, 3)
             Q4_CASE(q4_rows_avx512, 4) Q4_CASE(q4_rows_avx512, 5) Q4_CASE(q4_rows_avx512, 6)
@@ -133,7 +137,8 @@ QT_TARGET_AVX512 static void q4_avx512(const float *A, const uint8_t *b, const f
 QT_TARGET_AVX2 static void q4_avx2(const float *A, const uint8_t *b, const float *scales,
                                    const uint8_t *zp, int64_t M, int64_t N, int64_t K, int64_t bs,
                                    float *Y) {
-    for (int64_t m = 0; m < M; m += 4) {
+    for (int64_t n0 = 0; n0 < N; n0 += Q4_NCHUNK)
+    for (int64_t m = 0, n1 = N - n0 < Q4_NCHUNK ? N : n0 + Q4_NCHUNK; m < M; m += 4) {
         switch (M - m < 4 ? (int)(M - m) : 4) {
             Q4_CASE(q4_rows_avx2, 1) Q4_CASE(q4_rows_avx2, 2) Q4_CASE(q4_rows_avx2, 3)
             Q4_CASE(q4_rows_avx2, 4)
