@@ -373,3 +373,25 @@ def test_external_data_model_converts_with_bounded_memory(tmp_path):
     q = session(tmp_path / "q.onnx")
     a = rng.standard_normal((1, k), dtype=np.float32)
     assert q.run(None, {"A": a})[0].shape == (1, k)
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_convert_bits4_writes_matmulnbits_and_reports_errors(tmp_path, capsys):
+    from qtool.cli import run
+
+    path, _ = _lm_like(tmp_path)
+    out = tmp_path / "q4.onnx"
+    code = run(["convert", str(path), "-o", str(out), "--bits", "4",
+               "--block-size", "32", "--algorithm", "hqq", "--keep-8bit", "lm_*", "--json"])
+    assert code == 0, capsys.readouterr().err
+    ops = sorted(n.op_type for n in onnx.load(out).graph.node)
+    assert ops == ["GatherBlockQuantized", "MatMulNBits", "MatMulNBits"]
+    report = capsys.readouterr().out
+    assert "hqq: weight MSE" in report and "8-bit" in report
+    # a user mistake is one error line and a hint, exit 2, nothing written
+    bad = tmp_path / "bad.onnx"
+    assert run(["convert", str(path), "-o", str(bad), "--bits", "4", "--block-size", "48"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "hint:" in err and "Traceback" not in err and not bad.exists()
