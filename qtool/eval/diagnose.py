@@ -136,6 +136,20 @@ def _segment(graph, tensor: str, stops: set[str]) -> list:
     return order
 
 
+def _energy(ref: np.ndarray) -> float:
+    """sum r^2 over the finite elements (attention masks hold -inf by design)."""
+    r = ref.astype(np.float64, copy=False)
+    return float(np.sum(np.square(r, where=np.isfinite(r), out=np.zeros_like(r))))
+
+
+def _error(ref: np.ndarray, got: np.ndarray) -> float:
+    """sum (r - c)^2, where equal values (the same infinities included) count 0."""
+    r, c = ref.astype(np.float64, copy=False), got.astype(np.float64, copy=False)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(r == c, 0.0, r - c)
+    return float(np.sum(diff * diff))
+
+
 def _onnx_elem(dtype: np.dtype) -> int:
     from onnx import helper
 
@@ -205,11 +219,10 @@ def diagnose(
                 local_feed[r + LOCAL_SUFFIX] = tensors[r]
         local_vals = dict(zip(local_outputs, local_sess.run(local_outputs, local_feed)))
         for r, c in matched.items():
-            ref = tensors[r].astype(np.float64, copy=False)
             a = acc[r]
-            a[0] += float(np.sum(ref * ref))
-            a[1] += float(np.sum((ref - cand_vals[c]) ** 2))
-            a[2] += float(np.sum((ref - local_vals[c]) ** 2))
+            a[0] += _energy(tensors[r])
+            a[1] += _error(tensors[r], cand_vals[c])
+            a[2] += _error(tensors[r], local_vals[c])
         samples += len(ids)
         del tensors, cand_vals, local_vals
 
@@ -233,8 +246,8 @@ def diagnose(
             "sqnr_db": sqnr_db(acc[r][0], acc[r][1]),
             "local_sqnr_db": sqnr_db(acc[r][0], acc[r][2]),
         })
-    layers.sort(key=lambda x: (not x["quantized"], x["local_sqnr_db"]))
-    ranked = [x for x in layers if x["quantized"] and x["local_sqnr_db"] != math.inf]
+    layers.sort(key=lambda x: (not x["quantized"], _sort_key(x["local_sqnr_db"])))
+    ranked = [x for x in layers if x["quantized"] and math.isfinite(x["local_sqnr_db"])]
     worst = outliers(ranked, top)
     suggested = []
     for layer in worst:
@@ -258,6 +271,10 @@ def diagnose(
             + " and re-convert; then re-run qtool eval to check the gain"
         ) if suggested else "no quantized layer stands out",
     }
+
+
+def _sort_key(value: float) -> float:
+    return math.inf if math.isnan(value) else value
 
 
 def outliers(ranked: list[dict], top: int, margin_db: float = OUTLIER_MARGIN_DB) -> list[dict]:

@@ -338,9 +338,10 @@ class OutputComparison:
 
 
 def sqnr_db(signal: float, noise: float) -> float:
-    """10 log10(signal / noise) in dB; +inf when noise is 0, -inf when the signal is 0."""
+    """10 log10(signal / noise) in dB; +inf when noise is 0, -inf when the signal is 0 or the
+    noise infinite."""
     if noise == 0.0:
         return float("inf")
-    if signal == 0.0:
+    if signal == 0.0 or math.isinf(noise):
         return float("-inf")
     return 10.0 * math.log10(signal / noise)
