@@ -145,7 +145,8 @@ def main() -> int:
         "# qtool kernel benchmark",
         "",
         f"Machine: {cpu}, {os.cpu_count()} cores; native ISA paths {k.isa_paths()}; numpy {np.__version__}, "
-        f"onnxruntime {ort.__version__}. One thread everywhere.",
+        f"onnxruntime {ort.__version__}. One thread everywhere. Load average at the end: "
+        f"{os.getloadavg()[0]:.1f} (other work on the machine skews the numbers).",
         f"Measured single-thread memory bandwidth (numpy sum over {0.5 if args.quick else 2.0} GB): **{bw:.1f} GB/s**.",
         "",
         "| kernel | shape | native | numpy | onnxruntime | unit | notes |",
