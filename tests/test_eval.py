@@ -359,3 +359,14 @@ def test_native_backend_matches_onnxruntime_exactly(mlp, tmp_path):
     rows = [c for c in report.to_dict()["consistency"] if c["b"].startswith("native")]
     assert len(rows) == 2
     assert all(r["exact_match_rate"] == 1.0 and r["max_abs"] == 0.0 for r in rows)
+
+
+def test_diagnosis_error_ignores_matching_infinities():
+    from qtool.eval.diagnose import _energy, _error
+    from qtool.eval.metrics import sqnr_db
+
+    mask = np.array([0.0, -np.inf, 3.0], np.float32)  # an attention mask holds -inf by design
+    assert _energy(mask) == 9.0
+    assert _error(mask, np.array([0.0, -np.inf, 2.0], np.float32)) == 1.0
+    assert _error(mask, np.array([0.0, 0.0, 3.0], np.float32)) == math.inf
+    assert sqnr_db(9.0, math.inf) == -math.inf
