@@ -52,6 +52,9 @@ _DTYPES = {
 # A Gather table smaller than this is not worth an int8 copy.
 MIN_GATHER_ELEMENTS = 4096
 FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
+# onnxruntime fuses DQ inputs into these ops without an output Q (float result), so a model
+# output they produce is left unquantized.
+FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")
 
 
 class GraphBuilder:
@@ -232,6 +235,8 @@ class _StaticPlan:
         out = node.outputs[0]
         if out in self.params or out.name in self.bad:
             return
+        if out.is_graph_output() and node.op_type in FLOAT_OUTPUT_OPS:
+            return  # fused with a float output (QGemm / MatMulIntegerToFloat): no rounding
         act = self._foldable_activation(out)
         rng = self.ranges.get(out.name)
         if rng is None and act is not None:
