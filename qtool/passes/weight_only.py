@@ -18,7 +18,7 @@ quantized model (1/8 of fp32 at 4 bits). Progress is reported in bytes of fp32 w
 
 Defaults follow measurements on x86 with onnxruntime 1.32 (bench/results/convert_lowbit.md):
 MatMulNBits at accuracy_level 4 (int8 activations) is the fast path; level 0 (fp32
-activations) is much slower for a batch of tokens, so choosing it adds a note.
+activations) was 2.5-3.8x slower for 1 and 32 tokens, so choosing 0 or 1 adds a note.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ _FLOAT_WEIGHTS = (ir.DataType.FLOAT,)
 # Row chunks of about this many weights keep a chunk's temporaries in L2 cache.
 _CHUNK_ELEMENTS = 1 << 18
 _SLOW_LEVEL_NOTE = (
-    "accuracy_level {level}: MatMulNBits then computes with float activations, measured "
-    "up to 1.6x slower than level 4 on x86 for a batch of tokens; --accuracy-level 4 is the fast default"
+    "accuracy_level {level}: MatMulNBits then multiplies with float activations, measured "
+    "2.5-3.8x slower than level 4 on this x86 CPU (onnxruntime 1.32, 1 and 32 tokens, "
+    "bench/results/convert_lowbit.md); --accuracy-level 4 is the fast default"
 )
 
 
