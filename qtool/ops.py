@@ -55,6 +55,8 @@ OP_RULES: dict[str, OpRule] = {
     "Squeeze": OpRule(activations=(0,), share_scale=True, schemes=_STATIC),
     "Unsqueeze": OpRule(activations=(0,), share_scale=True, schemes=_STATIC),
     "Slice": OpRule(activations=(0,), share_scale=True, schemes=_STATIC),
+    # constant-mode Pad with value 0 (TF-style "same" padding): 0 is exact in the input's scale
+    "Pad": OpRule(activations=(0,), share_scale=True, schemes=_STATIC),
 }
 
 # Ops whose weights make a model big: inspect lists these as the candidates that matter.
