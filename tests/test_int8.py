@@ -496,3 +496,23 @@ def test_static_pass_reports_counts_directly():
     preprocess(model)  # types known: selection only quantizes float tensors
     report = quantize_static(model, Recipe(), ranges)
     assert report.counts["Conv"] == 2 and report.counts["Relu folded"] == 1
+
+
+def test_zero_pad_shares_scale_and_reflect_pad_stays_float():
+    def model(mode):
+        return make_model(
+            [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Pad", ["c", "pads"], ["p"], mode=mode, name="pad"),
+             helper.make_node("Conv", ["p", "w2"], ["y"], name="conv2")],
+            [vi("x", [1, 4, 6, 6])], [vi("y", None)],
+            [init("w", conv_w(4, 4, 1)), init("w2", conv_w(4, 4, 3)),
+             init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))],
+        )
+    proto = model("constant")
+    qmodel, reports, summary, feeds = static(proto)
+    assert summary.quantized["Pad"] == 1
+    assert sqnr(proto, qmodel, feeds[0]) > MIN_SQNR_CHAIN_DB
+    proto = model("reflect")
+    qmodel, reports, summary, feeds = static(proto)
+    assert summary.float_["Pad"] == 1 and "constant-mode" in next(iter(summary.reasons["Pad"]))
+    assert sqnr(proto, qmodel, feeds[0]) > MIN_SQNR_CHAIN_DB

@@ -358,6 +358,16 @@ class _StaticPlan:
         return True
 
 
+def _pads_with_zero(node: ir.Node) -> bool:
+    """Constant-mode Pad whose fill value is 0 (exactly representable after quantization)."""
+    if node.attributes.get_string("mode", "constant") != "constant":
+        return False
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        tensor = ops.constant_weight(node, 2)
+        return tensor is not None and not np.any(tensor.numpy())
+    return node.attributes.get_float("value", 0.0) == 0.0
+
+
 def _clip_bounds(act: ir.Node) -> tuple[float | None, float]:
     """[min, max] a Relu/Clip clamps to; (None, _) when the bounds are not constants."""
     if act.op_type == "Relu":
@@ -445,6 +455,9 @@ def _plan_node(plan: _StaticPlan, node: ir.Node) -> None:
     rule = ops.rule_for(node)
     name = node.name or node.op_type
     if rule.share_scale:
+        if node.op_type == "Pad" and not _pads_with_zero(node):
+            plan.report.skip(name, "Pad that is not constant-mode with value 0")
+            return
         src = node.inputs[0]
         p = plan.params.get(src)
         if p is None:
