@@ -391,8 +391,12 @@ def _save_npz(folder: Path, i: int, feed: dict[str, np.ndarray]) -> None:
     np.savez(folder / f"{i:05d}.npz", **{k: np.ascontiguousarray(v) for k, v in feed.items()})
 
 
-def _check_export(onnx_path: Path, feed: dict, expected: np.ndarray, atol: float) -> None:
+def _check_export(onnx_path: Path, feed: dict, expected: np.ndarray, atol: float,
+                  mask: np.ndarray | None = None) -> None:
+    """onnxruntime's first output must match `expected` (positions where mask is 0 ignored)."""
     got = session(onnx_path).run(None, feed)[0]
+    if mask is not None:
+        got = got * mask
     err = float(np.abs(got - expected).max())
     if not err <= atol:
         raise ZooError(f"{onnx_path.name}: onnxruntime differs from torch by {err} > {atol}")
@@ -688,11 +692,15 @@ def prepare_smollm2(name: str) -> None:
                    for n in ("input_ids", "attention_mask", "logits")}
             _torch_export(wrapped, (ids, mask), onnx_path, ["input_ids", "attention_mask"],
                           ["logits"], dyn)
-            ids = torch.randint(0, model.config.vocab_size, (1, 40))  # another length
+            # another length, batch 2 with left padding, and a single token
+            ids = torch.randint(0, model.config.vocab_size, (2, 40))
             mask = torch.ones_like(ids)
-            with torch.no_grad():
-                _check_export(onnx_path, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()},
-                              wrapped(ids, mask).numpy(), 2e-3)
+            mask[0, :7] = 0
+            for i, m in ((ids, mask), (ids[1:, :1], mask[1:, :1])):
+                with torch.no_grad():
+                    want = wrapped(i, m).numpy() * m.numpy()[..., None]
+                got = {"input_ids": i.numpy(), "attention_mask": m.numpy()}
+                _check_export(onnx_path, got, want, 2e-3, mask=m.numpy()[..., None])
             del model, wrapped
     if _data_ready(name):
         return
@@ -1292,4 +1300,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as a script, bench/ is sys.path[0] and its modules (kernels.py, calibration.py...)
+    # would shadow site-packages of the same name (transformers imports `kernels`).
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
     sys.exit(main())
