@@ -106,6 +106,8 @@ def qtool_convert(name: str, src: Path, dst: Path, *, dynamic: bool) -> dict:
         converted, reports, summary = convert_with_summary(model, recipe)
     else:
         recipe = load_recipe("int8-static")
+        if (model.opset_imports.get("") or 0) < 13:  # what the CLI's hint tells a user to do
+            recipe = recipe.override("quantize", allow_opset_upgrade=True)
         preprocess(model)
         table = calibrate(model, zoo.data_dir(name, "calib"), recipe)
         converted, reports, summary = convert_with_summary(model, recipe, table=table, preprocessed=True)
@@ -123,6 +125,7 @@ def _configs(name: str) -> list[tuple[str, callable]]:
         ("onnxruntime dynamic (per-tensor)", lambda s, d: ort_dynamic(name, s, d, per_channel=False)),
         ("onnxruntime dynamic (per-channel)", lambda s, d: ort_dynamic(name, s, d, per_channel=True)),
         ("qtool static (default int8-static)", lambda s, d: qtool_convert(name, s, d, dynamic=False)),
+        # (models below opset 13 get --allow-opset-upgrade, as the error's hint says)
     ]
     if name in TRANSFORMERS:
         configs.append(("qtool dynamic (int8-dynamic)", lambda s, d: qtool_convert(name, s, d, dynamic=True)))

@@ -268,6 +268,9 @@ def convert_with_summary(
                                          activations=activations, on_progress=stage("weights")))
         return model, reports, summarize(before, model, reports)
 
+    q = recipe.quantize
+    if plan.kind == "int8-static" and q.per_channel and q.allow_opset_upgrade:
+        model = upgrade_opset(model, 13, reports)
     changed = False
     if not preprocessed:
         from qtool.passes.preprocess import preprocess
@@ -297,6 +300,33 @@ def convert_with_summary(
 
     reports.append(cleanup(model))
     return model, reports, summarize(before, model, reports)
+
+
+def upgrade_opset(model: ir.Model, version: int, reports: list[PassReport]) -> ir.Model:
+    """The model converted to default-domain opset ``version`` by onnx's version converter.
+
+    Only called when the user allowed it (--allow-opset-upgrade). Ops whose signature
+    changed (Squeeze/Unsqueeze/Split/Reduce* axes, Softmax) are rewritten by the converter,
+    not just relabelled. Returns ``model`` itself when it is already new enough.
+    """
+    current = model.opset_imports.get("", 0)
+    if current >= version:
+        return model
+    import onnx
+    from onnx import version_converter
+
+    try:
+        proto = version_converter.convert_version(ir.to_proto(model), version)
+    except Exception as exc:  # the converter raises bare RuntimeErrors
+        raise ConversionError(
+            f"could not convert the model from opset {current} to {version}: {str(exc).splitlines()[0][:160]}",
+            "convert the model to opset 13 with your exporter, or use --per-tensor",
+        ) from None
+    del onnx
+    report = PassReport("opset")
+    report.count(f"opset {current} -> {version}")
+    reports.append(report)
+    return ir.from_proto(proto)
 
 
 def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
