@@ -170,11 +170,21 @@ def _broadcast(p: QParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     return p.scale.reshape(shape), p.zero_point.astype(np.int64).reshape(shape)
 
 
-def quantize(x: np.ndarray, p: QParams) -> np.ndarray:
-    """``q = saturate(round_half_even(x / s) + z)`` as ``p.dtype``.
+_KERNEL_QTYPES = {"uint8": "u8", "int8": "s8"}
 
-    TODO: dispatch to qtool.kernels' quantize once it lands (numpy twin for now).
+
+def quantize(x: np.ndarray, p: QParams) -> np.ndarray:
+    """``q = saturate(round_half_even(x / s) + z)`` as ``p.dtype`` (float32 divide).
+
+    8-bit goes through qtool.kernels (C when built, its numpy twin otherwise); int32 (bias)
+    is computed here.
     """
+    if p.dtype in _KERNEL_QTYPES and np.ndim(x) > 0:
+        from qtool import kernels
+
+        axis = None if p.axis is None else p.axis % np.ndim(x)
+        return kernels.quantize(np.asarray(x, np.float32), p.scale, p.zero_point.astype(np.int32),
+                                qtype=_KERNEL_QTYPES[p.dtype], axis=axis)
     scale, zp = _broadcast(p, np.ndim(x))
     qmin, qmax = int_range(p.dtype)
     q = np.rint(np.asarray(x, np.float32) / scale).astype(np.int64) + zp
