@@ -219,6 +219,7 @@ def convert(
     on_progress: Progress | None = None,
     preprocessed: bool = False,
     activations: dict | None = None,
+    absmax: dict | None = None,
 ) -> tuple[ir.Model, list[PassReport]]:
     """Convert ``model`` as ``recipe`` says; return (new model, reports of every pass).
 
@@ -226,10 +227,12 @@ def convert(
     int8, made on this model. ``preprocessed``: the model has already been through
     qtool.passes.preprocess (as ``convert --data`` does before calibrating).
     ``activations``: gptq/awq statistics for weight-only (collect_weight_only_stats).
+    ``absmax``: per-channel maxima of MatMul inputs for dynamic int8 smoothing
+    (qtool.passes.dynamic.collect_channel_absmax on the pre-processed model).
     """
     converted, reports, _ = convert_with_summary(
         model, recipe, table=table, on_progress=on_progress, preprocessed=preprocessed,
-        activations=activations,
+        activations=activations, absmax=absmax,
     )
     return converted, reports
 
@@ -242,6 +245,7 @@ def convert_with_summary(
     on_progress: Progress | None = None,
     preprocessed: bool = False,
     activations: dict | None = None,
+    absmax: dict | None = None,
 ) -> tuple[ir.Model, list[PassReport], ConvertSummary]:
     """``convert`` plus the per-op-type summary of what was quantized and what stayed float."""
     plan = plan_for(recipe)
@@ -282,7 +286,7 @@ def convert_with_summary(
     if plan.kind == "int8-dynamic":
         from qtool.passes.dynamic import quantize_dynamic
 
-        reports.append(quantize_dynamic(model, recipe, on_progress=stage("quantize")))
+        reports.append(quantize_dynamic(model, recipe, on_progress=stage("quantize"), absmax=absmax))
     else:
         ranges = _table_ranges(table)
         if check_table(table, raw, model) == "raw" and changed:

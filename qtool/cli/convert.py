@@ -153,7 +153,7 @@ def convert_command(
     dtype: DType = typer.Option(None, "--dtype", help="int, or fp16 for half precision."),
     calib: Path = typer.Option(None, "--calib", help="Calibration table (qtool calibrate)."),
     data: Path = typer.Option(None, "--data", help="Sample folder: calibrate inline (static int8), "
-                              "gptq/awq statistics, and the fidelity check."),
+                              "smoothing statistics (dynamic), gptq/awq statistics, and the fidelity check."),
     samples: int = typer.Option(None, "--samples", help="Calibrate on the first N samples (0: all)."),
     dynamic: bool = typer.Option(None, "--dynamic", help="Dynamic int8 (weights only offline, no data)."),
     fmt: Format = typer.Option(None, "--format", help="qdq | qoperator (int8), matmulnbits | qdq (4-bit)."),
@@ -232,6 +232,7 @@ def run_convert(model_path: Path, output: Path, r, plan, *, calib, data, externa
     reports = []
     work = source
     activations = None
+    absmax = None
     if plan.kind == "int8-static":
         if calib is not None:
             from qtool.calibration.table import CalibrationTable
@@ -252,6 +253,18 @@ def run_convert(model_path: Path, output: Path, r, plan, *, calib, data, externa
                     last[0] = p.done
 
                 table = calibrate(work, data, r, on_progress=on_batch)
+    elif plan.kind == "int8-dynamic" and data is not None:
+        from qtool.data import Dataset, input_specs
+        from qtool.passes.dynamic import collect_channel_absmax, smoothing_inputs
+        from qtool.passes.preprocess import preprocess
+
+        work = source.clone()
+        reports.append(preprocess(work))
+        preprocessed = True
+        dataset = Dataset(data, input_specs(work), r.preprocess)
+        with progress("activation ranges", None):
+            absmax = collect_channel_absmax(work, dataset, smoothing_inputs(work, r),
+                                            limit=r.calibration.samples)
     elif plan.kind == "weight-only" and r.weight_only.algorithm in ("gptq", "awq"):
         from qtool.data import Dataset, input_specs
         from qtool.passes.weight_only import collect_weight_only_stats
@@ -268,7 +281,7 @@ def run_convert(model_path: Path, output: Path, r, plan, *, calib, data, externa
 
         converted, more, summary = convert_with_summary(
             work, r, table=table, on_progress=on_progress, preprocessed=preprocessed,
-            activations=activations,
+            activations=activations, absmax=absmax,
         )
     reports += more
     add_provenance(converted, r.to_dict(), source=str(model_path))

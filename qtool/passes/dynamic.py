@@ -32,6 +32,8 @@ from qtool.passes.select import excluded, is_float_activation
 from qtool.quant.scales import DegenerateRange, quantize, weight_params
 
 MS_DOMAIN = "com.microsoft"
+# SmoothQuant's migration strength: s_k = max|x_k|^a / max_n|W_kn|^(1-a).
+SMOOTH_ALPHA = 0.5
 # Below this many weights the integer GEMM's quantization overhead outweighs its gain.
 MIN_WEIGHT_ELEMENTS = 4096
 
@@ -57,16 +59,87 @@ def _gemm_bias(node: ir.Node, n: int) -> ir.Value | None | str:
     return node.inputs[2]
 
 
+def _smoothable(node: ir.Node, recipe: Recipe) -> bool:
+    q = recipe.quantize
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        return False
+    if (q.op_types and "MatMul" not in q.op_types) or excluded(node, q.exclude):
+        return False
+    tensor = ops.constant_weight(node, 1)
+    return (tensor is not None and tensor.dtype == ir.DataType.FLOAT and len(tensor.shape) == 2
+            and tensor.size >= MIN_WEIGHT_ELEMENTS and is_float_activation(node.inputs[0]))
+
+
+def smoothing_inputs(model: ir.Model, recipe: Recipe) -> list[str]:
+    """Names of the MatMul inputs whose per-channel ranges ``smooth`` can use."""
+    return list(dict.fromkeys(n.inputs[0].name for n in iter_nodes(model) if _smoothable(n, recipe)))
+
+
+def collect_channel_absmax(model: ir.Model, dataset, names: list[str], *, limit: int = 0) -> dict[str, np.ndarray]:
+    """Per input channel (last axis) max |x| of each named tensor over ``dataset``.
+
+    Streams one batch at a time: memory is one batch of activations plus K floats per tensor.
+    """
+    from qtool.calibration.collect import stream_tensors
+
+    out: dict[str, np.ndarray] = {}
+    for _, tensors in stream_tensors(model, dataset, names, limit=limit):
+        for name, x in tensors.items():
+            m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0).astype(np.float32)
+            out[name] = m if name not in out else np.maximum(out[name], m)
+    return out
+
+
+def smooth(model: ir.Model, recipe: Recipe, absmax: dict[str, np.ndarray], b: GraphBuilder,
+           report: PassReport) -> None:
+    """Move activation outliers into the weights before dynamic quantization (SmoothQuant).
+
+    For an input x [.., K] read by MatMuls with weights W [K, N]: ``x W = (x / s)(s W)`` with
+    ``s_k = max|x_k|^a / max_n |W_kn|^(1-a)`` (a = SMOOTH_ALPHA, over every MatMul sharing x).
+    Per-tensor dynamic quantization of ``x / s`` then no longer spends its 256 levels on a
+    few outlier channels. One Mul by 1/s is inserted per input tensor.
+    """
+    groups: dict[ir.Value, list[ir.Node]] = {}
+    for node in iter_nodes(model):
+        if _smoothable(node, recipe) and node.inputs[0].name in absmax:
+            groups.setdefault(node.inputs[0], []).append(node)
+    for x, nodes in groups.items():
+        a = absmax[x.name].astype(np.float64)
+        weights = [ops.constant_weight(n, 1).numpy() for n in nodes]
+        if any(w.shape[0] != a.shape[0] for w in weights):
+            continue
+        wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64)
+        valid = (a > 0) & (wmax > 0) & np.isfinite(a)
+        s = np.ones_like(a)
+        s[valid] = a[valid] ** SMOOTH_ALPHA / wmax[valid] ** (1 - SMOOTH_ALPHA)
+        s = np.clip(s, 1e-4, 1e4)
+        inv = b.initializer((1.0 / s).astype(np.float32), f"{x.name}_smooth_inv")
+        mul = b.node("Mul", [x, inv], f"{x.name}_smooth", dtype=ir.DataType.FLOAT, shape=x.shape)
+        nodes[0].graph.insert_before(nodes[0], mul)
+        for node, w in zip(nodes, weights):
+            ws = b.initializer((w * s[:, None]).astype(np.float32), f"{node.inputs[1].name}_smoothed")
+            node.replace_input_with(1, ws)
+            node.replace_input_with(0, mul.outputs[0])
+        report.count("inputs smoothed")
+
+
 def quantize_dynamic(
     model: ir.Model,
     recipe: Recipe,
     *,
     on_progress: Callable[[int, int], None] | None = None,
+    absmax: dict[str, np.ndarray] | None = None,
 ) -> PassReport:
-    """Rewrite MatMul/Gemm with constant weights into DynamicQuantizeMatMul, in place."""
+    """Rewrite MatMul/Gemm with constant weights into DynamicQuantizeMatMul, in place.
+
+    ``absmax``: per-channel activation maxima of MatMul inputs (``collect_channel_absmax``,
+    from ``convert --dynamic --data``); when given, inputs are smoothed first (``smooth``).
+    """
     q = recipe.quantize
     report = PassReport("dynamic")
     b = GraphBuilder(model)
+    if absmax:
+        smooth(model, recipe, absmax, b, report)
     weight_type = q.weight_type
     nodes = [n for n in iter_nodes(model) if n.op_type in ("MatMul", "Gemm", "Conv")
              and n.domain in ("", "ai.onnx")]
