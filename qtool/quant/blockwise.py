@@ -6,11 +6,15 @@ returns a :class:`~qtool.quant.formats.BlockQuant` with unsigned codes:
 
     w ~= (q - z) * s,   q = clamp(round_half_even(w / s) + z, 0, 2^bits - 1)
 
-Symmetric: ``s = max|w| / (2^(bits-1) - 1)``, ``z = 2^(bits-1)``. Asymmetric: ``lo =
-min(min w, 0)``, ``hi = max(max w, 0)``, ``s = (hi - lo) / (2^bits - 1)``, ``z =
-clamp(round_half_even(-lo / s), 0, 2^bits - 1)``. Scales are computed in float64 and
-rounded to float32 once; a zero scale becomes 1.0 (these are the definitions of the native
-``qt_block_params_rtn`` kernel, so the two stay interchangeable).
+Symmetric: ``m`` = the block's value of largest magnitude (with its sign), ``s = -m /
+2^(bits-1)``, ``z = 2^(bits-1)``: the extreme lands exactly on code 0 and all 2^bits levels
+are used (the scale is negative when m > 0; MatMulNBits, DequantizeLinear and
+GatherBlockQuantized only multiply by it). Measured on SmolLM2, ``max|w| / (2^(bits-1)-1)``
+(15 of 16 levels, the native ``qt_block_params_rtn`` rule) lost 15 perplexity points at
+4-bit/128 against this rule. Asymmetric: ``lo = min(min w, 0)``, ``hi = max(max w, 0)``,
+``s = (hi - lo) / (2^bits - 1)``, ``z = clamp(round_half_even(-lo / s), 0, 2^bits - 1)``
+(as ``qt_block_params_rtn``). Scales are computed in float64 and rounded to float32 once;
+a zero scale becomes 1.0.
 
 Algorithms (``ALGORITHMS``):
 
@@ -100,8 +104,9 @@ def _params_from_range(lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: boo
     """Scale (float32) and zero point (uint8) from a block range, per the module docstring."""
     qmax = (1 << bits) - 1
     if symmetric:
-        amax = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64)
-        scale = (amax / ((1 << (bits - 1)) - 1)).astype(np.float32)
+        lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+        m = np.where(hi >= -lo, hi, lo)  # signed extreme
+        scale = (-m / (1 << (bits - 1))).astype(np.float32)
         scale[scale == 0] = 1.0
         return scale, None
     lo = np.minimum(lo, 0).astype(np.float64)
@@ -140,11 +145,7 @@ def _finish(w: np.ndarray, q: np.ndarray, scale, zp, bits: int, block_size: int)
 def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> BlockQuant:
     """Round-to-nearest block quantization of ``w[rows, cols]`` (formulas in the module doc)."""
     xb = _blocks(w, block_size)
-    if symmetric:
-        amax = np.abs(xb).max(-1)
-        scale, zp = _params_from_range(-amax, amax, bits, True)
-    else:
-        scale, zp = _params_from_range(xb.min(-1), xb.max(-1), bits, False)
+    scale, zp = _params_from_range(xb.min(-1), xb.max(-1), bits, symmetric)
     return _finish(w, quantize_blocks(xb, scale, zp, bits), scale, zp, bits, block_size)
 
 
@@ -203,14 +204,26 @@ def quantize_slabs(
         else:
             x = np.ascontiguousarray(w[i0:i1], dtype=np.float32)  # [chunk, K]
             rows, cols, blocks = slice(i0, i1), slice(None), slice(None)
-        if native:
+        if native and symmetric and method == "rtn":
+            # Signed scales (module doc); the kernels take positive scales, so flip the sign
+            # of each block's weights instead: rint(x / s) == rint(-x / -s).
+            rows_, cols_ = x.shape
+            xb = pad_cols(x, block_size).reshape(rows_, -1, block_size)
+            sc, _ = _params_from_range(xb.min(-1), xb.max(-1), bits, True)
+            sign = np.repeat(np.sign(sc), block_size, axis=1)[:, :cols_]
+            xf = x * sign
+            z = np.full(sc.shape, 1 << (bits - 1), np.int32)
+            q = kernels.quantize(xf, np.abs(sc), z, qtype=qtype, axis=1, block_size=block_size)
+            y = kernels.dequantize(q, np.abs(sc), z, qtype=qtype, axis=1, block_size=block_size) * sign if measure else None
+            z = None
+        elif native and not symmetric:
             if method == "mse":
                 sc, z = kernels.block_params_mse(x, block_size, qtype, symmetric)
             else:
                 sc, z = kernels.block_params_rtn(x, block_size, qtype, symmetric)
             q = kernels.quantize(x, sc, z, qtype=qtype, axis=1, block_size=block_size)
             y = kernels.dequantize(q, sc, z, qtype=qtype, axis=1, block_size=block_size) if measure else None
-            z = None if symmetric else z.astype(np.uint8)
+            z = z.astype(np.uint8)
         else:
             part = mse(x, bits, block_size, symmetric) if method == "mse" else rtn(x, bits, block_size, symmetric)
             q, sc, z = part.codes, part.scales, part.zero_points
@@ -240,9 +253,6 @@ def mse(
     least ``sum (w - w_hat)^2``; f = 1 is RTN, so the result is never worse than RTN."""
     xb = _blocks(w, block_size)
     lo0, hi0 = xb.min(-1), xb.max(-1)
-    if symmetric:
-        amax = np.maximum(-lo0, hi0)
-        lo0, hi0 = -amax, amax
     best = None
     for j in range(n_grid):
         f = np.float32(1.0 - j * (1.0 - min_shrink) / max(n_grid - 1, 1))
@@ -271,7 +281,7 @@ def _ls_scale(xb, q, zp, bits, fallback):
     d = q.astype(np.float32) - z
     num = np.einsum("rbk,rbk->rb", xb, d, dtype=np.float64)
     den = np.einsum("rbk,rbk->rb", d, d, dtype=np.float64)
-    ok = (den > 0) & (num > 0)
+    ok = (den > 0) & (num != 0) & (np.sign(num) == np.sign(fallback))
     s = np.where(ok, num / np.where(ok, den, 1.0), fallback).astype(np.float32)
     return s
 
@@ -338,7 +348,7 @@ def gptq(
     hessian: np.ndarray,
     symmetric: bool = True,
     damp: float = 0.01,
-    act_order: bool = False,
+    act_order: bool = True,
     lazy_block: int = 128,
 ) -> BlockQuant:
     """GPTQ on ``w[N, K]`` with the input Hessian ``H[K, K] = 2 X^T X / n``.
@@ -348,7 +358,10 @@ def gptq(
     ``W[:, j+1:] -= e U[j, j+1:]``, with U the upper Cholesky factor of (H + damp*mean(diag
     H) I)^-1. Updates inside a ``lazy_block`` of columns are applied eagerly, the rest once
     per block (one GEMM). Block scales/zero points come from the (updated) weights at the
-    start of each quantization block; with act_order they come from the original weights.
+    start of each quantization block; with act_order (the default: on low-rank synthetic
+    activations it cut the output error to 0.03-0.05x RTN's, against 0.6-0.98x without)
+    they come from the original weights, so blocks stay contiguous along K and no g_idx
+    is needed.
     """
     w = np.array(w, dtype=np.float64)
     rows, k = w.shape
@@ -393,11 +406,8 @@ def gptq(
             g = col // block_size
             if not act_order and col % block_size == 0:
                 seg = w1[:, i : i + block_size].astype(np.float32)
-                if symmetric:
-                    amax = np.abs(seg).max(-1)
-                    s, _ = _params_from_range(-amax, amax, bits, True)
-                else:
-                    s, z = _params_from_range(seg.min(-1), seg.max(-1), bits, False)
+                s, z = _params_from_range(seg.min(-1), seg.max(-1), bits, symmetric)
+                if z is not None:
                     zps[:, g] = z
                 scales[:, g] = s
             s = scales[:, g].astype(np.float64)
