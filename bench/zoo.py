@@ -1097,6 +1097,12 @@ def _spec(name: str) -> Spec:
     return SPECS[name]
 
 
+def is_ready(name: str) -> bool:
+    """Model file, its data splits (and for smollm2 the tokenizer) are all in place."""
+    extra = [MODELS / f"{name}_tokenizer"] if name == "smollm2" else []
+    return model_path(name).exists() and _data_ready(name) and all(p.exists() for p in extra)
+
+
 def _in_bench_venv() -> bool:
     return Path(sys.prefix).resolve() == VENV.resolve()
 
@@ -1124,7 +1130,7 @@ def prepare(names: list[str]) -> None:
     for n in names:
         _spec(n)
     if not _in_bench_venv():
-        outside = [n for n in names if SPECS[n].needs_bench_venv]
+        outside = [n for n in names if SPECS[n].needs_bench_venv and not is_ready(n)]
         if outside:
             cmd = [str(ensure_bench_venv()), str(Path(__file__).resolve()), "prepare"]
             for n in outside:
@@ -1295,7 +1301,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "report":
             rows = []
             for n in names:
-                if not model_path(n).exists() or not _data_ready(n):
+                if not is_ready(n):
                     log(f"skip {n}: not prepared")
                     continue
                 log(f"measure {n}")
@@ -1305,7 +1311,7 @@ def main(argv: list[str] | None = None) -> int:
             print(write_report(rows))
         else:
             for n in names:
-                state = "ready" if model_path(n).exists() and _data_ready(n) else "missing"
+                state = "ready" if is_ready(n) else "missing"
                 print(f"{n:20s} {state:8s} {model_path(n)}")
     except (ZooError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
