@@ -169,7 +169,7 @@ def _weight_rows(item: _Item) -> np.ndarray:
     return w.T  # W[K, N] -> view [N, K]
 
 
-def _quantize_item(item: _Item, wo, algorithm: str) -> QuantOutcome:
+def _quantize_item(item: _Item, wo, algorithm: str, fmt: str = "") -> QuantOutcome:
     """Quantize one weight; row-separable algorithms run in cache-sized row chunks."""
     w = _weight_rows(item)
     if item.alpha != 1.0:
@@ -179,6 +179,12 @@ def _quantize_item(item: _Item, wo, algorithm: str) -> QuantOutcome:
     if algorithm in DATA_AWARE and item.kind != "gather" and stats is not None:
         return quantize_weight(np.ascontiguousarray(w, dtype=np.float32), item.bits, wo.block_size, wo.symmetric, algorithm, stats)
     alg = algorithm if algorithm not in DATA_AWARE else "mse"
+    k_rows = item.weight.const_value.shape[0]
+    if (fmt == "matmulnbits" and alg == "rtn" and item.bits == 4 and item.kind == "matmul"
+            and k_rows % wo.block_size == 0):
+        # The default path: straight from W[K, N] to packed MatMulNBits tensors.
+        t = formats.matmulnbits_rtn4_from_kn(item.weight.const_value.numpy(), wo.block_size, wo.symmetric)
+        return QuantOutcome(None, float("nan"), float("nan"), tensors=t)
     if alg in ("rtn", "mse"):
         # Cache-sized slabs straight from the (memory-mapped) stored layout, native kernels.
         src = item.weight.const_value.numpy()
@@ -309,7 +315,7 @@ def _rewrite(graph: ir.Graph, item: _Item, outcome: QuantOutcome, wo, fmt: str) 
                 b = b * np.float32(item.beta)
             bias = b
         if fmt == "matmulnbits":
-            t = formats.matmulnbits_tensors(bq)
+            t = outcome.tensors if outcome.tensors is not None else formats.matmulnbits_tensors(bq)
             inputs = [a, _init(graph, base + "_q", t.b), _init(graph, base + "_scale", t.scales)]
             inputs.append(_init(graph, base + "_zp", t.zero_points) if t.zero_points is not None else None)
             if bias is not None:
@@ -441,7 +447,7 @@ def apply_weight_only(
     out_errs: list[tuple[float, float]] = []
     if on_progress is not None:
         on_progress(0, total)
-    for item, outcome in _pipelined(items, lambda it: _quantize_item(it, wo, algorithm)):
+    for item, outcome in _pipelined(items, lambda it: _quantize_item(it, wo, algorithm, fmt)):
         graph = item.node.graph
         freed = _rewrite(graph, item, outcome, wo, fmt)
         _drop_unused_initializers(graph, freed)

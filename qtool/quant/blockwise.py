@@ -82,14 +82,16 @@ class QuantOutcome:
     ``rtn_output_error``: relative output error (data-aware only, else None).
     ``input_scale``: AWQ's per-input-channel factor [K]; the activations must be
     multiplied by it before the quantized MatMul (None: no scaling).
+    ``tensors``: MatMulNBits tensors made directly by a fast path (then ``bq`` is None).
     """
 
-    bq: BlockQuant
+    bq: BlockQuant | None
     weight_mse: float
     rtn_weight_mse: float
     output_error: float | None = None
     rtn_output_error: float | None = None
     input_scale: np.ndarray | None = None
+    tensors: object | None = None
 
 
 # ---- RTN -------------------------------------------------------------------------------

@@ -328,3 +328,54 @@ def bits_per_weight(bits: int, block_size: int, has_zero_points: bool) -> float:
     """Storage cost: container bits + a float32 scale (+ a packed zero point) per block."""
     b = storage_bits(bits)
     return b + 32 / block_size + (b / block_size if has_zero_points else 0.0)
+
+
+def matmulnbits_rtn4_from_kn(w_kn: np.ndarray, block_size: int, symmetric: bool, chunk: int = 0) -> MatMulNBitsTensors:
+    """4-bit RTN straight from a MatMul weight ``W[K, N]`` into MatMulNBits tensors.
+
+    Same codes as ``blockwise.rtn(W.T, 4, block_size, symmetric)`` followed by
+    :func:`matmulnbits_tensors`, but computed in W's own layout, one slab of K rows at a
+    time: block parameters are reductions over K (contiguous rows), codes are packed along
+    K two per byte and eight per uint32 word *before* the one transpose, so only 1/8 of
+    the float data's elements are ever transposed. Needs K a multiple of ``block_size``.
+    """
+    from qtool.quant.blockwise import _params_from_range  # same rule as every other path
+
+    k, n = w_kn.shape
+    if k % block_size:
+        raise ValueError("matmulnbits_rtn4_from_kn needs K a multiple of the block size")
+    nb = k // block_size
+    if not chunk:  # a few blocks of rows: the slab and its temporaries stay in L2
+        chunk = max(block_size, 64)
+    words = np.empty((n, k // 8), dtype=np.uint32)  # B viewed as 8 codes per word
+    scales = np.empty((n, nb), dtype=np.float32)
+    zps = None if symmetric else np.empty((n, nb), dtype=np.uint8)
+    for k0 in range(0, k, chunk):
+        k1 = min(k0 + chunk, k)
+        nbc = (k1 - k0) // block_size
+        x = np.asarray(w_kn[k0:k1], dtype=np.float32).reshape(nbc, block_size, n)
+        s, z = _params_from_range(x.min(1), x.max(1), 4, symmetric)  # [nbc, N]
+        t = x / s[:, None, :]
+        np.rint(t, out=t)
+        t += np.float32(8) if z is None else z[:, None, :].astype(np.float32)
+        np.clip(t, 0, 15, out=t)
+        # Codes are exact small integers in float32: build each 16-bit half-word of 4 codes
+        # (first code in the low nibble) in float, cast once, and join the halves.
+        c = t.reshape(-1, 8, n)
+        lo = c[:, 0] + c[:, 1] * 16 + c[:, 2] * 256 + c[:, 3] * 4096
+        hi = c[:, 4] + c[:, 5] * 16 + c[:, 6] * 256 + c[:, 7] * 4096
+        word = lo.astype(np.uint32) | (hi.astype(np.uint32) << 16)  # [rows/8, N], little endian
+        words[:, k0 // 8 : k1 // 8] = word.T
+        scales[:, k0 // block_size : k1 // block_size] = s.T
+        if zps is not None:
+            zps[:, k0 // block_size : k1 // block_size] = z.T
+    b = words.view(np.uint8).reshape(n, nb, block_size // 2)
+    return MatMulNBitsTensors(
+        b=b,
+        scales=scales,
+        zero_points=None if zps is None else pack_zero_points(zps, 4),
+        bits=4,
+        block_size=block_size,
+        k=k,
+        n=n,
+    )
