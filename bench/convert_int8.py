@@ -93,7 +93,8 @@ def ort_dynamic(name: str, src: Path, dst: Path, *, per_channel: bool) -> None:
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
 
 
-def qtool_convert(name: str, src: Path, dst: Path, *, dynamic: bool) -> dict:
+def qtool_convert(name: str, src: Path, dst: Path, *, dynamic: bool, smooth: bool = False,
+                  exclude: tuple[str, ...] = ()) -> dict:
     from qtool.calibration import calibrate
     from qtool.config import load_recipe
     from qtool.convert import convert_with_summary
@@ -102,8 +103,17 @@ def qtool_convert(name: str, src: Path, dst: Path, *, dynamic: bool) -> dict:
 
     model = load(src)
     if dynamic:
-        recipe = load_recipe("int8-dynamic")
-        converted, reports, summary = convert_with_summary(model, recipe)
+        recipe = load_recipe("int8-dynamic").override("quantize", exclude=exclude or None)
+        absmax = None
+        if smooth:  # what `qtool convert --dynamic --data calib/` does
+            from qtool.data import Dataset, input_specs
+            from qtool.passes.dynamic import collect_channel_absmax, smoothing_inputs
+
+            preprocess(model)
+            dataset = Dataset(zoo.data_dir(name, "calib"), input_specs(model), recipe.preprocess)
+            absmax = collect_channel_absmax(model, dataset, smoothing_inputs(model, recipe))
+        converted, reports, summary = convert_with_summary(model, recipe, absmax=absmax,
+                                                           preprocessed=smooth)
     else:
         recipe = load_recipe("int8-static")
         if (model.opset_imports.get("") or 0) < 13:  # what the CLI's hint tells a user to do
@@ -128,7 +138,14 @@ def _configs(name: str) -> list[tuple[str, callable]]:
         # (models below opset 13 get --allow-opset-upgrade, as the error's hint says)
     ]
     if name in TRANSFORMERS:
-        configs.append(("qtool dynamic (int8-dynamic)", lambda s, d: qtool_convert(name, s, d, dynamic=True)))
+        configs.append(("qtool dynamic (int8-dynamic, no data)",
+                        lambda s, d: qtool_convert(name, s, d, dynamic=True)))
+        configs.append(("qtool dynamic + smoothing (--data calib)",
+                        lambda s, d: qtool_convert(name, s, d, dynamic=True, smooth=True)))
+    if name == "smollm2":
+        configs.append(("qtool dynamic + smoothing, --exclude '*down_proj*'",
+                        lambda s, d: qtool_convert(name, s, d, dynamic=True, smooth=True,
+                                                   exclude=("*down_proj*",))))
     return configs
 
 

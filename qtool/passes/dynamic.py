@@ -33,7 +33,7 @@ from qtool.quant.scales import DegenerateRange, quantize, weight_params
 
 MS_DOMAIN = "com.microsoft"
 # SmoothQuant's migration strength: s_k = max|x_k|^a / max_n|W_kn|^(1-a).
-SMOOTH_ALPHA = 0.5
+SMOOTH_ALPHA = 0.7  # 0.5 (the paper's default) left SmolLM2 at +15% perplexity, 0.7 at +4%
 # Below this many weights the integer GEMM's quantization overhead outweighs its gain.
 MIN_WEIGHT_ELEMENTS = 4096
 
