@@ -184,3 +184,24 @@ def test_int8_activations_warn_that_they_are_slow_here(tmp_path, capsys):
     assert run(["convert", model, "-o", str(tmp_path / "q.onnx"), "--data", data,
                 "--activation-type", "int8", "-q"]) == 0
     assert "warning:" in capsys.readouterr().err
+
+
+def test_weight_only_4bit_goes_through_convert(tmp_path):
+    w = (RNG.standard_normal((128, 64)) * 0.1).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    onnx.save(m, tmp_path / "m.onnx")
+    out = tmp_path / "q4.onnx"
+    assert run(["convert", str(tmp_path / "m.onnx"), "-o", str(out), "--bits", "4",
+                "--block-size", "32", "--algorithm", "rtn", "-q"]) == 0
+    assert "MatMulNBits" in _types(out)
+    x = RNG.standard_normal((3, 128)).astype(np.float32)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = x @ w
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.15  # 4-bit blocks of 32

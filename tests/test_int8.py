@@ -534,3 +534,29 @@ def test_dynamic_smoothing_moves_outlier_channels_into_weights():
     assert next(r for r in reports if r.name == "dynamic").counts["inputs smoothed"] == 1
     assert op_types(smoothed) == ["Mul", "DynamicQuantizeMatMul"]
     assert sqnr(proto, smoothed, feed) > sqnr(proto, plain, feed) + 6.0  # 4x less noise at least
+
+
+def test_cleanup_removes_dangling_pairs_and_keeps_useful_ones():
+    from qtool.passes.cleanup import cleanup
+
+    s, z = init("s", np.float32(0.1)), init("z", np.uint8(128))
+    proto = make_model(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+         helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq"),
+         helper.make_node("Sigmoid", ["xd"], ["a"], name="float_op"),  # nothing integer here
+         helper.make_node("QuantizeLinear", ["a", "s", "z"], ["aq"], name="q2"),
+         helper.make_node("DequantizeLinear", ["aq", "s", "z"], ["ad"], name="dq2"),
+         helper.make_node("MaxPool", ["ad"], ["p"], kernel_shape=[1, 1], name="pool"),
+         helper.make_node("QuantizeLinear", ["p", "s", "z"], ["pq"], name="q3"),
+         helper.make_node("DequantizeLinear", ["pq", "s", "z"], ["y"], name="dq3")],
+        [vi("x", [1, 2, 4, 4])], [vi("y", None)], [s, z],
+    )
+    model = ir.from_proto(proto)
+    report = cleanup(model)
+    assert report.counts["dangling_qdq_removed"] == 1
+    types = op_types(model)
+    assert types.count("QuantizeLinear") == 2 and types[0] == "Sigmoid"  # x's pair is gone
+    feed = {"x": RNG.standard_normal((1, 2, 4, 4)).astype(np.float32)}
+    ref = session(proto).run(None, feed)[0]
+    got = session(model).run(None, feed)[0]
+    assert np.abs(ref - got).max() <= 0.1 + 1e-5  # within one step of the remaining pairs

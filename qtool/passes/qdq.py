@@ -437,7 +437,7 @@ def quantize_static(
         _plan_node(plan, node)
         if on_progress is not None:
             on_progress(done, total)
-    gathers = quantize_gathers(model, recipe, plan.b, report)
+    quantize_gathers(model, recipe, plan.b, report)
     for producer, act in plan.folds:
         _fold(plan.b, producer, act)
         report.count(f"{act.op_type} folded")
@@ -447,7 +447,6 @@ def quantize_static(
             continue
         insert_qdq(plan.b, value, p)
     report.count("QDQ pairs", len(plan.params) - len(folded_away))
-    del gathers
     return report
 
 
