@@ -560,3 +560,19 @@ def test_cleanup_removes_dangling_pairs_and_keeps_useful_ones():
     ref = session(proto).run(None, feed)[0]
     got = session(model).run(None, feed)[0]
     assert np.abs(ref - got).max() <= 0.1 + 1e-5  # within one step of the remaining pairs
+
+
+def test_qoperator_matmul_gemm_concat():
+    proto = make_model(
+        [helper.make_node("MatMul", ["a", "w"], ["m"], name="mm"),
+         helper.make_node("Relu", ["m"], ["r"], name="relu"),
+         helper.make_node("Gemm", ["r", "w2", "b2"], ["g"], transB=1, name="gemm"),
+         helper.make_node("Concat", ["g", "g"], ["y"], axis=1, name="cat")],
+        [vi("a", [4, 16])], [vi("y", None)],
+        [init("w", RNG.standard_normal((16, 32)).astype(np.float32)),
+         init("w2", RNG.standard_normal((8, 32)).astype(np.float32)),
+         init("b2", RNG.standard_normal(8).astype(np.float32))],
+    )
+    model, reports, summary, feeds = static(proto, format="qoperator")
+    assert op_types(model) == ["QuantizeLinear", "QLinearMatMul", "QGemm", "QLinearConcat", "DequantizeLinear"]
+    assert sqnr(proto, model, feeds[0]) > MIN_SQNR_CHAIN_DB
