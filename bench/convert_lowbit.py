@@ -138,6 +138,9 @@ WORKERS = {f.__name__[5:]: f for f in (work_read, work_qtool, work_ort, work_ort
 
 def spawn(kind: str, **kw) -> dict:
     """Run one worker in a fresh process; return its result plus wall time, CPU time and peak RSS."""
+    if "dst" in kw:  # onnxruntime appends to an existing .data file: start from nothing
+        for stale in (Path(kw["dst"]), Path(kw["dst"] + ".data")):
+            stale.unlink(missing_ok=True)
     start = time.perf_counter()
     out = subprocess.run([sys.executable, __file__, "_worker", kind, json.dumps(kw)],
                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=False)
