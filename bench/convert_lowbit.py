@@ -196,7 +196,7 @@ def part_a(lines: list[str]) -> dict:
     return outs
 
 
-def part_b(lines: list[str]) -> None:
+def part_b(lines: list[str], only: list[str] | None = None) -> None:
     import zoo
 
     name = "smollm2"
@@ -216,6 +216,10 @@ def part_b(lines: list[str]) -> None:
         for alg in ("mse", "hqq"):
             configs.append((f"qtool {alg} int{bits} b32 asym", ("qtool", {"bits": bits, "block": 32, "algorithm": alg, "symmetric": False})))
     configs.append(("qtool rtn int8 b128", ("qtool", {"bits": 8, "block": 128, "algorithm": "rtn"})))
+    if only:  # fp32 stays: every increase is measured against it
+        configs = [c for c in configs if c[0] == "fp32" or any(o in c[0] for o in only)]
+    # the slow data-aware conversions last, so a long run has the rest first
+    configs.sort(key=lambda c: any(a in c[0] for a in ("gptq", "awq")))
     results = []
     for label, cfg in configs:
         if cfg is None:
@@ -293,6 +297,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="*", default=["a", "c", "b"])
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--only", nargs="*", default=None, help="part b: run configurations whose label contains one of these")
     args = parser.parse_args()
     import onnxruntime
 
@@ -312,7 +317,7 @@ def main() -> None:
         elif part == "c":
             part_c(lines, outs)
         elif part == "b":
-            part_b(lines)
+            part_b(lines, args.only)
         Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
