@@ -379,24 +379,13 @@ def gptq(
     scales = np.zeros((rows, nb), dtype=np.float32)
     zps = None if symmetric else np.zeros((rows, nb), dtype=np.uint8)
 
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     if act_order:  # static groups: parameters from the original weights
         static = rtn(w.astype(np.float32), bits, block_size, symmetric)
         scales[:] = static.scales
         if zps is not None:
             zps[:] = static.zero_points
+    perm, u = _gptq_factor(h, damp, act_order)
     w = w[:, perm]
-    h = h[np.ix_(perm, perm)]
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    try:
-        lower = np.linalg.cholesky(h)
-        h_inv = np.linalg.inv(lower).T @ np.linalg.inv(lower)  # (L L^T)^-1
-        u = np.linalg.cholesky(h_inv).T
-    except np.linalg.LinAlgError:
-        raise UsageError(
-            "GPTQ: the activation Hessian is not positive definite even after damping",
-            "use more calibration samples, or --algorithm awq / mse",
-        ) from None
     lazy = max(block_size, (lazy_block // block_size) * block_size) if not act_order else lazy_block
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
@@ -422,6 +411,32 @@ def gptq(
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     return BlockQuant(codes, scales, zps, bits, block_size)
+
+
+_FACTORS: list = []  # small cache: MatMuls that share an input (q/k/v, gate/up) share H
+
+
+def _gptq_factor(h: np.ndarray, damp: float, act_order: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Column order and U = upper Cholesky factor of (H_perm + damp*mean(diag) I)^-1."""
+    for key, damp_, order_, perm, u in _FACTORS:
+        if damp_ == damp and order_ == act_order and key.shape == h.shape and np.array_equal(key, h):
+            return perm, u
+    k = h.shape[0]
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    hp = h[np.ix_(perm, perm)]
+    hp[np.diag_indices(k)] += damp * np.mean(np.diag(hp))
+    try:
+        lower = np.linalg.cholesky(hp)
+        linv = np.linalg.inv(lower)
+        u = np.linalg.cholesky(linv.T @ linv).T  # (L L^T)^-1 = L^-T L^-1
+    except np.linalg.LinAlgError:
+        raise UsageError(
+            "GPTQ: the activation Hessian is not positive definite even after damping",
+            "use more calibration samples, or --algorithm awq / mse",
+        ) from None
+    _FACTORS.insert(0, (h.copy(), damp, act_order, perm, u))
+    del _FACTORS[3:]
+    return perm, u
 
 
 # ---- AWQ ---------------------------------------------------------------------------------
