@@ -131,6 +131,26 @@ def load_split(name: str, split: str = "eval") -> list[dict[str, np.ndarray]]:
     return list(iter_split(name, split))
 
 
+def ort_reader(name: str, split: str = "calib", limit: int | None = None):
+    """An onnxruntime CalibrationDataReader over a split (first `limit` samples), for
+    onnxruntime.quantization.quantize_static. Reads one sample file at a time."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    files = sample_files(name, split)[:limit]
+
+    class SplitReader(CalibrationDataReader):
+        def __init__(self):
+            self.rewind()
+
+        def get_next(self):
+            return next(self._it, None)
+
+        def rewind(self):
+            self._it = (feed for feed, _ in zip(iter_split(name, split), files))
+
+    return SplitReader()
+
+
 def session(onnx_path: str | Path, threads: int = THREADS):
     """CPU onnxruntime session with `threads` intra-op threads (1 inter-op)."""
     import onnxruntime as ort
