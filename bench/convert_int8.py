@@ -33,7 +33,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-import zoo  # noqa: E402
+import zoo
 
 RESULTS = HERE / "results" / "convert_int8.md"
 WORK = zoo.CACHE / "work" / "convert_int8"
@@ -75,7 +75,12 @@ class _Reader:
 
 
 def ort_static(name: str, src: Path, dst: Path, *, u8: bool, per_channel: bool) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     reader = _Reader(name, ORT_STATIC_SAMPLES.get(name))
     CalibrationDataReader.register(_Reader)
@@ -180,14 +185,14 @@ def run_model(name: str, skip: set[str]) -> dict:
         t0 = time.perf_counter()
         try:
             extra = fn(src, dst) or {}
-        except Exception as exc:  # a failing tool is a result, not a crash of the bench
+        except Exception as exc:  # noqa: BLE001 - a failing tool is a result, not a crash of the bench
             rows.append({"config": label, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             traceback.print_exc()
             continue
         seconds = round(time.perf_counter() - t0, 1)
         try:
             rows.append(measure(label, dst, seconds, extra))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an output that does not run is a result too
             rows.append({"config": label, "convert_s": seconds,
                          "error": f"does not run: {type(exc).__name__}: {str(exc)[:200]}"})
     result = {"model": name, "rows": rows, "latency_runs": runs,

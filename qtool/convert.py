@@ -321,7 +321,7 @@ def upgrade_opset(model: ir.Model, version: int, reports: list[PassReport]) -> i
 
     try:
         proto = version_converter.convert_version(ir.to_proto(model), version)
-    except Exception as exc:  # the converter raises bare RuntimeErrors
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors
         raise ConversionError(
             f"could not convert the model from opset {current} to {version}: {str(exc).splitlines()[0][:160]}",
             "convert the model to opset 13 with your exporter, or use --per-tensor",

@@ -178,7 +178,7 @@ def test_conv_relu_folds_relu_and_uses_int32_bias():
         [vi("x", ["N", 3, 8, 8])], [vi("y", None)],
         [init("w", conv_w(8, 3)), init("b", RNG.standard_normal(8).astype(np.float32))],
     )
-    model, reports, summary, feeds = static(proto)
+    model, _reports, summary, feeds = static(proto)
     types = op_types(model)
     assert "Relu" not in types and types.count("Conv") == 1
     g = ir.to_proto(model).graph
@@ -219,7 +219,7 @@ def test_pools(op):
          helper.make_node(op, ["c"], ["y"], name="pool", **attrs)],
         [vi("x", ["N", 4, 8, 8])], [vi("y", None)], [init("w", conv_w(8, 4, 1))],
     )
-    model, reports, summary, feeds = static(proto)
+    model, _reports, summary, feeds = static(proto)
     assert summary.quantized[op] == 1
     assert sqnr(proto, model, feeds[0]) > MIN_SQNR_DB
     if op == "MaxPool":  # shares the Conv output's scale: no requantization
@@ -238,7 +238,7 @@ def test_data_movement_ops_share_scale():
         [init("w", conv_w(8, 4, 1)), init("shape", np.array([2, 128], np.int64)),
          init("m", RNG.standard_normal((128, 16)).astype(np.float32) * 0.1)],
     )
-    model, reports, summary, feeds = static(proto)
+    model, _reports, summary, feeds = static(proto)
     g = ir.to_proto(model).graph
     scale_of = {n.output[0]: n.input[1] for n in g.node if n.op_type == "QuantizeLinear"}
     producers = {o: n for n in g.node for o in n.output}
@@ -256,7 +256,7 @@ def test_matmul_activation_by_activation_and_gemm_transb():
         [vi("a", [4, 8]), vi("b", [8, 16])], [vi("y", None)],
         [init("w", RNG.standard_normal((5, 16)).astype(np.float32)), init("bias", np.ones(5, np.float32))],
     )
-    model, reports, summary, feeds = static(proto)
+    model, _reports, summary, feeds = static(proto)
     assert summary.quantized["MatMul"] == 1 and summary.quantized["Gemm"] == 1
     g = ir.to_proto(model).graph
     dq_axes = [a.i for n in g.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
@@ -271,7 +271,7 @@ def test_binary_and_concat(op):
         [helper.make_node(op, ["a", "b"], ["y"], name="op", **attrs)],
         [vi("a", [2, 8]), vi("b", [2, 8])], [vi("y", None)],
     )
-    model, reports, summary, feeds = static(proto)
+    model, _reports, summary, feeds = static(proto)
     assert summary.quantized[op] == 1
     assert op_types(model).count("QuantizeLinear") == 3
     assert sqnr(proto, model, feeds[0]) > MIN_SQNR_DB
@@ -299,7 +299,7 @@ def test_softmax_resize_and_conv_transpose():
         [init("w", RNG.standard_normal((4, 3, 2, 2)).astype(np.float32) * 0.3),
          init("sc", np.array([1, 1, 2, 2], np.float32))],
     )
-    model, reports, summary, feeds = static(proto)
+    model, _reports, summary, feeds = static(proto)
     for op in ("ConvTranspose", "Resize", "Softmax"):
         assert summary.quantized[op] == 1, op
     assert sqnr(proto, model, feeds[0]) > MIN_SQNR_CHAIN_DB
@@ -313,7 +313,7 @@ def test_gather_of_weights_stores_int8_rows():
         [vi("ids", [2, 5], TensorProto.INT64)], [vi("y", None)],
         [init("emb", table), init("w", RNG.standard_normal((64, 8)).astype(np.float32))],
     )
-    model, reports, summary, feeds = static(proto)
+    model, _reports, summary, feeds = static(proto)
     g = ir.to_proto(model).graph
     assert not any(i.name == "emb" for i in g.initializer)  # the float table is gone
     assert any(i.data_type == TensorProto.INT8 and list(i.dims) == [100, 64] for i in g.initializer)
@@ -331,7 +331,7 @@ def test_weights_inside_if_subgraph_are_quantized():
         [vi("x", [1, 4, 4, 4]), vi("cond", [], TensorProto.BOOL)], [vi("y", None)],
     )
     feeds = [{"x": RNG.standard_normal((1, 4, 4, 4)).astype(np.float32), "cond": np.array(True)}]
-    model, reports, summary = convert_with_summary(ir.from_proto(proto), Recipe(), table={"x": (-3.0, 3.0)})
+    model, _reports, summary = convert_with_summary(ir.from_proto(proto), Recipe(), table={"x": (-3.0, 3.0)})
     then = next(a.g for a in ir.to_proto(model).graph.node[-1].attribute if a.name == "then_branch")
     assert [n.op_type for n in then.node] == ["DequantizeLinear", "Conv"]
     assert sqnr(proto, model, feeds[0]) > MIN_SQNR_DB
@@ -346,7 +346,7 @@ def test_exotic_and_unknown_ops_stay_float_and_are_reported():
         [vi("x", [1, 4, 4, 4])], [vi("y", None)], [init("w", conv_w(4, 4, 1))],
     )
     proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    model, reports, summary, feeds = static(proto)
+    model, _reports, summary, feeds = static(proto)
     assert summary.float_["Erf"] == 1 and summary.reasons["Erf"]
     assert "Gelu" in op_types(model) and "Erf" in op_types(model)
     session(model)  # loads
@@ -360,7 +360,7 @@ def test_degenerate_range_is_left_in_float_with_reason():
         [vi("x", [2, 8]), vi("mask", [2, 8])], [vi("y", None)],
     )
     ranges = {"x": (-1.0, 1.0), "mask": (-1e9, 0.0), "y": (-1e9, 1.0)}
-    model, reports, summary = convert_with_summary(ir.from_proto(proto), Recipe(), table=ranges)
+    model, reports, _summary = convert_with_summary(ir.from_proto(proto), Recipe(), table=ranges)
     notes = " ".join(n for r in reports for n in r.notes)
     assert "mask or sentinel" in notes
     for init_ in ir.to_proto(model).graph.initializer:
@@ -416,7 +416,7 @@ def _small_cnn():
 
 def test_onnxruntime_fuses_the_default_qdq_into_integer_kernels(tmp_path):
     proto = _small_cnn()
-    model, *_, feeds = static(proto)
+    model, *_, _feeds = static(proto)
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "opt.onnx")
     options.log_severity_level = 3
@@ -428,7 +428,7 @@ def test_onnxruntime_fuses_the_default_qdq_into_integer_kernels(tmp_path):
 
 def test_qoperator_format():
     proto = _small_cnn()
-    model, reports, summary, feeds = static(proto, format="qoperator")
+    model, _reports, _summary, feeds = static(proto, format="qoperator")
     types = op_types(model)
     assert types.count("QLinearConv") == 2 and "QLinearAdd" in types and "QLinearGlobalAveragePool" in types
     assert "Conv" not in types
@@ -445,7 +445,7 @@ def test_int8_activations_and_symmetric():
 
 def test_exclude_by_name_and_op_type():
     proto = _small_cnn()
-    model, reports, summary, _ = static(proto, exclude=("c2", "GlobalAveragePool"))
+    _model, _reports, summary, _ = static(proto, exclude=("c2", "GlobalAveragePool"))
     assert summary.float_["Conv"] == 1 and summary.quantized["Conv"] == 1
     assert summary.float_["GlobalAveragePool"] == 1
     assert "excluded by --exclude / recipe" in summary.reasons["Conv"]
@@ -471,7 +471,7 @@ def _mlp():
 def test_dynamic_uses_dynamic_quantize_matmul_and_keeps_excluded_layers():
     proto = _mlp()
     recipe = load_recipe("int8-dynamic").override("quantize", exclude=("lm_head",))
-    model, reports, summary = convert_with_summary(ir.from_proto(proto), recipe)
+    model, _reports, summary = convert_with_summary(ir.from_proto(proto), recipe)
     types = op_types(model)
     assert types.count("DynamicQuantizeMatMul") == 2 and "Gemm" in types
     assert summary.float_["Gemm"] == 1 and summary.quantized["MatMul"] == 2
@@ -484,7 +484,7 @@ def test_dynamic_uses_dynamic_quantize_matmul_and_keeps_excluded_layers():
 
 def test_dynamic_leaves_conv_in_float_with_reason():
     proto = _small_cnn()
-    model, reports, summary = convert_with_summary(ir.from_proto(proto), load_recipe("int8-dynamic"))
+    _model, _reports, summary = convert_with_summary(ir.from_proto(proto), load_recipe("int8-dynamic"))
     assert summary.float_["Conv"] == 2
     assert any("ConvInteger" in r for r in summary.reasons["Conv"])
 
@@ -509,11 +509,11 @@ def test_zero_pad_shares_scale_and_reflect_pad_stays_float():
              init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))],
         )
     proto = model("constant")
-    qmodel, reports, summary, feeds = static(proto)
+    qmodel, _reports, summary, feeds = static(proto)
     assert summary.quantized["Pad"] == 1
     assert sqnr(proto, qmodel, feeds[0]) > MIN_SQNR_CHAIN_DB
     proto = model("reflect")
-    qmodel, reports, summary, feeds = static(proto)
+    qmodel, _reports, summary, feeds = static(proto)
     assert summary.float_["Pad"] == 1 and "constant-mode" in next(iter(summary.reasons["Pad"]))
     assert sqnr(proto, qmodel, feeds[0]) > MIN_SQNR_CHAIN_DB
 
@@ -573,6 +573,6 @@ def test_qoperator_matmul_gemm_concat():
          init("w2", RNG.standard_normal((8, 32)).astype(np.float32)),
          init("b2", RNG.standard_normal(8).astype(np.float32))],
     )
-    model, reports, summary, feeds = static(proto, format="qoperator")
+    model, _reports, _summary, feeds = static(proto, format="qoperator")
     assert op_types(model) == ["QuantizeLinear", "QLinearMatMul", "QGemm", "QLinearConcat", "DequantizeLinear"]
     assert sqnr(proto, model, feeds[0]) > MIN_SQNR_CHAIN_DB
