@@ -175,9 +175,14 @@ def run_model(name: str, skip: set[str]) -> dict:
               file=sys.stderr, flush=True)
         return row
 
+    previous = {}
+    if (WORK / f"{name}.json").exists():  # --skip keeps the earlier run's rows of those configs
+        previous = {r["config"]: r for r in json.loads((WORK / f"{name}.json").read_text())["rows"]}
     rows.append(measure("fp32", src, None))
     for i, (label, fn) in enumerate(_configs(name)):
         if any(s in label for s in skip):
+            if label in previous:
+                rows.append({**previous[label], "from_earlier_run": True})
             continue
         dst = out_dir / f"c{i}.onnx"
         for stale in (dst, dst.with_name(dst.name + ".data")):
@@ -241,6 +246,8 @@ def write_report() -> str:
         if data.get("ort_static_samples"):
             lines.append(f"\nonnxruntime static calibrated on {data['ort_static_samples']} samples "
                          "(its calibrator holds every activation of every sample in memory).")
+        if any(r.get("from_earlier_run") for r in rows):
+            lines.append("\nSome rows (marked by the JSON's from_earlier_run) come from an earlier run of this script.")
         lines.append("")
     text = "\n".join(lines) + "\n"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -576,3 +576,20 @@ def test_qoperator_matmul_gemm_concat():
     model, _reports, _summary, feeds = static(proto, format="qoperator")
     assert op_types(model) == ["QuantizeLinear", "QLinearMatMul", "QGemm", "QLinearConcat", "DequantizeLinear"]
     assert sqnr(proto, model, feeds[0]) > MIN_SQNR_CHAIN_DB
+
+
+def test_dynamic_keeps_inputs_that_would_quantize_too_noisily_in_float():
+    from qtool.passes.dynamic import ChannelStats
+
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [vi("x", ["B", 64])], [vi("y", None)],
+        [init("w", RNG.standard_normal((64, 128)).astype(np.float32) * 0.1)],
+    )
+    # one channel reaches 1e4 while the typical value is 1: no smoothing rescues that
+    absmax = np.ones(64)
+    absmax[0] = 1e4
+    stats = {"x": ChannelStats(absmax, np.full(64, 0.01))}
+    model, reports, summary = convert_with_summary(ir.from_proto(proto), load_recipe("int8-dynamic"), absmax=stats)
+    assert summary.float_["MatMul"] == 1
+    assert "dB SQNR" in next(iter(summary.reasons["MatMul"]))
