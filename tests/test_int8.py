@@ -590,6 +590,6 @@ def test_dynamic_keeps_inputs_that_would_quantize_too_noisily_in_float():
     absmax = np.ones(64)
     absmax[0] = 1e4
     stats = {"x": ChannelStats(absmax, np.full(64, 0.01))}
-    model, reports, summary = convert_with_summary(ir.from_proto(proto), load_recipe("int8-dynamic"), absmax=stats)
+    _model, _reports, summary = convert_with_summary(ir.from_proto(proto), load_recipe("int8-dynamic"), absmax=stats)
     assert summary.float_["MatMul"] == 1
     assert "dB SQNR" in next(iter(summary.reasons["MatMul"]))
