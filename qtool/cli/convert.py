@@ -157,7 +157,7 @@ def convert_command(
     data: Path = typer.Option(None, "--data", help="Sample folder: calibrate inline (static int8), "
                               "smoothing statistics (dynamic), gptq/awq statistics, and the fidelity check."),
     samples: int = typer.Option(None, "--samples", help="Calibrate on the first N samples (0: all)."),
-    dynamic: bool = typer.Option(None, "--dynamic", help="Dynamic int8 (weights only offline, no data)."),
+    dynamic: bool = typer.Option(None, "--dynamic", help="Dynamic int8: no data needed; with --data, outlier smoothing."),
     fmt: Format = typer.Option(None, "--format", help="qdq | qoperator (int8), matmulnbits | qdq (4-bit)."),
     per_channel: bool = typer.Option(None, "--per-channel/--per-tensor", help="int8 weight granularity."),
     symmetric_activations: bool = typer.Option(None, "--symmetric-activations", help="Symmetric activation ranges."),
@@ -179,6 +179,7 @@ def convert_command(
     The output is verified to load in onnxruntime; with --data, one sample is run through
     both models and cosine similarity and SQNR of the outputs are printed.
 
+    \b
     Examples:
       qtool convert m.onnx -o m.int8.onnx --data calib/
       qtool convert llm.onnx -o llm.int8.onnx --dynamic --exclude lm_head
