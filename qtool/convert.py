@@ -10,10 +10,16 @@ pass that ran; the input model is not modified (it is cloned first). Dispatch:
   calibration table), then qtool.passes.qoperator when ``format == "qoperator"``
 
 every int8 path ends with qtool.passes.cleanup.
+
+Mixed precision (``[[layer]]`` overrides, as ``qtool tune`` writes them): an int8 recipe
+whose overrides put some layers at 2/3/4 bits first runs qtool.passes.weight_only on those
+layers alone (``weight_only_part``), then the int8 pass on the rest; layers at 32 (or 16)
+bits stay float. A weight-only recipe handles 8-bit layers itself (8-bit blocks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from qtool.config import Recipe
+from qtool.config import LayerOverride, Recipe
 from qtool.errors import CalibrationError, ConversionError, UsageError
 from qtool.model import graph_fingerprint, iter_nodes
 from qtool.passes import PassReport
@@ -154,6 +160,18 @@ def _reads_quantized(node: ir.Node) -> bool:
     return False
 
 
+def weight_only_part(recipe: Recipe) -> Recipe | None:
+    """The recipe that quantizes only the layers a mixed int8 recipe puts at 2/3/4 bits.
+
+    Overrides keep their order (first match wins); those at 8 bits or more become 32 and a
+    final ``*`` = 32 keeps every other node float. None when no override is below 8 bits.
+    """
+    if not any(rule.bits < 8 for rule in recipe.layer):
+        return None
+    rules = tuple(r if r.bits < 8 else LayerOverride(r.match, 32) for r in recipe.layer)
+    return dataclasses.replace(recipe, layer=rules + (LayerOverride("*", 32),))
+
+
 def _table_ranges(table: RangeTable | Mapping | None) -> dict[str, tuple[float, float]]:
     if table is None:
         raise UsageError(
@@ -283,13 +301,25 @@ def convert_with_summary(
         reports.append(pre)
         changed = any(pre.counts.get(k) for k in ("batchnorm_folded",))
     before = snapshot(model)
+    low_bit = weight_only_part(recipe)
+    origin = None
+    if low_bit is not None:
+        # The table was made on the whole graph: match it before weight-only rewrites it.
+        if plan.kind == "int8-static" and table is not None:
+            origin = check_table(table, raw, model)
+        from qtool.passes.weight_only import apply_weight_only
+
+        part = apply_weight_only(model, low_bit, 4, on_progress=stage("weights"))
+        # Layers it left alone are the int8 pass's to judge, not "kept float".
+        part.skipped = {k: v for k, v in part.skipped.items() if not v.startswith("[[layer]]")}
+        reports.append(part)
     if plan.kind == "int8-dynamic":
         from qtool.passes.dynamic import quantize_dynamic
 
         reports.append(quantize_dynamic(model, recipe, on_progress=stage("quantize"), absmax=absmax))
     else:
         ranges = _table_ranges(table)
-        if check_table(table, raw, model) == "raw" and changed:
+        if (origin or check_table(table, raw, model)) == "raw" and changed:
             remap = PassReport("table")
             ranges = remap_folded_ranges(raw, model, ranges, remap)
             reports.append(remap)
