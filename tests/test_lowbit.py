@@ -439,3 +439,19 @@ def test_fast_4bit_path_from_kn_layout_equals_the_definition(symmetric):
         assert fast.zero_points is None and ref.zero_points is None
     else:
         np.testing.assert_array_equal(fast.zero_points, ref.zero_points)
+
+
+def test_gather_whose_width_the_block_does_not_divide_uses_a_smaller_block(tmp_path):
+    rng = np.random.default_rng(3)
+    e = rng.standard_normal((30, 96)).astype(np.float32)  # 96 = 3 x 32: blocks of 64/128 do not fit
+    path = tmp_path / "emb.onnx"
+    onnx.save(make_model([oh.make_node("Gather", ["E", "ids"], ["Y"], name="embed")], [nh.from_array(e, "E")],
+                         [oh.make_tensor_value_info("ids", TensorProto.INT64, [4])]), path)
+    model = qmodel.load(path)
+    report = apply_weight_only(model, Recipe().override("weight_only", block_size=128), 4)
+    assert any("blocks of 32" in n for n in report.notes)
+    dst = tmp_path / "q.onnx"
+    qmodel.save(model, dst, input_path=path)
+    ids = np.array([0, 29, 3, 3], np.int64)
+    expect = blockwise.rtn(e, 4, 32, True).dequantize()[ids]
+    np.testing.assert_allclose(session(dst).run(None, {"ids": ids})[0], expect, atol=1e-6)

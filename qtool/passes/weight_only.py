@@ -23,6 +23,7 @@ activations) was 2.5-3.8x slower for 1 and 32 tokens, so choosing 0 or 1 adds a 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 from collections.abc import Callable, Iterator
@@ -72,6 +73,7 @@ class _Item:
     beta: float = 1.0
     nbytes: int = 0
     stats: ActivationStats | None = None
+    block: int = 0  # a smaller block than the recipe's (Gather tables whose width it does not divide)
     outcome: dict = field(default_factory=dict)
 
 
@@ -171,6 +173,8 @@ def _weight_rows(item: _Item) -> np.ndarray:
 
 def _quantize_item(item: _Item, wo, algorithm: str, fmt: str = "") -> QuantOutcome:
     """Quantize one weight; row-separable algorithms run in cache-sized row chunks."""
+    if item.block:
+        wo = dataclasses.replace(wo, block_size=item.block)
     w = _weight_rows(item)
     if item.alpha != 1.0:
         w = w * np.float32(item.alpha)
@@ -437,9 +441,16 @@ def apply_weight_only(
     gathers = [i for i in items if i.kind == "gather"]
     if fmt == "matmulnbits":
         for item in gathers:
-            if item.bits == 2 or item.weight.const_value.shape[1] % wo.block_size:
-                report.skip(_name(item.node), "GatherBlockQuantized needs D a multiple of the block size and 4/8 bits")
+            d = item.weight.const_value.shape[1]
+            block = wo.block_size
+            while block >= 16 and d % block:  # GatherBlockQuantized needs whole blocks along D
+                block //= 2
+            if item.bits == 2 or block < 16:
+                report.skip(_name(item.node), f"GatherBlockQuantized needs 4/8 bits and a block (>= 16) dividing {d}")
                 items.remove(item)
+            elif block != wo.block_size:
+                item.block = block
+                report.notes.append(f"{_name(item.node)}: table width {d} is not a multiple of {wo.block_size}; blocks of {block}")
 
     total = sum(i.nbytes for i in items)
     done = 0
