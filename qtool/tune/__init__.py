@@ -487,7 +487,8 @@ def tune(
                     path = tmp / f"uniform{b}.onnx"
                     save(build(assign), path, verify=False)
                     s = held.score(path)
-                    record(assign, s, "held-out", f"uniform {b}", model_size_bytes(path))
+                    where = "" if all(a == b for a in assign) else " (where allowed)"
+                    record(assign, s, "held-out", f"uniform {b}{where}", model_size_bytes(path))
                     path.unlink()
                     advance(1)
     finally:

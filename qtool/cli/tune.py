@@ -1,0 +1,96 @@
+"""`qtool tune`: mixed precision per layer group, the smallest model within an accuracy budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from qtool.cli.app import app, console, emit_json, info, progress, settings, warn
+
+
+def _default_cache() -> Path:
+    import os
+
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "qtool" / "tune"
+
+
+@app.command("tune")
+def tune_command(
+    model: Path = typer.Argument(..., help="The float .onnx model (never modified)."),
+    data: Path = typer.Option(..., "--data", help="Sample folder: every other sample searches, the rest is held out."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the tuned model (recipe and table beside it)."),
+    eval_data: Path = typer.Option(None, "--eval-data", help="Held-out sample folder (then all of --data searches)."),
+    metric: str = typer.Option(None, "--metric", help="top1, top5, accuracy, perplexity, cosine or module:function [default: by model]."),
+    max_drop: str = typer.Option(None, "--max-drop", help="Largest metric loss: metric units (0.01) or percent of float (2%) [default: 1%]."),
+    target_size: float = typer.Option(None, "--target-size", help="Largest model size in MB (then accuracy is maximised)."),
+    bits: str = typer.Option("8,4", "--bits", help="Candidate precisions below float, e.g. 8,4 or 8,4,2."),
+    budget_minutes: float = typer.Option(None, "--budget-minutes", help="Wall-clock budget; measuring stops in time to verify."),
+    recipe: str = typer.Option(None, "--recipe", help="Base recipe (preset or .toml) [default: int8-static for CNNs, int4-weight-only otherwise]."),
+    group: str = typer.Option("auto", "--group", help="layer, role (layers sharing a name up to digits) or auto."),
+    limit: int = typer.Option(0, "--limit", help="At most N samples per split (0: all)."),
+    cache: Path = typer.Option(None, "--cache", help="Sensitivity cache folder [default: ~/.cache/qtool/tune]."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Measure everything again, keep nothing."),
+    plot: Path = typer.Option(None, "--plot", help="Write the size-vs-metric frontier to this .png or .svg."),
+    uniform: bool = typer.Option(True, "--uniform/--no-uniform", help="Also score uniform candidates (every group at each --bits) on held-out data."),
+    threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: default)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Find per-layer precisions (float, int8, int4, lower) that minimise size within --max-drop.
+
+    Sensitivity: each layer group alone at each precision, scored on the search split
+    (cached). Search: a greedy chain of precision cuts, the longest prefix within budget.
+    Verify: the result is scored on held-out samples; over budget, the most sensitive
+    lowered group goes up a precision and it is checked again. Writes OUT, OUT's recipe
+    (OUT.recipe.toml, which `qtool convert --recipe` reproduces OUT from), OUT.frontier.md,
+    and for static int8 the calibration table OUT.calib.json. Exit 3 when the verified
+    drop is over budget (time ran out during the fallback).
+
+    \b
+    Examples:
+      qtool tune cnn.onnx --data samples/ -o cnn.tuned.onnx --max-drop 0.01
+      qtool tune llm.onnx --data windows/ -o llm.tuned.onnx --max-drop 2% --bits 8,4 --limit 8
+      qtool tune m.onnx --data d/ --eval-data held/ -o m.small.onnx --target-size 5 --plot f.svg
+    """
+    from qtool.errors import GateFailed, ModelError
+    from qtool.tune import tune
+
+    if not model.exists():
+        raise ModelError(f"model file not found: {model}", "check the path")
+    result = tune(
+        model, data, output, eval_data=eval_data, metric=metric, max_drop=max_drop,
+        target_mb=target_size, bits=bits, budget_minutes=budget_minutes, recipe=recipe,
+        group=group, limit=limit, cache_dir=None if no_cache else (cache or _default_cache()),
+        plot_path=plot, uniform=uniform, threads=threads, progress=progress,
+    )
+    doc = result.to_dict()
+    if json_out:
+        emit_json(doc)
+    if not settings.quiet or not json_out:
+        _print(result)
+    if not result.within_budget:
+        what = (f"{result.metric} drop {result.drop:.4g} > {result.budget:.4g}" if result.mode == "max-drop"
+                else f"size {result.size_bytes / 1e6:.2f} MB > {result.budget / 1e6:.2f} MB")
+        raise GateFailed(f"the tuned model misses the budget on held-out data: {what}",
+                         "give more --budget-minutes, a looser budget, or higher --bits")
+
+
+def _print(result) -> None:
+    table = Table(title=f"qtool tune: {result.metric} on held-out data", title_justify="left")
+    for col in ("candidate", "size MB", result.metric, "drop", "groups per bits", "frontier"):
+        table.add_column(col, justify="left" if col in ("candidate", "groups per bits") else "right")
+    for c in sorted((c for c in result.candidates if c.split == "held-out"), key=lambda c: c.size_bytes):
+        table.add_row(escape(c.label), f"{c.size_bytes / 1e6:.3f}", f"{c.metric:.4f}", f"{c.drop:+.4f}",
+                      c.mix, "yes" if c.frontier else "")
+    console.print(table)
+    for note in result.notes:
+        warn(note) if "time budget" in note else info(f"note: {escape(note)}")
+    info(f"wrote {escape(str(result.output))} ({result.size_bytes / 1e6:.2f} MB, float {result.float_bytes / 1e6:.2f} MB), "
+         f"{escape(str(result.recipe_path))}, {escape(str(result.frontier_path))}"
+         + (f", {escape(str(result.table_path))}" if result.table_path else "")
+         + (f", {escape(str(result.plot_path))}" if result.plot_path else ""))
+    info(f"{result.measured} measurements ({result.cached} from the cache), {result.fallback_steps} fallback "
+         f"step(s), {result.seconds:.1f} s")
