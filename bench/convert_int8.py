@@ -239,15 +239,17 @@ def write_report() -> str:
             _, value = _metric(name, r["metric"])
             change = value - base
             speed = fp32["latency_ms"] / r["latency_ms"] if r["latency_ms"] else float("nan")
+            label = r["config"] + (" *(earlier run)*" if r.get("from_earlier_run") else "")
             lines.append(
-                f"| {r['config']} | {r['size'] / 1e6:.1f} | {_fmt_metric(key, value)} | {change:+.4f} | "
+                f"| {label} | {r['size'] / 1e6:.1f} | {_fmt_metric(key, value)} | {change:+.4f} | "
                 f"{r['latency_ms']:.2f} | {speed:.2f}x | {r['convert_s'] if r['convert_s'] is not None else ''} |"
             )
         if data.get("ort_static_samples"):
             lines.append(f"\nonnxruntime static calibrated on {data['ort_static_samples']} samples "
                          "(its calibrator holds every activation of every sample in memory).")
         if any(r.get("from_earlier_run") for r in rows):
-            lines.append("\nSome rows (marked by the JSON's from_earlier_run) come from an earlier run of this script.")
+            lines.append("\nRows marked *(earlier run)* come from an earlier run of this script (other machine "
+                         "load): compare their latency with care.")
         lines.append("")
     text = "\n".join(lines) + "\n"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
