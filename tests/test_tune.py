@@ -10,7 +10,6 @@ rest at 4.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +17,16 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+import tomllib
 from onnx import TensorProto, helper, numpy_helper
 
-from qtool.config import LayerOverride, Recipe, load_recipe
+from qtool.config import LayerOverride, load_recipe
 from qtool.convert import convert, weight_only_part
 from qtool.errors import UsageError
 from qtool.tune import parse_bits, parse_budget, recipe_toml, tune
 from qtool.tune.frontier import Candidate, mark_frontier, svg
 from qtool.tune.search import group_bytes, order_moves
-from qtool.tune.sensitivity import Group, find_groups, glob_escape, role_key
+from qtool.tune.sensitivity import Group, glob_escape, role_key
 
 K = 128  # one 4-bit block of 128 per column
 OUTLIER = 8.0
@@ -255,13 +255,34 @@ def test_tune_target_size_and_top1(mlp_case, tmp_path):
     assert out.stat().st_size == result.size_bytes
 
 
-def test_tune_fallback_when_held_out_drop_exceeds_budget(mlp_case, tmp_path):
-    model_path, data = mlp_case
-    # A zero budget that the search split allows (a metric that does not move there)
-    # is checked on held-out data; whatever it finds must end within the budget.
-    result = tune(model_path, data, tmp_path / "t.onnx", metric="cosine", max_drop=0.0, bits="4", uniform=False)
+def margin_split(model: Path, folder: Path, wide: bool, n: int = 12) -> Path:
+    """Samples whose top-2 logits are far apart (wide) or nearly tied, labelled by argmax."""
+    rng = np.random.default_rng(3)
+    xs = rng.standard_normal((2000, K)).astype(np.float32)
+    y = run(model, xs)
+    top2 = np.sort(y, axis=1)[:, -2:]
+    order = np.argsort(top2[:, 1] - top2[:, 0])
+    pick = order[-n:] if wide else order[:n]
+    folder.mkdir()
+    for i, j in enumerate(pick):
+        np.save(folder / f"{i:03d}.npy", xs[j : j + 1])
+    (folder / "labels.txt").write_text("\n".join(str(int(y[j].argmax())) for j in pick) + "\n")
+    return folder
+
+
+def test_tune_fallback_when_held_out_drop_exceeds_budget(tmp_path):
+    """top-1 cannot move on wide-margin search samples, so the search lowers everything;
+    nearly tied held-out samples flip, and the fallback raises groups until none flips."""
+    model_path = mlp(tmp_path / "mlp.onnx")
+    search = margin_split(model_path, tmp_path / "wide", wide=True)
+    held = margin_split(model_path, tmp_path / "tied", wide=False)
+    result = tune(model_path, search, tmp_path / "t.onnx", eval_data=held, metric="top1", max_drop=0.0,
+                  bits="4", uniform=False)
+    verified = [c for c in result.candidates if c.split == "held-out"]
+    assert verified[0].label == "tuned" and verified[0].drop > 0.0  # the search split was fooled
+    assert result.fallback_steps >= 1 and verified[-1].label == f"tuned, fallback {result.fallback_steps}"
     assert result.within_budget and result.drop <= 0.0
-    assert all(b == 32 for b in result.bits) or result.drop <= 0.0
+    assert result.bits[result.groups.index(next(g for g in result.groups if g.key == "fc2"))] == 32
 
 
 def test_tune_budget_minutes_is_respected(mlp_case, tmp_path):
@@ -273,3 +294,34 @@ def test_tune_budget_minutes_is_respected(mlp_case, tmp_path):
                   budget_minutes=0.02, uniform=True)
     assert time.monotonic() - start < 0.02 * 60 + 5  # one measurement of slack
     assert result.output.exists()
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def test_cli_tune_json_and_usage_errors(mlp_case, tmp_path, capsys):
+    import json
+
+    from qtool.cli import run
+
+    model_path, data = mlp_case
+    out = tmp_path / "cli.onnx"
+    assert run(["tune", str(model_path), "--data", str(data), "-o", str(out), "--metric", "cosine",
+                "--max-drop", "0.03", "--no-cache", "--no-uniform", "--json", "-q"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["within_budget"] and doc["groups_per_bits"] == {"8": 1, "4": 3}
+    assert Path(doc["recipe"]).exists() and out.exists()
+    cases = [
+        (["--bits", "16,8"], 2, "fp16 per layer"),
+        (["--max-drop", "0.1", "--target-size", "1"], 2, "alternatives"),
+        (["--max-drop", "lots"], 2, "not a number"),
+        (["--plot", str(tmp_path / "f.gif")], 2, "unknown image type"),
+        (["--metric", "top1", "--data", str(tmp_path)], 1, "holds no samples"),
+    ]
+    for extra, code, text in cases:
+        argv = ["tune", str(model_path), "--data", str(data), "-o", str(tmp_path / "x.onnx"), "--no-cache", *extra]
+        assert run(argv) == code, extra
+        err = capsys.readouterr().err
+        assert "error:" in err and text in err and "Traceback" not in err, err
+    assert run(["tune", str(tmp_path / "missing.onnx"), "--data", str(data), "-o", str(out)]) == 1
+    assert run(["tune", str(model_path), "--data", str(data), "-o", str(model_path)]) != 0  # never overwrite the input

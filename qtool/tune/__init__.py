@@ -57,7 +57,7 @@ from qtool.tune.sensitivity import (
     role_key,
 )
 
-__all__ = ["TuneResult", "tune", "parse_bits", "parse_budget", "tuned_recipe", "recipe_toml"]
+__all__ = ["TuneResult", "parse_bits", "parse_budget", "recipe_toml", "tune", "tuned_recipe"]
 
 ProgressFactory = Callable[[str, float | None, str], contextlib.AbstractContextManager]
 
@@ -270,6 +270,9 @@ def tune(
         raise UsageError("--max-drop and --target-size are alternatives", "pass one budget: accuracy or size")
     if target_mb is not None and target_mb <= 0:
         raise UsageError(f"--target-size must be > 0 MB, got {target_mb}", "e.g. --target-size 5")
+    if plot_path is not None and Path(plot_path).suffix.lower() not in (".svg", ".png"):
+        raise UsageError(f"--plot {plot_path}: unknown image type {Path(plot_path).suffix or '(none)'}",
+                         "use a .svg or .png path")
     mode = "target-size" if target_mb is not None else "max-drop"
     drop_value, relative = parse_budget(max_drop)
     candidate_bits = parse_bits(bits)

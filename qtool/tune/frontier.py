@@ -116,8 +116,8 @@ def svg(candidates: Sequence[Candidate], metric: str, width: int = 640, height: 
         f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
         f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
         f'<text x="{width / 2}" y="{height - 16}" text-anchor="middle">size (MB): {x0:.2f} .. {x1:.2f}</text>',
-        f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">'
-        f'{html.escape(metric)}: {y0:.4g} .. {y1:.4g}</text>',
+        (f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">'
+         f'{html.escape(metric)}: {y0:.4g} .. {y1:.4g}</text>'),
     ]
     colours = {"search": "#1f77b4", "held-out": "#d62728"}
     for split, colour in colours.items():
