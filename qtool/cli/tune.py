@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -9,6 +10,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from qtool.cli.app import app, console, emit_json, info, progress, settings, warn
+
+
+class GroupBy(str, Enum):
+    auto = "auto"
+    layer = "layer"
+    role = "role"
 
 
 def _default_cache() -> Path:
@@ -30,7 +37,7 @@ def tune_command(
     bits: str = typer.Option("8,4", "--bits", help="Candidate precisions below float, e.g. 8,4 or 8,4,2."),
     budget_minutes: float = typer.Option(None, "--budget-minutes", help="Wall-clock budget; measuring stops in time to verify."),
     recipe: str = typer.Option(None, "--recipe", help="Base recipe (preset or .toml) [default: int8-static for CNNs, int4-weight-only otherwise]."),
-    group: str = typer.Option("auto", "--group", help="layer, role (layers sharing a name up to digits) or auto."),
+    group: GroupBy = typer.Option(GroupBy.auto, "--group", help="layer, role (layers named alike up to digits), auto (layer up to 32 layers)."),
     limit: int = typer.Option(0, "--limit", help="At most N samples per split (0: all)."),
     cache: Path = typer.Option(None, "--cache", help="Sensitivity cache folder [default: ~/.cache/qtool/tune]."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Measure everything again, keep nothing."),
@@ -63,7 +70,7 @@ def tune_command(
     result = tune(
         model, data, output, eval_data=eval_data, metric=metric, max_drop=max_drop,
         target_mb=target_size, bits=bits, budget_minutes=budget_minutes, recipe=recipe,
-        group=group, limit=limit, cache_dir=None if no_cache else (cache or _default_cache()),
+        group=group.value, limit=limit, cache_dir=None if no_cache else (cache or _default_cache()),
         plot_path=plot, uniform=uniform, threads=threads, progress=progress,
     )
     doc = result.to_dict()

@@ -1,0 +1,193 @@
+"""qtool tune on real models: uniform int8, uniform int4 and tuned, each with size and metric.
+
+    python bench/tune.py [--only efficientnet_lite0,smollm2] [--budget-minutes 20]
+
+For each model (prepared by `python bench/zoo.py prepare`):
+
+- uniform int8 / int4 are what `qtool convert` makes with its presets (int8-static with
+  the calib split for the CNN; int8-dynamic and 8-bit weight-only blocks for SmolLM2;
+  `--bits 4` = int4-weight-only for both);
+- tuned = `qtool tune MODEL --data calib --eval-data eval ...`: sensitivities and the search
+  use the calib split only; the eval split is the held-out check (with --limit windows
+  for SmolLM2: 2 cores make its full evaluation slow);
+- every model is then scored by bench/zoo.py's own evaluation on the whole eval split
+  (top-1/top-5 for EfficientNet-Lite0, perplexity over 40 windows for SmolLM2).
+
+The tune budget for each model is stated in the table: for the CNN the cosine drop of the
+logits that uniform int8 shows on the eval split (so "same or better accuracy than int8"
+is the contract), for SmolLM2 a perplexity increase in percent of float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import zoo
+
+QTOOL = [str(Path(sys.executable).parent / "qtool")]
+WORK = HERE / ".cache" / "work" / "tune"
+RESULTS = HERE / "results" / "tune.md"
+
+
+def qtool(*args: str) -> tuple[str, float]:
+    start = time.perf_counter()
+    out = subprocess.run([*QTOOL, *args], capture_output=True, text=True, check=False)
+    if out.returncode not in (0, 3):
+        raise SystemExit(f"qtool {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return out.stdout, time.perf_counter() - start
+
+
+def size_mb(path: Path) -> float:
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return (total + (data.stat().st_size if data.exists() else 0)) / 1e6
+
+
+def fresh(path: Path) -> Path:
+    for p in (path, path.with_name(path.name + ".data")):
+        if p.exists():
+            p.unlink()
+    return path
+
+
+def cosine_drop(name: str, path: Path, split: str = "eval") -> float:
+    """1 - cosine of the logits vs fp32 over a whole split (qtool eval's comparison)."""
+    import numpy as np
+
+    ref, cand = zoo.session(zoo.model_path(name)), zoo.session(path)
+    dot = rr = cc = 0.0
+    for feed in zoo.iter_split(name, split):
+        r = ref.run(None, feed)[0].astype(np.float64).ravel()
+        c = cand.run(None, feed)[0].astype(np.float64).ravel()
+        dot, rr, cc = dot + float(r @ c), rr + float(r @ r), cc + float(c @ c)
+    return 1.0 - dot / np.sqrt(rr * cc)
+
+
+def bench_cnn(name: str, minutes: float) -> dict:
+    model, calib, held = zoo.model_path(name), zoo.data_dir(name, "calib"), zoo.data_dir(name, "eval")
+    rows = {}
+    int8 = fresh(WORK / f"{name}.int8.onnx")
+    _, t = qtool("convert", str(model), "-o", str(int8), "--recipe", "int8-static", "--data", str(calib), "-q")
+    rows["uniform int8 (static QDQ, convert --recipe int8-static)"] = (int8, t)
+    int4 = fresh(WORK / f"{name}.int4.onnx")
+    _, t = qtool("convert", str(model), "-o", str(int4), "--bits", "4", "-q")
+    rows["uniform int4 (convert --bits 4: weight-only MatMul/Gemm; Conv has no 4-bit path, stays float)"] = (int4, t)
+    # The budget: uniform int8's own loss on the data tune searches with (the calib split).
+    budget = cosine_drop(name, int8, "calib")
+    tuned = fresh(WORK / f"{name}.tuned.onnx")
+    out, t = qtool("tune", str(model), "--data", str(calib), "--eval-data", str(held), "-o", str(tuned),
+                   "--metric", "cosine", "--max-drop", f"{budget:.6g}", "--bits", "8,4", "--group", "layer",
+                   "--budget-minutes", str(minutes), "--limit", "32", "--cache", str(WORK / "cache"),
+                   "--plot", str(WORK / f"{name}.frontier.svg"), "--json", "-q")
+    doc = json.loads(out)
+    rows["tuned (qtool tune --metric cosine --max-drop = int8's calib drop)"] = (tuned, t)
+    return {"rows": rows, "tune": doc, "budget": f"logits cosine drop <= {budget:.5f}: uniform int8's own drop on the calib split, where tune searches"}
+
+
+def bench_llm(name: str, minutes: float, pct: float, limit: int) -> dict:
+    """Weight-only blocks of 32 (576 = 18 x 32: the embedding Gather quantizes too; with
+    blocks of 128 it stays float, 113 MB of the model)."""
+    model, calib, held = zoo.model_path(name), zoo.data_dir(name, "calib"), zoo.data_dir(name, "eval")
+    base = WORK / "int4-b32.toml"
+    base.write_text((Path(zoo.__file__).parent.parent / "qtool" / "configs" / "int4-weight-only.toml")
+                    .read_text().replace("block_size = 128", "block_size = 32"))
+    rows = {}
+    for label, path, args in (
+        ("uniform int8 (dynamic, convert --recipe int8-dynamic)", "int8dyn", ["--recipe", "int8-dynamic"]),
+        ("uniform int8 (weight-only 8-bit, blocks of 32)", "wo8", ["--bits", "8", "--format", "matmulnbits",
+                                                                   "--block-size", "32"]),
+        ("uniform int4 (weight-only rtn, blocks of 32)", "int4b32", ["--bits", "4", "--block-size", "32"]),
+        ("uniform int4 (convert --bits 4 default: blocks of 128, embedding float)", "int4", ["--bits", "4"]),
+    ):
+        out = fresh(WORK / f"{name}.{path}.onnx")
+        _, t = qtool("convert", str(model), "-o", str(out), *args, "-q")
+        rows[label] = (out, t)
+    tuned = fresh(WORK / f"{name}.tuned.onnx")
+    out, t = qtool("tune", str(model), "--data", str(calib), "--eval-data", str(held), "-o", str(tuned),
+                   "--recipe", str(base), "--max-drop", f"{pct}%", "--bits", "8,4", "--group", "role",
+                   "--limit", str(limit), "--budget-minutes", str(minutes), "--cache", str(WORK / "cache"),
+                   "--plot", str(WORK / f"{name}.frontier.svg"), "--json", "-q")
+    doc = json.loads(out)
+    rows[f"tuned (qtool tune --max-drop {pct}% --bits 8,4, blocks of 32)"] = (tuned, t)
+    return {"rows": rows, "tune": doc,
+            "budget": f"perplexity +{pct}% of float on {limit} held-out windows (tune's check); the table "
+                      "scores all 40 eval windows"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default="efficientnet_lite0,smollm2")
+    parser.add_argument("--budget-minutes", type=float, default=15.0)
+    parser.add_argument("--ppl-pct", type=float, default=2.0)
+    parser.add_argument("--limit", type=int, default=6)
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for name in args.only.split(","):
+        zoo.log(f"tune bench: {name}")
+        if name == "smollm2":
+            res = bench_llm(name, args.budget_minutes, args.ppl_pct, args.limit)
+        else:
+            res = bench_cnn(name, args.budget_minutes)
+        base = zoo.evaluate(name)
+        lines = [f"## {name}", "", f"Budget: {res['budget']}. fp32: {json.dumps(base)}.", "",
+                 "| model | size MB | metric (zoo evaluation, whole eval split) | logits cosine drop vs fp32 | make time s |",
+                 "|---|---|---|---|---|",
+                 f"| fp32 | {size_mb(zoo.model_path(name)):.2f} | {_fmt(base)} | 0 | |"]
+        for label, (path, secs) in res["rows"].items():
+            metrics = zoo.evaluate(name, path)
+            cos = cosine_drop(name, path) if name != "smollm2" else float("nan")
+            cos_text = "" if math.isnan(cos) else f"{cos:.5f}"
+            lines.append(f"| {label} | {size_mb(path):.2f} | {_fmt(metrics)} | {cos_text} | {secs:.0f} |")
+        doc = res["tune"]
+        lines += ["", (f"tune: scheme {doc['scheme']}, {len(doc['groups'])} groups, precision mix "
+                      f"{doc['groups_per_bits']}, {doc['measured']} measurements ({doc['cached']} cached), "
+                      f"{doc['fallback_steps']} fallback steps, {doc['seconds']:.0f} s, within budget: "
+                      f"{doc['within_budget']} (held-out {doc['metric']} {doc['tuned_metric']:.5f} vs float "
+                      f"{doc['reference_metric']:.5f}, drop {doc['drop']:.5f}, budget {doc['budget']:.5f})."), ""]
+        kept = [g for g in doc["groups"] if g["bits"] != min(x["bits"] for x in doc["groups"])]
+        lines.append("Groups above the lowest precision: " + (", ".join(
+            f"`{g['key']}` ({g['members']} layers, {g['params'] / 1e6:.2f} M params) at {g['bits']}" for g in kept)
+            or "none") + ".")
+        lines += ["", "Candidates tune tried (its own frontier file):", "",
+                  Path(doc["frontier"]).read_text().split("\n\n", 2)[-1]]
+        sections.append("\n".join(lines))
+        RESULTS.write_text(_header() + "\n\n".join(_merge(sections)))
+    print(RESULTS.read_text())
+
+
+def _merge(sections: list[str]) -> list[str]:
+    """This run's sections, plus the other models' sections already in the results file."""
+    ours = {sec.split("\n", 1)[0] for sec in sections}
+    kept = []
+    if RESULTS.exists():
+        for part in RESULTS.read_text().split("\n## ")[1:]:
+            part = "## " + part.strip("\n")
+            if part.split("\n", 1)[0] not in ours:
+                kept.append(part)
+    return kept + sections
+
+
+def _fmt(m: dict) -> str:
+    keys = [k for k in ("top1", "top5", "perplexity") if k in m]
+    return ", ".join(f"{k}={m[k]:.4f}" for k in keys) or json.dumps(m)
+
+
+def _header() -> str:
+    load = os.getloadavg()[0]
+    return ("# qtool tune on real models\n\nWritten by `python bench/tune.py` (onnxruntime CPU, 2 shared "
+            f"cores, 1-minute load {load:.1f} when written). See the docstring of bench/tune.py for "
+            "what each row is.\n\n")
+
+
+if __name__ == "__main__":
+    main()
