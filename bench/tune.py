@@ -72,6 +72,21 @@ def cosine_drop(name: str, path: Path, split: str = "eval") -> float:
     return 1.0 - dot / np.sqrt(rr * cc)
 
 
+def reproduces(name: str, tuned: Path, doc: dict) -> str:
+    """Convert again from the written recipe (and table) and compare outputs on one sample."""
+    import numpy as np
+
+    again = fresh(WORK / f"{name}.reconvert.onnx")
+    extra = ["--calib", doc["calibration_table"]] if doc.get("calibration_table") else []
+    qtool("convert", str(zoo.model_path(name)), "--recipe", doc["recipe"], *extra, "-o", str(again), "-q")
+    feed = next(zoo.iter_split(name, "eval"))
+    a = zoo.session(tuned).run(None, feed)[0]
+    b = zoo.session(again).run(None, feed)[0]
+    diff = float(np.abs(a - b).max())
+    again.unlink()
+    return f"`qtool convert --recipe {Path(doc['recipe']).name}` reproduces it: max |output difference| {diff:g}"
+
+
 def bench_cnn(name: str, minutes: float) -> dict:
     model, calib, held = zoo.model_path(name), zoo.data_dir(name, "calib"), zoo.data_dir(name, "eval")
     rows = {}
@@ -149,6 +164,8 @@ def main() -> None:
             cos_text = "" if math.isnan(cos) else f"{cos:.5f}"
             lines.append(f"| {label} | {size_mb(path):.2f} | {_fmt(metrics)} | {cos_text} | {secs:.0f} |")
         doc = res["tune"]
+        tuned_path = next(p for label, (p, _) in res["rows"].items() if label.startswith("tuned"))
+        lines += ["", reproduces(name, tuned_path, doc) + "."]
         lines += ["", (f"tune: scheme {doc['scheme']}, {len(doc['groups'])} groups, precision mix "
                       f"{doc['groups_per_bits']}, {doc['measured']} measurements ({doc['cached']} cached), "
                       f"{doc['fallback_steps']} fallback steps, {doc['seconds']:.0f} s, within budget: "

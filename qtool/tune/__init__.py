@@ -393,9 +393,7 @@ def tune(
                      "unmeasured groups stay at their highest measured precision")
 
     # -- 3. search ----------------------------------------------------------------------
-    search_budget = budget if mode == "max-drop" else math.inf
-    chain = order_moves(groups, drops, sqnrs, search_budget if math.isfinite(search_budget) else 1.0,
-                        scheme, block_size)
+    chain = order_moves(groups, drops, sqnrs, budget if mode == "max-drop" else 1.0, scheme, block_size)
     candidates: list[Candidate] = []
 
     def record(assign: Sequence[int], score, split: str, label: str, size: float) -> None:
@@ -443,8 +441,12 @@ def tune(
         held = Scorer(model_path, held_ds, held_shard, limit, metric, threads)
         advance(held.samples)
     held_ref = held.reference.metric
+    search_budget = budget
     if mode == "max-drop" and relative:
-        notes.append(f"budget {drop_value}% of the float {metric} ({ref:.4f} on the search split) = {budget:.4g}")
+        # A percentage is of the float metric on the split being checked.
+        budget = drop_value * abs(held_ref) / 100.0
+        notes.append(f"budget {drop_value}% of the float {metric}: {search_budget:.4g} on the search split "
+                     f"(float {ref:.4f}), {budget:.4g} on held-out data (float {held_ref:.4f})")
     fallback = 0
     tmp = Path(tempfile.mkdtemp(prefix=".qtool-tune-", dir=output.parent))
     try:
