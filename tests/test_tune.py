@@ -20,7 +20,7 @@ import pytest
 import tomllib
 from onnx import TensorProto, helper, numpy_helper
 
-from qtool.config import LayerOverride, load_recipe
+from qtool.config import LayerOverride, Recipe, load_recipe
 from qtool.convert import convert, weight_only_part
 from qtool.errors import UsageError
 from qtool.tune import parse_bits, parse_budget, recipe_toml, tune
@@ -325,3 +325,22 @@ def test_cli_tune_json_and_usage_errors(mlp_case, tmp_path, capsys):
         assert "error:" in err and text in err and "Traceback" not in err, err
     assert run(["tune", str(tmp_path / "missing.onnx"), "--data", str(data), "-o", str(out)]) == 1
     assert run(["tune", str(model_path), "--data", str(data), "-o", str(model_path)]) != 0  # never overwrite the input
+
+
+def test_role_groups_become_one_glob_and_conv_takes_8_bits_only(tmp_path):
+    from qtool.tune import tuned_recipe
+    from qtool.tune.sensitivity import find_groups
+
+    model = ir.load(cnn(tmp_path / "cnn.onnx"))
+    static = find_groups(model, "int8-static", (8, 4), 128, "layer")
+    assert {g.key: g.choices for g in static} == {"conv": (32, 8), "head": (32, 8, 4)}
+    assert [g.key for g in find_groups(model, "weight-only", (8, 4), 128, "layer")] == ["head"]
+
+    mlp_model = ir.load(mlp(tmp_path / "mlp.onnx"))
+    for i, node in enumerate(n for n in mlp_model.graph if n.op_type == "MatMul"):
+        node.name = f"block.{i}/fc" if i < 3 else "head"
+    groups = find_groups(mlp_model, "weight-only", (8, 4), 128, "role")
+    assert [(g.key, len(g.members)) for g in groups] == [("block.#/fc", 3), ("head", 1)]
+    names = [n.name for n in mlp_model.graph]
+    recipe = tuned_recipe(Recipe(), groups, [8, 4], names)
+    assert [(r.match, r.bits) for r in recipe.layer] == [("block.*/fc", 8), ("head", 4), ("*", 32)]
