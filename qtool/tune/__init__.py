@@ -390,7 +390,7 @@ def tune(
             advance(1)
     if out_of_time:
         notes.append(f"time budget: {len(drops)} of {len(tasks)} sensitivities measured; "
-                     "unmeasured groups stay at their highest measured precision")
+                     "a precision not measured is not used (those groups stay at their last measured one, or float)")
 
     # -- 3. search ----------------------------------------------------------------------
     chain = order_moves(groups, drops, sqnrs, budget if mode == "max-drop" else 1.0, scheme, block_size)
