@@ -180,6 +180,7 @@ def convert_command(
     both models and cosine similarity and SQNR of the outputs are printed.
 
     \b
+    \b
     Examples:
       qtool convert m.onnx -o m.int8.onnx --data calib/
       qtool convert llm.onnx -o llm.int8.onnx --dynamic --exclude lm_head

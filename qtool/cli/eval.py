@@ -64,6 +64,7 @@ def eval_command(
 
     Exit codes: 0 all gates passed, 1 error, 2 usage error, 3 a gate failed.
 
+    \b
     Examples:
       qtool eval int8.onnx -r model.onnx -d eval/ --max-drop 0.01 --json report.json
       qtool eval int8.onnx -r model.onnx -d eval/ --latency --max-latency-ratio 1.0

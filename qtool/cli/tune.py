@@ -57,6 +57,7 @@ def tune_command(
     drop is over budget (time ran out during the fallback).
 
     \b
+    \b
     Examples:
       qtool tune cnn.onnx --data samples/ -o cnn.tuned.onnx --max-drop 0.01
       qtool tune llm.onnx --data windows/ -o llm.tuned.onnx --max-drop 2% --bits 8,4 --limit 8
