@@ -297,7 +297,8 @@ def test_pass_converts_gather_matmul_bias_and_gemm_exactly(fmt, tmp_path):
         assert ops.count("DequantizeLinear") == 3 and "MatMulNBits" not in ops
     assert not {"E", "W", "G"} & {i.name for i in onnx.load(dst).graph.initializer}
     ids = np.array([0, 5, 39, 7, 7, 12], np.int64)
-    deq = lambda a: blockwise.rtn(a, 4, 32, True).dequantize()
+    def deq(a):
+        return blockwise.rtn(a, 4, 32, True).dequantize()
     x = deq(w["E"])[ids]
     y1 = x @ deq(w["W"].T).T + w["b"]
     expect = y1 @ deq(0.5 * w["G"]).T + w["c"]

@@ -20,10 +20,10 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer with click installed
     from click import exceptions as click_exceptions
 
-from qtool.cli import inspect as _inspect  # noqa: E402,F401  (registers the command)
 from qtool.cli import calibrate as _calibrate  # noqa: E402,F401  (registers the command)
-from qtool.cli import eval as _eval  # noqa: E402,F401  (registers the command)
 from qtool.cli import convert as _convert  # noqa: E402,F401  (registers the command)
+from qtool.cli import eval as _eval  # noqa: E402,F401  (registers the command)
+from qtool.cli import inspect as _inspect  # noqa: E402,F401  (registers the command)
 from qtool.cli import tune as _tune  # noqa: E402,F401  (registers the command)
 
 __all__ = ["app", "main", "run"]
