@@ -123,7 +123,10 @@ def run_one(tool: str, method: str, samples: int) -> dict:
     )
     if proc.returncode != 0:
         return {"tool": tool, "method": method, "samples": samples, "error": proc.stderr[-400:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Key rows by the count asked for; keep what the child really saw beside it.
+    row["samples_seen"], row["samples"] = row.get("samples"), samples
+    return row
 
 
 def table(rows: list[dict]) -> str:
