@@ -116,11 +116,13 @@ def opset_version(model: ir.Model, domain: str = "") -> int | None:
 
 
 def require_opset(model: ir.Model, minimum: int, why: str, allow_upgrade: bool) -> None:
-    """Refuse to raise the default-domain opset silently.
+    """Refuse to raise the default-domain opset silently, or unsafely.
 
     Rewrites that need a newer opset call this; without ``allow_upgrade`` the user is told
-    which flag turns the upgrade on. The upgrade itself only bumps the import, which is
-    valid for the ops qtool emits, and is reported by the caller.
+    which flag turns the upgrade on. With it, the import is raised in place only when no op
+    of the model changed its definition between the two versions (so relabelling is exact);
+    otherwise the ops that changed are named and the user is sent to a real converter.
+    QuantizeLinear/DequantizeLinear are exempt: qtool emits them for the new opset.
     """
     current = opset_version(model) or 0
     if current >= minimum:
@@ -130,7 +132,35 @@ def require_opset(model: ir.Model, minimum: int, why: str, allow_upgrade: bool) 
             f"{why} needs opset {minimum}, the model has opset {current}",
             "pass --allow-opset-upgrade to let qtool raise the opset, or choose another format",
         )
+    changed = ops_changed_between(model, current, minimum)
+    if changed:
+        raise UsageError(
+            f"{why} needs opset {minimum}; raising opset {current} would change the meaning of "
+            f"{', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}",
+            f"convert the model first (onnx.version_converter.convert_version(model, {minimum}) "
+            "or re-export it at that opset), or choose another format",
+        )
     model.opset_imports[""] = minimum
+
+
+def ops_changed_between(model: ir.Model, old: int, new: int) -> list[str]:
+    """Default-domain op types of ``model`` whose schema differs between opsets old and new."""
+    from onnx import defs
+
+    changed = set()
+    for node in iter_nodes(model):
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx") or op in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        try:
+            before = defs.get_schema(op, old, "").since_version
+            after = defs.get_schema(op, new, "").since_version
+        except defs.SchemaError:
+            changed.add(op)
+            continue
+        if before != after:
+            changed.add(op)
+    return sorted(changed)
 
 
 def graph_fingerprint(model: ir.Model) -> str:

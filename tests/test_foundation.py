@@ -341,3 +341,20 @@ def test_cli_usage_error_is_one_line(capsys, model_path):
 def test_cli_version(capsys):
     assert cli("--version") == 0
     assert capsys.readouterr().out.startswith("qtool ")
+
+
+def test_require_opset_relabels_only_when_exact(model_path):
+    model = qmodel.load(model_path)  # opset 17, one MatMul: unchanged up to 21
+    with pytest.raises(UsageError, match="needs opset 21") as info:
+        qmodel.require_opset(model, 21, "int4 blocks", allow_upgrade=False)
+    assert "--allow-opset-upgrade" in info.value.hint
+    qmodel.require_opset(model, 21, "int4 blocks", allow_upgrade=True)
+    assert model.opset_imports[""] == 21
+    # ReduceMean moved its axes from an attribute to an input at opset 18.
+    proto = matmul_model()
+    proto.graph.node.append(helper.make_node("ReduceMean", ["y"], ["m"], axes=[1], name="rm"))
+    proto.graph.output.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, ["N", 1]))
+    reduce_model = qmodel.ir.from_proto(proto)
+    with pytest.raises(UsageError, match="ReduceMean"):
+        qmodel.require_opset(reduce_model, 21, "int4 blocks", allow_upgrade=True)
+    assert reduce_model.opset_imports[""] == 17

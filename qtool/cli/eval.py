@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import enum
-import os
-import tempfile
 from pathlib import Path
 
 import typer
@@ -12,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from qtool.cli.app import app, console, emit_json, info, progress, settings, warn
+from qtool.fileio import write_text_atomic
 
 
 class Backend(str, enum.Enum):
@@ -114,10 +113,10 @@ def eval_command(
     if json_out == "-":
         emit_json(doc)
     elif json_out is not None:
-        _write_atomic(Path(json_out), report.to_json() + "\n")
+        write_text_atomic(Path(json_out), report.to_json() + "\n")
         info(f"report written to {escape(json_out)}")
     if markdown is not None:
-        _write_atomic(markdown, to_markdown(doc))
+        write_text_atomic(markdown, to_markdown(doc))
         info(f"markdown summary written to {escape(str(markdown))}")
     for w in doc["warnings"]:
         warn(escape(w))
@@ -134,17 +133,6 @@ def _check_writable(path: Path, flag: str) -> None:
         raise UsageError(f"{flag}: folder {parent} does not exist", f"create it first: mkdir -p {parent}")
     if path.is_dir():
         raise UsageError(f"{flag}: {path} is a folder", "give a file name")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".qtool-", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _n(x, digits: int = 4) -> str:
