@@ -19,6 +19,7 @@ import onnx_ir as ir
 from qtool import ops
 from qtool.model import iter_graphs
 from qtool.passes import PassReport
+from qtool.passes.preprocess import remove_unused
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -118,28 +119,6 @@ def remove_dangling(graph: ir.Graph) -> int:
     return removed
 
 
-def remove_unused(model: ir.Model) -> int:
-    """Drop Constant nodes, QDQ nodes and initializers that nothing reads."""
-    removed = 0
-    changed = True
-    while changed:
-        changed = False
-        for graph in iter_graphs(model.graph):
-            for node in reversed(list(graph)):
-                if node.op_type not in ("Constant", *_QDQ):
-                    continue
-                if any(o.uses() or o.is_graph_output() for o in node.outputs):
-                    continue
-                graph.remove(node, safe=True)
-                removed += 1
-                changed = True
-            for name, value in list(graph.initializers.items()):
-                if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
-                    del graph.initializers[name]
-                    removed += 1
-    return removed
-
-
 def cleanup(model: ir.Model) -> PassReport:
     """Apply the rules above to every graph of ``model``, in place."""
     report = PassReport("cleanup")
@@ -153,7 +132,7 @@ def cleanup(model: ir.Model) -> PassReport:
                 if n:
                     report.count(key, n)
                     changed = True
-    n = remove_unused(model)
+    n = remove_unused(model, ("Constant", *_QDQ))
     if n:
         report.count("unused_removed", n)
     return report

@@ -674,22 +674,24 @@ def _fold_into_matmul(
 # --------------------------------------------------------------------------- cleanup
 
 
-def remove_unused(model: ir.Model) -> int:
-    """Drop initializers and Constant nodes that nothing reads (graph inputs are kept)."""
+def remove_unused(model: ir.Model, op_types: tuple[str, ...] = ("Constant",)) -> int:
+    """Drop nodes of ``op_types`` and initializers that nothing reads (graph inputs kept).
+
+    Only side-effect-free producers belong in ``op_types`` (Constant; cleanup adds the QDQ ops).
+    """
     removed = 0
     changed = True
     while changed:
         changed = False
         for graph in iter_graphs(model.graph):
-            for node in list(graph):
-                if (
-                    node.op_type == "Constant"
-                    and not node.outputs[0].uses()
-                    and not node.outputs[0].is_graph_output()
-                ):
-                    graph.remove(node, safe=True)
-                    removed += 1
-                    changed = True
+            for node in reversed(list(graph)):
+                if node.op_type not in op_types:
+                    continue
+                if any(o.uses() or o.is_graph_output() for o in node.outputs):
+                    continue
+                graph.remove(node, safe=True)
+                removed += 1
+                changed = True
             for name, value in list(graph.initializers.items()):
                 if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
                     del graph.initializers[name]
