@@ -358,3 +358,51 @@ def test_require_opset_relabels_only_when_exact(model_path):
     with pytest.raises(UsageError, match="ReduceMean"):
         qmodel.require_opset(reduce_model, 21, "int4 blocks", allow_upgrade=True)
     assert reduce_model.opset_imports[""] == 17
+
+
+# -- every bad input through the real commands, input model untouched ---------------------
+
+
+def test_bad_inputs_through_the_cli_leave_the_model_untouched(capsys, tmp_path, model_path, monkeypatch):
+    import os
+
+    good = tmp_path / "good"
+    good.mkdir()
+    np.save(good / "a.npy", np.ones((1, 4), np.float32))
+    folders = {}
+    for label, arrays in {
+        "name": {"z": np.zeros((1, 4), np.float32)},
+        "dtype": {"x": np.zeros((1, 4), np.int64)},
+        "shape": {"x": np.zeros((1, 7), np.float32)},
+    }.items():
+        folders[label] = tmp_path / label
+        folders[label].mkdir()
+        np.savez(folders[label] / "s.npz", **arrays)
+    (tmp_path / "empty").mkdir()
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text("[quantize]\nbitz = 4\n")
+    out = tmp_path / "out.onnx"
+    table = tmp_path / "t.json"
+    before = model_path.read_bytes()
+    cases = [
+        (("calibrate", model_path, "--data", tmp_path / "empty", "-o", table), 1, "holds no samples"),
+        (("calibrate", model_path, "--data", folders["name"], "-o", table), 1, "no array for model input 'x'"),
+        (("calibrate", model_path, "--data", folders["dtype"], "-o", table), 1, "has dtype int64"),
+        (("calibrate", model_path, "--data", folders["shape"], "-o", table), 1, "dimension 1 must be 4"),
+        (("convert", model_path, "-o", out, "--recipe", recipe), 2, "quantize.bitz"),
+        (("convert", model_path, "-o", model_path, "--bits", "4"), 2, "is the input model"),
+        (("convert", model_path, "-o", tmp_path / "nodir" / "o.onnx", "--bits", "4"), 2, "does not exist"),
+        (("eval", model_path, "--data", tmp_path / "empty"), 1, "holds no samples"),
+    ]
+    for args, code, fragment in cases:
+        assert_error(capsys, cli(*args), code, fragment)
+        assert model_path.read_bytes() == before, args
+        assert not out.exists() and not table.exists(), args
+    # An output folder that cannot be written (root ignores mode bits: fake the answer).
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if mode == os.W_OK else real_access(p, mode))
+    assert_error(capsys, cli("convert", model_path, "-o", out, "--bits", "4"), 2, "not writable")
+    monkeypatch.undo()
+    # And a good run leaves it untouched too.
+    assert cli("convert", model_path, "-o", out, "--bits", "4", "--block-size", "32", "-q") == 0
+    assert model_path.read_bytes() == before and out.exists()

@@ -133,7 +133,11 @@ def progress(description: str, total: float | None, unit: str = "samples") -> It
     ]
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+        try:
+            yield lambda n=1: bar.advance(task, n)
+        except BaseException:
+            bar.live.transient = True  # a failed step leaves only its error: line behind
+            raise
 
 
 @contextlib.contextmanager
