@@ -250,3 +250,19 @@ def test_damaged_or_foreign_table_files(tmp_path):
                         ("v9.json", "version 9")):
         with pytest.raises(CalibrationError, match=words):
             CalibrationTable.load(tmp_path / name)
+
+
+def test_entropy_does_not_collapse_on_a_relu_spike_at_zero():
+    """A ReLU6 output: 70% exact zeros, the rest |N(0, 1)| capped at 6. The zero spike is
+    represented exactly by the zero point, so it must not drag the threshold down: it used
+    to pick the first candidate (~1.0, clipping a third of the non-zero values), which took
+    EfficientNet-Lite0's top-1 to 0."""
+    from qtool.calibration.thresholds import entropy_range
+
+    x = np.zeros(200_000, np.float32)
+    x[:60_000] = np.minimum(np.abs(RNG.standard_normal(60_000)), 6).astype(np.float32)
+    x[:50] = 6.0
+    lo, hi = entropy_range(_hist(x))
+    assert lo == 0.0
+    # Clips the sparse tail (well inside the max) but keeps the bulk of the non-zeros.
+    assert 2.5 < hi < 6.0, hi

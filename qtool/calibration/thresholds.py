@@ -107,6 +107,12 @@ def entropy_range(hist: Histogram, bits: int = 8) -> tuple[float, float]:
     if n <= levels:
         return hist.lo, hist.hi  # fewer occupied bins than levels: nothing to gain
     p_all = counts.astype(np.float64)
+    if _one_signed(hist):
+        # A ReLU/Clip output piles most of its mass on exact zeros, which the zero point
+        # represents exactly whatever the threshold. Left in, that spike dominates the
+        # divergence and drives the threshold down to the first candidate (clipping a
+        # ReLU6 at 1.0); so the first bin does not vote.
+        p_all[0] = 0.0
     suffix = np.concatenate([np.cumsum(p_all[::-1])[::-1], [0.0]])
 
     def kl(i: int) -> float:
