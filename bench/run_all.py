@@ -22,6 +22,7 @@ BENCHES = {
     "convert_int8": ["convert_int8.py"],
     "convert_lowbit": ["convert_lowbit.py"],
     "diagnose": ["diagnose_smollm2.py"],
+    "latency_repro": ["latency_repro.py"],
     "tune": ["tune.py"],
 }
 

@@ -274,24 +274,36 @@ def test_evaluate_bad_inputs(mlp, tmp_path):
         evaluate(mlp["q8"], mlp["data"], min_sqnr=20)
 
 
-def test_latency_two_runs_agree_within_dispersion(mlp):
+def test_latency_statistics_by_hand():
+    """The statistics themselves, on known run times (no clock involved)."""
+    from qtool.eval.latency import summarize
+
+    times = np.array([5.0, 1.0, 2.0, 4.0, 3.0, 100.0, 2.5, 3.5, 1.5])
+    s = summarize(times, model="m", provider="cpu", warmup=0, batch_size=4, threads=1,
+                  memory_mib=None)
+    assert s.runs == 9 and s.median_ms == 3.0
+    assert s.iqr_ms == np.percentile(times, 75) - np.percentile(times, 25) == 2.0
+    assert s.min_ms == 1.0 and s.max_ms == 100.0
+    assert s.p90_ms == np.percentile(times, 90) and s.p99_ms == np.percentile(times, 99)
+    assert s.throughput == 4 / 0.003
+    # 95% order-statistic interval for the median: 0-based ranks floor(4.5 - 0.98*3) = 1
+    # and ceil(4.5 + 0.98*3) = 8 of the sorted times [1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 100].
+    assert s.median_ci_ms == (1.5, 100.0)
+
+
+def test_latency_measure_reports_consistent_statistics(mlp):
+    """A real measurement: structure only. Whether two runs agree is a property of the
+    machine, measured in bench/latency_repro.py, not asserted here."""
     from qtool.eval.latency import measure
     from qtool.eval.runner import open_session
 
     feed = {"x": np.load(mlp["data"] / "s00.npy")}
-
-    def twice():
-        return [measure({"candidate": lambda: open_session(mlp["ref"], threads=1)}, feed, runs=200,
-                        warmup=20, threads=1)["candidate"] for _ in range(2)]
-
-    for _attempt in range(3):  # a loaded machine can shift one run; the statistic must hold
-        a, b = twice()
-        spread = max(a.iqr_ms, b.iqr_ms)
-        if abs(a.median_ms - b.median_ms) <= spread:
-            break
-    assert abs(a.median_ms - b.median_ms) <= spread, (a, b)
-    assert a.min_ms <= a.median_ms <= a.p90_ms <= a.p99_ms <= a.max_ms
+    a = measure({"candidate": lambda: open_session(mlp["ref"], threads=1)}, feed, runs=50,
+                warmup=5, threads=1)["candidate"]
+    assert a.runs == 50 and a.threads == 1 and a.batch_size == feed["x"].shape[0]
+    assert 0 < a.min_ms <= a.median_ms <= a.p90_ms <= a.p99_ms <= a.max_ms
     assert a.median_ci_ms[0] <= a.median_ms <= a.median_ci_ms[1]
+    assert a.iqr_ms >= 0 and a.stdev_ms >= 0
 
 
 # ---- diagnosis, hardware, native -----------------------------------------------------------
