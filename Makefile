@@ -29,8 +29,8 @@ demo: $(STAMP)
 
 # The suite runs twice: on the C kernels, then on their numpy twins (the fallback path).
 test: $(STAMP)
-	QTOOL_NATIVE=1 $(PY) -m pytest -q tests
-	QTOOL_NATIVE=0 $(PY) -m pytest -q tests -k "not test_kernels"
+	QTOOL_NATIVE=1 $(PY) -m pytest tests
+	QTOOL_NATIVE=0 $(PY) -m pytest tests -k "not test_kernels"
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
