@@ -211,6 +211,23 @@ def test_non_finite_activation_names_tensor_and_sample(tmp_path):
     assert "NaN" in err.value.message and err.value.hint
 
 
+def test_infinite_activation_stays_float_with_its_sample_named(tmp_path):
+    """+-inf without NaN is deliberate arithmetic (attention masks): the tensor is left out of
+    the table with the reason, calibration goes on, and shards merge the same way."""
+    path = _model(tmp_path / "m.onnx", nan_on_negative_input=True)
+    data = _data(tmp_path / "d", n=6)
+    np.save(data / "s003.npy", np.array([0.0, 1.0, 1.0, 1.0], np.float32))  # log(0) = -inf
+    table = calibrate(path, data, _recipe(batch_size=2))
+    skipped = table.info["skipped"]
+    assert "logx" in skipped and "s003.npy" in skipped["logx"]
+    assert "logx" not in table.ranges()
+    assert table.samples == 6
+    shards = [calibrate(path, data, _recipe(batch_size=2), shard=(i, 2)) for i in range(2)]
+    merged = CalibrationTable.merge(shards)
+    assert set(merged.info["skipped"]) == set(skipped)
+    assert merged.ranges() == table.ranges()
+
+
 def test_dataset_that_does_not_match_the_model(tmp_path):
     path = _model(tmp_path / "m.onnx")
     data = _data(tmp_path / "d", shape=(5,))

@@ -19,9 +19,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
-from qtool.calibration.collect import infer_types, raise_non_finite, stream_tensors
+from qtool.calibration.collect import (
+    first_non_finite_sample,
+    infer_types,
+    raise_non_finite,
+    stream_tensors,
+)
 from qtool.calibration.observers import TensorObserver
 from qtool.calibration.table import CalibrationTable, TensorStats
 from qtool.calibration.thresholds import HISTOGRAM_METHODS, METHODS
@@ -152,16 +158,27 @@ def calibrate(
         model, dataset, names, batch_size=batch_size, limit=count, shard=shard,
         check_finite=False, threads=threads,
     )
+    skipped: dict[str, str] = {}
     for ids, tensors in stream:
         for name, array in tensors.items():
+            if name in skipped:
+                continue
             lo, hi = observers[name].update(array)
             if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise_non_finite(name, array, ids, dataset)
+                if np.isnan(array).any():
+                    raise_non_finite(name, array, ids, dataset)  # NaN: a real fault
+                # +-Inf without NaN is deliberate arithmetic (attention masks use -inf): no
+                # int8 range can hold it, so the tensor stays float, with the reason.
+                sample = dataset.samples[first_non_finite_sample(array, ids)].path.name
+                skipped[name] = f"holds +-inf (sample {sample}): left in float"
+                del observers[name]
         del tensors
         done += len(ids)
         if on_progress is not None:
             on_progress(Progress(done, total, time.perf_counter() - start))
     info = {"seconds": round(time.perf_counter() - start, 3), "batch_size": batch_size}
+    if skipped:
+        info["skipped"] = skipped
     return CalibrationTable.from_observers(
         fingerprint, c.method, params, done, observers, (f"{shard[0]}/{shard[1]}",), info
     )

@@ -188,14 +188,18 @@ def stream_tensors(
         yield ids, tensors
 
 
-def raise_non_finite(name: str, array: np.ndarray, ids: list[int], dataset: Dataset) -> None:
-    """Raise CalibrationError naming ``name`` and the first sample whose values are NaN/Inf."""
-    sample = ids[0]
+def first_non_finite_sample(array: np.ndarray, ids: list[int]) -> int:
+    """The dataset index of the first sample of the batch whose values are NaN/Inf."""
     if array.ndim >= 1 and array.shape[0] == len(ids):
         for row, index in enumerate(ids):
             if not np.isfinite(array[row]).all():
-                sample = index
-                break
+                return index
+    return ids[0]
+
+
+def raise_non_finite(name: str, array: np.ndarray, ids: list[int], dataset: Dataset) -> None:
+    """Raise CalibrationError naming ``name`` and the first sample whose values are NaN/Inf."""
+    sample = first_non_finite_sample(array, ids)
     bad = array[~np.isfinite(array)]
     kind = "NaN" if np.isnan(bad).any() else "Inf"
     raise CalibrationError(

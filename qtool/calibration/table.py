@@ -148,7 +148,10 @@ class CalibrationTable:
                     f"({first.method} {first.params} and {t.method} {t.params})",
                     "calibrate every shard with the same --method, --bins, --percentile and recipe",
                 )
-            if set(t.tensors) != set(first.tensors):
+        # A tensor one shard found to hold +-inf stays float in the merged table too.
+        skipped = {k: v for t in tables for k, v in t.info.get("skipped", {}).items()}
+        for t in tables[1:]:
+            if set(t.tensors) - set(skipped) != set(first.tensors) - set(skipped):
                 raise CalibrationError(
                     "cannot merge tables that observed different tensors",
                     "calibrate every shard with the same recipe",
@@ -163,6 +166,8 @@ class CalibrationTable:
         ma = float(first.params.get("moving_average", 0.0))
         tensors = {}
         for name in first.tensors:
+            if name in skipped:
+                continue
             stats = [t.tensors[name] for t in tables]
             minmax = MinMax(ma)
             hist = None
@@ -178,7 +183,7 @@ class CalibrationTable:
             sum(t.samples for t in tables),
             tensors,
             tuple(shards),
-            {"merged_from": len(tables)},
+            {"merged_from": len(tables), **({"skipped": skipped} if skipped else {})},
         )
 
     # -- JSON ----------------------------------------------------------------------------

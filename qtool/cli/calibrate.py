@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from qtool.cli.app import app, console, emit_json, info, progress, settings
+from qtool.cli.app import app, console, emit_json, info, progress, settings, warn
 
 
 class Method(str, Enum):
@@ -107,6 +107,8 @@ def calibrate_command(
         emit_json(summary)
     if not settings.quiet:
         _print_summary(summary)
+    for name, reason in table.info.get("skipped", {}).items():
+        warn(f"{escape(name)} {escape(reason)}")
 
 
 def _run_workers(model, data, output, r, recipe, workers, threads, argv) -> object:  # noqa: ANN001
