@@ -107,8 +107,12 @@ def calibrate_command(
         emit_json(summary)
     if not settings.quiet:
         _print_summary(summary)
-    for name, reason in table.info.get("skipped", {}).items():
-        warn(f"{escape(name)} {escape(reason)}")
+    skipped = table.info.get("skipped", {})
+    if skipped:
+        names = list(skipped)
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warn(escape(f"{len(names)} tensor(s) hold +-inf (attention-mask arithmetic?) and stay "
+                    f"float: {shown}; first: {skipped[names[0]]} (all in the table's info)"))
 
 
 def _run_workers(model, data, output, r, recipe, workers, threads, argv) -> object:  # noqa: ANN001
