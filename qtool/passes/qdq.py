@@ -389,16 +389,7 @@ def _clip_bounds(act: ir.Node) -> tuple[float | None, float]:
 
 def _fold(b: GraphBuilder, producer: ir.Node, act: ir.Node) -> None:
     """Remove ``act``: its uses read the producer's output (whose Q now does the clipping)."""
-    out, act_out = producer.outputs[0], act.outputs[0]
-    for use in list(act_out.uses()):
-        use.node.replace_input_with(use.idx, out)
-    for g in iter_graphs(b.model.graph):
-        for i, o in enumerate(g.outputs):
-            if o is act_out:
-                name = act_out.name
-                act_out.name = b.name(f"{name}_folded")
-                out.name = name
-                g.outputs[i] = out
+    _replace_node_output(b, act.outputs[0], producer.outputs[0])
     act.graph.remove(act, safe=True)
 
 
