@@ -212,11 +212,13 @@ def init_params(rng, channels=(16, 32, 32), hidden=256, image=16, classes=10, dt
     }
 
 
-# Running statistics are state, not trained parameters.
-TRAINABLE = (
+# Every parameter, in the order the ONNX initializers are written.
+PARAMETERS = (
     "conv1_w",
     "bn_gamma",
     "bn_beta",
+    "bn_mean",
+    "bn_var",
     "conv2_w",
     "conv2_b",
     "conv3_w",
@@ -226,6 +228,8 @@ TRAINABLE = (
     "fc2_w",
     "fc2_b",
 )
+# Running statistics are state, not trained parameters.
+TRAINABLE = tuple(k for k in PARAMETERS if k not in ("bn_mean", "bn_var"))
 
 
 def forward(p, x, train):
@@ -332,21 +336,7 @@ def export_onnx(p, path):
 
     inits = [
         numpy_helper.from_array(np.ascontiguousarray(p[k], dtype=np.float32), k)
-        for k in (
-            "conv1_w",
-            "bn_gamma",
-            "bn_beta",
-            "bn_mean",
-            "bn_var",
-            "conv2_w",
-            "conv2_b",
-            "conv3_w",
-            "conv3_b",
-            "fc1_w",
-            "fc1_b",
-            "fc2_w",
-            "fc2_b",
-        )
+        for k in PARAMETERS
     ]
     conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
     pool = {"kernel_shape": [2, 2], "strides": [2, 2]}
