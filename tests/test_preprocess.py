@@ -296,3 +296,72 @@ def test_passes_walk_into_if_subgraphs():
     for c in (True, False):
         feed = {"c": np.array(c), "x": x}
         np.testing.assert_array_equal(_run(folded, feed)[0], _run(proto, feed)[0])
+
+
+def _pad_conv(pads, value=0.0, mode="constant", conv_pads=(0, 1, 0, 1), computed=False):
+    """x -> Pad -> Conv(3x3). ``computed``: the pads come from the ConstantOfShape/Concat/
+    Slice/Transpose chain torch.onnx.export writes for F.pad (folded first, then fused)."""
+    w = RNG.normal(size=(5, 3, 3, 3)).astype(np.float32)
+    inits = [_init("w", w), _init("cv", np.array(value, np.float32))]
+    nodes = []
+    if computed:
+        # pads in torch order (last axis first, begin/end pairs) -> ONNX order via the
+        # exporter's Reshape/Slice(step -1)/Transpose/Reshape dance.
+        p = np.asarray(pads).reshape(2, 4)  # [begins, ends] per ONNX axis order
+        torch_pairs = np.stack([p[0][::-1], p[1][::-1]], axis=1).reshape(-1)[:4]
+        inits += [_init("tp", torch_pairs.astype(np.int64)), _init("zshape", np.array([4], np.int64)),
+                  _init("r1", np.array([-1, 2], np.int64)), _init("st", np.array([-1], np.int64)),
+                  _init("en", np.array([-(2**63) + 1], np.int64)), _init("ax", np.array([0], np.int64)),
+                  _init("sp", np.array([-1], np.int64)), _init("r2", np.array([-1], np.int64))]
+        nodes += [
+            helper.make_node("ConstantOfShape", ["zshape"], ["zeros"],
+                             value=numpy_helper.from_array(np.zeros(1, np.int64))),
+            helper.make_node("Concat", ["tp", "zeros"], ["all"], axis=0),
+            helper.make_node("Reshape", ["all", "r1"], ["pairs"]),
+            helper.make_node("Slice", ["pairs", "st", "en", "ax", "sp"], ["rev"]),
+            helper.make_node("Transpose", ["rev"], ["tr"], perm=[1, 0]),
+            helper.make_node("Reshape", ["tr", "r2"], ["pads"]),
+        ]
+    else:
+        inits.append(_init("pads", np.asarray(pads, np.int64)))
+    nodes += [
+        helper.make_node("Pad", ["x", "pads", "cv"], ["xp"], mode=mode),
+        helper.make_node("Conv", ["xp", "w"], ["y"], pads=list(conv_pads), strides=[2, 2]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 10])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, "H", "W"])
+    feed = {"x": RNG.normal(size=(2, 3, 9, 10)).astype(np.float32)}
+    return _model(nodes, [x], [y], inits), feed
+
+
+@pytest.mark.parametrize("computed", [False, True])
+def test_zero_pad_folds_into_conv(computed):
+    proto, feed = _pad_conv([0, 0, 1, 0, 0, 0, 2, 1], computed=computed)
+    (expected,) = _run(proto, feed)
+    fused, report = _preprocess(proto)
+    assert _ops(fused) == ["Conv"]
+    assert report.counts["pad_fused_into_conv"] == 1
+    conv = fused.graph.node[0]
+    pads = next(a for a in conv.attribute if a.name == "pads").ints
+    assert list(pads) == [1, 1, 2, 2]  # Conv's own (0, 1, 0, 1) plus the Pad's spatial pads
+    (got,) = _run(fused, feed)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw, why",
+    [
+        ({"value": 0.5}, "pads with 0.5"),
+        ({"mode": "reflect"}, "mode is not constant"),
+        ({"pads": [1, 0, 0, 0, 0, 0, 0, 0]}, "batch or channel axis"),
+    ],
+)
+def test_pad_that_conv_cannot_express_stays(kw, why):
+    args = {"pads": [0, 0, 1, 1, 0, 0, 1, 1], **kw}
+    proto, feed = _pad_conv(**args)
+    (expected,) = _run(proto, feed)
+    kept, report = _preprocess(proto)
+    assert _ops(kept) == ["Pad", "Conv"]
+    assert any(why in reason for reason in report.skipped.values()), report.skipped
+    (got,) = _run(kept, feed)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
