@@ -499,11 +499,14 @@ def test_static_pass_reports_counts_directly():
 
 
 def test_zero_pad_shares_scale_and_reflect_pad_stays_float():
+    # The Pad feeds two Convs, so preprocessing cannot fold it into one of them.
     def model(mode):
         return make_model(
             [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
              helper.make_node("Pad", ["c", "pads"], ["p"], mode=mode, name="pad"),
-             helper.make_node("Conv", ["p", "w2"], ["y"], name="conv2")],
+             helper.make_node("Conv", ["p", "w2"], ["y1"], name="conv2"),
+             helper.make_node("Conv", ["p", "w2"], ["y2"], name="conv3"),
+             helper.make_node("Add", ["y1", "y2"], ["y"], name="add")],
             [vi("x", [1, 4, 6, 6])], [vi("y", None)],
             [init("w", conv_w(4, 4, 1)), init("w2", conv_w(4, 4, 3)),
              init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))],
@@ -593,3 +596,27 @@ def test_dynamic_keeps_inputs_that_would_quantize_too_noisily_in_float():
     _model, _reports, summary = convert_with_summary(ir.from_proto(proto), load_recipe("int8-dynamic"), absmax=stats)
     assert summary.float_["MatMul"] == 1
     assert "dB SQNR" in next(iter(summary.reasons["MatMul"]))
+
+
+def test_positive_scalar_mul_moves_into_the_scale():
+    # Conv -> Relu -> Mul(1.7) -> padded Conv: the Mul cannot fold into either Conv in
+    # preprocessing, but on quantized tensors it is a change of scale, not an integer op.
+    def model(c):
+        return make_model(
+            [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "k"], ["m"], name="mul"),
+             helper.make_node("Conv", ["m", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")],
+            [vi("x", [1, 4, 6, 6])], [vi("y", None)],
+            [init("w", conv_w(4, 4, 1)), init("w2", conv_w(4, 4, 3)), init("k", np.array(c, np.float32))],
+        )
+    proto = model(1.7)
+    qmodel, reports, _summary, feeds = static(proto)
+    cleanup = next(r for r in reports if r.name == "cleanup")
+    assert cleanup.counts["scalar_mul_absorbed"] == 1
+    assert "Mul" not in op_types(qmodel)
+    assert sqnr(proto, qmodel, feeds[0]) > MIN_SQNR_CHAIN_DB
+    proto = model(-1.7)  # a negative scale would flip the integer range: stays a Mul
+    qmodel, reports, _summary, feeds = static(proto)
+    assert "Mul" in op_types(qmodel)
+    assert sqnr(proto, qmodel, feeds[0]) > MIN_SQNR_CHAIN_DB

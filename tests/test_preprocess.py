@@ -365,3 +365,59 @@ def test_pad_that_conv_cannot_express_stays(kw, why):
     assert any(why in reason for reason in report.skipped.values()), report.skipped
     (got,) = _run(kept, feed)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def _lcnet_block(next_pads):
+    """PP-LCNet's pattern as paddle2onnx writes it: Conv -> Mul(c) -> Add(c) (BatchNorm in
+    affine form), hard-swish x * Clip(x + 3, 0, 6) / 6, a learnable scalar scale and shift,
+    then the next Conv (1x1 unpadded: the scale/shift fold into it; padded: they stay)."""
+    c = 6
+    inits = [
+        _init("w", RNG.normal(size=(c, 3, 3, 3)).astype(np.float32)),
+        _init("bn_s", RNG.uniform(0.5, 2, (1, c, 1, 1)).astype(np.float32)),
+        _init("bn_b", RNG.normal(size=(1, c, 1, 1)).astype(np.float32)),
+        _init("three", np.array(3.0, np.float32)), _init("zero", np.array(0.0, np.float32)),
+        _init("six", np.array(6.0, np.float32)), _init("a", np.array(1.3, np.float32)),
+        _init("b", np.array(-0.4, np.float32)),
+        _init("w2", RNG.normal(size=(4, c, 1, 1) if not next_pads else (4, c, 3, 3)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["bn_s", "c0"], ["c1"]),
+        helper.make_node("Add", ["c1", "bn_b"], ["c2"]),
+        helper.make_node("Add", ["c2", "three"], ["h0"]),
+        helper.make_node("Clip", ["h0", "zero", "six"], ["h1"]),
+        helper.make_node("Mul", ["c2", "h1"], ["h2"]),
+        helper.make_node("Div", ["h2", "six"], ["h3"]),
+        helper.make_node("Mul", ["a", "h3"], ["h4"]),
+        helper.make_node("Add", ["h4", "b"], ["h5"]),
+        helper.make_node("Conv", ["h5", "w2"], ["y"], pads=[next_pads] * 4),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "H", "W"])
+    return _model(nodes, [x], [y], inits), {"x": RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)}
+
+
+def test_affine_and_constant_scalings_fold_into_convs():
+    proto, feed = _lcnet_block(next_pads=0)
+    (expected,) = _run(proto, feed)
+    folded, report = _preprocess(proto)
+    # The BatchNorm-style Mul/Add went into the first Conv, /6 and *a merged and, with +b,
+    # folded into the unpadded second Conv: only the hard-swish itself is left.
+    assert _ops(folded) == ["Conv", "Add", "Clip", "Mul", "Conv"]
+    assert report.counts["affine_folded_into_conv"] == 2
+    assert report.counts["div_by_constant_to_mul"] == 1
+    assert report.counts["constant_muls_merged"] == 1
+    assert report.counts["affine_folded_into_next_conv"] == 2
+    (got,) = _run(folded, feed)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4 * np.abs(expected).max())
+
+
+def test_scale_and_shift_before_a_padded_conv_stay():
+    proto, feed = _lcnet_block(next_pads=1)
+    (expected,) = _run(proto, feed)
+    folded, report = _preprocess(proto)
+    assert _ops(folded) == ["Conv", "Add", "Clip", "Mul", "Mul", "Add", "Conv"]
+    assert any("pads its input" in r for r in report.skipped.values()), report.skipped
+    (got,) = _run(folded, feed)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4 * np.abs(expected).max())

@@ -6,6 +6,10 @@ Rules, applied until nothing changes:
   integer tensor; the Q's readers read the DQ's input instead.
 - ``dangling_qdq_removed``: a ``Q -> DQ`` pair whose producer and readers are all float
   ops (no integer kernel can absorb it) only adds rounding error; it is removed.
+- ``scalar_mul_absorbed``: ``DQ(q; s, z) -> Mul(c) -> Q -> DQ`` with a positive scalar
+  constant ``c`` is ``DQ(q; c * s, z)``: the multiplication moves into the scale, exactly
+  (no requantization, no integer Mul kernel; exporters leave such scalings after
+  activations, e.g. PP-LCNet's learnable scale after each hard-swish).
 - ``unused_removed``: initializers and Constant nodes that nothing reads.
 
 Works in place; returns a PassReport with a count per rule.
@@ -119,6 +123,95 @@ def remove_dangling(graph: ir.Graph) -> int:
     return removed
 
 
+def _scalar_value(value: ir.Value | None) -> float | None:
+    """A float scalar constant, given directly or as DequantizeLinear of constants."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        array = value.const_value.numpy()
+    else:
+        dq = value.producer()
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].const_value is None:
+            return None
+        q = dq.inputs[0].const_value.numpy().astype(np.float64)
+        scale = dq.inputs[1].const_value
+        zp = dq.inputs[2] if len(dq.inputs) > 2 else None
+        if scale is None or (zp is not None and zp.const_value is None):
+            return None
+        z = zp.const_value.numpy().astype(np.float64) if zp is not None else 0.0
+        array = (q - z) * scale.numpy().astype(np.float64)
+    if array.size != 1 or not np.issubdtype(array.dtype, np.floating):
+        return None
+    return float(array.reshape(-1)[0])
+
+
+def absorb_scalar_mul(graph: ir.Graph) -> int:
+    absorbed = 0
+    for mul in list(graph):
+        if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.inputs) != 2:
+            continue
+        for i in (0, 1):
+            dq = mul.inputs[i].producer() if mul.inputs[i] is not None else None
+            c = _scalar_value(mul.inputs[1 - i])
+            if dq is not None and dq.op_type == "DequantizeLinear" and c is not None:
+                break
+        else:
+            continue
+        if not (c > 0 and np.isfinite(c)) or dq.inputs[0].const_value is not None:
+            continue
+        scale = dq.inputs[1].const_value
+        if scale is None or scale.numpy().size != 1 or dq.attributes.get_int("block_size", 0):
+            continue
+        out = mul.outputs[0]
+        uses = list(out.uses())
+        if out.is_graph_output() or len(uses) != 1 or uses[0].node.op_type != "QuantizeLinear":
+            continue
+        q = uses[0].node
+        readers = [u.node for u in q.outputs[0].uses()]
+        if q.outputs[0].is_graph_output() or not readers or any(
+            r.op_type != "DequantizeLinear" or not _same_params(q, r) for r in readers
+        ):
+            continue
+        s = scale.numpy()
+        new_scale = ir.Value(
+            name=_fresh(graph, (dq.inputs[1].name or "scale") + "_scaled"),
+            type=ir.TensorType(scale.dtype),
+            shape=ir.Shape(s.shape),
+            const_value=ir.Tensor((s.astype(np.float64) * c).astype(s.dtype)),
+        )
+        new_scale.const_value.name = new_scale.name
+        graph.register_initializer(new_scale)
+        inputs = [dq.inputs[0], new_scale, *dq.inputs[2:]]
+        for r in readers:
+            new_dq = ir.Node(r.domain, "DequantizeLinear", inputs, attributes=list(r.attributes.values()),
+                             name=_fresh_node(graph, (r.name or "dq") + "_scaled"))
+            graph.insert_after(r, new_dq)
+            name = r.outputs[0].name
+            _replace(r.outputs[0], new_dq.outputs[0])
+            graph.remove(r, safe=True)
+            new_dq.outputs[0].name = name
+        graph.remove(q, safe=True)
+        graph.remove(mul, safe=True)
+        absorbed += 1
+    return absorbed
+
+
+def _fresh(graph: ir.Graph, base: str) -> str:
+    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs}
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _fresh_node(graph: ir.Graph, base: str) -> str:
+    taken = {n.name for n in graph}
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
 def cleanup(model: ir.Model) -> PassReport:
     """Apply the rules above to every graph of ``model``, in place."""
     report = PassReport("cleanup")
@@ -127,7 +220,8 @@ def cleanup(model: ir.Model) -> PassReport:
         changed = False
         for graph in iter_graphs(model.graph):
             for key, rule in (("requant_removed", remove_requant),
-                              ("dangling_qdq_removed", remove_dangling)):
+                              ("dangling_qdq_removed", remove_dangling),
+                              ("scalar_mul_absorbed", absorb_scalar_mul)):
                 n = rule(graph)
                 if n:
                     report.count(key, n)

@@ -75,7 +75,18 @@ def preprocess(
     if rules:
         apply_rules(model, rules, report, names)
     if fold_batchnorm:
-        apply_rules(model, [("batchnorm_folded", fold_batchnorm_node)], report, names)
+        apply_rules(
+            model,
+            [
+                ("batchnorm_folded", fold_batchnorm_node),
+                ("affine_folded_into_conv", fold_affine_into_conv),
+                ("div_by_constant_to_mul", div_by_constant_to_mul),
+                ("constant_muls_merged", merge_constant_muls),
+                ("affine_folded_into_next_conv", fold_affine_into_next_conv),
+            ],
+            report,
+            names,
+        )
     removed = remove_unused(model)
     if removed:
         report.count("unused_removed", removed)
@@ -594,6 +605,194 @@ def fold_batchnorm_node(node: ir.Node, names: _Names) -> Outcome:
         result.name = name
     graph.remove(node, safe=True)
     return APPLIED
+
+
+def fold_affine_into_conv(node: ir.Node, names: _Names) -> Outcome:
+    """Conv -> Mul(per-channel constant) or Add(per-channel constant): into the Conv.
+
+    Exporters (paddle2onnx's PP-LCNet, for one) write a BatchNorm already reduced to its
+    affine form, or a learnable per-channel scale/shift, as separate Mul and Add nodes after a
+    Conv. Each would otherwise be an elementwise quantized op of its own. Folded like
+    BatchNorm: Mul by c is scale c, shift 0; Add of c is scale 1, shift c. The constant must
+    broadcast along the output channel axis only (or be a scalar).
+    """
+    if node.op_type not in ("Mul", "Add") or node.domain not in ("", "ai.onnx"):
+        return None
+    for i in (0, 1):
+        x, c_value = node.inputs[i], node.inputs[1 - i]
+        conv = x.producer() if x is not None else None
+        if conv is not None and conv.op_type in ("Conv", "ConvTranspose") and conv.domain in ("", "ai.onnx"):
+            break
+    else:
+        return None
+    c = constant_of(c_value)
+    if c is None or conv.graph is not node.graph:
+        return None
+    if not _only_consumer(x, node):
+        return f"{conv.op_type} output has other consumers"
+    w = constant_of(conv.inputs[1])
+    if w is None or not np.issubdtype(w.dtype, np.floating):
+        return f"{conv.op_type} weight is not a float constant"
+    group = int(_attr(conv, "group", 1))
+    out_ch = w.shape[0] if conv.op_type == "Conv" else w.shape[1] * group
+    rank = w.ndim  # output rank: N, M, spatial...
+    if c.ndim > rank:
+        return "the constant has more axes than the layer output"
+    dims = (1,) * (rank - c.ndim) + c.shape
+    if any(d != 1 for j, d in enumerate(dims) if j != 1) or dims[1] not in (1, out_ch):
+        return f"the constant of shape {list(c.shape)} is not per output channel"
+    per_channel = np.broadcast_to(c.astype(np.float64).reshape(-1), (out_ch,))
+    if node.op_type == "Mul":
+        scale, shift = per_channel, np.zeros(out_ch)
+    else:
+        scale, shift = np.ones(out_ch), per_channel
+    result = _fold_into_conv(conv, scale, shift, names)
+    if isinstance(result, str):
+        return result
+    out = node.outputs[0]
+    graph = node.graph
+    _rewire(out, result)
+    if out.is_graph_output():
+        name = out.name
+        for j, value in enumerate(graph.outputs):
+            if value is out:
+                graph.outputs[j] = result
+        out.name = None
+        result.name = name
+    graph.remove(node, safe=True)
+    return APPLIED
+
+
+def _float_const_operand(node: ir.Node) -> tuple[ir.Value, np.ndarray, int] | None:
+    """(the non-constant input, the constant, its input index) of a binary node, else None."""
+    if len(node.inputs) != 2 or any(v is None for v in node.inputs):
+        return None
+    for i in (1, 0):
+        c = constant_of(node.inputs[i])
+        if c is not None and constant_of(node.inputs[1 - i]) is None:
+            if not np.issubdtype(c.dtype, np.floating):
+                return None
+            return node.inputs[1 - i], c, i
+    return None
+
+
+def div_by_constant_to_mul(node: ir.Node, names: _Names) -> Outcome:
+    """x / c -> x * (1 / c) for a float constant c (so later rules can merge and fold it:
+    a quantized Mul runs as one integer op, a float Div needs a dequantize/quantize pair)."""
+    if node.op_type != "Div" or node.domain not in ("", "ai.onnx"):
+        return None
+    c = constant_of(node.inputs[1])
+    if c is None or not np.issubdtype(c.dtype, np.floating) or constant_of(node.inputs[0]) is not None:
+        return None
+    if not np.all(np.isfinite(c)) or np.any(c == 0):
+        return "divisor has zeros or non-finite values"
+    recip = _new_initializer(node.graph, names, (node.inputs[1].name or "c") + "_reciprocal",
+                             (1.0 / c.astype(np.float64)).astype(c.dtype))
+    mul = ir.Node("", "Mul", [node.inputs[0], recip], name=names.fresh((node.name or "div") + "_as_mul"))
+    node.graph.insert_after(node, mul)
+    _take_over_output(node, mul.outputs[0])
+    return APPLIED
+
+
+def merge_constant_muls(node: ir.Node, names: _Names) -> Outcome:
+    """(x * a) * b -> x * (a * b) for constants a, b (broadcasting is associative)."""
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx"):
+        return None
+    outer = _float_const_operand(node)
+    if outer is None:
+        return None
+    y, b, _ = outer
+    inner_node = y.producer()
+    if inner_node is None or inner_node.op_type != "Mul" or inner_node.graph is not node.graph:
+        return None
+    inner = _float_const_operand(inner_node)
+    if inner is None or not _only_consumer(y, node):
+        return None
+    x, a, _ = inner
+    product = (a.astype(np.float64) * b.astype(np.float64)).astype(a.dtype)
+    if product.nbytes > max(a.nbytes + b.nbytes, FOLD_MAX_GROWTH_BYTES):
+        return "merged constant would grow the model"
+    merged = _new_initializer(node.graph, names, (node.inputs[1].name or "c") + "_merged", product)
+    mul = ir.Node("", "Mul", [x, merged], name=names.fresh(node.name or "mul"))
+    node.graph.insert_after(node, mul)
+    _take_over_output(node, mul.outputs[0])
+    inner_node.graph.remove(inner_node, safe=True)
+    return APPLIED
+
+
+def fold_affine_into_next_conv(node: ir.Node, names: _Names) -> Outcome:
+    """x * a or x + b feeding only an unpadded Conv: into that Conv's weight and bias.
+
+    Conv(W, x * a) = Conv(W * a, x) and Conv(W, x + b) = Conv(W, x) + sum(W * b) per output
+    channel; exact only without zero padding (a padded border would see a * 0 + b), so only
+    Convs with all pads 0 qualify. Scalar constants, or per-input-channel ones for group 1.
+    """
+    if node.op_type not in ("Mul", "Add") or node.domain not in ("", "ai.onnx"):
+        return None
+    found = _float_const_operand(node)
+    if found is None:
+        return None
+    x, c, _ = found
+    out = node.outputs[0]
+    users = list(out.uses())
+    if out.is_graph_output() or len(users) != 1:
+        return None
+    conv, index = users[0]
+    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or index != 0:
+        return None
+    if any(_attr(conv, "pads", [0])) or _attr(conv, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID"):
+        return "the Conv pads its input"
+    w = constant_of(conv.inputs[1])
+    if w is None or not np.issubdtype(w.dtype, np.floating):
+        return "Conv weight is not a float constant"
+    bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
+    bias = constant_of(bias_value) if bias_value is not None else None
+    if bias_value is not None and bias is None:
+        return "Conv bias is not a constant"
+    group = int(_attr(conv, "group", 1))
+    in_ch = w.shape[1] * group
+    if c.size == 1:
+        per_c = np.full(w.shape[1], float(c.reshape(-1)[0]))
+    else:
+        dims = (1,) * (w.ndim - c.ndim) + c.shape
+        if group != 1 or c.ndim > w.ndim or any(d != 1 for j, d in enumerate(dims) if j != 1) or dims[1] != in_ch:
+            return f"the constant of shape {list(c.shape)} is not a scalar or per input channel"
+        per_c = c.astype(np.float64).reshape(-1)
+    w64 = w.astype(np.float64)
+    b64 = np.zeros(w.shape[0]) if bias is None else bias.astype(np.float64).reshape(-1)
+    shape = (1, -1) + (1,) * (w.ndim - 2)
+    if node.op_type == "Mul":
+        new_w, new_b = w64 * per_c.reshape(shape), b64
+    else:
+        new_w, new_b = w64, b64 + (w64 * per_c.reshape(shape)).reshape(w.shape[0], -1).sum(axis=1)
+    graph = conv.graph
+    conv.replace_input_with(1, _new_initializer(graph, names, (conv.inputs[1].name or "w") + "_affine", new_w.astype(w.dtype)))
+    if len(conv.inputs) < 3:
+        conv.resize_inputs(3)
+    b_name = bias_value.name if bias_value is not None else (conv.name or "conv") + "_bias"
+    conv.replace_input_with(2, _new_initializer(graph, names, b_name + "_affine", new_b.astype(w.dtype)))
+    conv.replace_input_with(0, x)
+    graph.remove(node, safe=True)
+    return APPLIED
+
+
+def _take_over_output(old: ir.Node, new: ir.Value) -> None:
+    """``new`` replaces ``old``'s single output everywhere (graph output name included) and
+    ``old`` is removed."""
+    out = old.outputs[0]
+    graph = old.graph
+    _rewire(out, new)
+    if out.is_graph_output():
+        name = out.name
+        for j, value in enumerate(graph.outputs):
+            if value is out:
+                graph.outputs[j] = new
+        out.name = None
+        new.name = name
+    else:  # keep the name for the value that now carries it (calibration tables use it)
+        name, out.name = out.name, None
+        new.name = name
+    graph.remove(old, safe=True)
 
 
 def _matmul_of_add(add: ir.Node) -> ir.Node | None:
