@@ -14,12 +14,16 @@ every int8 path ends with qtool.passes.cleanup.
 Mixed precision (``[[layer]]`` overrides, as ``qtool tune`` writes them): an int8 recipe
 whose overrides put some layers at 2/3/4 bits first runs qtool.passes.weight_only on those
 layers alone (``weight_only_part``), then the int8 pass on the rest; layers at 32 (or 16)
-bits stay float. A weight-only recipe handles 8-bit layers itself (8-bit blocks).
+bits stay float. A weight-only recipe handles 8-bit layers itself (8-bit blocks). A Conv at
+2/3/4 bits becomes ``DequantizeLinear(blocked weight) -> Conv`` with float activations: the
+int8 pass leaves the rewritten Conv alone. Blocked DequantizeLinear needs opset 21 (25 for
+2-bit); with ``allow_opset_upgrade`` onnx's version converter raises it first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -285,6 +289,7 @@ def convert_with_summary(
     if plan.kind == "weight-only":
         from qtool.passes.weight_only import apply_weight_only
 
+        model = opset_for_conv_blocks(model, recipe, recipe.quantize.bits, reports)
         before = snapshot(model)
         reports.append(apply_weight_only(model, recipe, recipe.quantize.bits,
                                          activations=activations, on_progress=stage("weights")))
@@ -293,6 +298,9 @@ def convert_with_summary(
     q = recipe.quantize
     if plan.kind == "int8-static" and q.per_channel and q.allow_opset_upgrade:
         model = upgrade_opset(model, 13, reports)
+    low_bit = weight_only_part(recipe)
+    if low_bit is not None:
+        model = opset_for_conv_blocks(model, low_bit, 4, reports)
     changed = False
     if not preprocessed:
         from qtool.passes.preprocess import preprocess
@@ -301,7 +309,6 @@ def convert_with_summary(
         reports.append(pre)
         changed = any(pre.counts.get(k) for k in ("batchnorm_folded",))
     before = snapshot(model)
-    low_bit = weight_only_part(recipe)
     origin = None
     if low_bit is not None:
         # The table was made on the whole graph: match it before weight-only rewrites it.
@@ -313,6 +320,12 @@ def convert_with_summary(
         # Layers it left alone are the int8 pass's to judge, not "kept float".
         part.skipped = {k: v for k, v in part.skipped.items() if not v.startswith("[[layer]]")}
         reports.append(part)
+        # Convs now reading a dequantized low-bit weight keep float activations.
+        convs = {name for name, op, _ in before if op == "Conv"}
+        rewritten = tuple(sorted(re.sub(r"([\[\]*?])", r"[\1]", n.name) for n in iter_nodes(model)
+                                 if n.op_type == "Conv" and n.name not in convs))
+        if rewritten:
+            recipe = recipe.override("quantize", exclude=q.exclude + rewritten)
     if plan.kind == "int8-dynamic":
         from qtool.passes.dynamic import quantize_dynamic
 
@@ -334,6 +347,19 @@ def convert_with_summary(
 
     reports.append(cleanup(model))
     return model, reports, summarize(before, model, reports)
+
+
+def opset_for_conv_blocks(model: ir.Model, recipe: Recipe, bits: int, reports: list[PassReport]) -> ir.Model:
+    """``model`` at the opset its low-bit Conv weights need, when the recipe allows upgrades.
+
+    Without ``allow_opset_upgrade`` the weight-only pass leaves those Convs float and says why.
+    """
+    if not recipe.quantize.allow_opset_upgrade:
+        return model
+    from qtool.passes.weight_only import conv_opset_needed
+
+    need = conv_opset_needed(model, recipe, bits)
+    return upgrade_opset(model, need, reports) if need else model
 
 
 def upgrade_opset(model: ir.Model, version: int, reports: list[PassReport]) -> ir.Model:

@@ -1,10 +1,10 @@
-"""qtool tune and mixed-precision convert, on MLPs / a small CNN built in code.
+"""qtool tune and mixed-precision convert, on MLPs / small CNNs built in code.
 
 The MLP has one deliberately sensitive layer: ``fc2``'s weight holds one huge value per
 output column (8x the largest other) on an input row that is always zero after ``relu1``. The
 float output does not see it, but 4-bit blocks scale to it and round every other weight
 of the block to zero, while 8 bits keep them. Tune must keep fc2 at 8 bits and put the
-rest at 4.
+rest at 4. ``sensitive_cnn`` plays the same trick on a Conv (``convB``).
 """
 
 from __future__ import annotations
@@ -327,7 +327,7 @@ def test_cli_tune_json_and_usage_errors(mlp_case, tmp_path, capsys):
     assert run(["tune", str(model_path), "--data", str(data), "-o", str(model_path)]) != 0  # never overwrite the input
 
 
-def test_role_groups_become_one_glob_and_conv_takes_8_bits_only(tmp_path):
+def test_role_groups_become_one_glob_and_a_3_channel_conv_takes_8_bits_only(tmp_path):
     from qtool.tune import tuned_recipe
     from qtool.tune.sensitivity import find_groups
 
@@ -344,3 +344,106 @@ def test_role_groups_become_one_glob_and_conv_takes_8_bits_only(tmp_path):
     names = [n.name for n in mlp_model.graph]
     recipe = tuned_recipe(Recipe(), groups, [8, 4], names)
     assert [(r.match, r.bits) for r in recipe.layer] == [("block.*/fc", 8), ("head", 4), ("*", 32)]
+
+
+# -- Conv below 8 bits in the int8-static scheme -----------------------------------------
+
+C = 32  # channels: one block of input channels per (output channel, kernel position)
+
+
+def sensitive_cnn(path: Path) -> Path:
+    """x[1,16,8,8] -> convA 3x3 -> relu -> convB 1x1 (sensitive) -> relu -> convC 3x3 -> relu
+    -> GlobalAveragePool -> Flatten -> head MatMul [32, 10]; opset 17 (Flatten changes in 21).
+
+    convB is the MLP's trick in a Conv: convA's channel DEAD is always 0 after the ReLU, and
+    convB's weights on that input channel are OUTLIER x its largest other weight. 4-bit blocks
+    of input channels scale to the outlier and round every other weight to 0; int8 keeps them.
+    """
+    rng = np.random.default_rng(5)
+    wa = (rng.standard_normal((C, 16, 3, 3)) / np.sqrt(16 * 9)).astype(np.float32)
+    ba = np.full(C, 0.1, np.float32)
+    wa[DEAD] = 0.0
+    ba[DEAD] = -1.0
+    wb = (rng.standard_normal((C, C, 1, 1)) / np.sqrt(C)).astype(np.float32)
+    wb[:, DEAD] = OUTLIER * np.abs(wb).max()
+    wc = (rng.standard_normal((C, C, 3, 3)) / np.sqrt(C * 9)).astype(np.float32)
+    wh = (rng.standard_normal((C, 10)) / np.sqrt(C)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="convA", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ra"], name="reluA"),
+        helper.make_node("Conv", ["ra", "wb"], ["b"], name="convB"),
+        helper.make_node("Relu", ["b"], ["rb"], name="reluB"),
+        helper.make_node("Conv", ["rb", "wc"], ["c"], name="convC", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["rc"], name="reluC"),
+        helper.make_node("GlobalAveragePool", ["rc"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "wh"], ["y"], name="head"),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((wa, "wa"), (ba, "ba"), (wb, "wb"), (wc, "wc"), (wh, "wh"))]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_int8_recipe_with_a_4bit_conv_dequantizes_its_weight_and_keeps_float_activations(tmp_path):
+    from qtool.calibration import calibrate
+
+    model_path = sensitive_cnn(tmp_path / "cnn.onnx")
+    data = samples(tmp_path / "data", model_path, n=16, shape=(1, 16, 8, 8))
+    recipe = dataclasses.replace(load_recipe("int8-static"), layer=(LayerOverride("convC", 4),))
+    table = calibrate(model_path, data, recipe)
+    out, reports = convert(ir.load(model_path), recipe, table=table)
+    assert all(r.counts.get("Conv -> DequantizeLinear (4-bit)", 0) == 0 for r in reports)  # opset 17: refused
+    assert "--allow-opset-upgrade" in next(r for r in reports if r.name == "weight_only").skipped["convC"]
+    recipe = recipe.override("quantize", allow_opset_upgrade=True)
+    out, reports = convert(ir.load(model_path), recipe, table=table)
+    assert out.opset_imports[""] == 21
+    conv = next(n for n in out.graph if n.op_type == "Conv" and n.name == "convC_q")
+    dq = conv.inputs[1].producer()
+    assert dq.op_type == "DequantizeLinear" and dq.inputs[0].const_value.dtype == ir.DataType.INT4
+    assert dq.attributes.get_int("axis") == 1
+    assert "convC_q" in next(r for r in reports if r.name == "qdq").skipped  # the int8 pass leaves it float
+    assert conv.outputs[0].uses()[0].node.op_type == "Relu"  # no QuantizeLinear on its output
+    others = [n for n in out.graph if n.op_type == "Conv" and n is not conv]
+    assert len(others) == 2 and all(n.inputs[1].producer().inputs[0].const_value.dtype == ir.DataType.INT8
+                                    for n in others)  # convA, convB: int8 QDQ
+    x = np.load(data / "000.npy")
+    assert sqnr(run(model_path, x), run(ir.to_proto(out).SerializeToString(), x)) > 15.0
+
+
+def test_tune_keeps_the_sensitive_conv_at_8_bits_and_lowers_the_rest_to_4(tmp_path):
+    model_path = sensitive_cnn(tmp_path / "cnn.onnx")
+    data = samples(tmp_path / "data", model_path, n=24, shape=(1, 16, 8, 8))
+    out = tmp_path / "cnn.tuned.onnx"
+    # Without the upgrade, the opset-17 model's Convs take 8 bits only, and tune says why.
+    kept = tune(model_path, data, out, metric="cosine", max_drop="0.03", bits="8,4", uniform=False)
+    assert {g.key: g.choices for g in kept.groups}["convB"] == (32, 8)
+    assert any("--allow-opset-upgrade" in n for n in kept.notes)
+    result = tune(model_path, data, out, metric="cosine", max_drop="0.03", bits="8,4", allow_opset_upgrade=True,
+                  cache_dir=tmp_path / "cache")
+    assert {g.key: g.choices for g in result.groups} == {k: (32, 8, 4) for k in ("convA", "convB", "convC", "head")}
+    bits = {g.key: b for g, b in zip(result.groups, result.bits)}
+    assert bits == {"convA": 4, "convB": 8, "convC": 4, "head": 4}
+    assert result.within_budget and result.drop <= 0.03
+    labels = {c.label: c for c in result.candidates if c.split == "held-out"}
+    assert labels["tuned"].size_bytes < labels["uniform 8"].size_bytes
+    assert labels["tuned"].drop < labels["uniform 4"].drop
+    # the written recipe (allow_opset_upgrade = true) and table reproduce the model
+    recipe = load_recipe(str(result.recipe_path))
+    from qtool.calibration import CalibrationTable
+
+    table = CalibrationTable.load(result.table_path)
+    again, _ = convert(ir.load(model_path), recipe, table=table)
+    x = np.load(data / "001.npy")
+    np.testing.assert_array_equal(run(ir.to_proto(again).SerializeToString(), x), run(out, x))
+    assert ops(ir.load(out))["Conv"] == 3 and ir.load(out).opset_imports[""] == 21
+
+
+def test_conv_group_bytes_count_a_scale_per_block_of_input_channels():
+    # W[64, 24, 3, 3] in blocks of 16: ceil(24 / 16) = 2 scales per (output channel, position)
+    g = Group("conv", ("conv",), ("Conv",), 64 * 24 * 9, (32, 8, 4), k=24)
+    assert group_bytes(g, 4, "int8-static", 16) == 64 * 24 * 9 / 2 + 4 * 64 * 9 * 2
+    assert group_bytes(g, 8, "int8-static", 16) == 64 * 24 * 9  # int8 (per-channel scales ignored)

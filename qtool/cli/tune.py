@@ -44,6 +44,7 @@ def tune_command(
     plot: Path = typer.Option(None, "--plot", help="Write the size-vs-metric frontier to this .png or .svg."),
     uniform: bool = typer.Option(True, "--uniform/--no-uniform", help="Also score uniform candidates (every group at each --bits) on held-out data."),
     threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: default)."),
+    allow_opset_upgrade: bool = typer.Option(False, "--allow-opset-upgrade", help="Let Conv weights take 4/2 bits (blocked DequantizeLinear) by raising the opset to 21/25."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Find per-layer precisions (float, int8, int4, lower) that minimise size within --max-drop.
@@ -72,7 +73,8 @@ def tune_command(
         model, data, output, eval_data=eval_data, metric=metric, max_drop=max_drop,
         target_mb=target_size, bits=bits, budget_minutes=budget_minutes, recipe=recipe,
         group=group.value, limit=limit, cache_dir=None if no_cache else (cache or _default_cache()),
-        plot_path=plot, uniform=uniform, threads=threads, progress=progress,
+        plot_path=plot, uniform=uniform, threads=threads, allow_opset_upgrade=allow_opset_upgrade,
+        progress=progress,
     )
     doc = result.to_dict()
     if json_out:

@@ -1,4 +1,4 @@
-"""Weight-only block quantization pass: MatMul/Gemm/Gather weights -> 2/3/4/8-bit blocks.
+"""Weight-only block quantization pass: MatMul/Gemm/Gather/Conv weights -> 2/3/4/8-bit blocks.
 
 Rewrites (pattern -> replacement), each counted in the PassReport:
 
@@ -10,6 +10,14 @@ Rewrites (pattern -> replacement), each counted in the PassReport:
   bias) -> the same as MatMul.
 - ``Gather(E[V, D] const, ids)`` (axis 0) -> ``com.microsoft.GatherBlockQuantized`` (uint8
   packed, blocks along D) or ``Gather(DequantizeLinear(E_q, axis=1), ids)`` for ``qdq``.
+- ``Conv(X, W[M, C/g, k...] const, [B])`` -> ``Conv(X, DequantizeLinear(W_q, scale[M,
+  ceil((C/g)/bs), k...], [zp], axis=1, block_size), [B])`` in either format (onnxruntime has
+  no low-bit Conv kernel: the weight is dequantized and the Conv runs in float). A block is
+  ``bs`` input channels at one (output channel, kernel position); when bs does not divide
+  C/g the last block is shorter, as the ONNX spec allows (scale dimension ceil(C/g / bs)).
+  Refused with a reason: C/g < 16 (depthwise and RGB-input convs: a block of fewer than 16
+  weights costs more in scales than 4 bits save), and a model below opset 21 (25 for 2-bit)
+  without ``allow_opset_upgrade``.
 
 Streaming: weights are read one tensor at a time (external data stays memory-mapped until
 then), quantized in row chunks, and each fp32 tensor is released as soon as its quantized
@@ -35,7 +43,7 @@ import onnx_ir as ir
 
 from qtool.config import Recipe
 from qtool.errors import UsageError
-from qtool.model import iter_graphs, require_opset
+from qtool.model import iter_graphs, opset_version, require_opset
 from qtool.passes import PassReport
 from qtool.quant import formats
 from qtool.quant.blockwise import (
@@ -62,7 +70,7 @@ _SLOW_LEVEL_NOTE = (
 class _Item:
     """One weight to quantize and the nodes it replaces."""
 
-    kind: str  # "matmul" | "gemm" | "gather"
+    kind: str  # "matmul" | "gemm" | "gather" | "conv"
     node: ir.Node
     weight: ir.Value
     bits: int
@@ -107,14 +115,57 @@ def _single_add_bias(node: ir.Node, n: int) -> tuple[ir.Node, ir.Value] | None:
     return add, other
 
 
+def _dq_opset(bits: int) -> int:
+    """The opset whose DequantizeLinear takes ``bits``-bit blocked weights."""
+    return 25 if formats.storage_bits(bits) == 2 else 21
+
+
+def _conv_refusal(model: ir.Model, node: ir.Node, weight: ir.Value, bits: int, allow_upgrade: bool) -> str | None:
+    """Why a Conv weight cannot take ``bits``-bit blocks (see the module doc), or None."""
+    c = weight.const_value.shape[1]
+    if c < 16:
+        return f"input channels per group C/g = {c} are fewer than one block (16)"
+    need, have = _dq_opset(bits), opset_version(model) or 0
+    if have < need and not allow_upgrade:
+        return (f"a {bits}-bit Conv weight needs blocked DequantizeLinear (opset {need}), the model has "
+                f"opset {have}: pass --allow-opset-upgrade")
+    return None
+
+
+def conv_opset_needed(model: ir.Model, recipe: Recipe, bits: int) -> int:
+    """The opset the Conv rewrites of this pass need (0: no Conv to rewrite).
+
+    The caller raises the model's opset with a real converter first (qtool.convert), since
+    relabelling would refuse ops whose schema changed without changing their meaning.
+    """
+    items = _find_items(model, recipe, bits, PassReport("weight_only"))
+    return max((_dq_opset(i.bits) for i in items if i.kind == "conv"), default=0)
+
+
 def _find_items(model: ir.Model, recipe: Recipe, bits: int, report: PassReport) -> list[_Item]:
     wo = recipe.weight_only
     items: list[_Item] = []
     for graph in iter_graphs(model.graph):
         for node in graph:
-            if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Gather"):
+            if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Gather", "Conv"):
                 continue
             name = _name(node)
+            if node.op_type == "Conv":
+                weight = node.inputs[1] if len(node.inputs) > 1 else None
+                if not _const_float(weight) or len(weight.const_value.shape) < 3:
+                    continue
+                layer_bits = recipe.bits_for(name, node.op_type, bits)
+                if _matches(wo.keep_8bit, name, weight.name or "", node.outputs[0].name):
+                    layer_bits = 8
+                if layer_bits >= 16:
+                    report.skip(name, f"[[layer]] override keeps it at {layer_bits} bits")
+                    continue
+                why = _conv_refusal(model, node, weight, layer_bits, recipe.quantize.allow_opset_upgrade)
+                if why is not None:
+                    report.skip(name, why)
+                    continue
+                items.append(_Item("conv", node, weight, layer_bits, nbytes=weight.const_value.nbytes))
+                continue
             if node.op_type == "Gather":
                 if not wo.quantize_gather:
                     report.skip(name, "Gather quantization is off (quantize_gather = false)")
@@ -272,6 +323,47 @@ def _dq_value(graph: ir.Graph, base: str, t: formats.BlockedDQTensors, axis: int
     return dq.outputs[0]
 
 
+# ---- Conv weights: blocks of input channels ----------------------------------------------
+
+
+def _conv_rows(w: np.ndarray) -> np.ndarray:
+    """``W[M, C, k...]`` as ``[M * prod(k), C]``: a row per (output channel, kernel position),
+    so blocks along the rows' columns are blocks of input channels."""
+    return np.ascontiguousarray(np.moveaxis(w, 1, -1).reshape(-1, w.shape[1]), dtype=np.float32)
+
+
+CONV_ALGORITHMS = ("rtn", "mse")
+
+
+def _quantize_conv(item: _Item, wo, algorithm: str) -> QuantOutcome:
+    """Quantize a Conv weight in its :func:`_conv_rows` orientation with rtn or mse.
+
+    gptq/awq would need im2col activation statistics and hqq's float zero points have no
+    DequantizeLinear form, so those fall back to mse (the pass counts it).
+    """
+    alg = algorithm if algorithm in CONV_ALGORITHMS else "mse"
+    rows = _conv_rows(item.weight.const_value.numpy())
+    bq, sse = quantize_slabs(rows, item.bits, wo.block_size, wo.symmetric, alg, k_axis=1, measure=alg != "rtn")
+    rtn_sse = sse if alg == "rtn" else quantize_slabs(rows, item.bits, wo.block_size, wo.symmetric, "rtn", k_axis=1)[1]
+    size = max(rows.size, 1)
+    return QuantOutcome(bq, sse / size, rtn_sse / size)
+
+
+def _conv_dq_tensors(bq: formats.BlockQuant, shape: tuple[int, ...]) -> formats.BlockedDQTensors:
+    """DequantizeLinear (axis 1) tensors for ``W[M, C, k...]`` from its [M * prod(k), C] blocks:
+    ``x`` of W's shape, ``scale[M, ceil(C / bs), k...]``."""
+    m, c, *k = shape
+    nb = bq.n_blocks
+
+    def back(a: np.ndarray, last: int) -> np.ndarray:  # [M * prod(k), last] -> [M, last * prod(k)]
+        return np.moveaxis(a.reshape(m, *k, last), -1, 1).reshape(m, -1)
+
+    zp = None if bq.zero_points is None else back(bq.zero_points, nb)
+    flat = formats.BlockQuant(back(bq.codes, c), back(bq.scales, nb), zp, bq.bits, bq.block_size)
+    t = formats.blocked_dq_tensors(flat, transpose=False)
+    return dataclasses.replace(t, scale=t.scale.reshape(m, nb, *k), shape=tuple(shape))
+
+
 def _rewrite(graph: ir.Graph, item: _Item, outcome: QuantOutcome, wo, fmt: str) -> list[ir.Value]:
     """Replace ``item``'s node(s); returns the old values that may now be unused."""
     node = item.node
@@ -304,6 +396,12 @@ def _rewrite(graph: ir.Graph, item: _Item, outcome: QuantOutcome, wo, fmt: str) 
             t = formats.blocked_dq_tensors(bq, transpose=False)
             table = _dq_value(graph, base, t, 1, new_nodes)
             new = ir.node("Gather", [table, ids], attributes={"axis": 0}, name=_name(node) + "_q")
+        new_nodes.append(new)
+    elif item.kind == "conv":
+        t = _conv_dq_tensors(bq, tuple(item.weight.const_value.shape))
+        w = _dq_value(graph, base, t, 1, new_nodes)
+        new = ir.node("Conv", [node.inputs[0], w, *node.inputs[2:]], attributes=dict(node.attributes),
+                      name=_name(node) + "_q")
         new_nodes.append(new)
     else:
         a = node.inputs[0]
@@ -419,10 +517,12 @@ def apply_weight_only(
     for name, value in (activations or {}).items():
         stats[name] = value if isinstance(value, ActivationStats) else ActivationStats.from_activations(value)
     for item in items:
-        if item.kind != "gather":
+        if item.kind in ("matmul", "gemm"):
             item.stats = stats.get(item.node.inputs[0].name)
             if algorithm in DATA_AWARE and item.stats is None:
                 report.count(f"{algorithm} without activations (mse used)")
+        elif item.kind == "conv" and algorithm not in CONV_ALGORITHMS:
+            report.count(f"Conv: {algorithm} has no Conv form (mse used)")
     if fmt == "matmulnbits":
         for item in items:
             if item.kind == "matmul":
@@ -430,13 +530,14 @@ def apply_weight_only(
                 found = _single_add_bias(item.node, n)
                 if found is not None:
                     item.add, item.bias = found
-    else:
-        need = 25 if any(formats.storage_bits(i.bits) == 2 for i in items) else 21
-        if items:
-            require_opset(model, need, f"blocked DequantizeLinear with {min(i.bits for i in items)}-bit weights",
-                          recipe.quantize.allow_opset_upgrade)
-            model.ir_version = max(model.ir_version or 0, 10 if need == 21 else 13)
-    if fmt == "matmulnbits" and items:
+    # Conv weights are blocked DequantizeLinear in either format.
+    dq_items = items if fmt == "qdq" else [i for i in items if i.kind == "conv"]
+    if dq_items:
+        need = max(_dq_opset(i.bits) for i in dq_items)
+        require_opset(model, need, f"blocked DequantizeLinear with {min(i.bits for i in dq_items)}-bit weights",
+                      recipe.quantize.allow_opset_upgrade)
+        model.ir_version = max(model.ir_version or 0, 10 if need == 21 else 13)
+    if fmt == "matmulnbits" and len(dq_items) < len(items):
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     gathers = [i for i in items if i.kind == "gather"]
     if fmt == "matmulnbits":
@@ -458,11 +559,15 @@ def apply_weight_only(
     out_errs: list[tuple[float, float]] = []
     if on_progress is not None:
         on_progress(0, total)
-    for item, outcome in _pipelined(items, lambda it: _quantize_item(it, wo, algorithm, fmt)):
+
+    def work(it: _Item) -> QuantOutcome:
+        return _quantize_conv(it, wo, algorithm) if it.kind == "conv" else _quantize_item(it, wo, algorithm, fmt)
+
+    for item, outcome in _pipelined(items, work):
         graph = item.node.graph
         freed = _rewrite(graph, item, outcome, wo, fmt)
         _drop_unused_initializers(graph, freed)
-        key = {"matmul": "MatMul", "gemm": "Gemm", "gather": "Gather"}[item.kind]
+        key = {"matmul": "MatMul", "gemm": "Gemm", "gather": "Gather", "conv": "Conv"}[item.kind]
         target = {
             ("matmul", "matmulnbits"): "MatMulNBits",
             ("gemm", "matmulnbits"): "MatMulNBits",
@@ -498,7 +603,7 @@ def apply_weight_only(
             report.notes.append(
                 f"{algorithm}: relative output error {ours:.3e} vs RTN {base:.3e} ({ours / base if base else 1.0:.3f}x)"
             )
-    if fmt == "matmulnbits" and wo.accuracy_level in (0, 1) and any(i.kind != "gather" for i in items):
+    if fmt == "matmulnbits" and wo.accuracy_level in (0, 1) and any(i.kind in ("matmul", "gemm") for i in items):
         report.notes.append(_SLOW_LEVEL_NOTE.format(level=wo.accuracy_level))
     if any(i.bits == 3 for i in items):
         report.notes.append("3-bit codes are stored in 4-bit containers (ONNX has no 3-bit type): no size gain over 4-bit")
@@ -532,7 +637,7 @@ def weight_only_inputs(model: ir.Model, recipe: Recipe) -> list[str]:
     """Names of the activation tensors feeding the MatMul/Gemm weights this pass quantizes."""
     report = PassReport("weight_only")
     items = _find_items(model, recipe, 4, report)
-    return list(dict.fromkeys(i.node.inputs[0].name for i in items if i.kind != "gather"))
+    return list(dict.fromkeys(i.node.inputs[0].name for i in items if i.kind in ("matmul", "gemm")))
 
 
 def collect_weight_only_stats(

@@ -8,7 +8,10 @@ manager yielding ``advance(n)``, as qtool.cli.app.progress):
    held-out data is given. Calibration (static int8) and sensitivities use only the search
    split; only the final check reads the held-out split.
 2. sensitivity (qtool.tune.sensitivity): each layer group alone at each candidate precision,
-   scored on the search split, cached on disk.
+   scored on the search split, cached on disk. In the int8 schemes a layer at 8 bits is
+   int8 and one below 8 bits is weight-only blocks (MatMulNBits for MatMul/Gemm, blocked
+   DequantizeLinear feeding a float Conv for Conv: opset 21, so a CNN below it takes 2/3/4-bit
+   Convs only with ``allow_opset_upgrade``, which raises the opset once with onnx's converter).
 3. search (qtool.tune.search): greedy chain of moves; prefixes of it are measured on the
    search split and the longest within the budget (``max_drop``) or the shortest within the
    size (``target_mb``) is kept.
@@ -243,6 +246,7 @@ def tune(
     plot_path: str | os.PathLike | None = None,
     uniform: bool = True,
     threads: int = 0,
+    allow_opset_upgrade: bool = False,
     progress: ProgressFactory | None = None,
 ) -> TuneResult:
     """Tune ``model_path`` (see the module doc); writes ``output`` and its sidecar files.
@@ -254,10 +258,17 @@ def tune(
     of the budget.
     """
     from qtool.calibration import calibrate
-    from qtool.convert import convert, plan_for
+    from qtool.convert import convert, plan_for, upgrade_opset
     from qtool.data import Dataset, input_specs
     from qtool.eval.evaluate import default_metrics
-    from qtool.model import check_output_path, iter_nodes, load, model_size_bytes, save
+    from qtool.model import (
+        check_output_path,
+        iter_nodes,
+        load,
+        model_size_bytes,
+        opset_version,
+        save,
+    )
 
     start = time.monotonic()
     deadline = start + budget_minutes * 60 if budget_minutes else math.inf
@@ -285,6 +296,8 @@ def tune(
         base = load_recipe(recipe) if recipe is not None else default_base(model)
     if base.layer:
         notes.append(f"the recipe's {len(base.layer)} [[layer]] overrides were replaced by the tuned ones")
+    if allow_opset_upgrade:
+        base = base.override("quantize", allow_opset_upgrade=True)
     scheme = plan_for(base).kind
     if scheme == "fp16":
         raise UsageError("tune needs an integer recipe, not fp16", "use --recipe int8-static, int8-dynamic or int4-weight-only")
@@ -313,13 +326,28 @@ def tune(
         found = default_metrics(shape, search_ds.labels() is not None, [s.name for s in specs])
         metric = found[0] if found else "cosine"
 
-    groups = find_groups(model, scheme, candidate_bits, block_size, group, base.quantize.op_types)
+    opset = opset_version(model) or 0
+    may_upgrade = base.quantize.allow_opset_upgrade
+    groups = find_groups(model, scheme, candidate_bits, block_size, group, base.quantize.op_types,
+                         opset=25 if may_upgrade else opset)
     if not groups:
         raise UsageError(
             f"no layer of {model_path.name} can take {','.join(map(str, candidate_bits))} bits in the {scheme} scheme",
-            "check `qtool inspect MODEL`; CNN Conv layers take 8 bits only (--bits 8,4), "
-            "weight-only needs MatMul/Gemm weights",
+            "check `qtool inspect MODEL`; Conv layers below 8 bits need opset 21 (--allow-opset-upgrade) "
+            "and 16+ input channels per group, weight-only needs MatMul/Gemm weights",
         )
+    if not may_upgrade and opset < 21:
+        lifted = find_groups(model, scheme, candidate_bits, block_size, group, base.quantize.op_types, opset=25)
+        more = sum(len(a.choices) for a in lifted if "Conv" in a.op_types) - sum(
+            len(a.choices) for a in groups if "Conv" in a.op_types)
+        if more:
+            notes.append(f"Conv weights below 8 bits need opset 21 (the model has {opset}): "
+                         "pass --allow-opset-upgrade to let them take them")
+    conv_low = [b for grp in groups if "Conv" in grp.op_types for b in grp.choices
+                if b < 8 or scheme == "weight-only" and b < 32]
+    if conv_low and may_upgrade:
+        # Once here, so each candidate's convert does not run the converter again.
+        model = upgrade_opset(model, 25 if 2 in conv_low else 21, [])
     all_names = [n.name for n in iter_nodes(model) if n.name]
     float_bytes = model_size_bytes(model_path)
     other_bytes = max(float_bytes - sum(4.0 * g.params for g in groups), 0.0)

@@ -4,8 +4,10 @@ Sizes (bytes) of a group of ``n`` weights at ``b`` bits, as the converters store
 
 - 32: ``4 n`` (float);
 - 8 in the int8 schemes: ``n`` (+ one float scale per output channel, ignored);
-- weight-only ``b`` bits in blocks of ``bs``: ``n s / 8 + 4 n / bs`` with ``s`` the storage
-  width (3-bit codes are stored in 4-bit containers), one float32 scale per block.
+- weight-only ``b`` bits in blocks of ``bs`` (also a Conv below 8 bits): ``n s / 8 + 4 n
+  ceil(k / bs) / k`` with ``s`` the storage width (3-bit codes are stored in 4-bit
+  containers) and ``k`` the blocked axis (K, D or C/g; a shorter last block still has a
+  scale), one float32 scale per block; ``4 n / bs`` when the members' ``k`` differ.
 
 The search orders single-step moves (one group one precision lower) greedily by bytes
 saved per unit of estimated loss, where a move's loss is its measured metric drop
@@ -19,6 +21,7 @@ prefixes of the chain and keeps the longest whose drop is within the budget.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,7 +43,8 @@ def group_bytes(group: Group, bits: int, scheme: str, block_size: int) -> float:
         return 2.0 * n
     if bits == 8 and scheme != "weight-only":
         return float(n)
-    return n * storage_bits(bits) / 8.0 + 4.0 * n / block_size
+    blocks = n / group.k * math.ceil(group.k / block_size) if group.k else n / block_size
+    return n * storage_bits(bits) / 8.0 + 4.0 * blocks
 
 
 @dataclass(frozen=True)

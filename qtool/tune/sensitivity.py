@@ -51,10 +51,12 @@ class Group:
     op_types: tuple[str, ...]
     params: int
     choices: tuple[int, ...]
+    k: int = 0  # length of the blocked axis (K, D or C/g) shared by every member; 0: they differ
 
 
 def _weight_of(node: ir.Node) -> tuple[ir.Value | None, int | None]:
-    """(constant float weight, reduction length K) of a weight layer, or (None, None)."""
+    """(constant float weight, length of its blocked axis) of a weight layer, or (None, None):
+    K for MatMul/Gemm, D for Gather, C/g (input channels per group) for Conv."""
     index = 0 if node.op_type == "Gather" else 1
     if len(node.inputs) <= index:
         return None, None
@@ -63,7 +65,7 @@ def _weight_of(node: ir.Node) -> tuple[ir.Value | None, int | None]:
         return None, None
     shape = tuple(w.const_value.shape)
     if node.op_type == "Conv":
-        return (w, int(np.prod(shape[1:]))) if len(shape) >= 3 else (None, None)
+        return (w, shape[1]) if len(shape) >= 3 else (None, None)
     if len(shape) != 2:
         return None, None
     if node.op_type == "Gather":
@@ -73,17 +75,21 @@ def _weight_of(node: ir.Node) -> tuple[ir.Value | None, int | None]:
     return w, shape[0]
 
 
-def allowed_bits(op_type: str, k: int, scheme: str, bits: Sequence[int], block_size: int) -> tuple[int, ...]:
+def allowed_bits(op_type: str, k: int, scheme: str, bits: Sequence[int], block_size: int,
+                 opset: int = 25) -> tuple[int, ...]:
     """The precisions a layer can take in ``scheme`` (32 always), highest first.
 
-    Conv has no weight-only path: 8 bits (static/dynamic int8) or float. Weight-only
-    (2/3/4 bits, and 8 in the weight-only scheme) needs K >= 16; an embedding Gather needs
-    D a multiple of the block size and 8 or 4 bits (GatherBlockQuantized).
+    Weight-only (2/3/4 bits, and 8 in the weight-only scheme) needs K >= 16; an embedding
+    Gather needs D a multiple of the block size and 8 or 4 bits (GatherBlockQuantized). A
+    Conv takes 8 bits as int8 in the int8 schemes; its weight-only blocks (any bits in the
+    weight-only scheme, 2/3/4 in the others) need C/g >= 16 and blocked DequantizeLinear:
+    ``opset`` (what the model has or may be raised to) >= 21, 25 for 2 bits.
     """
     out = {32}
     for b in bits:
         if op_type == "Conv":
-            if b == 8 and scheme != "weight-only":
+            blocks_ok = k >= _MIN_K and opset >= (25 if b == 2 else 21)
+            if (b == 8 and scheme != "weight-only") or blocks_ok:
                 out.add(b)
             continue
         if op_type == "Gather":
@@ -104,11 +110,16 @@ def role_key(name: str) -> str:
 
 
 def find_groups(model: ir.Model, scheme: str, bits: Sequence[int], block_size: int, group: str,
-                op_types: Sequence[str] = ()) -> list[Group]:
-    """The weight layers ``scheme`` can quantize below float, grouped; in graph order."""
+                op_types: Sequence[str] = (), opset: int | None = None) -> list[Group]:
+    """The weight layers ``scheme`` can quantize below float, grouped; in graph order.
+
+    ``opset``: the opset the model may have for blocked Conv weights (default: its own).
+    """
     if group not in ("layer", "role", "auto"):
         raise UsageError(f"unknown --group {group!r}", "use layer, role or auto")
-    layers: list[tuple[str, str, int, tuple[int, ...]]] = []
+    if opset is None:
+        opset = model.opset_imports.get("", 0)
+    layers: list[tuple[str, str, int, tuple[int, ...], int]] = []
     types = ("Conv", "MatMul", "Gemm") + (("Gather",) if scheme == "weight-only" else ())
     for node in iter_nodes(model):
         if node.op_type not in types or node.domain not in ("", "ai.onnx") or not node.name:
@@ -118,18 +129,20 @@ def find_groups(model: ir.Model, scheme: str, bits: Sequence[int], block_size: i
         w, k = _weight_of(node)
         if w is None:
             continue
-        choices = allowed_bits(node.op_type, k, scheme, bits, block_size)
+        choices = allowed_bits(node.op_type, k, scheme, bits, block_size, opset)
         if len(choices) > 1:
-            layers.append((node.name, node.op_type, int(w.const_value.size), choices))
+            layers.append((node.name, node.op_type, int(w.const_value.size), choices, int(k)))
     if group == "auto":
         group = "layer" if len(layers) <= 32 else "role"
     buckets: dict[tuple, list] = {}
-    for name, op, size, choices in layers:
+    for name, op, size, choices, k in layers:
         key = (name if group == "layer" else role_key(name), op, choices)
-        buckets.setdefault(key, []).append((name, size))
+        buckets.setdefault(key, []).append((name, size, k))
     out = []
     for (key, op, choices), members in buckets.items():
-        out.append(Group(key, tuple(n for n, _ in members), (op,), sum(s for _, s in members), choices))
+        ks = {k for _, _, k in members}
+        out.append(Group(key, tuple(n for n, _, _ in members), (op,), sum(s for _, s, _ in members), choices,
+                         ks.pop() if len(ks) == 1 else 0))
     return out
 
 
