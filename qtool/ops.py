@@ -105,3 +105,25 @@ def is_candidate(node: ir.Node, scheme: str | None = None) -> bool:
             node.op_type == "MatMul" and scheme in (None, "int8-static")
         )
     return True
+
+
+def bias_add_consumer(node: ir.Node, n: int) -> tuple[ir.Node, ir.Value] | None:
+    """The Add(node output, constant float bias of n elements) that alone reads ``node``'s
+    output, and that bias; None when there is no such Add (it can then be fused as the
+    bias input of MatMulNBits / DynamicQuantizeMatMul)."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    if other is out or other is None or other.is_graph_input() or other.const_value is None:
+        return None
+    tensor = other.const_value
+    if tensor.dtype != ir.DataType.FLOAT or tensor.size != n or tuple(tensor.shape)[-1:] != (n,):
+        return None
+    if out.shape is not None and len(tensor.shape) > len(out.shape):
+        return None
+    return add, other

@@ -539,6 +539,63 @@ def test_dynamic_smoothing_moves_outlier_channels_into_weights():
     assert sqnr(proto, smoothed, feed) > sqnr(proto, plain, feed) + 6.0  # 4x less noise at least
 
 
+def test_dynamic_smoothing_folds_into_the_producer_when_it_can():
+    # An RMSNorm-style Mul by a per-channel weight feeding the smoothed MatMul takes the
+    # 1/s itself; a gated MLP's Mul(act, up) takes it in the up projection's columns; an
+    # input also read by a float op (a residual Add) gets a Mul.
+    k, n = 64, 96
+    proto = make_model(
+        [helper.make_node("Mul", ["x", "g"], ["h"], name="norm_weight"),
+         helper.make_node("MatMul", ["h", "w_up"], ["up"], name="up_proj"),
+         helper.make_node("MatMul", ["h", "w_gate"], ["h2"], name="gate_proj"),
+         helper.make_node("Sigmoid", ["h2"], ["act"], name="act"),
+         helper.make_node("Mul", ["act", "up"], ["m"], name="gated"),
+         helper.make_node("MatMul", ["m", "w_down"], ["d"], name="down_proj"),
+         helper.make_node("MatMul", ["d", "w_o"], ["o"], name="o_proj"),
+         helper.make_node("Add", ["d", "o"], ["y"], name="residual")],
+        [vi("x", ["B", k])], [vi("y", None)],
+        [init("g", RNG.uniform(0.5, 2, k).astype(np.float32)),
+         init("w_up", RNG.standard_normal((k, n)).astype(np.float32) * 0.1),
+         init("w_gate", RNG.standard_normal((k, n)).astype(np.float32) * 0.1),
+         init("w_down", RNG.standard_normal((n, k)).astype(np.float32) * 0.1),
+         init("w_o", RNG.standard_normal((k, k)).astype(np.float32) * 0.1)],
+    )
+    gain = np.ones(k, np.float32)
+    gain[:2] = 50.0
+    feed = {"x": RNG.standard_normal((16, k)).astype(np.float32) * gain}
+    sess = session(proto)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.extend(vi(name, None) for name in ("h", "m", "d"))
+    _, *values = session(probe).run(None, feed)
+    absmax = {name: np.abs(v).max(axis=0) for name, v in zip(("h", "m", "d"), values)}
+    recipe = load_recipe("int8-dynamic")
+    smoothed, reports = convert(ir.from_proto(proto), recipe, absmax=absmax)
+    counts = next(r for r in reports if r.name == "dynamic").counts
+    assert counts["inputs smoothed"] == 3
+    assert counts["smoothing folded into Mul by a constant"] == 1
+    assert counts["smoothing folded into the weight of the MatMul feeding a Mul"] == 1
+    assert op_types(smoothed).count("Mul") == 3  # norm weight, gate, one inserted for d
+    assert op_types(smoothed).count("DynamicQuantizeMatMul") == 4
+    ref = sess.run(None, feed)[0]
+    got = session(smoothed).run(None, feed)[0]
+    assert scales.sqnr_db(ref, got) > MIN_SQNR_CHAIN_DB
+
+
+def test_dynamic_matmul_takes_its_bias_add():
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+         helper.make_node("Add", ["b", "m"], ["y"], name="bias")],
+        [vi("x", ["B", 64])], [vi("y", None)],
+        [init("w", RNG.standard_normal((64, 128)).astype(np.float32)),
+         init("b", RNG.standard_normal(128).astype(np.float32))],
+    )
+    model, _ = convert(ir.from_proto(proto), load_recipe("int8-dynamic"))
+    assert op_types(model) == ["DynamicQuantizeMatMul"]
+    feed = {"x": RNG.standard_normal((8, 64)).astype(np.float32)}
+    assert sqnr(proto, model, feed) > MIN_SQNR_DB
+
+
 def test_cleanup_removes_dangling_pairs_and_keeps_useful_ones():
     from qtool.passes.cleanup import cleanup
 

@@ -162,14 +162,85 @@ def smooth(model: ir.Model, recipe: Recipe, absmax: dict, b: GraphBuilder,
                         f"input {x.name} would quantize at ~{sqnr:.0f} dB SQNR even after smoothing "
                         f"(< {MIN_DYNAMIC_SQNR_DB:g} dB): outliers; kept float")
                 continue
-        inv = b.initializer((1.0 / s).astype(np.float32), f"{x.name}_smooth_inv")
-        mul = b.node("Mul", [x, inv], f"{x.name}_smooth", dtype=ir.DataType.FLOAT, shape=x.shape)
-        nodes[0].graph.insert_before(nodes[0], mul)
         for node, w in zip(nodes, weights):
             ws = b.initializer((w * s[:, None]).astype(np.float32), f"{node.inputs[1].name}_smoothed")
             node.replace_input_with(1, ws)
-            node.replace_input_with(0, mul.outputs[0])
         report.count("inputs smoothed")
+        folded = _fold_smoothing(b, x, 1.0 / s, nodes)
+        if folded:
+            report.count(f"smoothing folded into {folded}")
+            continue
+        inv = b.initializer((1.0 / s).astype(np.float32), f"{x.name}_smooth_inv")
+        mul = b.node("Mul", [x, inv], f"{x.name}_smooth", dtype=ir.DataType.FLOAT, shape=x.shape)
+        nodes[0].graph.insert_before(nodes[0], mul)
+        for node in nodes:
+            node.replace_input_with(0, mul.outputs[0])
+
+
+def _fold_smoothing(b: GraphBuilder, x: ir.Value, inv: np.ndarray, readers: list[ir.Node]) -> str | None:
+    """Scale ``x`` by ``inv`` (per last-axis channel) inside the node that produces it, so no
+    Mul runs at inference. Returns what absorbed it, or None (the caller inserts a Mul).
+
+    Only when the smoothed MatMuls are x's sole readers. Producers handled: a
+    LayerNormalization over the last axis (its scale and bias), a Mul by a per-channel
+    constant (RMSNorm's weight), and a Mul of two activations where one comes straight from a MatMul
+    with a constant weight (the gated MLP's up projection: its weight columns).
+    """
+    if x.is_graph_output() or any(user not in readers for user, _ in x.uses()):
+        return None
+    producer = x.producer()
+    if producer is None or producer.domain not in ("", "ai.onnx") or producer.graph is not readers[0].graph:
+        return None
+    k = inv.shape[0]
+
+    def scaled(value: ir.Value, axis_last: bool = True) -> ir.Value | None:
+        tensor = ops.constant_weight(producer, _index(producer, value))
+        if tensor is None:
+            return None
+        c = tensor.numpy()
+        # A per-channel constant only: folding into a scalar (GELU's 0.5) would break
+        # onnxruntime's Gelu fusion, which costs more than the Mul it saves.
+        if not np.issubdtype(c.dtype, np.floating) or c.ndim == 0 or c.shape[-1] != k:
+            return None
+        return b.initializer((c.astype(np.float64) * inv).astype(c.dtype), f"{value.name or 'c'}_smoothed")
+
+    if producer.op_type == "LayerNormalization":
+        if producer.attributes.get_int("axis", -1) not in (-1, len(x.shape or ()) - 1):
+            return None
+        new = [scaled(v) if v is not None else None for v in producer.inputs[1:3]]
+        if new[0] is None or (len(producer.inputs) > 2 and producer.inputs[2] is not None and new[1] is None):
+            return None
+        for i, value in enumerate(new, start=1):
+            if value is not None:
+                producer.replace_input_with(i, value)
+        return "LayerNormalization"
+    if producer.op_type != "Mul" or len(producer.inputs) != 2:
+        return None
+    for i in (0, 1):
+        if ops.constant_weight(producer, i) is not None and ops.constant_weight(producer, 1 - i) is None:
+            value = scaled(producer.inputs[i])
+            if value is None:
+                return None
+            producer.replace_input_with(i, value)
+            return "Mul by a constant"
+    for i in (0, 1):
+        mm = producer.inputs[i].producer()
+        if (mm is None or mm.op_type != "MatMul" or mm.graph is not producer.graph
+                or producer.inputs[i].is_graph_output()
+                or any(user is not producer for user, _ in producer.inputs[i].uses())):
+            continue
+        w = ops.constant_weight(mm, 1)
+        if w is None or w.numpy().ndim != 2 or w.numpy().shape[1] != k:
+            continue
+        wn = w.numpy()
+        mm.replace_input_with(1, b.initializer((wn.astype(np.float64) * inv[None, :]).astype(wn.dtype),
+                                               f"{mm.inputs[1].name}_smoothed_cols"))
+        return "the weight of the MatMul feeding a Mul"
+    return None
+
+
+def _index(node: ir.Node, value: ir.Value) -> int:
+    return next(i for i, v in enumerate(node.inputs) if v is value)
 
 
 def quantize_dynamic(
@@ -261,11 +332,24 @@ def _convert_one(b: GraphBuilder, node: ir.Node, recipe: Recipe, weight_type: st
         bias_value = b.initializer(bias.const_value.numpy().reshape(-1), (bias.name or "bias") + "_1d")
     else:
         bias_value = bias
-    inputs = [node.inputs[0], wq, scale, zp] + ([bias_value] if bias_value is not None else [])
     out = node.outputs[0]
+    if bias is None and node.op_type == "MatMul":
+        found = ops.bias_add_consumer(node, w.shape[1])
+        if found is not None:  # MatMul + Add(bias) -> one DynamicQuantizeMatMul with a bias
+            add, bias = found
+            bias_value = bias
+            if tuple(bias.const_value.shape) != (w.shape[1],):
+                bias_value = b.initializer(bias.const_value.numpy().reshape(-1), (bias.name or "bias") + "_1d")
+            out = add.outputs[0]
+    inputs = [node.inputs[0], wq, scale, zp] + ([bias_value] if bias_value is not None else [])
     new = b.node("DynamicQuantizeMatMul", inputs, node.name or "matmul", domain=MS_DOMAIN,
                  dtype=ir.DataType.FLOAT, shape=out.shape)
     node.graph.insert_before(node, new)
-    _replace_node_output(b, out, new.outputs[0])
+    if out is not node.outputs[0]:
+        add = out.producer()
+        _replace_node_output(b, out, new.outputs[0])
+        node.graph.remove(add, safe=True)
+    else:
+        _replace_node_output(b, out, new.outputs[0])
     node.graph.remove(node, safe=True)
     return None

@@ -677,12 +677,17 @@ def _float_const_operand(node: ir.Node) -> tuple[ir.Value, np.ndarray, int] | No
 
 
 def div_by_constant_to_mul(node: ir.Node, names: _Names) -> Outcome:
-    """x / c -> x * (1 / c) for a float constant c (so later rules can merge and fold it:
-    a quantized Mul runs as one integer op, a float Div needs a dequantize/quantize pair)."""
+    """x / c -> x * (1 / c) for a float constant c when a Mul by a constant reads the result,
+    so the two merge (``merge_constant_muls``): one quantized Mul instead of a float Div
+    between a dequantize/quantize pair. Other Divs stay (onnxruntime's Gelu and attention
+    fusions match Div)."""
     if node.op_type != "Div" or node.domain not in ("", "ai.onnx"):
         return None
     c = constant_of(node.inputs[1])
     if c is None or not np.issubdtype(c.dtype, np.floating) or constant_of(node.inputs[0]) is not None:
+        return None
+    users = list(node.outputs[0].uses())
+    if len(users) != 1 or users[0][0].op_type != "Mul" or _float_const_operand(users[0][0]) is None:
         return None
     if not np.all(np.isfinite(c)) or np.any(c == 0):
         return "divisor has zeros or non-finite values"
