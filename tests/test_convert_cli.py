@@ -186,6 +186,44 @@ def test_int8_activations_warn_that_they_are_slow_here(tmp_path, capsys):
     assert "warning:" in capsys.readouterr().err
 
 
+def _attention(path):
+    """x[N,T,16] -> q/k/v MatMuls -> softmax(q k^T) v -> output MatMul: a one-head attention."""
+    inits = [numpy_helper.from_array((RNG.standard_normal((16, 16)) * 0.3).astype(np.float32), n)
+             for n in ("wq", "wk", "wv", "wo")]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+         helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+         helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+         helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="kt"),
+         helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+         helper.make_node("Softmax", ["s"], ["p"], axis=-1, name="softmax"),
+         helper.make_node("MatMul", ["p", "v"], ["c"], name="context"),
+         helper.make_node("MatMul", ["c", "wo"], ["y"], name="o_proj")],
+        "attn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 16])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_static_int8_on_a_transformer_points_to_dynamic(tmp_path, capsys):
+    model = _attention(tmp_path / "attn.onnx")
+    data = tmp_path / "calib"
+    data.mkdir()
+    for i in range(4):
+        np.save(data / f"s{i}.npy", RNG.standard_normal((6, 16)).astype(np.float32))
+    assert run(["convert", model, "-o", str(tmp_path / "q.onnx"), "--data", str(data), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "looks like a transformer" in err and "--dynamic --data" in err
+    cnn, cdata = _cnn(tmp_path / "m.onnx"), _data(tmp_path / "ccalib")
+    assert run(["convert", cnn, "-o", str(tmp_path / "qc.onnx"), "--data", cdata, "-q"]) == 0
+    assert "transformer" not in capsys.readouterr().err
+
+
 def test_weight_only_4bit_goes_through_convert(tmp_path):
     w = (RNG.standard_normal((128, 64)) * 0.1).astype(np.float32)
     graph = helper.make_graph(
