@@ -189,7 +189,8 @@ def _table_ranges(table: RangeTable | Mapping | None) -> dict[str, tuple[float, 
 
 
 def check_table(table: Any, raw: ir.Model, prepared: ir.Model) -> str:
-    """Which graph the table was made on: "prepared" (after pre-processing) or "raw".
+    """Which graph the table was made on: "prepared" (after pre-processing, as ``qtool
+    calibrate`` and ``convert --data`` calibrate) or "raw" (the input graph itself).
 
     Raises CalibrationError when it matches neither.
     """
@@ -200,6 +201,12 @@ def check_table(table: Any, raw: ir.Model, prepared: ir.Model) -> str:
         return "prepared"
     if fingerprint == graph_fingerprint(raw):
         return "raw"
+    from qtool.passes.preprocess import preprocess
+
+    again = raw.clone()
+    preprocess(again)
+    if fingerprint == graph_fingerprint(again):
+        return "prepared"  # pre-processed before an opset upgrade changed the graph
     checker = getattr(table, "check_model", None)
     if checker is not None:
         checker(raw)  # raises CalibrationError with the calibration module's own message
@@ -210,26 +217,25 @@ def check_table(table: Any, raw: ir.Model, prepared: ir.Model) -> str:
 
 
 def remap_folded_ranges(
-    raw: ir.Model, prepared: ir.Model, ranges: dict[str, tuple[float, float]], report: PassReport
+    prepared: ir.Model, carries: Mapping[str, str], ranges: dict[str, tuple[float, float]], report: PassReport
 ) -> dict[str, tuple[float, float]]:
-    """Ranges of a raw-graph table, made valid for the pre-processed graph.
+    """Ranges of a table made on the input graph, made valid for the pre-processed graph.
 
-    BatchNorm folding makes ``Conv -> c -> BN -> b`` into ``Conv -> c`` where ``c`` now
-    carries what ``b`` did: ``c`` takes ``b``'s range when the table has it, else its stale
-    (pre-BatchNorm) range is dropped and that tensor stays float (a following ReLU's own
-    range still lets the Conv output be quantized through the ReLU fold).
+    Folding makes ``Conv -> c -> BN/Mul/Add -> b`` into ``Conv -> c`` where ``c`` now carries
+    what ``b`` did (``carries[c] == b``, from the preprocess report): ``c`` takes ``b``'s
+    range when the table has it, else its stale range is dropped and that tensor stays float
+    (a following ReLU's own range still lets the Conv output be quantized through the fold).
     """
     ranges = dict(ranges)
-    remaining = {n.name for n in iter_nodes(prepared)}
-    for node in iter_nodes(raw):
-        if node.op_type != "BatchNormalization" or node.name in remaining:
+    present = {v.name for n in iter_nodes(prepared) for v in n.outputs}
+    for carrier, original in carries.items():
+        if carrier == original or carrier not in present:
             continue
-        x, y = node.inputs[0].name, node.outputs[0].name
-        if y in ranges:
-            ranges[x] = ranges[y]
-            report.count("ranges moved through folded BatchNorm")
-        elif ranges.pop(x, None) is not None:
-            report.count("stale ranges dropped (folded BatchNorm)")
+        if original in ranges:
+            ranges[carrier] = ranges[original]
+            report.count("ranges moved through folded layers")
+        elif ranges.pop(carrier, None) is not None:
+            report.count("stale ranges dropped (folded layers)")
     return ranges
 
 
@@ -301,13 +307,13 @@ def convert_with_summary(
     low_bit = weight_only_part(recipe)
     if low_bit is not None:
         model = opset_for_conv_blocks(model, low_bit, 4, reports)
-    changed = False
+    carries: dict[str, str] = {}
     if not preprocessed:
         from qtool.passes.preprocess import preprocess
 
         pre = preprocess(model)
         reports.append(pre)
-        changed = any(pre.counts.get(k) for k in ("batchnorm_folded",))
+        carries = pre.carries
     before = snapshot(model)
     origin = None
     if low_bit is not None:
@@ -332,9 +338,9 @@ def convert_with_summary(
         reports.append(quantize_dynamic(model, recipe, on_progress=stage("quantize"), absmax=absmax))
     else:
         ranges = _table_ranges(table)
-        if (origin or check_table(table, raw, model)) == "raw" and changed:
+        if (origin or check_table(table, raw, model)) == "raw" and carries:
             remap = PassReport("table")
-            ranges = remap_folded_ranges(raw, model, ranges, remap)
+            ranges = remap_folded_ranges(model, carries, ranges, remap)
             reports.append(remap)
         from qtool.passes.qdq import quantize_static
 

@@ -677,3 +677,39 @@ def test_positive_scalar_mul_moves_into_the_scale():
     qmodel, reports, _summary, feeds = static(proto)
     assert "Mul" in op_types(qmodel)
     assert sqnr(proto, qmodel, feeds[0]) > MIN_SQNR_CHAIN_DB
+
+
+class _RawTable:
+    """A calibration table made on the input graph (fingerprint of the unprocessed model)."""
+
+    def __init__(self, proto, feeds):
+        from qtool.model import graph_fingerprint
+
+        self.fingerprint = graph_fingerprint(ir.from_proto(proto))
+        self._ranges = minmax_ranges(proto, feeds)
+
+    def ranges(self):
+        return self._ranges
+
+
+def test_table_of_the_input_graph_follows_folded_scale_and_shift():
+    # Conv -> Mul(5) -> Add(3) -> padded Conv: preprocessing folds the Mul/Add into the first
+    # Conv, whose output then carries what the Add produced. A table made on the input graph
+    # has the Conv output's pre-scale range under that name: it must be replaced by the Add
+    # output's range, or the Conv output would clip at a fifth of its real range.
+    c = 4
+    proto = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+         helper.make_node("Mul", ["c", "s"], ["m"], name="scale"),
+         helper.make_node("Add", ["m", "t"], ["a"], name="shift"),
+         helper.make_node("Conv", ["a", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")],
+        [vi("x", [1, c, 6, 6])], [vi("y", None)],
+        [init("w", conv_w(c, c)), init("w2", conv_w(c, c)),
+         init("s", np.full((c, 1, 1), 5.0, np.float32)), init("t", np.full((c, 1, 1), 3.0, np.float32))],
+    )
+    feeds = feeds_for(proto, batch=1)
+    model, reports, _summary = convert_with_summary(ir.from_proto(proto), Recipe(), table=_RawTable(proto, feeds))
+    table = next(r for r in reports if r.name == "table")
+    assert table.counts["ranges moved through folded layers"] == 1
+    assert "Mul" not in op_types(model) and "Add" not in op_types(model)
+    assert sqnr(proto, model, feeds[0]) > MIN_SQNR_CHAIN_DB

@@ -113,7 +113,9 @@ def calibrate(
     (16 KiB at 2048 bins), independent of the number of samples. ``shard=(i, n)`` observes
     every n-th batch starting at i; merging the n tables equals one run.
     A model passed as ``ir.Model`` is not modified (its value types must be known);
-    a path is loaded and its value types inferred.
+    a path is loaded and pre-processed exactly as ``qtool convert`` will (BatchNorm and
+    scale folding, Pad fusion...), so the table holds the ranges of the tensors conversion
+    quantizes, under the fingerprint of the pre-processed graph.
     """
     from qtool.data import Dataset, input_specs
     from qtool.model import graph_fingerprint, load
@@ -128,8 +130,11 @@ def calibrate(
     if isinstance(model_path, ir.Model):
         model = model_path
     else:
+        from qtool.passes.preprocess import preprocess
+
         model = load(model_path)
-        infer_types(model)  # our own copy: safe to annotate
+        preprocess(model)  # our own copy: safe to rewrite
+        infer_types(model)
     fingerprint = graph_fingerprint(model)  # structure only: inferred types do not change it
     names = select_nodes(model, recipe).activation_tensors
     if not names:

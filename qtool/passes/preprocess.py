@@ -92,6 +92,7 @@ def preprocess(
         report.count("unused_removed", removed)
     if infer_shapes:
         infer_shapes_tolerant(model, report)
+    report.carries.update(names.carries)
     return report
 
 
@@ -120,6 +121,7 @@ class _Names:
     """Fresh value names that collide with nothing in the model (subgraphs included)."""
 
     def __init__(self, model: ir.Model) -> None:
+        self.carries: dict[str, str] = {}  # see PassReport.carries
         self.taken: set[str] = set()
         for graph in iter_graphs(model.graph):
             self.taken.update(v.name for v in graph.inputs if v.name)
@@ -594,6 +596,7 @@ def fold_batchnorm_node(node: ir.Node, names: _Names) -> Outcome:
         return result
     out = node.outputs[0]
     graph = node.graph
+    names.carries[result.name] = names.carries.pop(out.name, out.name)
     _rewire(out, result)
     if out.is_graph_output():
         # The folded layer now produces the graph output; it takes over the output's name.
@@ -651,6 +654,7 @@ def fold_affine_into_conv(node: ir.Node, names: _Names) -> Outcome:
         return result
     out = node.outputs[0]
     graph = node.graph
+    names.carries[result.name] = names.carries.pop(out.name, out.name)
     _rewire(out, result)
     if out.is_graph_output():
         name = out.name
