@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -158,7 +159,6 @@ def run_model(name: str, skip: set[str]) -> dict:
     src = zoo.model_path(name)
     out_dir = WORK / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    feed = next(zoo.iter_split(name, "eval"))
     runs = LATENCY_RUNS.get(name, 50)
     rows = []
 
@@ -166,8 +166,7 @@ def run_model(name: str, skip: set[str]) -> dict:
         t0 = time.perf_counter()
         metric = zoo.evaluate(name, path)
         eval_s = time.perf_counter() - t0
-        lat = zoo.latency(path, feed, runs=runs)
-        row = {"config": label, "size": _size(path), "metric": metric, "latency_ms": lat["median_ms"],
+        row = {"config": label, "path": str(path), "size": _size(path), "metric": metric,
                "convert_s": seconds, "eval_s": round(eval_s, 1)}
         if extra:
             row.update(extra)
@@ -182,7 +181,7 @@ def run_model(name: str, skip: set[str]) -> dict:
     for i, (label, fn) in enumerate(_configs(name)):
         if any(s in label for s in skip):
             if label in previous:
-                rows.append({**previous[label], "from_earlier_run": True})
+                rows.append({**previous[label], "from_earlier_run": True, "path": str(out_dir / f"c{i}.onnx")})
             continue
         dst = out_dir / f"c{i}.onnx"
         for stale in (dst, dst.with_name(dst.name + ".data")):
@@ -202,8 +201,23 @@ def run_model(name: str, skip: set[str]) -> dict:
                          "error": f"does not run: {type(exc).__name__}: {str(exc)[:200]}"})
     result = {"model": name, "rows": rows, "latency_runs": runs,
               "ort_static_samples": ORT_STATIC_SAMPLES.get(name)}
-    (WORK / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+    measure_latency(name, result)
     return result
+
+
+def measure_latency(name: str, result: dict) -> None:
+    """Latency of every row's model, in turns (zoo.latency_interleaved), into ``result``."""
+    feed = next(zoo.iter_split(name, "eval"))
+    for r in result["rows"]:
+        if r["config"] == "fp32":
+            r["path"] = str(zoo.model_path(name))
+    rows = [r for r in result["rows"] if "error" not in r and Path(r.get("path", "")).exists()]
+    lats = zoo.latency_interleaved([r["path"] for r in rows], feed, rounds=LATENCY_RUNS.get(name, 50))
+    for r, lat in zip(rows, lats):
+        r.update(latency_ms=lat["median_ms"], latency_min_ms=lat["min_ms"], cpu_ms=lat["cpu_ms"])
+        r.pop("from_earlier_run_latency", None)
+    result["latency_load"] = round(os.getloadavg()[0], 2)
+    (WORK / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
 
 
 def _fmt_metric(key: str, value: float) -> str:
@@ -215,8 +229,9 @@ def write_report() -> str:
         "# int8 conversion: qtool vs onnxruntime's quantizer",
         "",
         "Written by `python bench/convert_int8.py`. onnxruntime "
-        + _ort_version() + ", CPU provider, 2 intra-op threads; latency = median over many runs "
-        "of one eval sample; convert time includes calibration. Calibration on the `calib` split, "
+        + _ort_version() + ", CPU provider, 2 intra-op threads; latency = median over many rounds "
+        "of one eval sample, all configs of a model measured in turns; CPU ms = median process CPU time "
+        "of a 1-thread session (steady under machine load); convert time includes calibration. Calibration on the `calib` split, "
         "metric on the `eval` split (bench/zoo.py). Shared machine: latencies are noisy, compare "
         "ratios within one model.",
         "",
@@ -230,26 +245,34 @@ def write_report() -> str:
         fp32 = next(r for r in rows if r["config"] == "fp32")
         key, base = _metric(name, fp32["metric"])
         lines += [f"## {name}", "",
-                  "| config | size MB | " + key + " | change vs fp32 | latency ms | speed-up vs fp32 | convert s |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| config | size MB | " + key + " | change vs fp32 | latency ms (2 threads) | speed-up | "
+                  "CPU ms (1 thread) | speed-up (CPU) | convert s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['config']} | | failed: {r['error'][:120]} | | | | {r.get('convert_s') or ''} |")
+                lines.append(f"| {r['config']} | | failed: {r['error'][:120]} | | | | | | {r.get('convert_s') or ''} |")
                 continue
             _, value = _metric(name, r["metric"])
             change = value - base
-            speed = fp32["latency_ms"] / r["latency_ms"] if r["latency_ms"] else float("nan")
-            label = r["config"] + (" *(earlier run)*" if r.get("from_earlier_run") else "")
+            speed = fp32["latency_ms"] / r["latency_ms"] if r.get("latency_ms") else float("nan")
+            cpu = r.get("cpu_ms")
+            cpu_speed = fp32["cpu_ms"] / cpu if cpu and fp32.get("cpu_ms") else float("nan")
+            label = r["config"] + (" *(converted in an earlier run)*" if r.get("from_earlier_run") else "")
             lines.append(
                 f"| {label} | {r['size'] / 1e6:.1f} | {_fmt_metric(key, value)} | {change:+.4f} | "
-                f"{r['latency_ms']:.2f} | {speed:.2f}x | {r['convert_s'] if r['convert_s'] is not None else ''} |"
+                f"{r.get('latency_ms', float('nan')):.2f} | {speed:.2f}x | "
+                f"{cpu if cpu is not None else float('nan'):.2f} | {cpu_speed:.2f}x | "
+                f"{r['convert_s'] if r['convert_s'] is not None else ''} |"
             )
         if data.get("ort_static_samples"):
             lines.append(f"\nonnxruntime static calibrated on {data['ort_static_samples']} samples "
                          "(its calibrator holds every activation of every sample in memory).")
         if any(r.get("from_earlier_run") for r in rows):
-            lines.append("\nRows marked *(earlier run)* come from an earlier run of this script (other machine "
-                         "load): compare their latency with care.")
+            lines.append("\nRows marked *(converted in an earlier run)* reuse that run's model and metric; "
+                         "their latency was measured with the others, in turns.")
+        if data.get("latency_load") is not None:
+            lines.append(f"\nLatency measured in turns (every model once per round, {data.get('latency_runs')} "
+                         f"rounds); 1-minute load average {data['latency_load']} at the end.")
         lines.append("")
     text = "\n".join(lines) + "\n"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -268,8 +291,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="model names (default: all prepared)")
     parser.add_argument("--skip", nargs="*", default=[], help="skip configs whose label contains this")
     parser.add_argument("--report", action="store_true", help="only rebuild the Markdown table")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="re-measure latency of the models converted by an earlier run (e.g. on a quiet machine)")
     args = parser.parse_args()
-    if not args.report:
+    if args.latency_only:
+        for name in args.only or MODELS:
+            path = WORK / f"{name}.json"
+            if path.exists():
+                measure_latency(name, json.loads(path.read_text()))
+    elif not args.report:
         WORK.mkdir(parents=True, exist_ok=True)
         for name in args.only or MODELS:
             if not zoo.model_path(name).exists():

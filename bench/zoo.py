@@ -178,6 +178,36 @@ def latency(onnx_path: str | Path, feed: dict[str, np.ndarray], runs: int = 20,
             "p90_ms": times[int(0.9 * (len(times) - 1))], "runs": runs, "threads": threads}
 
 
+def latency_interleaved(paths: list[str | Path], feed: dict[str, np.ndarray], rounds: int = 20,
+                        warmup: int = 3) -> list[dict]:
+    """Latency of several models measured in turns, so machine load hits them alike.
+
+    Each round runs every model once with THREADS intra-op threads (wall time) and once more
+    on a 1-thread session timed by process CPU time, which other processes on a shared machine
+    barely disturb. Returns per model: median_ms / min_ms (wall, THREADS threads) and
+    cpu_ms (median CPU time, 1 thread).
+    """
+    import time
+
+    wall = [session(p, THREADS) for p in paths]
+    single = [session(p, 1) for p in paths]
+    for s in wall + single:
+        for _ in range(warmup):
+            s.run(None, feed)
+    times = [[] for _ in paths]
+    cpu = [[] for _ in paths]
+    for _ in range(rounds):
+        for i in range(len(paths)):
+            t0 = time.perf_counter()
+            wall[i].run(None, feed)
+            times[i].append((time.perf_counter() - t0) * 1e3)
+            c0 = time.process_time()
+            single[i].run(None, feed)
+            cpu[i].append((time.process_time() - c0) * 1e3)
+    return [{"median_ms": float(np.median(t)), "min_ms": float(min(t)), "cpu_ms": float(np.median(c)),
+             "rounds": rounds, "threads": THREADS} for t, c in zip(times, cpu)]
+
+
 def evaluate(name: str, onnx_path: str | Path | None = None, split: str = "eval") -> dict:
     """Run `onnx_path` (default: the fp32 model) on a split and return the model's metric."""
     spec = _spec(name)
