@@ -115,6 +115,63 @@ def test_histogram_edges(path):
     assert counts.tolist() == [2, 2, 1, 2]
 
 
+# (k, start, bins) for histogram_pow2: the calibration grid (2048 bins around 0), a grid
+# far from 0, coarse and fine levels, bins not a power of two, one bin.
+POW2_GRIDS = [(-8, -1024, 2048), (-3, 37, 100), (2, -5, 16), (-130 + 4, 0, 7),
+              (40, -1, 3), (0, 0, 1)]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_histogram_pow2_matches_twin(path):
+    for n in SIZES + [600_001]:  # 600_001: several sub-histogram spans
+        for kind in KINDS:
+            x = data(kind, n)
+            for kk, start, bins in POW2_GRIDS:
+                want = ref.histogram_pow2(x, kk, start, np.arange(bins, dtype=np.int64))
+                with on(path):
+                    got = k.histogram_pow2(x, kk, start, np.arange(bins, dtype=np.int64))
+                assert_exact(got, want, f"histogram_pow2 {kind} n={n} k={kk} start={start} "
+                             f"bins={bins} (bin index)")
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_histogram_pow2_edges(path):
+    tiny = np.float32(2.0**-149)  # the smallest subnormal
+    x = np.array([0.0, -0.0, 0.25, 0.5, 0.75, 1.0, -0.25, -0.5, 2.75, 3.0, 100.0, -100.0,
+                  tiny, -tiny, FLT_MAX, -FLT_MAX], dtype=np.float32)
+    with on(path):
+        # width 2^-2, bins [-2, 10): edges land in the bin they start; floor goes down
+        c = k.histogram_pow2(x, -2, -2, np.zeros(12, dtype=np.int64))
+        # width 2: -tiny / 2 rounds to -0.0 (a tie, to even), so it joins bin 0, not -1
+        d = k.histogram_pow2(np.array([-tiny, tiny, -1.0], dtype=np.float32), 1, -1,
+                             np.zeros(2, dtype=np.int64))
+    want = np.zeros(12, dtype=np.int64)
+    # 0, -0, tiny -> grid 0 -> bin 2; -tiny -> grid -1 -> bin 1; .25 -> 3; .5 -> 4; .75 -> 5;
+    # 1 -> 6; -.25 -> 1; -.5 -> 0; 2.75 (grid 11, bin 13), 3, 100, FLT_MAX (x * 4 overflows
+    # to inf) -> clamped to 11; -100, -FLT_MAX -> clamped to 0
+    for b, n in {2: 3, 1: 2, 3: 1, 4: 1, 5: 1, 6: 1, 0: 3, 11: 4}.items():
+        want[b] = n
+    assert c.tolist() == want.tolist()
+    assert d.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_histogram_pow2_large_counts_and_bad_arguments(path):
+    x = np.zeros(600_001, dtype=np.float32)  # one bin takes everything: no counter wraps
+    with on(path):
+        c = k.histogram_pow2(x, 0, -3, np.zeros(16, dtype=np.int64))
+        assert c[3] == x.size and c.sum() == x.size
+        x[-1] = np.nan  # past the first span: counts of earlier spans are taken back out
+        with pytest.raises(k.NonFiniteError) as err:
+            k.histogram_pow2(x, 0, -3, c)
+        assert err.value.index == x.size - 1 and c[3] == x.size and c.sum() == x.size
+        for kk, start, counts in [(127, 0, np.zeros(4, np.int64)), (-128, 0, np.zeros(4, np.int64)),
+                                  (0, 2**24 + 1, np.zeros(4, np.int64)), (0, 2**63 - 1, np.zeros(4, np.int64)),
+                                  (0.5, 0, np.zeros(4, np.int64)), (0, 0, np.zeros(0, np.int64)),
+                                  (0, 0, np.zeros(4, np.int32))]:
+            with pytest.raises(k.KernelArgumentError):
+                k.histogram_pow2(x[:8], kk, start, counts)
+
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nonfinite_policy(path, bad):
@@ -125,6 +182,7 @@ def test_nonfinite_policy(path, bad):
         with on(path):
             for call in (lambda: k.minmax(x),
                          lambda: k.histogram(x, -1, 1, counts),
+                         lambda: k.histogram_pow2(x, -4, -16, counts),
                          lambda: k.quantize(x, 0.1, 128, qtype="u8"),
                          lambda: k.block_params_rtn(x.reshape(1, -1), 32, "u4", False),
                          lambda: k.block_params_mse(x.reshape(1, -1), 32, "s4", True, 4)):

@@ -6,7 +6,7 @@
  *   - Each function returns an int status: QT_OK (0) or a QT_ERR_* code;
  *     qt_strerror() turns a code into a sentence.
  *   - On a non-zero status the output buffers are unspecified (partially written),
- *     except qt_histogram, which leaves `counts` exactly as it found them.
+ *     except qt_histogram and qt_histogram_pow2, which leave `counts` as they found it.
  *   - Every kernel has a numpy twin of the same name (minus `qt_`) in
  *     qtool/kernels/reference.py; that twin is the definition, and the scalar path
  *     here matches it bit for bit (float GEMM results: within rounding only).
@@ -81,6 +81,16 @@ int qt_minmax(const float *x, int64_t n, float *out_min, float *out_max);
  * On QT_ERR_NONFINITE, counts is left unchanged. */
 int qt_histogram(const float *x, int64_t n, float lo, float hi, int64_t *counts,
                  int64_t bins);
+
+/* The same on the power-of-two grid calibration uses (bin width 2^k, first bin `start`):
+ *   b = clamp(floor(x * 2^-k) - start, 0, bins - 1)
+ * in float32 in exactly that order ((float)start subtracted). Scaling by 2^-k is exact
+ * unless the product is subnormal or overflows; it is rounded as IEEE multiplication
+ * rounds it. Requires -127 <= k <= 126 (2^-k a normal float32), start exactly
+ * representable in float32 and |start| <= 2^62, 1 <= bins <= 2^24.
+ * On QT_ERR_NONFINITE, counts is left unchanged. */
+int qt_histogram_pow2(const float *x, int64_t n, int k, int64_t start, int64_t *counts,
+                      int64_t bins);
 
 /* ---- 2. quantize / dequantize -------------------------------------------
  * x is viewed as [outer, axis_len, inner]; the quantization axis is the middle one.

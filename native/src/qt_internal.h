@@ -37,4 +37,17 @@ static inline int qt__finite(float x) {
     return (v.u & 0x7f800000u) != 0x7f800000u;
 }
 
+#if QT_X86
+/* AVX-512 loop prologue: the mask of the lanes [i, min(i + 16, n)) given left = n - i,
+ * and the lanes of v (within mask k) that hold NaN or +-Inf. */
+QT_TARGET_AVX512 static inline __mmask16 qt__lanes16(int64_t left) {
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+QT_TARGET_AVX512 static inline __mmask16 qt__nonfinite16(__m512 v, __mmask16 k) {
+    /* !(|v| <= FLT_MAX): true for NaN and +-Inf */
+    return _mm512_mask_cmp_ps_mask(k, _mm512_abs_ps(v), _mm512_set1_ps(3.40282347e38f),
+                                   _CMP_NLE_UQ);
+}
+#endif
+
 #endif

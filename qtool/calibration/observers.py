@@ -166,33 +166,23 @@ class Histogram:
 
 
 def bin_counts(x: np.ndarray, k: int, start: int, bins: int) -> np.ndarray:
-    """Counts per bin: ``j = floor(x / 2^k) - start`` for each value (int64[bins]).
+    """Counts per bin: ``j = clamp(floor(x / 2^k) - start, 0, bins - 1)`` (int64[bins]).
 
-    Dividing by a power of two is exact in float32, so the bin of a value never depends
-    on rounding. The native ``histogram`` kernel evaluates ``floor((x - lo) / (hi - lo) *
-    bins)``, which is the same arithmetic when ``lo == 0`` and ``bins`` is a power of two; it is
-    used then.
+    Dividing by a power of two is exact in float (a subnormal product is rounded the same
+    way by every path), so the bin of a value never depends on the backend. float32 data
+    goes through the ``histogram_pow2`` kernel (native, or its numpy twin: the same bins);
+    other dtypes are binned here in their own precision. The clamp only matters for a
+    value outside the range the level was chosen for.
     """
     flat = x.reshape(-1)
     kernels = _kernels()
-    if (
-        start == 0
-        and bins & (bins - 1) == 0
-        and kernels is not None
-        and hasattr(kernels, "histogram")
-        and flat.dtype == np.float32
-    ):
-        counts = np.zeros(bins, dtype=np.int64)
-        kernels.histogram(flat, 0.0, math.ldexp(float(bins), k), counts)
-        return counts
-    scale = np.float32(math.ldexp(1.0, -k)) if flat.dtype == np.float32 else math.ldexp(1.0, -k)
-    scaled = np.multiply(flat, scale)
+    if kernels is not None and hasattr(kernels, "histogram_pow2") and flat.dtype == np.float32:
+        return kernels.histogram_pow2(flat, k, start, np.zeros(bins, dtype=np.int64))
+    scaled = np.multiply(flat, math.ldexp(1.0, -k))
     np.floor(scaled, out=scaled)
-    if start:
-        scaled -= scaled.dtype.type(start)
-    index = scaled.astype(np.intp)
-    np.clip(index, 0, bins - 1, out=index)  # guards a max that was rounded on the way in
-    return np.bincount(index, minlength=bins)
+    scaled -= scaled.dtype.type(start)
+    np.clip(scaled, 0, bins - 1, out=scaled)
+    return np.bincount(scaled.astype(np.intp), minlength=bins)
 
 
 @dataclass

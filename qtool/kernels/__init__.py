@@ -46,7 +46,7 @@ except ImportError:  # extension not built: numpy only
 __all__ = [
     "BACKEND", "ISA_LEVELS", "KernelArgumentError", "NonFiniteError", "QTYPES",
     "native_available", "isa_paths", "use_backend", "use_isa",
-    "minmax", "histogram", "quantize", "dequantize", "pack", "unpack",
+    "minmax", "histogram", "histogram_pow2", "quantize", "dequantize", "pack", "unpack",
     "pack_matmulnbits", "unpack_matmulnbits", "pack_zero_points", "unpack_zero_points",
     "block_params_rtn", "block_params_mse", "gemm_u8s8", "requantize", "gemm_q4",
     "quantize_matmulnbits",
@@ -146,6 +146,21 @@ def histogram(x: np.ndarray, lo: float, hi: float, counts: np.ndarray) -> np.nda
     st = _lib.qt_histogram(_buf("float[]", x), x.size, float(np.float32(lo)),
                            float(np.float32(hi)), _ffi.from_buffer("int64_t[]", counts), bins)
     _check(st, "histogram", x)
+    return counts
+
+
+def histogram_pow2(x: np.ndarray, k: int, start: int, counts: np.ndarray) -> np.ndarray:
+    """Add x's counts on the power-of-two grid to ``counts`` (int64 [bins], in place) and
+    return it: bin = clamp(floor(x * 2^-k) - start, 0, bins-1) in float32 (bin j covers
+    [(start + j) * 2^k, (start + j + 1) * 2^k)). Used by the calibration histograms.
+    On NaN/Inf: NonFiniteError and counts unchanged."""
+    if not _native():
+        return reference.histogram_pow2(x, k, start, counts)
+    bins = reference._check_histogram_pow2(counts, k, start)
+    x = _f32(x)
+    st = _lib.qt_histogram_pow2(_buf("float[]", x), x.size, int(k), int(start),
+                                _ffi.from_buffer("int64_t[]", counts), bins)
+    _check(st, "histogram_pow2", x)
     return counts
 
 

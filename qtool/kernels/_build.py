@@ -32,6 +32,8 @@ int qt_set_isa(int max_level);
 
 int qt_minmax(const float *x, int64_t n, float *out_min, float *out_max);
 int qt_histogram(const float *x, int64_t n, float lo, float hi, int64_t *counts, int64_t bins);
+int qt_histogram_pow2(const float *x, int64_t n, int k, int64_t start, int64_t *counts,
+                      int64_t bins);
 int qt_quantize(const float *x, int64_t outer, int64_t axis_len, int64_t inner, int64_t block,
                 const float *scale, const int32_t *zero_point, qt_qtype qtype, void *q);
 int qt_dequantize(const void *q, int64_t outer, int64_t axis_len, int64_t inner, int64_t block,

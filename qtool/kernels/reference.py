@@ -8,6 +8,8 @@ docstring says double, rounding is half to even (``np.rint``), codes saturate.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from qtool.kernels._common import (
@@ -66,6 +68,42 @@ def _check_histogram(counts, lo, hi) -> int:
         w = hi32 - lo32
     if not (np.isfinite(lo32) and np.isfinite(hi32) and np.isfinite(w) and hi32 > lo32):
         raise arg_error("histogram", f"need finite lo < hi, got [{lo}, {hi}]")
+    return bins
+
+
+def histogram_pow2(x: np.ndarray, k: int, start: int, counts: np.ndarray) -> np.ndarray:
+    """Add x's counts on the power-of-two grid to ``counts`` (int64 [bins], in place).
+
+    bin = clamp(floor(x * 2^-k) - start, 0, bins - 1), in float32 in that order: bin j
+    covers [(start + j) * 2^k, (start + j + 1) * 2^k); values outside go to the edge bins.
+    The product is exact unless it is subnormal (then rounded as IEEE multiplies).
+    Needs -127 <= k <= 126, start exactly a float32 with |start| <= 2**62,
+    1 <= bins <= 2**24. On NaN/Inf raises NonFiniteError, counts untouched.
+    """
+    x = np.asarray(x, dtype=_F32).reshape(-1)
+    bins = _check_histogram_pow2(counts, k, start)
+    check_finite("histogram_pow2", x)
+    with np.errstate(over="ignore"):
+        t = np.multiply(x, _F32(math.ldexp(1.0, -k)))
+    np.floor(t, out=t)
+    t -= _F32(start)
+    np.clip(t, 0, bins - 1, out=t)
+    counts += np.bincount(t.astype(np.int64), minlength=bins)
+    return counts
+
+
+def _check_histogram_pow2(counts, k, start) -> int:
+    if not (isinstance(counts, np.ndarray) and counts.dtype == np.int64 and counts.ndim == 1
+            and counts.flags.c_contiguous and counts.flags.writeable):
+        raise arg_error("histogram_pow2", "counts must be a writable contiguous int64 1-D array")
+    bins = counts.shape[0]
+    if not 1 <= bins <= 1 << 24:
+        raise arg_error("histogram_pow2", f"bins must be in [1, 2**24], got {bins}")
+    if not isinstance(k, (int, np.integer)) or not -127 <= k <= 126:
+        raise arg_error("histogram_pow2", f"level k must be an integer in [-127, 126], got {k}")
+    if (not isinstance(start, (int, np.integer)) or abs(int(start)) > 1 << 62
+            or int(_F32(start)) != start):
+        raise arg_error("histogram_pow2", f"start must be an integer exact in float32, got {start}")
     return bins
 
 
