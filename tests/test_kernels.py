@@ -497,3 +497,98 @@ def test_matmulnbits_matches_onnxruntime(bits, symmetric):
                 y = k.gemm_q4(a, b, s, z, K, bs)
             np.testing.assert_allclose(y, y_ort, rtol=ORT_RTOL, atol=ORT_RTOL * np.abs(y_ref).max(),
                                        err_msg=f"gemm_q4 vs onnxruntime on {path}")
+
+
+# ---- fused RTN: W[K, N] -> MatMulNBits ---------------------------------------------
+
+# K not a multiple of any block, N = 1, N past whole 64- and 16-column strips (vector
+# paths plus their scalar tail), K shorter than one block.
+KN_SHAPES = [(1, 1), (33, 1), (100, 17), (257, 70), (512, 130), (10, 64)]
+KN_BLOCKS = [16, 32, 64, 128, 256]
+
+
+def kn_weight(kind: str, K: int, N: int) -> np.ndarray:
+    w = data(kind, K * N, seed=K).reshape(K, N).copy()
+    if kind == "normal" and K >= 16:
+        w[:16, 0] = 0.0  # an all-zero block beside non-zero ones
+    return w
+
+
+def assert_kn_equal(got, want, what: str, block_bytes: int) -> None:
+    assert_exact(got[0], want[0], f"{what} B (byte)", block=block_bytes)
+    assert_exact(got[1], want[1], f"{what} scales", block=1)
+    if want[2] is None:
+        assert got[2] is None, f"{what}: symmetric output has zero points"
+    else:
+        assert_exact(got[2], want[2], f"{what} packed zero points")
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantize_kn_matches_twin(path, bits):
+    for K, N in KN_SHAPES:
+        for kind in KINDS:
+            w = kn_weight(kind, K, N)
+            for bs in KN_BLOCKS:
+                for sym in (True, False):
+                    want = ref.quantize_kn(w, bits, bs, sym)
+                    with on(path):
+                        got = k.quantize_kn(w, bits, bs, sym)
+                    assert_kn_equal(got, want, f"quantize_kn {kind} K={K} N={N} bits={bits} bs={bs} sym={sym}",
+                                    bs * bits // 8)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantize_kn_is_the_weight_only_rtn_rule(bits):
+    """The twin equals blockwise.rtn on W^T packed by matmulnbits_tensors: the codes and
+    (signed, symmetric) scales every other weight-only path produces."""
+    from qtool.quant import blockwise, formats
+
+    for K, N in KN_SHAPES:
+        for kind in ("normal", "outlier", "ties", "denormal"):
+            w = kn_weight(kind, K, N)
+            for bs in (16, 32, 128):
+                for sym in (True, False):
+                    t = formats.matmulnbits_tensors(blockwise.rtn(w.T, bits, bs, sym))
+                    want = (t.b, t.scales, None if t.zero_points is None else t.zero_points.reshape(N, -1))
+                    assert_kn_equal(ref.quantize_kn(w, bits, bs, sym), want,
+                                    f"rtn rule {kind} K={K} N={N} bits={bits} bs={bs} sym={sym}", bs * bits // 8)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_quantize_kn_known_bytes_and_ties(path):
+    # one column, K = 20 with blocks of 16: the second block is padded with its zero point
+    w = np.zeros((20, 1), np.float32)
+    w[:8, 0] = [8.0, 0.5, 1.5, 2.5, -0.5, -1.5, -8.0, 3.0]  # symmetric: m = 8, scale = -1
+    w[16:, 0] = [1.0, 2.0, 3.0, 4.0]  # asymmetric block 1: lo 0, hi 4, scale 4/15
+    with on(path):
+        b, s, z = k.quantize_kn(w, 4, 16, True)
+        ba, sa, za = k.quantize_kn(w, 4, 16, False)
+    assert s.tolist() == [[-1.0, -0.5]] and z is None
+    # codes rint(x / -1) + 8: 8 -> 0, .5 -> -0 -> 8, 1.5 -> -2 -> 6, 2.5 -> -2 -> 6,
+    # -.5 -> 8, -1.5 -> 10, -8 -> 16 -> 15 (clamped), 3 -> 5; then zeros -> 8
+    assert b[0, 0, :4].tolist() == [0x80, 0x66, 0xA8, 0x5F]
+    assert b[0, 0, 4:].tolist() == [0x88] * 4
+    # block 1: 1..4 / -0.5 -> -2, -4, -6, -8 (+8) -> 6, 4, 2, 0; 12 padded rows -> 8
+    assert b[0, 1].tolist() == [0x46, 0x02] + [0x88] * 6
+    assert sa[0, 1] == np.float32(4.0 / 15) and za.shape == (1, 1)
+    # block 0 range [-8, 8]: scale float32(16/15), zero point rint(8 / scale) = rint(7.4999996) = 7
+    assert sa[0, 0] == np.float32(16 / 15) and za[0, 0] & 0xF == 7
+    assert za[0, 0] >> 4 == 0  # block 1 range [0, 4]: zero point 0, padding codes 0
+    assert ba[0, 1, 2:].tolist() == [0x00] * 6
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_quantize_kn_nonfinite_and_bad_arguments(path, bad):
+    w = data("normal", 70 * 33).reshape(70, 33)
+    w[41, 20] = bad
+    with on(path), pytest.raises(k.NonFiniteError) as info:
+        k.quantize_kn(w, 4, 32, True)
+    assert info.value.index == 41 * 33 + 20
+    ok = data("normal", 64).reshape(32, 2)
+    with on(path):
+        for args in [(ok, 3, 32, True), (ok, 4, 24, True), (ok, 4, 512, True), (ok.astype(np.float64), 4, 32, True),
+                     (ok[:0], 4, 32, True), (ok.reshape(-1), 4, 32, True)]:
+            with pytest.raises(k.KernelArgumentError):
+                k.quantize_kn(*args)

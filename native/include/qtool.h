@@ -161,6 +161,26 @@ int qt_block_params_mse(const float *x, int64_t rows, int64_t cols, int64_t bloc
                         qt_qtype qtype, int symmetric, int64_t n_grid, float min_shrink,
                         float *scale, int32_t *zero_point);
 
+/* RTN straight from a MatMul weight to MatMulNBits, fused (one pass over w):
+ * w: float32 W[K, N] row-major (blocks of block_size along K, per output column n;
+ * the last block may be short). n_blocks = ceil(K / block_size).
+ * Per block, lo = min(min x, 0), hi = max(max x, 0) (float32), then in double rounded
+ * once to float32 (half = 2^(bits-1), qmax = 2^bits - 1):
+ *   symmetric:  m = hi >= -lo ? hi : lo (the signed extreme);  scale = -m / half;
+ *               z = half. The extreme lands on code 0 and all 2^bits levels are used;
+ *               the scale is NEGATIVE when m > 0 (MatMulNBits only multiplies by it).
+ *   asymmetric: scale = (hi - lo) / qmax; z = clamp(round_half_even(-lo / scale), 0, qmax)
+ *   A scale that comes out 0 becomes 1.0.
+ * codes: q = clamp(round_half_even(x / scale) + z, 0, qmax)   (float32 divide)
+ * Outputs (qt_pack_matmulnbits layout, K padded with each block's z):
+ *   b[N, n_blocks, block_size*bits/8], scales[N, n_blocks],
+ *   zero_points packed uint8 [N, ceil(n_blocks*bits/8)] (asymmetric only; not written,
+ *   and may be NULL, when symmetric: the op's default 2^(bits-1) is the z used).
+ * bits in {2, 4, 8}; block_size a power of two in [16, 256].
+ * QT_ERR_NONFINITE on NaN/Inf in w. */
+int qt_quantize_kn(const float *w, int64_t K, int64_t N, int64_t block_size, int bits,
+                   int symmetric, uint8_t *b, float *scales, uint8_t *zero_points);
+
 /* ---- 5. int8 GEMM ----------------------------------------------------------
  * C[m, n] = sum_k (A[m, k] - a_zero_point) * (Bt[n, k] - b_zero_point[n])
  * A: uint8 [M, K]. B is passed TRANSPOSED, Bt: int8 [N, K] (each output channel's

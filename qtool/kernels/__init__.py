@@ -49,7 +49,7 @@ __all__ = [
     "minmax", "histogram", "histogram_pow2", "quantize", "dequantize", "pack", "unpack",
     "pack_matmulnbits", "unpack_matmulnbits", "pack_zero_points", "unpack_zero_points",
     "block_params_rtn", "block_params_mse", "gemm_u8s8", "requantize", "gemm_q4",
-    "quantize_matmulnbits",
+    "quantize_matmulnbits", "quantize_kn",
 ]
 
 ISA_LEVELS = ("scalar", "avx2", "avx512", "vnni")
@@ -350,6 +350,28 @@ def block_params_mse(x, block_size: int, qtype: str, symmetric: bool, n_grid: in
     if not _native():
         return reference.block_params_mse(x, block_size, qtype, symmetric, n_grid, min_shrink)
     return _block_params("block_params_mse", x, block_size, qtype, symmetric, n_grid, min_shrink)
+
+
+def quantize_kn(w, bits: int, block_size: int, symmetric: bool):
+    """RTN of a MatMul weight W[K, N] (float32, blocks along K) fused into MatMulNBits
+    tensors: (b uint8 [N, n_blocks, block_size*bits/8], scales float32 [N, n_blocks],
+    zero_points packed uint8 [N, ceil(n_blocks*bits/8)] or None when symmetric).
+    Symmetric: scale = -m / 2**(bits-1) with m the block's signed extreme, z = 2**(bits-1);
+    asymmetric: scale = (hi - lo) / qmax, z = clamp(rint(-lo / scale)); formulas in
+    reference.quantize_kn. One pass over w, no float transpose; releases the GIL."""
+    if not _native():
+        return reference.quantize_kn(w, bits, block_size, symmetric)
+    w = np.ascontiguousarray(reference._check_kn(w, bits, block_size))
+    k, n = w.shape
+    nb = -(-k // block_size)
+    b = np.empty((n, nb, block_size * bits // 8), dtype=np.uint8)
+    s = np.empty((n, nb), dtype=np.float32)
+    zp = None if symmetric else np.empty((n, -(-nb * bits // 8)), dtype=np.uint8)
+    st = _lib.qt_quantize_kn(_buf("float[]", w), k, n, block_size, bits, int(bool(symmetric)),
+                             _ffi.from_buffer(b), _ffi.from_buffer("float[]", s),
+                             _ffi.NULL if zp is None else _ffi.from_buffer(zp))
+    _check(st, "quantize_kn", w)
+    return b, s, zp
 
 
 # ---- 5. int8 GEMM -----------------------------------------------------------------

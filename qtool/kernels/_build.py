@@ -51,6 +51,8 @@ int qt_block_params_rtn(const float *x, int64_t rows, int64_t cols, int64_t bloc
 int qt_block_params_mse(const float *x, int64_t rows, int64_t cols, int64_t block, qt_qtype qtype,
                         int symmetric, int64_t n_grid, float min_shrink, float *scale,
                         int32_t *zero_point);
+int qt_quantize_kn(const float *w, int64_t K, int64_t N, int64_t block_size, int bits,
+                   int symmetric, uint8_t *b, float *scales, uint8_t *zero_points);
 int qt_gemm_u8s8(const uint8_t *A, const int8_t *Bt, int64_t M, int64_t N, int64_t K,
                  int32_t a_zero_point, const int8_t *b_zero_point, int32_t *C);
 int qt_requantize(const int32_t *acc, int64_t M, int64_t N, const float *multiplier,

@@ -340,6 +340,69 @@ def block_params_mse(x, block_size: int, qtype: str, symmetric: bool, n_grid: in
     return best_s, best_z
 
 
+def quantize_kn(w, bits: int, block_size: int, symmetric: bool):
+    """RTN of a MatMul weight W[K, N] (blocks of block_size along K, per column n) straight
+    into MatMulNBits tensors -> (b uint8 [N, n_blocks, block_size*bits/8], scales float32
+    [N, n_blocks], zero_points packed uint8 [N, ceil(n_blocks*bits/8)] or None when
+    symmetric).
+
+    Per block lo = min(min x, 0), hi = max(max x, 0); in double, rounded to float32 once,
+    with half = 2**(bits-1), qmax = 2**bits - 1:
+      symmetric:  m = hi if hi >= -lo else lo (signed extreme), scale = -m / half, z = half
+                  (the extreme lands on code 0; the scale is negative when m > 0)
+      asymmetric: scale = (hi - lo) / qmax, z = clamp(rint(-lo / scale), 0, qmax)
+    A zero scale becomes 1.0. Codes q = clamp(rint(x / scale) + z, 0, qmax) (float32
+    divide); K is padded to whole blocks with z (zero-valued weights), as in
+    pack_matmulnbits. Works through slabs of whole blocks of K rows, so only uint8 codes
+    are ever transposed. NonFiniteError on NaN/Inf.
+    """
+    w = _check_kn(w, bits, block_size)
+    k, n = w.shape
+    nb = -(-k // block_size)
+    half, qmax = 1 << (bits - 1), (1 << bits) - 1
+    codes = np.empty((n, nb * block_size), dtype=np.uint8)
+    scales = np.empty((n, nb), dtype=_F32)
+    zps = None if symmetric else np.empty((n, nb), dtype=np.uint8)
+    step = max(1, (1 << 18) // (n * block_size)) * block_size  # about 1 MiB of floats
+    for k0 in range(0, nb * block_size, step):
+        k1 = min(k0 + step, nb * block_size)
+        x = np.zeros((k1 - k0, n), dtype=_F32)  # zero rows past K change neither range
+        x[: max(0, min(k1, k) - k0)] = w[k0:k1]
+        check_finite("quantize_kn", x)
+        xb = x.reshape(-1, block_size, n)  # [blocks, rows in block, N]
+        lo = np.minimum(xb.min(axis=1), _F32(0)).astype(np.float64)
+        hi = np.maximum(xb.max(axis=1), _F32(0)).astype(np.float64)
+        if symmetric:
+            s = (-np.where(hi >= -lo, hi, lo) / half).astype(_F32)
+            s[s == 0] = 1.0
+            z = np.full(s.shape, half, dtype=_F32)
+        else:
+            s = ((hi - lo) / qmax).astype(_F32)
+            s[s == 0] = 1.0
+            z = np.clip(np.rint(-lo / s.astype(np.float64)), 0, qmax).astype(_F32)
+        q = np.clip(np.rint(xb / s[:, None, :]) + z[:, None, :], 0, qmax).astype(np.uint8)
+        pad = np.arange(k0, k1).reshape(-1, block_size) >= k  # rows past K: the zero point
+        q = np.where(pad[:, :, None], z[:, None, :].astype(np.uint8), q)
+        codes[:, k0:k1] = q.reshape(k1 - k0, n).T
+        scales[:, k0 // block_size : k1 // block_size] = s.T
+        if zps is not None:
+            zps[:, k0 // block_size : k1 // block_size] = z.T.astype(np.uint8)
+    qt = {2: "u2", 4: "u4", 8: "u8"}[bits]
+    b = pack(codes, qt).reshape(n, nb, block_size * bits // 8)
+    zp = None if zps is None else pack_zero_points(zps, bits).reshape(n, -1)
+    return b, scales, zp
+
+
+def _check_kn(w, bits: int, block_size: int) -> np.ndarray:
+    nbits_check("quantize_kn", bits, block_size)
+    if block_size > 256:
+        raise arg_error("quantize_kn", f"block_size must be at most 256, got {block_size}")
+    w = np.asarray(w)
+    if w.ndim != 2 or w.dtype != _F32 or 0 in w.shape:
+        raise arg_error("quantize_kn", f"w must be a non-empty float32 [K, N], got {w.dtype} {w.shape}")
+    return w
+
+
 # ---- 5. int8 GEMM -----------------------------------------------------------------
 
 

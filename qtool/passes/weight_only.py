@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from qtool import kernels
 from qtool.config import Recipe
 from qtool.errors import UsageError
 from qtool.model import iter_graphs, opset_version, require_opset
@@ -234,11 +235,12 @@ def _quantize_item(item: _Item, wo, algorithm: str, fmt: str = "") -> QuantOutco
     if algorithm in DATA_AWARE and item.kind != "gather" and stats is not None:
         return quantize_weight(np.ascontiguousarray(w, dtype=np.float32), item.bits, wo.block_size, wo.symmetric, algorithm, stats)
     alg = algorithm if algorithm not in DATA_AWARE else "mse"
-    k_rows = item.weight.const_value.shape[0]
-    if (fmt == "matmulnbits" and alg == "rtn" and item.bits == 4 and item.kind == "matmul"
-            and k_rows % wo.block_size == 0):
-        # The default path: straight from W[K, N] to packed MatMulNBits tensors.
-        t = formats.matmulnbits_rtn4_from_kn(item.weight.const_value.numpy(), wo.block_size, wo.symmetric)
+    if fmt == "matmulnbits" and alg == "rtn" and item.bits in (2, 4, 8) and item.kind == "matmul":
+        # The default path: one fused pass from the (memory-mapped) W[K, N] to packed
+        # MatMulNBits tensors; the native kernel releases the GIL, so _pipelined overlaps tensors.
+        k, n = item.weight.const_value.shape
+        b, scales, zp = kernels.quantize_kn(item.weight.const_value.numpy(), item.bits, wo.block_size, wo.symmetric)
+        t = formats.MatMulNBitsTensors(b, scales, zp, item.bits, wo.block_size, k, n)
         return QuantOutcome(None, float("nan"), float("nan"), tensors=t)
     if alg in ("rtn", "mse"):
         # Cache-sized slabs straight from the (memory-mapped) stored layout, native kernels.
@@ -613,8 +615,8 @@ def apply_weight_only(
 def _pipelined(items: list[_Item], work: Callable[[_Item], QuantOutcome]) -> Iterator[tuple[_Item, QuantOutcome]]:
     """Yield (item, work(item)) in order, computing up to ``_threads()`` items ahead.
 
-    numpy releases the GIL in the heavy loops, so tensors quantize in parallel while at most
-    that many fp32 weights are resident.
+    numpy and the native kernels (cffi calls) release the GIL, so tensors quantize in
+    parallel while at most that many fp32 weights are resident.
     """
     threads = _threads()
     if threads == 1 or len(items) < 2:
