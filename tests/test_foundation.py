@@ -196,6 +196,32 @@ def test_verify_failure_writes_nothing(tmp_path, model_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mm.onnx"]
 
 
+def matmulnbits_model(b_shape: tuple[int, ...], k: int = 64, n: int = 8, bs: int = 32) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(np.full(b_shape, 0x88, np.uint8), "B"),
+             numpy_helper.from_array(np.ones((n, -(-k // bs)), np.float32), "S")]
+    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", name="mnb",
+                            K=k, N=n, bits=4, block_size=bs, accuracy_level=4)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("b_shape", [(8, 3, 16), (8, 2, 8)])
+def test_verify_rejects_matmulnbits_shapes_that_prepacking_would(tmp_path, b_shape):
+    """verify_loads skips onnxruntime's weight prepacking (the slow part), which is where
+    onnxruntime rejects a MatMulNBits B of the wrong shape; save checks those shapes itself."""
+    src = tmp_path / "src.onnx"
+    onnx.save(matmulnbits_model(b_shape), src)
+    out = tmp_path / "out.onnx"
+    with pytest.raises(ModelError, match="would fail in onnxruntime: mnb: B has shape"):
+        qmodel.save(qmodel.load(src), out)
+    assert not out.exists()
+    good = tmp_path / "good.onnx"
+    onnx.save(matmulnbits_model((8, 2, 16)), src)
+    qmodel.save(qmodel.load(src), good)
+    assert good.exists()
+
+
 def test_fingerprint_tracks_structure(model_path):
     a = qmodel.graph_fingerprint(qmodel.load(model_path))
     assert a == qmodel.graph_fingerprint(qmodel.load(model_path))
