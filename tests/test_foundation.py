@@ -432,3 +432,21 @@ def test_bad_inputs_through_the_cli_leave_the_model_untouched(capsys, tmp_path, 
     # And a good run leaves it untouched too.
     assert cli("convert", model_path, "-o", out, "--bits", "4", "--block-size", "32", "-q") == 0
     assert model_path.read_bytes() == before and out.exists()
+
+
+def test_sympy_is_imported_only_when_used():
+    """qtool defers onnx-ir's sympy import (a third of start-up); symbolic-dimension
+    arithmetic and a user's own `import sympy` still get the real module."""
+    code = textwrap.dedent("""
+        import sys
+        import qtool.model
+        import onnx_ir as ir
+        print(type(sys.modules["sympy"]).__name__)
+        print(ir.SymbolicDim("n") * 2 + 1)
+        import sympy
+        print(sympy.Symbol("x") + 1, type(sys.modules["sympy"]).__name__)
+        from sympy.core import Expr
+        print(isinstance(sympy.Symbol("y"), Expr))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:4] == ["_Deferred", "2*n + 1", "x + 1 module", "True"]
