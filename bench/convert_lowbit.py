@@ -71,11 +71,21 @@ def work_read(src: str) -> dict:
 
 def work_qtool(src: str, dst: str, bits: int, block: int, algorithm: str, level: int, symmetric: bool,
                calib: str | None = None, external: bool = True, fmt: str = "matmulnbits") -> dict:
+    start = time.perf_counter()
     from qtool import model as qmodel
     from qtool.config import Recipe
     from qtool.passes.weight_only import apply_weight_only, collect_weight_only_stats
 
-    start = time.perf_counter()
+    t_import = time.perf_counter() - start
+    verify_s = [0.0]
+    verify_loads = qmodel.verify_loads
+
+    def timed_verify(path) -> None:  # save() calls it before moving the file into place
+        t = time.perf_counter()
+        verify_loads(path)
+        verify_s[0] += time.perf_counter() - t
+
+    qmodel.verify_loads = timed_verify
     recipe = Recipe().override("weight_only", block_size=block, algorithm=algorithm, accuracy_level=level,
                                symmetric=symmetric, format=fmt)
     acts = None
@@ -85,13 +95,16 @@ def work_qtool(src: str, dst: str, bits: int, block: int, algorithm: str, level:
         m0 = qmodel.load(src)
         acts = collect_weight_only_stats(src, Dataset(Path(calib), input_specs(m0)), recipe)
         del m0
-    t_stats = time.perf_counter() - start
+    t_stats = time.perf_counter()
     model = qmodel.load(src)
+    t_load = time.perf_counter()
     report = apply_weight_only(model, recipe, bits, activations=acts)
-    t_quant = time.perf_counter() - start
+    t_quant = time.perf_counter()
     qmodel.save(model, dst, input_path=src, external_data=external)
-    return {"seconds": time.perf_counter() - start, "quantize_s": t_quant - t_stats, "stats_s": t_stats,
-            "notes": report.notes, "counts": report.counts, "bytes": _size(Path(dst))}
+    end = time.perf_counter()
+    return {"seconds": end - start, "import_s": t_import, "stats_s": t_stats - start - t_import,
+            "load_s": t_load - t_stats, "quantize_s": t_quant - t_load, "write_s": end - t_quant - verify_s[0],
+            "verify_s": verify_s[0], "notes": report.notes, "counts": report.counts}
 
 
 def work_ort(src: str, dst: str, block: int, level: int, symmetric: bool, external: bool = True) -> dict:
@@ -105,8 +118,7 @@ def work_ort(src: str, dst: str, block: int, level: int, symmetric: bool, extern
     q.process()
     t_quant = time.perf_counter() - start
     q.model.save_model_to_file(dst, use_external_data_format=external)
-    return {"seconds": time.perf_counter() - start, "load_s": t_load, "quantize_s": t_quant - t_load,
-            "bytes": _size(Path(dst))}
+    return {"seconds": time.perf_counter() - start, "load_s": t_load, "quantize_s": t_quant - t_load}
 
 
 def work_ort_int8(src: str, dst: str) -> dict:
@@ -114,7 +126,7 @@ def work_ort_int8(src: str, dst: str) -> dict:
 
     start = time.perf_counter()
     quantize_dynamic(src, dst, weight_type=QuantType.QInt8, use_external_data_format=True)
-    return {"seconds": time.perf_counter() - start, "bytes": _size(Path(dst))}
+    return {"seconds": time.perf_counter() - start}
 
 
 def work_ppl(name: str, path: str) -> dict:
@@ -150,6 +162,8 @@ def spawn(kind: str, **kw) -> dict:
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300], "wall_s": wall}
     result = json.loads(lines[-1])
     result["process_wall_s"] = wall
+    if "dst" in kw:  # measured here, so the worker's wall time is the conversion alone
+        result["bytes"] = _size(Path(kw["dst"]))
     print(f"  {kind} {kw.get('algorithm', '')} {kw.get('block', '')}: {json.dumps({k: v for k, v in result.items() if k not in ('notes', 'counts')})[:240]}",
           file=sys.stderr, flush=True)
     return result
@@ -158,41 +172,60 @@ def spawn(kind: str, **kw) -> dict:
 # ---- parts -------------------------------------------------------------------------------------
 
 
-def part_a(lines: list[str]) -> dict:
+def part_a(lines: list[str], repeat: int = 2) -> dict:
+    """qtool and onnxruntime interleaved, ``repeat`` rounds; one table per round."""
     import zoo
 
     src = str(zoo.model_path("decoder_0p6b"))
     WORK.mkdir(parents=True, exist_ok=True)
     spawn("read", src=src)  # warm the page cache
-    read = spawn("read", src=src)
-    rows = []
     outs = {}
-    for block in (32, 128):
-        dst = str(WORK / f"dec_qtool_b{block}.onnx")
-        q = spawn("qtool", src=src, dst=dst, bits=4, block=block, algorithm="rtn", level=4, symmetric=True)
-        o = spawn("ort", src=src, dst=str(WORK / f"dec_ort_b{block}.onnx"), block=block, level=4, symmetric=True)
-        outs[block] = dst
-        rows.append((block, q, o))
     lines += [
         "## (a) Speed and memory: synthetic 0.6 B decoder stack (2.3 GB fp32, external data)",
         "",
-        (f"Read-once floor (warm page cache, 64 MiB reads): **{read['seconds']:.2f} s** "
-        f"({read['bytes'] / read['seconds'] / 1e9:.1f} GB/s)."),
+        ("qtool: `load` (lazy, memory-mapped) -> `apply_weight_only` (4-bit symmetric RTN, accuracy level 4, the "
+         "fused native kernel straight from W[K, N] to MatMulNBits bytes) -> `save` (external data, then onnxruntime "
+         "loads the result once as a check). onnxruntime: `onnx.load` -> `MatMulNBitsQuantizer(block_size, "
+         "is_symmetric=True, accuracy_level=4).process()` -> `save_model_to_file(use_external_data_format=True)`. "
+         "Each configuration runs in its own process; wall time is that process's, from start to exit (interpreter "
+         "and imports included); CPU s = user + sys of the process; peak RSS its ru_maxrss. The rounds interleave "
+         "the tools, so a ratio is taken within one round. Targets: >= 4x faster, peak < 1.2 GB, within 3x of reading "
+         "the weights once."),
         "",
-        "| block | tool | wall s | CPU s | peak RSS MB | output MB | qtool speed-up | x read-once |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for block, q, o in rows:
-        if "error" in q or "error" in o:
-            lines.append(f"| {block} | error | {q.get('error', '')} {o.get('error', '')} | | | | | |")
-            continue
-        speed = o["process_wall_s"] / q["process_wall_s"]
-        lines.append(f"| {block} | onnxruntime MatMulNBitsQuantizer (RTN) | {o['process_wall_s']:.2f} | {o['cpu_s']:.1f} | "
-                     f"{o['peak_mb']:.0f} | {o['bytes'] / 1e6:.0f} | | {o['process_wall_s'] / read['seconds']:.1f} |")
-        lines.append(f"| {block} | qtool rtn | {q['process_wall_s']:.2f} | {q['cpu_s']:.1f} | {q['peak_mb']:.0f} | "
-                     f"{q['bytes'] / 1e6:.0f} | **{speed:.1f}x** (CPU {o['cpu_s'] / q['cpu_s']:.1f}x) | {q['process_wall_s'] / read['seconds']:.1f} |")
-    lines += ["", ("Wall times include interpreter start-up and imports (about 1 s for both tools); "
-              "qtool's includes onnxruntime loading the result once as a check."), ""]
+    for rnd in range(1, repeat + 1):
+        read = spawn("read", src=src)
+        rows = []
+        for block in (32, 128):
+            dst = str(WORK / f"dec_qtool_b{block}.onnx")
+            load0 = os.getloadavg()[0]
+            q = spawn("qtool", src=src, dst=dst, bits=4, block=block, algorithm="rtn", level=4, symmetric=True)
+            o = spawn("ort", src=src, dst=str(WORK / f"dec_ort_b{block}.onnx"), block=block, level=4, symmetric=True)
+            outs[block] = dst
+            rows.append((block, q, o, load0))
+        lines += [
+            (f"Round {rnd}: read-once floor (warm page cache, 64 MiB reads) **{read['seconds']:.2f} s** "
+             f"({read['bytes'] / read['seconds'] / 1e9:.1f} GB/s); 1-minute load average before each qtool run: "
+             f"{', '.join(f'{r[3]:.1f}' for r in rows)}."),
+            "",
+            "| block | tool | wall s | CPU s | peak RSS MB | output MB | qtool speed-up (wall, CPU) | x read-once |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for block, q, o, _ in rows:
+            if "error" in q or "error" in o:
+                lines.append(f"| {block} | error | {q.get('error', '')} {o.get('error', '')} | | | | | |")
+                continue
+            speed = o["process_wall_s"] / q["process_wall_s"]
+            lines.append(f"| {block} | onnxruntime MatMulNBitsQuantizer (RTN) | {o['process_wall_s']:.2f} | {o['cpu_s']:.1f} | "
+                         f"{o['peak_mb']:.0f} | {o['bytes'] / 1e6:.0f} | | {o['process_wall_s'] / read['seconds']:.1f} |")
+            lines.append(f"| {block} | qtool rtn | {q['process_wall_s']:.2f} | {q['cpu_s']:.1f} | {q['peak_mb']:.0f} | "
+                         f"{q['bytes'] / 1e6:.0f} | **{speed:.1f}x** ({o['cpu_s'] / q['cpu_s']:.1f}x) | "
+                         f"{q['process_wall_s'] / read['seconds']:.1f} |")
+        phases = [(block, q) for block, q, _, _ in rows if "error" not in q]
+        lines += ["", "qtool phases (wall s): " + "; ".join(
+            f"block {b}: interpreter start and exit {q['process_wall_s'] - q['seconds']:.2f}, imports {q['import_s']:.2f}, "
+            f"load {q['load_s']:.2f}, quantize {q['quantize_s']:.2f}, write {q['write_s']:.2f}, "
+            f"onnxruntime check {q['verify_s']:.2f}" for b, q in phases) + ".", ""]
     return outs
 
 
@@ -293,33 +326,51 @@ def part_c(lines: list[str], outs: dict) -> None:
     lines.append("")
 
 
+def _splice(path: Path, header: list[str], lines: list[str]) -> str:
+    """The results file with the sections in ``lines`` ("## (x) ...") replacing the same
+    sections of the file at ``path``; sections not rerun stay as they were."""
+    def sections(text: str) -> dict[str, str]:
+        parts = ("\n" + text).split("\n## (")
+        return {p[0]: "## (" + p for p in parts[1:]}
+
+    old = sections(path.read_text()) if path.exists() else {}
+    new = sections("\n".join(lines))
+    body = [new.get(key, old.get(key)) for key in sorted(set(old) | set(new), key="acb".find)]
+    return "\n".join(header).rstrip("\n") + "\n\n" + "\n".join(b.rstrip("\n") + "\n" for b in body if b)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="*", default=["a", "c", "b"])
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--only", nargs="*", default=None, help="part b: run configurations whose label contains one of these")
+    parser.add_argument("--repeat", type=int, default=2, help="part a: interleaved rounds (one table each)")
     args = parser.parse_args()
     import onnxruntime
 
-    lines = [
+    header = [
         "# Low-bit weight-only conversion: qtool vs onnxruntime's MatMulNBitsQuantizer",
         "",
         (f"Generated by `python bench/convert_lowbit.py --parts {' '.join(args.parts)}` on {platform.machine()}, "
         f"{os.cpu_count()} cores (shared with other jobs while it ran), onnxruntime {onnxruntime.__version__}, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."),
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Sections of parts not rerun are kept from the "
+        "previous file."),
         "",
     ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
     outs = {}
     for part in args.parts:  # the file is rewritten after each part, so a long run keeps results
         if part == "a":
-            outs = part_a(lines)
+            outs = part_a(lines, args.repeat)
         elif part == "c":
             part_c(lines, outs)
         elif part == "b":
             part_b(lines, args.only)
-        Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        text = _splice(out, header, lines)
+        out.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -232,14 +232,25 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
 
 
 def _external_files_of(path: Path) -> set[Path]:
+    """The external data files ``path``'s initializers name (read from the protobuf alone:
+    no onnx-ir graph is built and no weight is read)."""
+    import onnx
+
+    files: set[Path] = set()
     with contextlib.suppress(Exception):
-        model = ir.load(path)
-        return {
-            Path(t.base_dir) / t.location
-            for t in iter_initializers(model)
-            if isinstance(t, ir.ExternalTensor)
-        }
-    return set()
+        proto = onnx.load_model(str(path), load_external_data=False)
+        graphs = [proto.graph]
+        while graphs:
+            graph = graphs.pop()
+            for t in graph.initializer:
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    location = next((e.value for e in t.external_data if e.key == "location"), None)
+                    if location:
+                        files.add(path.parent / location)
+            for node in graph.node:
+                for attr in node.attribute:
+                    graphs += ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+    return files
 
 
 def add_provenance(model: ir.Model, recipe: dict | None = None, source: str | None = None) -> None:

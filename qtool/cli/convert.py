@@ -314,7 +314,7 @@ def run_convert(model_path: Path, output: Path, r, plan, *, calib, data, externa
     saved = save(converted, output, input_path=model_path,
                  external_data=True if external_data else None)
     seconds = time.perf_counter() - t0
-    in_size, out_size = model_size_bytes(model_path), model_size_bytes(saved.path)
+    in_size, out_size = model_size_bytes(model_path), saved.bytes_written  # the output: what save wrote
     result = {
         "model": str(model_path),
         "output": str(saved.path),
