@@ -447,3 +447,21 @@ def test_conv_group_bytes_count_a_scale_per_block_of_input_channels():
     g = Group("conv", ("conv",), ("Conv",), 64 * 24 * 9, (32, 8, 4), k=24)
     assert group_bytes(g, 4, "int8-static", 16) == 64 * 24 * 9 / 2 + 4 * 64 * 9 * 2
     assert group_bytes(g, 8, "int8-static", 16) == 64 * 24 * 9  # int8 (per-channel scales ignored)
+
+
+def test_cli_tune_allow_opset_upgrade_lets_convs_take_4_bits(tmp_path, capsys):
+    import json
+
+    from qtool.cli import run as cli
+
+    model_path = sensitive_cnn(tmp_path / "cnn.onnx")
+    data = samples(tmp_path / "data", model_path, n=16, shape=(1, 16, 8, 8))
+    argv = ["tune", str(model_path), "--data", str(data), "-o", str(tmp_path / "t.onnx"), "--metric", "cosine",
+            "--max-drop", "0.03", "--no-cache", "--no-uniform", "--json", "-q"]
+    assert cli(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert all(g["bits"] >= 8 for g in doc["groups"] if g["op_type"] == "Conv")  # opset 17: no 4-bit Conv
+    assert cli([*argv, "--allow-opset-upgrade"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["groups_per_bits"] == {"8": 1, "4": 3} and doc["within_budget"]
+    assert {g["key"]: g["bits"] for g in doc["groups"]}["convB"] == 8
