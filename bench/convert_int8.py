@@ -93,6 +93,19 @@ def ort_static(name: str, src: Path, dst: Path, *, u8: bool, per_channel: bool) 
     )
 
 
+def ort_preprocessed_static(name: str, src: Path, dst: Path) -> None:
+    """onnxruntime's recommended flow: its quant_pre_process (symbolic shape inference and
+    its graph optimizer), then static QDQ with its x86-friendly settings."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_name(dst.stem + ".pre.onnx")
+    try:
+        quant_pre_process(str(src), str(pre))
+        ort_static(name, pre, dst, u8=True, per_channel=True)
+    finally:
+        pre.unlink(missing_ok=True)
+
+
 def ort_dynamic(name: str, src: Path, dst: Path, *, per_channel: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -148,6 +161,9 @@ def _configs(name: str) -> list[tuple[str, callable]]:
                         lambda s, d: qtool_convert(name, s, d, dynamic=True)))
         configs.append(("qtool dynamic + smoothing (--data calib)",
                         lambda s, d: qtool_convert(name, s, d, dynamic=True, smooth=True)))
+    if name not in TRANSFORMERS:  # appended last: earlier configs keep their output files
+        configs.append(("onnxruntime quant_pre_process, then static QDQ (u8 act, s8 per-channel)",
+                        lambda s, d: ort_preprocessed_static(name, s, d)))
     if name == "smollm2":
         configs.append(("qtool dynamic + smoothing, --exclude '*down_proj*'",
                         lambda s, d: qtool_convert(name, s, d, dynamic=True, smooth=True,
