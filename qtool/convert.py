@@ -324,7 +324,9 @@ def convert_with_summary(
 
         part = apply_weight_only(model, low_bit, 4, on_progress=stage("weights"))
         # Layers it left alone are the int8 pass's to judge, not "kept float".
-        part.skipped = {k: v for k, v in part.skipped.items() if not v.startswith("[[layer]]")}
+        part.notes += [f"{name}: not weight-only ({why}); the int8 pass takes it"
+                       for name, why in part.skipped.items() if not why.startswith("[[layer]]")]
+        part.skipped = {}
         reports.append(part)
         # Convs now reading a dequantized low-bit weight keep float activations.
         convs = {name for name, op, _ in before if op == "Conv"}
