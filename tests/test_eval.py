@@ -382,3 +382,50 @@ def test_diagnosis_error_ignores_matching_infinities():
     assert _error(mask, np.array([0.0, -np.inf, 2.0], np.float32)) == 1.0
     assert _error(mask, np.array([0.0, 0.0, 3.0], np.float32)) == math.inf
     assert sqnr_db(9.0, math.inf) == -math.inf
+
+
+def test_diagnosis_compares_a_folded_conv_with_the_batchnorm_it_absorbed(tmp_path):
+    """Conv -> BatchNorm -> Relu converted by qtool: the Conv now outputs (under its own
+    name) what the BatchNorm did. Diagnosis must compare it with the reference BatchNorm
+    output (the model's qtool.carries metadata), not with the reference Conv output."""
+    import onnx_ir as ir
+
+    from qtool.calibration import calibrate
+    from qtool.config import Recipe
+    from qtool.convert import convert
+    from qtool.eval.diagnose import matched_tensors
+    from qtool.model import save
+
+    rng = np.random.default_rng(3)
+    c = 4
+    inits = [numpy_helper.from_array(rng.standard_normal((c, 3, 3, 3)).astype(np.float32) * 0.3, "w"),
+             numpy_helper.from_array(np.full(c, 3.0, np.float32), "gamma"),
+             numpy_helper.from_array(np.full(c, 2.0, np.float32), "beta"),
+             numpy_helper.from_array(np.zeros(c, np.float32), "mean"),
+             numpy_helper.from_array(np.ones(c, np.float32), "var")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4, name="conv"),
+         helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn"),
+         helper.make_node("Sigmoid", ["b"], ["y"], name="act")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 6, 6])], inits)
+    ref = tmp_path / "ref.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), ref)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        np.save(data / f"s{i}.npy", rng.standard_normal((1, 3, 6, 6)).astype(np.float32))
+    table = calibrate(ref, data, Recipe())
+    cand = tmp_path / "q.onnx"
+    save(convert(ir.load(ref), Recipe(), table=table)[0], cand)
+    cand_proto = onnx.load(cand)
+    props = {p.key: p.value for p in cand_proto.metadata_props}
+    import json
+
+    carries = json.loads(props["qtool.carries"])
+    assert carries == {"c": "b"}
+    matched = matched_tensors(onnx.load(ref).graph, cand_proto.graph, carries)
+    assert "c" not in matched and matched["b"] != "b"  # b: the candidate's dequantized c
+    report = evaluate(cand, data, reference=ref, diagnose=True).to_dict()["diagnosis"]
+    conv = next(x for x in report["layers"] if x["tensor"] == "b")
+    assert conv["sqnr_db"] > 25  # int8 error only; against the pre-BatchNorm c it is ~0 dB

@@ -52,10 +52,13 @@ def _constants(graph) -> set[str]:
     return names
 
 
-def matched_tensors(reference_graph, candidate_graph) -> dict[str, str]:
+def matched_tensors(reference_graph, candidate_graph, carries: dict[str, str] | None = None) -> dict[str, str]:
     """Reference tensor name -> the candidate tensor holding the same value, in node order.
 
-    A tensor matches when a node produces it in both graphs (weights excluded). When the
+    A tensor matches when a node produces it in both graphs (weights excluded), except where
+    ``carries`` (the candidate's ``qtool.carries`` metadata, written by pre-processing) says
+    a candidate tensor now holds another reference tensor's value: a Conv that absorbed the
+    BatchNorm after it produces, under its own output name, what the BatchNorm produced. When the
     candidate only quantizes it (every consumer is a QuantizeLinear feeding a
     DequantizeLinear), the DequantizeLinear's output is what the rest of the candidate sees,
     so that is the tensor compared: converters may fold a Relu into the quantization
@@ -68,13 +71,20 @@ def matched_tensors(reference_graph, candidate_graph) -> dict[str, str]:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     graph_outputs = {o.name for o in candidate_graph.output}
+    carries = carries or {}
+    stands_for = {original: carrier for carrier, original in carries.items() if carrier in cand_outputs}
     matched = {}
     for node in reference_graph.node:
         if node.op_type == "Constant":
             continue
         for out in node.output:
-            if out and out in cand_outputs and out not in ref_consts and out not in cand_consts:
-                matched[out] = _dequantized_alias(out, consumers, graph_outputs)
+            if not out or out in ref_consts:
+                continue
+            name = stands_for.get(out, out)
+            if name in carries and name == out:
+                continue  # the candidate's tensor of this name holds another value now
+            if name in cand_outputs and name not in cand_consts:
+                matched[out] = _dequantized_alias(name, consumers, graph_outputs)
     return matched
 
 
@@ -173,8 +183,13 @@ def diagnose(
     threads: int = 0,
 ) -> dict:
     """Per-layer SQNR of ``candidate`` against ``reference`` on ``dataset``; see the module doc."""
+    import json
+
+    from qtool.passes.preprocess import CARRIES_KEY
+
     ref_proto, cand_proto = _load(reference), _load(candidate)
-    matched = matched_tensors(ref_proto.graph, cand_proto.graph)
+    props = {p.key: p.value for p in cand_proto.metadata_props}
+    matched = matched_tensors(ref_proto.graph, cand_proto.graph, json.loads(props.get(CARRIES_KEY, "{}")))
     if not matched:
         raise UsageError(
             "the candidate shares no intermediate tensor names with the reference",

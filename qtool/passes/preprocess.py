@@ -93,7 +93,25 @@ def preprocess(
     if infer_shapes:
         infer_shapes_tolerant(model, report)
     report.carries.update(names.carries)
+    record_carries(model, names.carries)
     return report
+
+
+CARRIES_KEY = "qtool.carries"
+
+
+def record_carries(model: ir.Model, carries: dict[str, str]) -> None:
+    """Keep ``carries`` (PassReport.carries) in the model's metadata, merged with what an
+    earlier run recorded, so ``qtool eval --diagnose`` compares a folded layer's output with
+    the reference tensor it now stands for."""
+    if not carries:
+        return
+    import json
+
+    known = json.loads(model.metadata_props.get(CARRIES_KEY, "{}"))
+    for carrier, original in carries.items():
+        known[carrier] = known.get(original, original)
+    model.metadata_props[CARRIES_KEY] = json.dumps(known, sort_keys=True)
 
 
 def apply_rules(
