@@ -435,11 +435,15 @@ def test_bad_inputs_through_the_cli_leave_the_model_untouched(capsys, tmp_path, 
 
 
 def test_sympy_is_imported_only_when_used():
-    """qtool defers onnx-ir's sympy import (a third of start-up); symbolic-dimension
-    arithmetic and a user's own `import sympy` still get the real module."""
+    """The CLI defers onnx-ir's sympy import (a third of start-up); symbolic-dimension
+    arithmetic and a user's own `import sympy` still get the real module. Importing qtool
+    as a library defers nothing."""
+    lib = "import sys, qtool.model, onnx_ir; print(type(sys.modules['sympy']).__name__)"
+    out = subprocess.run([sys.executable, "-c", lib], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "module"
     code = textwrap.dedent("""
         import sys
-        import qtool.model
+        import qtool.cli
         import onnx_ir as ir
         print(type(sys.modules["sympy"]).__name__)
         print(ir.SymbolicDim("n") * 2 + 1)

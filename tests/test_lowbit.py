@@ -406,6 +406,13 @@ def test_external_data_model_converts_with_bounded_memory(tmp_path):
     q = session(tmp_path / "q.onnx")
     a = rng.standard_normal((1, k), dtype=np.float32)
     assert q.run(None, {"A": a})[0].shape == (1, k)
+    # The CLI writes the output of a model with external data as external data too (inline,
+    # the whole output protobuf would be built in memory).
+    from qtool.cli import run
+
+    assert run(["convert", str(src), "-o", str(tmp_path / "cli.onnx"), "--bits", "4", "-q"]) == 0
+    assert (tmp_path / "cli.onnx.data").stat().st_size > (tmp_path / "cli.onnx").stat().st_size
+    assert session(tmp_path / "cli.onnx").run(None, {"A": a})[0].shape == (1, k)
 
 
 # ---- CLI -------------------------------------------------------------------------------------

@@ -9,11 +9,17 @@ from __future__ import annotations
 import sys
 import traceback
 
-import typer
-from rich.markup import escape
+from qtool._deferred import defer_unused
 
-from qtool.cli.app import app, console, settings
-from qtool.errors import EXIT_ERROR, EXIT_USAGE, QtoolError
+# The command line is a process of our own: defer sympy (0.3 s of start-up) before anything
+# imports onnx-ir. Importing qtool as a library changes nothing in the caller's sys.modules.
+defer_unused()
+
+import typer  # noqa: E402
+from rich.markup import escape  # noqa: E402
+
+from qtool.cli.app import app, console, settings  # noqa: E402
+from qtool.errors import EXIT_ERROR, EXIT_USAGE, QtoolError  # noqa: E402
 
 try:  # typer >= 0.20 vendors click
     from typer._click import exceptions as click_exceptions

@@ -191,7 +191,11 @@ def convert_command(
     algorithm: Algorithm = typer.Option(None, "--algorithm", help="Weight-only: rtn, mse, hqq, gptq, awq."),
     keep_8bit: list[str] = typer.Option(None, "--keep-8bit", help="Weight-only: name pattern kept at 8 bits (repeatable)."),
     accuracy_level: int = typer.Option(None, "--accuracy-level", help="MatMulNBits accuracy level 0-4."),
-    external_data: bool = typer.Option(False, "--external-data", help="Write weights to OUT.data."),
+    external_data: bool = typer.Option(
+        False, "--external-data",
+        help="Write weights to OUT.data (the default when MODEL keeps its weights in a data file, or "
+             "above protobuf's 2 GB: the output then streams to disk instead of being built in memory).",
+    ),
     allow_opset_upgrade: bool = typer.Option(False, "--allow-opset-upgrade", help="Let qtool raise the opset when the format needs it."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
@@ -312,7 +316,7 @@ def run_convert(model_path: Path, output: Path, r, plan, *, calib, data, externa
     reports += more
     add_provenance(converted, r.to_dict(), source=str(model_path))
     saved = save(converted, output, input_path=model_path,
-                 external_data=True if external_data else None)
+                 external_data=True if external_data or _has_external_data(source) else None)
     seconds = time.perf_counter() - t0
     in_size, out_size = model_size_bytes(model_path), saved.bytes_written  # the output: what save wrote
     result = {
@@ -337,6 +341,17 @@ def run_convert(model_path: Path, output: Path, r, plan, *, calib, data, externa
         if conv_float:
             warn(SLOW_DYNAMIC_CONV.format(n=conv_float))
     return result
+
+
+def _has_external_data(model) -> bool:
+    """Whether the loaded input keeps weights in data files: its output should too (writing
+    a big model inline builds the whole protobuf in memory)."""
+    import onnx_ir as ir
+
+    from qtool.model import iter_graphs
+
+    return any(isinstance(v.const_value, ir.ExternalTensor)
+               for g in iter_graphs(model.graph) for v in g.initializers.values())
 
 
 def _fidelity(reference: Path, candidate: Path, data: Path, r) -> dict | None:
