@@ -84,12 +84,24 @@ def model_path(name: str) -> Path:
     return MODELS / f"{name}.onnx"
 
 
+# "val" and "test" divide the eval split (first VAL_FRACTION of its samples / the rest): a
+# tool that checks its own result on held-out data (qtool tune) gets "val", and the number
+# reported is measured on "test", which that tool never saw.
+VAL_FRACTION = 0.4
+SUB_SPLITS = ("val", "test")
+
+
 def data_dir(name: str, split: str = "eval") -> Path:
     """Dataset folder of one split ("calib" or "eval"), in qtool's dataset-folder format."""
     _spec(name)
     if split not in ("calib", "eval"):
-        raise ZooError(f"unknown split {split!r}; use 'calib' or 'eval'")
+        raise ZooError(f"unknown split {split!r}; use 'calib' or 'eval' (val/test: sample_files)")
     return DATA / name / split
+
+
+def _sub_split(split: str, items: list) -> list:
+    cut = int(len(items) * VAL_FRACTION)
+    return items[:cut] if split == "val" else items[cut:]
 
 
 def meta(name: str) -> dict:
@@ -97,7 +109,12 @@ def meta(name: str) -> dict:
     path = DATA / name / "meta.json"
     if not path.exists():
         raise ZooError(f"{name} is not prepared; run: python bench/zoo.py prepare --only {name}")
-    return json.loads(path.read_text())
+    facts = json.loads(path.read_text())
+    labels = facts.get("labels")
+    if isinstance(labels, dict) and isinstance(labels.get("eval"), list):
+        for split in SUB_SPLITS:
+            labels[split] = _sub_split(split, labels["eval"])
+    return facts
 
 
 def baseline(name: str) -> dict:
@@ -109,6 +126,8 @@ def baseline(name: str) -> dict:
 
 
 def sample_files(name: str, split: str = "eval") -> list[Path]:
+    if split in SUB_SPLITS:
+        return _sub_split(split, sample_files(name, "eval"))
     folder = data_dir(name, split)
     files = sorted(p for p in folder.glob("*") if p.suffix in (".npy", ".npz"))
     if not files:
