@@ -40,6 +40,7 @@ STATIC_TRANSFORMER = (
     "perplexity 46.7 -> 21,431 static, 47.7 with --dynamic --data); try --dynamic --data DIR"
 )
 MIN_TRANSFORMER_MATMULS = 4
+MAX_NOTES = 6  # per pass in the human report; --json has them all
 
 
 def looks_like_transformer(summary) -> int:
@@ -393,6 +394,10 @@ def _print_report(report: dict) -> None:
         counts = ", ".join(f"{k} {v}" for k, v in p["counts"].items() if v)
         if counts:
             info(f"{p['name']}: {escape(counts)}")
+        for note in p["notes"][:MAX_NOTES]:
+            info(f"{p['name']}: {escape(note)}")
+        if len(p["notes"]) > MAX_NOTES:
+            info(f"{p['name']}: {len(p['notes']) - MAX_NOTES} more notes in --json")
     sizes = report["size_bytes"]
     info(f"wrote {escape(report['output'])}: {sizes['output'] / 1e6:.2f} MB "
          f"({report['size_ratio']:.2f}x of {sizes['input'] / 1e6:.2f} MB) in {report['seconds']:.1f} s")
