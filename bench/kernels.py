@@ -78,11 +78,26 @@ def ort_matmulnbits(K, N, bs, b, s, z) -> ort.InferenceSession:
 
 
 def numpy_and_native(fn, reps_native: int, reps_numpy: int) -> tuple[float, float]:
-    with k.use_backend("native"):
-        t_nat = best_time(fn, reps_native)
-    with k.use_backend("numpy"):
-        t_np = best_time(fn, reps_numpy)
-    return t_nat, t_np
+    """Fastest native and numpy times of fn, their runs interleaved (one numpy run every
+    reps_native // reps_numpy native runs, after a warm-up of each) so that other work on
+    the machine weighs on both alike."""
+    best = {"native": float("inf"), "numpy": float("inf")}
+
+    def run(backend: str) -> None:
+        with k.use_backend(backend):
+            t = time.perf_counter()
+            fn()
+            best[backend] = min(best[backend], time.perf_counter() - t)
+
+    for backend in best:
+        with k.use_backend(backend):
+            fn()
+    every = max(1, reps_native // reps_numpy)
+    for i in range(reps_native):
+        run("native")
+        if i % every == 0:
+            run("numpy")
+    return best["native"], best["numpy"]
 
 
 def main() -> int:
@@ -93,6 +108,7 @@ def main() -> int:
         print("error: the native kernels are not built (pip install -e .)", file=sys.stderr)
         return 1
     n = (16 if args.quick else 64) * 2**20  # float32 elements
+    load_start = os.getloadavg()[0]
     bw = memory_bandwidth(0.5 if args.quick else 2.0)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(n).astype(np.float32)
@@ -102,6 +118,9 @@ def main() -> int:
     for name, fn, nbytes in [
         ("minmax", lambda: k.minmax(x), 4 * n),
         ("histogram 2048 bins", lambda: k.histogram(x, -4.0, 4.0, np.zeros(2048, np.int64)), 4 * n),
+        # calibration's grid: bins of 2^-8 from -4 (what the observers call per update)
+        ("histogram_pow2 2048 bins", lambda: k.histogram_pow2(x, -8, -1024, np.zeros(2048, np.int64)),
+         4 * n),
         ("quantize u8 per-tensor", lambda: k.quantize(x, 0.05, 128, qtype="u8"), 5 * n),
         ("pack u4", lambda: k.pack(codes, "u4"), n + n // 2),
     ]:
@@ -145,8 +164,9 @@ def main() -> int:
         "# qtool kernel benchmark",
         "",
         f"Machine: {cpu}, {os.cpu_count()} cores; native ISA paths {k.isa_paths()}; numpy {np.__version__}, "
-        f"onnxruntime {ort.__version__}. One thread everywhere. Load average at the end: "
-        f"{os.getloadavg()[0]:.1f} (other work on the machine skews the numbers).",
+        f"onnxruntime {ort.__version__}. One thread everywhere. Load average (1 min) at the start "
+        f"{load_start:.1f}, at the end {os.getloadavg()[0]:.1f} (other work on the machine skews "
+        "the numbers; native and numpy runs are interleaved so it weighs on both).",
         f"Measured single-thread memory bandwidth (numpy sum over {0.5 if args.quick else 2.0} GB): **{bw:.1f} GB/s**.",
         "",
         "| kernel | shape | native | numpy | onnxruntime | unit | notes |",

@@ -172,6 +172,7 @@ def test_histogram_pow2_large_counts_and_bad_arguments(path):
             with pytest.raises(k.KernelArgumentError):
                 k.histogram_pow2(x[:8], kk, start, counts)
 
+
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nonfinite_policy(path, bad):
