@@ -246,7 +246,7 @@ def write_report() -> str:
         "",
         "Written by `python bench/convert_int8.py`. onnxruntime "
         + _ort_version() + ", CPU provider, 2 intra-op threads; latency = median over many rounds "
-        "of one eval sample, all configs of a model measured in turns; CPU ms = median process CPU time "
+        "of one eval sample, all configs of a model measured in turns; CPU ms = median thread CPU time "
         "of a 1-thread session (steady under machine load); convert time includes calibration. Calibration on the `calib` split, "
         "metric on the `eval` split (bench/zoo.py). Shared machine: latencies are noisy, compare "
         "ratios within one model.",

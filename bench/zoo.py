@@ -170,14 +170,17 @@ def ort_reader(name: str, split: str = "calib", limit: int | None = None):
     return SplitReader()
 
 
-def session(onnx_path: str | Path, threads: int = THREADS):
-    """CPU onnxruntime session with `threads` intra-op threads (1 inter-op)."""
+def session(onnx_path: str | Path, threads: int = THREADS, spinning: bool = True):
+    """CPU onnxruntime session with `threads` intra-op threads (1 inter-op). ``spinning``
+    False: idle pool threads sleep instead of spinning (for sessions timed in turns)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -202,14 +205,15 @@ def latency_interleaved(paths: list[str | Path], feed: dict[str, np.ndarray], ro
     """Latency of several models measured in turns, so machine load hits them alike.
 
     Each round runs every model once with THREADS intra-op threads (wall time) and once more
-    on a 1-thread session timed by process CPU time, which other processes on a shared machine
-    barely disturb. Returns per model: median_ms / min_ms (wall, THREADS threads) and
-    cpu_ms (median CPU time, 1 thread).
+    on a 1-thread session timed by the calling thread's CPU time, which other processes on a
+    shared machine barely disturb. Pool threads do not spin between runs (a spinning pool of
+    one session would steal a core from the next session timed). Returns per model:
+    median_ms / min_ms (wall, THREADS threads) and cpu_ms (median thread CPU time, 1 thread).
     """
     import time
 
-    wall = [session(p, THREADS) for p in paths]
-    single = [session(p, 1) for p in paths]
+    wall = [session(p, THREADS, spinning=False) for p in paths]
+    single = [session(p, 1, spinning=False) for p in paths]
     for s in wall + single:
         for _ in range(warmup):
             s.run(None, feed)
@@ -220,9 +224,9 @@ def latency_interleaved(paths: list[str | Path], feed: dict[str, np.ndarray], ro
             t0 = time.perf_counter()
             wall[i].run(None, feed)
             times[i].append((time.perf_counter() - t0) * 1e3)
-            c0 = time.process_time()
+            c0 = time.thread_time()  # a 1-thread session computes in the calling thread
             single[i].run(None, feed)
-            cpu[i].append((time.process_time() - c0) * 1e3)
+            cpu[i].append((time.thread_time() - c0) * 1e3)
     return [{"median_ms": float(np.median(t)), "min_ms": float(min(t)), "cpu_ms": float(np.median(c)),
              "rounds": rounds, "threads": THREADS} for t, c in zip(times, cpu)]
 
