@@ -713,3 +713,24 @@ def test_table_of_the_input_graph_follows_folded_scale_and_shift():
     assert table.counts["ranges moved through folded layers"] == 1
     assert "Mul" not in op_types(model) and "Add" not in op_types(model)
     assert sqnr(proto, model, feeds[0]) > MIN_SQNR_CHAIN_DB
+
+
+def test_dynamic_matmuls_sharing_an_input_quantize_it_once():
+    # q/k/v-style: three MatMuls read x. One DynamicQuantizeLinear feeds three
+    # MatMulIntegerToFloat; a fourth MatMul with its own input stays DynamicQuantizeMatMul.
+    ws = [RNG.standard_normal((64, 64)).astype(np.float32) for _ in range(4)]
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"mm{i}") for i in range(3)]
+        + [helper.make_node("Add", ["y0", "y1"], ["s"], name="add"),
+           helper.make_node("Add", ["s", "y2"], ["t"], name="add2"),
+           helper.make_node("MatMul", ["t", "w3"], ["y"], name="mm3")],
+        [vi("x", ["B", 64])], [vi("y", None)],
+        [init(f"w{i}", w) for i, w in enumerate(ws)],
+    )
+    model, reports = convert(ir.from_proto(proto), load_recipe("int8-dynamic"))
+    types = op_types(model)
+    assert types.count("DynamicQuantizeLinear") == 1 and types.count("MatMulIntegerToFloat") == 3
+    assert types.count("DynamicQuantizeMatMul") == 1
+    assert next(r for r in reports if r.name == "dynamic").counts["inputs quantized once for several MatMuls"] == 1
+    feed = {"x": RNG.standard_normal((8, 64)).astype(np.float32)}
+    assert sqnr(proto, model, feed) > MIN_SQNR_CHAIN_DB

@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from qtool import ops
 from qtool.config import Recipe
-from qtool.model import iter_nodes
+from qtool.model import iter_graphs, iter_nodes
 from qtool.passes import PassReport
 from qtool.passes.qdq import GraphBuilder, _replace_node_output, quantize_gathers
 from qtool.passes.select import excluded, is_float_activation
@@ -277,11 +277,56 @@ def quantize_dynamic(
             report.count(node.op_type)
         else:
             report.skip(name, reason)
+    shared = share_input_quantization(model, b)
+    if shared:
+        report.count("inputs quantized once for several MatMuls", shared)
     if not q.op_types or "Gather" in q.op_types:
         quantize_gathers(model, recipe, b, report)
     if report.counts:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     return report
+
+
+def share_input_quantization(model: ir.Model, b: GraphBuilder) -> int:
+    """MatMuls reading the same activation (q/k/v, gate/up) quantize it once.
+
+    Each DynamicQuantizeMatMul quantizes its input itself; when several read one tensor, one
+    DynamicQuantizeLinear feeds ``com.microsoft.MatMulIntegerToFloat(A_q, B_q, a_scale,
+    b_scale, a_zero_point, b_zero_point[, bias])`` for each of them instead (the form
+    onnxruntime's own fusion makes of quantize_dynamic's output). Same arithmetic. Returns
+    how many inputs were shared.
+    """
+    shared = 0
+    for graph in iter_graphs(model.graph):
+        readers: dict[ir.Value, list[ir.Node]] = {}
+        for node in graph:
+            if node.op_type == "DynamicQuantizeMatMul" and node.domain == MS_DOMAIN:
+                readers.setdefault(node.inputs[0], []).append(node)
+        for x, nodes in readers.items():
+            if len(nodes) < 2:
+                continue
+            base = x.name or "x"
+            dql = ir.Node("", "DynamicQuantizeLinear", [x], num_outputs=3, name=b.name(f"{base}_dynamic_quantize"))
+            for value, suffix in zip(dql.outputs, ("quantized", "scale", "zero_point")):
+                value.name = b.name(f"{base}_{suffix}")
+            dql.outputs[0].dtype = ir.DataType.UINT8
+            dql.outputs[1].dtype = ir.DataType.FLOAT
+            dql.outputs[2].dtype = ir.DataType.UINT8
+            graph.insert_before(nodes[0], dql)
+            xq, xs, xz = dql.outputs
+            for node in nodes:
+                wq, ws, wz, *bias = node.inputs[1:]
+                inputs = [xq, wq, xs, ws, xz, wz] + [v for v in bias if v is not None]
+                new = ir.Node(MS_DOMAIN, "MatMulIntegerToFloat", inputs, name=node.name)
+                graph.insert_before(node, new)
+                new.outputs[0].name, new.outputs[0].dtype, new.outputs[0].shape = None, ir.DataType.FLOAT, node.outputs[0].shape
+                _replace_node_output(b, node.outputs[0], new.outputs[0])
+                out_name = node.outputs[0].name
+                graph.remove(node, safe=True)
+                if new.outputs[0].name is None:
+                    new.outputs[0].name = out_name
+            shared += 1
+    return shared
 
 
 def _convert_one(b: GraphBuilder, node: ir.Node, recipe: Recipe, weight_type: str,
