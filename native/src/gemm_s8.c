@@ -41,17 +41,25 @@ QT_TARGET_AVX2 static int64_t sum_bytes(const uint8_t *p, int64_t n, int flip) {
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
+/* A tile of raw dot products out[i*4+j] = dot(A row i, B row j). With CS, also the byte sums
+ * of the B rows (cs[j] = sum_k B[j][k]) from the same loads: vpdpbusd of a vector of ones
+ * with B. Fusing them saves a separate pass that pulled B from memory one row at a time. */
 QT_TARGET_VNNI static ALWAYS_INLINE void tile_vnni(const uint8_t *A, const int8_t *B, int64_t K,
-                                                   int32_t *out, const int MR, const int NR) {
-    __m512i acc[4][4], a[4], b[4];
+                                                   int32_t *out, int32_t *cs, const int MR, const int NR,
+                                                   const int CS) {
+    __m512i acc[4][4], sum[4], a[4], b[4];
+    const __m512i ones = _mm512_set1_epi8(1);
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_si512();
+    for (int j = 0; j < NR; j++) sum[j] = _mm512_setzero_si512();
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
         for (int i = 0; i < MR; i++) a[i] = _mm512_loadu_si512((const void *)(A + i * K + k));
         for (int j = 0; j < NR; j++) b[j] = _mm512_loadu_si512((const void *)(B + j * K + k));
         for (int i = 0; i < MR; i++)
             for (int j = 0; j < NR; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], a[i], b[j]);
+        if (CS)
+            for (int j = 0; j < NR; j++) sum[j] = _mm512_dpbusd_epi32(sum[j], ones, b[j]);
     }
     if (k < K) {
         __mmask64 m = (~0ULL) >> (64 - (K - k));
@@ -59,14 +67,24 @@ QT_TARGET_VNNI static ALWAYS_INLINE void tile_vnni(const uint8_t *A, const int8_
         for (int j = 0; j < NR; j++) b[j] = _mm512_maskz_loadu_epi8(m, B + j * K + k);
         for (int i = 0; i < MR; i++)
             for (int j = 0; j < NR; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], a[i], b[j]);
+        if (CS)
+            for (int j = 0; j < NR; j++) sum[j] = _mm512_dpbusd_epi32(sum[j], ones, b[j]);
     }
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) out[i * 4 + j] = _mm512_reduce_add_epi32(acc[i][j]);
+    if (CS)
+        for (int j = 0; j < NR; j++) cs[j] = _mm512_reduce_add_epi32(sum[j]);
 }
 
-QT_TARGET_VNNI static void tile_vnni_4x4(const uint8_t *A, const int8_t *B, int64_t K, int32_t *o) { tile_vnni(A, B, K, o, 4, 4); }
-QT_TARGET_VNNI static void tile_vnni_1x4(const uint8_t *A, const int8_t *B, int64_t K, int32_t *o) { tile_vnni(A, B, K, o, 1, 4); }
-QT_TARGET_VNNI static void tile_vnni_1x1(const uint8_t *A, const int8_t *B, int64_t K, int32_t *o) { tile_vnni(A, B, K, o, 1, 1); }
+#define VNNI_TILE(mr, nr)                                                                            \
+    QT_TARGET_VNNI static void tile_vnni_##mr##x##nr(const uint8_t *A, const int8_t *B, int64_t K,   \
+                                                     int32_t *o, int32_t *cs) {                     \
+        if (cs) tile_vnni(A, B, K, o, cs, mr, nr, 1);                                                \
+        else tile_vnni(A, B, K, o, NULL, mr, nr, 0);                                                 \
+    }
+VNNI_TILE(4, 4)
+VNNI_TILE(1, 4)
+VNNI_TILE(1, 1)
 
 QT_TARGET_AVX2 static ALWAYS_INLINE void tile_avx2(const uint8_t *A, const int8_t *B, int64_t K,
                                                    int32_t *out, const int MR, const int NR) {
@@ -91,13 +109,22 @@ QT_TARGET_AVX2 static ALWAYS_INLINE void tile_avx2(const uint8_t *A, const int8_
         }
 }
 
-QT_TARGET_AVX2 static void tile_avx2_2x4(const uint8_t *A, const int8_t *B, int64_t K, int32_t *o) { tile_avx2(A, B, K, o, 2, 4); }
-QT_TARGET_AVX2 static void tile_avx2_1x4(const uint8_t *A, const int8_t *B, int64_t K, int32_t *o) { tile_avx2(A, B, K, o, 1, 4); }
-QT_TARGET_AVX2 static void tile_avx2_1x1(const uint8_t *A, const int8_t *B, int64_t K, int32_t *o) { tile_avx2(A, B, K, o, 1, 1); }
+/* AVX2 tiles: B row sums (when asked) by a separate pass over the rows. */
+#define AVX2_TILE(mr, nr)                                                                            \
+    QT_TARGET_AVX2 static void tile_avx2_##mr##x##nr(const uint8_t *A, const int8_t *B, int64_t K,   \
+                                                     int32_t *o, int32_t *cs) {                     \
+        if (cs)                                                                                      \
+            for (int j = 0; j < nr; j++) cs[j] = (int32_t)sum_bytes((const uint8_t *)(B + j * K), K, 1); \
+        tile_avx2(A, B, K, o, mr, nr);                                                               \
+    }
+AVX2_TILE(2, 4)
+AVX2_TILE(1, 4)
+AVX2_TILE(1, 1)
 
-typedef void (*tile_fn)(const uint8_t *, const int8_t *, int64_t, int32_t *);
+typedef void (*tile_fn)(const uint8_t *, const int8_t *, int64_t, int32_t *, int32_t *);
 
-/* Raw tiles (out[i*4+j] = dot(A row i, B row j)) with zero-point corrections. */
+/* Raw tiles (out[i*4+j] = dot(A row i, B row j)) with zero-point corrections. The B row
+ * sums the a_zero_point correction needs come from the first tile call of each column block. */
 static void gemm_tiled(const uint8_t *A, const int8_t *Bt, int64_t M, int64_t N, int64_t K,
                        int32_t za, const int8_t *zb, int32_t *C, int MR, tile_fn full,
                        tile_fn row4, tile_fn one) {
@@ -108,26 +135,26 @@ static void gemm_tiled(const uint8_t *A, const int8_t *Bt, int64_t M, int64_t N,
         for (int64_t i = 0; i < mc; i++) rs[i] = zb ? (int32_t)sum_bytes(A + (m0 + i) * K, K, 0) : 0;
         for (int64_t n0 = 0; n0 < N; n0 += NR) {
             int nr = N - n0 < NR ? (int)(N - n0) : NR;
-            uint32_t cs[4], zbn[4];
-            for (int j = 0; j < nr; j++) {
-                cs[j] = za ? (uint32_t)sum_bytes((const uint8_t *)(Bt + (n0 + j) * K), K, 1) : 0;
-                zbn[j] = zb ? (uint32_t)(int32_t)zb[n0 + j] : 0;
-            }
+            int32_t cs[4] = {0, 0, 0, 0};
+            uint32_t zbn[4];
+            for (int j = 0; j < nr; j++) zbn[j] = zb ? (uint32_t)(int32_t)zb[n0 + j] : 0;
             for (int64_t mi = 0; mi < mc; mi += MR) {
                 int mr = mc - mi < MR ? (int)(mc - mi) : MR;
                 const uint8_t *a = A + (m0 + mi) * K;
                 const int8_t *b = Bt + n0 * K;
-                if (mr == MR && nr == NR) full(a, b, K, out);
+                int32_t *want = (za && mi == 0) ? cs : NULL; /* column sums once per block */
+                if (mr == MR && nr == NR) full(a, b, K, out, want);
                 else
                     for (int i = 0; i < mr; i++) {
-                        if (nr == NR) row4(a + i * K, b, K, out + i * 4);
+                        if (nr == NR) row4(a + i * K, b, K, out + i * 4, i == 0 ? want : NULL);
                         else
-                            for (int j = 0; j < nr; j++) one(a + i * K, b + j * K, K, out + i * 4 + j);
+                            for (int j = 0; j < nr; j++)
+                                one(a + i * K, b + j * K, K, out + i * 4 + j, (i == 0 && want) ? cs + j : NULL);
                     }
                 for (int i = 0; i < mr; i++)
                     for (int j = 0; j < nr; j++) {
                         uint32_t v = (uint32_t)out[i * 4 + j] - zbn[j] * (uint32_t)rs[mi + i] -
-                                     (uint32_t)za * cs[j] + (uint32_t)K * (uint32_t)za * zbn[j];
+                                     (uint32_t)za * (uint32_t)cs[j] + (uint32_t)K * (uint32_t)za * zbn[j];
                         C[(m0 + mi + i) * N + n0 + j] = (int32_t)v;
                     }
             }
