@@ -6,35 +6,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "qtool.h"
 
-static int g_fail = 0;
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (!(cond)) {                                                \
-            g_fail++;                                                 \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);      \
-            fprintf(stderr, __VA_ARGS__);                             \
-            fprintf(stderr, "\n");                                    \
-        }                                                             \
-    } while (0)
 
-static uint64_t g_rng = 0x9e3779b97f4a7c15ULL;
-static uint32_t rnd(void) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return (uint32_t)(g_rng >> 16);
-}
-static float frand(float lo, float hi) { return lo + (hi - lo) * (float)(rnd() & 0xffffff) / 16777216.0f; }
 
 static const int64_t SIZES[] = {1, 31, 32, 33, 1023, 4097};
 #define NSIZES (int)(sizeof(SIZES) / sizeof(SIZES[0]))
-
-static const char *isa_name(int l) {
-    static const char *n[] = {"scalar", "avx2", "avx512", "vnni"};
-    return n[l];
-}
 
 static void test_known_values(void) {
     qt_set_isa(QT_ISA_SCALAR);
@@ -225,6 +203,7 @@ static void test_gemms(void) {
 }
 
 int main(void) {
+    check_seed(0x9e3779b97f4a7c15ULL);
     printf("qtool native tests: supported ISA level %s\n", isa_name(qt_isa_supported()));
     test_known_values();
     test_policy_and_args();

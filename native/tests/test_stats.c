@@ -9,32 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "qtool.h"
 
-static int g_fail = 0;
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (!(cond)) {                                                \
-            g_fail++;                                                 \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);      \
-            fprintf(stderr, __VA_ARGS__);                             \
-            fprintf(stderr, "\n");                                    \
-        }                                                             \
-    } while (0)
 
-static uint64_t g_rng = 0x2545f4914f6cdd1dULL;
-static uint32_t rnd(void) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return (uint32_t)(g_rng >> 16);
-}
-static float frand(float lo, float hi) { return lo + (hi - lo) * (float)(rnd() & 0xffffff) / 16777216.0f; }
-
-static const char *isa_name(int l) {
-    static const char *n[] = {"scalar", "avx2", "avx512", "vnni"};
-    return n[l];
-}
 
 /* 600001 crosses two sub-histogram spans (4 * 65520 values each) and ends in a tail. */
 static const int64_t SIZES[] = {0, 1, 7, 8, 15, 16, 17, 255, 256, 257, 8191, 8193, 600001};
