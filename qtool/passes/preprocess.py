@@ -612,19 +612,7 @@ def fold_batchnorm_node(node: ir.Node, names: _Names) -> Outcome:
         result = _fold_into_matmul(anchor, scale, shift, names)
     if isinstance(result, str):
         return result
-    out = node.outputs[0]
-    graph = node.graph
-    names.carries[result.name] = names.carries.pop(out.name, out.name)
-    _rewire(out, result)
-    if out.is_graph_output():
-        # The folded layer now produces the graph output; it takes over the output's name.
-        name = out.name
-        for i, value in enumerate(graph.outputs):
-            if value is out:
-                graph.outputs[i] = result
-        out.name = None
-        result.name = name
-    graph.remove(node, safe=True)
+    _take_over_output(node, result, absorbed_by=names)
     return APPLIED
 
 
@@ -670,18 +658,7 @@ def fold_affine_into_conv(node: ir.Node, names: _Names) -> Outcome:
     result = _fold_into_conv(conv, scale, shift, names)
     if isinstance(result, str):
         return result
-    out = node.outputs[0]
-    graph = node.graph
-    names.carries[result.name] = names.carries.pop(out.name, out.name)
-    _rewire(out, result)
-    if out.is_graph_output():
-        name = out.name
-        for j, value in enumerate(graph.outputs):
-            if value is out:
-                graph.outputs[j] = result
-        out.name = None
-        result.name = name
-    graph.remove(node, safe=True)
+    _take_over_output(node, result, absorbed_by=names)
     return APPLIED
 
 
@@ -803,20 +780,25 @@ def fold_affine_into_next_conv(node: ir.Node, names: _Names) -> Outcome:
     return APPLIED
 
 
-def _take_over_output(old: ir.Node, new: ir.Value) -> None:
-    """``new`` replaces ``old``'s single output everywhere (graph output name included) and
-    ``old`` is removed."""
+def _take_over_output(old: ir.Node, new: ir.Value, absorbed_by: _Names | None = None) -> None:
+    """``new`` replaces ``old``'s single output everywhere and ``old`` is removed.
+
+    By default ``new`` (a fresh value computing the same thing) also takes the name, which
+    calibration tables and recipes use. ``absorbed_by``: ``new`` is the output of the layer
+    that absorbed ``old`` (a folded BatchNorm/scale); it keeps its own name and the fold is
+    recorded in ``absorbed_by.carries``. A graph output always keeps its name.
+    """
     out = old.outputs[0]
     graph = old.graph
+    if absorbed_by is not None:
+        absorbed_by.carries[new.name] = absorbed_by.carries.pop(out.name, out.name)
     _rewire(out, new)
-    if out.is_graph_output():
-        name = out.name
+    was_output = out.is_graph_output()
+    if was_output:
         for j, value in enumerate(graph.outputs):
             if value is out:
                 graph.outputs[j] = new
-        out.name = None
-        new.name = name
-    else:  # keep the name for the value that now carries it (calibration tables use it)
+    if was_output or absorbed_by is None:
         name, out.name = out.name, None
         new.name = name
     graph.remove(old, safe=True)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from qtool import kernels
+from qtool import kernels, ops
 from qtool.config import Recipe
 from qtool.errors import UsageError
 from qtool.model import iter_graphs, opset_version, require_opset
@@ -99,21 +99,6 @@ def _const_float(value: ir.Value | None, rank: int | None = None) -> bool:
         return False
     t = value.const_value
     return t.dtype in _FLOAT_WEIGHTS and (rank is None or len(t.shape) == rank)
-
-
-def _single_add_bias(node: ir.Node, n: int) -> tuple[ir.Node, ir.Value] | None:
-    """The Add(node_output, bias[N] const) that alone consumes ``node``'s output, if any."""
-    out = node.outputs[0]
-    uses = list(out.uses())
-    if len(uses) != 1 or out.is_graph_output():
-        return None
-    add = uses[0].node
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
-        return None
-    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-    if other is out or not _const_float(other, 1) or other.const_value.shape[0] != n:
-        return None
-    return add, other
 
 
 def _dq_opset(bits: int) -> int:
@@ -414,7 +399,7 @@ def _rewrite(graph: ir.Graph, item: _Item, outcome: QuantOutcome, wo, fmt: str) 
             a = mul.outputs[0]
         bias = None
         if item.bias is not None:
-            b = item.bias.const_value.numpy().astype(np.float32)
+            b = item.bias.const_value.numpy().astype(np.float32).reshape(-1)  # [1, .., N] -> [N]
             if item.beta != 1.0:
                 b = b * np.float32(item.beta)
             bias = b
@@ -529,7 +514,7 @@ def apply_weight_only(
         for item in items:
             if item.kind == "matmul":
                 _, n = item.weight.const_value.shape
-                found = _single_add_bias(item.node, n)
+                found = ops.bias_add_consumer(item.node, n)
                 if found is not None:
                     item.add, item.bias = found
     # Conv weights are blocked DequantizeLinear in either format.
