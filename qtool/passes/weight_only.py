@@ -128,6 +128,19 @@ def conv_opset_needed(model: ir.Model, recipe: Recipe, bits: int) -> int:
     return max((_dq_opset(i.bits) for i in items if i.kind == "conv"), default=0)
 
 
+def _layer_bits(recipe: Recipe, node: ir.Node, weight: ir.Value, bits: int, report: PassReport) -> int | None:
+    """The bits of one layer: a [[layer]] override, else 8 for --keep-8bit matches, else
+    ``bits``; None (reported) when an override keeps it float."""
+    name = _name(node)
+    layer_bits = recipe.bits_for(name, node.op_type, bits)
+    if _matches(recipe.weight_only.keep_8bit, name, weight.name or "", node.outputs[0].name):
+        layer_bits = 8
+    if layer_bits >= 16:
+        report.skip(name, f"[[layer]] override keeps it at {layer_bits} bits")
+        return None
+    return layer_bits
+
+
 def _find_items(model: ir.Model, recipe: Recipe, bits: int, report: PassReport) -> list[_Item]:
     wo = recipe.weight_only
     items: list[_Item] = []
@@ -140,11 +153,8 @@ def _find_items(model: ir.Model, recipe: Recipe, bits: int, report: PassReport) 
                 weight = node.inputs[1] if len(node.inputs) > 1 else None
                 if not _const_float(weight) or len(weight.const_value.shape) < 3:
                     continue
-                layer_bits = recipe.bits_for(name, node.op_type, bits)
-                if _matches(wo.keep_8bit, name, weight.name or "", node.outputs[0].name):
-                    layer_bits = 8
-                if layer_bits >= 16:
-                    report.skip(name, f"[[layer]] override keeps it at {layer_bits} bits")
+                layer_bits = _layer_bits(recipe, node, weight, bits, report)
+                if layer_bits is None:
                     continue
                 why = _conv_refusal(model, node, weight, layer_bits, recipe.quantize.allow_opset_upgrade)
                 if why is not None:
@@ -171,11 +181,8 @@ def _find_items(model: ir.Model, recipe: Recipe, bits: int, report: PassReport) 
                 if kind == "gemm" and node.attributes.get_int("transA", 0):
                     report.skip(name, "Gemm with transA = 1 is left in float")
                     continue
-            layer_bits = recipe.bits_for(name, node.op_type, bits)
-            if _matches(wo.keep_8bit, name, weight.name or "", node.outputs[0].name):
-                layer_bits = 8
-            if layer_bits >= 16:
-                report.skip(name, f"[[layer]] override keeps it at {layer_bits} bits")
+            layer_bits = _layer_bits(recipe, node, weight, bits, report)
+            if layer_bits is None:
                 continue
             shape = tuple(weight.const_value.shape)
             k = shape[1] if kind == "gather" or (kind == "gemm" and node.attributes.get_int("transB", 0)) else shape[0]
