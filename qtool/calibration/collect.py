@@ -65,8 +65,10 @@ def build_session(
     tensor_names: Sequence[str],
     providers: Sequence[str] = ("CPUExecutionProvider",),
     threads: int = 0,
+    arena: bool = True,
 ):
-    """An onnxruntime session whose outputs are the model's outputs plus ``tensor_names``.
+    """An onnxruntime session whose outputs are the model's outputs plus ``tensor_names``
+    (``arena``: see qtool.eval.runner.session_options).
 
     Returns ``(session, output_names)``. The input model is not modified: the extra
     outputs are added to the serialised copy of the graph.
@@ -119,6 +121,7 @@ def build_session(
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = arena
     if threads:
         options.intra_op_num_threads = threads
     folder = _external_folder(model)
@@ -148,6 +151,7 @@ def stream_tensors(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     check_finite: bool = True,
     threads: int = 0,
+    arena: bool = True,
 ) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
     """Yield ``(sample indices, {tensor name: array})`` for each batch of ``dataset``.
 
@@ -165,7 +169,7 @@ def stream_tensors(
         raise CalibrationError(
             f"shard {shard[0]}/{shard[1]} is out of range", "use I/N with 0 <= I < N, e.g. 0/4"
         )
-    session, outputs = build_session(model, tensor_names, providers, threads)
+    session, outputs = build_session(model, tensor_names, providers, threads, arena)
     input_names = {i.name for i in session.get_inputs()}
     wanted = list(dict.fromkeys(tensor_names))
     for ids, feed in dataset.batches(batch_size, limit=limit, shard=shard):

@@ -201,7 +201,9 @@ def diagnose(
     ref_ir, cand_ir = load(reference), load(candidate)
     infer_types(cand_ir)
     cand_names = list(dict.fromkeys(matched.values()))
-    cand_sess, _ = build_session(cand_ir, cand_names, threads=threads)
+    # Each session returns every matched tensor of a batch: without onnxruntime's arena that
+    # memory is released after the batch instead of being held by all three sessions.
+    cand_sess, _ = build_session(cand_ir, cand_names, threads=threads, arena=False)
     cand_inputs = {i.name for i in cand_sess.get_inputs()}
     input_names = [v.name for v in ref_ir.graph.inputs if not v.is_initializer()]
     cand_dir = Path(candidate).resolve().parent
@@ -210,7 +212,7 @@ def diagnose(
     local_sess = local_inputs = None
     samples = 0
     stream = stream_tensors(ref_ir, dataset, list(matched) + input_names, batch_size=batch_size,
-                            limit=limit, check_finite=False, threads=threads)
+                            limit=limit, check_finite=False, threads=threads, arena=False)
     for ids, tensors in stream:
         feed = {k: tensors[k] for k in input_names}
         cand_vals = dict(zip(cand_names, cand_sess.run(
@@ -224,22 +226,25 @@ def diagnose(
             acc = {r: [0.0, 0.0, 0.0] for r in matched}
             local_sess = open_session(
                 local_model(cand_proto, matched, {r: _onnx_elem(tensors[r].dtype) for r in matched}),
-                threads=threads, external_data_dir=cand_dir, role="candidate (layer by layer)",
+                threads=threads, external_data_dir=cand_dir, role="candidate (layer by layer)", arena=False,
             )
             local_inputs = {i.name for i in local_sess.get_inputs()}
             local_outputs = list(matched.values())
+        # One set of candidate tensors at a time beside the reference's: errors of the whole
+        # candidate first, then its layer-by-layer run (peak: two sets of tensors, not three).
+        for r, c in matched.items():
+            acc[r][0] += _energy(tensors[r])
+            acc[r][1] += _error(tensors[r], cand_vals[c])
+        del cand_vals
         local_feed = {k: v for k, v in feed.items() if k in local_inputs}
         for r in matched:
             if r + LOCAL_SUFFIX in local_inputs:
                 local_feed[r + LOCAL_SUFFIX] = tensors[r]
         local_vals = dict(zip(local_outputs, local_sess.run(local_outputs, local_feed)))
         for r, c in matched.items():
-            a = acc[r]
-            a[0] += _energy(tensors[r])
-            a[1] += _error(tensors[r], cand_vals[c])
-            a[2] += _error(tensors[r], local_vals[c])
+            acc[r][2] += _error(tensors[r], local_vals[c])
         samples += len(ids)
-        del tensors, cand_vals, local_vals
+        del tensors, local_vals, local_feed
 
     ref_stops, cand_stops = set(matched), set(matched.values())
     ref_inputs = {i.name for i in ref_proto.graph.input}

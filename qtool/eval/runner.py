@@ -41,12 +41,16 @@ def provider_name(short: str) -> str:
     return full
 
 
-def session_options(threads: int = 0, optimization: str = "all", optimized_path: str | None = None):
-    """SessionOptions with ``threads`` intra-op threads (0: onnxruntime's default)."""
+def session_options(threads: int = 0, optimization: str = "all", optimized_path: str | None = None,
+                    arena: bool = True):
+    """SessionOptions with ``threads`` intra-op threads (0: onnxruntime's default).
+    ``arena`` False: memory goes back to the system after each run instead of staying in
+    onnxruntime's arena (for sessions that return very many tensors once per batch)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = arena
     if threads > 0:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -71,6 +75,7 @@ def open_session(
     optimized_path: str | None = None,
     external_data_dir: str | os.PathLike | None = None,
     role: str = "model",
+    arena: bool = True,
 ):
     """An InferenceSession on ``provider``; a model that fails to load raises ModelError.
 
@@ -80,7 +85,7 @@ def open_session(
     """
     import onnxruntime as ort
 
-    options = session_options(threads, optimization, optimized_path)
+    options = session_options(threads, optimization, optimized_path, arena)
     if external_data_dir is not None:
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(external_data_dir)
