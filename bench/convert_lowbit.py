@@ -72,6 +72,9 @@ def work_read(src: str) -> dict:
 def work_qtool(src: str, dst: str, bits: int, block: int, algorithm: str, level: int, symmetric: bool,
                calib: str | None = None, external: bool = True, fmt: str = "matmulnbits") -> dict:
     start = time.perf_counter()
+    from qtool._deferred import defer_unused
+
+    defer_unused()  # the start-up `qtool convert` has (qtool.cli does this first)
     from qtool import model as qmodel
     from qtool.config import Recipe
     from qtool.passes.weight_only import apply_weight_only, collect_weight_only_stats
