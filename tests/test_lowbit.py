@@ -437,19 +437,6 @@ def test_cli_convert_bits4_writes_matmulnbits_and_reports_errors(tmp_path, capsy
     assert "error:" in err and "hint:" in err and "Traceback" not in err and not bad.exists()
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_fast_4bit_path_from_kn_layout_equals_the_definition(symmetric):
-    w = outlier_weight(rows=256, cols=40, seed=6)  # used as W[K=256, N=40]
-    fast = formats.matmulnbits_rtn4_from_kn(w, 32, symmetric)
-    ref = formats.matmulnbits_tensors(blockwise.rtn(w.T, 4, 32, symmetric))
-    np.testing.assert_array_equal(fast.b, ref.b)
-    np.testing.assert_array_equal(fast.scales, ref.scales)
-    if symmetric:
-        assert fast.zero_points is None and ref.zero_points is None
-    else:
-        np.testing.assert_array_equal(fast.zero_points, ref.zero_points)
-
-
 def test_gather_whose_width_the_block_does_not_divide_uses_a_smaller_block(tmp_path):
     rng = np.random.default_rng(3)
     e = rng.standard_normal((30, 96)).astype(np.float32)  # 96 = 3 x 32: blocks of 64/128 do not fit
