@@ -15,6 +15,8 @@ nothing is written to disk.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -25,6 +27,11 @@ from qtool.data import Dataset
 from qtool.errors import CalibrationError, ModelError
 
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+# In-memory weights at least this large reach onnxruntime as shared buffers (add_initializer)
+# instead of inside the serialised model, which would hold two more copies of every weight
+# while the session is built.
+SHARED_WEIGHT_BYTES = 1 << 16
+_PLACEHOLDER = "qtool_shared_weights.bin"
 
 
 def infer_types(model: ir.Model) -> bool:
@@ -106,10 +113,30 @@ def build_session(
             )
         extra.append(name)
 
+    folder = _external_folder(model)
+    shared = _shareable_weights(model) if folder is None else {}
+    placeholder_dir = None
+    if shared:
+        # The serialised graph names a placeholder data file for the shared weights (onnxruntime
+        # checks that it exists); add_initializer then supplies their values from our memory.
+        placeholder_dir = tempfile.mkdtemp(prefix="qtool-")
+        Path(placeholder_dir, _PLACEHOLDER).touch()
+    originals = {}
     try:
+        for name, (value, array) in shared.items():
+            originals[name] = value.const_value
+            value.const_value = ir.ExternalTensor(
+                _PLACEHOLDER, 0, array.nbytes, value.const_value.dtype, shape=value.const_value.shape,
+                name=name, base_dir=placeholder_dir,
+            )
         proto = ir.serde.serialize_model(model)
     except Exception as exc:
+        if placeholder_dir is not None:
+            shutil.rmtree(placeholder_dir, ignore_errors=True)
         raise ModelError(f"cannot serialise the model for onnxruntime: {exc}", "") from None
+    finally:
+        for name, tensor in originals.items():
+            shared[name][0].const_value = tensor
     for name in extra:
         value = main_values[name]
         info = onnx.ValueInfoProto(name=name)
@@ -124,20 +151,45 @@ def build_session(
     options.enable_cpu_mem_arena = arena
     if threads:
         options.intra_op_num_threads = threads
-    folder = _external_folder(model)
-    if folder is not None:
-        options.add_session_config_entry(EXTERNAL_FOLDER_KEY, folder)
+    if folder is not None or placeholder_dir is not None:
+        options.add_session_config_entry(EXTERNAL_FOLDER_KEY, folder or placeholder_dir)
+    buffers = []
+    for name, (_, array) in shared.items():
+        buffers.append(ort.OrtValue.ortvalue_from_numpy(array))
+        options.add_initializer(name, buffers[-1])
     data = proto.SerializeToString()
     del proto
     try:
         session = ort.InferenceSession(data, options, providers=list(providers))
+        # The shared buffers must outlive the session.
+        session._qtool_shared = (buffers, [array for _, array in shared.values()])
     except Exception as exc:
         text = str(exc).strip().splitlines()
         raise ModelError(
             f"onnxruntime cannot run the model: {(text[0] if text else type(exc).__name__)[:200]}",
             "check that `onnxruntime` runs the original model; calibration needs it to",
         ) from None
+    finally:
+        if placeholder_dir is not None:
+            shutil.rmtree(placeholder_dir, ignore_errors=True)
     return session, [o.name for o in session.get_outputs()]
+
+
+def _shareable_weights(model: ir.Model) -> dict[str, tuple[ir.Value, np.ndarray]]:
+    """Main-graph initializers held in memory, large enough to share, as C-contiguous
+    numeric arrays onnxruntime can use in place."""
+    shared = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or value.is_graph_input():
+            continue
+        if tensor.nbytes < SHARED_WEIGHT_BYTES:
+            continue
+        array = tensor.numpy()
+        if array.dtype.kind not in "fiub" or not array.flags.c_contiguous:
+            continue
+        shared[name] = (value, array)
+    return shared
 
 
 def stream_tensors(
