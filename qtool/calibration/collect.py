@@ -27,9 +27,9 @@ from qtool.data import Dataset
 from qtool.errors import CalibrationError, ModelError
 
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
-# In-memory weights at least this large reach onnxruntime as shared buffers (add_initializer)
-# instead of inside the serialised model, which would hold two more copies of every weight
-# while the session is built.
+# In-memory weights at least this large reach onnxruntime as buffers (add_external_initializers,
+# which copies each once into its graph) instead of inside the serialised model, which would
+# hold two more copies of every weight while the session is built.
 SHARED_WEIGHT_BYTES = 1 << 16
 _PLACEHOLDER = "qtool_shared_weights.bin"
 
@@ -118,7 +118,7 @@ def build_session(
     placeholder_dir = None
     if shared:
         # The serialised graph names a placeholder data file for the shared weights (onnxruntime
-        # checks that it exists); add_initializer then supplies their values from our memory.
+        # checks that it exists); add_external_initializers then supplies their values.
         placeholder_dir = tempfile.mkdtemp(prefix="qtool-")
         Path(placeholder_dir, _PLACEHOLDER).touch()
     originals = {}
@@ -153,16 +153,15 @@ def build_session(
         options.intra_op_num_threads = threads
     if folder is not None or placeholder_dir is not None:
         options.add_session_config_entry(EXTERNAL_FOLDER_KEY, folder or placeholder_dir)
-    buffers = []
-    for name, (_, array) in shared.items():
-        buffers.append(ort.OrtValue.ortvalue_from_numpy(array))
-        options.add_initializer(name, buffers[-1])
+    buffers = [ort.OrtValue.ortvalue_from_numpy(array) for _, array in shared.values()]
+    if shared:
+        # Replaces the placeholder references before any graph optimisation reads them
+        # (add_initializer would not: optimisers would read the empty placeholder file).
+        options.add_external_initializers(list(shared), buffers)
     data = proto.SerializeToString()
     del proto
     try:
         session = ort.InferenceSession(data, options, providers=list(providers))
-        # The shared buffers must outlive the session.
-        session._qtool_shared = (buffers, [array for _, array in shared.values()])
     except Exception as exc:
         text = str(exc).strip().splitlines()
         raise ModelError(
