@@ -177,8 +177,20 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
+    OUT.write_text(text + _kept_notes())
     return 0
+
+
+NOTES_MARK = "\nNotes (by hand"
+
+
+def _kept_notes() -> str:
+    """The hand-written notes under the table of the previous results file, kept as they are."""
+    if not OUT.exists():
+        return ""
+    old = OUT.read_text()
+    at = old.find(NOTES_MARK)
+    return old[at:] if at >= 0 else ""
 
 
 if __name__ == "__main__":
