@@ -56,13 +56,19 @@ def histogram(x: np.ndarray, lo: float, hi: float, counts: np.ndarray) -> np.nda
     return counts
 
 
-def _check_histogram(counts, lo, hi) -> int:
+def _check_counts(kernel: str, counts) -> int:
+    """The bins of a histogram kernel's ``counts`` argument, checked as the C kernels check it."""
     if not (isinstance(counts, np.ndarray) and counts.dtype == np.int64 and counts.ndim == 1
             and counts.flags.c_contiguous and counts.flags.writeable):
-        raise arg_error("histogram", "counts must be a writable contiguous int64 1-D array")
+        raise arg_error(kernel, "counts must be a writable contiguous int64 1-D array")
     bins = counts.shape[0]
     if not 1 <= bins <= 1 << 24:
-        raise arg_error("histogram", f"bins must be in [1, 2**24], got {bins}")
+        raise arg_error(kernel, f"bins must be in [1, 2**24], got {bins}")
+    return bins
+
+
+def _check_histogram(counts, lo, hi) -> int:
+    bins = _check_counts("histogram", counts)
     lo32, hi32 = _F32(lo), _F32(hi)
     with np.errstate(over="ignore"):
         w = hi32 - lo32
@@ -93,12 +99,7 @@ def histogram_pow2(x: np.ndarray, k: int, start: int, counts: np.ndarray) -> np.
 
 
 def _check_histogram_pow2(counts, k, start) -> int:
-    if not (isinstance(counts, np.ndarray) and counts.dtype == np.int64 and counts.ndim == 1
-            and counts.flags.c_contiguous and counts.flags.writeable):
-        raise arg_error("histogram_pow2", "counts must be a writable contiguous int64 1-D array")
-    bins = counts.shape[0]
-    if not 1 <= bins <= 1 << 24:
-        raise arg_error("histogram_pow2", f"bins must be in [1, 2**24], got {bins}")
+    bins = _check_counts("histogram_pow2", counts)
     if not isinstance(k, (int, np.integer)) or not -127 <= k <= 126:
         raise arg_error("histogram_pow2", f"level k must be an integer in [-127, 126], got {k}")
     if (not isinstance(start, (int, np.integer)) or abs(int(start)) > 1 << 62
