@@ -627,15 +627,14 @@ def fold_affine_into_conv(node: ir.Node, names: _Names) -> Outcome:
     """
     if node.op_type not in ("Mul", "Add") or node.domain not in ("", "ai.onnx"):
         return None
-    for i in (0, 1):
-        x, c_value = node.inputs[i], node.inputs[1 - i]
-        conv = x.producer() if x is not None else None
-        if conv is not None and conv.op_type in ("Conv", "ConvTranspose") and conv.domain in ("", "ai.onnx"):
-            break
-    else:
+    found = _float_const_operand(node)
+    if found is None:
         return None
-    c = constant_of(c_value)
-    if c is None or conv.graph is not node.graph:
+    x, c, _ = found
+    conv = x.producer()
+    if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or conv.domain not in ("", "ai.onnx"):
+        return None
+    if conv.graph is not node.graph:
         return None
     if not _only_consumer(x, node):
         return f"{conv.op_type} output has other consumers"
@@ -644,13 +643,9 @@ def fold_affine_into_conv(node: ir.Node, names: _Names) -> Outcome:
         return f"{conv.op_type} weight is not a float constant"
     group = int(_attr(conv, "group", 1))
     out_ch = w.shape[0] if conv.op_type == "Conv" else w.shape[1] * group
-    rank = w.ndim  # output rank: N, M, spatial...
-    if c.ndim > rank:
-        return "the constant has more axes than the layer output"
-    dims = (1,) * (rank - c.ndim) + c.shape
-    if any(d != 1 for j, d in enumerate(dims) if j != 1) or dims[1] not in (1, out_ch):
+    per_channel = _channel_vector(c, w.ndim, out_ch)  # the output has W's rank: N, M, spatial...
+    if per_channel is None:
         return f"the constant of shape {list(c.shape)} is not per output channel"
-    per_channel = np.broadcast_to(c.astype(np.float64).reshape(-1), (out_ch,))
     if node.op_type == "Mul":
         scale, shift = per_channel, np.zeros(out_ch)
     else:
@@ -660,6 +655,18 @@ def fold_affine_into_conv(node: ir.Node, names: _Names) -> Outcome:
         return result
     _take_over_output(node, result, absorbed_by=names)
     return APPLIED
+
+
+def _channel_vector(c: np.ndarray, rank: int, n: int) -> np.ndarray | None:
+    """``c`` as n float64 values, one per channel of axis 1 of a rank-``rank`` tensor it
+    broadcasts against (a scalar repeats), or None when it varies along another axis or
+    has more axes than that tensor."""
+    if c.ndim > rank:
+        return None
+    dims = (1,) * (rank - c.ndim) + c.shape
+    if any(d != 1 for j, d in enumerate(dims) if j != 1) or dims[1] not in (1, n):
+        return None
+    return np.broadcast_to(c.astype(np.float64).reshape(-1), (n,))
 
 
 def _float_const_operand(node: ir.Node) -> tuple[ir.Value, np.ndarray, int] | None:
@@ -754,14 +761,10 @@ def fold_affine_into_next_conv(node: ir.Node, names: _Names) -> Outcome:
     if bias_value is not None and bias is None:
         return "Conv bias is not a constant"
     group = int(_attr(conv, "group", 1))
-    in_ch = w.shape[1] * group
-    if c.size == 1:
-        per_c = np.full(w.shape[1], float(c.reshape(-1)[0]))
-    else:
-        dims = (1,) * (w.ndim - c.ndim) + c.shape
-        if group != 1 or c.ndim > w.ndim or any(d != 1 for j, d in enumerate(dims) if j != 1) or dims[1] != in_ch:
-            return f"the constant of shape {list(c.shape)} is not a scalar or per input channel"
-        per_c = c.astype(np.float64).reshape(-1)
+    # Per input channel of W's axis 1 (C / group): any constant for group 1, a scalar otherwise.
+    per_c = _channel_vector(c, w.ndim, w.shape[1]) if group == 1 or c.size == 1 else None
+    if per_c is None:
+        return f"the constant of shape {list(c.shape)} is not a scalar or per input channel"
     w64 = w.astype(np.float64)
     b64 = np.zeros(w.shape[0]) if bias is None else bias.astype(np.float64).reshape(-1)
     shape = (1, -1) + (1,) * (w.ndim - 2)
@@ -769,14 +772,9 @@ def fold_affine_into_next_conv(node: ir.Node, names: _Names) -> Outcome:
         new_w, new_b = w64 * per_c.reshape(shape), b64
     else:
         new_w, new_b = w64, b64 + (w64 * per_c.reshape(shape)).reshape(w.shape[0], -1).sum(axis=1)
-    graph = conv.graph
-    conv.replace_input_with(1, _new_initializer(graph, names, (conv.inputs[1].name or "w") + "_affine", new_w.astype(w.dtype)))
-    if len(conv.inputs) < 3:
-        conv.resize_inputs(3)
-    b_name = bias_value.name if bias_value is not None else (conv.name or "conv") + "_bias"
-    conv.replace_input_with(2, _new_initializer(graph, names, b_name + "_affine", new_b.astype(w.dtype)))
+    _set_conv_params(conv, new_w.astype(w.dtype), new_b.astype(w.dtype), names, "_affine")
     conv.replace_input_with(0, x)
-    graph.remove(node, safe=True)
+    node.graph.remove(node, safe=True)
     return APPLIED
 
 
@@ -855,14 +853,21 @@ def _fold_into_conv(
         new_w = grouped.reshape(w.shape)
     b64 = np.zeros(out_ch) if bias is None else bias.astype(np.float64).reshape(-1)
     new_b = scale * b64 + shift
+    _set_conv_params(conv, new_w.astype(w.dtype), new_b.astype(w.dtype), names, "_bnfolded")
+    return conv.outputs[0]
+
+
+def _set_conv_params(conv: ir.Node, weight: np.ndarray, bias: np.ndarray, names: _Names, suffix: str) -> None:
+    """Give ``conv`` (or ConvTranspose) new weight and bias initializers, named after the old
+    ones (or the node) plus ``suffix``; a Conv without a bias gets one."""
     graph = conv.graph
-    conv.replace_input_with(1, _scaled(w_value, new_w, graph, names))
+    w_value = conv.inputs[1]
+    bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
+    conv.replace_input_with(1, _new_initializer(graph, names, (w_value.name or "w") + suffix, weight))
     b_name = bias_value.name if bias_value is not None else (conv.name or "conv") + "_bias"
-    b_new = _new_initializer(graph, names, b_name + "_bnfolded", new_b.astype(w.dtype))
     if len(conv.inputs) < 3:
         conv.resize_inputs(3)
-    conv.replace_input_with(2, b_new)
-    return conv.outputs[0]
+    conv.replace_input_with(2, _new_initializer(graph, names, b_name + suffix, bias))
 
 
 def _fold_into_gemm(
