@@ -24,6 +24,7 @@ from qtool import ops
 from qtool.model import iter_graphs
 from qtool.passes import PassReport
 from qtool.passes.preprocess import remove_unused
+from qtool.passes.qdq import GraphBuilder
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -145,7 +146,7 @@ def _scalar_value(value: ir.Value | None) -> float | None:
     return float(array.reshape(-1)[0])
 
 
-def absorb_scalar_mul(graph: ir.Graph) -> int:
+def absorb_scalar_mul(graph: ir.Graph, b: GraphBuilder) -> int:
     absorbed = 0
     for mul in list(graph):
         if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.inputs) != 2:
@@ -173,18 +174,11 @@ def absorb_scalar_mul(graph: ir.Graph) -> int:
         ):
             continue
         s = scale.numpy()
-        new_scale = ir.Value(
-            name=_fresh(graph, (dq.inputs[1].name or "scale") + "_scaled"),
-            type=ir.TensorType(scale.dtype),
-            shape=ir.Shape(s.shape),
-            const_value=ir.Tensor((s.astype(np.float64) * c).astype(s.dtype)),
-        )
-        new_scale.const_value.name = new_scale.name
-        graph.register_initializer(new_scale)
+        new_scale = b.initializer((s.astype(np.float64) * c).astype(s.dtype), (dq.inputs[1].name or "scale") + "_scaled")
         inputs = [dq.inputs[0], new_scale, *dq.inputs[2:]]
         for r in readers:
             new_dq = ir.Node(r.domain, "DequantizeLinear", inputs, attributes=list(r.attributes.values()),
-                             name=_fresh_node(graph, (r.name or "dq") + "_scaled"))
+                             name=b.name((r.name or "dq") + "_scaled"))
             graph.insert_after(r, new_dq)
             name = r.outputs[0].name
             _replace(r.outputs[0], new_dq.outputs[0])
@@ -196,32 +190,17 @@ def absorb_scalar_mul(graph: ir.Graph) -> int:
     return absorbed
 
 
-def _fresh(graph: ir.Graph, base: str) -> str:
-    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs}
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
-def _fresh_node(graph: ir.Graph, base: str) -> str:
-    taken = {n.name for n in graph}
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
 def cleanup(model: ir.Model) -> PassReport:
     """Apply the rules above to every graph of ``model``, in place."""
     report = PassReport("cleanup")
+    b = GraphBuilder(model)
     changed = True
     while changed:
         changed = False
         for graph in iter_graphs(model.graph):
             for key, rule in (("requant_removed", remove_requant),
                               ("dangling_qdq_removed", remove_dangling),
-                              ("scalar_mul_absorbed", absorb_scalar_mul)):
+                              ("scalar_mul_absorbed", lambda g: absorb_scalar_mul(g, b))):
                 n = rule(graph)
                 if n:
                     report.count(key, n)
