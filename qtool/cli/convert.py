@@ -349,10 +349,9 @@ def _has_external_data(model) -> bool:
     a big model inline builds the whole protobuf in memory)."""
     import onnx_ir as ir
 
-    from qtool.model import iter_graphs
+    from qtool.model import iter_initializers
 
-    return any(isinstance(v.const_value, ir.ExternalTensor)
-               for g in iter_graphs(model.graph) for v in g.initializers.values())
+    return any(isinstance(t, ir.ExternalTensor) for t in iter_initializers(model))
 
 
 def _fidelity(reference: Path, candidate: Path, data: Path, r) -> dict | None:
