@@ -373,28 +373,20 @@ def _convert_one(b: GraphBuilder, node: ir.Node, recipe: Recipe, weight_type: st
         zp = b.initializer(p.zero_point, base + "_zero_point")
         cache[key] = (wq, scale, zp)
     wq, scale, zp = cache[key]
-    if bias is not None and tuple(bias.const_value.shape) != (w.shape[1],):
-        bias_value = b.initializer(bias.const_value.numpy().reshape(-1), (bias.name or "bias") + "_1d")
-    else:
-        bias_value = bias
-    out = node.outputs[0]
+    add = None
     if bias is None and node.op_type == "MatMul":
         found = ops.bias_add_consumer(node, w.shape[1])
         if found is not None:  # MatMul + Add(bias) -> one DynamicQuantizeMatMul with a bias
             add, bias = found
-            bias_value = bias
-            if tuple(bias.const_value.shape) != (w.shape[1],):
-                bias_value = b.initializer(bias.const_value.numpy().reshape(-1), (bias.name or "bias") + "_1d")
-            out = add.outputs[0]
-    inputs = [node.inputs[0], wq, scale, zp] + ([bias_value] if bias_value is not None else [])
+    if bias is not None and tuple(bias.const_value.shape) != (w.shape[1],):
+        bias = b.initializer(bias.const_value.numpy().reshape(-1), (bias.name or "bias") + "_1d")
+    out = (add or node).outputs[0]
+    inputs = [node.inputs[0], wq, scale, zp] + ([bias] if bias is not None else [])
     new = b.node("DynamicQuantizeMatMul", inputs, node.name or "matmul", domain=MS_DOMAIN,
                  dtype=ir.DataType.FLOAT, shape=out.shape)
     node.graph.insert_before(node, new)
-    if out is not node.outputs[0]:
-        add = out.producer()
-        _replace_node_output(b, out, new.outputs[0])
+    _replace_node_output(b, out, new.outputs[0])
+    if add is not None:
         node.graph.remove(add, safe=True)
-    else:
-        _replace_node_output(b, out, new.outputs[0])
     node.graph.remove(node, safe=True)
     return None
