@@ -58,13 +58,12 @@ static double sqerr_scalar(const float *x, int64_t n, float s, int32_t zp, const
 
 #if QT_X86
 QT_TARGET_AVX512 static int range_avx512(const float *x, int64_t n, float *lo, float *hi) {
-    const __m512 fmax = _mm512_set1_ps(3.40282347e38f);
     __m512 l = _mm512_setzero_ps(), h = l;
     for (int64_t i = 0; i < n; i += 16) {
         int64_t left = n - i;
         __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
         __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-        if ((__mmask16)(_mm512_cmp_ps_mask(_mm512_abs_ps(v), fmax, _CMP_LE_OQ) | ~m) != 0xffff)
+        if ((__mmask16)(qt__finite16(v) | ~m) != 0xffff)
             return QT_ERR_NONFINITE;
         l = _mm512_min_ps(l, v);
         h = _mm512_max_ps(h, v);

@@ -43,6 +43,15 @@ static inline int qt__finite(float x) {
 QT_TARGET_AVX512 static inline __mmask16 qt__lanes16(int64_t left) {
     return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
 }
+/* The lanes of v holding a finite value (|v| <= FLT_MAX, false for NaN and +-Inf): an
+ * all-ones/zero lane mask for AVX2, a bit mask for AVX-512. */
+QT_TARGET_AVX2 static inline __m256 qt__finite8(__m256 v) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    return _mm256_cmp_ps(_mm256_and_ps(v, absmask), _mm256_set1_ps(3.40282347e38f), _CMP_LE_OQ);
+}
+QT_TARGET_AVX512 static inline __mmask16 qt__finite16(__m512 v) {
+    return _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(3.40282347e38f), _CMP_LE_OQ);
+}
 QT_TARGET_AVX512 static inline __mmask16 qt__nonfinite16(__m512 v, __mmask16 k) {
     /* !(|v| <= FLT_MAX): true for NaN and +-Inf */
     return _mm512_mask_cmp_ps_mask(k, _mm512_abs_ps(v), _mm512_set1_ps(3.40282347e38f),

@@ -47,8 +47,6 @@ QT_TARGET_AVX2 static int quant_run_avx2(const void *in, int64_t off, int64_t n,
                                          const float *s, const int32_t *zp, int stride,
                                          qt_qtype t, void *q) {
     const float *x = (const float *)in + off;
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256 fmax = _mm256_set1_ps(3.40282347e38f);
     const __m256 lo = _mm256_set1_ps((float)qt__qmin(t)), hi = _mm256_set1_ps((float)qt__qmax(t));
     const int sgn = qt__signed(t);
     __m256 vs = _mm256_set1_ps(s[0]);
@@ -56,7 +54,7 @@ QT_TARGET_AVX2 static int quant_run_avx2(const void *in, int64_t off, int64_t n,
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 v = _mm256_loadu_ps(x + i);
-        __m256 ok = _mm256_cmp_ps(_mm256_and_ps(v, absmask), fmax, _CMP_LE_OQ);
+        __m256 ok = qt__finite8(v);
         if (_mm256_movemask_ps(ok) != 0xff) return QT_ERR_NONFINITE;
         if (stride) {
             vs = _mm256_loadu_ps(s + i);
@@ -100,7 +98,6 @@ QT_TARGET_AVX512 static int quant_run_avx512(const void *in, int64_t off, int64_
                                              qt_qtype t, void *q) {
     const float *x = (const float *)in + off;
     uint8_t *qb = (uint8_t *)q + off;
-    const __m512 fmax = _mm512_set1_ps(3.40282347e38f);
     const __m512 lo = _mm512_set1_ps((float)qt__qmin(t)), hi = _mm512_set1_ps((float)qt__qmax(t));
     __m512 vs = _mm512_set1_ps(s[0]);
     __m512 vz = _mm512_set1_ps(zp ? (float)zp[0] : 0.0f);
@@ -108,7 +105,7 @@ QT_TARGET_AVX512 static int quant_run_avx512(const void *in, int64_t off, int64_
         int64_t left = n - i;
         __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
         __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-        if ((__mmask16)(_mm512_cmp_ps_mask(_mm512_abs_ps(v), fmax, _CMP_LE_OQ) | ~m) != 0xffff)
+        if ((__mmask16)(qt__finite16(v) | ~m) != 0xffff)
             return QT_ERR_NONFINITE;
         if (stride) {
             vs = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, s + i);

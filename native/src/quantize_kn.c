@@ -142,7 +142,6 @@ QT_TARGET_AVX512 static void kn_params_avx512(const kn_job *j, __m512 lo, __m512
 QT_TARGET_AVX512 static int kn_strip_avx512(const kn_job *j, int64_t jb, int64_t c) {
     enum { V = QT_KN_WIDE / 16 };
     const int64_t k0 = jb * j->bs, kr = (j->K - k0) < j->bs ? (j->K - k0) : j->bs;
-    const __m512 fmax = _mm512_set1_ps(3.40282347e38f);
     __m512 lo[V], hi[V], vs[V], vz[V];
     __m512i zcode[V];
     __mmask16 finite = 0xffff;
@@ -157,7 +156,7 @@ QT_TARGET_AVX512 static int kn_strip_avx512(const kn_job *j, int64_t jb, int64_t
             for (int v = 0; v < V; v++) _mm_prefetch((const char *)(p + 2 * QT_KN_WIDE + 16 * v), _MM_HINT_T1);
         for (int v = 0; v < V; v++) {
             __m512 x = _mm512_loadu_ps(p + 16 * v);
-            finite &= _mm512_cmp_ps_mask(_mm512_abs_ps(x), fmax, _CMP_LE_OQ);
+            finite &= qt__finite16(x);
             lo[v] = _mm512_min_ps(lo[v], x);
             hi[v] = _mm512_max_ps(hi[v], x);
         }
@@ -202,15 +201,13 @@ QT_TARGET_AVX512 static int kn_strip_avx512(const kn_job *j, int64_t jb, int64_t
 
 QT_TARGET_AVX2 static int kn_strip_avx2(const kn_job *j, int64_t jb, int64_t c) {
     const int64_t k0 = jb * j->bs, kr = (j->K - k0) < j->bs ? (j->K - k0) : j->bs;
-    const __m256 fmax = _mm256_set1_ps(3.40282347e38f);
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 lo0 = _mm256_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
     __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     const float *p = j->w + k0 * j->N + c;
     for (int64_t r = 0; r < kr; r++, p += j->N) {
         __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);
-        ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_and_ps(v0, absmask), fmax, _CMP_LE_OQ));
-        ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_and_ps(v1, absmask), fmax, _CMP_LE_OQ));
+        ok = _mm256_and_ps(ok, qt__finite8(v0));
+        ok = _mm256_and_ps(ok, qt__finite8(v1));
         lo0 = _mm256_min_ps(lo0, v0);
         hi0 = _mm256_max_ps(hi0, v0);
         lo1 = _mm256_min_ps(lo1, v1);

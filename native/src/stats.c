@@ -21,16 +21,13 @@ static int minmax_scalar(const float *x, int64_t n, float *mn, float *mx) {
 
 #if QT_X86
 QT_TARGET_AVX2 static int minmax_avx2(const float *x, int64_t n, float *mn, float *mx) {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256 fmax = _mm256_set1_ps(3.40282347e38f);
     __m256 lo0 = _mm256_set1_ps(x[0]), lo1 = lo0, hi0 = lo0, hi1 = lo0;
     __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
         __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
-        /* |v| <= FLT_MAX is false for NaN and Inf */
-        ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_and_ps(a, absmask), fmax, _CMP_LE_OQ));
-        ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_and_ps(b, absmask), fmax, _CMP_LE_OQ));
+        ok = _mm256_and_ps(ok, qt__finite8(a));
+        ok = _mm256_and_ps(ok, qt__finite8(b));
         lo0 = _mm256_min_ps(lo0, a);
         lo1 = _mm256_min_ps(lo1, b);
         hi0 = _mm256_max_ps(hi0, a);
@@ -57,14 +54,13 @@ QT_TARGET_AVX2 static int minmax_avx2(const float *x, int64_t n, float *mn, floa
 }
 
 QT_TARGET_AVX512 static int minmax_avx512(const float *x, int64_t n, float *mn, float *mx) {
-    const __m512 fmax = _mm512_set1_ps(3.40282347e38f);
     __m512 lo0 = _mm512_set1_ps(x[0]), lo1 = lo0, hi0 = lo0, hi1 = lo0;
     __mmask16 ok = 0xffff;
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
         __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
-        ok &= _mm512_cmp_ps_mask(_mm512_abs_ps(a), fmax, _CMP_LE_OQ);
-        ok &= _mm512_cmp_ps_mask(_mm512_abs_ps(b), fmax, _CMP_LE_OQ);
+        ok &= qt__finite16(a);
+        ok &= qt__finite16(b);
         lo0 = _mm512_min_ps(lo0, a);
         lo1 = _mm512_min_ps(lo1, b);
         hi0 = _mm512_max_ps(hi0, a);
