@@ -79,7 +79,7 @@ def run_ort(method: str, samples: int) -> dict:
 
     model, data = _paths()
     m = ir.load(model)
-    from qtool.calibration.collect import infer_types
+    from qtool.runtime import infer_types
 
     infer_types(m)
     op_types = sorted({n.op_type for n in select_nodes(m, load_recipe("int8-static")).quantized})

@@ -345,12 +345,11 @@ def verify_loads(path: str | os.PathLike) -> None:
     """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    from qtool.runtime.sessions import session_options
+
     # Full optimisation would spend seconds on large models; loading and resolving the
     # graph is the check we want.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.add_session_config_entry("session.disable_prepacking", "1")
+    options = session_options(optimization="disable", prepacking=False)
     try:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -317,7 +317,7 @@ def test_large_in_memory_weights_reach_onnxruntime_as_shared_buffers(tmp_path, m
 
     from onnx import numpy_helper
 
-    from qtool.calibration import collect
+    from qtool.runtime import collect
 
     rng = np.random.default_rng(5)
     inits = [numpy_helper.from_array(rng.standard_normal((64, 64, 3, 3)).astype(np.float32) * 0.1, "w1"),  # 144 KiB

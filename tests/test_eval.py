@@ -295,7 +295,7 @@ def test_latency_measure_reports_consistent_statistics(mlp):
     """A real measurement: structure only. Whether two runs agree is a property of the
     machine, measured in bench/latency_repro.py, not asserted here."""
     from qtool.eval.latency import measure
-    from qtool.eval.runner import open_session
+    from qtool.runtime import open_session
 
     feed = {"x": np.load(mlp["data"] / "s00.npy")}
     a = measure({"candidate": lambda: open_session(mlp["ref"], threads=1)}, feed, runs=50,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qtool.calibration.collect import (
+from qtool.runtime.collect import (
     first_non_finite_sample,
     infer_types,
     raise_non_finite,

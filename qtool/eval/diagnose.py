@@ -33,7 +33,7 @@ import numpy as np
 from qtool.errors import UsageError
 from qtool.eval.hwcheck import INTEGER_OPS, QDQ_OPS
 from qtool.eval.metrics import sqnr_db
-from qtool.eval.runner import open_session
+from qtool.runtime import open_session
 
 LOCAL_SUFFIX = "::qtool_reference"
 OUTLIER_MARGIN_DB = 3.0  # a layer stands out when its local SQNR is this far below the median
@@ -195,7 +195,7 @@ def diagnose(
             "the candidate shares no intermediate tensor names with the reference",
             "diagnosis matches layers by tensor name; compare a model with the one it was converted from",
         )
-    from qtool.calibration.collect import build_session, infer_types, stream_tensors
+    from qtool.runtime import build_session, infer_types, stream_tensors
     from qtool.model import load
 
     ref_ir, cand_ir = load(reference), load(candidate)

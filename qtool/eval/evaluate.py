@@ -11,7 +11,7 @@ from qtool.config import PreprocessConfig
 from qtool.errors import DataError, UsageError
 from qtool.eval import gates as gates_mod
 from qtool.eval import metrics as metrics_mod
-from qtool.eval import runner
+from qtool import runtime
 from qtool.eval.report import EvalReport
 
 
@@ -80,7 +80,7 @@ def evaluate(
         )
     providers = list(providers) or ["cpu"]
     for p in providers:
-        runner.provider_name(p)
+        runtime.provider_name(p)
 
     cand_ir = _load_ir(candidate, "candidate")
     specs = input_specs(cand_ir)
@@ -124,10 +124,10 @@ def evaluate(
     }
 
     cand_sessions = [
-        runner.open_session(candidate, p, threads=threads, role="candidate") for p in providers
+        runtime.open_session(candidate, p, threads=threads, role="candidate") for p in providers
     ]
     ref_session = (
-        runner.open_session(reference, providers[0], threads=threads, role="reference")
+        runtime.open_session(reference, providers[0], threads=threads, role="reference")
         if reference is not None else None
     )
     comparisons = {n: metrics_mod.OutputComparison(n) for n in cand_outputs} if ref_session else {}
@@ -142,7 +142,7 @@ def evaluate(
         native_backend = native.NativeComparison(candidate, threads=threads)
 
     first_feed = None
-    for ids, feed, outs in runner.stream(cand_sessions, dataset, batch_size, count):
+    for ids, feed, outs in runtime.stream(cand_sessions, dataset, batch_size, count):
         if first_feed is None:
             first_feed = feed
         batch_labels = label_array[ids] if label_array is not None else None
@@ -150,7 +150,7 @@ def evaluate(
         for m in cand_metrics:
             m.update(cand_out, batch_labels, feed)
         if ref_session is not None:
-            ref_out = runner.run(ref_session, feed)
+            ref_out = runtime.run(ref_session, feed)
             for m in ref_metrics:
                 m.update(ref_out, batch_labels, feed)
             for n, comp in comparisons.items():
@@ -186,9 +186,9 @@ def evaluate(
         from qtool.eval.latency import measure
 
         for p in providers:
-            factories = {"candidate": lambda p=p: runner.open_session(candidate, p, threads=threads, role="candidate")}
+            factories = {"candidate": lambda p=p: runtime.open_session(candidate, p, threads=threads, role="candidate")}
             if reference is not None:
-                factories["reference"] = lambda p=p: runner.open_session(
+                factories["reference"] = lambda p=p: runtime.open_session(
                     reference, p, threads=threads, role="reference")
             stats = measure(factories, first_feed, runs=runs, warmup=warmup, provider=p, threads=threads)
             report.latency.extend(s.to_dict() for s in stats.values())

@@ -39,7 +39,7 @@ def optimized_graph(model: str | os.PathLike, provider: str = "cpu", threads: in
     """The ONNX graph onnxruntime runs for ``model`` on ``provider`` (an onnx.ModelProto)."""
     import onnx
 
-    from qtool.eval.runner import open_session
+    from qtool.runtime import open_session
 
     with tempfile.TemporaryDirectory(prefix="qtool-hw-") as tmp:
         out = Path(tmp) / "optimized.onnx"

@@ -11,7 +11,7 @@ Layers handled (found in the candidate graph, weights constant):
   ``accuracy_level = 4`` quantizes A to int8 on the fly, so a small difference is expected.
 
 Each layer's inputs and onnxruntime's output are exposed from one session
-(``qtool.calibration.collect.build_session``); the first ``MAX_BATCHES`` batches are used.
+(``qtool.runtime.build_session``); the first ``MAX_BATCHES`` batches are used.
 Kernel throughput is ``2 M N K / t`` in GOP/s over the native calls.
 The kernels come from ``qtool.kernels`` (the C library when built, else its numpy twins).
 """
@@ -101,7 +101,7 @@ class NativeComparison:
     def __init__(self, candidate: str | os.PathLike, threads: int = 0) -> None:
         import onnx
 
-        from qtool.calibration.collect import build_session
+        from qtool.runtime import build_session
         from qtool.model import load
 
         self.kernels, self.backend = kernel_module()

@@ -94,7 +94,7 @@ def collect_channel_absmax(model: ir.Model, dataset, names: list[str], *, limit:
 
     Streams one batch at a time: memory is one batch of activations plus 2K floats per tensor.
     """
-    from qtool.calibration.collect import stream_tensors
+    from qtool.runtime import stream_tensors
 
     out: dict[str, ChannelStats] = {}
     rows: dict[str, int] = {}

@@ -647,7 +647,7 @@ def collect_weight_only_stats(
     ``X^T X``, ``sum |X|`` and the row count (what gptq and awq need). Memory: O(K^2) per
     input tensor plus one batch, independent of the number of samples.
     """
-    from qtool.calibration.collect import stream_tensors
+    from qtool.runtime import stream_tensors
     from qtool.model import load
 
     model = load(model_path)

@@ -202,14 +202,14 @@ class Scorer:
 
     def score(self, model: str | os.PathLike | bytes, keep: bool = False, on_sample=None) -> Score:
         """Metric and first-output SQNR of ``model`` (a path or serialized bytes)."""
-        from qtool.eval import runner
+        from qtool import runtime
 
         start = time.perf_counter()
-        session = runner.open_session(model, "cpu", threads=self.threads, role="candidate")
+        session = runtime.open_session(model, "cpu", threads=self.threads, role="candidate")
         metric = self.metric.fresh() if self.metric is not None else None
         signal = noise = dot = cand_sq = 0.0
         for i, (ids, feed) in enumerate(self._batches()):
-            outs = runner.run(session, feed)
+            outs = runtime.run(session, feed)
             first = next(iter(outs.values()))
             if keep:
                 self._reference.append(first)

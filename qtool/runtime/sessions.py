@@ -1,4 +1,5 @@
-"""onnxruntime sessions per execution provider, and streaming a dataset through them.
+"""onnxruntime sessions per execution provider (the one place their options are built), and
+streaming a dataset through them.
 
 Only one batch of inputs and outputs is alive at a time; metrics accumulate as batches go.
 """
@@ -42,10 +43,14 @@ def provider_name(short: str) -> str:
 
 
 def session_options(threads: int = 0, optimization: str = "all", optimized_path: str | None = None,
-                    arena: bool = True):
-    """SessionOptions with ``threads`` intra-op threads (0: onnxruntime's default).
+                    arena: bool = True, *, inter_op: bool = True, prepacking: bool = True):
+    """The one place qtool builds onnxruntime SessionOptions.
+
+    ``threads`` intra-op threads (0: onnxruntime's default); ``inter_op`` False leaves the
+    inter-op pool at its default when ``threads`` is set (calibration sessions).
     ``arena`` False: memory goes back to the system after each run instead of staying in
-    onnxruntime's arena (for sessions that return very many tensors once per batch)."""
+    onnxruntime's arena (for sessions that return very many tensors once per batch).
+    ``prepacking`` False skips weight re-layout (a load check, not a session to time)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -53,7 +58,10 @@ def session_options(threads: int = 0, optimization: str = "all", optimized_path:
     options.enable_cpu_mem_arena = arena
     if threads > 0:
         options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        if inter_op:
+            options.inter_op_num_threads = 1
+    if not prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from qtool.data import Dataset
 from qtool.errors import CalibrationError, ModelError
+from qtool.runtime.sessions import session_options
 
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 # In-memory weights at least this large reach onnxruntime as buffers (add_external_initializers,
@@ -75,7 +76,7 @@ def build_session(
     arena: bool = True,
 ):
     """An onnxruntime session whose outputs are the model's outputs plus ``tensor_names``
-    (``arena``: see qtool.eval.runner.session_options).
+    (``arena``: see qtool.runtime.sessions.session_options).
 
     Returns ``(session, output_names)``. The input model is not modified: the extra
     outputs are added to the serialised copy of the graph.
@@ -146,11 +147,7 @@ def build_session(
             info.type.tensor_type.elem_type = int(value.dtype)
         proto.graph.output.append(info)
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.enable_cpu_mem_arena = arena
-    if threads:
-        options.intra_op_num_threads = threads
+    options = session_options(threads, arena=arena, inter_op=False)
     if folder is not None or placeholder_dir is not None:
         options.add_session_config_entry(EXTERNAL_FOLDER_KEY, folder or placeholder_dir)
     buffers = [ort.OrtValue.ortvalue_from_numpy(array) for _, array in shared.values()]
