@@ -22,17 +22,17 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qtool.calibration.observers import TensorObserver
+from qtool.calibration.table import CalibrationTable, TensorStats
+from qtool.calibration.thresholds import HISTOGRAM_METHODS, METHODS
+from qtool.config import Recipe
+from qtool.errors import CalibrationError, UsageError
 from qtool.runtime.collect import (
     first_non_finite_sample,
     infer_types,
     raise_non_finite,
     stream_tensors,
 )
-from qtool.calibration.observers import TensorObserver
-from qtool.calibration.table import CalibrationTable, TensorStats
-from qtool.calibration.thresholds import HISTOGRAM_METHODS, METHODS
-from qtool.config import Recipe
-from qtool.errors import CalibrationError, UsageError
 
 __all__ = [
     "CalibrationTable",

@@ -195,8 +195,8 @@ def diagnose(
             "the candidate shares no intermediate tensor names with the reference",
             "diagnosis matches layers by tensor name; compare a model with the one it was converted from",
         )
-    from qtool.runtime import build_session, infer_types, stream_tensors
     from qtool.model import load
+    from qtool.runtime import build_session, infer_types, stream_tensors
 
     ref_ir, cand_ir = load(reference), load(candidate)
     infer_types(cand_ir)

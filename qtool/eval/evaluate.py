@@ -7,11 +7,11 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from qtool import runtime
 from qtool.config import PreprocessConfig
 from qtool.errors import DataError, UsageError
 from qtool.eval import gates as gates_mod
 from qtool.eval import metrics as metrics_mod
-from qtool import runtime
 from qtool.eval.report import EvalReport
 
 

@@ -101,8 +101,8 @@ class NativeComparison:
     def __init__(self, candidate: str | os.PathLike, threads: int = 0) -> None:
         import onnx
 
-        from qtool.runtime import build_session
         from qtool.model import load
+        from qtool.runtime import build_session
 
         self.kernels, self.backend = kernel_module()
         self.layers = find_layers(onnx.load(str(candidate), load_external_data=False))

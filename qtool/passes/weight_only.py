@@ -647,8 +647,8 @@ def collect_weight_only_stats(
     ``X^T X``, ``sum |X|`` and the row count (what gptq and awq need). Memory: O(K^2) per
     input tensor plus one batch, independent of the number of samples.
     """
-    from qtool.runtime import stream_tensors
     from qtool.model import load
+    from qtool.runtime import stream_tensors
 
     model = load(model_path)
     names = weight_only_inputs(model, recipe)

@@ -12,7 +12,14 @@ from qtool.runtime.collect import (
     raise_non_finite,
     stream_tensors,
 )
-from qtool.runtime.sessions import PROVIDERS, open_session, provider_name, run, session_options, stream
+from qtool.runtime.sessions import (
+    PROVIDERS,
+    open_session,
+    provider_name,
+    run,
+    session_options,
+    stream,
+)
 
 __all__ = [
     "PROVIDERS",
