@@ -52,8 +52,8 @@ def _peak_mb() -> float:
 
 
 def run_qtool(method: str, samples: int) -> dict:
-    from qtool.calibration import calibrate
     from qtool.config import load_recipe
+    from qtool.pipeline import calibrate
 
     model, data = _paths()
     recipe = load_recipe("int8-static").override(

@@ -114,11 +114,10 @@ def ort_dynamic(name: str, src: Path, dst: Path, *, per_channel: bool) -> None:
 
 def qtool_convert(name: str, src: Path, dst: Path, *, dynamic: bool, smooth: bool = False,
                   exclude: tuple[str, ...] = ()) -> dict:
-    from qtool.calibration import calibrate
     from qtool.config import load_recipe
-    from qtool.convert import convert_with_summary
     from qtool.model import add_provenance, load, save
     from qtool.passes.preprocess import preprocess
+    from qtool.pipeline import calibrate, convert_model
 
     model = load(src)
     if dynamic:
@@ -131,7 +130,7 @@ def qtool_convert(name: str, src: Path, dst: Path, *, dynamic: bool, smooth: boo
             preprocess(model)
             dataset = Dataset(zoo.data_dir(name, "calib"), input_specs(model), recipe.preprocess)
             absmax = collect_channel_absmax(model, dataset, smoothing_inputs(model, recipe))
-        converted, reports, summary = convert_with_summary(model, recipe, absmax=absmax,
+        converted, reports, summary = convert_model(model, recipe, absmax=absmax,
                                                            preprocessed=smooth)
     else:
         recipe = load_recipe("int8-static")
@@ -139,7 +138,7 @@ def qtool_convert(name: str, src: Path, dst: Path, *, dynamic: bool, smooth: boo
             recipe = recipe.override("quantize", allow_opset_upgrade=True)
         preprocess(model)
         table = calibrate(model, zoo.data_dir(name, "calib"), recipe)
-        converted, reports, summary = convert_with_summary(model, recipe, table=table, preprocessed=True)
+        converted, reports, summary = convert_model(model, recipe, table=table, preprocessed=True)
     add_provenance(converted, recipe.to_dict(), source=str(src))
     save(converted, dst, input_path=src)
     return {"ops": summary.to_dict(), "passes": [{"name": r.name, "counts": r.counts} for r in reports]}

@@ -12,12 +12,13 @@ import pytest
 from onnx import TensorProto, helper
 
 from qtool import kernels
-from qtool.calibration import CalibrationTable, calibrate, stream_tensors
+from qtool.calibration import CalibrationTable, stream_tensors
 from qtool.calibration.observers import Histogram, level_for
 from qtool.calibration.thresholds import choose_range, percentile_range, quantile
 from qtool.config import Recipe
 from qtool.data import Dataset, input_specs
 from qtool.errors import CalibrationError, DataError
+from qtool.pipeline import calibrate
 
 RNG = np.random.default_rng(1234)
 

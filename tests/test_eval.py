@@ -390,11 +390,10 @@ def test_diagnosis_compares_a_folded_conv_with_the_batchnorm_it_absorbed(tmp_pat
     output (the model's qtool.carries metadata), not with the reference Conv output."""
     import onnx_ir as ir
 
-    from qtool.calibration import calibrate
     from qtool.config import Recipe
-    from qtool.convert import convert
     from qtool.eval.diagnose import matched_tensors
     from qtool.model import save
+    from qtool.pipeline import calibrate, convert_model
 
     rng = np.random.default_rng(3)
     c = 4
@@ -417,7 +416,7 @@ def test_diagnosis_compares_a_folded_conv_with_the_batchnorm_it_absorbed(tmp_pat
         np.save(data / f"s{i}.npy", rng.standard_normal((1, 3, 6, 6)).astype(np.float32))
     table = calibrate(ref, data, Recipe())
     cand = tmp_path / "q.onnx"
-    save(convert(ir.load(ref), Recipe(), table=table)[0], cand)
+    save(convert_model(ir.load(ref), Recipe(), table=table)[0], cand)
     cand_proto = onnx.load(cand)
     props = {p.key: p.value for p in cand_proto.metadata_props}
     import json

@@ -14,10 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qtool.config import Recipe, load_recipe
-from qtool.convert import convert, convert_with_summary
 from qtool.errors import UsageError
 from qtool.passes.preprocess import preprocess
 from qtool.passes.qdq import quantize_static
+from qtool.pipeline import convert_model
 from qtool.quant import scales
 from qtool.quant.scales import DegenerateRange, QParams, activation_params, quantize, weight_params
 
@@ -105,7 +105,7 @@ def static(proto, recipe=None, feeds=None, **overrides):
     if overrides:
         recipe = recipe.override("quantize", **overrides)
     ranges = minmax_ranges(proto, feeds)
-    model, reports, summary = convert_with_summary(ir.from_proto(proto), recipe, table=ranges)
+    model, reports, summary = convert_model(ir.from_proto(proto), recipe, table=ranges)
     return model, reports, summary, feeds
 
 
@@ -331,7 +331,7 @@ def test_weights_inside_if_subgraph_are_quantized():
         [vi("x", [1, 4, 4, 4]), vi("cond", [], TensorProto.BOOL)], [vi("y", None)],
     )
     feeds = [{"x": RNG.standard_normal((1, 4, 4, 4)).astype(np.float32), "cond": np.array(True)}]
-    model, _reports, summary = convert_with_summary(ir.from_proto(proto), Recipe(), table={"x": (-3.0, 3.0)})
+    model, _reports, summary = convert_model(ir.from_proto(proto), Recipe(), table={"x": (-3.0, 3.0)})
     then = next(a.g for a in ir.to_proto(model).graph.node[-1].attribute if a.name == "then_branch")
     assert [n.op_type for n in then.node] == ["DequantizeLinear", "Conv"]
     assert sqnr(proto, model, feeds[0]) > MIN_SQNR_DB
@@ -360,7 +360,7 @@ def test_degenerate_range_is_left_in_float_with_reason():
         [vi("x", [2, 8]), vi("mask", [2, 8])], [vi("y", None)],
     )
     ranges = {"x": (-1.0, 1.0), "mask": (-1e9, 0.0), "y": (-1e9, 1.0)}
-    model, reports, _summary = convert_with_summary(ir.from_proto(proto), Recipe(), table=ranges)
+    model, reports, _summary = convert_model(ir.from_proto(proto), Recipe(), table=ranges)
     notes = " ".join(n for r in reports for n in r.notes)
     assert "mask or sentinel" in notes
     for init_ in ir.to_proto(model).graph.initializer:
@@ -377,7 +377,7 @@ def test_input_model_is_not_modified():
     )
     model = ir.from_proto(proto)
     before = ir.to_proto(model).SerializeToString()
-    convert(model, Recipe(), table={"x": (-3.0, 3.0), "y": (-3.0, 3.0)})
+    convert_model(model, Recipe(), table={"x": (-3.0, 3.0), "y": (-3.0, 3.0)})
     assert ir.to_proto(model).SerializeToString() == before
 
 
@@ -388,18 +388,18 @@ def test_per_channel_needs_opset_13_and_is_never_upgraded_silently():
     )
     ranges = {"x": (-3.0, 3.0), "y": (-3.0, 3.0)}
     with pytest.raises(UsageError, match="opset 13") as err:
-        convert(ir.from_proto(proto), Recipe(), table=ranges)
+        convert_model(ir.from_proto(proto), Recipe(), table=ranges)
     assert "--per-tensor" in err.value.hint
-    model, _ = convert(ir.from_proto(proto), Recipe().override("quantize", per_channel=False), table=ranges)
+    model, _, _ = convert_model(ir.from_proto(proto), Recipe().override("quantize", per_channel=False), table=ranges)
     assert model.opset_imports[""] == 11
-    model, _ = convert(ir.from_proto(proto), Recipe().override("quantize", allow_opset_upgrade=True), table=ranges)
+    model, _, _ = convert_model(ir.from_proto(proto), Recipe().override("quantize", allow_opset_upgrade=True), table=ranges)
     assert model.opset_imports[""] == 13
 
 
 def test_static_without_table_is_a_usage_error():
     proto = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [1])], [vi("y", None)])
     with pytest.raises(UsageError, match="activation ranges"):
-        convert(ir.from_proto(proto), Recipe())
+        convert_model(ir.from_proto(proto), Recipe())
 
 
 def _small_cnn():
@@ -471,20 +471,20 @@ def _mlp():
 def test_dynamic_uses_dynamic_quantize_matmul_and_keeps_excluded_layers():
     proto = _mlp()
     recipe = load_recipe("int8-dynamic").override("quantize", exclude=("lm_head",))
-    model, _reports, summary = convert_with_summary(ir.from_proto(proto), recipe)
+    model, _reports, summary = convert_model(ir.from_proto(proto), recipe)
     types = op_types(model)
     assert types.count("DynamicQuantizeMatMul") == 2 and "Gemm" in types
     assert summary.float_["Gemm"] == 1 and summary.quantized["MatMul"] == 2
     feed = {"x": RNG.standard_normal((8, 64)).astype(np.float32)}
     assert sqnr(proto, model, feed) > MIN_SQNR_CHAIN_DB
-    full, *_ = convert_with_summary(ir.from_proto(proto), load_recipe("int8-dynamic"))
+    full, *_ = convert_model(ir.from_proto(proto), load_recipe("int8-dynamic"))
     assert op_types(full).count("DynamicQuantizeMatMul") == 3  # Gemm transB + bias too
     assert sqnr(proto, full, feed) > MIN_SQNR_CHAIN_DB
 
 
 def test_dynamic_leaves_conv_in_float_with_reason():
     proto = _small_cnn()
-    _model, _reports, summary = convert_with_summary(ir.from_proto(proto), load_recipe("int8-dynamic"))
+    _model, _reports, summary = convert_model(ir.from_proto(proto), load_recipe("int8-dynamic"))
     assert summary.float_["Conv"] == 2
     assert any("ConvInteger" in r for r in summary.reasons["Conv"])
 
@@ -531,9 +531,9 @@ def test_dynamic_smoothing_moves_outlier_channels_into_weights():
     gain[:2] = 300.0  # two outlier channels, as in LLM hidden states
     feed = {"x": RNG.standard_normal((16, 64)).astype(np.float32) * gain}
     recipe = load_recipe("int8-dynamic")
-    plain, _ = convert(ir.from_proto(proto), recipe)
+    plain, _, _ = convert_model(ir.from_proto(proto), recipe)
     absmax = {"x": np.abs(feed["x"]).max(axis=0)}
-    smoothed, reports = convert(ir.from_proto(proto), recipe, absmax=absmax)
+    smoothed, reports, _ = convert_model(ir.from_proto(proto), recipe, absmax=absmax)
     assert next(r for r in reports if r.name == "dynamic").counts["inputs smoothed"] == 1
     assert op_types(smoothed) == ["Mul", "DynamicQuantizeMatMul"]
     assert sqnr(proto, smoothed, feed) > sqnr(proto, plain, feed) + 6.0  # 4x less noise at least
@@ -570,7 +570,7 @@ def test_dynamic_smoothing_folds_into_the_producer_when_it_can():
     _, *values = session(probe).run(None, feed)
     absmax = {name: np.abs(v).max(axis=0) for name, v in zip(("h", "m", "d"), values)}
     recipe = load_recipe("int8-dynamic")
-    smoothed, reports = convert(ir.from_proto(proto), recipe, absmax=absmax)
+    smoothed, reports, _ = convert_model(ir.from_proto(proto), recipe, absmax=absmax)
     counts = next(r for r in reports if r.name == "dynamic").counts
     assert counts["inputs smoothed"] == 3
     assert counts["smoothing folded into Mul by a constant"] == 1
@@ -591,7 +591,7 @@ def test_dynamic_matmul_takes_its_bias_add():
         [init("w", RNG.standard_normal((64, 128)).astype(np.float32)),
          init("b", RNG.standard_normal(128).astype(np.float32))],
     )
-    model, _ = convert(ir.from_proto(proto), load_recipe("int8-dynamic"))
+    model, _, _ = convert_model(ir.from_proto(proto), load_recipe("int8-dynamic"))
     assert op_types(model) == ["DynamicQuantizeMatMul"]
     feed = {"x": RNG.standard_normal((8, 64)).astype(np.float32)}
     assert sqnr(proto, model, feed) > MIN_SQNR_DB
@@ -651,7 +651,7 @@ def test_dynamic_keeps_inputs_that_would_quantize_too_noisily_in_float():
     absmax = np.ones(64)
     absmax[0] = 1e4
     stats = {"x": ChannelStats(absmax, np.full(64, 0.01))}
-    _model, _reports, summary = convert_with_summary(ir.from_proto(proto), load_recipe("int8-dynamic"), absmax=stats)
+    _model, _reports, summary = convert_model(ir.from_proto(proto), load_recipe("int8-dynamic"), absmax=stats)
     assert summary.float_["MatMul"] == 1
     assert "dB SQNR" in next(iter(summary.reasons["MatMul"]))
 
@@ -709,7 +709,7 @@ def test_table_of_the_input_graph_follows_folded_scale_and_shift():
          init("s", np.full((c, 1, 1), 5.0, np.float32)), init("t", np.full((c, 1, 1), 3.0, np.float32))],
     )
     feeds = feeds_for(proto, batch=1)
-    model, reports, _summary = convert_with_summary(ir.from_proto(proto), Recipe(), table=_RawTable(proto, feeds))
+    model, reports, _summary = convert_model(ir.from_proto(proto), Recipe(), table=_RawTable(proto, feeds))
     table = next(r for r in reports if r.name == "table")
     assert table.counts["ranges moved through folded layers"] == 1
     assert "Mul" not in op_types(model) and "Add" not in op_types(model)
@@ -728,7 +728,7 @@ def test_dynamic_matmuls_sharing_an_input_quantize_it_once():
         [vi("x", ["B", 64])], [vi("y", None)],
         [init(f"w{i}", w) for i, w in enumerate(ws)],
     )
-    model, reports = convert(ir.from_proto(proto), load_recipe("int8-dynamic"))
+    model, reports, _ = convert_model(ir.from_proto(proto), load_recipe("int8-dynamic"))
     types = op_types(model)
     assert types.count("DynamicQuantizeLinear") == 1 and types.count("MatMulIntegerToFloat") == 3
     assert types.count("DynamicQuantizeMatMul") == 1

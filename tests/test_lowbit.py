@@ -526,13 +526,13 @@ def test_conv_weight_becomes_blocked_dq_of_input_channel_blocks(bits, symmetric,
 
 def test_conv_below_opset_21_stays_float_unless_the_upgrade_is_allowed(tmp_path):
     from qtool.config import load_recipe
-    from qtool.convert import convert
+    from qtool.pipeline import convert_model
 
     path, *_ = _conv_model(tmp_path, opset=17, with_flatten=True)  # Flatten changed in opset 21
     report = apply_weight_only(qmodel.load(path), Recipe(), 4)
     assert not report.counts and "--allow-opset-upgrade" in report.skipped["conv"]
     recipe = load_recipe("int4-weight-only").override("quantize", allow_opset_upgrade=True)
-    out, reports = convert(qmodel.load(path), recipe)
+    out, reports, _ = convert_model(qmodel.load(path), recipe)
     assert out.opset_imports[""] == 21 and reports[0].counts == {"opset 17 -> 21": 1}  # onnx's converter
     assert [n.op_type for n in out.graph] == ["DequantizeLinear", "Conv", "Conv", "Flatten"]
     x = RNG.standard_normal((1, 48, 6, 6)).astype(np.float32)

@@ -21,8 +21,8 @@ import tomllib
 from onnx import TensorProto, helper, numpy_helper
 
 from qtool.config import LayerOverride, Recipe, load_recipe
-from qtool.convert import convert, weight_only_part
 from qtool.errors import UsageError
+from qtool.pipeline import convert_model, weight_only_part
 from qtool.tune import parse_bits, parse_budget, recipe_toml, tune
 from qtool.tune.frontier import Candidate, mark_frontier, svg
 from qtool.tune.search import group_bytes, order_moves
@@ -106,7 +106,7 @@ def test_weight_only_recipe_mixes_8_4_and_float(mlp_case):
     model_path, _ = mlp_case
     recipe = dataclasses.replace(load_recipe("int4-weight-only"),
                                  layer=(LayerOverride("fc2", 8), LayerOverride("fc4", 32)))
-    out, _ = convert(ir.load(model_path), recipe)
+    out, _, _ = convert_model(ir.load(model_path), recipe)
     assert ops(out) == {"MatMulNBits/4": 2, "MatMulNBits/8": 1, "MatMul": 1, "Relu": 2}  # bias folded
     x = np.random.default_rng(5).standard_normal((4, K)).astype(np.float32)
     ref = run(model_path, x)
@@ -120,7 +120,7 @@ def test_int8_recipe_with_4bit_layers_runs_weight_only_first(mlp_case):
     recipe = dataclasses.replace(recipe, layer=(LayerOverride("fc1", 4), LayerOverride("fc4", 32)))
     part = weight_only_part(recipe)
     assert part.layer[-1] == LayerOverride("*", 32) and part.layer[1] == LayerOverride("fc4", 32)
-    out, reports = convert(ir.load(model_path), recipe)
+    out, reports, _ = convert_model(ir.load(model_path), recipe)
     counts = ops(out)
     assert counts["MatMulNBits/4"] == 1 and counts["DynamicQuantizeMatMul"] == 2 and counts["MatMul"] == 1
     assert {r.name for r in reports} >= {"weight_only", "dynamic"}
@@ -151,13 +151,13 @@ def cnn(path: Path) -> Path:
 
 
 def test_static_int8_conv_with_4bit_head(tmp_path):
-    from qtool.calibration import calibrate
+    from qtool.pipeline import calibrate
 
     model_path = cnn(tmp_path / "cnn.onnx")
     data = samples(tmp_path / "data", model_path, n=16, shape=(1, 3, 8, 8))
     recipe = dataclasses.replace(load_recipe("int8-static"), layer=(LayerOverride("head", 4),))
     table = calibrate(model_path, data, recipe)
-    out, _ = convert(ir.load(model_path), recipe, table=table)
+    out, _, _ = convert_model(ir.load(model_path), recipe, table=table)
     counts = ops(out)
     assert counts.get("MatMulNBits/4") == 1 and counts.get("MatMul", 0) == 0
     assert counts["QuantizeLinear"] >= 1 and counts["DequantizeLinear"] >= 2  # the Conv is int8 QDQ
@@ -229,7 +229,7 @@ def test_tune_keeps_the_sensitive_layer_at_8_bits(mlp_case, tmp_path):
     assert model_path.read_bytes() == before  # the input model is never modified
     # the written recipe reproduces the model through convert
     recipe = load_recipe(str(result.recipe_path))
-    again, _ = convert(ir.load(model_path), recipe)
+    again, _, _ = convert_model(ir.load(model_path), recipe)
     x = np.random.default_rng(9).standard_normal((3, K)).astype(np.float32)
     np.testing.assert_array_equal(run(ir.to_proto(again).SerializeToString(), x), run(out, x))
     # the frontier compares with uniform int8 and int4; the tuned model beats uniform 4
@@ -389,20 +389,20 @@ def sensitive_cnn(path: Path) -> Path:
 
 
 def test_int8_recipe_with_a_4bit_conv_dequantizes_its_weight_and_keeps_float_activations(tmp_path):
-    from qtool.calibration import calibrate
+    from qtool.pipeline import calibrate
 
     model_path = sensitive_cnn(tmp_path / "cnn.onnx")
     data = samples(tmp_path / "data", model_path, n=16, shape=(1, 16, 8, 8))
     recipe = dataclasses.replace(load_recipe("int8-static"), layer=(LayerOverride("convC", 4),))
     table = calibrate(model_path, data, recipe)
-    out, reports = convert(ir.load(model_path), recipe, table=table)
+    out, reports, _ = convert_model(ir.load(model_path), recipe, table=table)
     assert all(r.counts.get("Conv -> DequantizeLinear (4-bit)", 0) == 0 for r in reports)  # opset 17: refused
     notes = next(r for r in reports if r.name == "weight_only").notes
     assert any(n.startswith("convC: not weight-only") and "--allow-opset-upgrade" in n for n in notes)
     conv_c = next(n for n in out.graph if n.name == "convC")  # int8 instead, like the others
     assert conv_c.inputs[1].producer().inputs[0].const_value.dtype == ir.DataType.INT8
     recipe = recipe.override("quantize", allow_opset_upgrade=True)
-    out, reports = convert(ir.load(model_path), recipe, table=table)
+    out, reports, _ = convert_model(ir.load(model_path), recipe, table=table)
     assert out.opset_imports[""] == 21
     conv = next(n for n in out.graph if n.op_type == "Conv" and n.name == "convC_q")
     dq = conv.inputs[1].producer()
@@ -439,7 +439,7 @@ def test_tune_keeps_the_sensitive_conv_at_8_bits_and_lowers_the_rest_to_4(tmp_pa
     from qtool.calibration import CalibrationTable
 
     table = CalibrationTable.load(result.table_path)
-    again, _ = convert(ir.load(model_path), recipe, table=table)
+    again, _, _ = convert_model(ir.load(model_path), recipe, table=table)
     x = np.load(data / "001.npy")
     np.testing.assert_array_equal(run(ir.to_proto(again).SerializeToString(), x), run(out, x))
     assert ops(ir.load(out))["Conv"] == 3 and ir.load(out).opset_imports[""] == 21

@@ -1,6 +1,6 @@
 """Streaming calibration: observe the activations conversion needs, in flat memory.
 
-    table = calibrate("model.onnx", "calib/", load_recipe("int8-static"))
+    table = qtool.calibrate("model.onnx", "calib/", "int8-static")   # qtool.pipeline
     table.save("table.json")
     ranges = CalibrationTable.load("table.json").ranges()   # {tensor: (lo, hi)}
 
@@ -27,18 +27,13 @@ from qtool.calibration.table import CalibrationTable, TensorStats
 from qtool.calibration.thresholds import HISTOGRAM_METHODS, METHODS
 from qtool.config import Recipe
 from qtool.errors import CalibrationError, UsageError
-from qtool.runtime.collect import (
-    first_non_finite_sample,
-    infer_types,
-    raise_non_finite,
-    stream_tensors,
-)
+from qtool.runtime.collect import first_non_finite_sample, raise_non_finite, stream_tensors
 
 __all__ = [
     "CalibrationTable",
     "TensorStats",
     "METHODS",
-    "calibrate",
+    "calibrate_prepared",
     "calibration_params",
     "parse_shard",
     "shard_samples",
@@ -98,28 +93,27 @@ class Progress:
     seconds: float
 
 
-def calibrate(
-    model_path: str | os.PathLike | ir.Model,
+def calibrate_prepared(
+    model: ir.Model,
     data_dir: str | os.PathLike,
     recipe: Recipe,
+    names: list[str],
     *,
     shard: tuple[int, int] = (0, 1),
     on_progress: Callable[[Progress], None] | None = None,
     threads: int = 0,
 ) -> CalibrationTable:
-    """Observe the activations ``recipe`` quantizes over the samples in ``data_dir``.
+    """Observe the tensors ``names`` of ``model`` over the samples in ``data_dir``.
 
+    ``model`` is the graph conversion will rewrite (already pre-processed, value types
+    known); it is not modified. The table is stored under its fingerprint.
     Memory: the model, one batch of activations, and per tensor ``bins`` int64 counts
     (16 KiB at 2048 bins), independent of the number of samples. ``shard=(i, n)`` observes
     every n-th batch starting at i; merging the n tables equals one run.
-    A model passed as ``ir.Model`` is not modified (its value types must be known);
-    a path is loaded and pre-processed exactly as ``qtool convert`` will (BatchNorm and
-    scale folding, Pad fusion...), so the table holds the ranges of the tensors conversion
-    quantizes, under the fingerprint of the pre-processed graph.
+    ``qtool.calibrate`` (qtool.pipeline) loads, pre-processes and selects the tensors.
     """
     from qtool.data import Dataset, input_specs
-    from qtool.model import graph_fingerprint, load
-    from qtool.passes.select import select_nodes
+    from qtool.model import graph_fingerprint
 
     params = calibration_params(recipe)
     c = recipe.calibration
@@ -127,21 +121,7 @@ def calibrate(
         raise CalibrationError(
             f"shard {shard[0]}/{shard[1]} is out of range", "use I/N with 0 <= I < N, e.g. 0/4"
         )
-    if isinstance(model_path, ir.Model):
-        model = model_path
-    else:
-        from qtool.passes.preprocess import preprocess
-
-        model = load(model_path)
-        preprocess(model)  # our own copy: safe to rewrite
-        infer_types(model)
     fingerprint = graph_fingerprint(model)  # structure only: inferred types do not change it
-    names = select_nodes(model, recipe).activation_tensors
-    if not names:
-        raise CalibrationError(
-            "the recipe quantizes no node of this model, so there is nothing to calibrate",
-            "check the recipe's op_types/exclude, or `qtool inspect MODEL` for candidates",
-        )
     dataset = Dataset(data_dir, input_specs(model), recipe.preprocess)
     count = len(dataset) if c.samples <= 0 else min(c.samples, len(dataset))
     batch_size = max(1, c.batch_size)

@@ -56,10 +56,11 @@ def calibrate_command(
 
     Example: qtool calibrate model.onnx --data calib/ -o table.json --method entropy
     """
-    from qtool.calibration import calibrate, calibration_params, parse_shard, shard_samples
+    from qtool.calibration import calibration_params, parse_shard, shard_samples
     from qtool.config import load_recipe
     from qtool.errors import UsageError
     from qtool.model import check_output_path
+    from qtool.pipeline import calibrate
 
     r = load_recipe(recipe).override(
         "calibration",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from enum import Enum
 from pathlib import Path
 
@@ -11,48 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from qtool.cli.app import app, console, emit_json, info, progress, settings, warn
+from qtool.quant.blockwise import ALGORITHMS
 
-# Measured here (onnxruntime 1.32, CPU provider, 2 threads, AVX-512 VNNI; bench/convert_int8.py
-# and bench/convert_lowbit.py): ResNet-18-shaped CNN fp32 96.5 ms; QDQ with int8 activations
-# 104 ms; with uint8 activations 37-40 ms. Dynamic int8 (ConvInteger) on it: 433 ms, and on
-# EfficientNet-Lite0 250 ms vs 25 ms fp32. MatMulNBits int4 decoder stack, one token:
-# accuracy_level 0 277 ms, accuracy_level 4 82 ms.
-SLOW_INT8_ACTIVATIONS = (
-    "int8 activations in QDQ are not fused into onnxruntime's fast x86 kernels (measured here "
-    "on a ResNet-18-shaped CNN: 104 ms vs 97 ms fp32, and 37-40 ms with uint8 activations); "
-    "--activation-type uint8 is the fast choice on this CPU"
-)
-SLOW_ACCURACY_LEVEL = (
-    "MatMulNBits accuracy_level {level} computes in float on the CPU provider (measured here: "
-    "3.4x slower per token than --accuracy-level 4, which uses int8 activations)"
-)
-SLOW_DYNAMIC_CONV = (
-    "{n} Conv node(s) stay float: dynamic int8 Conv (ConvInteger) runs slower than float on "
-    "onnxruntime's CPU provider (measured here: 4.5-10x slower); use static int8 (--data/--calib) for CNNs"
-)
-
-# bench/convert_int8.py: static QDQ int8 took SmolLM2-135M's perplexity from 46.7 to 21,431
-# (onnxruntime's own static: 335,788) and MiniLM's Pearson from 0.638 to 0.607, while dynamic
-# int8 with --data (smoothing) kept 47.7 (+2%) and 0.638.
-STATIC_TRANSFORMER = (
-    "this looks like a transformer ({matmuls} MatMul/Gemm with weights, Softmax, no Conv): static "
-    "int8 activations lose accuracy on its outlier channels (measured here: SmolLM2-135M "
-    "perplexity 46.7 -> 21,431 static, 47.7 with --dynamic --data); try --dynamic --data DIR"
-)
-MIN_TRANSFORMER_MATMULS = 4
 MAX_NOTES = 6  # per pass in the human report; --json has them all
-
-
-def looks_like_transformer(summary) -> int:
-    """The number of weight MatMul/Gemm nodes when the converted graph has the shape of a
-    transformer (Softmax, no Conv, at least MIN_TRANSFORMER_MATMULS of them), else 0."""
-    def count(op: str) -> int:
-        return summary.quantized.get(op, 0) + summary.float_.get(op, 0)
-
-    matmuls = count("MatMul") + count("Gemm")
-    if count("Softmax") and not count("Conv") and matmuls >= MIN_TRANSFORMER_MATMULS:
-        return matmuls
-    return 0
 
 
 class Format(str, Enum):
@@ -71,16 +31,12 @@ class ActType(str, Enum):
     int8 = "int8"
 
 
-class Algorithm(str, Enum):
-    rtn = "rtn"
-    mse = "mse"
-    hqq = "hqq"
-    gptq = "gptq"
-    awq = "awq"
+# The choices are the library's own lists, so a new algorithm needs no CLI edit.
+Algorithm = Enum("Algorithm", {name: name for name in ALGORITHMS}, type=str)
 
 
 def _default_preset(dtype: DType | None, bits: int | None, dynamic: bool | None) -> str | None:
-    if dtype == DType.fp16:
+    if dtype == DType.fp16 or bits == 16:
         return "fp16"
     if bits in (2, 3, 4):
         return "int4-weight-only"
@@ -107,7 +63,7 @@ def build_recipe(
     r = r.override(
         "quantize",
         bits=bits,
-        dtype=dtype.value if dtype is not None else None,
+        dtype="fp16" if bits == 16 else (dtype.value if dtype is not None else None),
         dynamic=dynamic,
         format=q_format,
         per_channel=per_channel,
@@ -118,8 +74,6 @@ def build_recipe(
     )
     if dtype == DType.fp16 and bits is None:
         r = r.override("quantize", bits=16)
-    if r.quantize.dtype == "int" and r.quantize.bits == 16:
-        r = r.override("quantize", bits=8)
     r = r.override(
         "weight_only",
         block_size=block_size,
@@ -132,42 +86,23 @@ def build_recipe(
     return r.override("calibration", samples=samples)
 
 
-def check_flags(r, plan, *, calib: Path | None, data: Path | None, samples: int | None) -> None:
-    """Flag combinations that cannot work, caught before any model is loaded (exit 2)."""
+def check_flags(*, bits, dtype, dynamic, data: Path | None, samples: int | None) -> None:
+    """Flags that contradict each other (a flag that cannot apply is an error, exit 2)."""
     from qtool.errors import UsageError
 
-    if calib is not None and data is not None:
-        raise UsageError("--calib and --data are alternatives", "pass a table or a data folder, not both")
-    if plan.kind == "int8-static" and calib is None and data is None:
+    if bits is not None and bits not in (2, 3, 4, 8, 16):
+        raise UsageError(f"--bits {bits} is not supported", "use 8, 4, 3 or 2, or 16 (= --dtype fp16)")
+    if dtype == DType.fp16 and bits not in (None, 16):
         raise UsageError(
-            "static int8 needs activation ranges: no --calib table or --data folder given",
-            "pass --calib TABLE.json (qtool calibrate) or --data DIR (calibrates inline), "
-            "or use --dynamic (no data needed)",
+            f"--dtype fp16 and --bits {bits} choose two different schemes",
+            "use --dtype fp16 alone (half-precision float), or --bits without --dtype fp16",
         )
-    if calib is not None and plan.kind != "int8-static":
-        raise UsageError(
-            f"--calib is only used by static int8, not by {plan.kind}",
-            "drop --calib, or drop --dynamic / --bits / --dtype",
-        )
+    if bits == 16 and dtype == DType.int:
+        raise UsageError("16-bit integer weights are not supported", "use --bits 16 (or --dtype fp16) for half precision")
+    if dynamic and (dtype == DType.fp16 or bits == 16):
+        raise UsageError("--dynamic is an int8 scheme, --dtype fp16 is half precision", "pick one of the two")
     if samples is not None and data is None:
         raise UsageError("--samples needs --data", "add --data DIR, or drop --samples")
-    if samples is not None and samples < 0:
-        raise UsageError(f"--samples must be >= 0, got {samples}", "0 means every sample")
-    wo = r.weight_only
-    if plan.kind == "weight-only":
-        if wo.algorithm in ("gptq", "awq") and data is None:
-            raise UsageError(
-                f"--algorithm {wo.algorithm} needs sample inputs",
-                "pass --data DIR, or use a data-free algorithm: rtn, mse or hqq",
-            )
-        if wo.block_size not in (16, 32, 64, 128, 256):
-            raise UsageError(f"--block-size {wo.block_size} is not supported", "use 32, 64, 128 or 256")
-        if wo.accuracy_level not in (0, 1, 2, 3, 4):
-            raise UsageError(f"--accuracy-level must be 0..4, got {wo.accuracy_level}", "4 is the fast path on x86")
-    if calib is not None and not calib.exists():
-        raise UsageError(f"calibration table not found: {calib}", "make one with: qtool calibrate MODEL --data DIR -o TABLE.json")
-    if data is not None and not data.is_dir():
-        raise UsageError(f"--data {data} is not a folder", "pass a folder of samples (.npy/.npz/images)")
 
 
 @app.command("convert")
@@ -214,13 +149,11 @@ def convert_command(
       qtool convert llm.onnx -o llm.int4.onnx --bits 4 --block-size 32
       qtool convert m.onnx -o m.fp16.onnx --dtype fp16
     """
-    from qtool.convert import plan_for
     from qtool.model import check_output_path
+    from qtool.pipeline import convert_file, plan_for
+    from qtool.pipeline.plan import check_inputs, speed_warnings
 
-    if bits is not None and bits not in (2, 3, 4, 8, 16):
-        from qtool.errors import UsageError
-
-        raise UsageError(f"--bits {bits} is not supported", "use 8, 4, 3 or 2 (or --dtype fp16)")
+    check_flags(bits=bits, dtype=dtype, dynamic=dynamic, data=data, samples=samples)
     r = build_recipe(
         recipe, bits=bits, dtype=dtype, dynamic=dynamic, fmt=fmt, per_channel=per_channel,
         symmetric_activations=symmetric_activations, activation_type=activation_type,
@@ -229,154 +162,22 @@ def convert_command(
         allow_opset_upgrade=allow_opset_upgrade, samples=samples,
     )
     plan = plan_for(r)
-    check_flags(r, plan, calib=calib, data=data, samples=samples)
+    check_inputs(r, plan, calib=calib, data=data)
     if not model.exists():
         from qtool.errors import ModelError
 
         raise ModelError(f"model file not found: {model}", "check the path")
     check_output_path(output, model)
-    _speed_warnings(r, plan)
-    report = run_convert(model, output, r, plan, calib=calib, data=data, external_data=external_data)
+    for message in speed_warnings(r, plan):
+        warn(message)
+    report = convert_file(model, output, r, data=data, calib=calib, external_data=external_data,
+                          progress=progress)
+    for message in report["warnings"]:
+        warn(message)
     if json_out:
         emit_json(report)
     if not settings.quiet or not json_out:
         _print_report(report)
-
-
-def _speed_warnings(r, plan) -> None:
-    q = r.quantize
-    if plan.kind == "int8-static" and q.activation_type == "int8":
-        warn(SLOW_INT8_ACTIVATIONS)
-    if plan.kind == "weight-only" and plan.format == "matmulnbits" and r.weight_only.accuracy_level < 4:
-        warn(SLOW_ACCURACY_LEVEL.format(level=r.weight_only.accuracy_level))
-
-
-def run_convert(model_path: Path, output: Path, r, plan, *, calib, data, external_data) -> dict:
-    """Load, (calibrate), convert, save, verify, measure; return the report dictionary."""
-    from qtool.convert import convert_with_summary
-    from qtool.model import add_provenance, load, model_size_bytes, save
-
-    t0 = time.perf_counter()
-    source = load(model_path)
-    table = None
-    preprocessed = False
-    reports = []
-    work = source
-    activations = None
-    absmax = None
-    if plan.kind == "int8-static":
-        if calib is not None:
-            from qtool.calibration.table import CalibrationTable
-
-            table = CalibrationTable.load(calib)
-        else:
-            from qtool.calibration import calibrate
-            from qtool.passes.preprocess import preprocess
-
-            work = source.clone()
-            reports.append(preprocess(work))
-            preprocessed = True
-            with progress("calibrating", None) as advance:
-                last = [0]
-
-                def on_batch(p) -> None:
-                    advance(p.done - last[0])
-                    last[0] = p.done
-
-                table = calibrate(work, data, r, on_progress=on_batch)
-    elif plan.kind == "int8-dynamic" and data is not None:
-        from qtool.data import Dataset, input_specs
-        from qtool.passes.dynamic import collect_channel_absmax, smoothing_inputs
-        from qtool.passes.preprocess import preprocess
-
-        work = source.clone()
-        reports.append(preprocess(work))
-        preprocessed = True
-        dataset = Dataset(data, input_specs(work), r.preprocess)
-        with progress("activation ranges", None):
-            absmax = collect_channel_absmax(work, dataset, smoothing_inputs(work, r),
-                                            limit=r.calibration.samples)
-    elif plan.kind == "weight-only" and r.weight_only.algorithm in ("gptq", "awq"):
-        from qtool.data import Dataset, input_specs
-        from qtool.passes.weight_only import collect_weight_only_stats
-
-        dataset = Dataset(data, input_specs(source), r.preprocess)
-        activations = collect_weight_only_stats(model_path, dataset, r, limit=r.calibration.samples)
-
-    with progress("converting", None) as advance:
-        seen = [0]
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            advance(done - seen[0])
-            seen[0] = done
-
-        converted, more, summary = convert_with_summary(
-            work, r, table=table, on_progress=on_progress, preprocessed=preprocessed,
-            activations=activations, absmax=absmax,
-        )
-    reports += more
-    add_provenance(converted, r.to_dict(), source=str(model_path))
-    saved = save(converted, output, input_path=model_path,
-                 external_data=True if external_data or _has_external_data(source) else None)
-    seconds = time.perf_counter() - t0
-    in_size, out_size = model_size_bytes(model_path), saved.bytes_written  # the output: what save wrote
-    result = {
-        "model": str(model_path),
-        "output": str(saved.path),
-        "recipe": r.name,
-        "mode": plan.kind,
-        "format": plan.format,
-        "seconds": round(seconds, 3),
-        "size_bytes": {"input": in_size, "output": out_size},
-        "size_ratio": round(out_size / in_size, 4) if in_size else None,
-        "ops": summary.to_dict(),
-        "passes": [{"name": p.name, "counts": p.counts, "notes": p.notes[:50]} for p in reports],
-        "fidelity": None,
-    }
-    if data is not None:
-        result["fidelity"] = _fidelity(model_path, saved.path, data, r)
-    if plan.kind == "int8-static" and (matmuls := looks_like_transformer(summary)):
-        warn(STATIC_TRANSFORMER.format(matmuls=matmuls))
-    if plan.kind == "int8-dynamic":
-        conv_float = summary.float_.get("Conv", 0)
-        if conv_float:
-            warn(SLOW_DYNAMIC_CONV.format(n=conv_float))
-    return result
-
-
-def _has_external_data(model) -> bool:
-    """Whether the loaded input keeps weights in data files: its output should too (writing
-    a big model inline builds the whole protobuf in memory)."""
-    import onnx_ir as ir
-
-    from qtool.model import iter_initializers
-
-    return any(isinstance(t, ir.ExternalTensor) for t in iter_initializers(model))
-
-
-def _fidelity(reference: Path, candidate: Path, data: Path, r) -> dict | None:
-    """Cosine / SQNR of the outputs on the first sample of ``data``."""
-    import onnxruntime as ort
-
-    from qtool.convert import fidelity
-    from qtool.data import Dataset, input_specs
-    from qtool.model import load
-
-    dataset = Dataset(data, input_specs(load(reference)), r.preprocess)
-    if len(dataset) == 0:
-        return None
-    feed = dataset.load_sample(0)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    outs = []
-    for path in (reference, candidate):
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        outs.append(session.run(None, feed))
-    ref = [o for o in outs[0] if getattr(o, "dtype", None) is not None and o.dtype.kind == "f"]
-    cand = [o for o in outs[1] if getattr(o, "dtype", None) is not None and o.dtype.kind == "f"]
-    if not ref or len(ref) != len(cand):
-        return None
-    return fidelity(ref, cand)
 
 
 def _print_report(report: dict) -> None:

@@ -257,8 +257,6 @@ def tune(
     measuring sensitivities in time to verify; the run ends within about one measurement
     of the budget.
     """
-    from qtool.calibration import calibrate
-    from qtool.convert import convert, plan_for, upgrade_opset
     from qtool.data import Dataset, input_specs
     from qtool.eval.evaluate import default_metrics
     from qtool.model import (
@@ -269,6 +267,7 @@ def tune(
         opset_version,
         save,
     )
+    from qtool.pipeline import calibrate, convert_model, plan_for, upgrade_opset
 
     start = time.monotonic()
     deadline = start + budget_minutes * 60 if budget_minutes else math.inf
@@ -374,7 +373,7 @@ def tune(
         return tuned_recipe(base, groups, assign, all_names)
 
     def build(assign: Sequence[int]):
-        converted, _ = convert(model, recipe_for(assign), table=table)
+        converted, _, _ = convert_model(model, recipe_for(assign), table=table)
         return converted
 
     def measure(assign: Sequence[int], label: str, on_sample=None):

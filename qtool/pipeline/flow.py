@@ -1,0 +1,254 @@
+"""The conversion flow the CLI and the Python API share: load -> prepare (pre-process,
+calibrate or collect statistics) -> the scheme's passes -> save (atomic, verified) ->
+fidelity on a sample -> a JSON-ready report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from qtool.config import Recipe
+from qtool.passes import PassReport
+from qtool.pipeline.context import Context, StageProgress
+from qtool.pipeline.plan import ConvertPlan
+from qtool.pipeline.progress import ProgressFactory, no_progress
+from qtool.pipeline.schemes import Converted, run_scheme
+from qtool.pipeline.tables import RangeTable
+
+# Measured here (onnxruntime 1.32, CPU provider, 2 threads): dynamic int8 Conv (ConvInteger)
+# ran 4.5-10x slower than float on a ResNet-18-shaped CNN and on EfficientNet-Lite0.
+SLOW_DYNAMIC_CONV = (
+    "{n} Conv node(s) stay float: dynamic int8 Conv (ConvInteger) runs slower than float on "
+    "onnxruntime's CPU provider (measured here: 4.5-10x slower); use static int8 (--data/--calib) for CNNs"
+)
+# bench/convert_int8.py: static QDQ int8 took SmolLM2-135M's perplexity from 46.7 to 21,431
+# (onnxruntime's own static: 335,788) and MiniLM's Pearson from 0.638 to 0.607, while dynamic
+# int8 with --data (smoothing) kept 47.7 (+2%) and 0.638.
+STATIC_TRANSFORMER = (
+    "this looks like a transformer ({matmuls} MatMul/Gemm with weights, Softmax, no Conv): static "
+    "int8 activations lose accuracy on its outlier channels (measured here: SmolLM2-135M "
+    "perplexity 46.7 -> 21,431 static, 47.7 with --dynamic --data); try --dynamic --data DIR"
+)
+MIN_TRANSFORMER_MATMULS = 4
+
+
+def convert_model(
+    model: ir.Model,
+    recipe: Recipe,
+    *,
+    table: RangeTable | Mapping | None = None,
+    preprocessed: bool = False,
+    activations: dict | None = None,
+    absmax: dict | None = None,
+    on_progress: StageProgress | None = None,
+) -> Converted:
+    """Convert an in-memory ``model`` as ``recipe`` says (the input is not modified).
+
+    ``table``: a CalibrationTable (or a plain ``{tensor: (lo, hi)}`` mapping) for static
+    int8, made on this model. ``preprocessed``: the model has already been through
+    qtool.passes.preprocess (as ``prepare`` does before calibrating).
+    ``activations``: gptq/awq statistics; ``absmax``: per-channel maxima of MatMul inputs
+    for dynamic int8 smoothing (both made by ``prepare``).
+    """
+    context = Context(recipe, model, table=table, preprocessed=preprocessed,
+                      activations=activations, absmax=absmax, on_progress=on_progress)
+    return run_scheme(model, context)
+
+
+@dataclass
+class Prepared:
+    """A model ready for its scheme's passes, and what was measured on the data."""
+
+    model: ir.Model
+    table: RangeTable | None = None
+    preprocessed: bool = False
+    activations: dict | None = None
+    absmax: dict | None = None
+    reports: list[PassReport] = field(default_factory=list)
+
+
+def prepare(
+    source: ir.Model,
+    model_path: str | os.PathLike | None,
+    recipe: Recipe,
+    plan: ConvertPlan,
+    *,
+    data: str | os.PathLike | None = None,
+    calib: str | os.PathLike | None = None,
+    progress: ProgressFactory = no_progress,
+) -> Prepared:
+    """What a scheme needs before its passes: a calibration table (loaded, or calibrated on
+    the pre-processed graph from ``data``), smoothing maxima for dynamic int8 with data,
+    gptq/awq statistics. ``source`` is not modified."""
+    if plan.kind == "int8-static":
+        if calib is not None:
+            from qtool.calibration.table import CalibrationTable
+
+            return Prepared(source, table=CalibrationTable.load(calib))
+        return _calibrated(source, data, recipe, progress)
+    if plan.kind == "int8-dynamic" and data is not None:
+        from qtool.data import Dataset, input_specs
+        from qtool.passes.dynamic import collect_channel_absmax, smoothing_inputs
+        from qtool.passes.preprocess import preprocess
+
+        work = source.clone()
+        report = preprocess(work)
+        dataset = Dataset(data, input_specs(work), recipe.preprocess)
+        with progress("activation ranges", None, "samples"):
+            absmax = collect_channel_absmax(work, dataset, smoothing_inputs(work, recipe),
+                                            limit=recipe.calibration.samples)
+        return Prepared(work, preprocessed=True, absmax=absmax, reports=[report])
+    from qtool.quant.blockwise import DATA_AWARE
+
+    if plan.kind == "weight-only" and recipe.weight_only.algorithm in DATA_AWARE:
+        from qtool.data import Dataset, input_specs
+        from qtool.passes.weight_only import collect_weight_only_stats
+
+        dataset = Dataset(data, input_specs(source), recipe.preprocess)
+        stats = collect_weight_only_stats(model_path if model_path is not None else source, dataset,
+                                          recipe, limit=recipe.calibration.samples)
+        return Prepared(source, activations=stats)
+    return Prepared(source)
+
+
+def calibrate(
+    model: str | os.PathLike | ir.Model,
+    data: str | os.PathLike,
+    recipe: Recipe,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    on_progress=None,  # noqa: ANN001 - Callable[[qtool.calibration.Progress], None]
+    threads: int = 0,
+):
+    """Observe the activations ``recipe`` quantizes over the samples in ``data``; return the
+    CalibrationTable (see qtool.calibration).
+
+    A path is loaded and pre-processed exactly as conversion will (BatchNorm and scale
+    folding, Pad fusion...), so the table holds the ranges of the tensors conversion
+    quantizes, under the fingerprint of the pre-processed graph. An ``ir.Model`` is taken
+    as already prepared (its value types must be known) and is not modified.
+    """
+    from qtool.calibration import calibrate_prepared
+    from qtool.errors import CalibrationError
+    from qtool.passes.select import select_nodes
+
+    if not isinstance(model, ir.Model):
+        from qtool.model import load
+        from qtool.passes.preprocess import preprocess
+        from qtool.runtime import infer_types
+
+        model = load(model)
+        preprocess(model)  # our own copy: safe to rewrite
+        infer_types(model)
+    names = select_nodes(model, recipe).activation_tensors
+    if not names:
+        raise CalibrationError(
+            "the recipe quantizes no node of this model, so there is nothing to calibrate",
+            "check the recipe's op_types/exclude, or `qtool inspect MODEL` for candidates",
+        )
+    return calibrate_prepared(model, data, recipe, names, shard=shard, on_progress=on_progress,
+                              threads=threads)
+
+
+def _calibrated(source: ir.Model, data, recipe: Recipe, progress: ProgressFactory) -> Prepared:
+    from qtool.passes.preprocess import preprocess
+
+    work = source.clone()
+    report = preprocess(work)
+    with progress("calibrating", None, "samples") as advance:
+        last = [0]
+
+        def on_batch(p) -> None:  # noqa: ANN001 - qtool.calibration.Progress
+            advance(p.done - last[0])
+            last[0] = p.done
+
+        table = calibrate(work, data, recipe, on_progress=on_batch)
+    return Prepared(work, table=table, preprocessed=True, reports=[report])
+
+
+def convert_file(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike,
+    recipe: Recipe,
+    *,
+    data: str | os.PathLike | None = None,
+    calib: str | os.PathLike | None = None,
+    external_data: bool = False,
+    progress: ProgressFactory = no_progress,
+) -> dict:
+    """Load, prepare, convert, save (atomic, verified), measure; return the report.
+
+    The report is what ``qtool convert --json`` prints: sizes, per-op summary, every pass's
+    counts and notes, fidelity on one sample when ``data`` is given, and ``warnings``.
+    """
+    from qtool.model import add_provenance, load, model_size_bytes, save
+    from qtool.pipeline.plan import plan_for
+
+    model_path = Path(model_path)
+    plan = plan_for(recipe)
+    t0 = time.perf_counter()
+    source = load(model_path)
+    prepared = prepare(source, model_path, recipe, plan, data=data, calib=calib, progress=progress)
+    with progress("converting", None, "steps") as advance:
+        seen = [0]
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            advance(done - seen[0])
+            seen[0] = done
+
+        converted = convert_model(
+            prepared.model, recipe, table=prepared.table, preprocessed=prepared.preprocessed,
+            activations=prepared.activations, absmax=prepared.absmax, on_progress=on_progress,
+        )
+    reports = prepared.reports + converted.reports
+    add_provenance(converted.model, recipe.to_dict(), source=str(model_path))
+    saved = save(converted.model, output, input_path=model_path,
+                 external_data=True if external_data or has_external_data(source) else None)
+    seconds = time.perf_counter() - t0
+    in_size, out_size = model_size_bytes(model_path), saved.bytes_written
+    report = {
+        "model": str(model_path),
+        "output": str(saved.path),
+        "recipe": recipe.name,
+        "mode": plan.kind,
+        "format": plan.format,
+        "seconds": round(seconds, 3),
+        "size_bytes": {"input": in_size, "output": out_size},
+        "size_ratio": round(out_size / in_size, 4) if in_size else None,
+        "ops": converted.summary.to_dict(),
+        "passes": [{"name": p.name, "counts": p.counts, "notes": p.notes[:50]} for p in reports],
+        "fidelity": None,
+        "warnings": scheme_warnings(plan, converted),
+    }
+    if data is not None:
+        from qtool.pipeline.fidelity import first_sample_fidelity
+
+        report["fidelity"] = first_sample_fidelity(model_path, saved.path, data, recipe)
+    return report
+
+
+def scheme_warnings(plan: ConvertPlan, converted: Converted) -> list[str]:
+    """What the user should know about this scheme on this graph (measured slow or lossy)."""
+    summary = converted.summary
+    warnings = []
+    matmuls = summary.count("MatMul") + summary.count("Gemm")
+    if (plan.kind == "int8-static" and summary.count("Softmax") and not summary.count("Conv")
+            and matmuls >= MIN_TRANSFORMER_MATMULS):
+        warnings.append(STATIC_TRANSFORMER.format(matmuls=matmuls))
+    if plan.kind == "int8-dynamic" and summary.float_.get("Conv", 0):
+        warnings.append(SLOW_DYNAMIC_CONV.format(n=summary.float_["Conv"]))
+    return warnings
+
+
+def has_external_data(model: ir.Model) -> bool:
+    """Whether the loaded input keeps weights in data files: its output should too (writing
+    a big model inline builds the whole protobuf in memory)."""
+    from qtool.model import iter_initializers
+
+    return any(isinstance(t, ir.ExternalTensor) for t in iter_initializers(model))

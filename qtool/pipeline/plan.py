@@ -1,0 +1,132 @@
+"""Which scheme a recipe selects and what it needs, decided before any model is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from qtool.config import LayerOverride, Recipe
+from qtool.errors import UsageError
+
+WEIGHT_ONLY_BITS = (2, 3, 4)
+
+# Measured here (onnxruntime 1.32, CPU provider, 2 threads, AVX-512 VNNI; bench/convert_int8.py
+# and bench/convert_lowbit.py): ResNet-18-shaped CNN fp32 96.5 ms; QDQ with int8 activations
+# 104 ms; with uint8 activations 37-40 ms. MatMulNBits int4 decoder stack, one token:
+# accuracy_level 0 277 ms, accuracy_level 4 82 ms.
+SLOW_INT8_ACTIVATIONS = (
+    "int8 activations in QDQ are not fused into onnxruntime's fast x86 kernels (measured here "
+    "on a ResNet-18-shaped CNN: 104 ms vs 97 ms fp32, and 37-40 ms with uint8 activations); "
+    "--activation-type uint8 is the fast choice on this CPU"
+)
+SLOW_ACCURACY_LEVEL = (
+    "MatMulNBits accuracy_level {level} computes in float on the CPU provider (measured here: "
+    "3.4x slower per token than --accuracy-level 4, which uses int8 activations)"
+)
+
+
+@dataclass(frozen=True)
+class ConvertPlan:
+    """The scheme a recipe selects (a key of ``qtool.pipeline.schemes.SCHEMES``)."""
+
+    kind: str  # "fp16" | "weight-only" | "int8-dynamic" | "int8-static"
+    needs_table: bool
+    format: str
+
+
+def plan_for(recipe: Recipe) -> ConvertPlan:
+    """The scheme for ``recipe``; raises UsageError for combinations that make no sense."""
+    q = recipe.quantize
+    if q.dtype == "fp16":
+        return ConvertPlan("fp16", False, "fp16")
+    if q.dtype != "int":
+        raise UsageError(f"unknown dtype {q.dtype!r}", "use --dtype int or --dtype fp16")
+    if q.bits in WEIGHT_ONLY_BITS or q.format == "matmulnbits":
+        if q.dynamic:
+            raise UsageError("--dynamic is an int8 mode", "drop --dynamic for weight-only 4/3/2-bit")
+        if q.format == "qoperator":
+            raise UsageError(
+                "--format qoperator is an int8 format",
+                "use --format matmulnbits or qdq for 4/3/2-bit weights",
+            )
+        fmt = "matmulnbits" if q.format == "matmulnbits" else recipe.weight_only.format
+        return ConvertPlan("weight-only", False, fmt)
+    if q.bits != 8:
+        raise UsageError(f"--bits {q.bits} is not supported", "use --bits 8, 4, 3 or 2, or --dtype fp16")
+    if q.activation_type not in ("uint8", "int8") or q.weight_type not in ("int8", "uint8"):
+        raise UsageError(
+            f"activation type {q.activation_type!r} / weight type {q.weight_type!r} not supported",
+            "use uint8 or int8",
+        )
+    if q.dynamic:
+        if q.format == "qoperator":
+            raise UsageError(
+                "--dynamic already emits integer ops; --format qoperator is for static int8",
+                "drop --format, or drop --dynamic and pass --calib/--data",
+            )
+        return ConvertPlan("int8-dynamic", False, "dynamic")
+    return ConvertPlan("int8-static", True, q.format)
+
+
+def weight_only_part(recipe: Recipe) -> Recipe | None:
+    """The recipe that quantizes only the layers a mixed int8 recipe puts at 2/3/4 bits.
+
+    Overrides keep their order (first match wins); those at 8 bits or more become 32 and a
+    final ``*`` = 32 keeps every other node float. None when no override is below 8 bits.
+    """
+    if not any(rule.bits < 8 for rule in recipe.layer):
+        return None
+    rules = tuple(r if r.bits < 8 else LayerOverride(r.match, 32) for r in recipe.layer)
+    return dataclasses.replace(recipe, layer=rules + (LayerOverride("*", 32),))
+
+
+def speed_warnings(recipe: Recipe, plan: ConvertPlan) -> list[str]:
+    """Choices known to run slow on this kind of CPU, said before any work is done."""
+    warnings = []
+    if plan.kind == "int8-static" and recipe.quantize.activation_type == "int8":
+        warnings.append(SLOW_INT8_ACTIVATIONS)
+    if (plan.kind == "weight-only" and plan.format == "matmulnbits"
+            and recipe.weight_only.accuracy_level < 4):
+        warnings.append(SLOW_ACCURACY_LEVEL.format(level=recipe.weight_only.accuracy_level))
+    return warnings
+
+
+def check_inputs(recipe: Recipe, plan: ConvertPlan, *, calib=None, data=None) -> None:  # noqa: ANN001
+    """Recipe and input combinations that cannot work, caught before any model is loaded.
+
+    ``calib``: a calibration table path (or table); ``data``: a sample folder path.
+    """
+    from pathlib import Path
+
+    from qtool.quant.blockwise import DATA_AWARE
+
+    if calib is not None and data is not None:
+        raise UsageError("--calib and --data are alternatives", "pass a table or a data folder, not both")
+    if plan.kind == "int8-static" and calib is None and data is None:
+        raise UsageError(
+            "static int8 needs activation ranges: no --calib table or --data folder given",
+            "pass --calib TABLE.json (qtool calibrate) or --data DIR (calibrates inline), "
+            "or use --dynamic (no data needed)",
+        )
+    if calib is not None and plan.kind != "int8-static":
+        raise UsageError(
+            f"--calib is only used by static int8, not by {plan.kind}",
+            "drop --calib, or drop --dynamic / --bits / --dtype",
+        )
+    if recipe.calibration.samples < 0:
+        raise UsageError(f"--samples must be >= 0, got {recipe.calibration.samples}", "0 means every sample")
+    wo = recipe.weight_only
+    if plan.kind == "weight-only":
+        if wo.algorithm in DATA_AWARE and data is None:
+            raise UsageError(
+                f"--algorithm {wo.algorithm} needs sample inputs",
+                "pass --data DIR, or use a data-free algorithm: rtn, mse or hqq",
+            )
+        if wo.block_size not in (16, 32, 64, 128, 256):
+            raise UsageError(f"--block-size {wo.block_size} is not supported", "use 32, 64, 128 or 256")
+        if wo.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UsageError(f"--accuracy-level must be 0..4, got {wo.accuracy_level}", "4 is the fast path on x86")
+    if isinstance(calib, (str, Path)) and not Path(calib).exists():
+        raise UsageError(f"calibration table not found: {calib}", "make one with: qtool calibrate MODEL --data DIR -o TABLE.json")
+    if data is not None and not Path(data).is_dir():
+        raise UsageError(f"--data {data} is not a folder", "pass a folder of samples (.npy/.npz/images)")

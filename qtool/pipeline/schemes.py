@@ -1,0 +1,58 @@
+"""The schemes, each a declared list of passes, and the one loop that runs them.
+
+A pass in a list runs when it ``applies`` to the context and the model in hand; the lists
+read in pipeline order: prepare (opset, pre-processing), quantize, finish (cleanup).
+To add a pass: write its rewrite in ``qtool/passes/``, bind it in ``steps.py``, and put
+it in the lists below where it belongs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import onnx_ir as ir
+
+from qtool.passes import PassReport
+from qtool.pipeline import steps
+from qtool.pipeline.context import Context
+from qtool.pipeline.summary import ConvertSummary, snapshot, summarize
+
+SCHEMES: dict[str, tuple[type, ...]] = {
+    "fp16": (steps.HalfPrecision,),
+    "weight-only": (steps.ConvBlocksOpset, steps.WeightOnly),
+    "int8-dynamic": (
+        steps.ConvBlocksOpset, steps.Preprocess, steps.LowBitLayers, steps.DynamicInt8, steps.Cleanup,
+    ),
+    "int8-static": (
+        steps.PerChannelOpset, steps.ConvBlocksOpset, steps.Preprocess, steps.LowBitLayers,
+        steps.TableRanges, steps.StaticInt8, steps.QOperatorFormat, steps.Cleanup,
+    ),
+}
+
+
+class Converted(NamedTuple):
+    """A converted model, the report of every pass that ran, and the per-op summary."""
+
+    model: ir.Model
+    reports: list[PassReport]
+    summary: ConvertSummary
+
+
+def run_scheme(model: ir.Model, context: Context) -> Converted:
+    """Run the context's scheme on a copy of ``model`` (the input is never modified)."""
+    model = model.clone()
+    reports: list[PassReport] = []
+    before = None
+    for cls in SCHEMES[context.plan.kind]:
+        step = cls(context)
+        if not step.applies(model):
+            continue
+        if before is None and step.stage != "prepare":
+            before = snapshot(model)
+        result = step(model)
+        model = result.model
+        if result.report is not None:
+            reports.append(result.report)
+    if before is None:
+        before = snapshot(model)
+    return Converted(model, reports, summarize(before, model, reports))

@@ -1,0 +1,194 @@
+"""The passes the schemes are made of, each a :class:`qtool.passes.QtoolPass`.
+
+Each class binds one rewrite module to the conversion context: what it reads from the
+context, when it applies, and what it leaves there for the passes after it. The rewrites
+themselves live in ``qtool.passes.*``; adding a pass is one module there, one class here,
+and one line in ``qtool.pipeline.schemes.SCHEMES``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import onnx_ir as ir
+
+from qtool.model import iter_nodes
+from qtool.passes import PassReport, QtoolPass
+from qtool.pipeline.opset import conv_blocks_opset, upgrade_opset
+from qtool.pipeline.tables import check_table, remap_folded_ranges, table_ranges
+
+
+class PerChannelOpset(QtoolPass):
+    """Per-channel int8 weights need opset 13; raise it when the user allowed upgrades."""
+
+    name, stage, in_place_pass = "opset", "prepare", False
+
+    def applies(self, model: ir.Model) -> bool:
+        q = self.context.recipe.quantize
+        return (self.context.plan.kind == "int8-static" and q.per_channel and q.allow_opset_upgrade
+                and model.opset_imports.get("", 0) < 13)
+
+    def run(self, model):
+        reports: list[PassReport] = []
+        return upgrade_opset(model, 13, reports), reports[0]
+
+
+class ConvBlocksOpset(QtoolPass):
+    """Blocked low-bit Conv weights need opset 21 (25 for 2-bit), when upgrades are allowed."""
+
+    name, stage, in_place_pass = "opset", "prepare", False
+
+    def _need(self, model: ir.Model) -> int:
+        ctx = self.context
+        if ctx.plan.kind == "weight-only":
+            return conv_blocks_opset(model, ctx.recipe, ctx.recipe.quantize.bits)
+        return conv_blocks_opset(model, ctx.low_bit, 4) if ctx.low_bit is not None else 0
+
+    def applies(self, model: ir.Model) -> bool:
+        return self._need(model) > model.opset_imports.get("", 0)
+
+    def run(self, model):
+        reports: list[PassReport] = []
+        return upgrade_opset(model, self._need(model), reports), reports[0]
+
+
+class Preprocess(QtoolPass):
+    """Shape inference, constant folding, BatchNorm/scale/Pad folds (qtool.passes.preprocess)."""
+
+    name, stage = "preprocess", "prepare"
+
+    def applies(self, model: ir.Model) -> bool:
+        return not self.context.preprocessed
+
+    def run(self, model):
+        from qtool.passes.preprocess import preprocess
+
+        report = preprocess(model)
+        self.context.carries = report.carries
+        return model, report
+
+
+class LowBitLayers(QtoolPass):
+    """The layers a mixed int8 recipe puts at 2/3/4 bits, as weight-only blocks.
+
+    The calibration table is matched first (it was made on the whole graph), and Convs this
+    pass rewrote are excluded from the int8 pass that follows: they keep float activations.
+    """
+
+    name = "weight-only"
+
+    def applies(self, model: ir.Model) -> bool:
+        return self.context.low_bit is not None
+
+    def run(self, model):
+        from qtool.passes.weight_only import apply_weight_only
+
+        ctx = self.context
+        if ctx.plan.kind == "int8-static" and ctx.table is not None:
+            ctx.table_origin = check_table(ctx.table, ctx.raw, model)
+        convs = {n.name for n in iter_nodes(model) if n.op_type == "Conv"}
+        part = apply_weight_only(model, ctx.low_bit, 4, on_progress=ctx.stage("weights"))
+        # Layers it left alone are the int8 pass's to judge, not "kept float".
+        part.notes += [f"{name}: not weight-only ({why}); the int8 pass takes it"
+                       for name, why in part.skipped.items() if not why.startswith("[[layer]]")]
+        part.skipped = {}
+        rewritten = tuple(sorted(re.sub(r"([\[\]*?])", r"[\1]", n.name) for n in iter_nodes(model)
+                                 if n.op_type == "Conv" and n.name not in convs))
+        if rewritten:
+            q = ctx.recipe.quantize
+            ctx.recipe = ctx.recipe.override("quantize", exclude=q.exclude + rewritten)
+        return model, part
+
+
+class TableRanges(QtoolPass):
+    """The calibration table's ranges, moved through folded layers when it was made on the
+    input graph (reported as "table" only when something moved)."""
+
+    name = "table"
+
+    def applies(self, model: ir.Model) -> bool:
+        return self.context.plan.kind == "int8-static"
+
+    def run(self, model):
+        ctx = self.context
+        ranges = table_ranges(ctx.table)
+        report = None
+        if (ctx.table_origin or check_table(ctx.table, ctx.raw, model)) == "raw" and ctx.carries:
+            report = PassReport("table")
+            ranges = remap_folded_ranges(model, ctx.carries, ranges, report)
+        ctx.ranges = ranges
+        return model, report
+
+
+class StaticInt8(QtoolPass):
+    """Static QDQ int8 from the calibrated ranges (qtool.passes.qdq)."""
+
+    name = "qdq"
+
+    def run(self, model):
+        from qtool.passes.qdq import quantize_static
+
+        ctx = self.context
+        return model, quantize_static(model, ctx.recipe, ctx.ranges, on_progress=ctx.stage("quantize"))
+
+
+class QOperatorFormat(QtoolPass):
+    """QDQ groups fused into QLinear* operators when the recipe asks for --format qoperator."""
+
+    name = "qoperator"
+
+    def applies(self, model: ir.Model) -> bool:
+        return self.context.plan.format == "qoperator"
+
+    def run(self, model):
+        from qtool.passes.qoperator import to_qoperator
+
+        return model, to_qoperator(model)
+
+
+class DynamicInt8(QtoolPass):
+    """Dynamic int8 MatMul/Gemm (and smoothing with statistics) (qtool.passes.dynamic)."""
+
+    name = "dynamic"
+
+    def run(self, model):
+        from qtool.passes.dynamic import quantize_dynamic
+
+        ctx = self.context
+        return model, quantize_dynamic(model, ctx.recipe, on_progress=ctx.stage("quantize"),
+                                       absmax=ctx.absmax)
+
+
+class Cleanup(QtoolPass):
+    """Requantize pairs and dangling nodes removed, scalar Muls absorbed (qtool.passes.cleanup)."""
+
+    name, stage = "cleanup", "finish"
+
+    def run(self, model):
+        from qtool.passes.cleanup import cleanup
+
+        return model, cleanup(model)
+
+
+class WeightOnly(QtoolPass):
+    """2/3/4-bit (and 8-bit kept) weight blocks (qtool.passes.weight_only)."""
+
+    name = "weight-only"
+
+    def run(self, model):
+        from qtool.passes.weight_only import apply_weight_only
+
+        ctx = self.context
+        return model, apply_weight_only(model, ctx.recipe, ctx.recipe.quantize.bits,
+                                        activations=ctx.activations, on_progress=ctx.stage("weights"))
+
+
+class HalfPrecision(QtoolPass):
+    """fp16 weights and compute where the runtime has fp16 kernels (qtool.passes.fp16)."""
+
+    name = "fp16"
+
+    def run(self, model):
+        from qtool.passes.fp16 import convert_fp16
+
+        return model, convert_fp16(model, self.context.recipe.fp16)
