@@ -1,6 +1,94 @@
 """qtool: compress ONNX models and prove the result.
 
-The CLI (`qtool ...`) is a thin shell over this package's Python API.
+The command line (``qtool ...``) is a thin shell over this API; each function does what
+the command of the same name does, with the same recipes and the same outputs::
+
+    import qtool
+
+    table = qtool.calibrate("model.onnx", "calib/")              # a CalibrationTable
+    table.save("table.json")
+    report = qtool.convert("model.onnx", "int8.onnx", calib="table.json")
+    result = qtool.evaluate("int8.onnx", "eval/", reference="model.onnx")
+
+``recipe`` is a preset name (``int8-static``, ``int8-dynamic``, ``int4-weight-only``,
+``fp16``), a path to a TOML recipe, or a ``qtool.config.Recipe``. Errors are
+``qtool.errors.QtoolError`` subclasses carrying a message and a hint.
+In-memory models: ``qtool.load``, ``qtool.pipeline.convert_model``, ``qtool.save``.
 """
 
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from qtool.calibration import CalibrationTable
+    from qtool.config import Recipe
+
+__all__ = ["__version__", "calibrate", "convert", "evaluate", "load", "load_recipe", "save"]
+
+PathLike = str | os.PathLike
+
+
+def load_recipe(recipe: Recipe | PathLike | None = None, default: str | None = None) -> Recipe:
+    """``recipe`` as a Recipe: itself, a preset by name, or a TOML file (None: ``default``)."""
+    from qtool.config import Recipe
+    from qtool.config import load_recipe as _load
+
+    if isinstance(recipe, Recipe):
+        return recipe
+    return _load(recipe if recipe is not None else default)
+
+
+def calibrate(model: PathLike | ir.Model, data: PathLike, recipe: Recipe | PathLike | None = None,
+              **options: Any) -> CalibrationTable:
+    """Observe the activations conversion will quantize over the samples in ``data``
+    (``qtool calibrate``); options: ``shard=(i, n)``, ``on_progress``, ``threads``."""
+    from qtool.pipeline import calibrate as _calibrate
+
+    return _calibrate(model, data, load_recipe(recipe), **options)
+
+
+def convert(model: PathLike, output: PathLike, recipe: Recipe | PathLike | None = None, *,
+            data: PathLike | None = None, calib: PathLike | None = None,
+            external_data: bool = False, progress=None) -> dict:  # noqa: ANN001
+    """Convert ``model`` into ``output`` as ``qtool convert`` does, and return its report.
+
+    The recipe decides the scheme (default: int8-static). Static int8 needs ``calib`` (a
+    table from :func:`calibrate`) or ``data`` (calibrates inline); ``data`` also feeds
+    smoothing, gptq/awq and the fidelity check. ``progress``: see qtool.pipeline.progress.
+    """
+    from qtool.pipeline import convert_file, plan_for
+    from qtool.pipeline.plan import check_inputs
+    from qtool.pipeline.progress import no_progress
+
+    r = load_recipe(recipe, default="int8-static")
+    check_inputs(r, plan_for(r), calib=calib, data=data)
+    return convert_file(model, output, r, data=data, calib=calib, external_data=external_data,
+                        progress=progress or no_progress)
+
+
+def evaluate(candidate: PathLike, data: PathLike, **options: Any):  # noqa: ANN201 - EvalReport
+    """Accuracy, fidelity, latency and gates of ``candidate`` (``qtool eval``); options as
+    qtool.eval.evaluate.evaluate (``reference=``, ``labels=``, ``latency=``, gates...)."""
+    from qtool.eval.evaluate import evaluate as _evaluate
+
+    return _evaluate(candidate, data, **options)
+
+
+def load(path: PathLike) -> ir.Model:
+    """An ONNX model as an onnx-ir Model (external data read lazily)."""
+    from qtool.model import load as _load
+
+    return _load(path)
+
+
+def save(model: ir.Model, path: PathLike, **options: Any):  # noqa: ANN201 - SaveResult
+    """Write ``model`` atomically and check that onnxruntime loads it (qtool.model.save)."""
+    from qtool.model import save as _save
+
+    return _save(model, path, **options)

@@ -254,12 +254,16 @@ def _external_files_of(path: Path) -> set[Path]:
 
 
 def add_provenance(model: ir.Model, recipe: dict | None = None, source: str | None = None) -> None:
-    """Record what made this model in metadata_props (qtool.version, .date, .recipe, .source)."""
+    """Record what made this model in metadata_props (qtool.version, .date, .recipe, .source);
+    the date is SOURCE_DATE_EPOCH when that is set."""
     props = model.metadata_props
     props[PROVENANCE_PREFIX + "version"] = __version__
-    props[PROVENANCE_PREFIX + "date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"
-    )
+    # SOURCE_DATE_EPOCH (the reproducible-builds convention) pins the date, so two runs of
+    # the same conversion can be compared byte for byte.
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = (datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch and epoch.isdigit()
+            else datetime.datetime.now(datetime.timezone.utc))
+    props[PROVENANCE_PREFIX + "date"] = when.isoformat(timespec="seconds")
     if recipe is not None:
         props[PROVENANCE_PREFIX + "recipe"] = json.dumps(recipe, sort_keys=True, default=str)
     if source is not None:
