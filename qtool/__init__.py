@@ -55,21 +55,37 @@ def calibrate(model: PathLike | ir.Model, data: PathLike, recipe: Recipe | PathL
 
 def convert(model: PathLike, output: PathLike, recipe: Recipe | PathLike | None = None, *,
             data: PathLike | None = None, calib: PathLike | None = None,
+            eval_data: PathLike | None = None, guard: bool = True, floor=None,  # noqa: ANN001
+            budget_s: float | None = None, write_best: bool = False,
             external_data: bool = False, progress=None) -> dict:  # noqa: ANN001
     """Convert ``model`` into ``output`` as ``qtool convert`` does, and return its report.
 
-    The recipe decides the scheme (default: int8-static). Static int8 needs ``calib`` (a
-    table from :func:`calibrate`) or ``data`` (calibrates inline); ``data`` also feeds
-    smoothing, gptq/awq and the fidelity check. ``progress``: see qtool.pipeline.progress.
+    With ``data`` and ``guard`` (the default), candidates are measured on held-out samples
+    (``eval_data``, or every 5th sample of ``data``) against ``floor`` (a
+    qtool.pipeline.guard.Floor; default 15 dB worst output segment, 0.9 argmax agreement)
+    and repaired; with no ``recipe`` the guard also chooses the scheme (``--scheme auto``).
+    Raises GateFailed (its ``report`` attribute holds the report) when nothing meets the
+    floor or nothing was compressed. Without data the recipe decides (default:
+    int8-static, which then needs ``calib``). ``progress``: see qtool.pipeline.progress.
     """
+    from qtool.errors import GateFailed
     from qtool.pipeline import convert_file, plan_for
+    from qtool.pipeline.guard import Floor
     from qtool.pipeline.plan import check_inputs
     from qtool.pipeline.progress import no_progress
 
     r = load_recipe(recipe, default="int8-static")
     check_inputs(r, plan_for(r), calib=calib, data=data)
-    return convert_file(model, output, r, data=data, calib=calib, external_data=external_data,
-                        progress=progress or no_progress)
+    guarded = guard and data is not None and calib is None
+    report = convert_file(model, output, r, data=data, calib=calib, external_data=external_data,
+                          progress=progress or no_progress, guard=(floor or Floor()) if guarded else None,
+                          eval_data=eval_data, auto=guarded and recipe is None, budget_s=budget_s,
+                          write_best=write_best)
+    if not report["passed"]:
+        error = GateFailed(report["failure"], report["hint"])
+        error.report = report
+        raise error
+    return report
 
 
 def evaluate(candidate: PathLike, data: PathLike, **options: Any):  # noqa: ANN201 - EvalReport

@@ -17,6 +17,7 @@ and a mismatch names the file, the input, and what was expected.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -115,6 +116,12 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def subset(self, indices) -> Dataset:  # noqa: ANN001 - an iterable of sample positions
+        """The same folder restricted to the samples at ``indices`` (in that order)."""
+        clone = copy.copy(self)
+        clone.samples = [self.samples[i] for i in indices]
+        return clone
 
     def load_sample(self, index: int) -> Feed:
         """One sample as a feed, validated, with the batch dimension present."""

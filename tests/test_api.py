@@ -35,8 +35,9 @@ def fixed_date(monkeypatch):
 def test_convert_matches_cli_bytes(tmp_path, flags, recipe):
     data = ["--data", str(CALIB)] if recipe == "int8-static" else []
     assert run(["-q", "convert", str(MODEL), "-o", str(tmp_path / "cli.onnx"), *data, *flags]) == 0
-    report = qtool.convert(MODEL, tmp_path / "api.onnx", recipe,
-                           data=CALIB if recipe == "int8-static" else None)
+    # With data and no scheme flag both choose the scheme through the guard.
+    report = qtool.convert(MODEL, tmp_path / "api.onnx", None if data else recipe,
+                           data=CALIB if data else None)
     assert (tmp_path / "cli.onnx").read_bytes() == (tmp_path / "api.onnx").read_bytes()
     assert report["mode"] == plan_for(qtool.load_recipe(recipe)).kind
 

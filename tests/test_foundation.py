@@ -429,8 +429,12 @@ def test_bad_inputs_through_the_cli_leave_the_model_untouched(capsys, tmp_path, 
     monkeypatch.setattr(os, "access", lambda p, mode: False if mode == os.W_OK else real_access(p, mode))
     assert_error(capsys, cli("convert", model_path, "-o", out, "--bits", "4"), 2, "not writable")
     monkeypatch.undo()
-    # And a good run leaves it untouched too.
-    assert cli("convert", model_path, "-o", out, "--bits", "4", "--block-size", "32", "-q") == 0
+    # A run that could not compress anything (K=4 is below one block) says so, exit 3,
+    # and writes nothing; a good run leaves the input untouched too.
+    assert cli("convert", model_path, "-o", out, "--bits", "4", "--block-size", "32", "-q") == 3
+    assert "error: nothing was quantized" in capsys.readouterr().err
+    assert model_path.read_bytes() == before and not out.exists()
+    assert cli("convert", model_path, "-o", out, "--dtype", "fp16", "-q") == 0
     assert model_path.read_bytes() == before and out.exists()
 
 

@@ -26,6 +26,7 @@ from qtool.calibration.observers import TensorObserver
 from qtool.calibration.table import CalibrationTable, TensorStats
 from qtool.calibration.thresholds import HISTOGRAM_METHODS, METHODS
 from qtool.config import Recipe
+from qtool.data import Dataset
 from qtool.errors import CalibrationError, UsageError
 from qtool.runtime.collect import first_non_finite_sample, raise_non_finite, stream_tensors
 
@@ -95,7 +96,7 @@ class Progress:
 
 def calibrate_prepared(
     model: ir.Model,
-    data_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | Dataset,
     recipe: Recipe,
     names: list[str],
     *,
@@ -103,7 +104,8 @@ def calibrate_prepared(
     on_progress: Callable[[Progress], None] | None = None,
     threads: int = 0,
 ) -> CalibrationTable:
-    """Observe the tensors ``names`` of ``model`` over the samples in ``data_dir``.
+    """Observe the tensors ``names`` of ``model`` over the samples in ``data_dir`` (a folder,
+    or a ``qtool.data.Dataset`` already opened on one).
 
     ``model`` is the graph conversion will rewrite (already pre-processed, value types
     known); it is not modified. The table is stored under its fingerprint.
@@ -112,7 +114,7 @@ def calibrate_prepared(
     every n-th batch starting at i; merging the n tables equals one run.
     ``qtool.calibrate`` (qtool.pipeline) loads, pre-processes and selects the tensors.
     """
-    from qtool.data import Dataset, input_specs
+    from qtool.data import input_specs
     from qtool.model import graph_fingerprint
 
     params = calibration_params(recipe)
@@ -122,7 +124,8 @@ def calibrate_prepared(
             f"shard {shard[0]}/{shard[1]} is out of range", "use I/N with 0 <= I < N, e.g. 0/4"
         )
     fingerprint = graph_fingerprint(model)  # structure only: inferred types do not change it
-    dataset = Dataset(data_dir, input_specs(model), recipe.preprocess)
+    dataset = (data_dir if isinstance(data_dir, Dataset)
+               else Dataset(data_dir, input_specs(model), recipe.preprocess))
     count = len(dataset) if c.samples <= 0 else min(c.samples, len(dataset))
     batch_size = max(1, c.batch_size)
     if batch_size > 1 and any(not s.batch_dynamic for s in dataset.inputs if s.shape):

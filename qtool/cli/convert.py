@@ -133,6 +133,18 @@ def convert_command(
              "above protobuf's 2 GB: the output then streams to disk instead of being built in memory).",
     ),
     allow_opset_upgrade: bool = typer.Option(False, "--allow-opset-upgrade", help="Let qtool raise the opset when the format needs it."),
+    scheme: str = typer.Option(
+        None, "--scheme",
+        help="auto: try static and dynamic int8 on held-out samples and keep the smallest, fastest "
+             "one that meets the floor (the default with --data and no scheme flag), or a preset name.",
+    ),
+    eval_data: Path = typer.Option(None, "--eval-data", help="Held-out samples for the guard "
+                                   "[default: every 5th sample of --data, which calibration then skips]."),
+    no_guard: bool = typer.Option(False, "--no-guard", help="Skip the guard: convert once, measure nothing, trust it."),
+    min_sqnr: float = typer.Option(None, "--min-sqnr", help="Guard floor: worst output (channel group) SQNR in dB [default: 15]."),
+    min_agreement: float = typer.Option(None, "--min-agreement", help="Guard floor: argmax agreement with float, 0-1 [default: 0.9]."),
+    guard_budget: float = typer.Option(None, "--guard-budget", help="Guard time budget in seconds [default: 600]."),
+    write_best: bool = typer.Option(False, "--write-best", help="When nothing meets the floor, still write the best candidate (exit stays 3)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Quantize or half a model: int8 static/dynamic, 4/3/2-bit weight-only, or fp16.
@@ -154,6 +166,15 @@ def convert_command(
     from qtool.pipeline.plan import check_inputs, speed_warnings
 
     check_flags(bits=bits, dtype=dtype, dynamic=dynamic, data=data, samples=samples)
+    # Flags that belong to one scheme choose it: the guard then repairs, never swaps it.
+    explicit = any(v is not None for v in (
+        bits, dtype, dynamic, fmt, calib, recipe, per_channel, symmetric_activations, activation_type,
+        block_size, symmetric, algorithm, keep_8bit, accuracy_level)) or scheme not in (None, "auto")
+    auto = _check_guard_flags(scheme=scheme, explicit=explicit, data=data, eval_data=eval_data,
+                              no_guard=no_guard, min_sqnr=min_sqnr, min_agreement=min_agreement,
+                              guard_budget=guard_budget, write_best=write_best, calib=calib)
+    if scheme not in (None, "auto"):
+        recipe = scheme
     r = build_recipe(
         recipe, bits=bits, dtype=dtype, dynamic=dynamic, fmt=fmt, per_channel=per_channel,
         symmetric_activations=symmetric_activations, activation_type=activation_type,
@@ -170,14 +191,53 @@ def convert_command(
     check_output_path(output, model)
     for message in speed_warnings(r, plan):
         warn(message)
+    floor = None
+    if data is not None and not no_guard and calib is None:
+        from qtool.pipeline.guard import Floor
+
+        defaults = Floor()
+        floor = Floor(min_sqnr if min_sqnr is not None else defaults.min_sqnr_db,
+                      min_agreement if min_agreement is not None else defaults.min_agreement)
     report = convert_file(model, output, r, data=data, calib=calib, external_data=external_data,
-                          progress=progress)
+                          progress=progress, guard=floor, eval_data=eval_data, auto=auto,
+                          budget_s=guard_budget, write_best=write_best)
     for message in report["warnings"]:
         warn(message)
     if json_out:
         emit_json(report)
     if not settings.quiet or not json_out:
         _print_report(report)
+    if not report["passed"]:
+        from qtool.errors import GateFailed
+
+        written = f"; the best candidate was written to {report['output']}" if report["output"] else ""
+        raise GateFailed(report["failure"] + written, report["hint"])
+
+
+def _check_guard_flags(*, scheme, explicit, data, eval_data, no_guard, min_sqnr, min_agreement,  # noqa: ANN001
+                       guard_budget, write_best, calib) -> bool:
+    """Guard flags that cannot apply are errors; returns whether the scheme is chosen automatically."""
+    from qtool.config import preset_names
+    from qtool.errors import UsageError
+
+    if scheme is not None and scheme != "auto" and scheme not in preset_names():
+        raise UsageError(f"--scheme {scheme} is not a scheme", f"use auto or a preset: {', '.join(preset_names())}")
+    if scheme is not None and explicit and scheme == "auto":
+        raise UsageError("--scheme auto chooses the scheme itself", "drop --scheme auto, or drop --bits/--dtype/--dynamic/--format/--recipe/--calib")
+    guard_flags = {"--eval-data": eval_data, "--min-sqnr": min_sqnr, "--min-agreement": min_agreement,
+                   "--guard-budget": guard_budget, "--write-best": write_best or None}
+    given = [k for k, v in guard_flags.items() if v is not None]
+    if given and (no_guard or data is None or calib is not None):
+        why = "--no-guard" if no_guard else ("--calib (the guard calibrates on --data itself)" if calib is not None else "no --data")
+        raise UsageError(f"{', '.join(given)} cannot apply with {why}",
+                         "the guard runs with --data; drop the guard flags or add --data DIR")
+    if scheme == "auto" and data is None:
+        raise UsageError("--scheme auto needs --data", "pass --data DIR: the guard measures candidates on it")
+    if min_agreement is not None and not 0 <= min_agreement <= 1:
+        raise UsageError(f"--min-agreement must be between 0 and 1, got {min_agreement}", "e.g. 0.9")
+    if guard_budget is not None and guard_budget <= 0:
+        raise UsageError(f"--guard-budget must be > 0 seconds, got {guard_budget}", "e.g. 300")
+    return data is not None and not no_guard and calib is None and not explicit
 
 
 def _print_report(report: dict) -> None:
@@ -198,9 +258,33 @@ def _print_report(report: dict) -> None:
             info(f"{p['name']}: {escape(note)}")
         if len(p["notes"]) > MAX_NOTES:
             info(f"{p['name']}: {len(p['notes']) - MAX_NOTES} more notes in --json")
+    if report.get("guard"):
+        _print_guard(report["guard"])
     sizes = report["size_bytes"]
+    if report["output"] is None:
+        info("nothing was written")
+        return
     info(f"wrote {escape(report['output'])}: {sizes['output'] / 1e6:.2f} MB "
          f"({report['size_ratio']:.2f}x of {sizes['input'] / 1e6:.2f} MB) in {report['seconds']:.1f} s")
     fid = report.get("fidelity")
     if fid:
         info(f"fidelity on one sample: cosine {fid['cosine']:.5f}, SQNR {fid['sqnr_db']:.1f} dB")
+
+
+def _print_guard(guard: dict) -> None:
+    """Every candidate the guard measured, and what it decided."""
+    table = Table(title=f"guard ({escape(guard['holdout'])})", title_justify="left", show_edge=False)
+    for col in ("candidate", "worst SQNR dB", "agreement", "speed vs float", "weights MB", "verdict"):
+        table.add_column(col, justify="left" if col in ("candidate", "verdict") else "right")
+    for a in guard["attempts"]:
+        worst = min((o["segment_sqnr_db"] for o in a["outputs"]
+                     if isinstance(o["segment_sqnr_db"], float)), default=None)
+        agree = [o["agreement"] for o in a["outputs"] if o["agreement"] is not None]
+        ratio = a["latency_ratio"]
+        verdict = ("meets the floor" if a["meets_floor"] else
+                   escape(a["error"] or "; ".join(a["shortfalls"])))
+        table.add_row(escape(a["label"]), "-" if worst is None else f"{worst:.1f}",
+                      f"{min(agree):.3f}" if agree else "-",
+                      f"{1 / ratio:.2f}x" if ratio else "-", f"{a['weight_bytes'] / 1e6:.2f}", verdict)
+    console.print(table)
+    info(f"guard: {escape(guard['decision'])}")

@@ -16,6 +16,7 @@ import onnx_ir as ir
 from qtool.config import Recipe
 from qtool.passes import PassReport
 from qtool.pipeline.context import Context, StageProgress
+from qtool.pipeline.guard import Floor
 from qtool.pipeline.plan import ConvertPlan
 from qtool.pipeline.progress import ProgressFactory, no_progress
 from qtool.pipeline.schemes import Converted, run_scheme
@@ -36,6 +37,10 @@ STATIC_TRANSFORMER = (
     "perplexity 46.7 -> 21,431 static, 47.7 with --dynamic --data); try --dynamic --data DIR"
 )
 MIN_TRANSFORMER_MATMULS = 4
+GUARD_HINT = ("keep more layers float (--exclude), try another scheme, lower the floor "
+              "(--min-sqnr/--min-agreement), or --write-best to inspect the best candidate")
+NOT_COMPRESSED_HINT = ("the 'why float' column says why each op stayed float; try another scheme "
+                       "(--dynamic for MatMul/Gemm models, --data for static int8 on CNNs, --dtype fp16)")
 
 
 def convert_model(
@@ -93,13 +98,12 @@ def prepare(
             return Prepared(source, table=CalibrationTable.load(calib))
         return _calibrated(source, data, recipe, progress)
     if plan.kind == "int8-dynamic" and data is not None:
-        from qtool.data import Dataset, input_specs
         from qtool.passes.dynamic import collect_channel_absmax, smoothing_inputs
         from qtool.passes.preprocess import preprocess
 
         work = source.clone()
         report = preprocess(work)
-        dataset = Dataset(data, input_specs(work), recipe.preprocess)
+        dataset = as_dataset(data, work, recipe)
         with progress("activation ranges", None, "samples"):
             absmax = collect_channel_absmax(work, dataset, smoothing_inputs(work, recipe),
                                             limit=recipe.calibration.samples)
@@ -107,10 +111,9 @@ def prepare(
     from qtool.quant.blockwise import DATA_AWARE
 
     if plan.kind == "weight-only" and recipe.weight_only.algorithm in DATA_AWARE:
-        from qtool.data import Dataset, input_specs
         from qtool.passes.weight_only import collect_weight_only_stats
 
-        dataset = Dataset(data, input_specs(source), recipe.preprocess)
+        dataset = as_dataset(data, source, recipe)
         stats = collect_weight_only_stats(model_path if model_path is not None else source, dataset,
                                           recipe, limit=recipe.calibration.samples)
         return Prepared(source, activations=stats)
@@ -156,6 +159,13 @@ def calibrate(
                               threads=threads)
 
 
+def as_dataset(data, model: ir.Model, recipe: Recipe):  # noqa: ANN001, ANN201 - qtool.data.Dataset
+    """``data`` opened as a Dataset for ``model``'s inputs (a Dataset passes through)."""
+    from qtool.data import Dataset, input_specs
+
+    return data if isinstance(data, Dataset) else Dataset(data, input_specs(model), recipe.preprocess)
+
+
 def _calibrated(source: ir.Model, data, recipe: Recipe, progress: ProgressFactory) -> Prepared:
     from qtool.passes.preprocess import preprocess
 
@@ -181,56 +191,122 @@ def convert_file(
     calib: str | os.PathLike | None = None,
     external_data: bool = False,
     progress: ProgressFactory = no_progress,
+    guard: Floor | None = None,
+    eval_data: str | os.PathLike | None = None,
+    auto: bool = False,
+    budget_s: float | None = None,
+    write_best: bool = False,
 ) -> dict:
     """Load, prepare, convert, save (atomic, verified), measure; return the report.
 
     The report is what ``qtool convert --json`` prints: sizes, per-op summary, every pass's
-    counts and notes, fidelity on one sample when ``data`` is given, and ``warnings``.
+    counts and notes, fidelity on one sample when ``data`` is given, ``warnings``, and
+    ``passed``. With ``guard`` (a Floor) and ``data``, candidates are measured on held-out
+    samples and repaired (qtool.pipeline.auto; ``auto`` lets it choose the scheme); when
+    nothing meets the floor, or nothing was quantized, ``passed`` is False and ``output``
+    is written only with ``write_best``.
     """
-    from qtool.model import add_provenance, load, model_size_bytes, save
+    from qtool.model import add_provenance, initializer_bytes, load, model_size_bytes, save
     from qtool.pipeline.plan import plan_for
 
     model_path = Path(model_path)
-    plan = plan_for(recipe)
     t0 = time.perf_counter()
     source = load(model_path)
-    prepared = prepare(source, model_path, recipe, plan, data=data, calib=calib, progress=progress)
-    with progress("converting", None, "steps") as advance:
-        seen = [0]
+    guard_report, failure = None, None
+    if guard is not None and data is not None and calib is None:
+        from qtool.pipeline.auto import DEFAULT_BUDGET_SECONDS, guarded
 
-        def on_progress(stage: str, done: int, total: int) -> None:
-            advance(done - seen[0])
-            seen[0] = done
+        outcome = guarded(source, model_path, recipe, data=data, eval_data=eval_data, floor=guard,
+                          auto=auto, budget_s=budget_s or DEFAULT_BUDGET_SECONDS, progress=progress)
+        guard_report = outcome.to_dict(guard)
+        if outcome.chosen is None:
+            failure = _guard_failure(outcome)
+        converted = outcome.chosen or outcome.best
+        if outcome.best_attempt is not None:
+            recipe = outcome.best_attempt.recipe
+        prep_reports = outcome.reports
+    else:
+        prepared = prepare(source, model_path, recipe, plan_for(recipe), data=data, calib=calib,
+                           progress=progress)
+        with progress("converting", None, "steps") as advance:
+            seen = [0]
 
-        converted = convert_model(
-            prepared.model, recipe, table=prepared.table, preprocessed=prepared.preprocessed,
-            activations=prepared.activations, absmax=prepared.absmax, on_progress=on_progress,
-        )
-    reports = prepared.reports + converted.reports
-    add_provenance(converted.model, recipe.to_dict(), source=str(model_path))
-    saved = save(converted.model, output, input_path=model_path,
-                 external_data=True if external_data or has_external_data(source) else None)
-    seconds = time.perf_counter() - t0
-    in_size, out_size = model_size_bytes(model_path), saved.bytes_written
+            def on_progress(stage: str, done: int, total: int) -> None:
+                advance(done - seen[0])
+                seen[0] = done
+
+            converted = convert_model(
+                prepared.model, recipe, table=prepared.table, preprocessed=prepared.preprocessed,
+                activations=prepared.activations, absmax=prepared.absmax, on_progress=on_progress,
+            )
+        prep_reports = prepared.reports
+    plan = plan_for(recipe)
+    in_size = model_size_bytes(model_path)
     report = {
         "model": str(model_path),
-        "output": str(saved.path),
+        "output": None,
         "recipe": recipe.name,
         "mode": plan.kind,
         "format": plan.format,
-        "seconds": round(seconds, 3),
-        "size_bytes": {"input": in_size, "output": out_size},
-        "size_ratio": round(out_size / in_size, 4) if in_size else None,
-        "ops": converted.summary.to_dict(),
-        "passes": [{"name": p.name, "counts": p.counts, "notes": p.notes[:50]} for p in reports],
+        "seconds": None,
+        "size_bytes": {"input": in_size, "output": None},
+        "size_ratio": None,
+        "ops": converted.summary.to_dict() if converted is not None else {},
+        "passes": [{"name": p.name, "counts": p.counts, "notes": p.notes[:50]}
+                   for p in prep_reports + (converted.reports if converted is not None else [])],
         "fidelity": None,
-        "warnings": scheme_warnings(plan, converted),
+        "warnings": scheme_warnings(plan, converted) if converted is not None else [],
+        "passed": failure is None,
+        "failure": failure,
+        "hint": GUARD_HINT if failure else None,
     }
+    if guard_report is not None:
+        report["guard"] = guard_report
+    if converted is not None and failure is None:
+        failure = _not_compressed(converted, initializer_bytes(source), plan)
+        report["passed"], report["failure"] = failure is None, failure
+        report["hint"] = NOT_COMPRESSED_HINT if failure else None
+    if converted is None or (failure is not None and not write_best):
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        return report
+    add_provenance(converted.model, recipe.to_dict(), source=str(model_path))
+    saved = save(converted.model, output, input_path=model_path,
+                 external_data=True if external_data or has_external_data(source) else None)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    out_size = saved.bytes_written
+    report.update(output=str(saved.path), size_bytes={"input": in_size, "output": out_size},
+                  size_ratio=round(out_size / in_size, 4) if in_size else None)
     if data is not None:
         from qtool.pipeline.fidelity import first_sample_fidelity
 
         report["fidelity"] = first_sample_fidelity(model_path, saved.path, data, recipe)
     return report
+
+
+def _guard_failure(outcome) -> str:  # noqa: ANN001 - GuardOutcome
+    best = outcome.best_attempt
+    if best is None:
+        errors = "; ".join(f"{a.label}: {a.error}" for a in outcome.attempts if a.error)
+        return f"no candidate could be converted ({errors or 'none tried'})"
+    missing = best.error or "; ".join(best.shortfalls)
+    return f"below the floor after {len(outcome.attempts)} attempt(s); best was {best.label}: {missing}"
+
+
+def _not_compressed(converted: Converted, input_weight_bytes: int, plan: ConvertPlan) -> str | None:
+    """Why the result is no compression at all, or None when it is one."""
+    from qtool.model import initializer_bytes
+
+    quantized = sum(converted.summary.quantized.values())
+    out = initializer_bytes(converted.model)
+    # The summary matches nodes by name; the weights' size is the ground truth.
+    if quantized == 0 and plan.kind != "fp16" and out >= 0.95 * input_weight_bytes:
+        reasons = "; ".join(f"{op}: {', '.join(row['reasons'])}" for op, row in
+                            converted.summary.to_dict().items() if row["reasons"])
+        return f"nothing was quantized ({reasons or 'no supported op'})"
+    if out > input_weight_bytes:
+        return (f"the converted weights ({out / 1e6:.2f} MB) are larger than the input's "
+                f"({input_weight_bytes / 1e6:.2f} MB)")
+    return None
 
 
 def scheme_warnings(plan: ConvertPlan, converted: Converted) -> list[str]:

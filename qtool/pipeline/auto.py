@@ -1,0 +1,244 @@
+"""Guarded conversion: candidates cheapest first, each measured, repaired, the best kept.
+
+``--scheme auto`` (the default when data is given and no scheme flag is) tries static
+int8 and dynamic int8 (dynamic first on transformer-shaped graphs, where static int8
+activations are known to lose the most), then repairs of the best of them. An explicit
+scheme is measured and repaired the same way, but never swapped for another.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from qtool.config import Recipe
+from qtool.errors import QtoolError
+from qtool.pipeline.guard import (
+    Attempt,
+    Floor,
+    Reference,
+    repairs,
+    split_holdout,
+    time_against_float,
+)
+from qtool.pipeline.progress import ProgressFactory, no_progress
+
+DEFAULT_BUDGET_SECONDS = 600.0
+NOT_SMALLER = 0.95  # a candidate whose weights keep 95% of the float bytes compressed nothing
+MIN_TRANSFORMER_MATMULS = 4
+TINY_MODEL_MS = 1.0
+
+
+@dataclass
+class GuardOutcome:
+    """The chosen candidate (None: nothing met the floor), the best one, every attempt."""
+
+    chosen: object | None  # qtool.pipeline.schemes.Converted
+    best: object | None
+    best_attempt: Attempt | None
+    attempts: list[Attempt] = field(default_factory=list)
+    holdout: str = ""
+    reports: list = field(default_factory=list)  # PassReports of the chosen candidate's preparation
+    decision: str = ""
+
+    def to_dict(self, floor: Floor) -> dict:
+        return {
+            "floor": {"min_sqnr_db": floor.min_sqnr_db, "min_agreement": floor.min_agreement},
+            "holdout": self.holdout,
+            "attempts": [a.to_dict() for a in self.attempts],
+            "chosen": self.best_attempt.label if self.chosen is not None and self.best_attempt else None,
+            "decision": self.decision,
+        }
+
+
+def transformer_shaped(model: ir.Model) -> bool:
+    """Softmax, no Conv, and several MatMul/Gemm with constant weights."""
+    from qtool import ops
+    from qtool.model import iter_nodes
+
+    ops_seen, weighted = set(), 0
+    for node in iter_nodes(model):
+        ops_seen.add(node.op_type)
+        if node.op_type in ("MatMul", "Gemm") and ops.constant_weight(node, 1) is not None:
+            weighted += 1
+    return "Softmax" in ops_seen and "Conv" not in ops_seen and weighted >= MIN_TRANSFORMER_MATMULS
+
+
+def base_candidates(recipe: Recipe, model: ir.Model, auto: bool) -> list[tuple[str, Recipe]]:
+    """The schemes to try, cheapest and likeliest first."""
+    if not auto:
+        return [(recipe.name or "recipe", recipe)]
+    from qtool.config import load_recipe
+
+    q = recipe.quantize
+    static = recipe
+    dynamic = load_recipe("int8-dynamic").override("quantize", exclude=q.exclude or None)
+    dynamic = dynamic.override("calibration", samples=recipe.calibration.samples)
+    order = [("int8-dynamic", dynamic), ("int8-static", static)]
+    return order if transformer_shaped(model) else order[::-1]
+
+
+class Guard:
+    """One guarded conversion of one model (see the module docstring)."""
+
+    def __init__(self, source: ir.Model, model_path: Path, recipe: Recipe, data, eval_data,  # noqa: ANN001
+                 floor: Floor, budget_s: float, progress: ProgressFactory) -> None:
+        from qtool.data import Dataset, input_specs
+
+        self.source, self.model_path, self.floor = source, model_path, floor
+        self.budget_s, self.progress = budget_s, progress
+        specs = input_specs(source)
+        full = Dataset(data, specs, recipe.preprocess)
+        held = Dataset(eval_data, specs, recipe.preprocess) if eval_data is not None else None
+        self.calib, self.holdout, self.holdout_note = split_holdout(full, held)
+        self.reference = Reference(model_path, self.holdout)
+        self.prepared: dict[str, object] = {}
+        self.count = 0
+        self.errors: list[Exception] = []
+        from qtool.model import initializer_bytes
+
+        self.source_bytes = initializer_bytes(source)
+        self.start = time.perf_counter()
+        self.tmp = tempfile.TemporaryDirectory(prefix="qtool-guard-")
+
+    def over_budget(self) -> bool:
+        return time.perf_counter() - self.start > self.budget_s
+
+    def prepare(self, recipe: Recipe):  # noqa: ANN201 - Prepared
+        """Calibration/statistics once per scheme: repairs only exclude more layers."""
+        from qtool.pipeline.flow import prepare
+        from qtool.pipeline.plan import plan_for
+
+        plan = plan_for(recipe)
+        if plan.kind not in self.prepared:
+            self.prepared[plan.kind] = prepare(self.source, self.model_path, recipe, plan,
+                                               data=self.calib, progress=self.progress)
+        return self.prepared[plan.kind]
+
+    def attempt(self, label: str, recipe: Recipe):  # noqa: ANN201 - (Attempt, Converted | None)
+        from qtool import runtime
+        from qtool.model import initializer_bytes, save
+        from qtool.pipeline.flow import convert_model
+
+        t0 = time.perf_counter()
+        attempt = Attempt(label, recipe)
+        try:
+            prepared = self.prepare(recipe)
+            with self.progress(f"converting ({label})", None, "steps"):
+                converted = convert_model(
+                    prepared.model, recipe, table=prepared.table, preprocessed=prepared.preprocessed,
+                    activations=prepared.activations, absmax=prepared.absmax)
+            path = Path(self.tmp.name) / f"candidate{self.count}.onnx"
+            self.count += 1
+            save(converted.model, path, verify=False)
+            attempt.weight_bytes = initializer_bytes(converted.model)
+            if attempt.weight_bytes >= NOT_SMALLER * self.source_bytes:
+                attempt.error = (f"nothing was compressed (weights {attempt.weight_bytes / 1e6:.2f} MB "
+                                 f"of {self.source_bytes / 1e6:.2f} MB)")
+                return attempt, converted
+            with self.progress(f"measuring ({label})", None, "samples"):
+                attempt.outputs = self.reference.compare(runtime.open_session(path, "cpu", role="candidate"))
+                attempt.shortfalls = self.floor.shortfalls(attempt.outputs)
+                float_ms, cand_ms = time_against_float(self.model_path, path.read_bytes(),
+                                                       self.reference.feeds[0])
+            attempt.float_ms, attempt.candidate_ms = float_ms, cand_ms
+            attempt.latency_ratio = cand_ms / float_ms if float_ms > 0 else None
+        except Exception as exc:  # noqa: BLE001 - a failed candidate is reported, not fatal
+            attempt.error = exc.message if isinstance(exc, QtoolError) else f"{type(exc).__name__}: {exc}"
+            self.errors.append(exc)
+            converted = None
+        finally:
+            attempt.seconds = time.perf_counter() - t0
+        return attempt, converted
+
+    def run(self, recipe: Recipe, auto: bool) -> GuardOutcome:
+        """Try, repair, choose; see the module docstring."""
+        outcome = GuardOutcome(None, None, None, holdout=self.holdout_note)
+        results: list[tuple[Attempt, object]] = []
+        for label, candidate in base_candidates(recipe, self.source, auto):
+            if results and self.over_budget():
+                break
+            results.append(self.attempt(label, candidate))
+            if _good(results[-1][0]) and not results[-1][0].slower:
+                break
+        raised = [e for e in self.errors if isinstance(e, QtoolError)]
+        if raised and (not auto or all(a.error is not None for a, _ in results)):
+            # What the user must fix (a flag, the data, the model) is said as it is.
+            self.tmp.cleanup()
+            raise raised[0]
+        if not any(_good(a) for a, _ in results):
+            base = max((r for r in results if r[0].error is None), key=lambda r: r[0].worst_db(), default=None)
+            if base is not None:
+                model = self.prepare(base[0].recipe).model
+                for label, repaired in repairs(base[0], model):
+                    if self.over_budget():
+                        break
+                    results.append(self.attempt(label, repaired))
+                    if _good(results[-1][0]):
+                        break
+        outcome.attempts = [a for a, _ in results]
+        good = [r for r in results if _good(r[0])]
+        if good:
+            fast = [r for r in good if not r[0].slower] or good
+            chosen = min(fast, key=lambda r: (r[0].latency_ratio or math.inf, r[0].weight_bytes))
+            outcome.chosen = outcome.best = chosen[1]
+            outcome.best_attempt = chosen[0]
+            outcome.decision = _decision(chosen[0], len(results))
+        else:
+            ranked = [r for r in results if r[1] is not None]
+            if ranked:
+                best = max(ranked, key=lambda r: r[0].worst_db())
+                outcome.best, outcome.best_attempt = best[1], best[0]
+            outcome.decision = f"no candidate met the floor in {len(results)} attempt(s)"
+        if outcome.best_attempt is not None:
+            prepared = self.prepared.get(_kind(outcome.best_attempt.recipe))
+            outcome.reports = list(getattr(prepared, "reports", []))
+        self.tmp.cleanup()
+        return outcome
+
+
+def _good(attempt: Attempt) -> bool:
+    return attempt.meets_floor
+
+
+def _kind(recipe: Recipe) -> str:
+    from qtool.pipeline.plan import plan_for
+
+    return plan_for(recipe).kind
+
+
+def _decision(attempt: Attempt, tried: int) -> str:
+    speed = ""
+    if attempt.latency_ratio is not None and attempt.latency_ratio > 0:
+        speed = f", {1 / attempt.latency_ratio:.2f}x float's speed"
+    text = f"chose {attempt.label} after {tried} attempt(s): meets the floor{speed}"
+    if attempt.slower:
+        text += (f"; it is slower than float ({attempt.candidate_ms:.3f} vs {attempt.float_ms:.3f} ms "
+                 "per sample) and no candidate that meets the floor was faster: "
+                 + slower_reason(attempt))
+    return text
+
+
+def slower_reason(attempt: Attempt) -> str:
+    """Why a quantized model can run slower than float here, from what was measured."""
+    if attempt.float_ms is not None and attempt.float_ms < TINY_MODEL_MS:
+        return ("the float model runs in under a millisecond, where quantizing and dequantizing "
+                "activations costs more than int8 arithmetic saves; it is smaller, not faster")
+    if attempt.recipe.quantize.exclude:
+        return ("the layers kept float add quantize/dequantize steps at every boundary with "
+                "int8 layers (see `qtool eval --json` integer-kernel report for which nodes run int8)")
+    return ("onnxruntime does not fuse some of its quantized nodes into integer kernels on this "
+            "CPU (see the integer-kernel report of `qtool eval --json`)")
+
+
+def guarded(source: ir.Model, model_path: Path, recipe: Recipe, *, data, eval_data=None,  # noqa: ANN001
+            floor: Floor | None = None, auto: bool = False, budget_s: float = DEFAULT_BUDGET_SECONDS,
+            progress: ProgressFactory = no_progress) -> GuardOutcome:
+    """Run the guard (see the module docstring) and return its outcome."""
+    guard = Guard(source, Path(model_path), recipe, data, eval_data, floor or Floor(), budget_s, progress)
+    return guard.run(recipe, auto)

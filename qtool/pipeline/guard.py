@@ -1,0 +1,208 @@
+"""The guard: measure each candidate conversion on held-out samples, repair, and choose.
+
+With data, ``convert`` never trusts a conversion it has not measured. Samples the
+calibration never sees are held out (``--eval-data``, or every 5th sample of ``--data``);
+each candidate is measured there against the float model (``measure.py``: per-output and
+per-segment SQNR, argmax agreement where it means something) and timed against float,
+interleaved, on onnxruntime's CPU provider. Candidates are tried cheapest first and the
+search stops at the first that meets the floor without being slower than float. A
+candidate below the floor is repaired by keeping the layers nearest the failing output in
+float, more of them each round, within the time budget. Every attempt and its measured
+effect is reported; if nothing meets the floor the conversion fails (exit 3).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from qtool.config import Recipe
+
+# Defaults, chosen from measurements (README "The guard"): a good int8 CNN sits at 25-40 dB
+# on its logits; the OCR recognizer whose CER rose 16x under static int8 sat at 8.3 dB and a
+# YOLO head's class rows at 0 dB. Argmax agreement below 0.9 flips 1 in 10 decisions.
+DEFAULT_MIN_SQNR_DB = 15.0
+DEFAULT_MIN_AGREEMENT = 0.9
+MIN_AGREEMENT_POSITIONS = 20
+SLOWER_MARGIN = 1.05  # a candidate is "slower than float" above this latency ratio (noise)
+HOLDOUT_EVERY = 5  # every 5th sample of --data is held out when no --eval-data is given
+MAX_HOLDOUT = 32
+REPAIR_STEPS = (1, 3, 8)  # layers kept float nearest the failing outputs, per repair round
+TIMING_SECONDS = 1.0  # time spent timing each candidate/float pair
+
+
+@dataclass(frozen=True)
+class Floor:
+    """What a conversion must keep: worst output segment SQNR and argmax agreement."""
+
+    min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+
+    def shortfalls(self, outputs) -> list[str]:  # noqa: ANN001 - list[OutputFidelity]
+        """Each way ``outputs`` miss the floor, in words (empty: it is met)."""
+        missing = []
+        for o in outputs:
+            if o.segment_sqnr_db < self.min_sqnr_db:
+                where = "" if o.segment_sqnr_db == o.sqnr_db else " (worst channel group)"
+                missing.append(f"output {o.name}: SQNR {o.segment_sqnr_db:.1f} dB{where} < {self.min_sqnr_db:g} dB")
+            # Agreement over a handful of decisions is noise (1 of 2 flipped is 0.5): only
+            # gated from MIN_AGREEMENT_POSITIONS on, always reported.
+            if (o.agreement is not None and o.positions >= MIN_AGREEMENT_POSITIONS
+                    and o.agreement < self.min_agreement):
+                missing.append(f"output {o.name}: argmax agreement {o.agreement:.3f} < {self.min_agreement:g}")
+        return missing
+
+
+@dataclass
+class Attempt:
+    """One candidate: how it was made and what was measured."""
+
+    label: str
+    recipe: Recipe
+    outputs: list = field(default_factory=list)  # OutputFidelity
+    shortfalls: list[str] = field(default_factory=list)
+    latency_ratio: float | None = None
+    float_ms: float | None = None
+    candidate_ms: float | None = None
+    weight_bytes: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def meets_floor(self) -> bool:
+        return self.error is None and not self.shortfalls
+
+    @property
+    def slower(self) -> bool:
+        return self.latency_ratio is not None and self.latency_ratio > SLOWER_MARGIN
+
+    def worst_db(self) -> float:
+        return min((o.segment_sqnr_db for o in self.outputs), default=-math.inf)
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "scheme": self.recipe.name,
+            "meets_floor": self.meets_floor,
+            "shortfalls": self.shortfalls,
+            "error": self.error,
+            "latency_ratio": None if self.latency_ratio is None else round(self.latency_ratio, 3),
+            "float_ms": None if self.float_ms is None else round(self.float_ms, 4),
+            "candidate_ms": None if self.candidate_ms is None else round(self.candidate_ms, 4),
+            "weight_bytes": self.weight_bytes,
+            "seconds": round(self.seconds, 2),
+            "outputs": [o.to_dict() for o in self.outputs],
+            "excluded": list(self.recipe.quantize.exclude),
+        }
+
+
+def split_holdout(dataset, eval_dataset=None):  # noqa: ANN001, ANN201 - qtool.data.Dataset
+    """(calibration samples, held-out samples, a note) from ``dataset``.
+
+    With ``eval_dataset`` the calibration keeps every sample. Otherwise every
+    ``HOLDOUT_EVERY``-th sample (at most ``MAX_HOLDOUT``) is held out; a folder of one
+    sample is measured on that sample, and the note says so.
+    """
+    if eval_dataset is not None:
+        return dataset, eval_dataset.subset(range(min(len(eval_dataset), MAX_HOLDOUT))), "--eval-data"
+    n = len(dataset)
+    if n < 2:
+        return dataset, dataset, "only 1 sample: measured on the calibration sample itself"
+    held = [i for i in range(n) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1][:MAX_HOLDOUT] or [n - 1]
+    keep = [i for i in range(n) if i not in set(held)]
+    return (dataset.subset(keep), dataset.subset(held),
+            f"{len(held)} of {n} samples held out (every {HOLDOUT_EVERY}th), calibrated on the other {len(keep)}")
+
+
+class Reference:
+    """The float model's outputs on the held-out samples, computed once."""
+
+    def __init__(self, model_path, holdout, names: list[str] | None = None) -> None:  # noqa: ANN001
+        from qtool import runtime
+
+        self.session = runtime.open_session(model_path, "cpu", role="reference")
+        outs = self.session.get_outputs()
+        self.feeds = [feed for _, feed in holdout.batches(1)]
+        first = runtime.run(self.session, self.feeds[0])
+        self.names = names or [n for n in (o.name for o in outs)
+                               if getattr(first[n], "dtype", None) is not None and first[n].dtype.kind == "f"]
+        self.outputs = [first] + [runtime.run(self.session, f) for f in self.feeds[1:]]
+
+    def compare(self, candidate_session) -> list:  # noqa: ANN001
+        from qtool import runtime
+        from qtool.pipeline.measure import compare_outputs
+
+        cand = [runtime.run(candidate_session, f, self.names) for f in self.feeds]
+        return compare_outputs(self.outputs, cand, self.names)
+
+
+def time_against_float(model_path, candidate_bytes: bytes, feed: dict) -> tuple[float, float]:  # noqa: ANN001
+    """(float median ms, candidate median ms), timed in turns on the same feed."""
+    from qtool import runtime
+    from qtool.eval.latency import measure
+
+    probe = runtime.open_session(candidate_bytes, "cpu", role="candidate")
+    start = time.perf_counter()
+    runtime.run(probe, feed)
+    once = max(time.perf_counter() - start, 1e-5)
+    del probe
+    runs = int(min(50, max(5, TIMING_SECONDS / (2 * once))))
+    stats = measure(
+        {"reference": lambda: runtime.open_session(model_path, "cpu", role="reference"),
+         "candidate": lambda: runtime.open_session(candidate_bytes, "cpu", role="candidate")},
+        feed, runs=runs, warmup=2,
+    )
+    return stats["reference"].median_ms, stats["candidate"].median_ms
+
+
+def nearest_layers(model: ir.Model, outputs: list[str], count: int) -> list[str]:
+    """Names of the ``count`` quantizable nodes nearest (by graph distance) to ``outputs``."""
+    from qtool import ops
+    from qtool.model import iter_nodes
+
+    producers = {v.name: n for n in iter_nodes(model) for v in n.outputs if v is not None}
+    seen, found = set(), []
+    frontier = [producers[o] for o in outputs if o in producers]
+    while frontier and len(found) < count:
+        nxt = []
+        for node in frontier:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.name and ops.is_candidate(node) and node.name not in found:
+                found.append(node.name)
+                if len(found) == count:
+                    break
+            nxt += [producers[v.name] for v in node.inputs if v is not None and v.name in producers]
+        frontier = nxt
+    return found
+
+
+def glob_literal(name: str) -> str:
+    """``name`` as an exclude pattern that matches only itself."""
+    return re.sub(r"([\[\]*?])", r"[\1]", name)
+
+
+def repairs(attempt: Attempt, model: ir.Model) -> Iterator[tuple[str, Recipe]]:
+    """Ever larger sets of layers kept float, nearest the outputs that missed the floor."""
+    failing = [o.name for o in attempt.outputs
+               if any(s.startswith(f"output {o.name}:") for s in attempt.shortfalls)]
+    previous: list[str] = []
+    for step in REPAIR_STEPS:
+        layers = nearest_layers(model, failing, step)
+        if len(layers) <= len(previous):
+            return
+        previous = layers
+        q = attempt.recipe.quantize
+        recipe = attempt.recipe.override("quantize", exclude=q.exclude + tuple(glob_literal(n) for n in layers))
+        yield f"{attempt.label}, {len(layers)} layer(s) nearest the output kept float", recipe
+
+
+def finite_median(values: list[float]) -> float:
+    return float(np.median(values)) if values else math.nan

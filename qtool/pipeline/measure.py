@@ -1,0 +1,154 @@
+"""What the guard measures: output fidelity that a concatenated head cannot hide, a task
+proxy where one fits, and latency against float on the same runtime.
+
+Per output, over the held-out samples:
+
+- ``sqnr_db``: ``10 log10(sum r^2 / sum (r - c)^2)`` over the whole tensor;
+- ``segment_sqnr_db``: the same per *segment*, the worst one. The channel axis (the
+  smallest non-batch axis with 2+ entries: 84 in a YOLO head [N, 84, 8400], C in NCHW) is
+  split into groups whose reference RMS lie in the same decade, so box coordinates in
+  pixels and class probabilities concatenated into one tensor are judged apart;
+- ``agreement``: argmax agreement along the last axis for classifier logits [N, C] and
+  per-position scores [N, T, V] (greedy tokens, CTC characters), else None.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Channels whose reference RMS is below this fraction of the output's largest channel RMS
+# carry no signal worth a segment of their own (they join the smallest decade kept).
+SEGMENT_FLOOR = 1e-6
+MIN_VOCAB = 2  # last-axis size from which an argmax is a meaningful proxy
+RANK3_MIN_VOCAB = 16  # [N, T, V]: V scores per position (tokens, characters)
+
+
+def channel_axis(shape: tuple[int, ...]) -> int | None:
+    """The axis whose slices form segments: the smallest non-batch axis with 2+ entries."""
+    sizes = [(size, axis) for axis, size in enumerate(shape) if axis > 0 and size >= 2]
+    return min(sizes)[1] if sizes else None
+
+
+def proxy_applies(shape: tuple[int, ...]) -> bool:
+    """Argmax along the last axis means something: [N, C] logits or [N, T, V] scores."""
+    return (len(shape) == 2 and shape[1] >= MIN_VOCAB) or (len(shape) == 3 and shape[2] >= RANK3_MIN_VOCAB)
+
+
+@dataclass
+class OutputAccumulator:
+    """Sums over batches for one output; memory is O(channels), not O(samples)."""
+
+    name: str
+    signal: float = 0.0
+    noise: float = 0.0
+    channel_signal: np.ndarray | None = None
+    channel_noise: np.ndarray | None = None
+    channel_count: int = 0
+    agree: int = 0
+    positions: int = 0
+    proxy: bool = False
+    finite: bool = True
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        r = np.asarray(reference, np.float64)
+        c = np.asarray(candidate, np.float64)
+        if r.shape != c.shape:
+            raise ValueError(f"output {self.name}: shapes differ {r.shape} vs {c.shape}")
+        if not np.isfinite(c).all():
+            self.finite = False
+            c = np.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0)
+        diff = r - c
+        self.signal += float(np.sum(r * r))
+        self.noise += float(np.sum(diff * diff))
+        axis = channel_axis(r.shape)
+        if axis is not None:
+            others = tuple(a for a in range(r.ndim) if a != axis)
+            sig = np.sum(r * r, axis=others)
+            noi = np.sum(diff * diff, axis=others)
+            if self.channel_signal is None or self.channel_signal.shape != sig.shape:
+                self.channel_signal, self.channel_noise = sig, noi
+            else:
+                self.channel_signal = self.channel_signal + sig
+                self.channel_noise = self.channel_noise + noi
+            self.channel_count += r.size // r.shape[axis]
+        if proxy_applies(r.shape):
+            self.proxy = True
+            self.agree += int(np.sum(np.argmax(r, axis=-1) == np.argmax(c, axis=-1)))
+            self.positions += int(np.prod(r.shape[:-1]))
+
+    def result(self) -> OutputFidelity:
+        sqnr = _db(self.signal, self.noise)
+        segments = self.segments()
+        worst = min((s["sqnr_db"] for s in segments), default=sqnr)
+        agreement = self.agree / self.positions if self.proxy and self.positions else None
+        if not self.finite:
+            sqnr, worst = -math.inf, -math.inf
+        return OutputFidelity(self.name, sqnr, worst, agreement, self.positions, segments)
+
+    def segments(self) -> list[dict]:
+        """Groups of channels whose RMS share a decade, each with its SQNR (dB)."""
+        if self.channel_signal is None or self.channel_count == 0:
+            return []
+        rms = np.sqrt(self.channel_signal / self.channel_count)
+        top = float(rms.max())
+        if top == 0.0:
+            return []
+        decade = np.floor(np.log10(np.maximum(rms, top * SEGMENT_FLOOR)))
+        out = []
+        for d in np.unique(decade)[::-1]:
+            members = decade == d
+            out.append({
+                "channels": int(members.sum()),
+                "first": int(np.argmax(members)),
+                "rms": float(np.sqrt(self.channel_signal[members].sum()
+                                     / (self.channel_count * members.sum()))),
+                "sqnr_db": _db(float(self.channel_signal[members].sum()),
+                               float(self.channel_noise[members].sum())),
+            })
+        return out
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+@dataclass
+class OutputFidelity:
+    name: str
+    sqnr_db: float
+    segment_sqnr_db: float
+    agreement: float | None
+    positions: int
+    segments: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "sqnr_db": _round(self.sqnr_db),
+            "segment_sqnr_db": _round(self.segment_sqnr_db),
+            "agreement": None if self.agreement is None else round(self.agreement, 4),
+            "positions": self.positions,
+            "segments": [{**s, "sqnr_db": _round(s["sqnr_db"]), "rms": float(f"{s['rms']:.4g}")}
+                         for s in self.segments],
+        }
+
+
+def _round(x: float) -> float | str:
+    return round(x, 2) if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def compare_outputs(references: list[dict[str, np.ndarray]], candidates: list[dict[str, np.ndarray]],
+                    names: list[str]) -> list[OutputFidelity]:
+    """Fidelity of each float output in ``names`` over paired per-batch output dicts."""
+    accs = {n: OutputAccumulator(n) for n in names}
+    for ref, cand in zip(references, candidates):
+        for n in names:
+            accs[n].add(ref[n], cand[n])
+    return [accs[n].result() for n in names]
