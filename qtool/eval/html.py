@@ -12,8 +12,8 @@ Charts and their units:
 - latency: one row per model and provider, time of one ``session.run`` in ms. With the
   per-run times (``samples_ms`` in a latency entry) it is a strip plot over a box
   (p25-p75, median, whiskers min-max); the report of today carries only the summary, so
-  the row shows min-p90 (thick), p90-max (thin), the median with its 95 % interval, the
-  mean and p99. The axis is logarithmic when max/min exceeds 20;
+  the row shows min-p90 (thick), p90-max (thin), the median in its 95 % interval (a light
+  box), the mean and p99. The axis is logarithmic when max/min exceeds 20;
 - frontier: size in MB (10^6 bytes) against the tune metric, the frontier of each split
   joined by a line, the chosen model ringed and the budget drawn as a dashed line.
 """
@@ -324,7 +324,8 @@ def _layer_chart(layers: Sequence[dict], suggested: set[str]) -> str:
     parts = [_svg_open(width, height, "per-layer SQNR in dB, worst layer first")]
     parts += _x_axis(scale, top, height - bottom, "SQNR (dB), higher is better")
     parts.append(_legend(left, 16, [(LAYER_BAR, "local SQNR (layer alone)", "rect"),
-                                    (INK, "end-to-end SQNR at the tensor", "tick")]))
+                                    (INK, "end-to-end SQNR at the tensor", "tick"),
+                                    (INK, "suggested for --exclude", "star")]))
     x0 = scale(0.0)
     for i, la in enumerate(layers):
         y = top + i * row
@@ -365,9 +366,9 @@ def _latency(stats: Sequence[dict], ratios: dict) -> str:
     if has_samples:
         how = "dots: every timed run; box: p25–p75 with the median; whiskers: min–max."
     else:
-        how = ("thick bar: min–p90 (9 runs in 10), thin line: p90–max, white tick: median with its 95 % "
-               "interval, ◆: mean, ▾: p99. The report carries no per-run times (a latency entry's "
-               "samples_ms), so this is drawn from its summary statistics.")
+        how = ("thick bar: min–p90 (9 runs in 10), thin line: p90–max, dark line in a light box: the median "
+               "and its 95 % interval, ◆: mean, ▾: p99. The report carries no per-run times (a latency "
+               "entry's samples_ms), so this is drawn from its summary statistics.")
     runs = rows[0].get("runs", "?")
     return chart + (f"<p>{summary}</p>" if summary else "") + (
         f'<p class="note">{runs} timed runs per model, interleaved, after {rows[0].get("warmup", "?")} '
@@ -533,13 +534,20 @@ def _frontier_chart(cands: Sequence[dict], chosen: dict | None, metric: str, bud
                      f'fill="{CANDIDATE if held else CANDIDATE_LIGHT}" stroke="#fff"><title>{_e(tip)}</title></circle>')
         if held:
             labels.setdefault((round(x), round(y)), []).append(str(c.get("label")))
-    placed: list[tuple[float, float]] = []
+    boxes: list[tuple[float, float, float, float]] = []
     for (x, y), names in labels.items():
-        # Candidates on one point share a label; labels of nearby points stack upwards.
-        dy = -10 - 15 * sum(1 for px, py in placed if abs(px - x) < 120 and abs(py - y) < 14)
-        placed.append((x, y))
-        parts.append(f'<text x="{x + 15:.1f}" y="{y + dy + 4:.1f}" font-size="12" fill="{INK}">'
-                     f'{_e(" = ".join(names))}</text>')
+        # Candidates on one point share a label; a label takes the first slot (above, then
+        # below the point, right of it or left near the right edge) that overlaps no other.
+        text = " = ".join(names)
+        w = _text_width(text, 12)
+        right_side = x + 15 + w <= width - right
+        x0 = x + 15 if right_side else x - 15 - w
+        for dy in (-10, 18, -25, 33, -40, 48, -55):
+            box = (x0, y + dy - 10, x0 + w, y + dy + 3)
+            if not any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in boxes):
+                break
+        boxes.append(box)
+        parts.append(f'<text x="{x0:.1f}" y="{y + dy:.1f}" font-size="12" fill="{INK}">{_e(text)}</text>')
     if chosen is not None:
         x, y = sx(chosen["size_bytes"] / 1e6), sy(chosen["metric"])
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="12" fill="none" stroke="{CHOSEN}" stroke-width="4">'
@@ -652,6 +660,11 @@ def _y_axis(scale: _Linear, left: float, right: float, label: str) -> list[str]:
     return parts
 
 
+def _text_width(text: str, size: float) -> float:
+    """A generous estimate of a sans-serif label's width in px (SVG has no text metrics here)."""
+    return 0.58 * size * len(text)
+
+
 def _diamond(x: float, y: float, r: float, colour: str, title: str) -> str:
     return (f'<path d="M{x:.1f},{y - r:.1f} l{r},{r} l{-r},{r} l{-r},{-r} z" fill="#fff" stroke="{colour}" '
             f'stroke-width="1.5"><title>{_e(title)}</title></path>')
@@ -670,9 +683,11 @@ def _legend(x: float, y: float, items: Sequence[tuple[str, str, str]]) -> str:
         elif kind == "ring":
             parts.append(f'<circle cx="{x + 7:.1f}" cy="{y - 4}" r="6" fill="none" stroke="{colour}" '
                          'stroke-width="3"/>')
+        elif kind == "star":
+            parts.append(f'<text x="{x + 7:.1f}" y="{y}" font-size="12" text-anchor="middle" fill="{colour}">★</text>')
         else:
             parts.append(f'<line x1="{x:.1f}" y1="{y - 4}" x2="{x + 16:.1f}" y2="{y - 4}" stroke="{colour}" '
                          'stroke-dasharray="4 3" stroke-width="2"/>')
         parts.append(f'<text x="{x + 20:.1f}" y="{y}" font-size="12" fill="{INK}">{_e(text)}</text>')
-        x += 30 + 6.8 * len(text)
+        x += 30 + _text_width(text, 12)
     return "".join(parts)
