@@ -1,4 +1,4 @@
-"""qtool.eval.html: the self-contained HTML report of `qtool eval --json` and `qtool tune --json`.
+"""qtool.eval.html and qtool.eval.svg: the self-contained HTML report of `qtool eval --json` and `qtool tune --json`.
 
 Structure tests parse the page (sections, escaping, no network references, size); the
 browser test renders it in headless Debian chromium and reads the screenshot's pixels to
@@ -20,18 +20,8 @@ import pytest
 from qtool.cli import run
 from qtool.errors import UsageError
 from qtool.eval import validate
-from qtool.eval.html import (
-    CANDIDATE,
-    CHOSEN,
-    LAYER_BAR,
-    MAX_LAYERS,
-    REFERENCE,
-    _Log,
-    _nice_step,
-    render_eval,
-    render_tune,
-    write_html,
-)
+from qtool.eval.html import MAX_LAYERS, render_eval, render_tune, write_html
+from qtool.eval.svg import CANDIDATE, CHOSEN, LAYER_BAR, REFERENCE, Log, nice_step
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOAT = ROOT / "examples" / "digits_cnn.onnx"
@@ -243,9 +233,9 @@ def test_latency_with_per_run_samples_draws_every_run():
 
 
 def test_axis_helpers():
-    assert [_nice_step(x) for x in (0.7, 3, 12, 0.0)] == [1, 5, 20, 1.0]
-    assert _Log(0.05, 20, 0, 100).ticks() == pytest.approx([0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20])
-    scale = _Log(0.1, 10, 0, 100)
+    assert [nice_step(x) for x in (0.7, 3, 12, 0.0)] == [1, 5, 20, 1.0]
+    assert Log(0.05, 20, 0, 100).ticks() == pytest.approx([0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20])
+    scale = Log(0.1, 10, 0, 100)
     assert (scale(0.1), scale(1.0), scale(10.0)) == pytest.approx((0, 50, 100))
 
 
