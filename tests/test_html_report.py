@@ -133,6 +133,27 @@ def test_layers_are_drawn_worst_first_with_lengths_proportional_to_sqnr():
     assert "--exclude a" in page
 
 
+def test_an_exact_layer_sorts_last_and_says_so():
+    doc = _minimal()
+    doc["diagnosis"] = {"samples": 1, "matched_tensors": 2, "suggested": [], "exclude_flags": [],
+                        "recipe_snippet": "",
+                        "layers": [{"tensor": "x", "node": "exact_one", "op_type": "Flatten", "candidate_ops": [],
+                                    "quantized": False, "sqnr_db": None, "local_sqnr_db": None},
+                                   {"tensor": "y", "node": "lossy", "op_type": "Conv", "candidate_ops": [],
+                                    "quantized": True, "sqnr_db": 30.0, "local_sqnr_db": 31.0}]}
+    page = render_eval(doc)
+    assert page.index(">lossy<") < page.index(">exact_one<") < page.index("exact (no error)")
+
+
+def test_tune_in_target_size_mode_draws_no_budget_line(tune_doc):
+    res = copy.deepcopy(tune_doc)
+    res.update(mode="target-size", budget=res["size_bytes"] * 0.5, within_budget=False)
+    page = render_tune(res)
+    assert '<div class="banner fail"><b>OVER BUDGET</b>' in page
+    assert f"(target {res['budget'] / 1e6:.3f} MB)" in page
+    assert "budget: " not in page
+
+
 def test_a_long_diagnosis_is_capped_and_says_how_many_are_left_out():
     doc = _minimal()
     doc["diagnosis"] = {"samples": 1, "matched_tensors": 500, "suggested": [], "exclude_flags": [],
