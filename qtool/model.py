@@ -52,7 +52,34 @@ def load(path: str | os.PathLike) -> ir.Model:
             "the file is probably not ONNX; check how it was exported",
         )
     _check_external_files(model, path)
+    name_unnamed_nodes(model)
     return model
+
+
+def name_unnamed_nodes(model: ir.Model) -> int:
+    """Give every node without a name ``<op_type>_<n>``; return how many were named.
+
+    Node names are optional in ONNX, but recipes' [[layer]] rules, tune's groups and the
+    reports all address layers by name. ``n`` counts the unnamed nodes of each op type in
+    graph order (subgraphs depth first, as :func:`iter_nodes`), so repeated loads of one file
+    give the same names; a name already taken anywhere in the model (subgraphs included)
+    is skipped. A model whose nodes all have names is left untouched.
+    """
+    nodes = list(iter_nodes(model))
+    taken = {node.name for node in nodes if node.name}
+    counters: dict[str, int] = {}
+    named = 0
+    for node in nodes:
+        if node.name:
+            continue
+        n = counters.get(node.op_type, 0)
+        while f"{node.op_type}_{n}" in taken:
+            n += 1
+        node.name = f"{node.op_type}_{n}"
+        taken.add(node.name)
+        counters[node.op_type] = n + 1
+        named += 1
+    return named
 
 
 def _check_external_files(model: ir.Model, path: Path) -> None:

@@ -25,8 +25,9 @@ from qtool.errors import UsageError
 from qtool.pipeline import convert_model, weight_only_part
 from qtool.tune import parse_bits, parse_budget, recipe_toml, tune
 from qtool.tune.frontier import Candidate, mark_frontier, svg
+from qtool.tune.groups import Group, glob_escape, role_key
+from qtool.tune.options import Clock, check_budget
 from qtool.tune.search import group_bytes, order_moves
-from qtool.tune.sensitivity import Group, glob_escape, role_key
 
 K = 128  # one 4-bit block of 128 per column
 OUTLIER = 8.0
@@ -180,6 +181,30 @@ def test_parsers():
         parse_budget("-1")
 
 
+def test_budget_limits_per_split_and_the_clock_ignores_cache_hits():
+    import math
+    import time
+
+    assert check_budget("2%", None, None).limit(0.5) == pytest.approx(0.01)  # 2% of this split's float metric
+    assert check_budget("0.01", None, None).limit(123.0) == 0.01
+    assert check_budget(None, 5.0, None).limit(0.9) == 5e6  # bytes
+    with pytest.raises(UsageError):
+        check_budget("1%", 5.0, None)
+    with pytest.raises(UsageError):
+        check_budget(None, None, "frontier.pdf")
+    with pytest.raises(UsageError):
+        Clock.start(0.0, 0)
+    assert Clock.start(0.0, None).deadline == math.inf
+    clock = Clock(deadline=time.monotonic() + 10.0)
+    assert not clock.short_of(1000)  # nothing timed yet: no estimate to stop on
+    clock.observe(0.01)  # a cache hit says nothing about the cost of a measurement
+    assert clock.per_measure is None
+    clock.observe(2.0)
+    clock.observe(1.0)
+    assert clock.per_measure == 2.0  # the slowest so far
+    assert clock.short_of(9) and not clock.short_of(1)
+
+
 def test_groups_by_role_and_escaping():
     assert role_key("/layers.12/mlp/down_proj/MatMul") == "/layers.#/mlp/down_proj/MatMul"
     assert glob_escape("a[1]*?") == "a[[]1[]][*][?]"
@@ -329,7 +354,7 @@ def test_cli_tune_json_and_usage_errors(mlp_case, tmp_path, capsys):
 
 def test_role_groups_become_one_glob_and_a_3_channel_conv_takes_8_bits_only(tmp_path):
     from qtool.tune import tuned_recipe
-    from qtool.tune.sensitivity import find_groups
+    from qtool.tune.groups import find_groups
 
     model = ir.load(cnn(tmp_path / "cnn.onnx"))
     static = find_groups(model, "int8-static", (8, 4), 128, "layer")

@@ -1,4 +1,8 @@
-"""The candidates a tune run tried: size vs metric, the Pareto frontier, a table and a plot.
+"""Phase 5 of ``qtool tune``: the candidates it tried, size vs metric, the Pareto frontier.
+
+Besides the search's and the verification's candidates, uniform ones (every group at each
+candidate precision, where allowed) are scored on held-out data when time allows, so the
+table compares tuned against uniform int8 / int4.
 
 A candidate is on the frontier when no other candidate of the same split is at most as
 large *and* at least as good, with one of the two strictly. Sizes are bytes (the estimate
@@ -9,11 +13,25 @@ from __future__ import annotations
 
 import html
 import os
+import shutil
+import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qtool.errors import UsageError
+
+if TYPE_CHECKING:
+    from qtool.tune.options import Clock
+    from qtool.tune.recipes import Builder
+    from qtool.tune.sensitivity import Scorer
+
+
+def mix(bits: Sequence[int]) -> str:
+    """Groups per precision, highest first: ``"32:2 8:10 4:3"``."""
+    return " ".join(f"{b}:{n}" for b, n in sorted(Counter(bits).items(), reverse=True))
 
 
 @dataclass
@@ -26,6 +44,11 @@ class Candidate:
     sqnr_db: float
     mix: str  # e.g. "32:2 8:10 4:3" (groups per precision)
     frontier: bool = False
+
+    @classmethod
+    def scored(cls, label: str, split: str, size_bytes: float, score, drop: float, bits: Sequence[int]) -> Candidate:
+        """From a qtool.tune.sensitivity.Score and the bits per group it was measured at."""
+        return cls(label, split, float(size_bytes), score.metric, drop, score.sqnr_db, mix(bits))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,3 +160,52 @@ def svg(candidates: Sequence[Candidate], metric: str, width: int = 640, height: 
     parts.append(f'<text x="{width - pad}" y="34" text-anchor="end" fill="{colours["held-out"]}">held-out</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
+
+
+def uniform_candidates(builder: Builder, held: Scorer, bits: Sequence[int], float_bytes: int, clock: Clock,
+                       progress, scratch: Path) -> tuple[list[Candidate], list[str]]:
+    """The float model, then every group at each of ``bits`` (or the nearest higher precision
+    it allows), scored on the held-out split by ``held``; (candidates, notes).
+
+    ``scratch``: the folder a temporary folder for the uniform models (one at a time) goes in.
+    """
+    from qtool.model import model_size_bytes, save
+
+    groups = builder.groups
+    float_bits = [grp.choices[0] for grp in groups]
+    out = [Candidate("float", "held-out", float(float_bytes), held.reference.metric, 0.0, float("inf"),
+                     mix(float_bits))]
+    notes = []
+    tmp = Path(tempfile.mkdtemp(prefix=".qtool-tune-", dir=scratch))
+    try:
+        with progress("uniform candidates (held-out)", len(bits) + 1, "models") as advance:
+            advance(1)
+            for b in bits:
+                if clock.short_of(2):
+                    notes.append(f"time budget: uniform {b}-bit not evaluated")
+                    break
+                assign = [min(c for c in grp.choices if c >= b) for grp in groups]
+                path = tmp / f"uniform{b}.onnx"
+                save(builder.build(assign), path, verify=False)
+                score = held.score(path)
+                where = "" if all(a == b for a in assign) else " (where allowed)"
+                out.append(Candidate.scored(f"uniform {b}{where}", "held-out", model_size_bytes(path), score,
+                                            held.drop(score), assign))
+                path.unlink()
+                advance(1)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, notes
+
+
+def write_frontier(candidates: Sequence[Candidate], path: Path, model_name: str, metric: str,
+                   higher_is_better: bool) -> Path:
+    """Mark the frontier and write it as ``path`` (Markdown)."""
+    mark_frontier(candidates)
+    path.write_text(
+        f"# qtool tune: {model_name}\n\nmetric: {metric} ({'higher' if higher_is_better else 'lower'} "
+        f"is better); drop = loss vs the float model on the same split; search-split sizes are estimates, "
+        f"held-out sizes are files.\n\n" + table_markdown(candidates, metric)
+    )
+    return path
+

@@ -1,4 +1,4 @@
-"""Search: which precision each layer group gets, from the measured sensitivities.
+"""Phase 3 of ``qtool tune``: which precision each layer group gets, from the measured sensitivities.
 
 Sizes (bytes) of a group of ``n`` weights at ``b`` bits, as the converters store them:
 
@@ -16,18 +16,22 @@ saved per unit of estimated loss, where a move's loss is its measured metric dro
 and ``N_all`` the noise of every group at its lowest precision. The noise term ranks moves
 that a small split's metric cannot tell apart. Applying the first ``k`` moves of that
 order gives a chain of candidates from float (k = 0) to all-lowest; the tuner measures
-prefixes of the chain and keeps the longest whose drop is within the budget.
+prefixes of the chain and keeps the longest whose drop is within the budget (``max-drop``,
+a bisection), or the shortest whose estimated size is within it (``target-size``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from qtool.tune.sensitivity import Group
+from qtool.tune.frontier import Candidate
+from qtool.tune.groups import Group
+from qtool.tune.options import Budget, Clock
+from qtool.tune.sensitivity import Measurer, Sensitivities
 
 
 def storage_bits(bits: int) -> int:
@@ -140,3 +144,85 @@ def raise_most_sensitive(groups: Sequence[Group], bits: list[int], drops: dict[t
     i = groups[worst].choices.index(bits[worst])
     out[worst] = groups[worst].choices[i - 1]
     return out
+
+
+@dataclass(frozen=True)
+class SizeModel:
+    """Estimated model bytes of an assignment: ``other_bytes`` outside the groups plus each group."""
+
+    groups: Sequence[Group]
+    other_bytes: float
+    scheme: str
+    block_size: int
+
+    def estimate(self, bits: Sequence[int]) -> float:
+        return estimated_bytes(self.groups, bits, self.other_bytes, self.scheme, self.block_size)
+
+
+@dataclass
+class ChainSearch:
+    """The chain, the prefix ``k`` the search kept, and every prefix it measured."""
+
+    chain: list[Move]
+    size: SizeModel
+    measurer: Measurer
+    budget: float  # metric units (max-drop) or bytes (target-size)
+    k: int = 0
+    candidates: list[Candidate] = field(default_factory=list)
+    out_of_time: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def assignment(self, k: int) -> list[int]:
+        return assignment_after(self.size.groups, self.chain, k)
+
+    def fits(self, k: int) -> bool:
+        """Measure the first ``k`` moves on the search split: is the drop within the budget?"""
+        bits = self.assignment(k)
+        score = self.measurer.measure(bits, f"chain[{k}]")
+        drop = self.measurer.scorer.drop(score)
+        self.candidates.append(Candidate.scored(f"chain {k}/{len(self.chain)}", "search", self.size.estimate(bits),
+                                                score, drop, bits))
+        return drop <= self.budget
+
+    def longest_within(self, clock: Clock, advance) -> None:
+        """Bisect for the longest prefix within the drop budget (float, k = 0, if none is)."""
+        lo, hi = 0, len(self.chain)
+        if self.chain and self.fits(hi):
+            lo = hi
+        advance(1)
+        while hi - lo > 1:
+            if clock.short_of(5):
+                self.out_of_time = True
+                self.notes.append("time budget: the chain search stopped early (kept the last prefix within budget)")
+                break
+            mid = (lo + hi) // 2
+            if self.fits(mid):
+                lo = mid
+            else:
+                hi = mid
+            advance(1)
+        self.k = lo
+
+    def shortest_under(self, target_mb: float, advance) -> None:
+        """The shortest prefix whose estimated size is within the budget (all of it if none is)."""
+        sizes = [self.size.estimate(self.assignment(i)) for i in range(len(self.chain) + 1)]
+        self.k = next((i for i, size in enumerate(sizes) if size <= self.budget), len(self.chain))
+        if sizes[self.k] > self.budget:
+            self.notes.append(f"even every group at its lowest precision is estimated above {target_mb} MB")
+        self.fits(self.k)
+        advance(1)
+
+
+def search(sens: Sensitivities, size: SizeModel, measurer: Measurer, budget: float, spec: Budget, clock: Clock,
+           progress) -> ChainSearch:
+    """Order the moves (see the module doc) and keep the prefix of the chain the budget allows."""
+    chain = order_moves(size.groups, sens.drops, sens.sqnrs, budget if spec.mode == "max-drop" else 1.0,
+                        size.scheme, size.block_size)
+    found = ChainSearch(chain, size, measurer, budget)
+    with progress("search", None, "candidates") as advance:
+        if spec.mode == "max-drop":
+            found.longest_within(clock, advance)
+        else:
+            found.shortest_under(spec.target_mb, advance)
+    return found
+

@@ -1,11 +1,6 @@
-"""Sensitivity analysis: how much the metric moves when only one layer group is quantized.
+"""Phase 2b of ``qtool tune``: how much the metric moves when only one layer group is quantized.
 
-A *group* is a set of weight layers (Conv / MatMul / Gemm, and embedding Gathers in the
-weight-only scheme) that always share a precision: one layer each (``group="layer"``), or
-every layer whose name is the same once its digit runs are ignored (``group="role"``:
-``layers.3/mlp/down_proj`` and ``layers.17/mlp/down_proj`` are one group).
-
-For group g at b bits, the candidate is the float model with only g quantized; it is scored
+For group g (qtool.tune.groups) at b bits, the candidate is the float model with only g quantized; it is scored
 on the search split against the float model's own outputs:
 
 - ``metric``: the task metric (top1, perplexity, ... or ``cosine``: cosine similarity of
@@ -25,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -36,119 +30,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qtool.errors import UsageError
-from qtool.model import graph_fingerprint, iter_nodes
+from qtool.model import graph_fingerprint
+from qtool.tune.groups import Group
+from qtool.tune.options import Clock, Splits
+from qtool.tune.recipes import Builder
 
 COMPARISON_TUNE_METRICS = ("cosine",)
-_MIN_K = 16  # weight-only skips reductions shorter than one block of 16
-
-
-@dataclass(frozen=True)
-class Group:
-    """Layers that share one precision; ``choices``: allowed bits, highest (32) first."""
-
-    key: str
-    members: tuple[str, ...]
-    op_types: tuple[str, ...]
-    params: int
-    choices: tuple[int, ...]
-    k: int = 0  # length of the blocked axis (K, D or C/g) shared by every member; 0: they differ
-
-
-def _weight_of(node: ir.Node) -> tuple[ir.Value | None, int | None]:
-    """(constant float weight, length of its blocked axis) of a weight layer, or (None, None):
-    K for MatMul/Gemm, D for Gather, C/g (input channels per group) for Conv."""
-    index = 0 if node.op_type == "Gather" else 1
-    if len(node.inputs) <= index:
-        return None, None
-    w = node.inputs[index]
-    if w is None or w.const_value is None or w.const_value.dtype != ir.DataType.FLOAT:
-        return None, None
-    shape = tuple(w.const_value.shape)
-    if node.op_type == "Conv":
-        return (w, shape[1]) if len(shape) >= 3 else (None, None)
-    if len(shape) != 2:
-        return None, None
-    if node.op_type == "Gather":
-        return w, shape[1]
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
-        return w, shape[1]
-    return w, shape[0]
-
-
-def allowed_bits(op_type: str, k: int, scheme: str, bits: Sequence[int], block_size: int,
-                 opset: int = 25) -> tuple[int, ...]:
-    """The precisions a layer can take in ``scheme`` (32 always), highest first.
-
-    Weight-only (2/3/4 bits, and 8 in the weight-only scheme) needs K >= 16; an embedding
-    Gather needs D a multiple of the block size and 8 or 4 bits (GatherBlockQuantized). A
-    Conv takes 8 bits as int8 in the int8 schemes; its weight-only blocks (any bits in the
-    weight-only scheme, 2/3/4 in the others) need C/g >= 16 and blocked DequantizeLinear:
-    ``opset`` (what the model has or may be raised to) >= 21, 25 for 2 bits.
-    """
-    out = {32}
-    for b in bits:
-        if op_type == "Conv":
-            blocks_ok = k >= _MIN_K and opset >= (25 if b == 2 else 21)
-            if (b == 8 and scheme != "weight-only") or blocks_ok:
-                out.add(b)
-            continue
-        if op_type == "Gather":
-            if scheme == "weight-only" and b in (8, 4) and k % block_size == 0:
-                out.add(b)
-            continue
-        if b < 8 or scheme == "weight-only":
-            if k >= _MIN_K:
-                out.add(b)
-        else:
-            out.add(b)
-    return tuple(sorted(out, reverse=True))
-
-
-def role_key(name: str) -> str:
-    """A layer's name with its digit runs replaced by ``#`` (its role across blocks)."""
-    return re.sub(r"\d+", "#", name)
-
-
-def find_groups(model: ir.Model, scheme: str, bits: Sequence[int], block_size: int, group: str,
-                op_types: Sequence[str] = (), opset: int | None = None) -> list[Group]:
-    """The weight layers ``scheme`` can quantize below float, grouped; in graph order.
-
-    ``opset``: the opset the model may have for blocked Conv weights (default: its own).
-    """
-    if group not in ("layer", "role", "auto"):
-        raise UsageError(f"unknown --group {group!r}", "use layer, role or auto")
-    if opset is None:
-        opset = model.opset_imports.get("", 0)
-    layers: list[tuple[str, str, int, tuple[int, ...], int]] = []
-    types = ("Conv", "MatMul", "Gemm") + (("Gather",) if scheme == "weight-only" else ())
-    for node in iter_nodes(model):
-        if node.op_type not in types or node.domain not in ("", "ai.onnx") or not node.name:
-            continue
-        if op_types and node.op_type not in op_types and scheme != "weight-only":
-            continue
-        w, k = _weight_of(node)
-        if w is None:
-            continue
-        choices = allowed_bits(node.op_type, k, scheme, bits, block_size, opset)
-        if len(choices) > 1:
-            layers.append((node.name, node.op_type, int(w.const_value.size), choices, int(k)))
-    if group == "auto":
-        group = "layer" if len(layers) <= 32 else "role"
-    buckets: dict[tuple, list] = {}
-    for name, op, size, choices, k in layers:
-        key = (name if group == "layer" else role_key(name), op, choices)
-        buckets.setdefault(key, []).append((name, size, k))
-    out = []
-    for (key, op, choices), members in buckets.items():
-        ks = {k for _, _, k in members}
-        out.append(Group(key, tuple(n for n, _, _ in members), (op,), sum(s for _, s, _ in members), choices,
-                         ks.pop() if len(ks) == 1 else 0))
-    return out
-
-
-def glob_escape(name: str) -> str:
-    """``name`` as an fnmatch pattern that matches only itself."""
-    return re.sub(r"([\[\]*?])", r"[\1]", name)
 
 
 @dataclass
@@ -238,6 +125,14 @@ class Scorer:
         return (r - score.metric) if self.higher_is_better else (score.metric - r)
 
 
+def search_scorer(model_path: str | os.PathLike, splits: Splits, limit: int, threads: int, progress) -> Scorer:
+    """The float model scored on the search split (the reference every sensitivity is against)."""
+    with progress("float reference (search split)", None, "samples") as advance:
+        scorer = Scorer(model_path, splits.search, splits.search_shard, limit, splits.metric, threads)
+        advance(scorer.samples)
+    return scorer
+
+
 def data_key(dataset, shard: tuple[int, int], limit: int) -> str:
     """Identity of a data split: folder, sample names and sizes, shard and limit."""
     h = hashlib.sha256()
@@ -297,3 +192,64 @@ class SensitivityCache:
         with os.fdopen(fd, "w") as f:
             json.dump({"format": "qtool.tune.cache", "version": 1, "entries": self.entries}, f)
         os.replace(tmp, self.path)
+
+
+@dataclass
+class Measurer:
+    """Scores assignments on the search split, through the cache; counts what it did."""
+
+    builder: Builder
+    scorer: Scorer
+    cache: SensitivityCache
+    measured: int = 0
+    cached: int = 0
+
+    def measure(self, bits: Sequence[int], label: str) -> Score:
+        """Score the model ``bits`` (one per group) builds: from the cache, else measured."""
+        key = self.cache.key({m: b for g, b in zip(self.builder.groups, bits) for m in g.members})
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.cached += 1
+            return hit
+        payload = ir.to_proto(self.builder.build(bits)).SerializeToString()
+        score = self.scorer.score(payload)
+        self.cache.put(key, score, label)
+        self.measured += 1
+        return score
+
+
+@dataclass
+class Sensitivities:
+    """``drops[(g, bits)]`` / ``sqnrs[(g, bits)]``: group g alone at ``bits``, measured."""
+
+    drops: dict[tuple[int, int], float] = field(default_factory=dict)
+    sqnrs: dict[tuple[int, int], float] = field(default_factory=dict)
+    out_of_time: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def measure_sensitivities(groups: Sequence[Group], measurer: Measurer, clock: Clock, progress) -> Sensitivities:
+    """Each group alone at each of its precisions below float, until ``clock`` runs short."""
+    tasks = [(g, b) for g, grp in enumerate(groups) for b in grp.choices[1:]]
+    found = Sensitivities()
+    float_bits = [grp.choices[0] for grp in groups]
+    with progress("sensitivity", len(tasks), "layers") as advance:
+        for g, b in tasks:
+            # Keep room for the search and the held-out check (about 8 measurements' worth).
+            if clock.short_of(9):
+                found.out_of_time = True
+                break
+            t = time.monotonic()
+            bits = list(float_bits)
+            bits[g] = b
+            score = measurer.measure(bits, f"{groups[g].key}@{b}")
+            found.drops[(g, b)] = measurer.scorer.drop(score)
+            found.sqnrs[(g, b)] = score.sqnr_db
+            clock.observe(time.monotonic() - t)
+            advance(1)
+    if found.out_of_time:
+        found.notes.append(f"time budget: {len(found.drops)} of {len(tasks)} sensitivities measured; "
+                           "a precision not measured is not used (those groups stay at their last measured "
+                           "one, or float)")
+    return found
+
