@@ -18,6 +18,7 @@ from qtool.calibration.thresholds import choose_range, percentile_range, quantil
 from qtool.config import Recipe
 from qtool.data import Dataset, input_specs
 from qtool.errors import CalibrationError, DataError
+from qtool.model import load as qmodel_load
 from qtool.pipeline import calibrate
 
 RNG = np.random.default_rng(1234)
@@ -156,7 +157,7 @@ def test_stream_tensors_matches_onnxruntime(tmp_path):
     data = _data(tmp_path / "d")
     ds = Dataset(data, input_specs(ir.load(path)))
     seen = []
-    for ids, tensors in stream_tensors(path, ds, ["x", "mm", "y"], batch_size=5):
+    for ids, tensors in stream_tensors(qmodel_load(path), ds, ["x", "mm", "y"], batch_size=5):
         assert set(tensors) == {"x", "mm", "y"}
         seen += ids
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -14,7 +14,6 @@ nothing is written to disk.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -53,12 +52,11 @@ def infer_types(model: ir.Model) -> bool:
 
 
 def _external_folder(model: ir.Model) -> str | None:
-    from qtool.model import iter_initializers
-
     folders = {
-        str(Path(t.base_dir).resolve())
-        for t in iter_initializers(model)
-        if isinstance(t, ir.ExternalTensor)
+        str(Path(v.const_value.base_dir).resolve())
+        for graph in model.graphs()
+        for v in graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
     }
     if len(folders) > 1:
         raise ModelError(
@@ -91,9 +89,7 @@ def build_session(
                 main_values[value.name] = value
     graph_inputs = {v.name for v in model.graph.inputs}
     subgraph_values = set()
-    from qtool.model import iter_graphs
-
-    for sub in list(iter_graphs(model.graph))[1:]:
+    for sub in model.graph.subgraphs():
         for node in sub:
             subgraph_values.update(v.name for v in node.outputs if v is not None)
 
@@ -189,7 +185,7 @@ def _shareable_weights(model: ir.Model) -> dict[str, tuple[ir.Value, np.ndarray]
 
 
 def stream_tensors(
-    model: ir.Model | str | os.PathLike,
+    model: ir.Model,
     dataset: Dataset,
     tensor_names: list[str],
     *,
@@ -209,10 +205,6 @@ def stream_tensors(
     sample file; callers that compute min/max anyway can pass False and check themselves
     with ``raise_non_finite``.
     """
-    if not isinstance(model, ir.Model):
-        from qtool.model import load
-
-        model = load(model)
     if not 0 <= shard[0] < shard[1]:
         raise CalibrationError(
             f"shard {shard[0]}/{shard[1]} is out of range", "use I/N with 0 <= I < N, e.g. 0/4"
