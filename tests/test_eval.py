@@ -315,9 +315,9 @@ def test_diagnose_names_the_coarse_layer(mlp):
     assert diag["matched_tensors"] == 3  # h, r, y
     worst = diag["layers"][0]
     assert worst["node"] == "fc2" and worst["quantized"]
-    assert diag["suggested"] == ["fc2"]
-    assert diag["exclude_flags"] == ["--exclude fc2"]
-    assert 'match = "fc2"' in diag["recipe_snippet"] and "bits = 32" in diag["recipe_snippet"]
+    # a hand-made candidate records no recipe to re-convert with: suggestions are withheld
+    # (tests/test_diagnose.py checks measured suggestions on qtool-converted models)
+    assert diag["suggested"] == [] and "withheld" in diag["advice"]
     # fc2's own error: fc2 alone (its DequantizeLinear + MatMul, run by onnxruntime as the
     # candidate's are) fed with the reference's r, against the reference's y
     import onnxruntime as ort
@@ -337,12 +337,6 @@ def test_diagnose_names_the_coarse_layer(mlp):
     assert worst["local_sqnr_db"] == pytest.approx(want, abs=1e-6)
     fc1 = next(x for x in diag["layers"] if x["node"] == "fc1")
     assert fc1["local_sqnr_db"] > worst["local_sqnr_db"] + 10  # int8 fc1 is far better
-    import tomllib
-
-    from qtool.config import recipe_from_dict
-
-    recipe = recipe_from_dict(tomllib.loads(diag["recipe_snippet"]))
-    assert recipe.bits_for("fc2", "MatMul", 8) == 32
 
 
 def test_hwcheck_reports_integer_and_float_nodes(mlp, tmp_path):

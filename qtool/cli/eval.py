@@ -211,6 +211,12 @@ def _print_report(doc: dict) -> None:
             t.add_row(escape(layer["node"]), layer["op_type"], _n(layer["local_sqnr_db"]),
                       _n(layer["sqnr_db"]), escape(layer["tensor"]))
         console.print(t)
+        checks = diag.get("checks") or []
+        if checks:
+            console.print(f"checked by re-converting (baseline {diag['baseline_sqnr_db']:.2f} dB output SQNR):")
+            for c in checks:
+                console.print(f"  without {escape(', '.join(c['exclude']))}: {c['sqnr_db']:.2f} dB "
+                              f"({c['gain_db']:+.2f} dB)")
         console.print(escape(diag.get("advice", "")))
         if diag["exclude_flags"]:
             console.print("  " + escape(" ".join(diag["exclude_flags"])))
