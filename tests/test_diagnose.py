@@ -13,12 +13,10 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qtool.calibration import calibrate
-from qtool.config import Recipe
-from qtool.convert import convert
+import qtool
 from qtool.data import Dataset, input_specs
 from qtool.eval.diagnose import diagnose, matched_tensors, recipe_snippet
-from qtool.model import add_provenance, load, save
+from qtool.model import load
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits_cnn.onnx"
@@ -28,11 +26,9 @@ DIAG_SAMPLES = 96  # diagnosis reads the first 96 eval samples; the independent 
 
 
 def _int8(reference: Path, calib: Path, out: Path, exclude: tuple[str, ...] = ()) -> Path:
-    """qtool convert REFERENCE --data CALIB [--exclude ...], through the library."""
-    recipe = Recipe().override("quantize", exclude=exclude)
-    converted, _ = convert(load(reference), recipe, table=calibrate(reference, calib, recipe))
-    add_provenance(converted, recipe.to_dict(), source=str(reference))
-    save(converted, out)
+    """qtool convert REFERENCE -o OUT --data CALIB [--exclude ...], through the Python API."""
+    recipe = qtool.load_recipe("int8-static").override("quantize", exclude=exclude)
+    qtool.convert(reference, out, recipe, data=calib)
     return out
 
 

@@ -92,25 +92,25 @@ def _split(count: int) -> tuple[tuple[int, int], list[int]]:
 
 
 def _builder(reference, recipe, dataset, shard: tuple[int, int], low_bit: bool) -> Callable[[list[str]], bytes]:
-    """A function: extra names to leave out -> the re-converted model, serialized. The data
-    conversion needs (ranges, statistics) is collected once, on the calibration split."""
+    """A function: extra names to leave out -> the re-converted model, serialized. What
+    conversion needs from data (static ranges on the calibration split; smoothing maxima
+    or gptq/awq statistics, as ``qtool convert --data`` collects them) is collected once."""
     import onnx_ir as ir
 
-    from qtool.convert import convert, plan_for
     from qtool.model import load
+    from qtool.pipeline import calibrate, convert_model, plan_for, prepare
 
-    source = load(reference)
     plan = plan_for(recipe)
-    extra: dict = {}
-    calib_recipe = recipe.override("calibration", batch_size=1, samples=0)
     if plan.kind == "int8-static":
-        from qtool.calibration import calibrate
-
-        extra["table"] = calibrate(reference, dataset.folder, calib_recipe, shard=shard)
-    elif plan.kind == "weight-only" and recipe.weight_only.algorithm in ("gptq", "awq"):
-        from qtool.passes.weight_only import collect_weight_only_stats
-
-        extra["activations"] = collect_weight_only_stats(reference, dataset, recipe, limit=len(dataset))
+        calib_recipe = recipe.override("calibration", batch_size=1, samples=0)
+        table = calibrate(reference, dataset.folder, calib_recipe, shard=shard)
+        prepared = {"table": table}
+        source = load(reference)
+    else:
+        ready = prepare(load(reference), reference, recipe, plan, data=dataset.folder)
+        prepared = {"table": ready.table, "preprocessed": ready.preprocessed,
+                    "activations": ready.activations, "absmax": ready.absmax}
+        source = ready.model
 
     def build(names: list[str]) -> bytes:
         patterns = tuple(re.sub(r"([\[\]*?])", r"[\1]", n) for n in names)  # names, not globs
@@ -118,8 +118,7 @@ def _builder(reference, recipe, dataset, shard: tuple[int, int], low_bit: bool) 
             r = recipe.override("weight_only", keep_8bit=tuple(recipe.weight_only.keep_8bit) + patterns)
         else:
             r = recipe.override("quantize", exclude=tuple(recipe.quantize.exclude) + patterns)
-        model, _ = convert(source, r, **extra)
-        return ir.to_proto(model).SerializeToString()
+        return ir.to_proto(convert_model(source, r, **prepared).model).SerializeToString()
 
     return build
 
