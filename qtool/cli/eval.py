@@ -65,6 +65,8 @@ def eval_command(
     """Evaluate CANDIDATE (against --reference): metrics, output SQNR, latency, size; CI gates.
 
     Exit codes: 0 all gates passed, 1 error, 2 usage error, 3 a gate failed.
+    Gates take numbers or percentages (--max-drop 1% of the reference metric). Without gates,
+    an output whose SQNR is below 3 dB or cosine below 0.9 still prints a warning.
 
     \b
     Examples:
