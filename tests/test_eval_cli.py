@@ -134,6 +134,20 @@ def test_report_onto_an_input_is_refused_and_the_input_kept(int8, tmp_path, caps
     assert path.read_bytes() == before
 
 
+def test_report_onto_the_external_data_of_a_model_is_refused(tmp_path, capsys):
+    import onnx
+
+    model = onnx.load(str(REF))
+    ref = tmp_path / "ref.onnx"
+    onnx.save(model, str(ref), save_as_external_data=True, location="ref.weights", size_threshold=0)
+    weights = tmp_path / "ref.weights"
+    before = weights.read_bytes()
+    code = run(_eval(ref, "-d", DATA, "--limit", "2", "--json", weights))
+    err = capsys.readouterr().err
+    assert code == 2 and "external data file" in err and "never overwrites its inputs" in err
+    assert weights.read_bytes() == before
+
+
 def test_report_onto_a_sample_of_the_data_folder_is_refused(int8, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()

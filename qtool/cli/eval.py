@@ -138,13 +138,13 @@ def check_outputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None
             raise UsageError(f"{flag} {path} is a file of the dataset folder {data}", hint)
         if path.is_dir():
             raise UsageError(f"{flag} {path} is a folder", "give a file name")
+        _probe_writable(path, flag)
         for role in ("candidate model", "reference model"):
             if inputs.get(role) is not None and Path(inputs[role]).is_file():
-                try:  # also refuses the model's external data files
+                try:  # what is left to refuse: the model's external data files
                     check_output_path(path, inputs[role])
                 except UsageError as exc:
                     raise UsageError(f"{flag}: {exc.message}", hint) from None
-        _probe_writable(path, flag)
     paths = list(chosen.items())
     for i, (flag, path) in enumerate(paths):
         for other, other_path in paths[i + 1:]:

@@ -391,7 +391,7 @@ def recipe_snippet(nodes: list[str], bits: int) -> str:
     if not nodes:
         return ""
     what = "in float" if bits == 32 else f"at {bits} bits"
-    lines = [f"# from qtool eval --diagnose: keep {what} the layers that lose the most precision"]
+    lines = [f"# from qtool eval --diagnose: keep {what} the layers whose re-conversion measured a gain"]
     for n in nodes:
         lines += ["[[layer]]", f"match = {_toml_str(n)}", f"bits = {bits}", ""]
     return "\n".join(lines).rstrip() + "\n"

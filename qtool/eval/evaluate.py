@@ -95,8 +95,9 @@ def evaluate(
     if diagnose:
         from qtool.eval.diagnose import diagnose as run_diagnosis
 
-        report.diagnosis = run_diagnosis(candidate, reference, run.dataset, batch_size=batch_size,
-                                         limit=run.count, top=diagnose_top, threads=threads)
+        with progress("diagnosing (layers, then re-converting)", None, "samples"):
+            report.diagnosis = run_diagnosis(candidate, reference, run.dataset, batch_size=batch_size,
+                                             limit=run.count, top=diagnose_top, threads=threads)
     results = gates_mod.check_gates(report.to_dict(), max_drop=max_drop, min_sqnr=min_sqnr,
                                     max_latency_ratio=max_latency_ratio)
     report.gates = [r.to_dict() for r in results]
