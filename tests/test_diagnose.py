@@ -80,6 +80,20 @@ def test_digits_suggestions_are_measured_and_hold_on_unseen_samples(digits):
     assert _output_sqnr(DIGITS, fixed, unseen) > _output_sqnr(DIGITS, digits["cand"], unseen)
 
 
+def test_low_bit_suggestions_keep_layers_at_8_bits_and_hold_on_unseen_samples(tmp_path):
+    cand = tmp_path / "int4.onnx"
+    recipe = qtool.load_recipe("int4-weight-only").override("weight_only", block_size=32)
+    qtool.convert(DIGITS, cand, recipe)
+    diag = diagnose(cand, DIGITS, Dataset(EVAL, input_specs(load(DIGITS))), limit=48)
+    assert diag["suggested"] and set(diag["suggested"]) <= {"fc1_matmul", "fc2_matmul"}
+    assert diag["exclude_flags"] == [f"--keep-8bit {n}" for n in diag["suggested"]]
+    assert diag["suggested_gain_db"] > 0 and "bits = 8" in diag["recipe_snippet"]
+    fixed = tmp_path / "fixed.onnx"
+    qtool.convert(DIGITS, fixed, recipe.override("weight_only", keep_8bit=tuple(diag["suggested"])))
+    unseen = range(48, 400)
+    assert _output_sqnr(DIGITS, fixed, unseen) > _output_sqnr(DIGITS, cand, unseen)
+
+
 def _conv_clip_model(path: Path, rng) -> Path:
     """x -> Conv -> Clip(0, 6) -> Conv -> y: qtool folds the Clip into the first Conv's Q."""
     w1 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.5

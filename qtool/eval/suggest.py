@@ -7,8 +7,9 @@ quantization of its neighbours. So each candidate exclusion is applied for real:
 1. the recipe recorded in the candidate (``qtool.recipe`` metadata, written by
    ``qtool convert``) is read back; a candidate made by another tool has none, and its
    suggestions are withheld (the layer ranking still stands);
-2. the dataset is split: even positions calibrate (static int8 ranges, gptq/awq statistics),
-   odd positions measure (one sample: it does both);
+2. the dataset is split: even positions calibrate (static int8 ranges), odd positions
+   measure (one sample: it does both); dynamic int8 smoothing maxima and gptq/awq statistics
+   are collected as ``qtool convert --data`` would, on the dataset;
 3. the reference is re-converted with that recipe as it is (the baseline) and once per
    candidate exclusion (``quantize.exclude`` for int8, ``weight_only.keep_8bit`` for
    low-bit models), through ``qtool.convert`` exactly as ``qtool convert`` would;
