@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qtool.cli import run
@@ -112,3 +113,138 @@ def test_ci_example_one_gate_passes_one_fails(int8, tmp_path):
         validate(json.loads((tmp_path / name).read_text()))
     assert json.loads((tmp_path / "accuracy.json").read_text())["passed"] is True
     assert json.loads((tmp_path / "sqnr.json").read_text())["passed"] is False
+
+
+# ---- reports never land on an input, and their folders are checked before any work ------
+
+
+@pytest.mark.parametrize(("flag", "target"), [("--json", "candidate"), ("--markdown", "reference"),
+                                              ("--json", "labels")])
+def test_report_onto_an_input_is_refused_and_the_input_kept(int8, tmp_path, capsys, flag, target):
+    cand, ref, labels = tmp_path / "cand.onnx", tmp_path / "ref.onnx", tmp_path / "labels.txt"
+    cand.write_bytes(int8.read_bytes())
+    ref.write_bytes(REF.read_bytes())
+    labels.write_text((DATA / "labels.txt").read_text())
+    path = {"candidate": cand, "reference": ref, "labels": labels}[target]
+    before = path.read_bytes()
+    code = run(_eval(cand, "-r", ref, "-d", DATA, "--labels", labels, "--limit", "4", flag, path))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"error: {flag} {path} is the" in err and "never overwrites its inputs" in err
+    assert path.read_bytes() == before
+
+
+def test_report_onto_the_external_data_of_a_model_is_refused(tmp_path, capsys):
+    import onnx
+
+    model = onnx.load(str(REF))
+    ref = tmp_path / "ref.onnx"
+    onnx.save(model, str(ref), save_as_external_data=True, location="ref.weights", size_threshold=0)
+    weights = tmp_path / "ref.weights"
+    before = weights.read_bytes()
+    code = run(_eval(ref, "-d", DATA, "--limit", "2", "--json", weights))
+    err = capsys.readouterr().err
+    assert code == 2 and "external data file" in err and "never overwrites its inputs" in err
+    assert weights.read_bytes() == before
+
+
+def test_report_onto_a_sample_of_the_data_folder_is_refused(int8, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    np_file = data / "sample_0000.npy"
+    np_file.write_bytes((DATA / "sample_0000.npy").read_bytes())
+    code = run(_eval(int8, "-r", REF, "-d", data, "--markdown", np_file))
+    assert code == 2 and "is a file of the dataset folder" in capsys.readouterr().err
+
+
+def test_two_reports_on_one_file_are_refused(int8, tmp_path, capsys):
+    out = tmp_path / "r.txt"
+    code = run(_eval(int8, "-r", REF, "-d", DATA, "--json", out, "--markdown", out))
+    assert code == 2 and "name the same file" in capsys.readouterr().err
+
+
+def test_unwritable_report_folder_fails_before_evaluating(int8, monkeypatch, capsys):
+    """/sys is read-only even for root (permission bits would say writable): the check creates
+    a file there, as the report writer would, instead of trusting os.access."""
+    import tempfile
+
+    import qtool.eval
+
+    with pytest.raises(OSError):  # the premise: nothing can be created in /sys
+        tempfile.mkstemp(dir="/sys")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("evaluate() ran before the report folder was checked")
+
+    monkeypatch.setattr(qtool.eval, "evaluate", must_not_run)
+    for flag in ("--json", "--markdown"):
+        code = run(_eval(int8, "-r", REF, "-d", DATA, flag, "/sys/report.out"))
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"error: {flag}: cannot write to folder /sys" in err and "internal error" not in err
+
+
+# ---- gates: N% everywhere, negative thresholds refused ---------------------------------------
+
+
+def test_max_drop_accepts_a_percentage(int8, capsys):
+    code = run(_eval(int8, "-r", REF, "-d", DATA, "--limit", "40", "--max-drop", "1%",
+                     "--max-latency-ratio", "1000%", "--runs", "3", "--warmup", "1", "--json", "-", "-q"))
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0
+    validate(doc)
+    drops = [g for g in doc["gates"] if g["gate"] == "max-drop"]
+    top1 = next(m for m in doc["metrics"] if m["name"] == "top1")
+    assert drops[0]["percent"] == 1.0
+    assert drops[0]["threshold"] == pytest.approx(0.01 * top1["reference"])
+    ratio = next(g for g in doc["gates"] if g["gate"] == "max-latency-ratio")
+    assert ratio["threshold"] == 10.0 and ratio["percent"] == 1000.0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-drop", "-1"], "--max-drop must be a finite number >= 0"),
+    (["--max-drop", "-0.5%"], "--max-drop must be a finite number >= 0"),
+    (["--max-latency-ratio", "-2"], "--max-latency-ratio must be a finite number >= 0"),
+    (["--min-sqnr", "30%"], "--min-sqnr is in dB"),
+    (["--max-drop", "abc"], "is not a number"),
+])
+def test_bad_gate_values_are_usage_errors_with_a_hint(int8, capsys, args, message):
+    code = run(_eval(int8, "-r", REF, "-d", DATA, "--limit", "4", *args))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and "hint: e.g." in err
+
+
+# ---- warnings a CI log must show, gates or not ----------------------------------------------
+
+
+def test_ruined_candidate_warns_without_gates(tmp_path, capsys):
+    """Every weight of the digits CNN's last layer shuffled: the output is noise. No gate is
+    set, so the exit code stays 0, but the log must say the candidate is broken."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(REF))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        if init.name == "fc2_w":
+            w = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(rng.permutation(w.reshape(-1)).reshape(w.shape), init.name))
+    ruined = tmp_path / "ruined.onnx"
+    onnx.save(model, str(ruined))
+    code = run(_eval(ruined, "-r", REF, "-d", DATA, "--limit", "40", "--json", "-"))
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert code == 0 and doc["gates"] == []
+    assert doc["outputs"][0]["sqnr_db"] < 3
+    assert any("far from the reference" in w for w in doc["warnings"])
+    assert "warning: output logits is far from the reference" in captured.err
+
+
+def test_labels_outside_the_class_range_are_an_error(int8, tmp_path, capsys):
+    labels = tmp_path / "labels.txt"  # 1-based labels: 1..10 for the 10 classes 0..9
+    labels.write_text("".join(f"{int(v) + 1}\n" for v in (DATA / "labels.txt").read_text().split()))
+    code = run(_eval(int8, "-r", REF, "-d", DATA, "--labels", labels))
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "labels must be class indices 0..9" in err and "run from 1 to 10" in err and "hint:" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from pathlib import Path
 
 import typer
@@ -46,10 +47,12 @@ def eval_command(
     limit: int = typer.Option(0, "--limit", help="Use only the first N samples (0: all)."),
     json_out: str | None = typer.Option(None, "--json", help="Write the JSON report to PATH ('-': stdout)."),
     markdown: Path | None = typer.Option(None, "--markdown", help="Write a Markdown summary to PATH."),
-    max_drop: float | None = typer.Option(None, "--max-drop", help="Gate: max absolute metric drop."),
-    min_sqnr: float | None = typer.Option(None, "--min-sqnr", help="Gate: min output SQNR in dB."),
-    max_latency_ratio: float | None = typer.Option(
-        None, "--max-latency-ratio", help="Gate: max candidate/reference median latency."
+    max_drop: str | None = typer.Option(
+        None, "--max-drop", help="Gate: max metric drop, in metric units (0.01) or percent of the reference (1%)."
+    ),
+    min_sqnr: str | None = typer.Option(None, "--min-sqnr", help="Gate: min output SQNR in dB."),
+    max_latency_ratio: str | None = typer.Option(
+        None, "--max-latency-ratio", help="Gate: max candidate/reference median latency (1.0 or 110%)."
     ),
     diagnose: bool = typer.Option(False, "--diagnose", help="Per-layer SQNR, worst layers, --exclude advice."),
     top: int = typer.Option(5, "--top", help="With --diagnose: at most this many layers suggested."),
@@ -62,6 +65,8 @@ def eval_command(
     """Evaluate CANDIDATE (against --reference): metrics, output SQNR, latency, size; CI gates.
 
     Exit codes: 0 all gates passed, 1 error, 2 usage error, 3 a gate failed.
+    Gates take numbers or percentages (--max-drop 1% of the reference metric). Without gates,
+    an output whose SQNR is below 3 dB or cosine below 0.9 still prints a warning.
 
     \b
     Examples:
@@ -81,32 +86,23 @@ def eval_command(
         max_latency_ratio=max_latency_ratio,
     )
     e = r.eval
+    outputs = {"--markdown": markdown}
     if json_out is not None and json_out != "-":
-        _check_writable(Path(json_out), "--json")
-    if markdown is not None:
-        _check_writable(markdown, "--markdown")
+        outputs["--json"] = Path(json_out)
+    inputs = {"candidate model": candidate, "reference model": reference, "labels file": labels,
+              "recipe": Path(recipe) if recipe and Path(recipe).is_file() else None}
+    check_outputs(outputs, inputs, data)
     metrics = _split(metric) or list(e.metrics)
     providers = _split([ep])
     if not providers:
         raise UsageError("--ep needs at least one provider", "e.g. --ep cpu")
-
-    from qtool.data import Dataset, input_specs
-    from qtool.model import load
-
-    total = None
-    try:
-        total = len(Dataset(data, input_specs(load(candidate)), r.preprocess))
-        total = min(total, limit) if limit > 0 else total
-    except Exception:  # noqa: BLE001 - evaluate() reports the same problem with context
-        total = None
-    with progress("evaluating", total) as advance:
-        report = evaluate(
-            candidate, data, reference=reference, labels=labels, metrics=metrics, providers=providers,
-            batch_size=batch_size, limit=limit, latency=latency, runs=e.runs, warmup=e.warmup,
-            threads=e.threads, diagnose=diagnose, diagnose_top=top, backend=backend.value,
-            max_drop=e.max_drop, min_sqnr=e.min_sqnr, max_latency_ratio=e.max_latency_ratio,
-            preprocess=r.preprocess, on_batch=advance,
-        )
+    report = evaluate(
+        candidate, data, reference=reference, labels=labels, metrics=metrics, providers=providers,
+        batch_size=batch_size, limit=limit, latency=latency, runs=e.runs, warmup=e.warmup,
+        threads=e.threads, diagnose=diagnose, diagnose_top=top, backend=backend.value,
+        max_drop=e.max_drop, min_sqnr=e.min_sqnr, max_latency_ratio=e.max_latency_ratio,
+        preprocess=r.preprocess, progress=progress,
+    )
     doc = report.to_dict()
     if not (settings.quiet and json_out == "-"):
         _print_report(doc)
@@ -125,14 +121,54 @@ def eval_command(
     raise_on_failure([GateResult(**g) for g in doc["gates"]])
 
 
-def _check_writable(path: Path, flag: str) -> None:
+def check_outputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None], data: Path) -> None:
+    """Before any work: no report may land on an input (a model, its external data, the
+    labels, the recipe, a file of the dataset folder) or on another report, and each
+    report's folder must exist and take a new file."""
+    from qtool.errors import UsageError
+    from qtool.model import check_output_path, same_file
+
+    chosen = {flag: path for flag, path in outputs.items() if path is not None}
+    for flag, path in chosen.items():
+        hint = f"qtool never overwrites its inputs; give {flag} another path"
+        for role, source in inputs.items():
+            if source is not None and same_file(path, source):
+                raise UsageError(f"{flag} {path} is the {role}", hint)
+        if path.exists() and Path(data).is_dir() and Path(data).resolve() in path.resolve().parents:
+            raise UsageError(f"{flag} {path} is a file of the dataset folder {data}", hint)
+        if path.is_dir():
+            raise UsageError(f"{flag} {path} is a folder", "give a file name")
+        _probe_writable(path, flag)
+        for role in ("candidate model", "reference model"):
+            if inputs.get(role) is not None and Path(inputs[role]).is_file():
+                try:  # what is left to refuse: the model's external data files
+                    check_output_path(path, inputs[role])
+                except UsageError as exc:
+                    raise UsageError(f"{flag}: {exc.message}", hint) from None
+    paths = list(chosen.items())
+    for i, (flag, path) in enumerate(paths):
+        for other, other_path in paths[i + 1:]:
+            if same_file(path, other_path):
+                raise UsageError(f"{flag} and {other} name the same file {path}", "give each report its own path")
+
+
+def _probe_writable(path: Path, flag: str) -> None:
+    """Create and remove a file where the report will go: permission bits alone do not
+    tell (root, read-only mounts, ACLs), and the report is written there the same way."""
+    import tempfile
+
     from qtool.errors import UsageError
 
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"{flag}: folder {parent} does not exist", f"create it first: mkdir -p {parent}")
-    if path.is_dir():
-        raise UsageError(f"{flag}: {path} is a folder", "give a file name")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".qtool-probe-", dir=parent)
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot write to folder {parent} ({exc.strerror})",
+                         "choose a folder you can write to") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _n(x, digits: int = 4) -> str:
@@ -211,6 +247,12 @@ def _print_report(doc: dict) -> None:
             t.add_row(escape(layer["node"]), layer["op_type"], _n(layer["local_sqnr_db"]),
                       _n(layer["sqnr_db"]), escape(layer["tensor"]))
         console.print(t)
+        checks = diag.get("checks") or []
+        if checks:
+            console.print(f"checked by re-converting (baseline {diag['baseline_sqnr_db']:.2f} dB output SQNR):")
+            for c in checks:
+                console.print(f"  without {escape(', '.join(c['exclude']))}: {c['sqnr_db']:.2f} dB "
+                              f"({c['gain_db']:+.2f} dB)")
         console.print(escape(diag.get("advice", "")))
         if diag["exclude_flags"]:
             console.print("  " + escape(" ".join(diag["exclude_flags"])))

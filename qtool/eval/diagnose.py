@@ -2,8 +2,10 @@
 
 Tensors are matched by name: qtool's and onnxruntime's converters keep the float tensor
 names of the original graph on the outputs of quantized layers (the DequantizeLinear or
-the scale-Mul that ends a quantized group, MatMulNBits nodes keep the MatMul's output name).
-Every tensor produced by a node in both graphs (float, not a weight) is a *matched tensor*.
+the scale-Mul that ends a quantized group, MatMulNBits nodes keep the MatMul's output name),
+through the folds conversion makes (``matched_tensors``: BatchNorm and scale folded into a
+Conv, recorded as ``qtool.carries``; Relu / Clip folded into a quantized output). Every
+tensor produced by a node in both graphs (float, not a weight) is a *matched tensor*.
 
 For each matched tensor T, with r the reference's value, c the candidate's and l the
 candidate's *local* value:
@@ -15,10 +17,11 @@ candidate's *local* value:
   candidate graph with each consumer of a matched tensor rewired to a new input fed with
   the reference's value.
 
-Layers are ranked by local SQNR, worst first; the quantized ones standing out (local SQNR
-``OUTLIER_MARGIN_DB`` below the median, at most ``top``) are suggested for
-``--exclude`` (int8 candidates: keep them in float) or for ``bits = 8`` (4-bit and lower
-candidates), as flags and as a ready-to-paste recipe snippet of ``[[layer]]`` overrides.
+Layers are ranked by local SQNR, worst first. The ``top`` worst quantized ones are only
+candidates: each is checked by re-converting without it and measuring the output SQNR
+(qtool.eval.suggest), and only those that measurably help are suggested, for ``--exclude``
+(int8 candidates: keep them in float) or ``--keep-8bit`` (4-bit and lower candidates), as
+flags and as a ready-to-paste recipe snippet of ``[[layer]]`` overrides, with the gain.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from qtool.eval.metrics import sqnr_db
 from qtool.runtime import open_session
 
 LOCAL_SUFFIX = "::qtool_reference"
-OUTLIER_MARGIN_DB = 3.0  # a layer stands out when its local SQNR is this far below the median
+FOLDED_ACTIVATIONS = ("Relu", "Clip")  # what converters fold into a quantized output
 _LOW_BIT_TYPES = {21, 22, 23, 24, 25, 26}  # UINT4, INT4, FLOAT4E2M1, ... (onnx TensorProto)
 
 
@@ -55,21 +58,23 @@ def _constants(graph) -> set[str]:
 def matched_tensors(reference_graph, candidate_graph, carries: dict[str, str] | None = None) -> dict[str, str]:
     """Reference tensor name -> the candidate tensor holding the same value, in node order.
 
-    A tensor matches when a node produces it in both graphs (weights excluded), except where
-    ``carries`` (the candidate's ``qtool.carries`` metadata, written by pre-processing) says
-    a candidate tensor now holds another reference tensor's value: a Conv that absorbed the
-    BatchNorm after it produces, under its own output name, what the BatchNorm produced. When the
-    candidate only quantizes it (every consumer is a QuantizeLinear feeding a
-    DequantizeLinear), the DequantizeLinear's output is what the rest of the candidate sees,
-    so that is the tensor compared: converters may fold a Relu into the quantization
-    (zero point 0 clips negatives), leaving the name on the unclipped value.
+    A tensor matches when a node produces it in both graphs (weights excluded), through the
+    folds conversion makes:
+
+    - ``carries`` (the candidate's ``qtool.carries`` metadata, written by pre-processing): a
+      candidate tensor now holds another reference tensor's value; a Conv that absorbed the
+      BatchNorm or scale after it produces, under its own name, what that node produced;
+    - quantization: when the candidate only quantizes a tensor (every consumer is a
+      QuantizeLinear feeding a DequantizeLinear), the DequantizeLinear's output is what the
+      rest of the candidate sees, so that is the tensor compared;
+    - Relu / Clip folded into that quantization (a zero point at the clip bound makes Q clip):
+      the reference's activation is gone from the candidate, and the DequantizeLinear's
+      output stands for the activation's output, not for the unclipped tensor before it.
     """
     ref_consts, cand_consts = _constants(reference_graph), _constants(candidate_graph)
     cand_outputs = {o for n in candidate_graph.node for o in n.output if o}
-    consumers: dict[str, list] = {}
-    for node in candidate_graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(candidate_graph)
+    ref_consumers = _consumers(reference_graph)
     graph_outputs = {o.name for o in candidate_graph.output}
     carries = carries or {}
     stands_for = {original: carrier for carrier, original in carries.items() if carrier in cand_outputs}
@@ -84,8 +89,28 @@ def matched_tensors(reference_graph, candidate_graph, carries: dict[str, str] | 
             if name in carries and name == out:
                 continue  # the candidate's tensor of this name holds another value now
             if name in cand_outputs and name not in cand_consts:
-                matched[out] = _dequantized_alias(name, consumers, graph_outputs)
+                alias = _dequantized_alias(name, consumers, graph_outputs)
+                folded = _folded_activation(out, ref_consumers, cand_outputs) if alias != name else None
+                matched[folded or out] = alias
     return matched
+
+
+def _consumers(graph) -> dict[str, list]:
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _folded_activation(tensor: str, ref_consumers: dict[str, list], cand_outputs: set[str]) -> str | None:
+    """The output of the reference's Relu/Clip reading only ``tensor`` when the candidate
+    no longer computes it (folded into the quantization of ``tensor``), else None."""
+    users = ref_consumers.get(tensor, [])
+    if len(users) != 1 or users[0].op_type not in FOLDED_ACTIVATIONS or users[0].input[0] != tensor:
+        return None
+    out = users[0].output[0]
+    return out if out not in cand_outputs else None
 
 
 def _dequantized_alias(name: str, consumers: dict[str, list], graph_outputs: set[str]) -> str:
@@ -181,8 +206,38 @@ def diagnose(
     limit: int = 0,
     top: int = 5,
     threads: int = 0,
+    check: bool = True,
 ) -> dict:
-    """Per-layer SQNR of ``candidate`` against ``reference`` on ``dataset``; see the module doc."""
+    """Per-layer SQNR of ``candidate`` against ``reference`` on ``dataset``; see the module doc.
+
+    ``check``: re-convert with each of the ``top`` worst layers left out and keep only the
+    suggestions that measurably raise the output SQNR (qtool.eval.suggest).
+    """
+    ref_proto, cand_proto, matched = _match(candidate, reference)
+    matched, acc, samples = _accumulate(candidate, reference, cand_proto, matched, dataset,
+                                        batch_size=batch_size, limit=limit, threads=threads)
+    layers = _layers(ref_proto, cand_proto, matched, acc)
+    ranked = [x for x in layers if x["quantized"] and math.isfinite(x["local_sqnr_db"])]
+    candidates = []
+    for layer in ranked[:top]:
+        names = _quantizable(layer, ref_proto.graph)
+        if names and names not in candidates:
+            candidates.append(names)
+    low_bit = _is_low_bit(cand_proto)
+    if check:
+        from qtool.eval.suggest import RECIPE_KEY, check_suggestions
+
+        recipe_json = {p.key: p.value for p in cand_proto.metadata_props}.get(RECIPE_KEY)
+        checked = check_suggestions(reference, recipe_json, candidates, dataset,
+                                    count=limit or len(dataset), low_bit=low_bit, threads=threads)
+    else:
+        checked = {"checks": [], "suggested": [], "note": "suggestions not checked (check=False)"}
+    return {"samples": samples, "matched_tensors": len(matched), "top": top, "layers": layers,
+            **_advice(checked, low_bit)}
+
+
+def _match(candidate, reference) -> tuple:
+    """(reference proto, candidate proto, matched tensors); see ``matched_tensors``."""
     import json
 
     from qtool.passes.preprocess import CARRIES_KEY
@@ -195,6 +250,13 @@ def diagnose(
             "the candidate shares no intermediate tensor names with the reference",
             "diagnosis matches layers by tensor name; compare a model with the one it was converted from",
         )
+    return ref_proto, cand_proto, matched
+
+
+def _accumulate(candidate, reference, cand_proto, matched: dict[str, str], dataset, *,
+                batch_size: int, limit: int, threads: int) -> tuple[dict, dict, int]:
+    """Stream the dataset: per matched float tensor, [sum r^2, sum (r-c)^2, sum (r-l)^2].
+    Returns (the matched tensors kept: float, same shape in both models; sums; samples)."""
     from qtool.model import load
     from qtool.runtime import build_session, infer_types, stream_tensors
 
@@ -206,10 +268,8 @@ def diagnose(
     cand_sess, _ = build_session(cand_ir, cand_names, threads=threads, arena=False)
     cand_inputs = {i.name for i in cand_sess.get_inputs()}
     input_names = [v.name for v in ref_ir.graph.inputs if not v.is_initializer()]
-    cand_dir = Path(candidate).resolve().parent
-
-    acc: dict[str, list[float]] = {}  # ref name -> [sum r^2, sum (r-c)^2, sum (r-l)^2]
-    local_sess = local_inputs = None
+    acc: dict[str, list[float]] = {}
+    local = None
     samples = 0
     stream = stream_tensors(ref_ir, dataset, list(matched) + input_names, batch_size=batch_size,
                             limit=limit, check_finite=False, threads=threads, arena=False)
@@ -217,35 +277,41 @@ def diagnose(
         feed = {k: tensors[k] for k in input_names}
         cand_vals = dict(zip(cand_names, cand_sess.run(
             cand_names, {k: v for k, v in feed.items() if k in cand_inputs})))
-        if local_sess is None:
+        if local is None:
             # Compare float tensors of the same shape only; the rest are not layers.
             matched = {r: c for r, c in matched.items()
                        if tensors[r].dtype.kind == "f" and cand_vals[c].shape == tensors[r].shape}
             if not matched:
                 raise UsageError("no float tensors are shared by the two models", "")
             acc = {r: [0.0, 0.0, 0.0] for r in matched}
-            local_sess = open_session(
-                local_model(cand_proto, matched, {r: _onnx_elem(tensors[r].dtype) for r in matched}),
-                threads=threads, external_data_dir=cand_dir, role="candidate (layer by layer)", arena=False,
-            )
-            local_inputs = {i.name for i in local_sess.get_inputs()}
-            local_outputs = list(matched.values())
+            local = _local_session(cand_proto, matched, tensors, candidate, threads)
         # One set of candidate tensors at a time beside the reference's: errors of the whole
         # candidate first, then its layer-by-layer run (peak: two sets of tensors, not three).
         for r, c in matched.items():
             acc[r][0] += _energy(tensors[r])
             acc[r][1] += _error(tensors[r], cand_vals[c])
         del cand_vals
+        local_inputs = {i.name for i in local.get_inputs()}
         local_feed = {k: v for k, v in feed.items() if k in local_inputs}
-        for r in matched:
-            if r + LOCAL_SUFFIX in local_inputs:
-                local_feed[r + LOCAL_SUFFIX] = tensors[r]
-        local_vals = dict(zip(local_outputs, local_sess.run(local_outputs, local_feed)))
-        for r, c in matched.items():
-            acc[r][2] += _error(tensors[r], local_vals[c])
+        local_feed.update({r + LOCAL_SUFFIX: tensors[r] for r in matched if r + LOCAL_SUFFIX in local_inputs})
+        outputs = list(matched.values())
+        for (r, _), value in zip(matched.items(), local.run(outputs, local_feed)):
+            acc[r][2] += _error(tensors[r], value)
         samples += len(ids)
-        del tensors, local_vals, local_feed
+        del tensors, local_feed
+    return matched, acc, samples
 
+
+def _local_session(cand_proto, matched: dict[str, str], tensors: dict, candidate, threads: int):
+    types = {r: _onnx_elem(tensors[r].dtype) for r in matched}
+    return open_session(
+        local_model(cand_proto, matched, types), threads=threads,
+        external_data_dir=Path(candidate).resolve().parent, role="candidate (layer by layer)", arena=False,
+    )
+
+
+def _layers(ref_proto, cand_proto, matched: dict[str, str], acc: dict) -> list[dict]:
+    """One entry per matched tensor: the nodes computing it, SQNRs; worst quantized first."""
     ref_stops, cand_stops = set(matched), set(matched.values())
     ref_inputs = {i.name for i in ref_proto.graph.input}
     layers = []
@@ -253,7 +319,6 @@ def diagnose(
         cand_nodes = _segment(cand_proto.graph, c, (cand_stops - {c}) | ref_inputs)
         ref_nodes = _segment(ref_proto.graph, r, (ref_stops - {r}) | ref_inputs)
         cand_ops = [x.op_type for x in cand_nodes]
-        quantized = any(op in QDQ_OPS or op in INTEGER_OPS for op in cand_ops)
         main = _main_node(ref_nodes)
         layers.append({
             "tensor": r,
@@ -262,34 +327,34 @@ def diagnose(
             "op_type": main.op_type if main is not None else "",
             "reference_nodes": [x.name for x in ref_nodes if x.name],
             "candidate_ops": cand_ops,
-            "quantized": quantized,
+            "quantized": any(op in QDQ_OPS or op in INTEGER_OPS for op in cand_ops),
             "sqnr_db": sqnr_db(acc[r][0], acc[r][1]),
             "local_sqnr_db": sqnr_db(acc[r][0], acc[r][2]),
         })
     layers.sort(key=lambda x: (not x["quantized"], _sort_key(x["local_sqnr_db"])))
-    ranked = [x for x in layers if x["quantized"] and math.isfinite(x["local_sqnr_db"])]
-    worst = outliers(ranked, top)
-    suggested = []
-    for layer in worst:
-        for name in _quantizable(layer, ref_proto.graph):
-            if name not in suggested:
-                suggested.append(name)
-    low_bit = _is_low_bit(cand_proto)
-    bits = 8 if low_bit else 32
+    return layers
+
+
+def _advice(checked: dict, low_bit: bool) -> dict:
+    """The report's suggestion fields from the checked exclusions (qtool.eval.suggest)."""
+    suggested = checked["suggested"]
+    flag = "--keep-8bit" if low_bit else "--exclude"
+    if suggested:
+        advice = (f"measured: re-converting with {len(suggested)} layer(s) "
+                  + ("kept at 8 bits" if low_bit else "left in float")
+                  + f" raises the output SQNR from {checked['baseline_sqnr_db']:.2f} to "
+                  f"{checked['suggested_sqnr_db']:.2f} dB ({checked['suggested_gain_db']:+.2f} dB)")
+    else:
+        advice = checked.get("note") or "no quantized layer to suggest"
     return {
-        "samples": samples,
-        "matched_tensors": len(matched),
-        "top": top,
-        "layers": layers,
         "suggested": suggested,
         # qtool convert flags: keep in float (int8 candidates) or at 8 bits (low-bit ones)
-        "exclude_flags": [f"{'--keep-8bit' if low_bit else '--exclude'} {shlex.quote(s)}" for s in suggested],
-        "recipe_snippet": recipe_snippet(suggested, bits),
-        "advice": (
-            f"the {len(suggested)} layer(s) adding the most error on their own: "
-            + ("keep them at 8 bits (--keep-8bit)" if low_bit else "leave them in float (--exclude)")
-            + " and re-convert; then re-run qtool eval to check the gain"
-        ) if suggested else "no quantized layer stands out",
+        "exclude_flags": [f"{flag} {shlex.quote(s)}" for s in suggested],
+        "recipe_snippet": recipe_snippet(suggested, 8 if low_bit else 32),
+        "advice": advice,
+        "checks": checked["checks"],
+        "baseline_sqnr_db": checked.get("baseline_sqnr_db"),
+        "suggested_gain_db": checked.get("suggested_gain_db"),
     }
 
 
@@ -297,25 +362,17 @@ def _sort_key(value: float) -> float:
     return math.inf if math.isnan(value) else value
 
 
-def outliers(ranked: list[dict], top: int, margin_db: float = OUTLIER_MARGIN_DB) -> list[dict]:
-    """The layers (worst first) whose local SQNR is ``margin_db`` below the median of all
-    quantized layers, at most ``top``; the single worst one when none stands out."""
-    if not ranked:
-        return []
-    median = float(np.median([x["local_sqnr_db"] for x in ranked]))
-    chosen = [x for x in ranked if x["local_sqnr_db"] <= median - margin_db][:top]
-    return chosen or ranked[:1]
-
-
 # Ops whose name users pass to --exclude: the weight ops first, then anything quantizable.
 _WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Gather")
 
 
 def _main_node(nodes: list):
+    """The node a layer is named after: its weight op, else the op before a folded activation."""
     for node in nodes:
         if node.op_type in _WEIGHT_OPS:
             return node
-    return nodes[0] if nodes else None
+    rest = [n for n in nodes if n.op_type not in FOLDED_ACTIVATIONS]
+    return (rest or nodes or [None])[0]
 
 
 def _quantizable(layer: dict, graph) -> list[str]:
@@ -334,7 +391,7 @@ def recipe_snippet(nodes: list[str], bits: int) -> str:
     if not nodes:
         return ""
     what = "in float" if bits == 32 else f"at {bits} bits"
-    lines = [f"# from qtool eval --diagnose: keep {what} the layers that lose the most precision"]
+    lines = [f"# from qtool eval --diagnose: keep {what} the layers whose re-conversion measured a gain"]
     for n in nodes:
         lines += ["[[layer]]", f"match = {_toml_str(n)}", f"bits = {bits}", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -3,8 +3,10 @@ consistency), then latency, hardware checks, diagnosis and gates when asked."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from qtool import runtime
@@ -54,24 +56,93 @@ def evaluate(
     diagnose: bool = False,
     diagnose_top: int = 5,
     backend: str = "onnxruntime",
-    max_drop: float | None = None,
-    min_sqnr: float | None = None,
-    max_latency_ratio: float | None = None,
+    max_drop: gates_mod.Threshold = None,
+    min_sqnr: gates_mod.Threshold = None,
+    max_latency_ratio: gates_mod.Threshold = None,
     preprocess: PreprocessConfig | None = None,
     on_batch: Callable[[int], None] | None = None,
+    progress: ProgressFactory | None = None,
 ) -> EvalReport:
     """Evaluate ``candidate`` (against ``reference`` when given) on the dataset folder ``data``.
 
+    Phases: check the arguments, set up (models, dataset, labels, metrics), one pass over
+    the dataset (metrics, comparisons), latency and hardware checks, diagnosis, gates and
+    warnings. Gates take a number or ``"N%"`` (qtool.eval.gates). ``progress``: a factory
+    ``progress(description, total, unit)`` of context managers yielding ``advance(n)``
+    (as qtool.cli.app.progress) for the dataset pass and the latency runs; ``on_batch``
+    is called with the samples of each batch of the dataset pass.
+
     Never raises for a failed gate: the gates' results are in ``report.gates`` and
     ``report.passed``; ``qtool.eval.gates.raise_on_failure`` turns them into exit 3.
+    Whatever the gates, an output whose fidelity is catastrophic (``CATASTROPHIC_SQNR_DB``,
+    ``CATASTROPHIC_COSINE``) adds a warning.
     """
-    from qtool.data import Dataset, input_specs, read_labels_file
-    from qtool.model import model_size_bytes
+    gates = gates_mod.parse_gates(max_drop, min_sqnr, max_latency_ratio)
+    providers = _check_arguments(reference, gates, runs, warmup, batch_size, backend, providers, diagnose)
+    progress = progress or _no_progress
+    run = _setup(candidate, data, reference, labels, metrics, batch_size, limit, preprocess)
+    with progress("evaluating", run.count, "samples") as advance:
+        def step(n: int) -> None:
+            advance(n)
+            if on_batch is not None:
+                on_batch(n)
 
+        first_feed = _dataset_pass(run, providers, threads, backend, step)
+    report = run.report
+    if (latency or gates.max_latency_ratio is not None) and first_feed is not None:
+        _latency_phase(report, candidate, reference, providers, first_feed, runs=runs, warmup=warmup,
+                       threads=threads, progress=progress)
+    if diagnose:
+        from qtool.eval.diagnose import diagnose as run_diagnosis
+
+        with progress("diagnosing (layers, then re-converting)", None, "samples"):
+            report.diagnosis = run_diagnosis(candidate, reference, run.dataset, batch_size=batch_size,
+                                             limit=run.count, top=diagnose_top, threads=threads)
+    results = gates_mod.check_gates(report.to_dict(), max_drop=max_drop, min_sqnr=min_sqnr,
+                                    max_latency_ratio=max_latency_ratio)
+    report.gates = [r.to_dict() for r in results]
+    report.warnings.extend(fidelity_warnings(report.outputs))
+    return report
+
+
+ProgressFactory = Callable[[str, float | None, str], contextlib.AbstractContextManager]
+
+# An output this far from the reference is ruined, not degraded: SQNR 3 dB means noise half as
+# strong as the signal (int8 sits near 30-45 dB, 4-bit weights near 15-25 dB); cosine 0.9 is
+# already ~25 degrees between the output vectors. Either one warns, with or without gates.
+CATASTROPHIC_SQNR_DB = 3.0
+CATASTROPHIC_COSINE = 0.9
+
+
+def fidelity_warnings(outputs: Sequence[dict]) -> list[str]:
+    """A warning per output whose SQNR or cosine to the reference is catastrophic."""
+    warnings = []
+    for o in outputs:
+        sqnr, cos = o["sqnr_db"], o["cosine"]
+        bad_sqnr = sqnr is not None and not sqnr >= CATASTROPHIC_SQNR_DB  # NaN counts as bad
+        bad_cos = cos is not None and not cos >= CATASTROPHIC_COSINE
+        if bad_sqnr or bad_cos:
+            warnings.append(
+                f"output {o['name']} is far from the reference (SQNR {sqnr:.2f} dB, cosine {cos:.3f}; "
+                f"warned below {CATASTROPHIC_SQNR_DB:g} dB or cosine {CATASTROPHIC_COSINE:g}): the "
+                "candidate is broken, not just degraded; gate CI with --min-sqnr or --max-drop"
+            )
+    return warnings
+
+
+@contextlib.contextmanager
+def _no_progress(description: str, total: float | None, unit: str = "") -> Iterator[Callable[[int], None]]:
+    yield lambda n=1: None
+
+
+def _check_arguments(reference, gates, runs, warmup, batch_size, backend, providers, diagnose) -> list[str]:
+    """UsageErrors for flags that cannot work together; the providers as a list."""
     if backend not in ("onnxruntime", "native"):
         raise UsageError(f"unknown backend {backend!r}", "use --backend onnxruntime or native")
-    if (max_drop is not None or min_sqnr is not None or max_latency_ratio is not None) and reference is None:
+    if gates.any and reference is None:
         raise UsageError("quality gates compare with a reference model", "pass --reference FLOAT_MODEL")
+    if diagnose and reference is None:
+        raise UsageError("--diagnose compares layers with the reference", "pass --reference FLOAT_MODEL")
     if runs < 1 or warmup < 0 or batch_size < 1:
         raise UsageError(
             f"--runs and --batch-size must be at least 1, --warmup at least 0 (got runs={runs}, "
@@ -81,16 +152,34 @@ def evaluate(
     providers = list(providers) or ["cpu"]
     for p in providers:
         runtime.provider_name(p)
+    return providers
+
+
+@dataclass
+class _Run:
+    """What the dataset pass needs, set up once."""
+
+    report: EvalReport
+    dataset: object
+    count: int
+    candidate: str | os.PathLike
+    reference: str | os.PathLike | None
+    outputs: list[str]
+    labels: object
+    cand_metrics: list
+    ref_metrics: list
+
+
+def _setup(candidate, data, reference, labels, metrics, batch_size, limit, preprocess) -> _Run:
+    from qtool.data import Dataset, input_specs, read_labels_file
+    from qtool.model import model_size_bytes
 
     cand_ir = _load_ir(candidate, "candidate")
     specs = input_specs(cand_ir)
-    ref_ir = _load_ir(reference, "reference") if reference is not None else None
-    cand_outputs = [v.name for v in cand_ir.graph.outputs]
-    if ref_ir is not None:
-        _check_same_interface(cand_ir, ref_ir)
+    if reference is not None:
+        _check_same_interface(cand_ir, _load_ir(reference, "reference"))
     dataset = Dataset(data, specs, preprocess)
     count = len(dataset) if limit <= 0 else min(limit, len(dataset))
-
     if labels is not None:
         label_array = read_labels_file(Path(labels), [s.path for s in dataset.samples])
         label_source = str(labels)
@@ -108,9 +197,12 @@ def evaluate(
                 f"metric {m.name} needs labels and {dataset.folder} has none",
                 "pass --labels FILE (one label per sample, in sorted file order)",
             )
-    cand_metrics = [m.fresh() for m in metric_objs]
-    ref_metrics = [m.fresh() for m in metric_objs] if ref_ir is not None else []
-
+    scores = first_out.dtype is not None and first_out.dtype.is_floating_point()
+    classes = out_shape[-1] if scores and out_shape and isinstance(out_shape[-1], int) else 0
+    if label_array is not None and classes > 1 and any(isinstance(m, (metrics_mod.TopK, metrics_mod.Accuracy))
+                                                   for m in metric_objs):
+        # Up front, over every label (the metrics check each batch too, for dynamic shapes).
+        metrics_mod.check_label_range(metric_objs[0].name, label_array, classes, "the labels")
     report = EvalReport(
         candidate={"path": str(candidate), "size_bytes": model_size_bytes(candidate)},
         reference={"path": str(reference), "size_bytes": model_size_bytes(reference)} if reference else None,
@@ -122,51 +214,53 @@ def evaluate(
         "reference_bytes": ref_bytes,
         "compression_ratio": ref_bytes / report.candidate["size_bytes"] if ref_bytes else None,
     }
+    return _Run(report, dataset, count, candidate, reference, [v.name for v in cand_ir.graph.outputs],
+                label_array, [m.fresh() for m in metric_objs],
+                [m.fresh() for m in metric_objs] if reference is not None else [])
 
-    cand_sessions = [
-        runtime.open_session(candidate, p, threads=threads, role="candidate") for p in providers
-    ]
-    ref_session = (
-        runtime.open_session(reference, providers[0], threads=threads, role="reference")
-        if reference is not None else None
-    )
-    comparisons = {n: metrics_mod.OutputComparison(n) for n in cand_outputs} if ref_session else {}
-    across = {
-        (providers[0], p, n): metrics_mod.OutputComparison(n)
-        for p in providers[1:] for n in cand_outputs
-    }
+
+def _dataset_pass(run: _Run, providers: list[str], threads: int, backend: str,
+                  step: Callable[[int], None]) -> dict | None:
+    """Stream the dataset through every session once; fill metrics, outputs, consistency.
+    Returns the first batch's feed (what latency is timed on)."""
+    cand_sessions = [runtime.open_session(run.candidate, p, threads=threads, role="candidate") for p in providers]
+    ref_session = (runtime.open_session(run.reference, providers[0], threads=threads, role="reference")
+                   if run.reference is not None else None)
+    comparisons = {n: metrics_mod.OutputComparison(n) for n in run.outputs} if ref_session else {}
+    across = {(providers[0], p, n): metrics_mod.OutputComparison(n) for p in providers[1:] for n in run.outputs}
     native_backend = None
     if backend == "native":
         from qtool.eval import native
 
-        native_backend = native.NativeComparison(candidate, threads=threads)
-
+        native_backend = native.NativeComparison(run.candidate, threads=threads)
     first_feed = None
-    for ids, feed, outs in runtime.stream(cand_sessions, dataset, batch_size, count):
-        if first_feed is None:
-            first_feed = feed
-        batch_labels = label_array[ids] if label_array is not None else None
-        cand_out = outs[0]
-        for m in cand_metrics:
-            m.update(cand_out, batch_labels, feed)
+    for ids, feed, outs in runtime.stream(cand_sessions, run.dataset, run.report.data["batch_size"], run.count):
+        first_feed = feed if first_feed is None else first_feed
+        batch_labels = run.labels[ids] if run.labels is not None else None
+        for m in run.cand_metrics:
+            m.update(outs[0], batch_labels, feed)
         if ref_session is not None:
             ref_out = runtime.run(ref_session, feed)
-            for m in ref_metrics:
+            for m in run.ref_metrics:
                 m.update(ref_out, batch_labels, feed)
             for n, comp in comparisons.items():
-                comp.update(ref_out[n], cand_out[n])
+                comp.update(ref_out[n], outs[0][n])
         for (_, p, n), comp in across.items():
-            comp.update(cand_out[n], outs[providers.index(p)][n])
+            comp.update(outs[0][n], outs[providers.index(p)][n])
         if native_backend is not None:
             native_backend.update(feed)
-        if on_batch is not None:
-            on_batch(len(ids))
+        step(len(ids))
+    _collect(run, comparisons, across, native_backend)
+    return first_feed
 
-    for i, m in enumerate(cand_metrics):
+
+def _collect(run: _Run, comparisons: dict, across: dict, native_backend) -> None:
+    report = run.report
+    for i, m in enumerate(run.cand_metrics):
         entry = {"name": m.name, "higher_is_better": m.higher_is_better, "candidate": m.result(),
                  "reference": None, "drop": None}
-        if ref_metrics:
-            r = ref_metrics[i].result()
+        if run.ref_metrics:
+            r = run.ref_metrics[i].result()
             entry["reference"] = r
             entry["drop"] = (r - entry["candidate"]) if m.higher_is_better else (entry["candidate"] - r)
         report.metrics.append(entry)
@@ -179,40 +273,28 @@ def evaluate(
     if native_backend is not None:
         report.consistency.extend(native_backend.results())
         report.warnings.extend(native_backend.warnings)
-    del cand_sessions, ref_session
 
-    if (latency or max_latency_ratio is not None) and first_feed is not None:
-        from qtool.eval import hwcheck
-        from qtool.eval.latency import measure
 
+def _latency_phase(report: EvalReport, candidate, reference, providers: list[str], feed: dict, *,
+                   runs: int, warmup: int, threads: int, progress: ProgressFactory) -> None:
+    """Latency per provider (qtool.eval.latency), then the hardware check."""
+    from qtool.eval import hwcheck
+    from qtool.eval.latency import measure
+
+    models = 1 if reference is None else 2
+    with progress("latency", len(providers) * models * (runs + max(1, warmup)), "runs") as advance:
         for p in providers:
             factories = {"candidate": lambda p=p: runtime.open_session(candidate, p, threads=threads, role="candidate")}
             if reference is not None:
                 factories["reference"] = lambda p=p: runtime.open_session(
                     reference, p, threads=threads, role="reference")
-            stats = measure(factories, first_feed, runs=runs, warmup=warmup, provider=p, threads=threads)
+            stats = measure(factories, feed, runs=runs, warmup=warmup, provider=p, threads=threads,
+                            on_run=advance)
             report.latency.extend(s.to_dict() for s in stats.values())
             if "reference" in stats and stats["reference"].median_ms > 0:
                 report.latency_ratio[p] = stats["candidate"].median_ms / stats["reference"].median_ms
-        report.hardware = hwcheck.check(candidate, providers, threads=threads,
-                                        latency_ratio=report.latency_ratio)
-        report.warnings.extend(report.hardware.get("warnings", []))
-
-    if diagnose:
-        if reference is None:
-            raise UsageError("--diagnose compares layers with the reference", "pass --reference FLOAT_MODEL")
-        from qtool.eval.diagnose import diagnose as run_diagnosis
-
-        report.diagnosis = run_diagnosis(
-            candidate, reference, dataset, batch_size=batch_size, limit=count, top=diagnose_top,
-            threads=threads,
-        )
-
-    doc = report.to_dict()
-    results = gates_mod.check_gates(doc, max_drop=max_drop, min_sqnr=min_sqnr,
-                                    max_latency_ratio=max_latency_ratio)
-    report.gates = [r.to_dict() for r in results]
-    return report
+    report.hardware = hwcheck.check(candidate, providers, threads=threads, latency_ratio=report.latency_ratio)
+    report.warnings.extend(report.hardware.get("warnings", []))
 
 
 def _check_same_interface(cand_ir, ref_ir) -> None:

@@ -98,12 +98,15 @@ def measure(
     warmup: int = 5,
     provider: str = "cpu",
     threads: int = 0,
+    on_run: Callable[[int], None] | None = None,
 ) -> dict[str, LatencyStats]:
     """Time each model ``runs`` times on ``feed`` after ``warmup`` runs, interleaved.
 
     ``factories`` maps a label ("candidate", "reference") to a function creating its
     session, so memory growth is measured from just before each session exists.
+    ``on_run(1)`` is called after every warm-up and timed run (outside the timed span).
     """
+    tick = on_run or (lambda n: None)
     sessions, memory, base, names = {}, {}, {}, {}
     # Each session is created and warmed up alone, so its memory growth is its own.
     for label, make in factories.items():
@@ -115,6 +118,7 @@ def measure(
         for _ in range(max(1, warmup)):
             sessions[label].run(names[label], feed)
             memory[label] = max(memory[label], rss_bytes())
+            tick(1)
     batch = next(iter(feed.values())).shape[0] if feed else 1
     times = {label: np.empty(runs) for label in sessions}
     for i in range(runs):
@@ -122,6 +126,7 @@ def measure(
             start = time.perf_counter()
             s.run(names[label], feed)
             times[label][i] = (time.perf_counter() - start) * 1000.0
+            tick(1)
     return {
         label: summarize(
             times[label], model=label, provider=provider, warmup=warmup, batch_size=batch,

@@ -6,8 +6,8 @@ Every metric accumulates batch by batch (``update``) and is read once at the end
 Label metrics (``--metric``):
 
 - ``top1`` / ``top5``: the label is among the k highest scores of the first output's last
-  axis. Scores ``[N, C]`` (or ``[N, ..., C]``, flattened to rows), labels ``[N]`` integers.
-  Result in [0, 1].
+  axis. Scores ``[N, C]`` (or ``[N, ..., C]``, flattened to rows), labels ``[N]`` integers
+  in [0, C) (any other label is an error: it could never be predicted). Result in [0, 1].
 - ``accuracy``: the prediction equals the label, where the prediction is the output itself
   for integer outputs (class ids), ``score > 0.5`` for a single score per sample, and the
   argmax of the last axis otherwise. Result in [0, 1].
@@ -114,6 +114,7 @@ class TopK(Metric):
                 f"{self.name} needs at least {self.k} classes, the output has {rows.shape[1]}",
                 "use --metric top1 or accuracy",
             )
+        check_label_range(self.name, labels, rows.shape[1])
         # Stable sort on -scores: among equal scores the lower class index ranks first.
         top = np.argsort(-rows, axis=1, kind="stable")[:, : self.k]
         self.correct += int(np.sum(np.any(top == labels[:, None], axis=1)))
@@ -121,6 +122,21 @@ class TopK(Metric):
 
     def result(self) -> float:
         return self.correct / self.total if self.total else float("nan")
+
+
+def check_label_range(metric: str, labels: np.ndarray, classes: int, what: str = "a batch's labels") -> None:
+    """Class-index labels must lie in [0, classes): any other label can never be predicted,
+    so the metric would silently count it wrong."""
+    if labels.dtype.kind not in "iu" or labels.size == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= classes:
+        raise DataError(
+            f"{metric}: labels must be class indices 0..{classes - 1} (the model's first output "
+            f"has {classes} classes), but {what} run from {lo} to {hi}",
+            "labels are 0-based indices into the output; shift 1-based labels by -1, or check "
+            "that the labels belong to this model",
+        )
 
 
 class Accuracy(Metric):
@@ -146,6 +162,7 @@ class Accuracy(Metric):
             pred = (out.reshape(n) > 0.5).astype(np.int64)
         else:
             pred = np.argmax(out.reshape(n, -1), axis=1)
+            check_label_range(self.name, labels, out.reshape(n, -1).shape[1])
         labels = labels.reshape(n)
         if labels.dtype.kind not in "iub":
             pred = pred.astype(str)

@@ -169,8 +169,15 @@ def to_markdown(doc: dict) -> str:
                 f"| `{layer['node']}` | {layer['op_type']} | {_num(layer['local_sqnr_db'])} | "
                 f"{_num(layer['sqnr_db'])} |"
             )
+        if diag.get("checks"):
+            lines += ["", f"Checked by re-converting (baseline output SQNR {_num(diag['baseline_sqnr_db'])} dB):", "",
+                      "| left out | output SQNR dB | gain dB |", "|---|---:|---:|"]
+            for c in diag["checks"]:
+                lines.append(f"| `{', '.join(c['exclude'])}` | {_num(c['sqnr_db'])} | {c['gain_db']:+.2f} |")
         if diag.get("exclude_flags"):
             lines += ["", "Suggested: `qtool convert ... " + " ".join(diag["exclude_flags"]) + "`"]
+        if diag.get("advice"):
+            lines += ["", diag["advice"]]
         lines.append("")
     for w in doc["warnings"]:
         lines.append(f"> ⚠️ {w}")
