@@ -303,7 +303,7 @@ def test_evaluate_bad_inputs(mlp, tmp_path):
 
 def test_latency_statistics_by_hand():
     """The statistics themselves, on known run times (no clock involved)."""
-    from qtool.eval.latency import summarize
+    from qtool.runtime.latency import summarize
 
     times = np.array([5.0, 1.0, 2.0, 4.0, 3.0, 100.0, 2.5, 3.5, 1.5])
     s = summarize(times, model="m", provider="cpu", warmup=0, batch_size=4, threads=1,
@@ -359,8 +359,8 @@ def test_labels_outside_the_class_range_raise(mlp, tmp_path):
 def test_latency_measure_reports_consistent_statistics(mlp):
     """A real measurement: structure only. Whether two runs agree is a property of the
     machine, measured in bench/latency_repro.py, not asserted here."""
-    from qtool.eval.latency import measure
     from qtool.runtime import open_session
+    from qtool.runtime.latency import measure
 
     feed = {"x": np.load(mlp["data"] / "s00.npy")}
     a = measure({"candidate": lambda: open_session(mlp["ref"], threads=1)}, feed, runs=50,

@@ -189,7 +189,7 @@ def test_unwritable_report_folder_fails_before_evaluating(int8, monkeypatch, cap
 
 def test_max_drop_accepts_a_percentage(int8, capsys):
     code = run(_eval(int8, "-r", REF, "-d", DATA, "--limit", "40", "--max-drop", "1%",
-                     "--max-latency-ratio", "1000%", "--runs", "3", "--warmup", "1", "--json", "-", "-q"))
+                     "--max-latency-ratio", "100000%", "--runs", "3", "--warmup", "1", "--json", "-", "-q"))
     doc = json.loads(capsys.readouterr().out)
     assert code == 0
     validate(doc)
@@ -198,7 +198,7 @@ def test_max_drop_accepts_a_percentage(int8, capsys):
     assert drops[0]["percent"] == 1.0
     assert drops[0]["threshold"] == pytest.approx(0.01 * top1["reference"])
     ratio = next(g for g in doc["gates"] if g["gate"] == "max-latency-ratio")
-    assert ratio["threshold"] == 10.0 and ratio["percent"] == 1000.0
+    assert ratio["threshold"] == 1000.0 and ratio["percent"] == 100000.0  # a timing that cannot fail on a loaded machine
 
 
 @pytest.mark.parametrize(("args", "message"), [

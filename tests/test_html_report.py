@@ -340,7 +340,7 @@ def _minimal() -> dict:
 
 
 def _stats(model: str, times: list[float]) -> dict:
-    from qtool.eval.latency import summarize
+    from qtool.runtime.latency import summarize
 
     d = summarize(times, model=model, provider="cpu", warmup=1, batch_size=1, threads=0, memory_mib=None).to_dict()
     d["samples_ms"] = times

@@ -112,7 +112,7 @@ def test_convert_static_dynamic_and_4bit_on_unnamed_nodes(tmp_path):
     data = _data(tmp_path / "d")
     ref = _outputs(path, data)
     cases = {
-        "static": (["--data", str(data)], "QuantizeLinear", 0.99),
+        "static": (["--data", str(data), "--scheme", "int8-static"], "QuantizeLinear", 0.99),
         "dynamic": (["--dynamic"], "DynamicQuantizeMatMul", 0.99),
         "int4": (["--bits", "4"], "MatMulNBits", 0.95),  # 4-bit RTN of Gaussian weights: about 0.98
     }

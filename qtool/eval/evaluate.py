@@ -277,9 +277,9 @@ def _collect(run: _Run, comparisons: dict, across: dict, native_backend) -> None
 
 def _latency_phase(report: EvalReport, candidate, reference, providers: list[str], feed: dict, *,
                    runs: int, warmup: int, threads: int, progress: ProgressFactory) -> None:
-    """Latency per provider (qtool.eval.latency), then the hardware check."""
+    """Latency per provider (qtool.runtime.latency), then the hardware check."""
     from qtool.eval import hwcheck
-    from qtool.eval.latency import measure
+    from qtool.runtime.latency import measure
 
     models = 1 if reference is None else 2
     with progress("latency", len(providers) * models * (runs + max(1, warmup)), "runs") as advance:

@@ -145,7 +145,7 @@ class Reference:
 def time_against_float(model_path, candidate_bytes: bytes, feed: dict) -> tuple[float, float]:  # noqa: ANN001
     """(float median ms, candidate median ms), timed in turns on the same feed."""
     from qtool import runtime
-    from qtool.eval.latency import measure
+    from qtool.runtime.latency import measure
 
     probe = runtime.open_session(candidate_bytes, "cpu", role="candidate")
     start = time.perf_counter()
