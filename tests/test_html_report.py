@@ -345,3 +345,19 @@ def _stats(model: str, times: list[float]) -> dict:
     d = summarize(times, model=model, provider="cpu", warmup=1, batch_size=1, threads=0, memory_mib=None).to_dict()
     d["samples_ms"] = times
     return d
+
+
+def test_eval_cli_writes_html_and_refuses_an_input(tmp_path):
+    """`qtool eval --html` writes the report; pointed at an input it refuses (exit 2)."""
+    from qtool.cli import run
+
+    root = Path(__file__).resolve().parents[1]
+    model, data = root / "examples" / "digits_cnn.onnx", root / "examples" / "data" / "eval"
+    out = tmp_path / "report.html"
+    assert run(["eval", str(model), "--reference", str(model), "--data", str(data), "--limit", "16",
+                "--html", str(out), "-q"]) == 0
+    text = out.read_text()
+    assert text.lstrip().lower().startswith("<!doctype html") and "http://" not in text
+    before = model.read_bytes()
+    assert run(["eval", str(model), "--data", str(data), "--html", str(model), "-q"]) == 2
+    assert model.read_bytes() == before

@@ -47,6 +47,7 @@ def eval_command(
     limit: int = typer.Option(0, "--limit", help="Use only the first N samples (0: all)."),
     json_out: str | None = typer.Option(None, "--json", help="Write the JSON report to PATH ('-': stdout)."),
     markdown: Path | None = typer.Option(None, "--markdown", help="Write a Markdown summary to PATH."),
+    html: Path | None = typer.Option(None, "--html", help="Write a self-contained HTML report (charts, no network) to PATH."),
     max_drop: str | None = typer.Option(
         None, "--max-drop", help="Gate: max metric drop, in metric units (0.01) or percent of the reference (1%)."
     ),
@@ -86,7 +87,7 @@ def eval_command(
         max_latency_ratio=max_latency_ratio,
     )
     e = r.eval
-    outputs = {"--markdown": markdown}
+    outputs = {"--markdown": markdown, "--html": html}
     if json_out is not None and json_out != "-":
         outputs["--json"] = Path(json_out)
     inputs = {"candidate model": candidate, "reference model": reference, "labels file": labels,
@@ -114,6 +115,11 @@ def eval_command(
     if markdown is not None:
         write_text_atomic(markdown, to_markdown(doc))
         info(f"markdown summary written to {escape(str(markdown))}")
+    if html is not None:
+        from qtool.eval.html import render_eval, write_html
+
+        write_html(render_eval(doc), html)
+        info(f"HTML report written to {escape(str(html))}")
     for w in doc["warnings"]:
         warn(escape(w))
     from qtool.eval.gates import GateResult
