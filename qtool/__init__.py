@@ -9,6 +9,7 @@ the command of the same name does, with the same recipes and the same outputs::
     table.save("table.json")
     report = qtool.convert("model.onnx", "int8.onnx", calib="table.json")
     result = qtool.evaluate("int8.onnx", "eval/", reference="model.onnx")
+    tuned = qtool.tune("model.onnx", "calib/", "tuned.onnx", max_drop="1%")
 
 ``recipe`` is a preset name (``int8-static``, ``int8-dynamic``, ``int4-weight-only``,
 ``fp16``), a path to a TOML recipe, or a ``qtool.config.Recipe``. Errors are
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from qtool.calibration import CalibrationTable
     from qtool.config import Recipe
 
-__all__ = ["__version__", "calibrate", "convert", "evaluate", "load", "load_recipe", "save"]
+__all__ = ["__version__", "calibrate", "convert", "evaluate", "load", "load_recipe", "save", "tune"]
 
 PathLike = str | os.PathLike
 
@@ -94,6 +95,14 @@ def evaluate(candidate: PathLike, data: PathLike, **options: Any):  # noqa: ANN2
     from qtool.eval.evaluate import evaluate as _evaluate
 
     return _evaluate(candidate, data, **options)
+
+
+def tune(model: PathLike, data: PathLike, output: PathLike, **options: Any):  # noqa: ANN201 - TuneResult
+    """The smallest mixed-precision model within an accuracy budget (``qtool tune``);
+    options as qtool.tuning.tune (``max_drop=``, ``target_mb=``, ``bits=``, ``eval_data=``...)."""
+    from qtool.tuning import tune as _tune
+
+    return _tune(model, data, output, **options)
 
 
 def load(path: PathLike) -> ir.Model:

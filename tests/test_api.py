@@ -94,3 +94,11 @@ def test_convert_model_leaves_its_input_alone():
     assert ir.to_proto(model).SerializeToString() == before
     assert converted.summary.quantized["Gemm"] + converted.summary.quantized["MatMul"] > 0
     assert [r.name for r in converted.reports] == ["preprocess", "dynamic", "cleanup"]
+
+
+def test_tune_is_the_command_line_tune(tmp_path):
+    import qtool.tuning  # importing the sub-package must not shadow the API function
+
+    assert callable(qtool.tune) and qtool.tune is not qtool.tuning
+    result = qtool.tune(MODEL, CALIB, tmp_path / "t.onnx", metric="cosine", max_drop=0.01, bits="8")
+    assert (tmp_path / "t.onnx").exists() and result is not None

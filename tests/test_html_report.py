@@ -55,7 +55,7 @@ def eval_doc(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def tune_doc(tmp_path_factory) -> dict:
     """`qtool tune --json`'s result for the bundled model (JSON round trip, as a file would be)."""
-    from qtool.tune import tune
+    from qtool.tuning import tune
 
     tmp = tmp_path_factory.mktemp("html_tune")
     result = tune(FLOAT, EVAL, tmp / "tuned.onnx", max_drop="0.02", limit=40, cache_dir=None)

@@ -23,11 +23,11 @@ from onnx import TensorProto, helper, numpy_helper
 from qtool.config import LayerOverride, Recipe, load_recipe
 from qtool.errors import UsageError
 from qtool.pipeline import convert_model, weight_only_part
-from qtool.tune import parse_bits, parse_budget, recipe_toml, tune
-from qtool.tune.frontier import Candidate, mark_frontier, svg
-from qtool.tune.groups import Group, glob_escape, role_key
-from qtool.tune.options import Clock, check_budget
-from qtool.tune.search import group_bytes, order_moves
+from qtool.tuning import parse_bits, parse_budget, recipe_toml, tune
+from qtool.tuning.frontier import Candidate, mark_frontier, svg
+from qtool.tuning.groups import Group, glob_escape, role_key
+from qtool.tuning.options import Clock, check_budget
+from qtool.tuning.search import group_bytes, order_moves
 
 K = 128  # one 4-bit block of 128 per column
 OUTLIER = 8.0
@@ -353,8 +353,8 @@ def test_cli_tune_json_and_usage_errors(mlp_case, tmp_path, capsys):
 
 
 def test_role_groups_become_one_glob_and_a_3_channel_conv_takes_8_bits_only(tmp_path):
-    from qtool.tune import tuned_recipe
-    from qtool.tune.groups import find_groups
+    from qtool.tuning import tuned_recipe
+    from qtool.tuning.groups import find_groups
 
     model = ir.load(cnn(tmp_path / "cnn.onnx"))
     static = find_groups(model, "int8-static", (8, 4), 128, "layer")

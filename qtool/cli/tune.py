@@ -65,7 +65,7 @@ def tune_command(
       qtool tune m.onnx --data d/ --eval-data held/ -o m.small.onnx --target-size 5 --plot f.svg
     """
     from qtool.errors import GateFailed, ModelError
-    from qtool.tune import tune
+    from qtool.tuning import tune
 
     if not model.exists():
         raise ModelError(f"model file not found: {model}", "check the path")

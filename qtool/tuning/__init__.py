@@ -3,29 +3,29 @@
 Phases, one module each (each reports progress through ``progress(description, total,
 unit)``, a context manager yielding ``advance(n)``, as qtool.cli.app.progress):
 
-1. options (qtool.tune.options): the budget, the base recipe and the two splits. The search
+1. options (qtool.tuning.options): the budget, the base recipe and the two splits. The search
    split is every other sample of ``data`` (positions 0, 2, 4, ...), the held-out split the
    rest (1, 3, 5, ...), or all of ``data`` / all of ``eval_data`` when held-out data is
    given. Calibration (static int8) and sensitivities use only the search split; only the
    final check reads the held-out split.
-2. groups (qtool.tune.groups): the weight layers the scheme can lower, grouped. In the int8
+2. groups (qtool.tuning.groups): the weight layers the scheme can lower, grouped. In the int8
    schemes a layer at 8 bits is int8 and one below 8 bits is weight-only blocks (MatMulNBits
    for MatMul/Gemm, blocked DequantizeLinear feeding a float Conv for Conv: opset 21, so a
    CNN below it takes 2/3/4-bit Convs only with ``allow_opset_upgrade``, which raises the
    opset once with onnx's converter).
-3. sensitivity (qtool.tune.sensitivity): each layer group alone at each candidate precision,
+3. sensitivity (qtool.tuning.sensitivity): each layer group alone at each candidate precision,
    scored on the search split, cached on disk.
-4. search (qtool.tune.search): greedy chain of moves; prefixes of it are measured on the
+4. search (qtool.tuning.search): greedy chain of moves; prefixes of it are measured on the
    search split and the longest within the budget (``max_drop``) or the shortest within the
    size (``target_mb``) is kept.
-5. verify (qtool.tune.verify): the chosen model is written to ``output`` and scored on the
+5. verify (qtool.tuning.verify): the chosen model is written to ``output`` and scored on the
    held-out split; when its drop exceeds the budget, the most sensitive lowered group goes
    one precision up and the check repeats (the fallback), down to all-float if need be.
-6. frontier (qtool.tune.frontier): uniform candidates (every group at each of ``bits``)
+6. frontier (qtool.tuning.frontier): uniform candidates (every group at each of ``bits``)
    scored on held-out data when time allows, so the table compares tuned against uniform
    int8 / int4; the Pareto frontier of every candidate, as a table and a plot.
 
-Candidate models come from qtool.tune.recipes: every group gets a ``[[layer]]`` override and
+Candidate models come from qtool.tuning.recipes: every group gets a ``[[layer]]`` override and
 a final ``*`` = 32 keeps all other nodes float, so the tuned model quantizes exactly the
 layers the search chose. The output recipe reproduces the model: ``qtool convert MODEL
 --recipe OUT.recipe.toml`` (static int8 also ``--calib OUT.calib.json``, the table tune
@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtool.config import Recipe
-from qtool.tune.frontier import Candidate, mix, plot, uniform_candidates, write_frontier
-from qtool.tune.groups import Group, plan_groups
-from qtool.tune.options import (
+from qtool.tuning.frontier import Candidate, mix, plot, uniform_candidates, write_frontier
+from qtool.tuning.groups import Group, plan_groups
+from qtool.tuning.options import (
     Clock,
     base_recipe,
     check_budget,
@@ -54,16 +54,16 @@ from qtool.tune.options import (
     parse_bits,
     parse_budget,
 )
-from qtool.tune.recipes import Builder, recipe_toml, sidecar, tuned_recipe, write_recipe
-from qtool.tune.search import SizeModel, search
-from qtool.tune.sensitivity import (
+from qtool.tuning.recipes import Builder, recipe_toml, sidecar, tuned_recipe, write_recipe
+from qtool.tuning.search import SizeModel, search
+from qtool.tuning.sensitivity import (
     Measurer,
     SensitivityCache,
     data_key,
     measure_sensitivities,
     search_scorer,
 )
-from qtool.tune.verify import Verified, held_out_scorer, verify
+from qtool.tuning.verify import Verified, held_out_scorer, verify
 
 __all__ = ["TuneResult", "parse_bits", "parse_budget", "recipe_toml", "tune", "tuned_recipe"]
 

@@ -1,6 +1,6 @@
 """Phase 2b of ``qtool tune``: how much the metric moves when only one layer group is quantized.
 
-For group g (qtool.tune.groups) at b bits, the candidate is the float model with only g quantized; it is scored
+For group g (qtool.tuning.groups) at b bits, the candidate is the float model with only g quantized; it is scored
 on the search split against the float model's own outputs:
 
 - ``metric``: the task metric (top1, perplexity, ... or ``cosine``: cosine similarity of
@@ -31,9 +31,9 @@ import onnx_ir as ir
 
 from qtool.errors import UsageError
 from qtool.model import graph_fingerprint
-from qtool.tune.groups import Group
-from qtool.tune.options import Clock, Splits
-from qtool.tune.recipes import Builder
+from qtool.tuning.groups import Group
+from qtool.tuning.options import Clock, Splits
+from qtool.tuning.recipes import Builder
 
 COMPARISON_TUNE_METRICS = ("cosine",)
 
@@ -190,7 +190,7 @@ class SensitivityCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tune-", dir=self.path.parent)
         with os.fdopen(fd, "w") as f:
-            json.dump({"format": "qtool.tune.cache", "version": 1, "entries": self.entries}, f)
+            json.dump({"format": "qtool.tuning.cache", "version": 1, "entries": self.entries}, f)
         os.replace(tmp, self.path)
 
 

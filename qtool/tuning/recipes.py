@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from qtool.config import LayerOverride, Recipe
-from qtool.tune.groups import Group, glob_escape, role_key
+from qtool.tuning.groups import Group, glob_escape, role_key
 
 
 def sidecar(output: Path, suffix: str) -> Path:

@@ -13,11 +13,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qtool.tune.frontier import Candidate
-from qtool.tune.options import Budget, Clock, Splits
-from qtool.tune.recipes import Builder
-from qtool.tune.search import ChainSearch, raise_most_sensitive
-from qtool.tune.sensitivity import Score, Scorer, Sensitivities
+from qtool.tuning.frontier import Candidate
+from qtool.tuning.options import Budget, Clock, Splits
+from qtool.tuning.recipes import Builder
+from qtool.tuning.search import ChainSearch, raise_most_sensitive
+from qtool.tuning.sensitivity import Score, Scorer, Sensitivities
 
 
 def held_out_scorer(model_path: Path, splits: Splits, limit: int, threads: int, progress) -> Scorer:

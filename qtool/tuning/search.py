@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qtool.tune.frontier import Candidate
-from qtool.tune.groups import Group
-from qtool.tune.options import Budget, Clock
-from qtool.tune.sensitivity import Measurer, Sensitivities
+from qtool.tuning.frontier import Candidate
+from qtool.tuning.groups import Group
+from qtool.tuning.options import Budget, Clock
+from qtool.tuning.sensitivity import Measurer, Sensitivities
 
 
 def storage_bits(bits: int) -> int:

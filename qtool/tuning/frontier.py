@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 from qtool.errors import UsageError
 
 if TYPE_CHECKING:
-    from qtool.tune.options import Clock
-    from qtool.tune.recipes import Builder
-    from qtool.tune.sensitivity import Scorer
+    from qtool.tuning.options import Clock
+    from qtool.tuning.recipes import Builder
+    from qtool.tuning.sensitivity import Scorer
 
 
 def mix(bits: Sequence[int]) -> str:
@@ -47,7 +47,7 @@ class Candidate:
 
     @classmethod
     def scored(cls, label: str, split: str, size_bytes: float, score, drop: float, bits: Sequence[int]) -> Candidate:
-        """From a qtool.tune.sensitivity.Score and the bits per group it was measured at."""
+        """From a qtool.tuning.sensitivity.Score and the bits per group it was measured at."""
         return cls(label, split, float(size_bytes), score.metric, drop, score.sqnr_db, mix(bits))
 
     def to_dict(self) -> dict:
