@@ -274,7 +274,7 @@ def _print_report(report: dict) -> None:
 def _print_guard(guard: dict) -> None:
     """Every candidate the guard measured, and what it decided."""
     table = Table(title=f"guard ({escape(guard['holdout'])})", title_justify="left", show_edge=False)
-    for col in ("candidate", "worst SQNR dB", "agreement", "speed vs float", "weights MB", "verdict"):
+    for col in ("candidate", "worst SQNR dB", "agreement", "speed vs float", "size MB", "verdict"):
         table.add_column(col, justify="left" if col in ("candidate", "verdict") else "right")
     for a in guard["attempts"]:
         worst = min((o["segment_sqnr_db"] for o in a["outputs"]
@@ -285,6 +285,6 @@ def _print_guard(guard: dict) -> None:
                    escape(a["error"] or "; ".join(a["shortfalls"])))
         table.add_row(escape(a["label"]), "-" if worst is None else f"{worst:.1f}",
                       f"{min(agree):.3f}" if agree else "-",
-                      f"{1 / ratio:.2f}x" if ratio else "-", f"{a['weight_bytes'] / 1e6:.2f}", verdict)
+                      f"{1 / ratio:.2f}x" if ratio else "-", f"{a['size_bytes'] / 1e6:.3f}", verdict)
     console.print(table)
     info(f"guard: {escape(guard['decision'])}")

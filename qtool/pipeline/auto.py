@@ -29,7 +29,7 @@ from qtool.pipeline.guard import (
 from qtool.pipeline.progress import ProgressFactory, no_progress
 
 DEFAULT_BUDGET_SECONDS = 600.0
-NOT_SMALLER = 0.95  # a candidate whose weights keep 95% of the float bytes compressed nothing
+NOT_SMALLER = 0.95  # a candidate whose file keeps 95% of the float bytes compressed nothing
 MIN_TRANSFORMER_MATMULS = 4
 TINY_MODEL_MS = 1.0
 
@@ -100,9 +100,9 @@ class Guard:
         self.prepared: dict[str, object] = {}
         self.count = 0
         self.errors: list[Exception] = []
-        from qtool.model import initializer_bytes
+        from qtool.model import model_size_bytes
 
-        self.source_bytes = initializer_bytes(source)
+        self.source_bytes = model_size_bytes(model_path)
         self.start = time.perf_counter()
         self.tmp = tempfile.TemporaryDirectory(prefix="qtool-guard-")
 
@@ -122,7 +122,7 @@ class Guard:
 
     def attempt(self, label: str, recipe: Recipe):  # noqa: ANN201 - (Attempt, Converted | None)
         from qtool import runtime
-        from qtool.model import initializer_bytes, save
+        from qtool.model import model_size_bytes, save
         from qtool.pipeline.flow import convert_model
 
         t0 = time.perf_counter()
@@ -136,10 +136,10 @@ class Guard:
             path = Path(self.tmp.name) / f"candidate{self.count}.onnx"
             self.count += 1
             save(converted.model, path, verify=False)
-            attempt.weight_bytes = initializer_bytes(converted.model)
-            if attempt.weight_bytes >= NOT_SMALLER * self.source_bytes:
-                attempt.error = (f"nothing was compressed (weights {attempt.weight_bytes / 1e6:.2f} MB "
-                                 f"of {self.source_bytes / 1e6:.2f} MB)")
+            attempt.size_bytes = model_size_bytes(path)
+            if attempt.size_bytes >= NOT_SMALLER * self.source_bytes:
+                attempt.error = (f"nothing was compressed ({attempt.size_bytes / 1e6:.3f} MB "
+                                 f"of {self.source_bytes / 1e6:.3f} MB)")
                 return attempt, converted
             with self.progress(f"measuring ({label})", None, "samples"):
                 attempt.outputs = self.reference.compare(runtime.open_session(path, "cpu", role="candidate"))
@@ -185,7 +185,7 @@ class Guard:
         good = [r for r in results if _good(r[0])]
         if good:
             fast = [r for r in good if not r[0].slower] or good
-            chosen = min(fast, key=lambda r: (r[0].latency_ratio or math.inf, r[0].weight_bytes))
+            chosen = min(fast, key=lambda r: (r[0].latency_ratio or math.inf, r[0].size_bytes))
             outcome.chosen = outcome.best = chosen[1]
             outcome.best_attempt = chosen[0]
             outcome.decision = _decision(chosen[0], len(results))

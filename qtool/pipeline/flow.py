@@ -37,6 +37,7 @@ STATIC_TRANSFORMER = (
     "perplexity 46.7 -> 21,431 static, 47.7 with --dynamic --data); try --dynamic --data DIR"
 )
 MIN_TRANSFORMER_MATMULS = 4
+SERIALIZE_EXACT_BYTES = 64 << 20
 GUARD_HINT = ("keep more layers float (--exclude), try another scheme, lower the floor "
               "(--min-sqnr/--min-agreement), or --write-best to inspect the best candidate")
 NOT_COMPRESSED_HINT = ("the 'why float' column says why each op stayed float; try another scheme "
@@ -206,7 +207,7 @@ def convert_file(
     nothing meets the floor, or nothing was quantized, ``passed`` is False and ``output``
     is written only with ``write_best``.
     """
-    from qtool.model import add_provenance, initializer_bytes, load, model_size_bytes, save
+    from qtool.model import add_provenance, load, model_size_bytes, save
     from qtool.pipeline.plan import plan_for
 
     model_path = Path(model_path)
@@ -263,7 +264,7 @@ def convert_file(
     if guard_report is not None:
         report["guard"] = guard_report
     if converted is not None and failure is None:
-        failure = _not_compressed(converted, initializer_bytes(source), plan)
+        failure = _not_compressed(converted, in_size, plan)
         report["passed"], report["failure"] = failure is None, failure
         report["hint"] = NOT_COMPRESSED_HINT if failure else None
     if converted is None or (failure is not None and not write_best):
@@ -292,20 +293,30 @@ def _guard_failure(outcome) -> str:  # noqa: ANN001 - GuardOutcome
     return f"below the floor after {len(outcome.attempts)} attempt(s); best was {best.label}: {missing}"
 
 
-def _not_compressed(converted: Converted, input_weight_bytes: int, plan: ConvertPlan) -> str | None:
-    """Why the result is no compression at all, or None when it is one."""
+def serialized_size(model: ir.Model) -> int:
+    """Bytes the model takes as a file: exact below SERIALIZE_EXACT_BYTES of weights (the
+    graph's own bytes matter in small models), its weights' bytes above that."""
     from qtool.model import initializer_bytes
 
+    weights = initializer_bytes(model)
+    if weights > SERIALIZE_EXACT_BYTES:
+        return weights
+    return ir.to_proto(model).ByteSize()
+
+
+def _not_compressed(converted: Converted, input_bytes: int, plan: ConvertPlan) -> str | None:
+    """Why the result is no compression at all, or None when it is one."""
     quantized = sum(converted.summary.quantized.values())
-    out = initializer_bytes(converted.model)
-    # The summary matches nodes by name; the weights' size is the ground truth.
-    if quantized == 0 and plan.kind != "fp16" and out >= 0.95 * input_weight_bytes:
+    out = serialized_size(converted.model)
+    # The summary matches nodes by name; the size is the ground truth.
+    if quantized == 0 and plan.kind != "fp16" and out >= 0.95 * input_bytes:
         reasons = "; ".join(f"{op}: {', '.join(row['reasons'])}" for op, row in
                             converted.summary.to_dict().items() if row["reasons"])
         return f"nothing was quantized ({reasons or 'no supported op'})"
-    if out > input_weight_bytes:
-        return (f"the converted weights ({out / 1e6:.2f} MB) are larger than the input's "
-                f"({input_weight_bytes / 1e6:.2f} MB)")
+    if out > input_bytes:
+        return (f"the converted model ({out / 1e6:.3f} MB) would be larger than its input "
+                f"({input_bytes / 1e6:.3f} MB): the quantize/dequantize nodes cost more than the "
+                "weights save")
     return None
 
 

@@ -33,7 +33,7 @@ MIN_AGREEMENT_POSITIONS = 20
 SLOWER_MARGIN = 1.05  # a candidate is "slower than float" above this latency ratio (noise)
 HOLDOUT_EVERY = 5  # every 5th sample of --data is held out when no --eval-data is given
 MAX_HOLDOUT = 32
-REPAIR_STEPS = (1, 3, 8)  # layers kept float nearest the failing outputs, per repair round
+REPAIR_STEPS = (1, 2, 4, 8)  # layers kept float nearest the failing outputs, per repair round
 TIMING_SECONDS = 1.0  # time spent timing each candidate/float pair
 
 
@@ -70,7 +70,7 @@ class Attempt:
     latency_ratio: float | None = None
     float_ms: float | None = None
     candidate_ms: float | None = None
-    weight_bytes: int = 0
+    size_bytes: int = 0  # the candidate's file (and external data) as written
     seconds: float = 0.0
     error: str | None = None
 
@@ -95,7 +95,7 @@ class Attempt:
             "latency_ratio": None if self.latency_ratio is None else round(self.latency_ratio, 3),
             "float_ms": None if self.float_ms is None else round(self.float_ms, 4),
             "candidate_ms": None if self.candidate_ms is None else round(self.candidate_ms, 4),
-            "weight_bytes": self.weight_bytes,
+            "size_bytes": self.size_bytes,
             "seconds": round(self.seconds, 2),
             "outputs": [o.to_dict() for o in self.outputs],
             "excluded": list(self.recipe.quantize.exclude),

@@ -1,0 +1,167 @@
+"""The guard of `qtool convert --data`: measured on held-out samples, repaired, or exit 3.
+
+Every model here is a few nodes built in code and stands for a class of real models:
+a detector head that concatenates boxes in pixels with class probabilities, a layer whose
+input has one outlier channel, and a floor no candidate can meet.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from qtool.cli import run
+from qtool.pipeline.measure import OutputAccumulator, channel_axis
+
+RNG = np.random.default_rng(5)
+
+
+def _save(graph, path, opset=17):
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return str(path)
+
+
+def _data(folder, shape, n=40, scale=1.0):
+    folder.mkdir()
+    for i in range(n):
+        np.save(folder / f"s{i}.npy", (RNG.standard_normal(shape) * scale).astype(np.float32))
+    return str(folder)
+
+
+def _detector_head(path):
+    """x[N,64,128] (64 anchors) -> trunk -> box branch (x640: pixels) and class branch
+    (Sigmoid), concatenated on the last axis: y[N, 64, 4+6], as YOLO heads write their output."""
+    w0 = (RNG.standard_normal((128, 128)) * 0.1).astype(np.float32)
+    wb = (RNG.standard_normal((128, 4)) * 0.15).astype(np.float32)
+    wc = (RNG.standard_normal((128, 6)) * 0.25).astype(np.float32)
+    inits = [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(wb, "wb"),
+             numpy_helper.from_array(wc, "wc"), numpy_helper.from_array(np.array(640.0, np.float32), "px")]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["t0"], name="trunk"),
+         helper.make_node("Relu", ["t0"], ["t"], name="trunk_relu"),
+         helper.make_node("MatMul", ["t", "wb"], ["b0"], name="box_fc"),
+         helper.make_node("Sigmoid", ["b0"], ["b1"], name="box_sigmoid"),
+         helper.make_node("Mul", ["b1", "px"], ["boxes"], name="box_pixels"),
+         helper.make_node("MatMul", ["t", "wc"], ["c0"], name="cls_fc"),
+         helper.make_node("Sigmoid", ["c0"], ["scores"], name="cls_sigmoid"),
+         helper.make_node("Concat", ["boxes", "scores"], ["y"], axis=2, name="head_concat")],
+        "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 10])], inits)
+    return _save(graph, path)
+
+
+def _outlier_mlp(path):
+    """x[N,32] -> fc0 -> Relu -> fc1 -> Relu -> fc2, where fc2's input has one channel 1000x
+    the others: one int8 scale for it leaves the other 255 channels a handful of levels."""
+    w0 = (RNG.standard_normal((32, 256)) * 0.3).astype(np.float32)
+    w1 = (RNG.standard_normal((256, 256)) * 0.1).astype(np.float32)
+    w1[:, 0] = np.abs(w1[:, 0]) * 2000.0  # channel 0 of fc1's output is huge
+    w2 = (RNG.standard_normal((256, 10)) * 0.1).astype(np.float32)
+    w2[0, :] = 0.0  # and carries nothing to the output: everything fc2 says comes from the rest
+    inits = [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1"),
+             numpy_helper.from_array(w2, "w2")]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["h0"], name="fc0"),
+         helper.make_node("Relu", ["h0"], ["r0"], name="relu0"),
+         helper.make_node("MatMul", ["r0", "w1"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
+        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return _save(graph, path)
+
+
+def _convert(model, out, *flags):
+    code = run(["convert", model, "-o", str(out), "--json", "-q", *flags])
+    return code
+
+
+def _report(capsys):
+    return json.loads(capsys.readouterr().out)
+
+
+def test_segments_split_a_concatenated_head_by_magnitude():
+    acc = OutputAccumulator("y")
+    ref = np.concatenate([RNG.uniform(0, 640, (2, 4, 16)), RNG.uniform(0, 1, (2, 6, 16))], axis=1)
+    noisy = ref.copy()
+    noisy[:, 4:] = RNG.uniform(0, 1, (2, 6, 16))  # class rows replaced by noise
+    acc.add(ref, noisy)
+    result = acc.result()
+    assert channel_axis(ref.shape) == 1
+    assert result.sqnr_db > 25  # the whole tensor looks fine: boxes dominate it
+    assert result.segment_sqnr_db < 5  # the class-score group alone is ruined
+    assert [s["channels"] for s in result.segments] == [4, 6]
+
+
+def test_guard_protects_the_class_branch_of_a_concatenated_head(tmp_path, capsys):
+    model = _detector_head(tmp_path / "head.onnx")
+    data = _data(tmp_path / "d", (64, 128), scale=2.0)
+    out = tmp_path / "q.onnx"
+    assert _convert(model, out, "--data", data, "--scheme", "int8-static") == 0
+    report = _report(capsys)
+    chosen = next(a for a in report["guard"]["attempts"] if a["label"] == report["guard"]["chosen"])
+    assert chosen["meets_floor"] and chosen["outputs"][0]["segment_sqnr_db"] >= 15
+    # Checked independently: the class rows of the written model against float.
+    x = np.stack([np.load(f"{data}/s{i}.npy") for i in range(4, 40, 5)])
+    ref = ort.InferenceSession(model).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    cls_err = np.sum((ref[..., 4:] - got[..., 4:]) ** 2) / np.sum(ref[..., 4:] ** 2)
+    assert 10 * np.log10(1 / cls_err) >= 15
+
+
+def test_guard_repairs_by_keeping_the_costly_layer_float(tmp_path, capsys):
+    model = _outlier_mlp(tmp_path / "mlp.onnx")
+    data = _data(tmp_path / "d", (32,))
+    out = tmp_path / "q.onnx"
+    assert _convert(model, out, "--data", data, "--scheme", "int8-static") == 0
+    guard = _report(capsys)["guard"]
+    first, last = guard["attempts"][0], guard["attempts"][-1]
+    assert not first["meets_floor"] and first["shortfalls"]  # plain static int8 misses the floor
+    assert last["meets_floor"] and "fc2" in last["excluded"]  # the repair kept the head float
+    assert "fc0" not in last["excluded"]  # and only as much of it as it had to
+    assert guard["chosen"] == last["label"] and "kept float" in last["label"]
+    assert out.exists()
+
+
+def test_a_floor_nothing_meets_exits_3_and_writes_only_when_asked(tmp_path, capsys):
+    model = _outlier_mlp(tmp_path / "mlp.onnx")
+    data = _data(tmp_path / "d", (32,))
+    out = tmp_path / "q.onnx"
+    assert _convert(model, out, "--data", data, "--min-sqnr", "200") == 3
+    report = _report(capsys)
+    assert not report["passed"] and "below the floor" in report["failure"]
+    assert len(report["guard"]["attempts"]) >= 2 and not out.exists()
+    assert _convert(model, out, "--data", data, "--min-sqnr", "200", "--write-best") == 3
+    assert out.exists() and _report(capsys)["output"] == str(out)
+
+
+def test_auto_prefers_dynamic_on_a_transformer_and_static_on_a_cnn(tmp_path):
+    from qtool.config import load_recipe
+    from qtool.model import load
+    from qtool.pipeline.auto import base_candidates
+
+    mlp = load(_outlier_mlp(tmp_path / "mlp.onnx"))
+    assert [label for label, _ in base_candidates(load_recipe("int8-static"), mlp, auto=True)] == [
+        "int8-static", "int8-dynamic"]
+    assert [label for label, _ in base_candidates(load_recipe("int8-static"), mlp, auto=False)] == [
+        "int8-static"]
+
+
+def test_guard_flags_that_cannot_apply_are_errors(tmp_path, capsys):
+    model = _outlier_mlp(tmp_path / "mlp.onnx")
+    data = _data(tmp_path / "d", (32,))
+    cases = [
+        (["--data", data, "--no-guard", "--min-sqnr", "20"], "cannot apply with --no-guard"),
+        (["--dynamic", "--min-sqnr", "20"], "cannot apply with no --data"),
+        (["--data", data, "--dynamic", "--scheme", "auto"], "--scheme auto chooses the scheme itself"),
+        (["--data", data, "--scheme", "int9"], "is not a scheme"),
+    ]
+    for flags, message in cases:
+        assert run(["convert", model, "-o", str(tmp_path / "x.onnx"), *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
