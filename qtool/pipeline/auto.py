@@ -29,7 +29,7 @@ from qtool.pipeline.guard import (
 from qtool.pipeline.progress import ProgressFactory, no_progress
 
 DEFAULT_BUDGET_SECONDS = 600.0
-NOT_SMALLER = 0.95  # a candidate whose file keeps 95% of the float bytes compressed nothing
+NOT_SMALLER = 0.95  # a candidate whose weights keep 95% of the float bytes compressed nothing
 MIN_TRANSFORMER_MATMULS = 4
 TINY_MODEL_MS = 1.0
 
@@ -100,9 +100,9 @@ class Guard:
         self.prepared: dict[str, object] = {}
         self.count = 0
         self.errors: list[Exception] = []
-        from qtool.model import model_size_bytes
+        from qtool.model import initializer_bytes
 
-        self.source_bytes = model_size_bytes(model_path)
+        self.source_weights = initializer_bytes(source)
         self.start = time.perf_counter()
         self.tmp = tempfile.TemporaryDirectory(prefix="qtool-guard-")
 
@@ -122,7 +122,7 @@ class Guard:
 
     def attempt(self, label: str, recipe: Recipe):  # noqa: ANN201 - (Attempt, Converted | None)
         from qtool import runtime
-        from qtool.model import model_size_bytes, save
+        from qtool.model import initializer_bytes, model_size_bytes, save
         from qtool.pipeline.flow import convert_model
 
         t0 = time.perf_counter()
@@ -137,9 +137,10 @@ class Guard:
             self.count += 1
             save(converted.model, path, verify=False)
             attempt.size_bytes = model_size_bytes(path)
-            if attempt.size_bytes >= NOT_SMALLER * self.source_bytes:
-                attempt.error = (f"nothing was compressed ({attempt.size_bytes / 1e6:.3f} MB "
-                                 f"of {self.source_bytes / 1e6:.3f} MB)")
+            weights = initializer_bytes(converted.model)
+            if weights >= NOT_SMALLER * self.source_weights:
+                attempt.error = (f"nothing was compressed (weights {weights / 1e6:.3f} MB "
+                                 f"of {self.source_weights / 1e6:.3f} MB)")
                 return attempt, converted
             with self.progress(f"measuring ({label})", None, "samples"):
                 attempt.outputs = self.reference.compare(runtime.open_session(path, "cpu", role="candidate"))

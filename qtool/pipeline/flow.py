@@ -37,7 +37,6 @@ STATIC_TRANSFORMER = (
     "perplexity 46.7 -> 21,431 static, 47.7 with --dynamic --data); try --dynamic --data DIR"
 )
 MIN_TRANSFORMER_MATMULS = 4
-SERIALIZE_EXACT_BYTES = 64 << 20
 GUARD_HINT = ("keep more layers float (--exclude), try another scheme, lower the floor "
               "(--min-sqnr/--min-agreement), or --write-best to inspect the best candidate")
 NOT_COMPRESSED_HINT = ("the 'why float' column says why each op stayed float; try another scheme "
@@ -207,7 +206,7 @@ def convert_file(
     nothing meets the floor, or nothing was quantized, ``passed`` is False and ``output``
     is written only with ``write_best``.
     """
-    from qtool.model import add_provenance, load, model_size_bytes, save
+    from qtool.model import add_provenance, initializer_bytes, load, model_size_bytes, save
     from qtool.pipeline.plan import plan_for
 
     model_path = Path(model_path)
@@ -264,7 +263,7 @@ def convert_file(
     if guard_report is not None:
         report["guard"] = guard_report
     if converted is not None and failure is None:
-        failure = _not_compressed(converted, in_size, plan)
+        failure = _not_compressed(converted, initializer_bytes(source), plan)
         report["passed"], report["failure"] = failure is None, failure
         report["hint"] = NOT_COMPRESSED_HINT if failure else None
     if converted is None or (failure is not None and not write_best):
@@ -277,6 +276,8 @@ def convert_file(
     out_size = saved.bytes_written
     report.update(output=str(saved.path), size_bytes={"input": in_size, "output": out_size},
                   size_ratio=round(out_size / in_size, 4) if in_size else None)
+    if (warning := size_warning(in_size, out_size)) is not None:
+        report["warnings"].append(warning)
     if data is not None:
         from qtool.pipeline.fidelity import first_sample_fidelity
 
@@ -293,31 +294,32 @@ def _guard_failure(outcome) -> str:  # noqa: ANN001 - GuardOutcome
     return f"below the floor after {len(outcome.attempts)} attempt(s); best was {best.label}: {missing}"
 
 
-def serialized_size(model: ir.Model) -> int:
-    """Bytes the model takes as a file: exact below SERIALIZE_EXACT_BYTES of weights (the
-    graph's own bytes matter in small models), its weights' bytes above that."""
+def _not_compressed(converted: Converted, input_weight_bytes: int, plan: ConvertPlan) -> str | None:
+    """Why the result is no compression at all (nothing quantized, or weights that grew), or
+    None when it is one. A file larger only by the quantize/dequantize nodes' own bytes (a toy
+    model) is a warning, given with the sizes (``size_warning``)."""
     from qtool.model import initializer_bytes
 
-    weights = initializer_bytes(model)
-    if weights > SERIALIZE_EXACT_BYTES:
-        return weights
-    return ir.to_proto(model).ByteSize()
-
-
-def _not_compressed(converted: Converted, input_bytes: int, plan: ConvertPlan) -> str | None:
-    """Why the result is no compression at all, or None when it is one."""
     quantized = sum(converted.summary.quantized.values())
-    out = serialized_size(converted.model)
-    # The summary matches nodes by name; the size is the ground truth.
-    if quantized == 0 and plan.kind != "fp16" and out >= 0.95 * input_bytes:
+    out = initializer_bytes(converted.model)
+    # The summary matches nodes by name; the weights' size is the ground truth.
+    if quantized == 0 and plan.kind != "fp16" and out >= 0.95 * input_weight_bytes:
         reasons = "; ".join(f"{op}: {', '.join(row['reasons'])}" for op, row in
                             converted.summary.to_dict().items() if row["reasons"])
         return f"nothing was quantized ({reasons or 'no supported op'})"
-    if out > input_bytes:
-        return (f"the converted model ({out / 1e6:.3f} MB) would be larger than its input "
-                f"({input_bytes / 1e6:.3f} MB): the quantize/dequantize nodes cost more than the "
-                "weights save")
+    if out > input_weight_bytes:
+        return (f"the converted weights ({out / 1e6:.3f} MB) are larger than the input's "
+                f"({input_weight_bytes / 1e6:.3f} MB)")
     return None
+
+
+def size_warning(in_size: int, out_size: int) -> str | None:
+    """Said when the written file is not smaller than its input."""
+    if out_size < in_size:
+        return None
+    return (f"the written model ({out_size / 1e6:.3f} MB) is not smaller than its input "
+            f"({in_size / 1e6:.3f} MB): in a model this small the quantize/dequantize nodes' own "
+            "bytes outweigh what int8 weights save")
 
 
 def scheme_warnings(plan: ConvertPlan, converted: Converted) -> list[str]:

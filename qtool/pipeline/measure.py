@@ -6,8 +6,9 @@ Per output, over the held-out samples:
 - ``sqnr_db``: ``10 log10(sum r^2 / sum (r - c)^2)`` over the whole tensor;
 - ``segment_sqnr_db``: the same per *segment*, the worst one. The channel axis (the
   smallest non-batch axis with 2+ entries: 84 in a YOLO head [N, 84, 8400], C in NCHW) is
-  split into groups whose reference RMS lie in the same decade, so box coordinates in
-  pixels and class probabilities concatenated into one tensor are judged apart;
+  split into groups at every 10x jump between neighbouring channel magnitudes, so box
+  coordinates in pixels and class probabilities concatenated into one tensor are judged
+  apart while a classifier's logits stay one group;
 - ``agreement``: argmax agreement along the last axis for classifier logits [N, C] and
   per-position scores [N, T, V] (greedy tokens, CTC characters), else None.
 """
@@ -20,8 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # Channels whose reference RMS is below this fraction of the output's largest channel RMS
-# carry no signal worth a segment of their own (they join the smallest decade kept).
+# carry no signal worth a segment of their own.
 SEGMENT_FLOOR = 1e-6
+SEGMENT_GAP = 10.0  # a jump of 10x between neighbouring channel magnitudes starts a new group
 MIN_VOCAB = 2  # last-axis size from which an argmax is a meaningful proxy
 RANK3_MIN_VOCAB = 16  # [N, T, V]: V scores per position (tokens, characters)
 
@@ -89,24 +91,29 @@ class OutputAccumulator:
         return OutputFidelity(self.name, sqnr, worst, agreement, self.positions, segments)
 
     def segments(self) -> list[dict]:
-        """Groups of channels whose RMS share a decade, each with its SQNR (dB)."""
+        """Channels grouped by magnitude, each group with its SQNR (dB).
+
+        Sorted by RMS, the channels split wherever one is ``SEGMENT_GAP`` times the next:
+        box coordinates in pixels and class probabilities concatenated into one tensor fall
+        apart; the logits of a classifier, spread continuously, stay one group.
+        """
         if self.channel_signal is None or self.channel_count == 0:
             return []
         rms = np.sqrt(self.channel_signal / self.channel_count)
         top = float(rms.max())
         if top == 0.0:
             return []
-        decade = np.floor(np.log10(np.maximum(rms, top * SEGMENT_FLOOR)))
+        level = np.log10(np.maximum(rms, top * SEGMENT_FLOOR))
+        order = np.argsort(-level)
+        cuts = np.nonzero(-np.diff(level[order]) >= np.log10(SEGMENT_GAP))[0] + 1
         out = []
-        for d in np.unique(decade)[::-1]:
-            members = decade == d
+        for members in np.split(order, cuts):
+            sig = float(self.channel_signal[members].sum())
             out.append({
-                "channels": int(members.sum()),
-                "first": int(np.argmax(members)),
-                "rms": float(np.sqrt(self.channel_signal[members].sum()
-                                     / (self.channel_count * members.sum()))),
-                "sqnr_db": _db(float(self.channel_signal[members].sum()),
-                               float(self.channel_noise[members].sum())),
+                "channels": int(members.size),
+                "first": int(members.min()),
+                "rms": float(np.sqrt(sig / (self.channel_count * members.size))),
+                "sqnr_db": _db(sig, float(self.channel_noise[members].sum())),
             })
         return out
 
