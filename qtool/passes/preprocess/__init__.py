@@ -27,10 +27,10 @@ from qtool.passes.preprocess.affine import (
     div_by_constant_to_mul,
     fold_affine_into_conv,
     fold_affine_into_next_conv,
+    fold_batchnorm_node,
     fuse_pad_into_conv,
     merge_constant_muls,
 )
-from qtool.passes.preprocess.batchnorm import fold_batchnorm_node
 from qtool.passes.preprocess.constants import FOLDED_OPS, fold_constant_node
 from qtool.passes.preprocess.driver import Rule, RuleContext, apply_rules
 from qtool.passes.preprocess.identity import remove_dropout, remove_identity_node

@@ -1,8 +1,14 @@
-"""Affine folds: constant scales and shifts, and zero padding, moved into a Conv.
+"""Affine folds: BatchNorm, constant scales and shifts, and zero padding, moved into a layer.
 
-Each saves a quantized elementwise op of its own (or a float op between a DequantizeLinear
-and a QuantizeLinear): Pad into the Conv after it, Mul/Add by a per-channel constant into
-the Conv before or after it, Div by a constant into a Mul that merges with the next one.
+Each saves an op that would otherwise run on its own in the quantized graph (an elementwise
+quantized op, or a float op between a DequantizeLinear and a QuantizeLinear):
+
+- BatchNormalization into the Conv / ConvTranspose / Gemm / MatMul(+Add) before it;
+- Mul/Add by a per-channel constant into the Conv before it, or (unpadded) after it;
+- Div by a constant into a Mul that merges with the next Mul by a constant;
+- Pad of zeros into the Conv after it.
+
+Arithmetic is in float64, stored back in the weight's dtype.
 """
 
 from __future__ import annotations
@@ -10,8 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qtool.passes.graph import constant_of
-from qtool.passes.preprocess.batchnorm import fold_into_conv, set_conv_params
+from qtool.passes.graph import constant_of, replace_uses
 from qtool.passes.preprocess.constants import FOLD_MAX_GROWTH_BYTES
 from qtool.passes.preprocess.driver import (
     APPLIED,
@@ -23,61 +28,232 @@ from qtool.passes.preprocess.driver import (
 )
 
 
-def fuse_pad_into_conv(node: ir.Node, ctx: RuleContext) -> Outcome:
-    """Pad(x, zeros on spatial axes) -> Conv  becomes  Conv(x) with the pads added.
+def _optional_constant(node: ir.Node, index: int) -> tuple[ir.Value | None, np.ndarray | None] | None:
+    """(value, data) of the optional input ``index``: (None, None) when the node has none,
+    None when it has one that is not a constant."""
+    value = node.inputs[index] if len(node.inputs) > index else None
+    if value is None:
+        return None, None
+    data = constant_of(value)
+    return None if data is None else (value, data)
 
-    Exporters write TF-style "same" padding as an explicit Pad before each Conv. onnxruntime
-    folds it for float Convs but not in a quantized graph, where the Pad then runs on its own
-    between a DequantizeLinear and a QuantizeLinear (a third of EfficientNet-Lite0's int8
-    latency). Only zero-valued constant padding of the spatial axes is folded: that is what
-    Conv's own pads compute.
+
+# --------------------------------------------------------------------------- BatchNorm
+
+
+def fold_batchnorm_node(node: ir.Node, ctx: RuleContext) -> Outcome:
+    """Fold BatchNormalization into the Conv / ConvTranspose / Gemm / MatMul(+Add) before it.
+
+    With s = gamma / sqrt(var + eps) per output channel c, BN(y) = s * (y - mean) + beta,
+    and y = W * x + b, the folded layer is W'[c] = s[c] * W[c], b'[c] = s[c] * (b[c] - mean[c])
+    + beta[c] (b = 0 when the layer has no bias; a bias is created). Arithmetic is in float64,
+    stored back in the weight's dtype.
     """
-    out = node.outputs[0]
-    users = out.uses()
-    if len(users) != 1 or out.is_graph_output():
+    x = node.inputs[0]
+    producer = x.producer()
+    if producer is None or producer.domain not in ("", "ai.onnx"):
         return None
-    conv, index = next(iter(users))
-    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or index != 0:
+    anchor = producer
+    if producer.op_type == "Add" and matmul_of_add(producer) is not None:
+        anchor = producer
+    elif producer.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
         return None
-    if attr(node, "mode", "constant") not in ("constant", b"constant"):
-        return "Pad mode is not constant"
-    if "pads" in node.attributes:  # opset < 11
-        pads, value = list(node.attributes["pads"].value), attr(node, "value", 0.0)
+    if attr(node, "training_mode", 0):
+        return "training_mode is set"
+    if any(out.uses() or out.is_graph_output() for out in node.outputs[1:]):
+        return "running mean/var outputs are used"
+    if producer.graph is not node.graph:
+        return "producer is in another graph"
+    if not only_consumer(x, node):
+        return f"{producer.op_type} output has other consumers"
+    params = [constant_of(v) for v in node.inputs[1:5]]
+    if any(p is None for p in params):
+        return "scale/bias/mean/var are not constants"
+    gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
+    eps = float(attr(node, "epsilon", 1e-5))
+    scale = gamma / np.sqrt(var + eps)
+    shift = beta - mean * scale  # BN(y) = scale * y + shift
+
+    if anchor.op_type in ("Conv", "ConvTranspose"):
+        result = fold_into_conv(anchor, scale, shift, ctx)
+    elif anchor.op_type == "Gemm":
+        result = _fold_into_gemm(anchor, scale, shift, ctx)
     else:
-        if len(node.inputs) > 3 and node.inputs[3] is not None:
-            return "Pad has an axes input"
-        pads_c = constant_of(node.inputs[1])
-        if pads_c is None:
-            return "pads are not constant"
-        pads = [int(p) for p in pads_c.reshape(-1)]
-        value = 0.0
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            const = constant_of(node.inputs[2])
-            if const is None:
-                return "constant_value is not constant"
-            value = float(np.asarray(const).reshape(-1)[0]) if const.size else 0.0
-    if value != 0.0:
-        return f"pads with {value}, Conv pads with zeros"
-    rank = len(pads) // 2
-    if rank < 3 or any(p < 0 for p in pads):
-        return "negative or non-spatial pads"
-    if pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
-        return "pads the batch or channel axis"
-    auto_pad = attr(conv, "auto_pad", "NOTSET")
-    if auto_pad not in ("NOTSET", b"NOTSET"):
-        return f"Conv has auto_pad={auto_pad}"
-    spatial = rank - 2
-    old = list(attr(conv, "pads", [0] * (2 * spatial)))
-    if len(old) != 2 * spatial:
-        return "Conv pads do not match the Pad's rank"
-    new = [old[i] + pads[2 + i] for i in range(spatial)] + [
-        old[spatial + i] + pads[rank + 2 + i] for i in range(spatial)
-    ]
-    conv.attributes["pads"] = ir.AttrInt64s("pads", new)
-    conv.replace_input_with(0, node.inputs[0])
-    node.graph.remove(node, safe=True)
+        result = _fold_into_matmul(anchor, scale, shift, ctx)
+    if isinstance(result, str):
+        return result
+    take_over_output(node, result, absorbed_by=ctx)
     return APPLIED
 
+
+
+
+def matmul_of_add(add: ir.Node) -> ir.Node | None:
+    """The MatMul feeding ``add`` when the other Add input is a constant, else None."""
+    for i in (0, 1):
+        a, b = add.inputs[i], add.inputs[1 - i]
+        prod = a.producer() if a is not None else None
+        if prod is not None and prod.op_type == "MatMul" and constant_of(b) is not None:
+            return prod
+    return None
+
+
+def _scaled(weight: ir.Value, array: np.ndarray, graph: ir.Graph, ctx: RuleContext) -> ir.Value:
+    return ctx.initializer(
+        graph, (weight.name or "w") + "_bnfolded", array.astype(constant_of(weight).dtype)
+    )
+
+
+def _channels_ok(scale: np.ndarray, n: int) -> str | None:
+    if scale.size != n:
+        return f"BatchNorm has {scale.size} channels, the layer produces {n}"
+    return None
+
+
+def fold_into_conv(
+    conv: ir.Node, scale: np.ndarray, shift: np.ndarray, ctx: RuleContext
+) -> ir.Value | str:
+    """Returns the value that now carries BN's output, or the reason nothing was changed."""
+    w_value = conv.inputs[1]
+    w = constant_of(w_value)
+    if w is None:
+        return f"{conv.op_type} weight is not a constant"
+    group = int(attr(conv, "group", 1))
+    if (found := _optional_constant(conv, 2)) is None:
+        return f"{conv.op_type} bias is not a constant"
+    bias_value, bias = found
+    w64 = w.astype(np.float64)
+    if conv.op_type == "Conv":  # W: [M, C/group, k...], output channel = axis 0
+        out_ch = w.shape[0]
+        if (reason := _channels_ok(scale, out_ch)) is not None:
+            return reason
+        new_w = w64 * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    else:  # ConvTranspose W: [C, M/group, k...], output channel = g * (M/group) + j
+        per_group = w.shape[1]
+        out_ch = per_group * group
+        if (reason := _channels_ok(scale, out_ch)) is not None:
+            return reason
+        grouped = w64.reshape((group, w.shape[0] // group, per_group) + w.shape[2:])
+        grouped = grouped * scale.reshape((group, 1, per_group) + (1,) * (w.ndim - 2))
+        new_w = grouped.reshape(w.shape)
+    b64 = np.zeros(out_ch) if bias is None else bias.astype(np.float64).reshape(-1)
+    new_b = scale * b64 + shift
+    set_conv_params(conv, new_w.astype(w.dtype), new_b.astype(w.dtype), ctx, "_bnfolded")
+    return conv.outputs[0]
+
+
+def set_conv_params(conv: ir.Node, weight: np.ndarray, bias: np.ndarray, ctx: RuleContext, suffix: str) -> None:
+    """Give ``conv`` (or ConvTranspose) new weight and bias initializers, named after the old
+    ones (or the node) plus ``suffix``; a Conv without a bias gets one."""
+    graph = conv.graph
+    w_value = conv.inputs[1]
+    bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
+    conv.replace_input_with(1, ctx.initializer(graph, (w_value.name or "w") + suffix, weight))
+    b_name = bias_value.name if bias_value is not None else (conv.name or "conv") + "_bias"
+    if len(conv.inputs) < 3:
+        conv.resize_inputs(3)
+    conv.replace_input_with(2, ctx.initializer(graph, b_name + suffix, bias))
+
+
+def _fold_into_gemm(
+    gemm: ir.Node, scale: np.ndarray, shift: np.ndarray, ctx: RuleContext
+) -> ir.Value | str:
+    """Gemm: Y = alpha * A' B' + beta * C; the BN channel is Y's axis 1 (columns of B')."""
+    b = constant_of(gemm.inputs[1])
+    if b is None:
+        return "Gemm weight B is not a constant"
+    trans_b = int(attr(gemm, "transB", 0))
+    out_ch = b.shape[0] if trans_b else b.shape[1]
+    if (reason := _channels_ok(scale, out_ch)) is not None:
+        return reason
+    if (found := _optional_constant(gemm, 2)) is None:
+        return "Gemm bias C is not a constant"
+    c_value, c = found
+    if c is not None and c.size not in (1, out_ch):
+        return "Gemm bias C is not per-channel"
+    beta_attr = float(attr(gemm, "beta", 1.0))
+    c64 = (
+        np.zeros(out_ch)
+        if c is None
+        else np.broadcast_to(c.astype(np.float64).reshape(-1), (out_ch,))
+    )
+    new_b = b.astype(np.float64) * (scale[:, None] if trans_b else scale[None, :])
+    new_c = scale * beta_attr * c64 + shift
+    graph = gemm.graph
+    gemm.replace_input_with(1, _scaled(gemm.inputs[1], new_b, graph, ctx))
+    c_name = c_value.name if c_value is not None else (gemm.name or "gemm") + "_bias"
+    c_new = ctx.initializer(graph, c_name + "_bnfolded", new_c.astype(b.dtype))
+    if len(gemm.inputs) < 3:
+        gemm.resize_inputs(3)
+    gemm.replace_input_with(2, c_new)
+    gemm.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+    return gemm.outputs[0]
+
+
+def _fold_into_matmul(
+    anchor: ir.Node, scale: np.ndarray, shift: np.ndarray, ctx: RuleContext
+) -> ir.Value | str:
+    """MatMul(X, W) [+ bias] of a rank-2 X: the BN channel is the last axis (columns of W)."""
+    if anchor.op_type == "Add":
+        matmul = matmul_of_add(anchor)
+        if not only_consumer(matmul.outputs[0], anchor):
+            return "MatMul output has other consumers"
+        bias_index = 1 if anchor.inputs[0] is matmul.outputs[0] else 0
+        bias_value = anchor.inputs[bias_index]
+        bias = constant_of(bias_value)
+    else:
+        matmul, bias_value, bias = anchor, None, None
+    w_value = matmul.inputs[1]
+    w = constant_of(w_value)
+    if w is None or w.ndim != 2:
+        return "MatMul weight is not a constant matrix"
+    x_shape = matmul.inputs[0].shape
+    if x_shape is None or len(x_shape) != 2:
+        # BatchNorm normalises axis 1; that is W's output axis only for rank-2 MatMuls.
+        return "MatMul input rank is unknown or not 2"
+    out_ch = w.shape[1]
+    if (reason := _channels_ok(scale, out_ch)) is not None:
+        return reason
+    if bias is not None and bias.size not in (1, out_ch):
+        return "MatMul bias is not per-channel"
+    b64 = (
+        np.zeros(out_ch)
+        if bias is None
+        else np.broadcast_to(bias.astype(np.float64).reshape(-1), (out_ch,))
+    )
+    graph = matmul.graph
+    matmul.replace_input_with(
+        1, _scaled(w_value, w.astype(np.float64) * scale[None, :], graph, ctx)
+    )
+    new_b = ctx.initializer(
+        graph,
+        (bias_value.name if bias_value is not None else (matmul.name or "matmul") + "_bias")
+        + "_bnfolded",
+        (scale * b64 + shift).astype(w.dtype),
+    )
+    if anchor.op_type == "Add":
+        anchor.replace_input_with(bias_index, new_b)
+        return anchor.outputs[0]
+    # No bias yet: add one after the MatMul; the Add takes over the MatMul's consumers.
+    mm_out = matmul.outputs[0]
+    add_out = ir.Value(
+        name=ctx.fresh((mm_out.name or "matmul") + "_biased"),
+        type=mm_out.type,
+        shape=mm_out.shape,
+    )
+    replace_uses(mm_out, add_out)  # before the Add exists, so the Add still reads mm_out
+    add = ir.Node(
+        "",
+        "Add",
+        [mm_out, new_b],
+        outputs=[add_out],
+        name=ctx.fresh((matmul.name or "matmul") + "_bias_add"),
+    )
+    graph.insert_after(matmul, add)
+    return add_out
+
+
+# --------------------------------------------------------------------------- scale / shift
 
 
 def fold_affine_into_conv(node: ir.Node, ctx: RuleContext) -> Outcome:
@@ -212,10 +388,9 @@ def fold_affine_into_next_conv(node: ir.Node, ctx: RuleContext) -> Outcome:
     w = constant_of(conv.inputs[1])
     if w is None or not np.issubdtype(w.dtype, np.floating):
         return "Conv weight is not a float constant"
-    bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
-    bias = constant_of(bias_value) if bias_value is not None else None
-    if bias_value is not None and bias is None:
+    if (found := _optional_constant(conv, 2)) is None:
         return "Conv bias is not a constant"
+    bias_value, bias = found
     group = int(attr(conv, "group", 1))
     # Per input channel of W's axis 1 (C / group): any constant for group 1, a scalar otherwise.
     per_c = channel_vector(c, w.ndim, w.shape[1]) if group == 1 or c.size == 1 else None
@@ -234,3 +409,60 @@ def fold_affine_into_next_conv(node: ir.Node, ctx: RuleContext) -> Outcome:
     return APPLIED
 
 
+# --------------------------------------------------------------------------- Pad
+
+
+def fuse_pad_into_conv(node: ir.Node, ctx: RuleContext) -> Outcome:
+    """Pad(x, zeros on spatial axes) -> Conv  becomes  Conv(x) with the pads added.
+
+    Exporters write TF-style "same" padding as an explicit Pad before each Conv. onnxruntime
+    folds it for float Convs but not in a quantized graph, where the Pad then runs on its own
+    between a DequantizeLinear and a QuantizeLinear (a third of EfficientNet-Lite0's int8
+    latency). Only zero-valued constant padding of the spatial axes is folded: that is what
+    Conv's own pads compute.
+    """
+    out = node.outputs[0]
+    users = out.uses()
+    if len(users) != 1 or out.is_graph_output():
+        return None
+    conv, index = next(iter(users))
+    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or index != 0:
+        return None
+    if attr(node, "mode", "constant") not in ("constant", b"constant"):
+        return "Pad mode is not constant"
+    if "pads" in node.attributes:  # opset < 11
+        pads, value = list(node.attributes["pads"].value), attr(node, "value", 0.0)
+    else:
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            return "Pad has an axes input"
+        pads_c = constant_of(node.inputs[1])
+        if pads_c is None:
+            return "pads are not constant"
+        pads = [int(p) for p in pads_c.reshape(-1)]
+        value = 0.0
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            const = constant_of(node.inputs[2])
+            if const is None:
+                return "constant_value is not constant"
+            value = float(np.asarray(const).reshape(-1)[0]) if const.size else 0.0
+    if value != 0.0:
+        return f"pads with {value}, Conv pads with zeros"
+    rank = len(pads) // 2
+    if rank < 3 or any(p < 0 for p in pads):
+        return "negative or non-spatial pads"
+    if pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
+        return "pads the batch or channel axis"
+    auto_pad = attr(conv, "auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", b"NOTSET"):
+        return f"Conv has auto_pad={auto_pad}"
+    spatial = rank - 2
+    old = list(attr(conv, "pads", [0] * (2 * spatial)))
+    if len(old) != 2 * spatial:
+        return "Conv pads do not match the Pad's rank"
+    new = [old[i] + pads[2 + i] for i in range(spatial)] + [
+        old[spatial + i] + pads[rank + 2 + i] for i in range(spatial)
+    ]
+    conv.attributes["pads"] = ir.AttrInt64s("pads", new)
+    conv.replace_input_with(0, node.inputs[0])
+    node.graph.remove(node, safe=True)
+    return APPLIED
