@@ -27,6 +27,10 @@ quantized model (1/8 of fp32 at 4 bits). Progress is reported in bytes of fp32 w
 Defaults follow measurements on x86 with onnxruntime 1.32 (bench/results/convert_lowbit.md):
 MatMulNBits at accuracy_level 4 (int8 activations) is the fast path; level 0 (fp32
 activations) was 2.5-3.8x slower for 1 and 32 tokens, so choosing 0 or 1 adds a note.
+
+The package, one module per phase: ``items`` (which weights, at which bits, or why not),
+``quantize`` (one weight into blocks), ``rewrite`` (the replacement nodes), ``stats``
+(gptq/awq activation statistics); this module checks the recipe and runs the phases.
 """
 
 from __future__ import annotations
