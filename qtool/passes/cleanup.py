@@ -23,8 +23,7 @@ import onnx_ir as ir
 from qtool import ops
 from qtool.model import iter_graphs
 from qtool.passes import PassReport
-from qtool.passes.preprocess import remove_unused
-from qtool.passes.qdq import GraphBuilder
+from qtool.passes.graph import GraphBuilder, remove_unused, replace_uses
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -61,18 +60,6 @@ def integer_ready(node: ir.Node) -> bool:
     return fed[0] if rule.share_scale else all(fed)
 
 
-def _replace(old: ir.Value, new: ir.Value) -> None:
-    for use in list(old.uses()):
-        use.node.replace_input_with(use.idx, new)
-
-
-def _graph_output_index(graph: ir.Graph, value: ir.Value) -> int | None:
-    for i, out in enumerate(graph.outputs):
-        if out is value:
-            return i
-    return None
-
-
 def remove_requant(graph: ir.Graph) -> int:
     removed = 0
     for q in list(graph):
@@ -83,7 +70,7 @@ def remove_requant(graph: ir.Graph) -> int:
             continue
         if q.outputs[0].is_graph_output():
             continue
-        _replace(q.outputs[0], dq.inputs[0])
+        replace_uses(q.outputs[0], dq.inputs[0])
         graph.remove(q, safe=True)
         removed += 1
     return removed
@@ -108,15 +95,9 @@ def remove_dangling(graph: ir.Graph) -> int:
             continue
         for dq in [u.node for u in uses]:
             out = dq.outputs[0]
-            index = _graph_output_index(graph, out)
-            if index is not None:
-                if source.is_graph_output() or source.is_graph_input():
-                    continue  # keep: renaming would clash with another graph output/input
-                name = out.name
-                out.name = None
-                source.name = name
-                graph.outputs[index] = source
-            _replace(out, source)
+            if out.is_graph_output() and (source.is_graph_output() or source.is_graph_input()):
+                continue  # keep: renaming would clash with another graph output/input
+            replace_uses(out, source)  # a graph output passes its name to source
             graph.remove(dq, safe=True)
         if not q.outputs[0].uses():
             graph.remove(q, safe=True)
@@ -181,7 +162,7 @@ def absorb_scalar_mul(graph: ir.Graph, b: GraphBuilder) -> int:
                              name=b.name((r.name or "dq") + "_scaled"))
             graph.insert_after(r, new_dq)
             name = r.outputs[0].name
-            _replace(r.outputs[0], new_dq.outputs[0])
+            replace_uses(r.outputs[0], new_dq.outputs[0])
             graph.remove(r, safe=True)
             new_dq.outputs[0].name = name
         graph.remove(q, safe=True)

@@ -28,7 +28,7 @@ from qtool import ops
 from qtool.config import Recipe
 from qtool.model import iter_graphs, iter_nodes
 from qtool.passes import PassReport
-from qtool.passes.qdq import GraphBuilder, _replace_node_output, quantize_gathers
+from qtool.passes.qdq import GraphBuilder, quantize_gathers
 from qtool.passes.select import excluded, is_float_activation
 from qtool.quant.scales import DegenerateRange, quantize, weight_params
 
@@ -320,7 +320,7 @@ def share_input_quantization(model: ir.Model, b: GraphBuilder) -> int:
                 new = ir.Node(MS_DOMAIN, "MatMulIntegerToFloat", inputs, name=node.name)
                 graph.insert_before(node, new)
                 new.outputs[0].name, new.outputs[0].dtype, new.outputs[0].shape = None, ir.DataType.FLOAT, node.outputs[0].shape
-                _replace_node_output(b, node.outputs[0], new.outputs[0])
+                b.replace_uses(node.outputs[0], new.outputs[0])
                 out_name = node.outputs[0].name
                 graph.remove(node, safe=True)
                 if new.outputs[0].name is None:
@@ -385,7 +385,7 @@ def _convert_one(b: GraphBuilder, node: ir.Node, recipe: Recipe, weight_type: st
     new = b.node("DynamicQuantizeMatMul", inputs, node.name or "matmul", domain=MS_DOMAIN,
                  dtype=ir.DataType.FLOAT, shape=out.shape)
     node.graph.insert_before(node, new)
-    _replace_node_output(b, out, new.outputs[0])
+    b.replace_uses(out, new.outputs[0])
     if add is not None:
         node.graph.remove(add, safe=True)
     node.graph.remove(node, safe=True)

@@ -35,7 +35,8 @@ import onnx_ir as ir
 from qtool.config import Fp16Config
 from qtool.model import iter_graphs
 from qtool.passes import PassReport
-from qtool.passes.preprocess import _Names, constant_of, infer_shapes_tolerant, remove_unused
+from qtool.passes.graph import Names, add_initializer, constant_of, remove_unused, replace_uses
+from qtool.passes.preprocess.shapes import infer_shapes_tolerant
 from qtool.passes.select import excluded
 
 FLOAT = ir.DataType.FLOAT
@@ -88,7 +89,7 @@ def convert_fp16(model: ir.Model, config: Fp16Config, *, target: Target = "cpu")
         infer_shapes_tolerant(model, report)
         report.counts.pop("shapes_inferred", None)
     orig = _original_dtypes(graphs)
-    names = _Names(model)
+    names = Names(model)
     plan = _decide(model, graphs, orig, config, target, report)
 
     # Retype what half nodes produce, and the main graph's inputs unless they are kept.
@@ -257,7 +258,7 @@ def _float_reason(
 
 
 def _fix_edges(
-    graphs: list[ir.Graph], orig: dict, plan: _Plan, names: _Names, report: PassReport
+    graphs: list[ir.Graph], orig: dict, plan: _Plan, names: Names, report: PassReport
 ) -> None:
     casts: dict[tuple[ir.Value, ir.DataType, ir.Graph], ir.Value] = {}
     copies: dict[tuple[ir.Value, ir.DataType, ir.Graph], ir.Value] = {}
@@ -299,17 +300,9 @@ def _fix_edges(
 def _constant_copy(value, dtype, graph, names, copies, report) -> ir.Value:
     key = (value, dtype, graph)
     if key not in copies:
-        data = constant_of(value)
-        array = data.astype(dtype.numpy())
-        name = names.fresh(f"{value.name or 'const'}_{'fp16' if dtype == HALF else 'fp32'}")
-        new = ir.Value(
-            name=name,
-            type=ir.TensorType(dtype),
-            shape=ir.Shape(array.shape),
-            const_value=ir.Tensor(np.asarray(array, order="C"), name=name),
-        )
-        graph.register_initializer(new)
-        copies[key] = new
+        array = constant_of(value).astype(dtype.numpy())
+        base = f"{value.name or 'const'}_{'fp16' if dtype == HALF else 'fp32'}"
+        copies[key] = add_initializer(graph, names, base, array)
         report.count("constants_float16" if dtype == HALF else "constants_float32_copy")
     return copies[key]
 
@@ -376,8 +369,7 @@ def _remove_cast_pairs(graphs: list[ir.Graph]) -> int:
             source = inner.inputs[0]
             if source.dtype != HALF or node.outputs[0].is_graph_output():
                 continue
-            for user, index in list(node.outputs[0].uses()):
-                user.replace_input_with(index, source)
+            replace_uses(node.outputs[0], source)
             graph.remove(node, safe=True)
             removed += 1
     return removed

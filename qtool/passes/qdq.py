@@ -21,7 +21,6 @@ are rarely in a calibration table, so they usually get weight-only DQ (still 4x 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -32,6 +31,7 @@ from qtool.config import Recipe
 from qtool.errors import UsageError
 from qtool.model import iter_graphs, iter_nodes, require_opset
 from qtool.passes import PassReport
+from qtool.passes.graph import GraphBuilder, replace_uses
 from qtool.passes.select import excluded, is_float_activation, select_nodes
 from qtool.quant.scales import (
     DegenerateRange,
@@ -57,74 +57,6 @@ FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
 FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")
 
 
-class GraphBuilder:
-    """Makes uniquely named initializers, values and nodes for one model."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.model = model
-        self.names: set[str] = set()
-        for graph in iter_graphs(model.graph):
-            self.names.update(graph.initializers)
-            self.names.update(v.name for v in graph.inputs if v.name)
-            for node in graph:
-                self.names.update(v.name for v in node.outputs if v.name)
-                if node.name:
-                    self.names.add(node.name)
-        self._qparams: dict[tuple, tuple[ir.Value, ir.Value]] = {}
-
-    def name(self, base: str) -> str:
-        base = base or "qtool"
-        if base not in self.names:
-            self.names.add(base)
-            return base
-        for i in itertools.count(1):
-            candidate = f"{base}_{i}"
-            if candidate not in self.names:
-                self.names.add(candidate)
-                return candidate
-        raise AssertionError("unreachable")
-
-    def initializer(self, array: np.ndarray, base: str) -> ir.Value:
-        """A new initializer of the main graph (visible from every subgraph)."""
-        name = self.name(base)
-        tensor = ir.tensor(np.array(array, order="C"), name=name)  # keeps 0-d scalars
-        value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype),
-                         shape=ir.Shape(tensor.shape))
-        self.model.graph.register_initializer(value)
-        return value
-
-    def qparams(self, p: QParams, base: str) -> tuple[ir.Value, ir.Value]:
-        """(scale, zero_point) initializers for ``p``; identical parameters share them."""
-        key = p.key()
-        if key not in self._qparams:
-            self._qparams[key] = (
-                self.initializer(p.scale.astype(np.float32), base + "_scale"),
-                self.initializer(p.zero_point, base + "_zero_point"),
-            )
-        return self._qparams[key]
-
-    def node(
-        self,
-        op_type: str,
-        inputs: list[ir.Value | None],
-        base: str,
-        *,
-        attributes: Mapping[str, object] | None = None,
-        domain: str = "",
-        dtype: ir.DataType | None = None,
-        shape: ir.Shape | None = None,
-        num_outputs: int = 1,
-    ) -> ir.Node:
-        outputs = [
-            ir.Value(name=self.name(f"{base}_{op_type}" + (f"_{i}" if i else "")),
-                     type=ir.TensorType(dtype) if dtype is not None else None, shape=shape)
-            for i in range(num_outputs)
-        ]
-        attrs = ir.convenience.convert_attributes(dict(attributes or {}))
-        return ir.Node(domain, op_type, inputs, attrs, outputs=outputs,
-                       name=self.name(f"{base}/{op_type}"))
-
-
 def dequantize_node(b: GraphBuilder, q_value: ir.Value, p: QParams, base: str,
                     shape: ir.Shape | None = None) -> ir.Node:
     scale, zp = b.qparams(p, base)
@@ -142,7 +74,6 @@ def insert_qdq(b: GraphBuilder, value: ir.Value, p: QParams) -> ir.Node:
 
     A graph output keeps its name: it moves to the DQ output and ``value`` is renamed.
     """
-    uses = list(value.uses())
     base = value.name or "t"
     scale, zp = b.qparams(p, base)
     q = b.node("QuantizeLinear", [value, scale, zp], base, dtype=_DTYPES[p.dtype], shape=value.shape)
@@ -160,15 +91,8 @@ def insert_qdq(b: GraphBuilder, value: ir.Value, p: QParams) -> ir.Node:
             graph.extend([q, dq])
         else:
             graph.insert_before(first, [q, dq])
-    for use in uses:
-        use.node.replace_input_with(use.idx, dq.outputs[0])
-    for g in iter_graphs(b.model.graph):
-        for i, out in enumerate(g.outputs):
-            if out is value:
-                name = value.name
-                value.name = b.name(f"{name}_float")
-                dq.outputs[0].name = name
-                g.outputs[i] = dq.outputs[0]
+    replace_uses(value, dq.outputs[0], b.names, suffix="_float")
+    q.replace_input_with(0, value)  # the Q itself keeps reading the float value
     return dq
 
 
@@ -389,7 +313,7 @@ def _clip_bounds(act: ir.Node) -> tuple[float | None, float]:
 
 def _fold(b: GraphBuilder, producer: ir.Node, act: ir.Node) -> None:
     """Remove ``act``: its uses read the producer's output (whose Q now does the clipping)."""
-    _replace_node_output(b, act.outputs[0], producer.outputs[0])
+    b.replace_uses(act.outputs[0], producer.outputs[0])
     act.graph.remove(act, safe=True)
 
 
@@ -534,21 +458,9 @@ def quantize_gathers(
         mul = b.node("Mul", [cast.outputs[0], row_scale.outputs[0]], base,
                      dtype=ir.DataType.FLOAT, shape=node.outputs[0].shape)
         node.graph.insert_before(node, [rows, cast, row_scale, mul])
-        _replace_node_output(b, node.outputs[0], mul.outputs[0])
+        b.replace_uses(node.outputs[0], mul.outputs[0])
         node.graph.remove(node, safe=True)
         report.count("Gather")
         done += 1
     return done
 
-
-def _replace_node_output(b: GraphBuilder, old: ir.Value, new: ir.Value) -> None:
-    """Point every use of ``old`` at ``new``; a graph output keeps its name."""
-    for use in list(old.uses()):
-        use.node.replace_input_with(use.idx, new)
-    for g in iter_graphs(b.model.graph):
-        for i, o in enumerate(g.outputs):
-            if o is old:
-                name = old.name
-                old.name = b.name(f"{name}_replaced")
-                new.name = name
-                g.outputs[i] = new

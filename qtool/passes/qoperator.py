@@ -27,7 +27,7 @@ from qtool import ops
 from qtool.model import iter_graphs
 from qtool.passes import PassReport
 from qtool.passes.cleanup import cleanup
-from qtool.passes.qdq import GraphBuilder
+from qtool.passes.graph import GraphBuilder, replace_uses
 
 MS = "com.microsoft"
 QInputs = list[tuple[ir.Value, ir.Value, ir.Value]]  # (q, scale, zero_point) per input
@@ -173,8 +173,7 @@ def to_qoperator(model: ir.Model) -> PassReport:
             new = b.node(op, inputs, name, attributes=attrs, domain=domain,
                          dtype=q.outputs[0].dtype, shape=q.outputs[0].shape)
             graph.insert_before(node, new)
-            for use in list(q.outputs[0].uses()):
-                use.node.replace_input_with(use.idx, new.outputs[0])
+            replace_uses(q.outputs[0], new.outputs[0])
             graph.remove(q, safe=True)
             graph.remove(node, safe=True)
             report.count(op)
