@@ -41,7 +41,8 @@ def eval_doc(tmp_path_factory) -> dict:
     """`qtool eval --json` of the bundled model's static int8 conversion, with every section."""
     tmp = tmp_path_factory.mktemp("html_eval")
     int8 = tmp / "digits_int8.onnx"
-    assert run(["--quiet", "convert", str(FLOAT), "-o", str(int8), "--data", str(CALIB)]) == 0
+    assert run(["--quiet", "convert", str(FLOAT), "-o", str(int8), "--data", str(CALIB),
+                "--scheme", "int8-static"]) == 0
     out = tmp / "report.json"
     code = run(["--quiet", "eval", str(int8), "-r", str(FLOAT), "-d", str(EVAL), "--limit", "60", "--latency",
                 "--runs", "30", "--warmup", "2", "--diagnose", "--max-drop", "0.05", "--min-sqnr", "20",

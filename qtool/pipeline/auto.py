@@ -8,7 +8,6 @@ scheme is measured and repaired the same way, but never swapped for another.
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ DEFAULT_BUDGET_SECONDS = 600.0
 NOT_SMALLER = 0.95  # a candidate whose weights keep 95% of the float bytes compressed nothing
 MIN_TRANSFORMER_MATMULS = 4
 TINY_MODEL_MS = 1.0
+CLEARLY_FASTER = 1.25  # a later candidate replaces an earlier one only when 1.25x faster
 
 
 @dataclass
@@ -185,8 +185,7 @@ class Guard:
         outcome.attempts = [a for a, _ in results]
         good = [r for r in results if _good(r[0])]
         if good:
-            fast = [r for r in good if not r[0].slower] or good
-            chosen = min(fast, key=lambda r: (r[0].latency_ratio or math.inf, r[0].size_bytes))
+            chosen = _choose(good)
             outcome.chosen = outcome.best = chosen[1]
             outcome.best_attempt = chosen[0]
             outcome.decision = _decision(chosen[0], len(results))
@@ -201,6 +200,17 @@ class Guard:
             outcome.reports = list(getattr(prepared, "reports", []))
         self.tmp.cleanup()
         return outcome
+
+
+def _choose(good: list[tuple[Attempt, object]]) -> tuple[Attempt, object]:
+    """The first candidate (cheapest first) that meets the floor, unless a later one is
+    clearly faster (by CLEARLY_FASTER): timing noise alone must not change the result."""
+    chosen = good[0]
+    for other in good[1:]:
+        a, b = chosen[0].latency_ratio, other[0].latency_ratio
+        if a is not None and b is not None and b * CLEARLY_FASTER < a:
+            chosen = other
+    return chosen
 
 
 def _good(attempt: Attempt) -> bool:
