@@ -74,6 +74,8 @@ def preprocess(
         infer_shapes_tolerant(model, report)
     if rules:
         apply_rules(model, rules, report, names)
+    if fold_constants and _inline_constant_ifs(model, report, names) and rules:
+        apply_rules(model, rules, report, names)  # the inlined branches fold too
     if fold_batchnorm:
         apply_rules(
             model,
@@ -95,6 +97,15 @@ def preprocess(
     report.carries.update(names.carries)
     record_carries(model, names.carries)
     return report
+
+
+def _inline_constant_ifs(model: ir.Model, report: PassReport, names: _Names) -> int:
+    from qtool.passes.control_flow import inline_constant_ifs
+
+    inlined = inline_constant_ifs(model, names.taken).counts.get("if_inlined", 0)
+    if inlined:
+        report.count("if_inlined", inlined)
+    return inlined
 
 
 CARRIES_KEY = "qtool.carries"

@@ -149,14 +149,21 @@ def calibrate(
         model = load(model)
         preprocess(model)  # our own copy: safe to rewrite
         infer_types(model)
-    names = select_nodes(model, recipe).activation_tensors
-    if not names:
+    from qtool.passes.control_flow import split_observable
+
+    # Tensors inside If/Loop/Scan branches cannot be returned by onnxruntime: they stay
+    # float, with the reason in the table, instead of failing calibration.
+    names, unobserved = split_observable(model, select_nodes(model, recipe).activation_tensors)
+    if not names and not unobserved:
         raise CalibrationError(
             "the recipe quantizes no node of this model, so there is nothing to calibrate",
             "check the recipe's op_types/exclude, or `qtool inspect MODEL` for candidates",
         )
-    return calibrate_prepared(model, data, recipe, names, shard=shard, on_progress=on_progress,
-                              threads=threads)
+    table = calibrate_prepared(model, data, recipe, names, shard=shard, on_progress=on_progress,
+                               threads=threads)
+    if unobserved:
+        table.info["skipped"] = {**unobserved, **table.info.get("skipped", {})}
+    return table
 
 
 def as_dataset(data, model: ir.Model, recipe: Recipe):  # noqa: ANN001, ANN201 - qtool.data.Dataset
