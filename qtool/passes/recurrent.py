@@ -117,10 +117,11 @@ def _rewrite(b: GraphBuilder, node: ir.Node, cache: dict) -> str | None:
     node.graph.insert_before(node, new)
     names = [old.name for old in node.outputs]
     for old, value in zip(node.outputs, new.outputs):
-        value.dtype, value.shape = old.dtype, old.shape
+        if old.type is not None:
+            value.type, value.shape = old.type, old.shape
         _replace_node_output(b, old, value)
     node.graph.remove(node, safe=True)
     for name, value in zip(names, new.outputs):
-        if value.name is None and name:  # downstream tensors keep the names a table knows
+        if value.name is None:  # downstream tensors keep the names a table knows; "" stays omitted
             value.name = name
     return None
