@@ -13,8 +13,9 @@ Weights are int8 symmetric per gate channel c (``s_W[d, c] = max_k |W[d, c, k]| 
 (and likewise ``R_q``). Every LSTM attribute carries over except ``layout``, which the
 contrib op does not have: batch-first LSTMs stay float, with that reason.
 
-GRU and RNN have no integer kernel in onnxruntime; they stay float with the reason (their
-weights are small next to the LSTM's in the models we see).
+GRU and RNN have no integer kernel in onnxruntime; they stay float with the reason. int8
+weights behind a DequantizeLinear would make them smaller but slower: onnxruntime runs the
+DequantizeLinear on every call (a GRU of hidden size 32 over 20 steps: 375 -> 616 us).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from qtool.quant.scales import DegenerateRange, quantize, weight_params
 
 MS_DOMAIN = "com.microsoft"
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
-_NO_KERNEL = "onnxruntime has no integer {op} kernel (only DynamicQuantizeLSTM): kept float"
+_NO_KERNEL = ("onnxruntime has no integer {op} kernel (only DynamicQuantizeLSTM), and dequantized "
+              "int8 weights run slower than float: kept float")
 
 
 def quantize_recurrent(model: ir.Model, recipe: Recipe) -> PassReport:
