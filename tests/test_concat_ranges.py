@@ -10,8 +10,8 @@ from conftest import constant_node, onnx_model, ort_session, value_info
 from onnx import helper, numpy_helper
 
 from qtool.config import Recipe
-from qtool.convert import convert_with_summary
 from qtool.passes.concat_ranges import MAX_CONCAT_SPAN_RATIO, concat_range_ratio, mismatched_concats
+from qtool.pipeline import convert_model
 from qtool.quant.scales import sqnr_db
 
 # One uint8 step over [0, 1] is ~48 dB on a uniform signal; through an int8 Conv and a
@@ -67,7 +67,7 @@ def test_class_rows_of_a_concatenated_head_keep_their_resolution():
     rng = np.random.default_rng(1)
     feeds = [{"x": rng.standard_normal((1, C, HW, HW)).astype(np.float32)} for _ in range(8)]
     ranges = _minmax(proto, feeds)
-    model, reports, summary = convert_with_summary(ir.from_proto(proto), Recipe(), table=ranges)
+    model, reports, summary = convert_model(ir.from_proto(proto), Recipe(), table=ranges)
     held_out = {"x": rng.standard_normal((1, C, HW, HW)).astype(np.float32)}
     ref = ort_session(proto).run(None, held_out)[0]
     got = ort_session(model).run(None, held_out)[0]

@@ -12,12 +12,11 @@ import pytest
 from conftest import constant_node, onnx_model, ort_session, value_info
 from onnx import TensorProto, helper
 
-from qtool.calibration import calibrate
 from qtool.config import Recipe, load_recipe
 from qtool.model import iter_graphs, load
 from qtool.passes.control_flow import UNOBSERVABLE, constant_condition, inline_constant_ifs
 from qtool.passes.preprocess import preprocess
-from qtool.pipeline import convert_model
+from qtool.pipeline import calibrate, convert_model
 from qtool.quant.scales import sqnr_db
 
 # int8 weights on 64x128 random layers give ~40 dB; below this the branch is wrong.

@@ -11,8 +11,8 @@ from conftest import constant_node, onnx_model, ort_session, value_info
 from onnx import TensorProto, helper, numpy_helper
 
 from qtool.config import Recipe, load_recipe
-from qtool.convert import convert_with_summary
 from qtool.passes.recurrent import quantize_recurrent
+from qtool.pipeline import convert_model
 from qtool.quant.scales import sqnr_db
 
 # Measured 38-41 dB on every output over 20 steps (int8 weights, uint8 inputs and hidden
@@ -58,7 +58,7 @@ def _compare(proto: onnx.ModelProto, model: ir.Model) -> list[tuple[float, float
 @pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
 def test_lstm_becomes_dynamic_quantize_lstm_and_matches_float(direction):
     proto = lstm_model(direction)
-    model, reports, summary = convert_with_summary(ir.from_proto(proto), load_recipe("int8-dynamic"))
+    model, reports, summary = convert_model(ir.from_proto(proto), load_recipe("int8-dynamic"))
     assert [n.op_type for n in model.graph] == ["DynamicQuantizeLSTM"]
     node = next(iter(model.graph))
     d = 2 if direction == "bidirectional" else 1
@@ -74,7 +74,7 @@ def test_lstm_becomes_dynamic_quantize_lstm_and_matches_float(direction):
 
 def test_static_int8_quantizes_the_lstm_too():
     proto = lstm_model()
-    model, _, summary = convert_with_summary(ir.from_proto(proto), Recipe(), table={})
+    model, _, summary = convert_model(ir.from_proto(proto), Recipe(), table={})
     assert summary.quantized["LSTM"] == 1
     assert all(s > MIN_LSTM_SQNR_DB for s, _ in _compare(proto, model))
 
@@ -92,7 +92,7 @@ def test_lstm_with_constant_node_weights_in_an_if_branch():
     proto = onnx_model([helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other, name="if")],
                        [value_info("x", ["T", "N", INPUT]), value_info("cond", [], TensorProto.BOOL)],
                        [value_info("y", None)])
-    model, _, summary = convert_with_summary(ir.from_proto(proto), load_recipe("int8-dynamic"))
+    model, _, summary = convert_model(ir.from_proto(proto), load_recipe("int8-dynamic"))
     assert summary.quantized["LSTM"] == 1
     feed = {"x": _feed(lstm_model())["x"], "cond": np.array(True)}
     ref, got = ort_session(proto).run(None, feed)[0], ort_session(model).run(None, feed)[0]
@@ -108,7 +108,7 @@ def test_forms_without_a_kernel_stay_float_with_the_reason(op, layout, reason):
     model = ir.from_proto(proto)
     report = quantize_recurrent(model, Recipe())
     assert not report.counts and reason in report.skipped["rnn"]
-    _, _, summary = convert_with_summary(ir.from_proto(proto), load_recipe("int8-dynamic"))
+    _, _, summary = convert_model(ir.from_proto(proto), load_recipe("int8-dynamic"))
     assert summary.float_[op] == 1 and any(reason in r for r in summary.reasons[op])
 
 
