@@ -22,12 +22,11 @@ SCHEMES: dict[str, tuple[type, ...]] = {
     "weight-only": (steps.ConvBlocksOpset, steps.ConstantWeights, steps.WeightOnly, steps.SubgraphWeights),
     "int8-dynamic": (
         steps.ConvBlocksOpset, steps.Preprocess, steps.LowBitLayers, steps.DynamicInt8,
-        steps.Recurrent, steps.Cleanup, steps.SubgraphWeights,
+        steps.Recurrent, steps.Cleanup,
     ),
     "int8-static": (
         steps.PerChannelOpset, steps.ConvBlocksOpset, steps.Preprocess, steps.LowBitLayers,
         steps.TableRanges, steps.StaticInt8, steps.QOperatorFormat, steps.Recurrent, steps.Cleanup,
-        steps.SubgraphWeights,
     ),
 }
 

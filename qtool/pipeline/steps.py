@@ -171,7 +171,8 @@ class Recurrent(QtoolPass):
 
 
 class SubgraphWeights(QtoolPass):
-    """New weights read inside one If/Loop branch move into it (qtool.passes.control_flow)."""
+    """New weights read inside one If/Loop branch move into it (qtool.passes.control_flow), for
+    schemes without Cleanup (which does it too)."""
 
     name, stage = "subgraph-weights", "finish"
 
@@ -210,14 +211,18 @@ class DynamicInt8(QtoolPass):
 
 
 class Cleanup(QtoolPass):
-    """Requantize pairs and dangling nodes removed, scalar Muls absorbed (qtool.passes.cleanup)."""
+    """Requantize pairs and dangling nodes removed, scalar Muls absorbed (qtool.passes.cleanup);
+    new weights read inside one If/Loop branch moved into it (qtool.passes.control_flow)."""
 
     name, stage = "cleanup", "finish"
 
     def run(self, model):
         from qtool.passes.cleanup import cleanup
+        from qtool.passes.control_flow import localize_initializers
 
-        return model, cleanup(model)
+        report = cleanup(model)
+        localize_initializers(model)
+        return model, report
 
 
 class WeightOnly(QtoolPass):
