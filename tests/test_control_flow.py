@@ -140,3 +140,29 @@ def test_condition_folding_and_its_refusal():
     assert constant_condition(next(iter(dynamic.graph)).inputs[0]) is None
     report = inline_constant_ifs(dynamic)
     assert not report.counts and "depends on the inputs" in report.skipped["if"]
+
+
+def loop_model() -> onnx.ModelProto:
+    """y = Loop(n) { h = tanh(h W) } with W a Constant node inside the body."""
+    w = (RNG.standard_normal((64, 64)) / 8).astype(np.float32)
+    body = helper.make_graph(
+        [constant_node("w", w), helper.make_node("MatMul", ["h_in", "w"], ["mm"], name="body_mm"),
+         helper.make_node("Tanh", ["mm"], ["h_out"], name="tanh"),
+         helper.make_node("Identity", ["c_in"], ["c_out"], name="keep_going")],
+        "body", [value_info("i", [], TensorProto.INT64), value_info("c_in", [], TensorProto.BOOL),
+                 value_info("h_in", None)],
+        [value_info("c_out", [], TensorProto.BOOL), value_info("h_out", None)])
+    return onnx_model([helper.make_node("Loop", ["n", "cond", "x"], ["y"], body=body, name="loop")],
+                      [value_info("x", [4, 64]), value_info("n", [], TensorProto.INT64),
+                       value_info("cond", [], TensorProto.BOOL)], [value_info("y", None)])
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-static"])
+def test_loop_body_weights_are_quantized(scheme):
+    proto = loop_model()
+    table = {"x": (-4.0, 4.0)} if scheme == "int8-static" else None
+    converted = convert_model(ir.from_proto(proto), load_recipe(scheme), table=table)
+    assert converted.summary.quantized["MatMul"] == 1
+    feed = {"x": RNG.standard_normal((4, 64)).astype(np.float32), "n": np.array(5, np.int64), "cond": np.array(True)}
+    ref, got = ort_session(proto).run(None, feed)[0], ort_session(converted.model).run(None, feed)[0]
+    assert sqnr_db(ref, got) > MIN_INT8_SQNR_DB
