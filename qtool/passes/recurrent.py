@@ -26,7 +26,7 @@ import onnx_ir as ir
 from qtool import ops
 from qtool.config import Recipe
 from qtool.passes import PassReport
-from qtool.passes.qdq import GraphBuilder, _replace_node_output
+from qtool.passes.qdq import GraphBuilder
 from qtool.passes.select import excluded
 from qtool.quant.scales import DegenerateRange, quantize, weight_params
 
@@ -121,9 +121,8 @@ def _rewrite(b: GraphBuilder, node: ir.Node, cache: dict) -> str | None:
     for old, value in zip(node.outputs, new.outputs):
         if old.type is not None:
             value.type, value.shape = old.type, old.shape
-        _replace_node_output(b, old, value)
+        old.replace_all_uses_with(value, replace_graph_outputs=True)
     node.graph.remove(node, safe=True)
     for name, value in zip(names, new.outputs):
-        if value.name is None:  # downstream tensors keep the names a table knows; "" stays omitted
-            value.name = name
+        value.name = name  # graph outputs and tensors a table knows keep their names; "" stays omitted
     return None
