@@ -158,7 +158,8 @@ def inline_constant_ifs(model: ir.Model, taken: set[str] | None = None) -> PassR
                     continue
                 cond = constant_condition(node.inputs[0])
                 if cond is None:
-                    report.skip(node.name or "If", "condition depends on the inputs: both branches kept")
+                    report.skip(node.name or "If", "condition depends on the inputs: both branches kept, "
+                                                   "the nodes inside them converted on their own")
                     continue
                 _inline(node, "then_branch" if cond else "else_branch", taken)
                 report.skipped.pop(node.name or "If", None)

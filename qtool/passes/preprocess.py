@@ -102,9 +102,11 @@ def preprocess(
 def _inline_constant_ifs(model: ir.Model, report: PassReport, names: _Names) -> int:
     from qtool.passes.control_flow import inline_constant_ifs
 
-    inlined = inline_constant_ifs(model, names.taken).counts.get("if_inlined", 0)
+    result = inline_constant_ifs(model, names.taken)
+    inlined = result.counts.get("if_inlined", 0)
     if inlined:
         report.count("if_inlined", inlined)
+    report.skipped.update(result.skipped)  # by node name: the conversion summary's reason for an If
     return inlined
 
 
