@@ -13,10 +13,10 @@ from conftest import constant_node, onnx_model, ort_session, value_info
 from onnx import TensorProto, helper
 
 from qtool.config import Recipe, load_recipe
-from qtool.model import iter_graphs, load
+from qtool.model import iter_graphs, load, weight_bytes
 from qtool.passes.control_flow import UNOBSERVABLE, constant_condition, inline_constant_ifs
 from qtool.passes.preprocess import preprocess
-from qtool.pipeline import calibrate, convert_model
+from qtool.pipeline import calibrate, convert_file, convert_model
 from qtool.quant.scales import sqnr_db
 
 # int8 weights on 64x128 random layers give ~40 dB; below this the branch is wrong.
@@ -166,3 +166,13 @@ def test_loop_body_weights_are_quantized(scheme):
     feed = {"x": RNG.standard_normal((4, 64)).astype(np.float32), "n": np.array(5, np.int64), "cond": np.array(True)}
     ref, got = ort_session(proto).run(None, feed)[0], ort_session(converted.model).run(None, feed)[0]
     assert sqnr_db(ref, got) > MIN_INT8_SQNR_DB
+
+
+def test_a_model_whose_weights_are_all_constant_nodes_counts_them(tmp_path):
+    # Its initializers hold 0 bytes: the "not compressed" check must weigh Constant nodes too.
+    proto = if_model("input")
+    onnx.save(proto, tmp_path / "if.onnx")
+    assert weight_bytes(load(tmp_path / "if.onnx")) == 4 * 64 * 128 * 4
+    report = convert_file(tmp_path / "if.onnx", tmp_path / "q.onnx", load_recipe("int8-dynamic"))
+    assert report["passed"], report["failure"]
+    assert report["size_bytes"]["output"] < 0.5 * report["size_bytes"]["input"]

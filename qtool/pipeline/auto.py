@@ -100,9 +100,9 @@ class Guard:
         self.prepared: dict[str, object] = {}
         self.count = 0
         self.errors: list[Exception] = []
-        from qtool.model import initializer_bytes
+        from qtool.model import weight_bytes
 
-        self.source_bytes = initializer_bytes(source)
+        self.source_bytes = weight_bytes(source)
         self.start = time.perf_counter()
         self.tmp = tempfile.TemporaryDirectory(prefix="qtool-guard-")
 
@@ -122,7 +122,7 @@ class Guard:
 
     def attempt(self, label: str, recipe: Recipe):  # noqa: ANN201 - (Attempt, Converted | None)
         from qtool import runtime
-        from qtool.model import initializer_bytes, save
+        from qtool.model import save, weight_bytes
         from qtool.pipeline.flow import convert_model
 
         t0 = time.perf_counter()
@@ -136,7 +136,7 @@ class Guard:
             path = Path(self.tmp.name) / f"candidate{self.count}.onnx"
             self.count += 1
             save(converted.model, path, verify=False)
-            attempt.weight_bytes = initializer_bytes(converted.model)
+            attempt.weight_bytes = weight_bytes(converted.model)
             if attempt.weight_bytes >= NOT_SMALLER * self.source_bytes:
                 attempt.error = (f"nothing was compressed (weights {attempt.weight_bytes / 1e6:.2f} MB "
                                  f"of {self.source_bytes / 1e6:.2f} MB)")

@@ -213,7 +213,7 @@ def convert_file(
     nothing meets the floor, or nothing was quantized, ``passed`` is False and ``output``
     is written only with ``write_best``.
     """
-    from qtool.model import add_provenance, initializer_bytes, load, model_size_bytes, save
+    from qtool.model import add_provenance, load, model_size_bytes, save, weight_bytes
     from qtool.pipeline.plan import plan_for
 
     model_path = Path(model_path)
@@ -270,7 +270,7 @@ def convert_file(
     if guard_report is not None:
         report["guard"] = guard_report
     if converted is not None and failure is None:
-        failure = _not_compressed(converted, initializer_bytes(source), plan)
+        failure = _not_compressed(converted, weight_bytes(source), plan)
         report["passed"], report["failure"] = failure is None, failure
         report["hint"] = NOT_COMPRESSED_HINT if failure else None
     if converted is None or (failure is not None and not write_best):
@@ -301,10 +301,10 @@ def _guard_failure(outcome) -> str:  # noqa: ANN001 - GuardOutcome
 
 def _not_compressed(converted: Converted, input_weight_bytes: int, plan: ConvertPlan) -> str | None:
     """Why the result is no compression at all, or None when it is one."""
-    from qtool.model import initializer_bytes
+    from qtool.model import weight_bytes
 
     quantized = sum(converted.summary.quantized.values())
-    out = initializer_bytes(converted.model)
+    out = weight_bytes(converted.model)
     # The summary matches nodes by name; the weights' size is the ground truth.
     if quantized == 0 and plan.kind != "fp16" and out >= 0.95 * input_weight_bytes:
         reasons = "; ".join(f"{op}: {', '.join(row['reasons'])}" for op, row in
