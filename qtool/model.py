@@ -133,6 +133,17 @@ def initializer_bytes(model: ir.Model) -> int:
     return sum(t.nbytes for t in iter_initializers(model))
 
 
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of every constant tensor: initializers and Constant nodes, in every graph.
+
+    Exporters often write weights as Constant nodes (inside If branches especially), which
+    ``initializer_bytes`` does not see: a model made only of them would "have 0 MB of weights".
+    """
+    constants = sum(n.attributes["value"].value.nbytes for n in iter_nodes(model)
+                    if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and "value" in n.attributes)
+    return initializer_bytes(model) + constants
+
+
 def model_inputs(model: ir.Model) -> list[ir.Value]:
     """Graph inputs that are fed at run time (initializers listed as inputs excluded)."""
     return [v for v in model.graph.inputs if not v.is_initializer()]

@@ -31,6 +31,7 @@ from qtool.config import Recipe
 from qtool.errors import UsageError
 from qtool.model import iter_graphs, iter_nodes, require_opset
 from qtool.passes import PassReport
+from qtool.passes.control_flow import unobservable
 from qtool.passes.graph import GraphBuilder, replace_uses
 from qtool.passes.select import excluded, is_float_activation, select_nodes
 from qtool.quant.scales import (
@@ -131,7 +132,7 @@ class _StaticPlan:
     def range_of(self, value: ir.Value) -> tuple[float, float] | None:
         rng = self.ranges.get(value.name)
         if rng is None:
-            self.bad.setdefault(value.name, "no calibrated range")
+            self.bad.setdefault(value.name, unobservable(value, self.model.graph) or "no calibrated range")
         return rng
 
     def params_from(self, name: str, lo: float, hi: float) -> QParams | None:
@@ -166,7 +167,7 @@ class _StaticPlan:
         if rng is None and act is not None:
             rng = self.ranges.get(act.outputs[0].name)  # the fold only needs the ReLU's range
         if rng is None:
-            self.bad.setdefault(out.name, "no calibrated range")
+            self.bad.setdefault(out.name, unobservable(out, self.model.graph) or "no calibrated range")
             return
         if node.op_type == "Softmax":
             rng = (0.0, 1.0)

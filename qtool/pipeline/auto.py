@@ -100,9 +100,9 @@ class Guard:
         self.prepared: dict[str, object] = {}
         self.count = 0
         self.errors: list[Exception] = []
-        from qtool.model import initializer_bytes
+        from qtool.model import weight_bytes
 
-        self.source_weights = initializer_bytes(source)
+        self.source_weights = weight_bytes(source)
         self.start = time.perf_counter()
         self.tmp = tempfile.TemporaryDirectory(prefix="qtool-guard-")
 
@@ -122,7 +122,7 @@ class Guard:
 
     def attempt(self, label: str, recipe: Recipe):  # noqa: ANN201 - (Attempt, Converted | None)
         from qtool import runtime
-        from qtool.model import initializer_bytes, model_size_bytes, save
+        from qtool.model import model_size_bytes, save, weight_bytes
         from qtool.pipeline.flow import convert_model
 
         t0 = time.perf_counter()
@@ -137,7 +137,7 @@ class Guard:
             self.count += 1
             save(converted.model, path, verify=False)
             attempt.size_bytes = model_size_bytes(path)
-            weights = initializer_bytes(converted.model)
+            weights = weight_bytes(converted.model)
             if weights >= NOT_SMALLER * self.source_weights:
                 attempt.error = (f"nothing was compressed (weights {weights / 1e6:.3f} MB "
                                  f"of {self.source_weights / 1e6:.3f} MB)")

@@ -149,14 +149,21 @@ def calibrate(
         model = load(model)
         preprocess(model)  # our own copy: safe to rewrite
         infer_types(model)
-    names = select_nodes(model, recipe).activation_tensors
-    if not names:
+    from qtool.passes.control_flow import split_observable
+
+    # Tensors inside If/Loop/Scan branches cannot be returned by onnxruntime: they stay
+    # float, with the reason in the table, instead of failing calibration.
+    names, unobserved = split_observable(model, select_nodes(model, recipe).activation_tensors)
+    if not names and not unobserved:
         raise CalibrationError(
             "the recipe quantizes no node of this model, so there is nothing to calibrate",
             "check the recipe's op_types/exclude, or `qtool inspect MODEL` for candidates",
         )
-    return calibrate_prepared(model, data, recipe, names, shard=shard, on_progress=on_progress,
-                              threads=threads)
+    table = calibrate_prepared(model, data, recipe, names, shard=shard, on_progress=on_progress,
+                               threads=threads)
+    if unobserved:
+        table.info["skipped"] = {**unobserved, **table.info.get("skipped", {})}
+    return table
 
 
 def as_dataset(data, model: ir.Model, recipe: Recipe):  # noqa: ANN001, ANN201 - qtool.data.Dataset
@@ -206,7 +213,7 @@ def convert_file(
     nothing meets the floor, or nothing was quantized, ``passed`` is False and ``output``
     is written only with ``write_best``.
     """
-    from qtool.model import add_provenance, initializer_bytes, load, model_size_bytes, save
+    from qtool.model import add_provenance, load, model_size_bytes, save, weight_bytes
     from qtool.pipeline.plan import plan_for
 
     model_path = Path(model_path)
@@ -263,7 +270,7 @@ def convert_file(
     if guard_report is not None:
         report["guard"] = guard_report
     if converted is not None and failure is None:
-        failure = _not_compressed(converted, initializer_bytes(source), plan)
+        failure = _not_compressed(converted, weight_bytes(source), plan)
         report["passed"], report["failure"] = failure is None, failure
         report["hint"] = NOT_COMPRESSED_HINT if failure else None
     if converted is None or (failure is not None and not write_best):
@@ -298,10 +305,10 @@ def _not_compressed(converted: Converted, input_weight_bytes: int, plan: Convert
     """Why the result is no compression at all (nothing quantized, or weights that grew), or
     None when it is one. A file larger only by the quantize/dequantize nodes' own bytes (a toy
     model) is a warning, given with the sizes (``size_warning``)."""
-    from qtool.model import initializer_bytes
+    from qtool.model import weight_bytes
 
     quantized = sum(converted.summary.quantized.values())
-    out = initializer_bytes(converted.model)
+    out = weight_bytes(converted.model)
     # The summary matches nodes by name; the weights' size is the ground truth.
     if quantized == 0 and plan.kind != "fp16" and out >= 0.95 * input_weight_bytes:
         reasons = "; ".join(f"{op}: {', '.join(row['reasons'])}" for op, row in

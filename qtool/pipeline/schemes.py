@@ -19,13 +19,14 @@ from qtool.pipeline.summary import ConvertSummary, snapshot, summarize
 
 SCHEMES: dict[str, tuple[type, ...]] = {
     "fp16": (steps.HalfPrecision,),
-    "weight-only": (steps.ConvBlocksOpset, steps.WeightOnly),
+    "weight-only": (steps.ConvBlocksOpset, steps.ConstantWeights, steps.WeightOnly, steps.SubgraphWeights),
     "int8-dynamic": (
-        steps.ConvBlocksOpset, steps.Preprocess, steps.LowBitLayers, steps.DynamicInt8, steps.Cleanup,
+        steps.ConvBlocksOpset, steps.Preprocess, steps.LowBitLayers, steps.DynamicInt8,
+        steps.Recurrent, steps.Cleanup,
     ),
     "int8-static": (
         steps.PerChannelOpset, steps.ConvBlocksOpset, steps.Preprocess, steps.LowBitLayers,
-        steps.TableRanges, steps.StaticInt8, steps.QOperatorFormat, steps.Cleanup,
+        steps.TableRanges, steps.StaticInt8, steps.QOperatorFormat, steps.Recurrent, steps.Cleanup,
     ),
 }
 

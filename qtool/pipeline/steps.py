@@ -121,15 +121,66 @@ class TableRanges(QtoolPass):
 
 
 class StaticInt8(QtoolPass):
-    """Static QDQ int8 from the calibrated ranges (qtool.passes.qdq)."""
+    """Static QDQ int8 from the calibrated ranges (qtool.passes.qdq). A Concat whose inputs'
+    ranges differ by orders of magnitude stays float (qtool.passes.concat_ranges)."""
 
     name = "qdq"
 
     def run(self, model):
+        from qtool.passes.concat_ranges import escaped, mismatched_concats
         from qtool.passes.qdq import quantize_static
 
         ctx = self.context
-        return model, quantize_static(model, ctx.recipe, ctx.ranges, on_progress=ctx.stage("quantize"))
+        wide = mismatched_concats(model, ctx.ranges)
+        recipe = ctx.recipe.override("quantize", exclude=ctx.recipe.quantize.exclude + tuple(map(escaped, wide.skipped)))
+        report = quantize_static(model, recipe, ctx.ranges, on_progress=ctx.stage("quantize"))
+        report.skipped.update(wide.skipped)  # the reason, not "excluded"
+        for key, n in wide.counts.items():
+            report.count(key, n)
+        return model, report
+
+
+class ConstantWeights(QtoolPass):
+    """Weights written as Constant nodes (inside If branches too) become initializers, which
+    the weight-only pass looks for (qtool.passes.control_flow)."""
+
+    name, stage = "constant-weights", "prepare"
+
+    def applies(self, model: ir.Model) -> bool:
+        return self.context.plan.kind == "weight-only"
+
+    def run(self, model):
+        from qtool.passes.control_flow import lift_constant_weights
+
+        report = PassReport(self.name)
+        report.count("constant weights lifted", lift_constant_weights(model))
+        return model, report if report.modified else None
+
+
+class Recurrent(QtoolPass):
+    """LSTM -> DynamicQuantizeLSTM; other recurrent forms stay float with the reason
+    (qtool.passes.recurrent)."""
+
+    name = "recurrent"
+
+    def run(self, model):
+        from qtool.passes.recurrent import quantize_recurrent
+
+        report = quantize_recurrent(model, self.context.recipe)
+        return model, report if report.counts or report.skipped else None
+
+
+class SubgraphWeights(QtoolPass):
+    """New weights read inside one If/Loop branch move into it (qtool.passes.control_flow), for
+    schemes without Cleanup (which does it too)."""
+
+    name, stage = "subgraph-weights", "finish"
+
+    def run(self, model):
+        from qtool.passes.control_flow import localize_initializers
+
+        localize_initializers(model)
+        return model, None
 
 
 class QOperatorFormat(QtoolPass):
@@ -160,14 +211,18 @@ class DynamicInt8(QtoolPass):
 
 
 class Cleanup(QtoolPass):
-    """Requantize pairs and dangling nodes removed, scalar Muls absorbed (qtool.passes.cleanup)."""
+    """Requantize pairs and dangling nodes removed, scalar Muls absorbed (qtool.passes.cleanup);
+    new weights read inside one If/Loop branch moved into it (qtool.passes.control_flow)."""
 
     name, stage = "cleanup", "finish"
 
     def run(self, model):
         from qtool.passes.cleanup import cleanup
+        from qtool.passes.control_flow import localize_initializers
 
-        return model, cleanup(model)
+        report = cleanup(model)
+        localize_initializers(model)
+        return model, report
 
 
 class WeightOnly(QtoolPass):

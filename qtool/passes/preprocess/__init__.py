@@ -81,6 +81,8 @@ def preprocess(
         infer_shapes_tolerant(model, report)
     if rules:
         apply_rules(model, rules, report, ctx)
+    if fold_constants and _inline_constant_ifs(model, report, ctx.names) and rules:
+        apply_rules(model, rules, report, ctx)  # the inlined branches fold too
     if fold_batchnorm:
         apply_rules(model, FOLD_RULES, report, ctx)
     removed = remove_unused(model)
@@ -91,6 +93,18 @@ def preprocess(
     report.carries.update(ctx.carries)
     record_carries(model, ctx.carries)
     return report
+
+
+def _inline_constant_ifs(model: ir.Model, report: PassReport, names: Names) -> int:
+    """Ifs whose condition is known replaced by their branch (qtool.passes.control_flow)."""
+    from qtool.passes.control_flow import inline_constant_ifs
+
+    result = inline_constant_ifs(model, names.taken)
+    inlined = result.counts.get("if_inlined", 0)
+    if inlined:
+        report.count("if_inlined", inlined)
+    report.skipped.update(result.skipped)  # by node name: the conversion summary's reason for an If
+    return inlined
 
 
 CARRIES_KEY = "qtool.carries"
