@@ -191,13 +191,7 @@ def convert_command(
     check_output_path(output, model)
     for message in speed_warnings(r, plan):
         warn(message)
-    floor = None
-    if data is not None and not no_guard and calib is None:
-        from qtool.pipeline.guard import Floor
-
-        defaults = Floor()
-        floor = Floor(min_sqnr if min_sqnr is not None else defaults.min_sqnr_db,
-                      min_agreement if min_agreement is not None else defaults.min_agreement)
+    floor = _floor(min_sqnr, min_agreement) if data is not None and not no_guard and calib is None else None
     report = convert_file(model, output, r, data=data, calib=calib, external_data=external_data,
                           progress=progress, guard=floor, eval_data=eval_data, auto=auto,
                           budget_s=guard_budget, write_best=write_best)
@@ -207,11 +201,25 @@ def convert_command(
         emit_json(report)
     if not settings.quiet or not json_out:
         _print_report(report)
-    if not report["passed"]:
-        from qtool.errors import GateFailed
+    _exit_on_failure(report)
 
-        written = f"; the best candidate was written to {report['output']}" if report["output"] else ""
-        raise GateFailed(report["failure"] + written, report["hint"])
+
+def _exit_on_failure(report: dict) -> None:
+    """Exit 3 (GateFailed) when the conversion did not succeed, saying what was written."""
+    if report["passed"]:
+        return
+    from qtool.errors import GateFailed
+
+    written = f"; the best candidate was written to {report['output']}" if report["output"] else ""
+    raise GateFailed(report["failure"] + written, report["hint"])
+
+
+def _floor(min_sqnr: float | None, min_agreement: float | None):  # noqa: ANN202 - Floor
+    from qtool.pipeline.guard import Floor
+
+    defaults = Floor()
+    return Floor(min_sqnr if min_sqnr is not None else defaults.min_sqnr_db,
+                 min_agreement if min_agreement is not None else defaults.min_agreement)
 
 
 def _check_guard_flags(*, scheme, explicit, data, eval_data, no_guard, min_sqnr, min_agreement,  # noqa: ANN001

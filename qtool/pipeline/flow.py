@@ -233,20 +233,7 @@ def convert_file(
             recipe = outcome.best_attempt.recipe
         prep_reports = outcome.reports
     else:
-        prepared = prepare(source, model_path, recipe, plan_for(recipe), data=data, calib=calib,
-                           progress=progress)
-        with progress("converting", None, "steps") as advance:
-            seen = [0]
-
-            def on_progress(stage: str, done: int, total: int) -> None:
-                advance(done - seen[0])
-                seen[0] = done
-
-            converted = convert_model(
-                prepared.model, recipe, table=prepared.table, preprocessed=prepared.preprocessed,
-                activations=prepared.activations, absmax=prepared.absmax, on_progress=on_progress,
-            )
-        prep_reports = prepared.reports
+        converted, prep_reports = _convert_once(source, model_path, recipe, data, calib, progress)
     plan = plan_for(recipe)
     in_size = model_size_bytes(model_path)
     report = {
@@ -290,6 +277,27 @@ def convert_file(
 
         report["fidelity"] = first_sample_fidelity(model_path, saved.path, data, recipe)
     return report
+
+
+def _convert_once(source: ir.Model, model_path: Path, recipe: Recipe, data, calib,  # noqa: ANN001
+                  progress: ProgressFactory) -> tuple[Converted, list[PassReport]]:
+    """The recipe's scheme, once, unmeasured (--no-guard, --calib, or no data)."""
+    from qtool.pipeline.plan import plan_for
+
+    prepared = prepare(source, model_path, recipe, plan_for(recipe), data=data, calib=calib,
+                       progress=progress)
+    with progress("converting", None, "steps") as advance:
+        seen = [0]
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            advance(done - seen[0])
+            seen[0] = done
+
+        converted = convert_model(
+            prepared.model, recipe, table=prepared.table, preprocessed=prepared.preprocessed,
+            activations=prepared.activations, absmax=prepared.absmax, on_progress=on_progress,
+        )
+    return converted, prepared.reports
 
 
 def _guard_failure(outcome) -> str:  # noqa: ANN001 - GuardOutcome
