@@ -64,7 +64,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             raise DataError(f"model input {value.name!r} has no element type", "re-export the model")
         shape = None
         if value.shape is not None:
-            shape = tuple(d if isinstance(d, int) else None for d in value.shape)
+            # Exporters write an unknown dimension as a name, as nothing, or as a literal -1
+            # (PaddlePaddle, TF converters): all three mean "any size".
+            shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in value.shape)
         specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape))
     return specs
 

@@ -458,3 +458,20 @@ def test_sympy_is_imported_only_when_used():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:4] == ["_Deferred", "2*n + 1", "x + 1 module", "True"]
+
+
+def test_a_literal_minus_one_dimension_means_any_size(tmp_path):
+    """Paddle and TF exporters write dynamic dimensions as -1; samples of any size fit them."""
+    from qtool.data import Dataset, input_specs
+    from qtool.model import load
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, -1, -1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g", [x], [y])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    (tmp_path / "d").mkdir()
+    np.save(tmp_path / "d" / "a.npy", np.zeros((1, 3, 48, 192), np.float32))
+    ds = Dataset(tmp_path / "d", input_specs(load(path)))
+    assert ds.load_sample(0)["x"].shape == (1, 3, 48, 192)
+    assert ds.inputs[0].batch_dynamic

@@ -165,3 +165,34 @@ def test_guard_flags_that_cannot_apply_are_errors(tmp_path, capsys):
     for flags, message in cases:
         assert run(["convert", model, "-o", str(tmp_path / "x.onnx"), *flags]) == 2, flags
         assert message in capsys.readouterr().err, flags
+
+
+def test_auto_on_an_old_opset_quantizes_per_tensor_instead_of_failing(tmp_path, capsys):
+    """Opset 11/12 models (Paddle and older exporters) cannot hold per-channel Q/DQ; the
+    default never upgrades them unasked, so auto takes per-tensor weights, and says so."""
+    proto = onnx.load(_outlier_mlp(tmp_path / "mlp.onnx"))
+    proto.opset_import[0].version = 11
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, old)
+    data = _data(tmp_path / "d", (32,))
+    code = _convert(str(old), tmp_path / "q.onnx", "--data", data)
+    labels = [a["label"] for a in _report(capsys)["guard"]["attempts"]]
+    assert any("per-tensor weights: opset 11 < 13" in label for label in labels)
+    assert code in (0, 3)  # measured either way; never the opset usage error
+    # Asked for per-channel static explicitly, the same model is still a usage error.
+    assert run(["convert", str(old), "-o", str(tmp_path / "x.onnx"), "--data", data,
+                "--scheme", "int8-static"]) == 2
+
+
+def test_an_already_quantized_model_is_refused_not_quantized_twice(tmp_path, capsys):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = _outlier_mlp(tmp_path / "mlp.onnx")
+    quantize_dynamic(model, str(tmp_path / "int8.onnx"), weight_type=QuantType.QInt8)
+    before = (tmp_path / "int8.onnx").read_bytes()
+    for flags in ([], ["--dynamic"], ["--bits", "4"], ["--dtype", "fp16"]):
+        data = ["--data", _data(tmp_path / f"d{len(flags)}{flags[:1]}", (32,))] if not flags else []
+        assert run(["convert", str(tmp_path / "int8.onnx"), "-o", str(tmp_path / "x.onnx"), *data, *flags]) == 1
+        err = capsys.readouterr().err
+        assert "already quantized" in err and "MatMulInteger" in err and "hint:" in err
+    assert (tmp_path / "int8.onnx").read_bytes() == before and not (tmp_path / "x.onnx").exists()

@@ -30,6 +30,7 @@ from qtool.pipeline.progress import ProgressFactory, no_progress
 DEFAULT_BUDGET_SECONDS = 600.0
 NOT_SMALLER = 0.95  # a candidate whose weights keep 95% of the float bytes compressed nothing
 MIN_TRANSFORMER_MATMULS = 4
+PER_CHANNEL_OPSET = 13
 TINY_MODEL_MS = 1.0
 CLEARLY_FASTER = 1.25  # a later candidate replaces an earlier one only when 1.25x faster
 
@@ -76,10 +77,15 @@ def base_candidates(recipe: Recipe, model: ir.Model, auto: bool) -> list[tuple[s
     from qtool.config import load_recipe
 
     q = recipe.quantize
-    static = recipe
+    static, static_label = recipe, "int8-static"
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if q.per_channel and opset < PER_CHANNEL_OPSET and not q.allow_opset_upgrade:
+        # Per-channel Q/DQ needs opset 13; the model is never upgraded without being asked.
+        static = recipe.override("quantize", per_channel=False)
+        static_label = f"int8-static (per-tensor weights: opset {opset} < {PER_CHANNEL_OPSET})"
     dynamic = load_recipe("int8-dynamic").override("quantize", exclude=q.exclude or None)
     dynamic = dynamic.override("calibration", samples=recipe.calibration.samples)
-    order = [("int8-dynamic", dynamic), ("int8-static", static)]
+    order = [("int8-dynamic", dynamic), (static_label, static)]
     return order if transformer_shaped(model) else order[::-1]
 
 

@@ -214,11 +214,12 @@ def convert_file(
     is written only with ``write_best``.
     """
     from qtool.model import add_provenance, load, model_size_bytes, save, weight_bytes
-    from qtool.pipeline.plan import plan_for
+    from qtool.pipeline.plan import plan_for, refuse_quantized
 
     model_path = Path(model_path)
     t0 = time.perf_counter()
     source = load(model_path)
+    refuse_quantized(source)
     guard_report, failure = None, None
     if guard is not None and data is not None and calib is None:
         from qtool.pipeline.auto import DEFAULT_BUDGET_SECONDS, guarded

@@ -130,3 +130,36 @@ def check_inputs(recipe: Recipe, plan: ConvertPlan, *, calib=None, data=None) ->
         raise UsageError(f"calibration table not found: {calib}", "make one with: qtool calibrate MODEL --data DIR -o TABLE.json")
     if data is not None and not Path(data).is_dir():
         raise UsageError(f"--data {data} is not a folder", "pass a folder of samples (.npy/.npz/images)")
+
+
+# Ops that only a quantized model holds (QDQ pairs, integer kernels, low-bit blocks).
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    "DynamicQuantizeLSTM", "MatMulNBits", "GatherBlockQuantized", "QGemm", "QLinearAdd",
+    "QLinearMul", "QAttention",
+})
+
+
+def already_quantized(model) -> str | None:  # noqa: ANN001 - ir.Model
+    """What in ``model`` says it is quantized already ("12 DequantizeLinear, 3 MatMulInteger"),
+    or None for a float model."""
+    from collections import Counter
+
+    from qtool.model import iter_nodes
+
+    found = Counter(n.op_type for n in iter_nodes(model) if n.op_type in QUANTIZED_OPS)
+    return ", ".join(f"{n} {op}" for op, n in found.most_common(4)) or None
+
+
+def refuse_quantized(model) -> None:  # noqa: ANN001 - ir.Model
+    """ConversionError (exit 1) for a model that is already quantized: never quantize twice."""
+    from qtool.errors import ConversionError
+
+    found = already_quantized(model)
+    if found:
+        raise ConversionError(
+            f"the model is already quantized ({found}); converting it again would quantize twice",
+            "compare it with its float parent: qtool eval MODEL --reference FLOAT.onnx --data DIR; "
+            "`qtool inspect MODEL` shows what is quantized",
+        )
