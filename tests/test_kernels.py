@@ -247,12 +247,24 @@ def test_quantize_ties_round_half_to_even(path):
 def test_quantize_rejects_bad_parameters(path):
     x = np.ones(8, dtype=np.float32)
     with on(path):
-        for kwargs in ({"scale": 0.0}, {"scale": np.inf}, {"scale": -1.0},
+        for kwargs in ({"scale": 0.0}, {"scale": -0.0}, {"scale": np.inf}, {"scale": np.nan},
                        {"scale": 1.0, "zero_point": 16, "qtype": "u4"},
                        {"scale": [1.0, 2.0]}, {"scale": 1.0, "qtype": "u3"}):
             kw = {"qtype": "u8", **kwargs}
             with pytest.raises(k.KernelArgumentError):
                 k.quantize(x, kw.pop("scale"), kw.pop("zero_point", None), **kw)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_quantize_negative_scale(path):
+    # symmetric block RTN puts a positive extreme on code 0 through a negative scale:
+    # rint(x / -0.5) + 8 with ties to even, then back through the same scale
+    x = np.array([4.0, 0.25, 0.75, -0.25, -3.75, -4.25, 1.0, 0.0], dtype=np.float32)
+    with on(path):
+        q = k.quantize(x, np.float32(-0.5), 8, qtype="u4")
+        y = k.dequantize(q, np.float32(-0.5), 8, qtype="u4")
+    assert q.tolist() == [0, 8, 6, 8, 15, 15, 6, 8]
+    assert y.tolist() == [4.0, 0.0, 1.0, 0.0, -3.5, -3.5, 1.0, 0.0]
 
 
 # ---- 3. packing --------------------------------------------------------------------

@@ -10,18 +10,21 @@ typedef struct {
     int32_t qmin, qmax;
 } qspec;
 
-/* scale and zero point from the block's range lo <= 0 <= hi shrunk by f. */
+/* scale and zero point from the block's range lo <= 0 <= hi shrunk by f (float32
+ * products, then double rounded once to float32); the same rule as qt_quantize_kn. */
 static void params_from_range(const qspec *q, float lo, float hi, float f, float *scale,
                               int32_t *zp) {
+    float l = lo * f, h = hi * f;
     if (q->sym) {
-        float a = (-lo > hi ? -lo : hi) * f;
+        /* the signed extreme lands on code qmin (0, or -half when signed): all 2^bits
+         * levels are used; the scale is negative when the extreme is > 0 */
+        float m = h >= -l ? h : l;
         int32_t half = 1 << (qt__bits(q->t) - 1);
-        float s = (float)((double)a / (double)(half - 1));
+        float s = (float)(-(double)m / (double)half);
         *scale = s == 0.0f ? 1.0f : s;
         *zp = qt__signed(q->t) ? 0 : half;
         return;
     }
-    float l = lo * f, h = hi * f;
     float s = (float)(((double)h - (double)l) / (double)(q->qmax - q->qmin));
     if (s == 0.0f) s = 1.0f;
     double z = nearbyint((double)q->qmin - (double)l / (double)s);

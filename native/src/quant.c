@@ -184,7 +184,7 @@ static int check_args(const void *in, int64_t outer, int64_t C, int64_t inner, i
     int64_t np = block == 0 ? C : outer * ((C + block - 1) / block) * inner;
     if (outer == 0 || inner == 0) np = 0;
     for (int64_t i = 0; i < np; i++) {
-        if (!(s[i] > 0.0f) || !qt__finite(s[i])) return QT_ERR_ARG;
+        if (s[i] == 0.0f || !qt__finite(s[i])) return QT_ERR_ARG; /* < 0 is fine: symmetric RTN */
         if (zp && (zp[i] < qt__qmin((qt_qtype)t) || zp[i] > qt__qmax((qt_qtype)t))) return QT_ERR_ARG;
     }
     return QT_OK;

@@ -108,8 +108,9 @@ def quant_params(kernel: str, geo: Geometry, scale, zero_point, qtype: str):
     s = np.ascontiguousarray(scale, dtype=np.float32)
     if s.size != size:
         raise arg_error(kernel, f"scale has {s.size} values, expected shape {geo.param_shape}")
-    if size and not (np.isfinite(s).all() and (s > 0).all()):
-        raise arg_error(kernel, "scale must be finite and > 0")
+    # negative scales are valid (symmetric block RTN puts a positive extreme on code qmin)
+    if size and not (np.isfinite(s).all() and (s != 0).all()):
+        raise arg_error(kernel, "scale must be finite and non-zero")
     s = s.reshape(geo.param_shape)
     if zero_point is None:
         return s, None

@@ -277,24 +277,53 @@ def _blocks(kernel: str, x, block_size: int) -> np.ndarray:
     return xb.reshape(rows, nb, block_size)
 
 
-def _params_from_range(lo, hi, f, qtype: str, symmetric: bool):
-    bits, signed, qmin, qmax, _ = qtype_info(qtype)
-    f = _F32(f)
+def range_params(lo, hi, bits: int, symmetric: bool, signed: bool = False, shrink: float = 1.0):
+    """The round-to-nearest rule of every block quantizer in qtool (qt_block_params_*,
+    qt_quantize_kn and qtool.quant.blockwise all use it): a block's range
+    lo = min(min x, 0) <= 0 <= hi = max(max x, 0) (float32 arrays) -> (scale float32,
+    zero_point int32), with half = 2**(bits-1) and codes in [qmin, qmax] = [0, 2**bits - 1],
+    or [-half, half - 1] when signed. The range is shrunk first, l = lo*f, h = hi*f in
+    float32 (f = float32(shrink)); then, in double rounded to float32 once:
+
+      symmetric:  m = h if h >= -l else l (the signed extreme); scale = -m / half;
+                  zero_point = 0 (signed) or half. The extreme lands exactly on code qmin
+                  and all 2**bits levels are used; the scale is negative when m > 0.
+      asymmetric: scale = (h - l) / (qmax - qmin);
+                  zero_point = clamp(rint(qmin - l / scale), qmin, qmax)
+
+    A zero scale (all-zero block, underflow) becomes 1.0. Why the symmetric rule: ONNX
+    DequantizeLinear, MatMulNBits and GatherBlockQuantized only multiply by the scale,
+    so its sign is free, and the extra level mattered: on SmolLM2 at 4-bit/128,
+    max|x| / (half - 1) (15 of 16 levels) lost 15 perplexity points against this rule.
+    """
+    _, _, qmin, qmax, _ = _code_range(bits, signed)
+    f = _F32(shrink)
+    l = np.asarray(lo, dtype=_F32) * f  # noqa: E741 - the formula's name
+    h = np.asarray(hi, dtype=_F32) * f
     if symmetric:
         half = 1 << (bits - 1)
-        a = np.maximum(-lo, hi) * f
-        s = (a.astype(np.float64) / (half - 1)).astype(_F32)
-        s[s == 0] = 1.0
+        m = np.where(h >= -l, h, l).astype(np.float64)
+        s = (-m / half).astype(_F32)
+        s = np.where(s == 0, _F32(1), s)
         return s, np.full(s.shape, 0 if signed else half, dtype=np.int32)
-    lf, hf = lo * f, hi * f
-    s = ((hf.astype(np.float64) - lf.astype(np.float64)) / (qmax - qmin)).astype(_F32)
-    s[s == 0] = 1.0
-    z = np.clip(np.rint(qmin - lf.astype(np.float64) / s.astype(np.float64)), qmin, qmax)
+    l64, h64 = l.astype(np.float64), h.astype(np.float64)
+    s = ((h64 - l64) / (qmax - qmin)).astype(_F32)
+    s = np.where(s == 0, _F32(1), s)
+    z = np.clip(np.rint(qmin - l64 / s.astype(np.float64)), qmin, qmax)
     return s, z.astype(np.int32)
 
 
-def _sqerr(xb, s, z, qtype: str) -> np.ndarray:
-    _, _, qmin, qmax, _ = qtype_info(qtype)
+def _code_range(bits: int, signed: bool):
+    """(bits, signed, qmin, qmax, dtype) like qtype_info, for any width 1..8 (3-bit codes
+    have no ONNX type and no C kernel, but blockwise quantizes them with this rule)."""
+    if not 1 <= bits <= 8:
+        raise arg_error("range_params", f"bits must be in [1, 8], got {bits}")
+    if signed:
+        return bits, True, -(1 << (bits - 1)), (1 << (bits - 1)) - 1, np.dtype(np.int8)
+    return bits, False, 0, (1 << bits) - 1, np.dtype(np.uint8)
+
+
+def _sqerr(xb, s, z, qmin: int, qmax: int) -> np.ndarray:
     s3, z3 = s[..., None], z[..., None].astype(_F32)
     with np.errstate(over="ignore", invalid="ignore"):
         r = np.clip(np.rint(xb / s3) + z3, qmin, qmax)
@@ -304,13 +333,8 @@ def _sqerr(xb, s, z, qtype: str) -> np.ndarray:
 
 def block_params_rtn(x, block_size: int, qtype: str, symmetric: bool):
     """Round-to-nearest parameters for blocks of block_size along the last axis of
-    x [rows, cols] -> (scale float32 [rows, nb], zero_point int32 [rows, nb]).
-
-    lo = min(min x, 0), hi = max(max x, 0); in double, rounded to float32 once:
-      symmetric:  scale = max(-lo, hi) / (2**(bits-1) - 1); zp = 0 (signed) or 2**(bits-1)
-      asymmetric: scale = (hi - lo) / (qmax - qmin); zp = clamp(rint(qmin - lo / scale))
-    A zero scale (all-zero block, underflow) becomes 1.0.
-    """
+    x [rows, cols] -> (scale float32 [rows, nb], zero_point int32 [rows, nb]), by
+    range_params (lo = min(min x, 0), hi = max(max x, 0) per block)."""
     return block_params_mse(x, block_size, qtype, symmetric, n_grid=1, min_shrink=1.0)
 
 
@@ -320,20 +344,32 @@ def block_params_mse(x, block_size: int, qtype: str, symmetric: bool, n_grid: in
     j = 0..n_grid-1, shrink the range (lo*f, hi*f in float32), derive parameters as
     block_params_rtn and keep the f_j with the least sum((x - dequantize(quantize(x)))**2)
     (float32 per element, summed in double; first j on ties)."""
+    bits, signed, _, _, _ = qtype_info(qtype)
+    return block_params_bits(x, block_size, bits, symmetric, n_grid, min_shrink, signed)
+
+
+def block_params_bits(x, block_size: int, bits: int, symmetric: bool, n_grid: int = 1,
+                      min_shrink: float = 1.0, signed: bool = False):
+    """block_params_mse for a code width instead of a qtype: any bits in [1, 8] (1 only
+    asymmetric). The definition behind both block_params kernels; 3-bit weights use it
+    directly."""
     if n_grid < 1 or not 0.0 < float(_F32(min_shrink)) <= 1.0:
         raise arg_error("block_params_mse", "need n_grid >= 1 and 0 < min_shrink <= 1")
+    _, _, qmin, qmax, _ = _code_range(bits, signed)
+    if symmetric and bits < 2:
+        raise arg_error("block_params", "symmetric codes need at least 2 bits")
     xb = _blocks("block_params", x, block_size)
     lo = np.minimum(xb.min(axis=-1, initial=0), _F32(0)) if xb.size else np.zeros(xb.shape[:2], _F32)
     hi = np.maximum(xb.max(axis=-1, initial=0), _F32(0)) if xb.size else np.zeros(xb.shape[:2], _F32)
-    best_s, best_z = _params_from_range(lo, hi, 1.0, qtype, symmetric)
+    best_s, best_z = range_params(lo, hi, bits, symmetric, signed)
     if n_grid == 1:
         return best_s, best_z
-    best_e = _sqerr(xb, best_s, best_z, qtype)
+    best_e = _sqerr(xb, best_s, best_z, qmin, qmax)
     ms = float(_F32(min_shrink))
     for g in range(1, n_grid):
         f = 1.0 - g * (1.0 - ms) / (n_grid - 1)
-        s, z = _params_from_range(lo, hi, f, qtype, symmetric)
-        e = _sqerr(xb, s, z, qtype)
+        s, z = range_params(lo, hi, bits, symmetric, signed, f)
+        e = _sqerr(xb, s, z, qmin, qmax)
         better = e < best_e
         best_e = np.where(better, e, best_e)
         best_s = np.where(better, s, best_s)
@@ -347,12 +383,10 @@ def quantize_kn(w, bits: int, block_size: int, symmetric: bool):
     [N, n_blocks], zero_points packed uint8 [N, ceil(n_blocks*bits/8)] or None when
     symmetric).
 
-    Per block lo = min(min x, 0), hi = max(max x, 0); in double, rounded to float32 once,
-    with half = 2**(bits-1), qmax = 2**bits - 1:
-      symmetric:  m = hi if hi >= -lo else lo (signed extreme), scale = -m / half, z = half
-                  (the extreme lands on code 0; the scale is negative when m > 0)
-      asymmetric: scale = (hi - lo) / qmax, z = clamp(rint(-lo / scale), 0, qmax)
-    A zero scale becomes 1.0. Codes q = clamp(rint(x / scale) + z, 0, qmax) (float32
+    Per block, scale and z by range_params (unsigned codes, no shrink): symmetric
+    scale = -m / 2**(bits-1) with m the signed extreme, z = 2**(bits-1); asymmetric
+    scale = (hi - lo) / qmax, z = clamp(rint(-lo / scale), 0, qmax), qmax = 2**bits - 1.
+    Codes q = clamp(rint(x / scale) + z, 0, qmax) (float32
     divide); K is padded to whole blocks with z (zero-valued weights), as in
     pack_matmulnbits. Works through slabs of whole blocks of K rows, so only uint8 codes
     are ever transposed. NonFiniteError on NaN/Inf.
@@ -360,7 +394,7 @@ def quantize_kn(w, bits: int, block_size: int, symmetric: bool):
     w = _check_kn(w, bits, block_size)
     k, n = w.shape
     nb = -(-k // block_size)
-    half, qmax = 1 << (bits - 1), (1 << bits) - 1
+    qmax = (1 << bits) - 1
     codes = np.empty((n, nb * block_size), dtype=np.uint8)
     scales = np.empty((n, nb), dtype=_F32)
     zps = None if symmetric else np.empty((n, nb), dtype=np.uint8)
@@ -371,16 +405,10 @@ def quantize_kn(w, bits: int, block_size: int, symmetric: bool):
         x[: max(0, min(k1, k) - k0)] = w[k0:k1]
         check_finite("quantize_kn", x)
         xb = x.reshape(-1, block_size, n)  # [blocks, rows in block, N]
-        lo = np.minimum(xb.min(axis=1), _F32(0)).astype(np.float64)
-        hi = np.maximum(xb.max(axis=1), _F32(0)).astype(np.float64)
-        if symmetric:
-            s = (-np.where(hi >= -lo, hi, lo) / half).astype(_F32)
-            s[s == 0] = 1.0
-            z = np.full(s.shape, half, dtype=_F32)
-        else:
-            s = ((hi - lo) / qmax).astype(_F32)
-            s[s == 0] = 1.0
-            z = np.clip(np.rint(-lo / s.astype(np.float64)), 0, qmax).astype(_F32)
+        lo = np.minimum(xb.min(axis=1), _F32(0))
+        hi = np.maximum(xb.max(axis=1), _F32(0))
+        s, z = range_params(lo, hi, bits, symmetric)
+        z = z.astype(_F32)
         q = np.clip(np.rint(xb / s[:, None, :]) + z[:, None, :], 0, qmax).astype(np.uint8)
         pad = np.arange(k0, k1).reshape(-1, block_size) >= k  # rows past K: the zero point
         q = np.where(pad[:, :, None], z[:, None, :].astype(np.uint8), q)
