@@ -333,8 +333,9 @@ def _block_params(kernel, x, block_size, qtype, symmetric, n_grid, min_shrink):
 def block_params_rtn(x, block_size: int, qtype: str, symmetric: bool):
     """Round-to-nearest (scale float32 [rows, nb], zero_point int32 [rows, nb]) for blocks
     of block_size along the last axis of x [rows, cols]; lo = min(min x, 0),
-    hi = max(max x, 0), in double rounded once to float32:
-      symmetric:  scale = max(-lo, hi) / (2**(bits-1) - 1), zp = 0 (s*) or 2**(bits-1) (u*)
+    hi = max(max x, 0), in double rounded once to float32 (reference.range_params):
+      symmetric:  scale = -m / 2**(bits-1), m the signed extreme (negative when m > 0),
+                  zp = 0 (s*) or 2**(bits-1) (u*)
       asymmetric: scale = (hi - lo) / (qmax - qmin), zp = clamp(rint(qmin - lo / scale))
     A zero scale becomes 1.0. NonFiniteError on NaN/Inf."""
     if not _native():
@@ -438,7 +439,8 @@ def quantize_matmulnbits(w, bits: int = 4, block_size: int = 32, symmetric: bool
     (None when symmetric: the op's default 2**(bits-1) is then exact).
 
     Blocks run along K per output column n; parameters by RTN or the MSE search
-    (method "mse"); codes unsigned, W ~= (q - zp) * scale."""
+    (method "mse"); codes unsigned, W ~= (q - zp) * scale. With method "rtn" the result
+    equals quantize_kn (one rule: reference.range_params)."""
     nbits_check("quantize_matmulnbits", bits, block_size)
     if method not in ("rtn", "mse"):
         raise arg_error("quantize_matmulnbits", f"method must be 'rtn' or 'mse', got {method!r}")
