@@ -15,10 +15,18 @@ import numpy as np
 from qtool.kernels._common import (
     arg_error,
     check_finite,
+    check_gemm,
+    check_histogram,
+    check_histogram_pow2,
+    check_kn,
+    check_q4,
+    check_requantize,
+    code_range,
     nbits_check,
     qtype_info,
     quant_geometry,
     quant_params,
+    zero_points_or_default,
 )
 
 _F32 = np.float32
@@ -46,7 +54,7 @@ def histogram(x: np.ndarray, lo: float, hi: float, counts: np.ndarray) -> np.nda
     hi - lo finite, 1 <= bins <= 2**24. On NaN/Inf raises NonFiniteError, counts untouched.
     """
     x = np.asarray(x, dtype=_F32).reshape(-1)
-    bins = _check_histogram(counts, lo, hi)
+    bins = check_histogram(counts, lo, hi)
     check_finite("histogram", x)
     lo32, hi32 = _F32(lo), _F32(hi)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -54,27 +62,6 @@ def histogram(x: np.ndarray, lo: float, hi: float, counts: np.ndarray) -> np.nda
     idx = np.clip(np.floor(t), 0, bins - 1).astype(np.int64)
     counts += np.bincount(idx, minlength=bins)
     return counts
-
-
-def _check_counts(kernel: str, counts) -> int:
-    """The bins of a histogram kernel's ``counts`` argument, checked as the C kernels check it."""
-    if not (isinstance(counts, np.ndarray) and counts.dtype == np.int64 and counts.ndim == 1
-            and counts.flags.c_contiguous and counts.flags.writeable):
-        raise arg_error(kernel, "counts must be a writable contiguous int64 1-D array")
-    bins = counts.shape[0]
-    if not 1 <= bins <= 1 << 24:
-        raise arg_error(kernel, f"bins must be in [1, 2**24], got {bins}")
-    return bins
-
-
-def _check_histogram(counts, lo, hi) -> int:
-    bins = _check_counts("histogram", counts)
-    lo32, hi32 = _F32(lo), _F32(hi)
-    with np.errstate(over="ignore"):
-        w = hi32 - lo32
-    if not (np.isfinite(lo32) and np.isfinite(hi32) and np.isfinite(w) and hi32 > lo32):
-        raise arg_error("histogram", f"need finite lo < hi, got [{lo}, {hi}]")
-    return bins
 
 
 def histogram_pow2(x: np.ndarray, k: int, start: int, counts: np.ndarray) -> np.ndarray:
@@ -87,7 +74,7 @@ def histogram_pow2(x: np.ndarray, k: int, start: int, counts: np.ndarray) -> np.
     1 <= bins <= 2**24. On NaN/Inf raises NonFiniteError, counts untouched.
     """
     x = np.asarray(x, dtype=_F32).reshape(-1)
-    bins = _check_histogram_pow2(counts, k, start)
+    bins = check_histogram_pow2(counts, k, start)
     check_finite("histogram_pow2", x)
     with np.errstate(over="ignore"):
         t = np.multiply(x, _F32(math.ldexp(1.0, -k)))
@@ -96,16 +83,6 @@ def histogram_pow2(x: np.ndarray, k: int, start: int, counts: np.ndarray) -> np.
     np.clip(t, 0, bins - 1, out=t)
     counts += np.bincount(t.astype(np.int64), minlength=bins)
     return counts
-
-
-def _check_histogram_pow2(counts, k, start) -> int:
-    bins = _check_counts("histogram_pow2", counts)
-    if not isinstance(k, (int, np.integer)) or not -127 <= k <= 126:
-        raise arg_error("histogram_pow2", f"level k must be an integer in [-127, 126], got {k}")
-    if (not isinstance(start, (int, np.integer)) or abs(int(start)) > 1 << 62
-            or int(_F32(start)) != start):
-        raise arg_error("histogram_pow2", f"start must be an integer exact in float32, got {start}")
-    return bins
 
 
 # ---- 2. quantize / dequantize ----------------------------------------------------
@@ -207,7 +184,7 @@ def pack_matmulnbits(q, bits: int, block_size: int, zero_points=None) -> np.ndar
         raise arg_error("pack_matmulnbits", "q must be uint8 [N, K]")
     n, k = q.shape
     nb = -(-k // block_size)
-    zp = _zero_points_or_default(zero_points, n, nb, bits)
+    zp = zero_points_or_default(zero_points, n, nb, bits)
     full = np.empty((n, nb * block_size), dtype=np.uint8)
     full[:, :k] = q
     full[:, k:] = zp[:, -1:] if nb else 0
@@ -225,15 +202,6 @@ def unpack_matmulnbits(b, K: int, bits: int, block_size: int) -> np.ndarray:
     n = b.shape[0]
     qt = {2: "u2", 4: "u4", 8: "u8"}[bits]
     return unpack(b, n * nb * block_size, qt).reshape(n, nb * block_size)[:, :K].copy()
-
-
-def _zero_points_or_default(zero_points, n: int, nb: int, bits: int) -> np.ndarray:
-    if zero_points is None:
-        return np.full((n, nb), 1 << (bits - 1), dtype=np.uint8)
-    zp = np.asarray(zero_points)
-    if zp.shape != (n, nb) or zp.dtype != np.uint8:
-        raise arg_error("pack_matmulnbits", f"zero_points must be uint8 [{n}, {nb}]")
-    return zp
 
 
 def pack_zero_points(zp, bits: int) -> np.ndarray:
@@ -278,12 +246,11 @@ def _blocks(kernel: str, x, block_size: int) -> np.ndarray:
 
 
 def range_params(lo, hi, bits: int, symmetric: bool, signed: bool = False, shrink: float = 1.0):
-    """The round-to-nearest rule of every block quantizer in qtool (qt_block_params_*,
-    qt_quantize_kn and qtool.quant.blockwise all use it): a block's range
-    lo = min(min x, 0) <= 0 <= hi = max(max x, 0) (float32 arrays) -> (scale float32,
-    zero_point int32), with half = 2**(bits-1) and codes in [qmin, qmax] = [0, 2**bits - 1],
-    or [-half, half - 1] when signed. The range is shrunk first, l = lo*f, h = hi*f in
-    float32 (f = float32(shrink)); then, in double rounded to float32 once:
+    """The RTN rule of every block quantizer (qt_block_params_*, qt_quantize_kn, quant.blockwise):
+    block range lo = min(min x, 0), hi = max(max x, 0) (float32) -> (scale float32,
+    zero_point int32); half = 2**(bits-1), codes in [qmin, qmax] ([0, 2**bits - 1], or
+    [-half, half - 1] when signed). l = lo*f, h = hi*f in float32 (f = float32(shrink)),
+    then in double rounded to float32 once:
 
       symmetric:  m = h if h >= -l else l (the signed extreme); scale = -m / half;
                   zero_point = 0 (signed) or half. The extreme lands exactly on code qmin
@@ -291,12 +258,11 @@ def range_params(lo, hi, bits: int, symmetric: bool, signed: bool = False, shrin
       asymmetric: scale = (h - l) / (qmax - qmin);
                   zero_point = clamp(rint(qmin - l / scale), qmin, qmax)
 
-    A zero scale (all-zero block, underflow) becomes 1.0. Why the symmetric rule: ONNX
-    DequantizeLinear, MatMulNBits and GatherBlockQuantized only multiply by the scale,
-    so its sign is free, and the extra level mattered: on SmolLM2 at 4-bit/128,
-    max|x| / (half - 1) (15 of 16 levels) lost 15 perplexity points against this rule.
+    A zero scale becomes 1.0. Why this symmetric rule: DequantizeLinear, MatMulNBits and
+    GatherBlockQuantized only multiply by the scale, so its sign is free, and the 16th
+    level matters: max|x| / (half - 1) lost 15 perplexity points on SmolLM2 at 4-bit/128.
     """
-    _, _, qmin, qmax, _ = _code_range(bits, signed)
+    _, _, qmin, qmax, _ = code_range(bits, signed)
     f = _F32(shrink)
     l = np.asarray(lo, dtype=_F32) * f  # noqa: E741 - the formula's name
     h = np.asarray(hi, dtype=_F32) * f
@@ -311,16 +277,6 @@ def range_params(lo, hi, bits: int, symmetric: bool, signed: bool = False, shrin
     s = np.where(s == 0, _F32(1), s)
     z = np.clip(np.rint(qmin - l64 / s.astype(np.float64)), qmin, qmax)
     return s, z.astype(np.int32)
-
-
-def _code_range(bits: int, signed: bool):
-    """(bits, signed, qmin, qmax, dtype) like qtype_info, for any width 1..8 (3-bit codes
-    have no ONNX type and no C kernel, but blockwise quantizes them with this rule)."""
-    if not 1 <= bits <= 8:
-        raise arg_error("range_params", f"bits must be in [1, 8], got {bits}")
-    if signed:
-        return bits, True, -(1 << (bits - 1)), (1 << (bits - 1)) - 1, np.dtype(np.int8)
-    return bits, False, 0, (1 << bits) - 1, np.dtype(np.uint8)
 
 
 def _sqerr(xb, s, z, qmin: int, qmax: int) -> np.ndarray:
@@ -355,7 +311,7 @@ def block_params_bits(x, block_size: int, bits: int, symmetric: bool, n_grid: in
     directly."""
     if n_grid < 1 or not 0.0 < float(_F32(min_shrink)) <= 1.0:
         raise arg_error("block_params_mse", "need n_grid >= 1 and 0 < min_shrink <= 1")
-    _, _, qmin, qmax, _ = _code_range(bits, signed)
+    _, _, qmin, qmax, _ = code_range(bits, signed)
     if symmetric and bits < 2:
         raise arg_error("block_params", "symmetric codes need at least 2 bits")
     xb = _blocks("block_params", x, block_size)
@@ -391,7 +347,7 @@ def quantize_kn(w, bits: int, block_size: int, symmetric: bool):
     pack_matmulnbits. Works through slabs of whole blocks of K rows, so only uint8 codes
     are ever transposed. NonFiniteError on NaN/Inf.
     """
-    w = _check_kn(w, bits, block_size)
+    w = check_kn(w, bits, block_size)
     k, n = w.shape
     nb = -(-k // block_size)
     qmax = (1 << bits) - 1
@@ -422,16 +378,6 @@ def quantize_kn(w, bits: int, block_size: int, symmetric: bool):
     return b, scales, zp
 
 
-def _check_kn(w, bits: int, block_size: int) -> np.ndarray:
-    nbits_check("quantize_kn", bits, block_size)
-    if block_size > 256:
-        raise arg_error("quantize_kn", f"block_size must be at most 256, got {block_size}")
-    w = np.asarray(w)
-    if w.ndim != 2 or w.dtype != _F32 or 0 in w.shape:
-        raise arg_error("quantize_kn", f"w must be a non-empty float32 [K, N], got {w.dtype} {w.shape}")
-    return w
-
-
 # ---- 5. int8 GEMM -----------------------------------------------------------------
 
 
@@ -441,50 +387,21 @@ def gemm_u8s8(a, b_t, a_zero_point: int = 0, b_zero_point=None) -> np.ndarray:
     a: uint8 [M, K]; b_t: int8 [N, K] (B transposed); b_zero_point: int8 [N] or None.
     Wraps modulo 2**32 on overflow (not reachable for K < 2**15).
     """
-    a, b_t, zb = _check_gemm(a, b_t, a_zero_point, b_zero_point)
+    a, b_t, zb = check_gemm(a, b_t, a_zero_point, b_zero_point)
     # float64 products and sums are exact here (|term| < 2**17, K < 2**36)
     c = (a.astype(np.float64) - a_zero_point) @ (b_t.astype(np.float64) - zb[:, None]).T
     return c.astype(np.int64).astype(np.int32)
-
-
-def _check_gemm(a, b_t, a_zero_point, b_zero_point):
-    a, b_t = np.asarray(a), np.asarray(b_t)
-    if a.dtype != np.uint8 or b_t.dtype != np.int8 or a.ndim != 2 or b_t.ndim != 2 \
-            or a.shape[1] != b_t.shape[1]:
-        raise arg_error("gemm_u8s8", "need a uint8 [M, K] and b_t int8 [N, K]")
-    if not 0 <= int(a_zero_point) <= 255:
-        raise arg_error("gemm_u8s8", "a_zero_point must be in [0, 255]")
-    if b_zero_point is None:
-        zb = np.zeros(b_t.shape[0], dtype=np.int8)
-    else:
-        zb = np.asarray(b_zero_point)
-        if zb.dtype != np.int8 or zb.shape != (b_t.shape[0],):
-            raise arg_error("gemm_u8s8", "b_zero_point must be int8 [N]")
-    return a, b_t, zb
 
 
 def requantize(acc, multiplier, zero_point: int, qtype: str = "u8") -> np.ndarray:
     """out[m, n] = saturate(rint(float32(acc[m, n]) * multiplier[n]) + zero_point), float32.
 
     acc int32 [M, N], multiplier float32 [N], qtype u8 or s8."""
-    acc, mult = _check_requantize(acc, multiplier, zero_point, qtype)
+    acc, mult = check_requantize(acc, multiplier, zero_point, qtype)
     _, _, qmin, qmax, dt = qtype_info(qtype)
     with np.errstate(over="ignore"):
         r = np.rint(acc.astype(_F32) * mult[None, :]) + _F32(zero_point)
     return np.clip(r, qmin, qmax).astype(dt)
-
-
-def _check_requantize(acc, multiplier, zero_point, qtype):
-    _, _, qmin, qmax, _ = qtype_info(qtype)
-    acc = np.asarray(acc)
-    mult = np.ascontiguousarray(multiplier, dtype=_F32).reshape(-1)
-    if qtype not in ("u8", "s8") or acc.dtype != np.int32 or acc.ndim != 2:
-        raise arg_error("requantize", "need acc int32 [M, N] and qtype u8/s8")
-    if mult.shape != (acc.shape[1],) or not np.isfinite(mult).all():
-        raise arg_error("requantize", "multiplier must be finite float32 [N]")
-    if not qmin <= int(zero_point) <= qmax:
-        raise arg_error("requantize", f"zero_point outside [{qmin}, {qmax}]")
-    return acc, mult
 
 
 # ---- 6. 4-bit block GEMM ----------------------------------------------------------
@@ -496,30 +413,10 @@ def gemm_q4(a, b, scales, zero_points, K: int, block_size: int) -> np.ndarray:
     a float32 [M, K]; b uint8 [N, n_blocks, block_size/2] (MatMulNBits, bits=4); scales
     float32 [N, n_blocks] (or flat); zero_points packed uint8 [N * ceil(n_blocks/2)] or
     None (8). Returns float32 [M, N]; summation order is BLAS's."""
-    a, b, s, zp = _check_q4(a, b, scales, zero_points, K, block_size)
+    a, b, s, zp = check_q4(a, b, scales, zero_points, K, block_size)
     n, nb = b.shape[0], b.shape[1]
     q = unpack_matmulnbits(b, K, 4, block_size).astype(np.int32)
     z = (np.full((n, nb), 8, np.uint8) if zp is None else unpack_zero_points(zp, n, nb, 4))
     rep = lambda p: np.repeat(p, block_size, axis=1)[:, :K]  # noqa: E731
     w = (q - rep(z).astype(np.int32)).astype(_F32) * rep(s)
     return (a @ w.T).astype(_F32)
-
-
-def _check_q4(a, b, scales, zero_points, K, block_size):
-    nbits_check("gemm_q4", 4, block_size)
-    a, b = np.asarray(a, dtype=_F32), np.asarray(b)
-    nb = -(-K // block_size)
-    if a.ndim != 2 or a.shape[1] != K:
-        raise arg_error("gemm_q4", f"a must be float32 [M, {K}]")
-    if b.dtype != np.uint8 or b.ndim != 3 or b.shape[1:] != (nb, block_size // 2):
-        raise arg_error("gemm_q4", f"b must be uint8 [N, {nb}, {block_size // 2}]")
-    n = b.shape[0]
-    s = np.ascontiguousarray(scales, dtype=_F32)
-    if s.size != n * nb:
-        raise arg_error("gemm_q4", f"scales must hold N*n_blocks = {n * nb} values")
-    zp = None
-    if zero_points is not None:
-        zp = np.ascontiguousarray(zero_points, dtype=np.uint8).reshape(-1)
-        if zp.size != n * ((nb + 1) // 2):
-            raise arg_error("gemm_q4", f"packed zero_points must hold {n * ((nb + 1) // 2)} bytes")
-    return a, b, s.reshape(n, nb), zp
