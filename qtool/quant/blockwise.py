@@ -12,8 +12,9 @@ Scales and zero points come from one rule, :func:`qtool.kernels.reference.range_
 ``z = 2^(bits-1)``: the extreme lands exactly on code 0 and all 2^bits levels are used
 (the scale is negative when m > 0). Asymmetric: ``lo = min(min w, 0)``,
 ``hi = max(max w, 0)``, ``s = (hi - lo) / (2^bits - 1)``,
-``z = clamp(round_half_even(-lo / s), 0, 2^bits - 1)``. Codes for 2, 4 and 8 bits come
-from the kernels (C when built); 3-bit codes have no kernel type and use the same rule.
+``z = clamp(round_half_even(-lo / s), 0, 2^bits - 1)``. Parameters and codes come from
+the kernels (C when built); 3-bit codes, which have no kernel type, take their parameters
+from the numpy twin and their codes from the 4-bit kernel clamped to 7.
 
 Algorithms (``ALGORITHMS``):
 
@@ -147,21 +148,9 @@ def _block_sse(xb: np.ndarray, q: np.ndarray, scale, zp, bits) -> np.ndarray:
     return np.einsum("rbk,rbk->rb", d, d, dtype=np.float64)
 
 
-def _finish(w: np.ndarray, q: np.ndarray, scale, zp, bits: int, block_size: int) -> BlockQuant:
-    rows, cols = w.shape
-    codes = np.ascontiguousarray(q.reshape(rows, -1)[:, :cols])
-    return BlockQuant(codes, scale, zp, bits, block_size)
-
-
 def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> BlockQuant:
     """Round-to-nearest block quantization of ``w[rows, cols]`` (formulas in the module doc)."""
     return mse(w, bits, block_size, symmetric, n_grid=1, min_shrink=1.0)
-
-
-def rtn_columns(w_kn: np.ndarray, bits: int, block_size: int, symmetric: bool = True,
-                chunk_rows: int = 0) -> tuple[BlockQuant, float]:
-    """RTN of a MatMul weight stored as ``W[K, N]`` (blocks along K); see quantize_slabs."""
-    return quantize_slabs(w_kn, bits, block_size, symmetric, "rtn", k_axis=0, chunk=chunk_rows)
 
 
 def quantize_slabs(
@@ -303,7 +292,8 @@ def hqq(
     scale = np.where(better, scale, base.scales).astype(np.float32)
     if zp is not None:
         zp = np.where(better, zp, base.zero_points)
-    return _finish(w, q, scale, zp, bits, block_size)
+    codes = np.ascontiguousarray(q.reshape(w.shape[0], -1)[:, : w.shape[1]])
+    return BlockQuant(codes, scale, zp, bits, block_size)
 
 
 # ---- GPTQ --------------------------------------------------------------------------------
