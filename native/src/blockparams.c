@@ -63,8 +63,7 @@ static double sqerr_scalar(const float *x, int64_t n, float s, int32_t zp, const
 QT_TARGET_AVX512 static int range_avx512(const float *x, int64_t n, float *lo, float *hi) {
     __m512 l = _mm512_setzero_ps(), h = l;
     for (int64_t i = 0; i < n; i += 16) {
-        int64_t left = n - i;
-        __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+        __mmask16 m = qt__lanes16(n - i);
         __m512 v = _mm512_maskz_loadu_ps(m, x + i);
         if ((__mmask16)(qt__finite16(v) | ~m) != 0xffff)
             return QT_ERR_NONFINITE;
@@ -82,8 +81,7 @@ QT_TARGET_AVX512 static double sqerr_avx512(const float *x, int64_t n, float s, 
     const __m512 vz = _mm512_set1_ps((float)zp), vs = _mm512_set1_ps(s);
     __m512d acc0 = _mm512_setzero_pd(), acc1 = acc0;
     for (int64_t i = 0; i < n; i += 16) {
-        int64_t left = n - i;
-        __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+        __mmask16 m = qt__lanes16(n - i);
         __m512 v = _mm512_maskz_loadu_ps(m, x + i);
         __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         r = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, vz), lo), hi);

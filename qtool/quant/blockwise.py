@@ -213,14 +213,8 @@ def quantize_slabs(
 # ---- MSE clipping search -----------------------------------------------------------------
 
 
-def mse(
-    w: np.ndarray,
-    bits: int,
-    block_size: int,
-    symmetric: bool = True,
-    n_grid: int = 20,
-    min_shrink: float = 0.5,
-) -> BlockQuant:
+def mse(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True, n_grid: int = 20,
+        min_shrink: float = 0.5) -> BlockQuant:
     """Per block, the range ``f * range`` (f_j = 1 - j (1 - min_shrink)/(n_grid - 1)) with the
     least ``sum (w - w_hat)^2`` (the kernels' block_params_mse); f = 1 is RTN, so the result
     is never worse than RTN."""
