@@ -1,6 +1,8 @@
 """Bit widths, block layouts and packing for weight-only quantization.
 
-One module owns every low-bit layout qtool writes. Codes are always handled *unsigned*,
+One module describes every low-bit layout qtool writes; the bytes of each come from
+qtool.kernels, whose numpy twins (kernels/reference.py) are the definition and whose C
+kernels are held to them byte for byte. Codes are always handled *unsigned*,
 one per byte, ``q in [0, 2^bits)``, with a zero point ``z`` (``2^(bits-1)`` when symmetric):
 
     w ~= (q - z) * s                       (s: float32 scale of the block)
@@ -76,8 +78,13 @@ class BlockQuant:
         return self.zero_points
 
     def dequantize(self) -> np.ndarray:
-        """float32 [rows, cols]: ``(q - z) * s`` evaluated in float32."""
-        return dequantize_blocks(self.codes, self.scales, self.zero_point_array(), self.block_size)
+        """float32 [rows, cols]: ``(q - z) * s`` evaluated in float32 (kernels.dequantize;
+        float zero points, which no kernel type holds, by dequantize_blocks)."""
+        zp = self.zero_point_array()
+        if zp.dtype.kind == "f":
+            return dequantize_blocks(self.codes, self.scales, zp, self.block_size)
+        return kernels.dequantize(self.codes, self.scales, zp.astype(np.int32), qtype="u8", axis=1,
+                                  block_size=self.block_size)
 
 
 def check_bits(bits: int, block_size: int) -> None:
