@@ -10,27 +10,34 @@ typedef struct {
     int32_t qmin, qmax;
 } qspec;
 
-/* scale and zero point from the block's range lo <= 0 <= hi shrunk by f (float32
- * products, then double rounded once to float32); the same rule as qt_quantize_kn. */
-static void params_from_range(const qspec *q, float lo, float hi, float f, float *scale,
-                              int32_t *zp) {
+/* The block RTN rule (qt_block_params_rtn in qtool.h; numpy: reference.range_params):
+ * scale and zero point from the block's range lo <= 0 <= hi shrunk by f (float32
+ * products), then in double rounded to float32 once. qt_quantize_kn uses it too. */
+void qt__range_params(float lo, float hi, float f, int bits, int sgn, int sym, float *scale,
+                      int32_t *zp) {
+    const int32_t half = 1 << (bits - 1);
+    const int32_t qmin = sgn ? -half : 0, qmax = sgn ? half - 1 : (1 << bits) - 1;
     float l = lo * f, h = hi * f;
-    if (q->sym) {
+    if (sym) {
         /* the signed extreme lands on code qmin (0, or -half when signed): all 2^bits
          * levels are used; the scale is negative when the extreme is > 0 */
         float m = h >= -l ? h : l;
-        int32_t half = 1 << (qt__bits(q->t) - 1);
         float s = (float)(-(double)m / (double)half);
         *scale = s == 0.0f ? 1.0f : s;
-        *zp = qt__signed(q->t) ? 0 : half;
+        *zp = sgn ? 0 : half;
         return;
     }
-    float s = (float)(((double)h - (double)l) / (double)(q->qmax - q->qmin));
+    float s = (float)(((double)h - (double)l) / (double)(qmax - qmin));
     if (s == 0.0f) s = 1.0f;
-    double z = nearbyint((double)q->qmin - (double)l / (double)s);
-    z = z < q->qmin ? q->qmin : (z > q->qmax ? q->qmax : z);
+    double z = nearbyint((double)qmin - (double)l / (double)s);
+    z = z < qmin ? qmin : (z > qmax ? qmax : z);
     *scale = s;
     *zp = (int32_t)z;
+}
+
+static void params_from_range(const qspec *q, float lo, float hi, float f, float *scale,
+                              int32_t *zp) {
+    qt__range_params(lo, hi, f, qt__bits(q->t), qt__signed(q->t), q->sym, scale, zp);
 }
 
 /* min(min x, 0) and max(max x, 0) over one block. */
