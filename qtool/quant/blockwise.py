@@ -168,8 +168,8 @@ def quantize_slabs(
     ``k_axis=0``: ``w`` is a MatMul weight ``W[K, N]`` (blocks along K); slabs are whole
     blocks of K rows, transposed in cache, so no full float transpose is ever made.
     ``k_axis=1``: ``w`` is already ``[rows, K]``; slabs are groups of rows.
-    Codes equal ``rtn``/``mse`` on the [N, K] orientation exactly. Streams a memory-mapped
-    weight (each slab is read once). Uses the native kernels when present (bits 2, 4, 8).
+    Each slab goes through ``rtn``/``mse``, so codes equal theirs on the [N, K] orientation
+    exactly. Streams a memory-mapped weight (each slab is read once).
 
     Returns (BlockQuant in the [rows, K] orientation, sum of squared weight errors; NaN
     when ``measure`` is False, which saves a dequantize pass).
