@@ -247,12 +247,24 @@ def test_quantize_ties_round_half_to_even(path):
 def test_quantize_rejects_bad_parameters(path):
     x = np.ones(8, dtype=np.float32)
     with on(path):
-        for kwargs in ({"scale": 0.0}, {"scale": np.inf}, {"scale": -1.0},
+        for kwargs in ({"scale": 0.0}, {"scale": -0.0}, {"scale": np.inf}, {"scale": np.nan},
                        {"scale": 1.0, "zero_point": 16, "qtype": "u4"},
                        {"scale": [1.0, 2.0]}, {"scale": 1.0, "qtype": "u3"}):
             kw = {"qtype": "u8", **kwargs}
             with pytest.raises(k.KernelArgumentError):
                 k.quantize(x, kw.pop("scale"), kw.pop("zero_point", None), **kw)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_quantize_negative_scale(path):
+    # symmetric block RTN puts a positive extreme on code 0 through a negative scale:
+    # rint(x / -0.5) + 8 with ties to even, then back through the same scale
+    x = np.array([4.0, 0.25, 0.75, -0.25, -3.75, -4.25, 1.0, 0.0], dtype=np.float32)
+    with on(path):
+        q = k.quantize(x, np.float32(-0.5), 8, qtype="u4")
+        y = k.dequantize(q, np.float32(-0.5), 8, qtype="u4")
+    assert q.tolist() == [0, 8, 6, 8, 15, 15, 6, 8]
+    assert y.tolist() == [4.0, 0.0, 1.0, 0.0, -3.5, -3.5, 1.0, 0.0]
 
 
 # ---- 3. packing --------------------------------------------------------------------
@@ -323,6 +335,43 @@ def test_block_params(path, qtype):
                         gs, gz = k.block_params_mse(x2, bs, qtype, sym, 8, 0.5)
                     assert_exact(gs, ws, "mse scale " + what)
                     assert_exact(gz, wz, "mse zero point " + what)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_symmetric_block_rtn_rounds_ties_half_to_even(path):
+    # block 0: extreme -8 -> scale 8/8 = 1, zp 8: x / 1 = 2.5 -> 2, 3.5 -> 4, -0.5 -> -0, 0.5 -> 0
+    # block 1: extreme +4 -> scale -4/8 = -0.5: x / -0.5 = 0.25 -> -0.5 -> -0, 0.75 -> -1.5 -> -2,
+    # -1.25 -> 2.5 -> 2, 1.75 -> -3.5 -> -4; the extreme 4 -> -8 -> code 0
+    x = np.zeros((1, 32), np.float32)
+    x[0, :6] = [-8.0, 2.5, 3.5, -0.5, 0.5, 1.5]
+    x[0, 16:21] = [4.0, 0.25, 0.75, -1.25, 1.75]
+    with on(path):
+        s, z = k.block_params_rtn(x, 16, "u4", True)
+        q = k.quantize(x, s, z, qtype="u4", axis=1, block_size=16)
+        ss, zs = k.block_params_rtn(x, 16, "s4", True)
+        qs = k.quantize(x, ss, zs, qtype="s4", axis=1, block_size=16)
+    assert s.tolist() == [[1.0, -0.5]] and z.tolist() == [[8, 8]]
+    assert (q[0, :6].astype(int) - 8).tolist() == [-8, 2, 4, 0, 0, 2]
+    assert (q[0, 16:21].astype(int) - 8).tolist() == [-8, 0, -2, 2, -4]
+    # signed codes: the same rule with zero point 0
+    assert ss.tolist() == s.tolist() and zs.tolist() == [[0, 0]]
+    assert qs[0, :6].tolist() == [-8, 2, 4, 0, 0, 2] and qs[0, 16:21].tolist() == [-8, 0, -2, 2, -4]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_block_params_rtn_is_the_quantize_kn_rule(path, bits):
+    """One rule: block_params_rtn + quantize + pack_matmulnbits (quantize_matmulnbits)
+    gives the fused quantize_kn's bytes, symmetric (negative scales) and asymmetric."""
+    for K, N in [(100, 17), (257, 70)]:
+        for kind in ("normal", "outlier", "ties", "denormal"):
+            w = data(kind, K * N, seed=K).reshape(K, N).copy()
+            for sym in (True, False):
+                with on(path):
+                    b, s, z = k.quantize_matmulnbits(w, bits, 32, sym)
+                    want = k.quantize_kn(w, bits, 32, sym)
+                got = (b, s.reshape(N, -1), None if z is None else z.reshape(N, -1))
+                assert_kn_equal(got, want, f"{kind} K={K} N={N} bits={bits} sym={sym}", 32 * bits // 8)
 
 
 def test_block_params_mse_never_worse_than_rtn():

@@ -17,6 +17,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 from onnx.reference import ReferenceEvaluator
 
+from qtool import kernels
 from qtool import model as qmodel
 from qtool.config import LayerOverride, Recipe
 from qtool.errors import UsageError
@@ -81,7 +82,9 @@ def test_pack_unpack_round_trip_every_width_and_odd_length(bits, n):
     codes = RNG.integers(0, 1 << bits, size=(5, n)).astype(np.uint8)
     packed = formats.pack_bits(codes, bits)
     assert packed.shape == (5, -(-n * bits // 8))
-    np.testing.assert_array_equal(formats.unpack_bits(packed, bits, n), codes)
+    np.testing.assert_array_equal(kernels.unpack_zero_points(packed, 5, n, bits), codes)
+    for row in range(5):  # each row on its own, as a 1-D tensor of n codes
+        np.testing.assert_array_equal(packed[row], formats.pack_bits(codes[row], bits))
 
 
 def test_pack_order_is_low_bits_first_and_pads_with_zero():
@@ -91,7 +94,70 @@ def test_pack_order_is_low_bits_first_and_pads_with_zero():
     s = np.array([-8, 7, -1], np.int8)
     packed = formats.pack_bits(s.view(np.uint8), 4)
     assert packed.tolist() == [0x78, 0x0F]
-    np.testing.assert_array_equal(formats.unpack_bits(packed, 4, 3, signed=True), s)
+    np.testing.assert_array_equal(kernels.unpack(packed, 3, "s4"), s)
+
+
+def random_block_quant(rows: int, cols: int, bits: int, block: int, symmetric: bool, seed: int):
+    """Arbitrary codes, scales of both signs and (asymmetric) zero points: layouts must
+    store any of them, not only what an algorithm happens to produce."""
+    rng = np.random.default_rng(seed)
+    nb = -(-cols // block)
+    codes = rng.integers(0, 1 << bits, (rows, cols)).astype(np.uint8)
+    scales = (rng.uniform(0.5, 2.0, (rows, nb)) * rng.choice([-1, 1], (rows, nb))).astype(np.float32)
+    zp = None if symmetric else rng.integers(0, 1 << bits, (rows, nb)).astype(np.uint8)
+    return formats.BlockQuant(codes, scales, zp, bits, block)
+
+
+LAYOUT_CASES = [(bits, sym) for bits in (2, 3, 4, 8) for sym in (True, False)]
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), LAYOUT_CASES)
+def test_matmulnbits_packing_round_trips_through_onnxruntime(bits, symmetric):
+    # A = I: onnxruntime's MatMulNBits returns the weight it unpacked, W[K, N] = deq(bq)^T
+    k, n, block = 67, 5, 16  # K not a block multiple: padded blocks
+    bq = random_block_quant(n, k, bits, block, symmetric, seed=bits)
+    t = formats.matmulnbits_tensors(bq)
+    inits = [nh.from_array(t.b, "B"), nh.from_array(t.scales, "S")]
+    if t.zero_points is not None:
+        inits.append(nh.from_array(t.zero_points, "Z"))
+    node = oh.make_node("MatMulNBits", ["A", "B", "S"] + (["Z"] if t.zero_points is not None else []), ["Y"],
+                        domain="com.microsoft", K=k, N=n, bits=t.bits, block_size=block, accuracy_level=0)
+    m = make_model([node], inits, [oh.make_tensor_value_info("A", TensorProto.FLOAT, [k, k])], ms=True)
+    got = session(m).run(None, {"A": np.eye(k, dtype=np.float32)})[0]
+    np.testing.assert_allclose(got, bq.dequantize().T, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [c for c in LAYOUT_CASES if c[0] != 2])
+def test_gather_block_quantized_packing_round_trips_through_onnxruntime(bits, symmetric):
+    v, d, block = 7, 96, 32  # onnxruntime's GatherBlockQuantized takes 4- and 8-bit data
+    bq = random_block_quant(v, d, bits, block, symmetric, seed=10 + bits)
+    t = formats.gather_block_quantized_tensors(bq)
+    inits = [nh.from_array(t.data, "D"), nh.from_array(t.scales, "S")]
+    if t.zero_points is not None:
+        inits.append(nh.from_array(t.zero_points, "Z"))
+    node = oh.make_node("GatherBlockQuantized", ["D", "ids", "S"] + (["Z"] if t.zero_points is not None else []),
+                        ["Y"], domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block, bits=t.bits)
+    m = make_model([node], inits, [oh.make_tensor_value_info("ids", TensorProto.INT64, [v])], ms=True)
+    ids = np.arange(v, dtype=np.int64)[::-1].copy()
+    got = session(m).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(got, bq.dequantize()[ids])
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [c for c in LAYOUT_CASES if c[0] != 8])
+def test_blocked_dq_packing_round_trips_through_onnx_reference_and_onnxruntime(bits, symmetric):
+    k, n, block = 67, 10, 16
+    bq = random_block_quant(n, k, bits, block, symmetric, seed=20 + bits)
+    t = formats.blocked_dq_tensors(bq)
+    dtype = {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
+             (2, True): TensorProto.INT2, (2, False): TensorProto.UINT2}[(t.bits, t.signed)]
+    inits = [packed_tensor("X", dtype, t.shape, t.packed), nh.from_array(t.scale, "S")]
+    if t.zero_point_packed is not None:
+        inits.append(packed_tensor("Z", dtype, t.scale.shape, t.zero_point_packed))
+    node = oh.make_node("DequantizeLinear", [i.name for i in inits], ["Y"], axis=0, block_size=block)
+    m = make_model([node], inits, [], opset=21 if t.bits == 4 else 25, ir_version=10 if t.bits == 4 else 13)
+    want = bq.dequantize().T
+    np.testing.assert_array_equal(ReferenceEvaluator(m).run(None, {})[0], want)
+    np.testing.assert_array_equal(session(m, optimize=False).run(None, {})[0], want)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -103,10 +169,10 @@ def test_matmulnbits_layout_round_trip_and_padding(bits, k):
     t = formats.matmulnbits_tensors(bq)
     nb = -(-k // block)
     assert t.b.shape == (9, nb, block * t.bits // 8)
-    np.testing.assert_array_equal(formats.unpack_matmulnbits(t.b, k, t.bits), bq.codes)
+    np.testing.assert_array_equal(kernels.unpack_matmulnbits(t.b, k, t.bits, block), bq.codes)
     # padded K positions hold the block's zero point, so they dequantize to exactly 0
-    full = formats.unpack_bits(t.b.reshape(9, -1), t.bits, nb * block)
-    zp = formats.unpack_bits(t.zero_points, t.bits, nb)
+    full = kernels.unpack_zero_points(t.b.reshape(9, -1), 9, nb * block, t.bits)
+    zp = kernels.unpack_zero_points(t.zero_points, 9, nb, t.bits)
     assert (full[:, k:] == zp[:, -1:]).all()
     assert t.zero_points.shape == (9, -(-nb * t.bits // 8))
 
@@ -133,8 +199,6 @@ def test_symmetric_uses_every_level_and_hits_the_extreme_exactly(bits):
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_native_and_numpy_paths_give_identical_codes(symmetric):
-    from qtool import kernels
-
     w = outlier_weight(rows=40, cols=200, seed=4)
     results = []
     for backend in ("native", "numpy") if kernels.native_available() else ("numpy",):

@@ -15,7 +15,8 @@
  *   Kernels that derive statistics or integer codes from float data (minmax,
  *   histogram, quantize, block_params_*) return QT_ERR_NONFINITE if ANY input
  *   element is NaN or +-Inf, so calibration can say which tensor is broken. Scales
- *   must be finite and > 0 (QT_ERR_ARG otherwise). The float GEMM (qt_gemm_q4) does
+ *   must be finite and non-zero (QT_ERR_ARG otherwise; negative scales are what
+ *   symmetric block RTN produces). The float GEMM (qt_gemm_q4) does
  *   not check: NaN in activations propagates to the output, as in onnxruntime.
  *
  * Rounding: round half to even (ONNX QuantizeLinear), i.e. nearbyintf() under the
@@ -140,11 +141,13 @@ int qt_unpack_zero_points(const uint8_t *packed, int64_t N, int64_t n_blocks, in
 /* ---- 4. block-wise quantization parameters --------------------------------
  * x[rows, cols], blocks of `block` along cols (last block may be short);
  * outputs scale[rows, nb] (float32) and zero_point[rows, nb] (int32), nb =
- * ceil(cols/block). All in double, rounded to float32 once:
- *   symmetric:  a = max|x|; scale = a / (2^(bits-1) - 1);
- *               zero_point = 0 (signed type) or 2^(bits-1) (unsigned type)
- *   asymmetric: lo = min(min x, 0), hi = max(max x, 0);
- *               scale = (hi - lo) / (qmax - qmin);
+ * ceil(cols/block). lo = min(min x, 0), hi = max(max x, 0); in double, rounded to
+ * float32 once (the rule of qt_quantize_kn; half = 2^(bits-1)):
+ *   symmetric:  m = hi >= -lo ? hi : lo (the signed extreme); scale = -m / half;
+ *               zero_point = 0 (signed type) or half (unsigned type). The extreme lands
+ *               on code qmin, all 2^bits levels are used, and the scale is NEGATIVE
+ *               when m > 0 (DequantizeLinear and MatMulNBits only multiply by it).
+ *   asymmetric: scale = (hi - lo) / (qmax - qmin);
  *               zero_point = clamp(round_half_even(qmin - lo / scale), qmin, qmax)
  *   A scale that comes out 0 (all-zero block, or underflow) is replaced by 1.0. */
 int qt_block_params_rtn(const float *x, int64_t rows, int64_t cols, int64_t block,
@@ -153,7 +156,7 @@ int qt_block_params_rtn(const float *x, int64_t rows, int64_t cols, int64_t bloc
 
 /* Like qt_block_params_rtn, but for each block tries the range shrunk by
  *   f_j = (float)(1 - j * (1 - min_shrink) / (n_grid - 1)),  j = 0..n_grid-1
- * (a -> f_j*a, or lo -> f_j*lo and hi -> f_j*hi in float32) and keeps the f_j whose
+ * (lo -> f_j*lo and hi -> f_j*hi in float32, then the rule above) and keeps the f_j whose
  * quantize->dequantize error sum((x - y)^2) is least (first j on ties). The error of
  * an element is computed in float32 and summed in double. n_grid >= 1,
  * 0 < min_shrink <= 1. */

@@ -10,24 +10,34 @@ typedef struct {
     int32_t qmin, qmax;
 } qspec;
 
-/* scale and zero point from the block's range lo <= 0 <= hi shrunk by f. */
-static void params_from_range(const qspec *q, float lo, float hi, float f, float *scale,
-                              int32_t *zp) {
-    if (q->sym) {
-        float a = (-lo > hi ? -lo : hi) * f;
-        int32_t half = 1 << (qt__bits(q->t) - 1);
-        float s = (float)((double)a / (double)(half - 1));
+/* The block RTN rule (qt_block_params_rtn in qtool.h; numpy: reference.range_params):
+ * scale and zero point from the block's range lo <= 0 <= hi shrunk by f (float32
+ * products), then in double rounded to float32 once. qt_quantize_kn uses it too. */
+void qt__range_params(float lo, float hi, float f, int bits, int sgn, int sym, float *scale,
+                      int32_t *zp) {
+    const int32_t half = 1 << (bits - 1);
+    const int32_t qmin = sgn ? -half : 0, qmax = sgn ? half - 1 : (1 << bits) - 1;
+    float l = lo * f, h = hi * f;
+    if (sym) {
+        /* the signed extreme lands on code qmin (0, or -half when signed): all 2^bits
+         * levels are used; the scale is negative when the extreme is > 0 */
+        float m = h >= -l ? h : l;
+        float s = (float)(-(double)m / (double)half);
         *scale = s == 0.0f ? 1.0f : s;
-        *zp = qt__signed(q->t) ? 0 : half;
+        *zp = sgn ? 0 : half;
         return;
     }
-    float l = lo * f, h = hi * f;
-    float s = (float)(((double)h - (double)l) / (double)(q->qmax - q->qmin));
+    float s = (float)(((double)h - (double)l) / (double)(qmax - qmin));
     if (s == 0.0f) s = 1.0f;
-    double z = nearbyint((double)q->qmin - (double)l / (double)s);
-    z = z < q->qmin ? q->qmin : (z > q->qmax ? q->qmax : z);
+    double z = nearbyint((double)qmin - (double)l / (double)s);
+    z = z < qmin ? qmin : (z > qmax ? qmax : z);
     *scale = s;
     *zp = (int32_t)z;
+}
+
+static void params_from_range(const qspec *q, float lo, float hi, float f, float *scale,
+                              int32_t *zp) {
+    qt__range_params(lo, hi, f, qt__bits(q->t), qt__signed(q->t), q->sym, scale, zp);
 }
 
 /* min(min x, 0) and max(max x, 0) over one block. */
@@ -60,8 +70,7 @@ static double sqerr_scalar(const float *x, int64_t n, float s, int32_t zp, const
 QT_TARGET_AVX512 static int range_avx512(const float *x, int64_t n, float *lo, float *hi) {
     __m512 l = _mm512_setzero_ps(), h = l;
     for (int64_t i = 0; i < n; i += 16) {
-        int64_t left = n - i;
-        __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+        __mmask16 m = qt__lanes16(n - i);
         __m512 v = _mm512_maskz_loadu_ps(m, x + i);
         if ((__mmask16)(qt__finite16(v) | ~m) != 0xffff)
             return QT_ERR_NONFINITE;
@@ -79,8 +88,7 @@ QT_TARGET_AVX512 static double sqerr_avx512(const float *x, int64_t n, float s, 
     const __m512 vz = _mm512_set1_ps((float)zp), vs = _mm512_set1_ps(s);
     __m512d acc0 = _mm512_setzero_pd(), acc1 = acc0;
     for (int64_t i = 0; i < n; i += 16) {
-        int64_t left = n - i;
-        __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+        __mmask16 m = qt__lanes16(n - i);
         __m512 v = _mm512_maskz_loadu_ps(m, x + i);
         __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         r = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, vz), lo), hi);

@@ -21,6 +21,11 @@
 /* The level to use now (reads QTOOL_ISA on first call). */
 int qt__isa(void);
 
+/* The block RTN rule (blockparams.c): scale and zero point of a block from its range
+ * lo = min(min x, 0), hi = max(max x, 0) shrunk by f; bits-wide codes, signed or not. */
+void qt__range_params(float lo, float hi, float f, int bits, int sgn, int sym, float *scale,
+                      int32_t *zp);
+
 static inline int qt__bits(qt_qtype t) { return t <= QT_S8 ? 8 : (t <= QT_S4 ? 4 : 2); }
 static inline int qt__signed(qt_qtype t) { return (int)t & 1; }
 static inline int32_t qt__qmin(qt_qtype t) {

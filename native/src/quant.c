@@ -102,8 +102,7 @@ QT_TARGET_AVX512 static int quant_run_avx512(const void *in, int64_t off, int64_
     __m512 vs = _mm512_set1_ps(s[0]);
     __m512 vz = _mm512_set1_ps(zp ? (float)zp[0] : 0.0f);
     for (int64_t i = 0; i < n; i += 16) {
-        int64_t left = n - i;
-        __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+        __mmask16 m = qt__lanes16(n - i);
         __m512 v = _mm512_maskz_loadu_ps(m, x + i);
         if ((__mmask16)(qt__finite16(v) | ~m) != 0xffff)
             return QT_ERR_NONFINITE;
@@ -127,8 +126,7 @@ QT_TARGET_AVX512 static int dequant_run_avx512(const void *in, int64_t off, int6
     __m512 vs = _mm512_set1_ps(s[0]);
     __m512i vz = _mm512_set1_epi32(zp ? zp[0] : 0);
     for (int64_t i = 0; i < n; i += 16) {
-        int64_t left = n - i;
-        __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+        __mmask16 m = qt__lanes16(n - i);
         __m128i b = _mm_maskz_loadu_epi8(m, qb + i);
         __m512i c = sgn ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
         if (stride) {
@@ -184,7 +182,7 @@ static int check_args(const void *in, int64_t outer, int64_t C, int64_t inner, i
     int64_t np = block == 0 ? C : outer * ((C + block - 1) / block) * inner;
     if (outer == 0 || inner == 0) np = 0;
     for (int64_t i = 0; i < np; i++) {
-        if (!(s[i] > 0.0f) || !qt__finite(s[i])) return QT_ERR_ARG;
+        if (s[i] == 0.0f || !qt__finite(s[i])) return QT_ERR_ARG; /* < 0 is fine: symmetric RTN */
         if (zp && (zp[i] < qt__qmin((qt_qtype)t) || zp[i] > qt__qmax((qt_qtype)t))) return QT_ERR_ARG;
     }
     return QT_OK;

@@ -30,21 +30,11 @@ typedef struct {
 } kn_job;
 
 /* Scale and zero point from the block's range lo = min(min x, 0), hi = max(max x, 0)
- * (the vector paths start their min/max at 0): see qt_quantize_kn in qtool.h. */
+ * (the vector paths start their min/max at 0): the block RTN rule, qt__range_params. */
 static void kn_params(const kn_job *j, float lo, float hi, float *scale, float *zero) {
-    if (j->sym) {
-        /* the signed extreme lands on code 0; the scale is negative when it is > 0 */
-        float m = hi >= -lo ? hi : lo;
-        float s = (float)(-(double)m / (double)(1 << (j->bits - 1)));
-        *scale = s == 0.0f ? 1.0f : s;
-        *zero = (float)(1 << (j->bits - 1));
-        return;
-    }
-    float s = (float)(((double)hi - (double)lo) / (double)j->qmax);
-    if (s == 0.0f) s = 1.0f;
-    double z = nearbyint(-(double)lo / (double)s);
-    *scale = s;
-    *zero = (float)(z < 0 ? 0 : (z > j->qmax ? j->qmax : z));
+    int32_t z;
+    qt__range_params(lo, hi, 1.0f, j->bits, 0, j->sym, scale, &z);
+    *zero = (float)z;
 }
 
 /* Write one strip's results: words[w * ld + lane] (w < wpb) for block jb, columns c..c+n. */

@@ -82,6 +82,22 @@ static void test_policy_and_args(void) {
         free(big);
         float zero = 0.0f;
         CHECK(qt_quantize(x, 1, 1, 100, 0, &zero, NULL, QT_U8, q) == QT_ERR_ARG, "zero scale");
+        {
+            /* symmetric block RTN: the signed extreme lands on code 0 (scale -m/8, so
+             * negative when m > 0), and qt_quantize takes that negative scale */
+            float b[32] = {4.0f, 0.25f, 0.75f, -1.25f}, bs[2];
+            int32_t bz[2];
+            uint8_t bq[32];
+            b[16] = -8.0f;
+            b[17] = 2.5f;
+            CHECK(qt_block_params_rtn(b, 1, 32, 16, QT_U4, 1, bs, bz) == QT_OK, "sym params");
+            CHECK(bs[0] == -0.5f && bs[1] == 1.0f && bz[0] == 8 && bz[1] == 8,
+                  "%s sym params %g %g %d", isa_name(l), bs[0], bs[1], bz[0]);
+            CHECK(qt_quantize(b, 1, 32, 1, 16, bs, bz, QT_U4, bq) == QT_OK, "negative scale");
+            /* 4/-.5 = -8 -> 0; .25 -> -0.5 -> 8; .75 -> -1.5 -> 6; -1.25 -> 2.5 -> 10 (ties to even) */
+            CHECK(bq[0] == 0 && bq[1] == 8 && bq[2] == 6 && bq[3] == 10 && bq[16] == 0 && bq[17] == 10,
+                  "%s sym codes %d %d %d %d %d %d", isa_name(l), bq[0], bq[1], bq[2], bq[3], bq[16], bq[17]);
+        }
         CHECK(qt_histogram(x, 100, 1.0f, 1.0f, counts, 8) == QT_ERR_ARG, "lo == hi");
         CHECK(qt_minmax(x, 0, &mn, &mx) == QT_ERR_ARG, "empty minmax");
         CHECK(qt_minmax(NULL, 3, &mn, &mx) == QT_ERR_ARG, "null");

@@ -141,7 +141,7 @@ def histogram(x: np.ndarray, lo: float, hi: float, counts: np.ndarray) -> np.nda
     unchanged."""
     if not _native():
         return reference.histogram(x, lo, hi, counts)
-    bins = reference._check_histogram(counts, lo, hi)
+    bins = reference.check_histogram(counts, lo, hi)
     x = _f32(x)
     st = _lib.qt_histogram(_buf("float[]", x), x.size, float(np.float32(lo)),
                            float(np.float32(hi)), _ffi.from_buffer("int64_t[]", counts), bins)
@@ -156,7 +156,7 @@ def histogram_pow2(x: np.ndarray, k: int, start: int, counts: np.ndarray) -> np.
     On NaN/Inf: NonFiniteError and counts unchanged."""
     if not _native():
         return reference.histogram_pow2(x, k, start, counts)
-    bins = reference._check_histogram_pow2(counts, k, start)
+    bins = reference.check_histogram_pow2(counts, k, start)
     x = _f32(x)
     st = _lib.qt_histogram_pow2(_buf("float[]", x), x.size, int(k), int(start),
                                 _ffi.from_buffer("int64_t[]", counts), bins)
@@ -256,7 +256,7 @@ def pack_matmulnbits(q, bits: int, block_size: int, zero_points=None) -> np.ndar
     n, k = q.shape
     nb = -(-k // block_size)
     zp = None if zero_points is None else np.ascontiguousarray(
-        reference._zero_points_or_default(zero_points, n, nb, bits))
+        reference.zero_points_or_default(zero_points, n, nb, bits))
     b = np.empty((n, nb, block_size * bits // 8), dtype=np.uint8)
     st = _lib.qt_pack_matmulnbits(_buf("uint8_t[]", q), n, k, block_size, bits,
                                   _ffi.NULL if zp is None else _buf("uint8_t[]", zp), _ffi.from_buffer(b))
@@ -333,8 +333,9 @@ def _block_params(kernel, x, block_size, qtype, symmetric, n_grid, min_shrink):
 def block_params_rtn(x, block_size: int, qtype: str, symmetric: bool):
     """Round-to-nearest (scale float32 [rows, nb], zero_point int32 [rows, nb]) for blocks
     of block_size along the last axis of x [rows, cols]; lo = min(min x, 0),
-    hi = max(max x, 0), in double rounded once to float32:
-      symmetric:  scale = max(-lo, hi) / (2**(bits-1) - 1), zp = 0 (s*) or 2**(bits-1) (u*)
+    hi = max(max x, 0), in double rounded once to float32 (reference.range_params):
+      symmetric:  scale = -m / 2**(bits-1), m the signed extreme (negative when m > 0),
+                  zp = 0 (s*) or 2**(bits-1) (u*)
       asymmetric: scale = (hi - lo) / (qmax - qmin), zp = clamp(rint(qmin - lo / scale))
     A zero scale becomes 1.0. NonFiniteError on NaN/Inf."""
     if not _native():
@@ -361,7 +362,7 @@ def quantize_kn(w, bits: int, block_size: int, symmetric: bool):
     reference.quantize_kn. One pass over w, no float transpose; releases the GIL."""
     if not _native():
         return reference.quantize_kn(w, bits, block_size, symmetric)
-    w = np.ascontiguousarray(reference._check_kn(w, bits, block_size))
+    w = np.ascontiguousarray(reference.check_kn(w, bits, block_size))
     k, n = w.shape
     nb = -(-k // block_size)
     b = np.empty((n, nb, block_size * bits // 8), dtype=np.uint8)
@@ -383,7 +384,7 @@ def gemm_u8s8(a, b_t, a_zero_point: int = 0, b_zero_point=None) -> np.ndarray:
     b_zero_point int8 [N] or None. Single-threaded; VNNI when the CPU has it."""
     if not _native():
         return reference.gemm_u8s8(a, b_t, a_zero_point, b_zero_point)
-    a, b_t, zb = reference._check_gemm(a, b_t, a_zero_point, b_zero_point)
+    a, b_t, zb = reference.check_gemm(a, b_t, a_zero_point, b_zero_point)
     a, b_t = np.ascontiguousarray(a), np.ascontiguousarray(b_t)
     c = np.empty((a.shape[0], b_t.shape[0]), dtype=np.int32)
     zbp = _ffi.NULL if b_zero_point is None else _buf("int8_t[]", np.ascontiguousarray(zb))
@@ -398,7 +399,7 @@ def requantize(acc, multiplier, zero_point: int, qtype: str = "u8") -> np.ndarra
     [M, N], multiplier float32 [N]; qtype u8 or s8."""
     if not _native():
         return reference.requantize(acc, multiplier, zero_point, qtype)
-    acc, mult = reference._check_requantize(acc, multiplier, zero_point, qtype)
+    acc, mult = reference.check_requantize(acc, multiplier, zero_point, qtype)
     acc = np.ascontiguousarray(acc)
     out = np.empty(acc.shape, dtype=qtype_info(qtype)[4])
     st = _lib.qt_requantize(_buf("int32_t[]", acc), acc.shape[0], acc.shape[1], _buf("float[]", mult),
@@ -417,7 +418,7 @@ def gemm_q4(a, b, scales, zero_points, K: int, block_size: int) -> np.ndarray:
     (8). Returns float32 [M, N]. Single-threaded."""
     if not _native():
         return reference.gemm_q4(a, b, scales, zero_points, K, block_size)
-    a, b, s, zp = reference._check_q4(a, b, scales, zero_points, K, block_size)
+    a, b, s, zp = reference.check_q4(a, b, scales, zero_points, K, block_size)
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
     y = np.empty((a.shape[0], b.shape[0]), dtype=np.float32)
     st = _lib.qt_gemm_q4(_buf("float[]", a), _buf("uint8_t[]", b), _buf("float[]", s),
@@ -438,7 +439,8 @@ def quantize_matmulnbits(w, bits: int = 4, block_size: int = 32, symmetric: bool
     (None when symmetric: the op's default 2**(bits-1) is then exact).
 
     Blocks run along K per output column n; parameters by RTN or the MSE search
-    (method "mse"); codes unsigned, W ~= (q - zp) * scale."""
+    (method "mse"); codes unsigned, W ~= (q - zp) * scale. With method "rtn" the result
+    equals quantize_kn (one rule: reference.range_params)."""
     nbits_check("quantize_matmulnbits", bits, block_size)
     if method not in ("rtn", "mse"):
         raise arg_error("quantize_matmulnbits", f"method must be 'rtn' or 'mse', got {method!r}")

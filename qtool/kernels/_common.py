@@ -51,6 +51,14 @@ def qtype_info(qtype: str) -> tuple[int, bool, int, int, np.dtype]:
     if qtype not in QTYPES:
         raise arg_error("qtype", f"unknown quantized type {qtype!r} (one of {', '.join(QTYPES)})")
     bits, signed, _ = QTYPES[qtype]
+    return code_range(bits, signed)
+
+
+def code_range(bits: int, signed: bool) -> tuple[int, bool, int, int, np.dtype]:
+    """qtype_info for any code width in [1, 8]: 3-bit codes have no qtype and no C
+    kernel, but the block rule (reference.range_params) quantizes them too."""
+    if not 1 <= bits <= 8:
+        raise arg_error("code_range", f"bits must be in [1, 8], got {bits}")
     if signed:
         return bits, True, -(1 << (bits - 1)), (1 << (bits - 1)) - 1, np.dtype(np.int8)
     return bits, False, 0, (1 << bits) - 1, np.dtype(np.uint8)
@@ -108,8 +116,9 @@ def quant_params(kernel: str, geo: Geometry, scale, zero_point, qtype: str):
     s = np.ascontiguousarray(scale, dtype=np.float32)
     if s.size != size:
         raise arg_error(kernel, f"scale has {s.size} values, expected shape {geo.param_shape}")
-    if size and not (np.isfinite(s).all() and (s > 0).all()):
-        raise arg_error(kernel, "scale must be finite and > 0")
+    # negative scales are valid (symmetric block RTN puts a positive extreme on code qmin)
+    if size and not (np.isfinite(s).all() and (s != 0).all()):
+        raise arg_error(kernel, "scale must be finite and non-zero")
     s = s.reshape(geo.param_shape)
     if zero_point is None:
         return s, None
@@ -127,3 +136,107 @@ def nbits_check(kernel: str, bits: int, block_size: int) -> None:
         raise arg_error(kernel, f"bits must be 2, 4 or 8, got {bits}")
     if block_size < 16 or block_size & (block_size - 1):
         raise arg_error(kernel, f"block_size must be a power of two >= 16, got {block_size}")
+
+
+# ---- argument checks shared by a C kernel and its twin ----------------------------
+
+_F32 = np.float32
+
+
+def check_counts(kernel: str, counts) -> int:
+    """The bins of a histogram kernel's ``counts`` argument, checked as the C kernels check it."""
+    if not (isinstance(counts, np.ndarray) and counts.dtype == np.int64 and counts.ndim == 1
+            and counts.flags.c_contiguous and counts.flags.writeable):
+        raise arg_error(kernel, "counts must be a writable contiguous int64 1-D array")
+    bins = counts.shape[0]
+    if not 1 <= bins <= 1 << 24:
+        raise arg_error(kernel, f"bins must be in [1, 2**24], got {bins}")
+    return bins
+
+
+def check_histogram_pow2(counts, k, start) -> int:
+    bins = check_counts("histogram_pow2", counts)
+    if not isinstance(k, (int, np.integer)) or not -127 <= k <= 126:
+        raise arg_error("histogram_pow2", f"level k must be an integer in [-127, 126], got {k}")
+    if (not isinstance(start, (int, np.integer)) or abs(int(start)) > 1 << 62
+            or int(_F32(start)) != start):
+        raise arg_error("histogram_pow2", f"start must be an integer exact in float32, got {start}")
+    return bins
+
+
+def check_histogram(counts, lo, hi) -> int:
+    bins = check_counts("histogram", counts)
+    lo32, hi32 = _F32(lo), _F32(hi)
+    with np.errstate(over="ignore"):
+        w = hi32 - lo32
+    if not (np.isfinite(lo32) and np.isfinite(hi32) and np.isfinite(w) and hi32 > lo32):
+        raise arg_error("histogram", f"need finite lo < hi, got [{lo}, {hi}]")
+    return bins
+
+
+def check_gemm(a, b_t, a_zero_point, b_zero_point):
+    a, b_t = np.asarray(a), np.asarray(b_t)
+    if a.dtype != np.uint8 or b_t.dtype != np.int8 or a.ndim != 2 or b_t.ndim != 2 \
+            or a.shape[1] != b_t.shape[1]:
+        raise arg_error("gemm_u8s8", "need a uint8 [M, K] and b_t int8 [N, K]")
+    if not 0 <= int(a_zero_point) <= 255:
+        raise arg_error("gemm_u8s8", "a_zero_point must be in [0, 255]")
+    if b_zero_point is None:
+        zb = np.zeros(b_t.shape[0], dtype=np.int8)
+    else:
+        zb = np.asarray(b_zero_point)
+        if zb.dtype != np.int8 or zb.shape != (b_t.shape[0],):
+            raise arg_error("gemm_u8s8", "b_zero_point must be int8 [N]")
+    return a, b_t, zb
+
+
+def check_requantize(acc, multiplier, zero_point, qtype):
+    _, _, qmin, qmax, _ = qtype_info(qtype)
+    acc = np.asarray(acc)
+    mult = np.ascontiguousarray(multiplier, dtype=_F32).reshape(-1)
+    if qtype not in ("u8", "s8") or acc.dtype != np.int32 or acc.ndim != 2:
+        raise arg_error("requantize", "need acc int32 [M, N] and qtype u8/s8")
+    if mult.shape != (acc.shape[1],) or not np.isfinite(mult).all():
+        raise arg_error("requantize", "multiplier must be finite float32 [N]")
+    if not qmin <= int(zero_point) <= qmax:
+        raise arg_error("requantize", f"zero_point outside [{qmin}, {qmax}]")
+    return acc, mult
+
+
+def check_q4(a, b, scales, zero_points, K, block_size):
+    nbits_check("gemm_q4", 4, block_size)
+    a, b = np.asarray(a, dtype=_F32), np.asarray(b)
+    nb = -(-K // block_size)
+    if a.ndim != 2 or a.shape[1] != K:
+        raise arg_error("gemm_q4", f"a must be float32 [M, {K}]")
+    if b.dtype != np.uint8 or b.ndim != 3 or b.shape[1:] != (nb, block_size // 2):
+        raise arg_error("gemm_q4", f"b must be uint8 [N, {nb}, {block_size // 2}]")
+    n = b.shape[0]
+    s = np.ascontiguousarray(scales, dtype=_F32)
+    if s.size != n * nb:
+        raise arg_error("gemm_q4", f"scales must hold N*n_blocks = {n * nb} values")
+    zp = None
+    if zero_points is not None:
+        zp = np.ascontiguousarray(zero_points, dtype=np.uint8).reshape(-1)
+        if zp.size != n * ((nb + 1) // 2):
+            raise arg_error("gemm_q4", f"packed zero_points must hold {n * ((nb + 1) // 2)} bytes")
+    return a, b, s.reshape(n, nb), zp
+
+
+def check_kn(w, bits: int, block_size: int) -> np.ndarray:
+    nbits_check("quantize_kn", bits, block_size)
+    if block_size > 256:
+        raise arg_error("quantize_kn", f"block_size must be at most 256, got {block_size}")
+    w = np.asarray(w)
+    if w.ndim != 2 or w.dtype != _F32 or 0 in w.shape:
+        raise arg_error("quantize_kn", f"w must be a non-empty float32 [K, N], got {w.dtype} {w.shape}")
+    return w
+
+
+def zero_points_or_default(zero_points, n: int, nb: int, bits: int) -> np.ndarray:
+    if zero_points is None:
+        return np.full((n, nb), 1 << (bits - 1), dtype=np.uint8)
+    zp = np.asarray(zero_points)
+    if zp.shape != (n, nb) or zp.dtype != np.uint8:
+        raise arg_error("pack_matmulnbits", f"zero_points must be uint8 [{n}, {nb}]")
+    return zp

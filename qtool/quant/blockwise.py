@@ -6,15 +6,15 @@ returns a :class:`~qtool.quant.formats.BlockQuant` with unsigned codes:
 
     w ~= (q - z) * s,   q = clamp(round_half_even(w / s) + z, 0, 2^bits - 1)
 
-Symmetric: ``m`` = the block's value of largest magnitude (with its sign), ``s = -m /
-2^(bits-1)``, ``z = 2^(bits-1)``: the extreme lands exactly on code 0 and all 2^bits levels
-are used (the scale is negative when m > 0; MatMulNBits, DequantizeLinear and
-GatherBlockQuantized only multiply by it). Measured on SmolLM2, ``max|w| / (2^(bits-1)-1)``
-(15 of 16 levels, the native ``qt_block_params_rtn`` rule) lost 15 perplexity points at
-4-bit/128 against this rule. Asymmetric: ``lo = min(min w, 0)``, ``hi = max(max w, 0)``,
-``s = (hi - lo) / (2^bits - 1)``, ``z = clamp(round_half_even(-lo / s), 0, 2^bits - 1)``
-(as ``qt_block_params_rtn``). Scales are computed in float64 and rounded to float32 once;
-a zero scale becomes 1.0.
+Scales and zero points come from one rule, :func:`qtool.kernels.reference.range_params`
+(the numpy twin of the C kernels ``qt_block_params_*`` and ``qt_quantize_kn``). Symmetric:
+``m`` = the block's value of largest magnitude (with its sign), ``s = -m / 2^(bits-1)``,
+``z = 2^(bits-1)``: the extreme lands exactly on code 0 and all 2^bits levels are used
+(the scale is negative when m > 0). Asymmetric: ``lo = min(min w, 0)``,
+``hi = max(max w, 0)``, ``s = (hi - lo) / (2^bits - 1)``,
+``z = clamp(round_half_even(-lo / s), 0, 2^bits - 1)``. Parameters and codes come from
+the kernels (C when built); 3-bit codes, which have no kernel type, take their parameters
+from the numpy twin and their codes from the 4-bit kernel clamped to 7.
 
 Algorithms (``ALGORITHMS``):
 
@@ -41,7 +41,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qtool import kernels
 from qtool.errors import UsageError
+from qtool.kernels.reference import block_params_bits
 from qtool.quant.formats import BlockQuant, n_blocks, pad_cols
 
 ALGORITHMS = ("rtn", "mse", "hqq", "gptq", "awq")
@@ -102,21 +104,29 @@ def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     return pad_cols(np.asarray(w, dtype=np.float32), block_size).reshape(rows, n_blocks(cols, block_size), block_size)
 
 
-def _params_from_range(lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool):
-    """Scale (float32) and zero point (uint8) from a block range, per the module docstring."""
-    qmax = (1 << bits) - 1
-    if symmetric:
-        lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
-        m = np.where(hi >= -lo, hi, lo)  # signed extreme
-        scale = (-m / (1 << (bits - 1))).astype(np.float32)
-        scale[scale == 0] = 1.0
-        return scale, None
-    lo = np.minimum(lo, 0).astype(np.float64)
-    hi = np.maximum(hi, 0).astype(np.float64)
-    scale = ((hi - lo) / qmax).astype(np.float32)
-    scale[scale == 0] = 1.0
-    zp = np.clip(np.rint(-lo / scale.astype(np.float64)), 0, qmax).astype(np.uint8)
-    return scale, zp
+# code widths with a kernel qtype; 3-bit codes are quantized in a 4-bit container
+_QTYPES = {2: "u2", 3: "u4", 4: "u4", 8: "u8"}
+
+
+def block_params(w: np.ndarray, bits: int, block_size: int, symmetric: bool, n_grid: int = 1,
+                 min_shrink: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-block scale (float32 [rows, nb]) and zero point (uint8, None when symmetric) of
+    ``w[rows, cols]``: RTN (``n_grid=1``) or the kernels' MSE clipping search."""
+    if bits == 3:
+        s, z = block_params_bits(w, block_size, bits, symmetric, n_grid, min_shrink)
+    else:
+        s, z = kernels.block_params_mse(w, block_size, _QTYPES[bits], symmetric, n_grid, min_shrink)
+    return s, (None if symmetric else z.astype(np.uint8))
+
+
+def quantize_codes(w: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, bits: int,
+                   block_size: int) -> np.ndarray:
+    """Codes uint8 ``[rows, cols]`` = clamp(round_half_even(w / s) + z, 0, 2^bits - 1)."""
+    z = np.full(scale.shape, 1 << (bits - 1), np.int32) if zp is None else zp.astype(np.int32)
+    q = kernels.quantize(w, scale, z, qtype=_QTYPES[bits], axis=1, block_size=block_size)
+    if bits == 3:  # clamp(clamp(r, 0, 15), 0, 7) == clamp(r, 0, 7)
+        np.minimum(q, 7, out=q)
+    return q
 
 
 def quantize_blocks(xb: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, bits: int) -> np.ndarray:
@@ -138,23 +148,9 @@ def _block_sse(xb: np.ndarray, q: np.ndarray, scale, zp, bits) -> np.ndarray:
     return np.einsum("rbk,rbk->rb", d, d, dtype=np.float64)
 
 
-def _finish(w: np.ndarray, q: np.ndarray, scale, zp, bits: int, block_size: int) -> BlockQuant:
-    rows, cols = w.shape
-    codes = np.ascontiguousarray(q.reshape(rows, -1)[:, :cols])
-    return BlockQuant(codes, scale, zp, bits, block_size)
-
-
 def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> BlockQuant:
     """Round-to-nearest block quantization of ``w[rows, cols]`` (formulas in the module doc)."""
-    xb = _blocks(w, block_size)
-    scale, zp = _params_from_range(xb.min(-1), xb.max(-1), bits, symmetric)
-    return _finish(w, quantize_blocks(xb, scale, zp, bits), scale, zp, bits, block_size)
-
-
-def rtn_columns(w_kn: np.ndarray, bits: int, block_size: int, symmetric: bool = True,
-                chunk_rows: int = 0) -> tuple[BlockQuant, float]:
-    """RTN of a MatMul weight stored as ``W[K, N]`` (blocks along K); see quantize_slabs."""
-    return quantize_slabs(w_kn, bits, block_size, symmetric, "rtn", k_axis=0, chunk=chunk_rows)
+    return mse(w, bits, block_size, symmetric, n_grid=1, min_shrink=1.0)
 
 
 def quantize_slabs(
@@ -172,14 +168,12 @@ def quantize_slabs(
     ``k_axis=0``: ``w`` is a MatMul weight ``W[K, N]`` (blocks along K); slabs are whole
     blocks of K rows, transposed in cache, so no full float transpose is ever made.
     ``k_axis=1``: ``w`` is already ``[rows, K]``; slabs are groups of rows.
-    Codes equal ``rtn``/``mse`` on the [N, K] orientation exactly. Streams a memory-mapped
-    weight (each slab is read once). Uses the native kernels when present (bits 2, 4, 8).
+    Each slab goes through ``rtn``/``mse``, so codes equal theirs on the [N, K] orientation
+    exactly. Streams a memory-mapped weight (each slab is read once).
 
     Returns (BlockQuant in the [rows, K] orientation, sum of squared weight errors; NaN
     when ``measure`` is False, which saves a dequantize pass).
     """
-    from qtool import kernels
-
     if k_axis == 0:
         k, n = w.shape
     else:
@@ -188,8 +182,6 @@ def quantize_slabs(
     codes = np.empty((n, k), dtype=np.uint8)
     scales = np.empty((n, nb), dtype=np.float32)
     zps = None if symmetric else np.empty((n, nb), dtype=np.uint8)
-    qtype = {2: "u2", 4: "u4", 8: "u8"}.get(bits)
-    native = qtype is not None and kernels.BACKEND == "native"
     if not chunk:  # a float slab of about 512 KiB stays in L2
         if k_axis == 0:
             chunk = max(block_size, (1 << 17) // max(n, 1) // block_size * block_size)
@@ -206,35 +198,13 @@ def quantize_slabs(
         else:
             x = np.ascontiguousarray(w[i0:i1], dtype=np.float32)  # [chunk, K]
             rows, cols, blocks = slice(i0, i1), slice(None), slice(None)
-        if native and symmetric and method == "rtn":
-            # Signed scales (module doc); the kernels take positive scales, so flip the sign
-            # of each block's weights instead: rint(x / s) == rint(-x / -s).
-            rows_, cols_ = x.shape
-            xb = pad_cols(x, block_size).reshape(rows_, -1, block_size)
-            sc, _ = _params_from_range(xb.min(-1), xb.max(-1), bits, True)
-            sign = np.repeat(np.sign(sc), block_size, axis=1)[:, :cols_]
-            xf = x * sign
-            z = np.full(sc.shape, 1 << (bits - 1), np.int32)
-            q = kernels.quantize(xf, np.abs(sc), z, qtype=qtype, axis=1, block_size=block_size)
-            y = kernels.dequantize(q, np.abs(sc), z, qtype=qtype, axis=1, block_size=block_size) * sign if measure else None
-            z = None
-        elif native and not symmetric:
-            if method == "mse":
-                sc, z = kernels.block_params_mse(x, block_size, qtype, symmetric)
-            else:
-                sc, z = kernels.block_params_rtn(x, block_size, qtype, symmetric)
-            q = kernels.quantize(x, sc, z, qtype=qtype, axis=1, block_size=block_size)
-            y = kernels.dequantize(q, sc, z, qtype=qtype, axis=1, block_size=block_size) if measure else None
-            z = z.astype(np.uint8)
-        else:
-            part = mse(x, bits, block_size, symmetric) if method == "mse" else rtn(x, bits, block_size, symmetric)
-            q, sc, z = part.codes, part.scales, part.zero_points
-            y = part.dequantize() if measure else None
-        codes[rows, cols] = q
-        scales[rows, blocks] = sc
+        part = mse(x, bits, block_size, symmetric) if method == "mse" else rtn(x, bits, block_size, symmetric)
+        codes[rows, cols] = part.codes
+        scales[rows, blocks] = part.scales
         if zps is not None:
-            zps[rows, blocks] = z
+            zps[rows, blocks] = part.zero_points
         if measure:
+            y = part.dequantize()
             y -= x
             sse += float(np.einsum("ij,ij->", y, y))
     return BlockQuant(codes, scales, zps, bits, block_size), (sse if measure else float("nan"))
@@ -243,35 +213,14 @@ def quantize_slabs(
 # ---- MSE clipping search -----------------------------------------------------------------
 
 
-def mse(
-    w: np.ndarray,
-    bits: int,
-    block_size: int,
-    symmetric: bool = True,
-    n_grid: int = 20,
-    min_shrink: float = 0.5,
-) -> BlockQuant:
+def mse(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True, n_grid: int = 20,
+        min_shrink: float = 0.5) -> BlockQuant:
     """Per block, the range ``f * range`` (f_j = 1 - j (1 - min_shrink)/(n_grid - 1)) with the
-    least ``sum (w - w_hat)^2``; f = 1 is RTN, so the result is never worse than RTN."""
-    xb = _blocks(w, block_size)
-    lo0, hi0 = xb.min(-1), xb.max(-1)
-    best = None
-    for j in range(n_grid):
-        f = np.float32(1.0 - j * (1.0 - min_shrink) / max(n_grid - 1, 1))
-        scale, zp = _params_from_range(lo0 * f, hi0 * f, bits, symmetric)
-        q = quantize_blocks(xb, scale, zp, bits)
-        err = _block_sse(xb, q, scale, zp, bits)
-        if best is None:
-            best = [err, q, scale, zp]
-            continue
-        better = err < best[0]
-        best[0] = np.where(better, err, best[0])
-        best[1] = np.where(better[..., None], q, best[1])
-        best[2] = np.where(better, scale, best[2])
-        if zp is not None:
-            best[3] = np.where(better, zp, best[3])
-    _, q, scale, zp = best
-    return _finish(w, q, scale.astype(np.float32), zp, bits, block_size)
+    least ``sum (w - w_hat)^2`` (the kernels' block_params_mse); f = 1 is RTN, so the result
+    is never worse than RTN."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    scale, zp = block_params(w, bits, block_size, symmetric, n_grid, min_shrink)
+    return BlockQuant(quantize_codes(w, scale, zp, bits, block_size), scale, zp, bits, block_size)
 
 
 # ---- HQQ ---------------------------------------------------------------------------------
@@ -337,7 +286,8 @@ def hqq(
     scale = np.where(better, scale, base.scales).astype(np.float32)
     if zp is not None:
         zp = np.where(better, zp, base.zero_points)
-    return _finish(w, q, scale, zp, bits, block_size)
+    codes = np.ascontiguousarray(q.reshape(w.shape[0], -1)[:, : w.shape[1]])
+    return BlockQuant(codes, scale, zp, bits, block_size)
 
 
 # ---- GPTQ --------------------------------------------------------------------------------
@@ -397,10 +347,10 @@ def gptq(
             g = col // block_size
             if not act_order and col % block_size == 0:
                 seg = w1[:, i : i + block_size].astype(np.float32)
-                s, z = _params_from_range(seg.min(-1), seg.max(-1), bits, symmetric)
+                s, z = block_params(seg, bits, block_size, symmetric)
                 if z is not None:
-                    zps[:, g] = z
-                scales[:, g] = s
+                    zps[:, g] = z[:, 0]
+                scales[:, g] = s[:, 0]
             s = scales[:, g].astype(np.float64)
             z = (1 << (bits - 1)) if zps is None else zps[:, g].astype(np.float64)
             x = w1[:, i]

@@ -1,6 +1,8 @@
 """Bit widths, block layouts and packing for weight-only quantization.
 
-One module owns every low-bit layout qtool writes. Codes are always handled *unsigned*,
+One module describes every low-bit layout qtool writes; the bytes of each come from
+qtool.kernels, whose numpy twins (kernels/reference.py) are the definition and whose C
+kernels are held to them byte for byte. Codes are always handled *unsigned*,
 one per byte, ``q in [0, 2^bits)``, with a zero point ``z`` (``2^(bits-1)`` when symmetric):
 
     w ~= (q - z) * s                       (s: float32 scale of the block)
@@ -76,8 +78,13 @@ class BlockQuant:
         return self.zero_points
 
     def dequantize(self) -> np.ndarray:
-        """float32 [rows, cols]: ``(q - z) * s`` evaluated in float32."""
-        return dequantize_blocks(self.codes, self.scales, self.zero_point_array(), self.block_size)
+        """float32 [rows, cols]: ``(q - z) * s`` evaluated in float32 (kernels.dequantize;
+        float zero points, which no kernel type holds, by dequantize_blocks)."""
+        zp = self.zero_point_array()
+        if zp.dtype.kind == "f":
+            return dequantize_blocks(self.codes, self.scales, zp, self.block_size)
+        return kernels.dequantize(self.codes, self.scales, zp.astype(np.int32), qtype="u8", axis=1,
+                                  block_size=self.block_size)
 
 
 def check_bits(bits: int, block_size: int) -> None:
@@ -121,67 +128,29 @@ def dequantize_blocks(
 
 
 # ---- packing -------------------------------------------------------------------------
-# The numpy code below is the definition; with the native backend the same layouts come
-# from qtool.kernels (qt_pack, qt_pack_matmulnbits), tested equal in tests/test_lowbit.py.
+# Each layout is defined once, by qtool.kernels (the C kernel, or its numpy twin in
+# kernels/reference.py, which is the definition); this module only shapes arrays for it.
 
-
-def _native() -> bool:
-    return kernels.BACKEND == "native"
-
+_UNSIGNED = {2: "u2", 4: "u4", 8: "u8"}
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes along the last axis, low bits first (ONNX and MatMulNBits order).
+    """Pack codes along the last axis, low bits first (ONNX and MatMulNBits order).
 
-    ``codes[..., n]`` (uint8, values < 2^bits) -> uint8 ``[..., ceil(n*bits/8)]``; element i
-    goes to byte ``i*bits//8`` at bit ``(i*bits) % 8``; a short last byte is zero padded.
-    Codes are masked to ``bits`` first, so signed values pack as two's complement.
+    ``codes[..., n]`` (values < 2^bits) -> uint8 ``[..., ceil(n*bits/8)]``: a 1-D array is
+    packed as ONNX packs a flattened tensor (``kernels.pack``); higher ranks row by row,
+    each row zero padded to whole bytes (``kernels.pack_zero_points``: the layout of
+    MatMulNBits zero points and of GatherBlockQuantized data). Codes are masked to
+    ``bits``, so int8 values pack as two's complement.
     """
-    codes = np.asarray(codes)
-    if bits == 8:
-        return codes.astype(np.uint8, copy=True)
-    if bits not in (2, 4):
+    if bits not in _UNSIGNED:
         raise ValueError(f"pack_bits: bits must be 2, 4 or 8, got {bits}")
-    if _native() and codes.dtype == np.uint8 and (codes.ndim == 1 or (codes.shape[-1] * bits) % 8 == 0):
-        # whole bytes per row: packing the flattened array is the same as row by row
-        out = kernels.pack(codes.reshape(-1), "u4" if bits == 4 else "u2")
-        return out.reshape(*codes.shape[:-1], -1)
-    per_byte = 8 // bits
-    n = codes.shape[-1]
-    n_bytes = -(-n // per_byte)
-    mask = (1 << bits) - 1
-    q = codes.astype(np.uint8) & mask
-    if n_bytes * per_byte != n:
-        pad = np.zeros((*q.shape[:-1], n_bytes * per_byte - n), dtype=np.uint8)
-        q = np.concatenate([q, pad], axis=-1)
-    q = q.reshape(*q.shape[:-1], n_bytes, per_byte)
-    out = q[..., 0].copy()
-    for j in range(1, per_byte):
-        out |= q[..., j] << (bits * j)
-    return out
-
-
-def unpack_bits(packed: np.ndarray, bits: int, n: int, signed: bool = False) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: ``packed[..., bytes]`` -> codes ``[..., n]``.
-
-    uint8 codes, or int8 sign-extended from ``bits`` when ``signed``.
-    """
-    packed = np.asarray(packed, dtype=np.uint8)
-    if bits == 8:
-        out = packed[..., :n].copy()
-    else:
-        per_byte = 8 // bits
-        mask = (1 << bits) - 1
-        parts = [(packed >> (bits * j)) & mask for j in range(per_byte)]
-        out = np.stack(parts, axis=-1).reshape(*packed.shape[:-1], -1)[..., :n]
-        out = np.ascontiguousarray(out)
-    if signed:
-        if bits == 8:
-            return out.view(np.int8)
-        half = 1 << (bits - 1)
-        v = out.astype(np.int8)
-        return np.where(v >= half, v - 2 * half, v).astype(np.int8)
-    return out
+    q = np.asarray(codes).astype(np.uint8, copy=False)  # int8 -> its two's complement byte
+    if q.ndim <= 1:
+        return kernels.pack(q.reshape(-1), _UNSIGNED[bits])
+    width = -(-q.shape[-1] * bits // 8)
+    rows = q.reshape(-1, q.shape[-1])
+    return kernels.pack_zero_points(rows, bits).reshape(*q.shape[:-1], width)
 
 
 def storage_bits(bits: int) -> int:
@@ -189,41 +158,13 @@ def storage_bits(bits: int) -> int:
     return 4 if bits == 3 else bits
 
 
-def pack_matmulnbits(codes: np.ndarray, zero_points: np.ndarray | None, bits: int, block_size: int) -> np.ndarray:
-    """MatMulNBits ``B``: codes [N, K] -> uint8 [N, n_blocks, block_size*bits/8].
-
-    K is padded to ``n_blocks*block_size`` with each block's zero point, so the padded
-    weights dequantize to exactly 0 (the kernel reads whole blocks).
-    """
-    n, k = codes.shape
-    nb = n_blocks(k, block_size)
-    if _native() and bits in (2, 4, 8):
-        zp = None if zero_points is None else np.rint(zero_points).astype(np.uint8)
-        return kernels.pack_matmulnbits(np.ascontiguousarray(codes, dtype=np.uint8), bits, block_size, zp)
-    kp = nb * block_size
-    if kp != k:
-        full = np.empty((n, kp), dtype=np.uint8)
-        full[:, :k] = codes
-        zp = (
-            np.full((n, nb), 1 << (bits - 1), dtype=np.uint8)
-            if zero_points is None
-            else np.rint(zero_points).astype(np.uint8)
-        )
-        full[:, k:] = zp[:, -1:]
-        codes = full
-    blob = block_size * bits // 8
-    return pack_bits(codes, bits).reshape(n, nb, blob)
-
-
-def unpack_matmulnbits(b: np.ndarray, k: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`pack_matmulnbits`: [N, n_blocks, blob] -> codes [N, K] (padding dropped)."""
-    n = b.shape[0]
-    return unpack_bits(b.reshape(n, -1), bits, k)
-
-
-def pack_zero_points(zero_points: np.ndarray, bits: int) -> np.ndarray:
-    """MatMulNBits packed zero points: uint8 [N, n_blocks] -> [N, ceil(n_blocks*bits/8)]."""
-    return pack_bits(zero_points, bits)
+def container_zero_points(bq: BlockQuant) -> np.ndarray | None:
+    """Zero points as stored (uint8 or HQQ float32 [rows, n_blocks]), None for the
+    container's default 2^(storage_bits - 1). 3-bit symmetric codes centre on 4, not on
+    the 4-bit container's default 8, so they carry an explicit zero point of 4."""
+    if bq.zero_points is None and bq.bits == 3:
+        return np.full(bq.scales.shape, 4, dtype=np.uint8)
+    return bq.zero_points
 
 
 # ---- tensors for each format ---------------------------------------------------------
@@ -245,15 +186,16 @@ def matmulnbits_tensors(bq: BlockQuant) -> MatMulNBitsTensors:
     bits = storage_bits(bq.bits)
     if bits not in MATMULNBITS_BITS:
         raise UsageError(f"MatMulNBits cannot store {bq.bits}-bit weights", "use --bits 2, 3, 4 or 8")
-    zp = bq.zero_points
-    if zp is None and bq.bits == 3:
-        # 3-bit symmetric codes centre on 4; the 4-bit container's default would be 8.
-        zp = np.full(bq.scales.shape, 4, dtype=np.uint8)
-    b = pack_matmulnbits(bq.codes, zp, bits, bq.block_size)
+    zp = container_zero_points(bq)
+    # K is padded with each block's zero point (HQQ's float ones rounded), so padded
+    # weights dequantize to exactly 0
+    pad_zp = None if zp is None else np.rint(zp).astype(np.uint8)
+    codes = np.ascontiguousarray(bq.codes, dtype=np.uint8)
+    b = kernels.pack_matmulnbits(codes, bits, bq.block_size, pad_zp)
     if zp is None:
         packed_zp = None
     elif zp.dtype == np.uint8:
-        packed_zp = pack_zero_points(zp, bits)
+        packed_zp = pack_bits(zp, bits)
     else:
         packed_zp = zp.astype(np.float32)
     return MatMulNBitsTensors(
@@ -264,6 +206,31 @@ def matmulnbits_tensors(bq: BlockQuant) -> MatMulNBitsTensors:
         block_size=bq.block_size,
         k=bq.cols,
         n=bq.rows,
+    )
+
+
+@dataclass(frozen=True)
+class GatherBlockQuantizedTensors:
+    """Inputs of a com.microsoft GatherBlockQuantized (gather_axis 0, quantize_axis 1)
+    over a table quantized as ``E[V, D]`` (blocks along D)."""
+
+    data: np.ndarray  # uint8 [V, ceil(D*bits/8)], each row packed low bits first
+    scales: np.ndarray  # float32 [V, n_blocks]
+    zero_points: np.ndarray | None  # uint8 [V, ceil(n_blocks*bits/8)], packed like data
+    bits: int  # storage bits (the op's `bits` attribute)
+    block_size: int
+
+
+def gather_block_quantized_tensors(bq: BlockQuant) -> GatherBlockQuantizedTensors:
+    """GatherBlockQuantized tensors for a table quantized as ``E[V, D]`` (not transposed)."""
+    bits = storage_bits(bq.bits)
+    zp = container_zero_points(bq)
+    return GatherBlockQuantizedTensors(
+        data=pack_bits(bq.codes, bits),
+        scales=bq.scales.astype(np.float32),
+        zero_points=None if zp is None else pack_bits(zp, bits),
+        bits=bits,
+        block_size=bq.block_size,
     )
 
 
@@ -300,11 +267,9 @@ def blocked_dq_tensors(bq: BlockQuant, transpose: bool = True) -> BlockedDQTenso
     codes = bq.codes.T if transpose else bq.codes
     scale = bq.scales.T if transpose else bq.scales
     if bq.zero_points is None:
-        half = 1 << (bq.bits - 1)
-        signed_codes = codes.astype(np.int16) - half
-        packed = pack_bits(signed_codes.astype(np.int8).view(np.uint8).ravel(), bits)
+        signed_codes = (codes.astype(np.int16) - (1 << (bq.bits - 1))).astype(np.int8)
         return BlockedDQTensors(
-            packed=packed,
+            packed=kernels.pack(signed_codes, f"s{bits}"),
             scale=np.ascontiguousarray(scale, dtype=np.float32),
             zero_point_packed=None,
             bits=bits,
@@ -314,9 +279,9 @@ def blocked_dq_tensors(bq: BlockQuant, transpose: bool = True) -> BlockedDQTenso
         )
     zp = bq.zero_points.T if transpose else bq.zero_points
     return BlockedDQTensors(
-        packed=pack_bits(np.ascontiguousarray(codes).ravel(), bits),
+        packed=kernels.pack(codes, f"u{bits}"),
         scale=np.ascontiguousarray(scale, dtype=np.float32),
-        zero_point_packed=pack_bits(np.ascontiguousarray(zp).ravel(), bits),
+        zero_point_packed=kernels.pack(zp, f"u{bits}"),
         bits=bits,
         signed=False,
         block_size=bq.block_size,
