@@ -37,6 +37,7 @@ methods, output error ``tr(D H D^T) / tr(W H W^T)`` (relative, D = W - W_hat).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,9 +46,6 @@ from qtool import kernels
 from qtool.errors import UsageError
 from qtool.kernels.reference import block_params_bits
 from qtool.quant.formats import BlockQuant, n_blocks, pad_cols
-
-ALGORITHMS = ("rtn", "mse", "hqq", "gptq", "awq")
-DATA_AWARE = ("gptq", "awq")
 
 
 @dataclass(frozen=True)
@@ -457,17 +455,7 @@ def quantize_weight(
             "pass --data DIR with sample inputs, or use --algorithm mse / hqq (data-free)",
         )
     w = np.asarray(w, dtype=np.float32)
-    input_scale = None
-    if algorithm == "rtn":
-        bq = rtn(w, bits, block_size, symmetric)
-    elif algorithm == "mse":
-        bq = mse(w, bits, block_size, symmetric)
-    elif algorithm == "hqq":
-        bq = hqq(w, bits, block_size, symmetric)
-    elif algorithm == "gptq":
-        bq = gptq(w, bits, block_size, stats.hessian, symmetric)
-    else:
-        bq, input_scale = awq(w, bits, block_size, stats, symmetric)
+    bq, input_scale = REGISTRY[algorithm].run(w, bits, block_size, symmetric, stats)
     w_hat = bq.dequantize()
     if input_scale is not None:
         w_hat = w_hat * input_scale[None, :]
@@ -483,3 +471,25 @@ def quantize_weight(
         out_err = output_error(w, w_hat, h)
         rtn_out = output_error(w, base_hat, h)
     return QuantOutcome(bq, err, rtn_err, out_err, rtn_out, input_scale)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A weight-only algorithm: ``run(w, bits, block_size, symmetric, stats)`` returns the
+    blocks and, for activation-aware scaling, the per-input-channel scale (else None)."""
+
+    run: Callable[..., tuple[BlockQuant, np.ndarray | None]]
+    needs_data: bool  # reads calibration activations (ActivationStats)
+
+
+# The registry: the CLI's --algorithm choices and the data checks follow it. A new algorithm
+# is one function and one line here.
+REGISTRY: dict[str, Algorithm] = {
+    "rtn": Algorithm(lambda w, b, bs, sym, st: (rtn(w, b, bs, sym), None), needs_data=False),
+    "mse": Algorithm(lambda w, b, bs, sym, st: (mse(w, b, bs, sym), None), needs_data=False),
+    "hqq": Algorithm(lambda w, b, bs, sym, st: (hqq(w, b, bs, sym), None), needs_data=False),
+    "gptq": Algorithm(lambda w, b, bs, sym, st: (gptq(w, b, bs, st.hessian, sym), None), needs_data=True),
+    "awq": Algorithm(lambda w, b, bs, sym, st: awq(w, b, bs, st, sym), needs_data=True),
+}
+ALGORITHMS = tuple(REGISTRY)
+DATA_AWARE = tuple(name for name, a in REGISTRY.items() if a.needs_data)
