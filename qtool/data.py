@@ -1,6 +1,8 @@
 """Dataset folders -> a stream of feeds ``{input_name: ndarray}``, never loaded whole.
 
-A folder holds one sample per file, in sorted file-name order:
+A folder holds one sample per file, in natural file-name order (runs of digits compare as
+numbers, so ``test_data_set_2`` comes before ``test_data_set_10`` and ``img9.png`` before
+``img10.png``; labels files list labels in this order):
 
 - ``*.npy``: one array, for single-input models;
 - ``*.npz``: one array per model input, keyed by the input's name;
@@ -20,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,9 +220,22 @@ def _shapes(feed: Feed) -> dict[str, tuple[int, ...]]:
     return {k: v.shape[1:] for k, v in feed.items()}
 
 
+def natural_key(name: str) -> tuple:
+    """Sort key that compares runs of digits as numbers: ``a2`` < ``a10``.
+
+    Exporters number samples without zero padding (the ONNX test-data layout writes
+    ``test_data_set_0`` ... ``test_data_set_10``), and plain string order would put ``_10``
+    before ``_2`` and silently pair each sample with another sample's label. Ties between
+    spellings of the same number (``a01`` and ``a1``) fall back to the plain name, so the
+    order is total and does not depend on the file system's listing.
+    """
+    parts = re.split(r"(\d+)", name)
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts if p), name
+
+
 def _scan(folder: Path) -> list[Sample]:
     samples = []
-    for entry in sorted(folder.iterdir()):
+    for entry in sorted(folder.iterdir(), key=lambda e: natural_key(e.name)):
         name = entry.name
         if name.startswith(".") or name in LABEL_FILES:
             continue
@@ -270,7 +286,7 @@ def _fit(array: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
 def _read_pb_folder(folder: Path, inputs: Sequence[InputSpec]) -> Feed:
     from onnx import TensorProto, numpy_helper
 
-    files = sorted(folder.glob("input_*.pb"), key=lambda p: int(p.stem.split("_")[-1]))
+    files = sorted(folder.glob("input_*.pb"), key=lambda p: natural_key(p.name))
     if not files:
         raise DataError(f"{folder} holds no input_*.pb files", "use the ONNX test-data layout")
     feed = {}
@@ -358,6 +374,6 @@ def read_labels_file(path: Path, sample_paths: Sequence[Path] | None = None) -> 
     if sample_paths is not None and len(labels) != len(sample_paths):
         raise DataError(
             f"{path.name} has {len(labels)} labels for {len(sample_paths)} samples",
-            "give exactly one label per sample, in sorted file-name order",
+            "give exactly one label per sample, in natural file-name order (sample_2 before sample_10)",
         )
     return labels
