@@ -1,13 +1,17 @@
-"""Build hook for the optional native kernels (all metadata lives in pyproject.toml).
+"""Build hooks (the project's metadata lives in pyproject.toml).
 
-The cffi extension is compiled at install time. If that fails (no C compiler, an
-unsupported platform), the install still succeeds and qtool runs on its numpy
-reference kernels; ``qtool --version`` then reports the numpy backend.
+- The cffi extension is compiled at install time. If that fails (no C compiler, an
+  unsupported platform), the install still succeeds and qtool runs on its numpy
+  reference kernels; ``qtool --version`` then reports the numpy backend.
+- The recipe presets live once, in the repository's ``configs/`` (where users and
+  ``--recipe configs/NAME.toml`` find them); installs map that folder to the package
+  ``qtool.configs``. A source checkout run without installing reads ``configs/`` directly
+  (``qtool.config.CONFIG_DIR``).
 """
 
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 
@@ -35,6 +39,9 @@ class OptionalBuildExt(build_ext):
 
 
 setup(
+    packages=[*find_packages(include=["qtool", "qtool.*"]), "qtool.configs"],
+    package_dir={"qtool.configs": "configs"},
+    package_data={"qtool": ["eval/*.json"], "qtool.configs": ["*.toml"]},
     cffi_modules=["qtool/kernels/_build.py:ffibuilder"],
     cmdclass={"build_ext": OptionalBuildExt},
 )

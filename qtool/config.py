@@ -1,7 +1,9 @@
 """Recipes: named, versionable sets of choices for calibrate / convert / eval.
 
-A recipe is a TOML file of sections that map onto frozen dataclasses. Named presets live in
-``qtool/configs/`` (``--recipe int8-static``); any path to a ``.toml`` file works as well.
+A recipe is a TOML file of sections that map onto frozen dataclasses. Named presets live in the
+repository's ``configs/`` folder, installed as the package ``qtool.configs`` (``--recipe
+int8-static``, or ``--recipe configs/int8-static.toml`` from a checkout); any path to a
+``.toml`` file works as well.
 CLI flags override recipe values (``Recipe.override``). Unknown keys are rejected by name,
 so a typo never silently falls back to a default.
 
@@ -37,7 +39,19 @@ else:  # pragma: no cover - Python 3.10
 
 from qtool.errors import RecipeError
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+
+def _config_dir() -> Path:
+    """Where the presets are: ``qtool/configs`` in an installed wheel (setup.py maps the
+    repository's ``configs/`` there), else the checkout's ``configs/`` beside this package
+    (an editable install, or the source tree on PYTHONPATH). One copy of the files either way."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "configs", here.parent / "configs"):
+        if (folder / "int8-static.toml").is_file():
+            return folder
+    return here / "configs"  # not found: preset_names() is empty and the error lists none
+
+
+CONFIG_DIR = _config_dir()
 
 
 @dataclass(frozen=True)
@@ -157,6 +171,28 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+# Values a recipe file may give for keys that take one of a few words, and lower bounds for
+# counts. They are checked when a recipe file is read, so a typo fails with the valid choices
+# (exit 2) instead of surfacing later as an unrelated error; flags are checked by the CLI.
+_CHOICES = {
+    ("calibration", "method"): ("minmax", "percentile", "entropy", "mse"),
+    ("quantize", "dtype"): ("int", "fp16"),
+    ("quantize", "format"): ("qdq", "qoperator", "matmulnbits"),
+    ("quantize", "activation_type"): ("uint8", "int8"),
+    ("quantize", "weight_type"): ("int8", "uint8"),
+    ("weight_only", "algorithm"): ("rtn", "mse", "hqq", "gptq", "awq"),
+    ("weight_only", "format"): ("matmulnbits", "qdq"),
+    ("preprocess", "layout"): ("NCHW", "NHWC"),
+    ("preprocess", "color"): ("RGB", "BGR", "L"),
+}
+_MINIMUM = {
+    ("calibration", "samples"): (0, "0 uses every sample"),
+    ("calibration", "batch_size"): (1, "e.g. batch_size = 8"),
+    ("eval", "runs"): (1, "e.g. runs = 50"),
+    ("eval", "warmup"): (0, "e.g. warmup = 5"),
+    ("eval", "threads"): (0, "0 lets onnxruntime choose"),
+}
+
 _SECTIONS = {
     "calibration": CalibrationConfig,
     "quantize": QuantizeConfig,
@@ -207,7 +243,9 @@ def recipe_from_dict(data: dict[str, Any], default_name: str = "custom", source:
         values = data.get(section, {})
         if not isinstance(values, dict):
             raise RecipeError(f"[{section}] must be a table{where}", f"write it as [{section}]")
-        kwargs[section] = cls(**_coerce_section(cls, values, section, where))
+        coerced = _coerce_section(cls, values, section, where)
+        _check_values(section, coerced, where)
+        kwargs[section] = cls(**coerced)
     layers = data.get("layer", [])
     if not isinstance(layers, list):
         raise RecipeError(f"'layer' must be an array of tables{where}", "write it as [[layer]]")
@@ -220,10 +258,22 @@ def recipe_from_dict(data: dict[str, Any], default_name: str = "custom", source:
                 "each [[layer]] needs exactly: match = \"pattern\", bits = 32|16|8|4|3|2",
             )
         if entry["bits"] not in (32, 16, 8, 4, 3, 2):
-            raise RecipeError(f"[[layer]] bits must be 32, 16, 8, 4, 3 or 2{where}", "")
+            raise RecipeError(f"[[layer]] bits must be 32, 16, 8, 4, 3 or 2{where}, got {entry['bits']!r}",
+                              "32 keeps the layer float, 16 makes it fp16; e.g. bits = 8")
         overrides.append(LayerOverride(str(entry["match"]), int(entry["bits"])))
     kwargs["layer"] = tuple(overrides)
     return Recipe(**kwargs)
+
+
+def _check_values(section: str, values: dict[str, Any], where: str) -> None:
+    for key, value in values.items():
+        choices = _CHOICES.get((section, key))
+        if choices is not None and value not in choices:
+            raise RecipeError(f"{section}.{key} = {value!r} is not one of {', '.join(choices)}{where}",
+                              f'e.g. {key} = "{choices[0]}"')
+        minimum = _MINIMUM.get((section, key))
+        if minimum is not None and value < minimum[0]:
+            raise RecipeError(f"{section}.{key} must be >= {minimum[0]}{where}, got {value!r}", minimum[1])
 
 
 def _coerce_section(cls: type, values: dict[str, Any], section: str, where: str = "") -> dict:
@@ -241,9 +291,19 @@ def _coerce_section(cls: type, values: dict[str, Any], section: str, where: str 
         if isinstance(default, tuple) and isinstance(value, (list, tuple)):
             value = tuple(value)
         elif isinstance(default, bool) and not isinstance(value, bool):
-            raise RecipeError(f"{section}.{key} must be true or false{where}, got {value!r}", "")
-        elif isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
-            raise RecipeError(f"{section}.{key} must be an integer{where}, got {value!r}", "")
+            raise RecipeError(f"{section}.{key} must be true or false{where}, got {value!r}",
+                              f"write it without quotes: {key} = {'true' if default else 'false'}")
+        elif isinstance(default, int) and not isinstance(default, bool) and (
+            not isinstance(value, int) or isinstance(value, bool)
+        ):
+            raise RecipeError(f"{section}.{key} must be an integer{where}, got {value!r}",
+                              f"write a whole number without quotes, e.g. {key} = {default}")
+        elif isinstance(default, float) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise RecipeError(f"{section}.{key} must be a number{where}, got {value!r}",
+                              f"write a number without quotes, e.g. {key} = {default}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise RecipeError(f"{section}.{key} must be a string{where}, got {value!r}",
+                              f'write it in quotes, e.g. {key} = "{default}"')
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         out[key] = value
