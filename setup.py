@@ -4,14 +4,18 @@
   unsupported platform), the install still succeeds and qtool runs on its numpy
   reference kernels; ``qtool --version`` then reports the numpy backend.
 - The recipe presets live once, in the repository's ``configs/`` (where users and
-  ``--recipe configs/NAME.toml`` find them); installs map that folder to the package
-  ``qtool.configs``. A source checkout run without installing reads ``configs/`` directly
-  (``qtool.config.CONFIG_DIR``).
+  ``--recipe configs/NAME.toml`` find them). Wheels get a copy as ``qtool/configs/*.toml``;
+  a checkout (an editable install, or the tree on PYTHONPATH) reads ``configs/`` directly
+  (``qtool.config.CONFIG_DIR``). Copying at build time, rather than mapping a package
+  folder onto ``configs/``, keeps the layout simple, so an editable install is one .pth
+  entry and installs without setuptools' warnings.
 """
 
 import sys
+from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
+from setuptools.command.build_py import build_py
 from setuptools.command.build_ext import build_ext
 
 
@@ -38,10 +42,18 @@ class OptionalBuildExt(build_ext):
         )
 
 
+class BuildPyWithPresets(build_py):
+    """build_py that also copies configs/*.toml into the package as qtool/configs/."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib, "qtool", "configs")
+        self.mkpath(str(target))
+        for preset in sorted(Path(__file__).resolve().parent.joinpath("configs").glob("*.toml")):
+            self.copy_file(str(preset), str(target / preset.name))
+
+
 setup(
-    packages=[*find_packages(include=["qtool", "qtool.*"]), "qtool.configs"],
-    package_dir={"qtool.configs": "configs"},
-    package_data={"qtool": ["eval/*.json"], "qtool.configs": ["*.toml"]},
     cffi_modules=["qtool/kernels/_build.py:ffibuilder"],
-    cmdclass={"build_ext": OptionalBuildExt},
+    cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPyWithPresets},
 )
