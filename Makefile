@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard native/src/*.c native/i
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	@touch $(STAMP)
+	@echo "qtool is installed in $(VENV)/bin; put it on PATH with: source $(VENV)/bin/activate"
 
 install: $(STAMP)
 

@@ -15,7 +15,17 @@
 #          --json report.json --markdown report.md
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-QTOOL="${QTOOL:-qtool}"
+# qtool from PATH (after `source .venv/bin/activate`), else the repository's .venv, else $QTOOL.
+if [ -z "${QTOOL:-}" ]; then
+    if command -v qtool >/dev/null 2>&1; then
+        QTOOL=qtool
+    elif [ -x "$HERE/../.venv/bin/qtool" ]; then
+        QTOOL="$HERE/../.venv/bin/qtool"
+    else
+        echo "qtool is not on PATH: run 'make install' then 'source .venv/bin/activate' (or set QTOOL)" >&2
+        exit 2
+    fi
+fi
 OUT="${OUT:-$(mktemp -d)}"
 REF="$HERE/digits_cnn.onnx"
 DATA="$HERE/data/eval"

@@ -99,3 +99,93 @@ def test_bad_inputs_are_one_error_line_with_a_hint(tmp_path, capsys):
         assert run(argv) == code, argv
         err = capsys.readouterr().err
         assert "error:" in err and words in err and "Traceback" not in err, (argv, err)
+
+
+def _if_model(path):
+    """mm (MatMul) -> If(sum(x) > 0): then a MatMul inside the branch, else Relu. The branch's
+    tensors are not graph values onnxruntime can expose, so calibration cannot observe them."""
+    from onnx import numpy_helper
+
+    then_g = helper.make_graph([helper.make_node("MatMul", ["h", "W2"], ["t_out"], name="then_mm")], "then", [],
+                               [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1, 8])])
+    else_g = helper.make_graph([helper.make_node("Relu", ["h"], ["e_out"], name="else_relu")], "else", [],
+                               [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [1, 8])])
+    zero = numpy_helper.from_array(np.array(0, np.float32))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="rs"),
+             helper.make_node("Constant", [], ["zero"], value=zero, name="c0"),
+             helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g, name="if")]
+    inits = [numpy_helper.from_array(RNG.standard_normal((8, 8)).astype(np.float32), n) for n in ("W", "W2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_a_node_inside_an_if_is_excluded_as_the_hint_says(tmp_path, capsys):
+    """The hint names --exclude, and calibrate takes it: following the hint works, and
+    convert with the same --exclude uses the table."""
+    model, data = _if_model(tmp_path / "if.onnx"), _data(tmp_path / "d", n=4, shape=(1, 8))
+    table = tmp_path / "t.json"
+    assert run(["calibrate", model, "--data", data, "-o", str(table)]) == 1
+    err = capsys.readouterr().err
+    assert "If/Loop/Scan subgraph" in err and "--exclude" in err, err
+    assert run(["calibrate", model, "--data", data, "-o", str(table), "--exclude", "then_mm", "--json", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tensors"] >= 2  # x and h of the main graph's MatMul
+    out = tmp_path / "q.onnx"
+    assert run(["convert", model, "-o", str(out), "--calib", str(table), "--exclude", "then_mm", "-q"]) == 0
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert "QuantizeLinear" in ops and "If" in ops
+
+
+def test_exclude_reaches_the_shard_workers(tmp_path, capsys):
+    model, data = _if_model(tmp_path / "if.onnx"), _data(tmp_path / "d", n=4, shape=(1, 8))
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert run(["calibrate", model, "--data", data, "-o", str(one), "--exclude", "then_mm", "-q"]) == 0
+    assert run(["calibrate", model, "--data", data, "-o", str(two), "--exclude", "then_mm", "--workers", "2",
+                "-q"]) == 0, capsys.readouterr().err
+    assert json.loads(one.read_text())["tensors"].keys() == json.loads(two.read_text())["tensors"].keys()
+
+
+def test_flags_that_cannot_apply_are_usage_errors(tmp_path, capsys):
+    model, data = _model(tmp_path / "m.onnx"), _data(tmp_path / "d")
+    out = tmp_path / "t.json"
+    cases = [
+        (["--samples", "-5"], "--samples must be >= 0"),
+        (["--percentile", "99"], "--percentile applies to --method percentile, not minmax"),
+        (["--method", "minmax", "--bins", "512"], "--bins applies to the histogram methods"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--threads", "-1"], "--threads must be >= 0"),
+    ]
+    for extra, words in cases:
+        assert run(["calibrate", model, "--data", data, "-o", str(out), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert words in err and "hint:" in err, err
+        assert not out.exists()
+    # the same flags where they do apply
+    assert run(["calibrate", model, "--data", data, "-o", str(out), "--method", "percentile",
+                "--percentile", "99", "--bins", "512", "-q"]) == 0
+    assert json.loads(out.read_text())["params"]["percentile"] == 99
+
+
+def test_merge_tables_checks_its_output_before_reading_tables(tmp_path, capsys):
+    model, data = _model(tmp_path / "m.onnx"), _data(tmp_path / "d")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for path, shard in ((a, "0/2"), (b, "1/2")):
+        assert run(["calibrate", model, "--data", data, "-o", str(path), "--shard", shard, "-q"]) == 0
+    capsys.readouterr()
+    # a missing folder: the error names the output, exit 2, before any table is read
+    assert run(["merge-tables", str(a), str(tmp_path / "nope.json"), "-o", str(tmp_path / "no" / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert "output folder" in err and "nope.json" not in err and "internal error" not in err, err
+    # writing over one of its inputs
+    before = a.read_text()
+    assert run(["merge-tables", str(a), str(b), "-o", str(a)]) == 2
+    assert "one of the tables" in capsys.readouterr().err
+    assert a.read_text() == before
+    assert run(["merge-tables", str(a), str(b), "-o", str(tmp_path / "m.txt")]) == 2
+    assert run(["merge-tables", str(a), str(b), "-o", str(tmp_path / "m.json"), "-q"]) == 0

@@ -6,7 +6,10 @@ them here is what makes them part of the CLI.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 import traceback
 
 from qtool._deferred import defer_unused
@@ -18,7 +21,14 @@ defer_unused()
 import typer  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
-from qtool.cli.app import app, console, settings  # noqa: E402
+from qtool.cli.app import (  # noqa: E402
+    EXIT_INTERRUPTED,
+    INTERRUPTED,
+    NoArguments,
+    app,
+    console,
+    settings,
+)
 from qtool.errors import EXIT_ERROR, EXIT_USAGE, QtoolError  # noqa: E402
 
 try:  # typer >= 0.20 vendors click
@@ -40,8 +50,14 @@ def run(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     argv = _take_global_flags(list(sys.argv[1:] if argv is None else argv))
     try:
-        result = command.main(args=argv, prog_name="qtool", standalone_mode=False)
+        # make_context + invoke rather than command.main(): Typer's main turns Ctrl-C into a
+        # silent exit code 130 before any handler of ours could say what happened.
+        with command.make_context("qtool", argv) as ctx:
+            result = command.invoke(ctx)
         return result if isinstance(result, int) else 0
+    except NoArguments as exc:
+        console.print(exc.help, markup=False, highlight=False)
+        return EXIT_USAGE
     except QtoolError as exc:
         _report(exc.message, exc.hint)
         return exc.exit_code
@@ -52,8 +68,8 @@ def run(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        _report("interrupted", "nothing was written")
-        return 130
+        _say_interrupted()
+        return EXIT_INTERRUPTED
     except MemoryError:
         _report("out of memory", "lower --batch-size or --samples, or use a machine with more RAM")
         return EXIT_ERROR
@@ -65,6 +81,16 @@ def run(argv: list[str] | None = None) -> int:
             "this is a qtool bug; rerun with --verbose for the traceback and report it",
         )
         return EXIT_ERROR
+
+
+_said_interrupted = threading.Lock()
+
+
+def _say_interrupted() -> None:
+    """The one stderr line for Ctrl-C, printed once even if the watchdog races the handler."""
+    if _said_interrupted.acquire(blocking=False):
+        sys.stderr.write(INTERRUPTED + "\n")
+        sys.stderr.flush()
 
 
 _GLOBAL_FLAGS = {"-v": "verbose", "--verbose": "verbose", "-q": "quiet", "--quiet": "quiet"}
@@ -91,5 +117,57 @@ def _report(message: str, hint: str) -> None:
         console.print(f"[bold]hint:[/bold] {escape(hint)}", highlight=False, soft_wrap=True)
 
 
+# After Ctrl-C the main thread unwinds (temporary outputs are removed on the way) and the
+# command exits. Work running in other threads (weight quantization workers, onnxruntime
+# calls that do not check for signals) cannot be interrupted and would hold the exit until
+# it finishes: GPTQ on a 67 MB model took 13-19 s to stop. So the exit does not wait for
+# threads, and if the main thread itself is still stuck in such a call after this grace
+# period, the process exits anyway.
+INTERRUPT_GRACE_S = 1.0
+
+
+def _watch_for_interrupts() -> None:
+    """Start a thread that sees SIGINT at once (signal.set_wakeup_fd: the C-level handler
+    writes to a pipe even while the main thread is inside a long C call) and ends the process
+    INTERRUPT_GRACE_S later if it is still running."""
+    try:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except (ValueError, OSError):  # not the main thread, or no pipes: plain Ctrl-C handling
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                signals = os.read(read_fd, 64)
+            except OSError:
+                return
+            if signal.SIGINT in signals:
+                threading.Timer(INTERRUPT_GRACE_S, _exit_interrupted).start()
+                return
+
+    threading.Thread(target=watch, name="qtool-interrupt-watch", daemon=True).start()
+
+
+def _exit_interrupted() -> None:
+    _say_interrupted()
+    _exit_now(EXIT_INTERRUPTED)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without joining worker threads (they only compute; nothing they hold is written)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main() -> None:
-    sys.exit(run(sys.argv[1:]))
+    _watch_for_interrupts()
+    code = run(sys.argv[1:])
+    if code == EXIT_INTERRUPTED:
+        _exit_now(code)
+    sys.exit(code)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,16 +19,14 @@ import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
     ProgressColumn,
     SpinnerColumn,
-    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
 from qtool import __version__
 
@@ -44,10 +43,115 @@ Compress ONNX models and prove the result.
 Exit codes: 0 success, 1 error, 2 usage error, 3 a quality gate failed.
 """
 
-app = typer.Typer(
+# Shown on stderr when Ctrl-C stops a command: every output is written to a temporary file
+# and renamed into place only when complete, so an interrupted command leaves nothing behind.
+INTERRUPTED = "interrupted, nothing was written"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
+
+
+class NoArguments(Exception):
+    """A command (or bare ``qtool``) run without arguments: its help is the answer (exit 2)."""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx.get_help())
+        self.help = ctx.get_help()
+
+
+# -- help text ---------------------------------------------------------------------------
+# Typer renders required arguments as ``{model}`` and option values as Python types
+# (``<list[str]>``, ``<path>``). qtool's help uses the conventional upper-case names instead:
+# ``Usage: qtool convert [OPTIONS] MODEL``, ``--exclude TEXT``, ``--method [minmax|...]``.
+
+_TYPE_METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", bool: "BOOLEAN",
+                  "integer": "INTEGER", "float": "FLOAT", "path": "PATH", "text": "TEXT",
+                  "boolean": "BOOLEAN", "file": "FILE"}
+
+
+def _metavar(param: Any) -> str:
+    """INTEGER, FLOAT, TEXT, PATH or [a|b|c], from Typer's type descriptor (Typer >= 0.20)
+    or the click type (older Typer)."""
+    desc = getattr(param, "type_descriptor", None)
+    if desc is not None:
+        if desc.is_choice:
+            return "[" + "|".join(str(getattr(c, "value", c)) for c in desc.choices) + "]"
+        if desc.is_path:
+            return "PATH"
+        annotation = desc.annotation
+        if desc.is_list:
+            annotation = getattr(annotation, "__args__", (str,))[0]
+        return _TYPE_METAVARS.get(annotation, "VALUE")
+    kind = getattr(param, "type", None)
+    choices = getattr(kind, "choices", None)
+    if choices:
+        return "[" + "|".join(str(getattr(c, "value", c)) for c in choices) + "]"
+    return _TYPE_METAVARS.get(getattr(kind, "name", ""), "VALUE")
+
+
+def _no_arguments(command: Any, ctx: Any, args: list[str]) -> None:
+    if not args and not ctx.resilient_parsing:
+        raise NoArguments(ctx)
+
+
+class QtoolCommand(TyperCommand):
+    """A command whose help shows MODEL, not ``{model}``, and value names, not Python types."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument":
+                param.metavar = param.metavar or param.name.upper()
+            elif param.metavar is None and not getattr(param, "is_flag", False):
+                param.metavar = _metavar(param)
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(param.metavar + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        arguments, options = [], []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                arguments.append((param.metavar + ("..." if param.nargs != 1 else ""), param.help or ""))
+            else:
+                record = param.get_help_record(ctx)
+                if record is not None:
+                    options.append(record)
+        if arguments:
+            with formatter.section("Arguments"):
+                formatter.write_dl(arguments)
+        if options:
+            with formatter.section("Options"):
+                formatter.write_dl(options)
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        _no_arguments(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+class QtoolGroup(TyperGroup):
+    """The root group: bare ``qtool`` prints the help (exit 2, a usage error), not an error:
+    line that quotes it."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        _no_arguments(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+class QtoolTyper(typer.Typer):
+    """Every command registered on the app renders its help the qtool way."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Callable:
+        return super().command(*args, cls=cls or QtoolCommand, **kwargs)
+
+
+app = QtoolTyper(
     name="qtool",
     help=HELP,
-    no_args_is_help=True,
+    cls=QtoolGroup,
+    no_args_is_help=False,  # QtoolGroup handles it: help text, exit 2, no "error: Usage:"
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -62,8 +166,22 @@ class Settings:
 
 
 settings = Settings()
-console = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False, soft_wrap=True)
+
+# In a terminal Rich wraps at the terminal's width. Elsewhere (CI logs, files, pipes) it would
+# wrap at 80 columns, splitting warnings mid-sentence and cutting table cells; there every
+# message stays one line and tables take the width they need (COLUMNS, when set, still rules).
+LOG_WIDTH = 4096
+
+
+def _console(stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty() or os.environ.get("COLUMNS"):
+        return Console(stderr=stderr, highlight=False, soft_wrap=not stderr)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=LOG_WIDTH)
+
+
+console = _console(stderr=True)
+stdout = _console(stderr=False)
 
 
 def info(message: str) -> None:
@@ -98,46 +216,109 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-class _RateColumn(ProgressColumn):
-    """items/s (or MB/s for byte counts)."""
+# -- progress ----------------------------------------------------------------------------
+# A bar counts in one unit, named by its caller. Without a unit the helper cannot know what
+# the numbers are (bytes, nodes, samples), so it shows no count and no rate: the bar and
+# percentage when the total is known, a spinner and the elapsed time when it is not.
 
-    def __init__(self, unit: str) -> None:
+
+def _amount(value: float, unit: str) -> str:
+    return f"{value / 1e6:.1f}" if unit == "B" else f"{value:.0f}"
+
+
+class _CountColumn(ProgressColumn):
+    """``done/total unit`` (``done unit`` while the total is unknown); MB for bytes."""
+
+    def __init__(self, unit: str | None) -> None:
         super().__init__()
         self.unit = unit
 
-    def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
+    def render(self, task: Any) -> Text:
+        if self.unit is None:
+            return Text("")
+        shown = "MB" if self.unit == "B" else self.unit
+        done = _amount(task.completed, self.unit)
+        if task.total is None:
+            return Text(f"{done} {shown}", style="progress.download")
+        return Text(f"{done}/{_amount(task.total, self.unit)} {shown}", style="progress.download")
+
+
+class _RateColumn(ProgressColumn):
+    """``N unit/s`` (MB/s for bytes); nothing without a unit."""
+
+    def __init__(self, unit: str | None) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Any) -> Text:
         speed = task.finished_speed or task.speed
-        if not speed:
-            return Text("", style="progress.data.speed")
+        if self.unit is None or not speed:
+            return Text("")
         if self.unit == "B":
-            return Text(f"{speed / 1e6:.0f} MB/s", style="progress.data.speed")
+            return Text(f"{speed / 1e6:.1f} MB/s", style="progress.data.speed")
         return Text(f"{speed:.1f} {self.unit}/s", style="progress.data.speed")
 
 
+class _PercentColumn(ProgressColumn):
+    def render(self, task: Any) -> Text:
+        if task.total is None:
+            return Text("")
+        return Text(f"{task.percentage:>3.0f}%", style="progress.percentage")
+
+
+class _RemainingColumn(ProgressColumn):
+    """``eta M:SS`` once the total is known and a rate measured; nothing before."""
+
+    max_refresh = 0.5
+
+    def render(self, task: Any) -> Text:
+        remaining = task.time_remaining
+        if task.total is None or remaining is None or task.finished:
+            return Text("")
+        minutes, seconds = divmod(int(remaining), 60)
+        return Text(f"eta {minutes}:{seconds:02d}", style="progress.remaining")
+
+
+Advance = Callable[..., None]
+
+
 @contextlib.contextmanager
-def progress(description: str, total: float | None, unit: str = "samples") -> Iterator[Any]:
-    """A progress bar on stderr; yields ``advance(n)`` (a no-op when --quiet)."""
+def progress(description: str, total: float | None, unit: str | None = None) -> Iterator[Advance]:
+    """A progress bar on stderr. ``unit`` names what is counted ("samples", "layers", or "B"
+    for bytes, shown as MB); ``total`` may be None when unknown. Yields
+    ``advance(n=1, total=None)``: adds ``n`` done and, when given, sets the total (a callee
+    that learns it late). A no-op when --quiet."""
     if settings.quiet:
-        yield lambda n=1: None
+        yield lambda n=1, total=None: None
         return
     columns = [
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TaskProgressColumn(),
-        MofNCompleteColumn() if unit != "B" else TextColumn(""),
+        _PercentColumn(),
+        _CountColumn(unit),
         _RateColumn(unit),
         TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
+        _RemainingColumn(),
     ]
-    with Progress(*columns, console=console, transient=False) as bar:
+    # A log gets each finished bar once, as one line (Rich's live display would add a blank
+    # line after it, and before the error: line of a step that failed).
+    interactive = console.is_interactive
+    with Progress(*columns, console=console, transient=False, disable=not interactive) as bar:
         task = bar.add_task(description, total=total)
+
+        def advance(n: float = 1, total: float | None = None) -> None:
+            if total is not None:
+                bar.update(task, total=total)
+            bar.advance(task, n)
+
         try:
-            yield lambda n=1: bar.advance(task, n)
+            yield advance
         except BaseException:
             bar.live.transient = True  # a failed step leaves only its error: line behind
             raise
+    if not interactive:
+        console.print(bar.get_renderable())
 
 
 @contextlib.contextmanager

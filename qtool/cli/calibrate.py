@@ -35,17 +35,18 @@ def _peak_rss_mb() -> float:
 @app.command("calibrate")
 def calibrate_command(
     model: Path = typer.Argument(..., help="The float .onnx model (never modified)."),
-    data: Path = typer.Option(..., "--data", help="Folder of calibration samples."),
-    output: Path = typer.Option(..., "-o", "--output", help="Where to write the table (.json)."),
-    method: Method = typer.Option(None, "--method", help="Range choice [default: the recipe's]."),
-    percentile: float = typer.Option(None, "--percentile", help="For --method percentile, e.g. 99.99."),
-    bins: int = typer.Option(None, "--bins", help="Histogram bins per tensor [default: 2048]."),
-    samples: int = typer.Option(None, "--samples", help="Use the first N samples (0: all)."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Samples per onnxruntime run."),
-    recipe: str = typer.Option("int8-static", "--recipe", help="Preset name or .toml path."),
-    shard: str = typer.Option("0/1", "--shard", help="I/N: observe every N-th batch from I."),
-    workers: int = typer.Option(1, "--workers", help="Run K shard processes here and merge."),
-    threads: int = typer.Option(0, "--threads", help="onnxruntime threads per process (0: auto)."),
+    data: Path = typer.Option(..., "--data", metavar="DIR", help="Folder of calibration samples."),
+    output: Path = typer.Option(..., "-o", "--output", metavar="TABLE.json", help="Where to write the table."),
+    method: Method = typer.Option(None, "--method", help="Range choice [default: the recipe's, minmax for int8-static]."),
+    percentile: float = typer.Option(None, "--percentile", metavar="P", help="With --method percentile: the percentile kept, in (0, 100] [default: 99.99]."),
+    bins: int = typer.Option(None, "--bins", metavar="B", help="With a histogram method (percentile, entropy, mse): bins per tensor [default: 2048]."),
+    samples: int = typer.Option(None, "--samples", metavar="N", help="Use the first N samples, 0 for all [default: 0]."),
+    batch_size: int = typer.Option(None, "--batch-size", metavar="B", help="Samples per onnxruntime run [default: 1]."),
+    exclude: list[str] = typer.Option(None, "--exclude", metavar="PATTERN", help="Node name, glob or op type that convert keeps float, so it needs no range (repeatable)."),
+    recipe: str = typer.Option("int8-static", "--recipe", metavar="NAME|FILE", help="Preset name or .toml path."),
+    shard: str = typer.Option("0/1", "--shard", metavar="I/N", help="Observe every N-th batch from batch I."),
+    workers: int = typer.Option(1, "--workers", metavar="K", help="Run K shard processes here and merge."),
+    threads: int = typer.Option(0, "--threads", metavar="T", help="onnxruntime threads per process, 0 for auto."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Observe the activations the recipe quantizes and write their ranges to a table.
@@ -54,7 +55,7 @@ def calibrate_command(
     per-tensor histograms and dropped. Shard tables (--shard I/N, e.g. one per CI job)
     merge with `qtool merge-tables` into exactly the statistics of one run.
 
-    Example: qtool calibrate model.onnx --data calib/ -o table.json --method entropy
+    Example: qtool calibrate examples/digits_cnn.onnx --data examples/data/calib -o table.json
     """
     from qtool.calibration import calibration_params, parse_shard, shard_samples
     from qtool.config import load_recipe
@@ -70,6 +71,10 @@ def calibrate_command(
         samples=samples,
         batch_size=batch_size,
     )
+    if exclude:
+        r = r.override("quantize", exclude=tuple(r.quantize.exclude) + tuple(exclude))
+    _check_flags(r, percentile=percentile, bins=bins, samples=samples, batch_size=batch_size,
+                 threads=threads)
     calibration_params(r)  # validate flags before any work
     shard_spec = parse_shard(shard)
     if workers < 1:
@@ -82,7 +87,7 @@ def calibrate_command(
 
     start = time.perf_counter()
     if workers > 1:
-        table = _run_workers(model, data, output, r, recipe, workers, threads, sys.argv)
+        table = _run_workers(model, data, output, r, recipe, workers, threads, sys.argv, exclude)
     else:
         from qtool.data import Dataset, input_specs
         from qtool.model import load
@@ -91,7 +96,7 @@ def calibrate_command(
         ds = Dataset(data, input_specs(load(model)), r.preprocess)
         count = len(ds) if r.calibration.samples <= 0 else min(r.calibration.samples, len(ds))
         total = shard_samples(count, max(1, r.calibration.batch_size), shard_spec)
-        with progress("calibrating", total) as advance:
+        with progress("calibrating", total, "samples") as advance:
             seen = 0
 
             def on_progress(p):  # noqa: ANN001
@@ -116,17 +121,42 @@ def calibrate_command(
                     f"float: {shown}; first: {skipped[names[0]]} (all in the table's info)"))
 
 
-def _run_workers(model, data, output, r, recipe, workers, threads, argv) -> object:  # noqa: ANN001
+def _check_flags(r, *, percentile, bins, samples, batch_size, threads) -> None:  # noqa: ANN001
+    """Flags with values that cannot work, or that the chosen method would ignore (exit 2)."""
+    from qtool.calibration import HISTOGRAM_METHODS
+    from qtool.errors import UsageError
+
+    method = r.calibration.method
+    if percentile is not None and method != "percentile":
+        raise UsageError(f"--percentile applies to --method percentile, not {method}",
+                         "add --method percentile, or drop --percentile")
+    if bins is not None and method not in HISTOGRAM_METHODS:
+        raise UsageError(f"--bins applies to the histogram methods ({', '.join(HISTOGRAM_METHODS)}), "
+                         f"not {method}", "drop --bins, or choose one of those with --method")
+    if samples is not None and samples < 0:
+        raise UsageError(f"--samples must be >= 0, got {samples}", "0 uses every sample; e.g. --samples 128")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}", "e.g. --batch-size 8")
+    if threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {threads}", "0 lets onnxruntime choose")
+
+
+def _run_workers(model, data, output, r, recipe, workers, threads, argv, exclude) -> object:  # noqa: ANN001
     """K local processes, one shard each, then an exact merge of their tables."""
-    from qtool.calibration import CalibrationTable
+    from qtool.calibration import HISTOGRAM_METHODS, CalibrationTable
     from qtool.errors import CalibrationError
 
     per = threads or max(1, (os.cpu_count() or 1) // workers)
     c = r.calibration
     base = [sys.executable, "-m", "qtool", "calibrate", str(model), "--data", str(data),
-            "--recipe", recipe, "--method", c.method, "--percentile", repr(c.percentile),
-            "--bins", str(c.bins), "--samples", str(c.samples), "--batch-size",
-            str(c.batch_size), "--threads", str(per), "--quiet"]
+            "--recipe", recipe, "--method", c.method, "--samples", str(c.samples),
+            "--batch-size", str(c.batch_size), "--threads", str(per), "--quiet"]
+    if c.method == "percentile":
+        base += ["--percentile", repr(c.percentile)]
+    if c.method in HISTOGRAM_METHODS:
+        base += ["--bins", str(c.bins)]
+    for pattern in exclude or ():
+        base += ["--exclude", pattern]
     with tempfile.TemporaryDirectory(prefix=".qtool-shards-", dir=output.parent) as tmp:
         paths = [Path(tmp) / f"shard{i}.json" for i in range(workers)]
         procs = [
@@ -134,7 +164,7 @@ def _run_workers(model, data, output, r, recipe, workers, threads, argv) -> obje
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for i, p in enumerate(paths)
         ]
-        with progress("calibrating", workers, unit="shards") as advance:
+        with progress("calibrating", workers, "shards") as advance:
             errors = []
             for i, proc in enumerate(procs):
                 _, err = proc.communicate()
@@ -189,7 +219,7 @@ def _print_summary(s: dict) -> None:
 @app.command("merge-tables")
 def merge_tables_command(
     tables: list[Path] = typer.Argument(..., help="Calibration tables (.json) to merge."),
-    output: Path = typer.Option(..., "-o", "--output", help="Where to write the merged table."),
+    output: Path = typer.Option(..., "-o", "--output", metavar="TABLE.json", help="Where to write the merged table."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Merge shard tables into one: counts, min/max and histograms add exactly, so the
@@ -199,9 +229,17 @@ def merge_tables_command(
     """
     from qtool.calibration import CalibrationTable
     from qtool.errors import UsageError
+    from qtool.model import check_output_path, same_file
 
     if len(tables) < 2:
         raise UsageError("merge-tables needs at least two tables", "pass A.json B.json ... -o OUT.json")
+    if output.suffix != ".json":
+        raise UsageError(f"the table is JSON: -o {output} should end in .json", "e.g. -o table.json")
+    check_output_path(output, None)  # before reading any table: a bad -o fails at once
+    for table in tables:
+        if same_file(output, table):
+            raise UsageError(f"-o {output} is one of the tables to merge",
+                             "qtool never overwrites its inputs; choose another -o path")
     start = time.perf_counter()
     merged = CalibrationTable.merge([CalibrationTable.load(p) for p in tables])
     merged.save(output)

@@ -39,7 +39,7 @@ def inspect_command(
     Reads the graph and tensor metadata only: weights stored as external data stay on disk,
     so inspecting a multi-gigabyte model is instant.
 
-    Example: qtool inspect model.onnx --hw
+    Example: qtool inspect examples/digits_cnn.onnx --hw
     """
     from qtool.model import load
     from qtool.summary import summarize

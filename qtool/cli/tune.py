@@ -28,22 +28,22 @@ def _default_cache() -> Path:
 @app.command("tune")
 def tune_command(
     model: Path = typer.Argument(..., help="The float .onnx model (never modified)."),
-    data: Path = typer.Option(..., "--data", help="Sample folder: every other sample searches, the rest is held out."),
-    output: Path = typer.Option(..., "-o", "--output", help="Where to write the tuned model (recipe and table beside it)."),
-    eval_data: Path = typer.Option(None, "--eval-data", help="Held-out sample folder (then all of --data searches)."),
-    metric: str = typer.Option(None, "--metric", help="top1, top5, accuracy, perplexity, cosine or module:function [default: by model]."),
-    max_drop: str = typer.Option(None, "--max-drop", help="Largest metric loss: metric units (0.01) or percent of float (2%) [default: 1%]."),
-    target_size: float = typer.Option(None, "--target-size", help="Largest model size in MB (then accuracy is maximised)."),
-    bits: str = typer.Option("8,4", "--bits", help="Candidate precisions below float, e.g. 8,4 or 8,4,2."),
-    budget_minutes: float = typer.Option(None, "--budget-minutes", help="Wall-clock budget; measuring stops in time to verify."),
-    recipe: str = typer.Option(None, "--recipe", help="Base recipe (preset or .toml) [default: int8-static for CNNs, int4-weight-only otherwise]."),
+    data: Path = typer.Option(..., "--data", metavar="DIR", help="Sample folder: every other sample searches, the rest is held out."),
+    output: Path = typer.Option(..., "-o", "--output", metavar="FILE", help="Where to write the tuned model (recipe and table beside it)."),
+    eval_data: Path = typer.Option(None, "--eval-data", metavar="DIR", help="Held-out sample folder (then all of --data searches)."),
+    metric: str = typer.Option(None, "--metric", metavar="METRIC", help="top1, top5, accuracy, perplexity, cosine or module:function [default: by model]."),
+    max_drop: str = typer.Option(None, "--max-drop", metavar="X|N%", help="Largest metric loss: metric units (0.01) or percent of float (2%) [default: 1%]."),
+    target_size: float = typer.Option(None, "--target-size", metavar="MB", help="Largest model size in MB, instead of --max-drop (then accuracy is maximised)."),
+    bits: str = typer.Option("8,4", "--bits", metavar="B,B,...", help="Candidate precisions below float, e.g. 8,4 or 8,4,2."),
+    budget_minutes: float = typer.Option(None, "--budget-minutes", metavar="MIN", help="Wall-clock budget; measuring stops in time to verify [default: none]."),
+    recipe: str = typer.Option(None, "--recipe", metavar="NAME|FILE", help="Base recipe (preset or .toml) [default: int8-static for CNNs, int4-weight-only otherwise]."),
     group: GroupBy = typer.Option(GroupBy.auto, "--group", help="layer, role (layers named alike up to digits), auto (layer up to 32 layers)."),
-    limit: int = typer.Option(0, "--limit", help="At most N samples per split (0: all)."),
-    cache: Path = typer.Option(None, "--cache", help="Sensitivity cache folder [default: ~/.cache/qtool/tune]."),
+    limit: int = typer.Option(0, "--limit", metavar="N", help="At most N samples per split, 0 for all."),
+    cache: Path = typer.Option(None, "--cache", metavar="DIR", help="Sensitivity cache folder [default: ~/.cache/qtool/tune]."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Measure everything again, keep nothing."),
-    plot: Path = typer.Option(None, "--plot", help="Write the size-vs-metric frontier to this .png or .svg."),
+    plot: Path = typer.Option(None, "--plot", metavar="FILE", help="Write the size-vs-metric frontier to this .png or .svg."),
     uniform: bool = typer.Option(True, "--uniform/--no-uniform", help="Also score uniform candidates (every group at each --bits) on held-out data."),
-    threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: default)."),
+    threads: int = typer.Option(0, "--threads", metavar="T", help="onnxruntime intra-op threads, 0 for its default."),
     allow_opset_upgrade: bool = typer.Option(False, "--allow-opset-upgrade", help="Let Conv weights take 4/2 bits (blocked DequantizeLinear) by raising the opset to 21/25."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
@@ -64,9 +64,15 @@ def tune_command(
       qtool tune llm.onnx --data windows/ -o llm.tuned.onnx --max-drop 2% --bits 8,4 --limit 8
       qtool tune m.onnx --data d/ --eval-data held/ -o m.small.onnx --target-size 5 --plot f.svg
     """
-    from qtool.errors import GateFailed, ModelError
+    from qtool.errors import GateFailed, ModelError, UsageError
     from qtool.tuning import tune
 
+    if limit < 0:
+        raise UsageError(f"--limit must be >= 0, got {limit}", "0 uses every sample; e.g. --limit 64")
+    if threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {threads}", "0 lets onnxruntime choose")
+    if no_cache and cache is not None:
+        raise UsageError("--cache and --no-cache cannot be combined", "drop one of them")
     if not model.exists():
         raise ModelError(f"model file not found: {model}", "check the path")
     result = tune(
