@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent  # commands are shown relative to the checkout, as a user would type them
 MODEL = HERE / "digits_cnn.onnx"
 CALIB = HERE / "data" / "calib"
 EVAL = HERE / "data" / "eval"
@@ -32,7 +33,8 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 def qtool(*args: object) -> None:
     argv = [sys.executable, "-m", "qtool", *map(str, args)]
-    console.rule(f"[bold]$ qtool {' '.join(shlex.quote(str(a)) for a in args)}", align="left")
+    shown = (a.relative_to(ROOT) if isinstance(a, Path) and a.is_relative_to(ROOT) else a for a in args)
+    console.rule(f"[bold]$ qtool {' '.join(shlex.quote(str(a)) for a in shown)}", align="left")
     code = subprocess.run(argv).returncode
     if code != 0:
         console.print(f"[red]qtool exited with {code}[/red]")

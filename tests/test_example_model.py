@@ -120,3 +120,27 @@ def test_bilinear_matrix_rows_are_convex_weights():
     a = td.bilinear_matrix(8, 16)
     assert np.allclose(a.sum(axis=1), 1.0)  # so a constant image stays constant
     assert (a >= 0).all()
+
+
+def test_demo_prints_readable_tables_not_json(tmp_path):
+    """`make demo` as a user sees it: each step's human report, then one summary table. No
+    JSON document in between (the int8 conversion used to dump its 75-line report)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, copy, ignore=shutil.ignore_patterns("out", "__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(EXAMPLES.parent))
+    result = subprocess.run([sys.executable, str(copy / "demo.py")], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert not [ln for ln in lines if ln.lstrip().startswith(("{", "}", '"'))], result.stderr
+    assert any(ln.startswith("$ qtool convert examples/digits_cnn.onnx -o examples/out/digits_int8.onnx")
+               for ln in lines), result.stderr
+    assert any("int8-static (qdq)" in ln for ln in lines)  # convert's own table
+    summary = lines.index(next(ln for ln in lines if "digits CNN: fp32 vs qtool int8 vs qtool int4" in ln))
+    assert [ln for ln in lines[summary:] if ln.startswith(("│ fp32", "│ int8", "│ int4"))]
