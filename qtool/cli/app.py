@@ -219,7 +219,9 @@ def _json_default(value: Any) -> Any:
 # -- progress ----------------------------------------------------------------------------
 # A bar counts in one unit, named by its caller. Without a unit the helper cannot know what
 # the numbers are (bytes, nodes, samples), so it shows no count and no rate: the bar and
-# percentage when the total is known, a spinner and the elapsed time when it is not.
+# percentage when the total is known, a spinner and the elapsed time when it is not. With a
+# unit and an unknown total it shows the count and the elapsed time, never a rate
+# (qtool.pipeline.progress documents the same contract for library callers).
 
 
 def _amount(value: float, unit: str) -> str:
@@ -244,7 +246,8 @@ class _CountColumn(ProgressColumn):
 
 
 class _RateColumn(ProgressColumn):
-    """``N unit/s`` (MB/s for bytes); nothing without a unit."""
+    """``N unit/s`` (MB/s for bytes); nothing without a unit, or while the total is unknown
+    (a caller that cannot size the work, e.g. steps of differing cost, has no steady rate)."""
 
     def __init__(self, unit: str | None) -> None:
         super().__init__()
@@ -252,7 +255,7 @@ class _RateColumn(ProgressColumn):
 
     def render(self, task: Any) -> Text:
         speed = task.finished_speed or task.speed
-        if self.unit is None or not speed:
+        if self.unit is None or task.total is None or not speed:
             return Text("")
         if self.unit == "B":
             return Text(f"{speed / 1e6:.1f} MB/s", style="progress.data.speed")
