@@ -144,7 +144,9 @@ def _watch_for_interrupts() -> None:
             except OSError:
                 return
             if signal.SIGINT in signals:
-                threading.Timer(INTERRUPT_GRACE_S, _exit_interrupted).start()
+                timer = threading.Timer(INTERRUPT_GRACE_S, _exit_interrupted)
+                timer.daemon = True  # a command that still ends on its own is not held
+                timer.start()
                 return
 
     threading.Thread(target=watch, name="qtool-interrupt-watch", daemon=True).start()
@@ -167,7 +169,11 @@ def _exit_now(code: int) -> None:
 
 def main() -> None:
     _watch_for_interrupts()
-    code = run(sys.argv[1:])
+    try:
+        code = run(sys.argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C after the command's own handler, e.g. while returning
+        _say_interrupted()
+        code = EXIT_INTERRUPTED
     if code == EXIT_INTERRUPTED:
         _exit_now(code)
     sys.exit(code)
