@@ -125,11 +125,18 @@ def test_inspect_external_data_does_not_read_weights(tmp_path):
     proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value = k
     proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = n
     onnx.save(proto, folder / "big.onnx")
+    # The peak is this process's own: /proc's VmHWM starts afresh at exec, while ru_maxrss
+    # keeps the forking parent's (pytest's, hundreds of MB late in a full run).
     script = textwrap.dedent(f"""
         import resource, sys
         from qtool.cli import run
         code = run(["inspect", {str(folder / 'big.onnx')!r}, "--json", "-q"])
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        try:
+            with open("/proc/self/status") as status:
+                hwm = next(line for line in status if line.startswith("VmHWM:"))
+            peak_mb = int(hwm.split()[1]) / 1024
+        except (OSError, StopIteration):
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("PEAK", peak_mb, code, file=sys.stderr)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
