@@ -117,8 +117,10 @@ def calibrate_command(
     if skipped:
         names = list(skipped)
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        warn(escape(f"{len(names)} tensor(s) hold +-inf (attention-mask arithmetic?) and stay "
-                    f"float: {shown}; first: {skipped[names[0]]} (all in the table's info)"))
+        # The reasons differ (+-inf from attention-mask arithmetic, a tensor inside an If/Loop
+        # body that onnxruntime cannot return): the table's info carries each one.
+        warn(escape(f"{len(names)} tensor(s) have no range and stay float: {shown}; "
+                    f"{names[0]}: {skipped[names[0]]} (every reason is in the table's info)"))
 
 
 def _check_flags(r, *, percentile, bins, samples, batch_size, threads) -> None:  # noqa: ANN001
