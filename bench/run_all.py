@@ -24,6 +24,7 @@ BENCHES = {
     "diagnose": ["diagnose_smollm2.py"],
     "latency_repro": ["latency_repro.py"],
     "tune": ["tune.py"],
+    "sweep": ["sweep.py"],
 }
 
 

@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""Sweep: every corpus model (bench/corpus.py) through qtool and onnxruntime's quantizer.
+
+For each model, side by side on the same calibration and held-out evaluation inputs:
+
+* ``qtool convert MODEL --data CALIB -o OUT``: qtool's default, exactly as a user types it
+  (a subprocess of this checkout; its exit code and last report lines are recorded);
+* ``qtool convert MODEL --dynamic -o OUT``;
+* onnxruntime ``quantize_dynamic`` with its defaults (s8 weights, per-tensor) and with u8
+  weights;
+* onnxruntime ``quantize_static`` with its defaults (QDQ, s8 activations and weights,
+  per-tensor), and ``quant_pre_process`` then ``quantize_static`` QDQ with u8 activations and s8
+  per-channel weights (the settings its documentation recommends for x86), calibrated on the
+  same CALIB samples (without the pre-process step when that step fails).
+
+Each output model is run on the eval split and scored by the corpus: the task metric (CER
+against the rendered text, accuracy against known labels, VAD accuracy, ...) or its proxy,
+and the SQNR and cosine of every output against fp32 (the worst output is reported: a
+concatenated or multi-head model cannot hide a broken output behind a healthy one). Latency
+is measured in turns with the fp32 model (zoo_metrics.latency_interleaved). Results:
+``bench/results/sweep.md`` and ``bench/results/sweep.json``.
+
+``python bench/sweep.py [--only NAME ...] [--rounds N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import corpus
+from zoo_metrics import latency_interleaved
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORK = corpus.CORPUS / "sweep"
+RESULTS = HERE / "results"
+
+# Differences smaller than these are noise on 16-32 evaluation samples (one sample of 32 is
+# 0.031 of accuracy); the verdict only calls a difference beyond them.
+NOISE = {"cer": 0.01, "cer_vs_fp32": 0.01, "accuracy": 0.035, "top1_agreement": 0.035, "mask_iou": 0.01,
+         "score_sqnr_db": 1.0, "cosine": 0.002, "pairwise_spearman": 0.01}
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
+
+
+def qtool_cli(src: Path, dst: Path, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "qtool", "convert", str(src), *args, "-o", str(dst)],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    # progress bars are not part of the report
+    tail = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and "━" not in ln][-6:]
+    return {"exit": proc.returncode, "report": tail}
+
+
+def _reader(name: str):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(corpus.samples(name, "calib"))
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    return Reader()
+
+
+def ort_dynamic(src: Path, dst: Path, u8: bool) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8 if u8 else QuantType.QInt8)
+    return {}
+
+
+def ort_static_defaults(name: str, src: Path, dst: Path) -> dict:
+    from onnxruntime.quantization import quantize_static
+
+    quantize_static(str(src), str(dst), _reader(name))  # QDQ, s8 activations and weights, per-tensor
+    return {}
+
+
+def ort_static(name: str, src: Path, dst: Path) -> dict:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_name("pre.onnx")
+    note = {}
+    try:
+        quant_pre_process(str(src), str(pre))
+        model = pre
+    except Exception as exc:  # noqa: BLE001 - its pre-process is optional: go on without it
+        note["pre_process"] = f"failed ({type(exc).__name__}), skipped"
+        model = src
+    try:
+        quantize_static(str(model), str(dst), _reader(name), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        for p in dst.parent.glob("pre.onnx*"):
+            p.unlink()
+    return note
+
+
+def configs(name: str, calib: Path):
+    return [
+        ("qtool default (--data)", lambda s, d: qtool_cli(s, d, "--data", str(calib))),
+        ("qtool --dynamic", lambda s, d: qtool_cli(s, d, "--dynamic")),
+        ("ort quantize_dynamic (defaults)", lambda s, d: ort_dynamic(s, d, u8=False)),
+        ("ort quantize_dynamic (u8 weights)", lambda s, d: ort_dynamic(s, d, u8=True)),
+        ("ort quantize_static (defaults)", lambda s, d: ort_static_defaults(name, s, d)),
+        ("ort pre_process + quantize_static (QDQ u8/s8 per-channel)", lambda s, d: ort_static(name, s, d)),
+    ]
+
+
+def _worst(outputs: dict) -> tuple[float | None, float | None]:
+    sq = [o["sqnr_db"] for o in outputs.values() if "sqnr_db" in o]
+    co = [o["cosine"] for o in outputs.values() if "cosine" in o]
+    return (min(sq) if sq else None), (min(co) if co else None)
+
+
+def sweep_model(name: str, rounds: int) -> dict:
+    src = corpus.fetch(name)
+    e = corpus.entry(name)
+    work = WORK / name
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    calib = corpus.write_dataset(name, "calib", work / "calib")
+    evals, labels = corpus.samples(name, "eval"), corpus.labels(name, "eval")
+    ref = corpus.run_model(src, evals)
+    base = corpus.score(name, ref, ref, labels)
+    rows = [{"config": "fp32", "path": str(src), "size": _size(src), "metric": _headline(e, base, fp32=True),
+             "proxy": {k: v for k, v in base.items() if k != "outputs"}}]
+    for i, (label, fn) in enumerate(configs(name, calib)):
+        dst = work / f"c{i}" / "model.onnx"
+        dst.parent.mkdir()
+        t0 = time.perf_counter()
+        row = {"config": label}
+        try:
+            row.update(fn(src, dst) or {})
+        except Exception as exc:  # noqa: BLE001 - a failing tool is a result, not a crash of the sweep
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:240]}"
+            traceback.print_exc()
+        row["convert_s"] = round(time.perf_counter() - t0, 1)
+        if "error" not in row and dst.exists():
+            try:
+                out = corpus.run_model(dst, evals)
+                res = corpus.score(name, ref, out, labels)
+                row.update(path=str(dst), size=_size(dst), metric=_headline(e, res),
+                           proxy={k: v for k, v in res.items() if k != "outputs"}, outputs=res["outputs"])
+                row["worst_sqnr_db"], row["worst_cosine"] = _worst(res["outputs"])
+            except Exception as exc:  # noqa: BLE001 - an output that does not run is a result too
+                row["error"] = f"does not run: {type(exc).__name__}: {str(exc)[:240]}"
+        elif "error" not in row:
+            row["error"] = "no output written"
+        print(f"[sweep] {name} | {label}: "
+              f"{json.dumps({k: v for k, v in row.items() if k not in ('outputs', 'path')}, default=str)}",
+              file=sys.stderr, flush=True)
+        rows.append(row)
+    timed = [r for r in rows if "path" in r]
+    try:
+        lats = latency_interleaved([r["path"] for r in timed], evals[0], rounds=rounds)
+        for r, lat in zip(timed, lats):
+            r["latency_ms"], r["cpu_ms"] = lat["median_ms"], lat["cpu_ms"]
+    except Exception as exc:  # noqa: BLE001
+        print(f"[sweep] {name}: latency failed: {exc}", file=sys.stderr)
+    result = {"model": name, "metric": e.metric, "higher_is_better": e.higher_is_better, "family": e.family,
+              "features": e.features, "rows": rows, "load_avg": round(os.getloadavg()[0], 2)}
+    (work / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def _headline(e: corpus.Entry, res: dict, fp32: bool = False) -> float | None:
+    if fp32 and f"fp32_{e.metric}" in res:
+        return res[f"fp32_{e.metric}"]
+    return res.get(e.metric)
+
+
+def _fmt(v, digits=4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _better(e_hib: bool, a: float, b: float, tol: float) -> bool:
+    """a is worse than b beyond tol."""
+    return (b - a > tol) if e_hib else (a - b > tol)
+
+
+def verdict(res: dict) -> str:
+    rows = {r["config"]: r for r in res["rows"]}
+    d = rows["qtool default (--data)"]
+    fp = rows["fp32"]
+    tol = NOISE.get(res["metric"], 0.01)
+    if d.get("exit", 1) != 0 or "metric" not in d:
+        return f"default FAILS (exit {d.get('exit', '–')}{', ' + d['error'][:60] if 'error' in d else ''})"
+    ort = [r for k, r in rows.items() if k.startswith("ort") and r.get("metric") is not None]
+    best = None
+    if ort:
+        best = (max if res["higher_is_better"] else min)(ort, key=lambda r: r["metric"])
+    notes = []
+    if _better(res["higher_is_better"], d["metric"], fp["metric"], tol):
+        notes.append(f"below fp32 ({_fmt(d['metric'])} vs {_fmt(fp['metric'])})")
+    if best is not None and _better(res["higher_is_better"], d["metric"], best["metric"], tol):
+        notes.append(f"worse than ort best ({best['config'].split('(')[0].strip()}: {_fmt(best['metric'])})")
+    if d.get("size", 0) >= fp.get("size", 1):
+        notes.append("not smaller than fp32")
+    if d.get("latency_ms") and fp.get("latency_ms") and d["latency_ms"] > 1.05 * fp["latency_ms"]:
+        notes.append(f"slower than fp32 ({d['latency_ms'] / fp['latency_ms']:.2f}x)")
+    return "; ".join(notes) if notes else "ok"
+
+
+def render(results: list[dict]) -> str:
+    import onnxruntime
+
+    lines = [
+        "# Sweep: the corpus through qtool and onnxruntime",
+        "",
+        f"Written by `python bench/sweep.py` ({len(results)} models of bench/corpus.md; onnxruntime "
+        f"{onnxruntime.__version__} CPU, 2 cores shared with other work). Calibration on the corpus "
+        "`calib` split, every number measured on the separate `eval` split. qtool rows are the CLI "
+        "as a user runs it (`python -m qtool convert MODEL --data CALIB -o OUT`, and `--dynamic`); "
+        "their exit code is recorded. Metric: the model's task metric or proxy (bench/corpus.md); "
+        "worst SQNR / cosine: of the model's outputs, the lowest median over samples. Size and "
+        "latency are relative to fp32 (latency: median of interleaved runs, 2 threads). Verdict: "
+        "qtool's default against fp32 and the best onnxruntime row, beyond the noise of 16-32 "
+        "samples (" + ", ".join(f"{k} {v}" for k, v in NOISE.items()) + ").",
+        "",
+        "## Summary",
+        "",
+        "| model | family | metric | fp32 | qtool default | qtool --dynamic | best onnxruntime | verdict on the default |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        rows = {r["config"]: r for r in res["rows"]}
+        ort = [r for k, r in rows.items() if k.startswith("ort") and r.get("metric") is not None]
+        best = (max if res["higher_is_better"] else min)(ort, key=lambda r: r["metric"]) if ort else None
+
+        def cell(r):
+            if r is None:
+                return "–"
+            if "metric" not in r:
+                return f"error (exit {r.get('exit', '–')})"
+            ex = f" (exit {r['exit']})" if r.get("exit") else ""
+            return f"{_fmt(r['metric'])}{ex}"
+
+        best_cell = f"{_fmt(best['metric'])} ({best['config'].replace('ort ', '')})" if best else "all failed"
+        lines.append(f"| `{res['model']}` | {res['family']} | {res['metric']} "
+                     f"({'higher' if res['higher_is_better'] else 'lower'} is better) | {_fmt(rows['fp32']['metric'])} "
+                     f"| {cell(rows.get('qtool default (--data)'))} | {cell(rows.get('qtool --dynamic'))} "
+                     f"| {best_cell} | {verdict(res)} |")
+    n_fail = sum(1 for r in results if verdict(r).startswith("default FAILS"))
+    n_ok = sum(1 for r in results if verdict(r) == "ok")
+    lines += ["", f"qtool's default: {n_fail} of {len(results)} conversions failed, {n_ok} fully ok "
+              "(at fp32's metric and onnxruntime's best within noise, smaller, not slower).", ""]
+    lines += ["## Every configuration", ""]
+    for res in results:
+        fp = res["rows"][0]
+        lines += [f"### `{res['model']}` ({res['family']}; {res['features']})", "",
+                  f"| config | exit | {res['metric']} | proxy | worst SQNR dB | worst cosine | size vs fp32 "
+                  "| latency vs fp32 | convert s | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            proxy = ", ".join(f"{k} {_fmt(v, 3)}" for k, v in r.get("proxy", {}).items() if k != res["metric"])
+            size = f"{r['size'] / fp['size']:.2f}x" if "size" in r else "–"
+            lat = (f"{r['latency_ms'] / fp['latency_ms']:.2f}x" if r.get("latency_ms") and fp.get("latency_ms")
+                   else "–")
+            if r["config"] == "fp32":
+                lat = f"{fp['latency_ms']:.2f} ms" if fp.get("latency_ms") else "–"
+                size = f"{fp['size'] / 1e6:.1f} MB"
+            note = r.get("error") or r.get("pre_process") or ""
+            if r.get("exit"):
+                report = [ln for ln in r.get("report", []) if "━" not in ln]
+                note = (note + " " + " / ".join(report[-2:])).strip()
+            note = note.replace("|", "/").replace("\n", " ")[:220]
+            lines.append(f"| {r['config']} | {r.get('exit', '')} | {_fmt(r.get('metric'))} | {proxy} "
+                         f"| {_fmt(r.get('worst_sqnr_db'), 1)} | {_fmt(r.get('worst_cosine'))} | {size} | {lat} "
+                         f"| {_fmt(r.get('convert_s'), 1)} | {note} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", action="append", choices=corpus.NAMES, metavar="NAME")
+    ap.add_argument("--rounds", type=int, default=20, help="interleaved latency rounds per model")
+    ap.add_argument("--render", action="store_true", help="only re-render from the cached results")
+    args = ap.parse_args(argv)
+    names = args.only or corpus.NAMES
+    results = []
+    for n in names:
+        cached = WORK / n / "result.json"
+        if args.render:
+            if cached.exists():
+                results.append(json.loads(cached.read_text()))
+            continue
+        t0 = time.perf_counter()
+        results.append(sweep_model(n, args.rounds))
+        print(f"[sweep] {n} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    if not args.only or args.render:
+        (RESULTS / "sweep.md").write_text(render(results))
+        (RESULTS / "sweep.json").write_text(json.dumps(
+            [{**r, "rows": [{k: v for k, v in row.items() if k not in ("path", "outputs")} for row in r["rows"]]}
+             for r in results], indent=1, default=str))
+    else:
+        print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
