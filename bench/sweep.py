@@ -312,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", action="store_true", help="only re-render from the cached results")
     args = ap.parse_args(argv)
     names = args.only or corpus.NAMES
+    # onnxruntime's calibrator leaves <uuid>.data files in the working directory: keep them
+    # in the cache, not in the checkout.
+    WORK.mkdir(parents=True, exist_ok=True)
+    os.chdir(WORK)
     results = []
     for n in names:
         cached = WORK / n / "result.json"
