@@ -41,7 +41,7 @@ from zoo_metrics import latency_interleaved
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-WORK = corpus.CORPUS / "sweep"
+WORK = corpus.CORPUS / "sweep"  # --tag T: corpus/sweep-T and results/sweep_T.md
 RESULTS = HERE / "results"
 
 # Differences smaller than these are noise on 16-32 evaluation samples (one sample of 32 is
@@ -214,6 +214,9 @@ def verdict(res: dict) -> str:
     d = rows["qtool default (--data)"]
     fp = rows["fp32"]
     tol = NOISE.get(res["metric"], 0.01)
+    if d.get("exit") == 3:  # the guard's refusal: a decision with a reason, not a crash
+        why = next((ln for ln in d.get("report", []) if ln.startswith("error:")), "")
+        return f"refused (exit 3): {why[7:110]}"
     if d.get("exit", 1) != 0 or "metric" not in d:
         return f"default FAILS (exit {d.get('exit', '–')}{', ' + d['error'][:60] if 'error' in d else ''})"
     ort = [r for k, r in rows.items() if k.startswith("ort") and r.get("metric") is not None]
@@ -223,7 +226,10 @@ def verdict(res: dict) -> str:
     notes = []
     if _better(res["higher_is_better"], d["metric"], fp["metric"], tol):
         notes.append(f"below fp32 ({_fmt(d['metric'])} vs {_fmt(fp['metric'])})")
-    if best is not None and _better(res["higher_is_better"], d["metric"], best["metric"], tol):
+    # onnxruntime's rounding can land above fp32 by chance on a few samples: the default is
+    # only called worse than onnxruntime when it is also below fp32.
+    if (best is not None and _better(res["higher_is_better"], d["metric"], best["metric"], tol)
+            and _better(res["higher_is_better"], d["metric"], fp["metric"], tol)):
         notes.append(f"worse than ort best ({best['config'].split('(')[0].strip()}: {_fmt(best['metric'])})")
     if d.get("size", 0) >= fp.get("size", 1):
         notes.append("not smaller than fp32")
@@ -275,8 +281,10 @@ def render(results: list[dict]) -> str:
                      f"| {cell(rows.get('qtool default (--data)'))} | {cell(rows.get('qtool --dynamic'))} "
                      f"| {best_cell} | {verdict(res)} |")
     n_fail = sum(1 for r in results if verdict(r).startswith("default FAILS"))
+    n_refused = sum(1 for r in results if verdict(r).startswith("refused"))
     n_ok = sum(1 for r in results if verdict(r) == "ok")
-    lines += ["", f"qtool's default: {n_fail} of {len(results)} conversions failed, {n_ok} fully ok "
+    lines += ["", f"qtool's default: {n_fail} of {len(results)} conversions failed (exit 1/2), {n_refused} "
+              f"refused with exit 3, {n_ok} fully ok "
               "(at fp32's metric and onnxruntime's best within noise, smaller, not slower).", ""]
     lines += ["## Every configuration", ""]
     for res in results:
@@ -310,7 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", choices=corpus.NAMES, metavar="NAME")
     ap.add_argument("--rounds", type=int, default=20, help="interleaved latency rounds per model")
     ap.add_argument("--render", action="store_true", help="only re-render from the cached results")
+    ap.add_argument("--tag", default="", help="keep this run apart: its own work folder and sweep_TAG.md")
     args = ap.parse_args(argv)
+    global WORK
+    if args.tag:
+        WORK = corpus.CORPUS / f"sweep-{args.tag}"
+    stem = f"sweep_{args.tag}" if args.tag else "sweep"
     names = args.only or corpus.NAMES
     # onnxruntime's calibrator leaves <uuid>.data files in the working directory: keep them
     # in the cache, not in the checkout.
@@ -328,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[sweep] {n} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     RESULTS.mkdir(exist_ok=True)
     if not args.only or args.render:
-        (RESULTS / "sweep.md").write_text(render(results))
-        (RESULTS / "sweep.json").write_text(json.dumps(
+        (RESULTS / f"{stem}.md").write_text(render(results))
+        (RESULTS / f"{stem}.json").write_text(json.dumps(
             [{**r, "rows": [{k: v for k, v in row.items() if k not in ("path", "outputs")} for row in r["rows"]]}
              for r in results], indent=1, default=str))
     else:
