@@ -132,7 +132,8 @@ def test_calib_table_from_calibrate_is_accepted(tmp_path):
         (["--bits", "4", "--block-size", "48"], 2, "--block-size 48"),
         (["--dtype", "fp16", "--calib", "t.json"], 2, "--calib is only used by static int8"),
         (["--dynamic", "--samples", "4"], 2, "--samples needs --data"),
-        (["--calib", "missing.json"], 2, "calibration table not found"),
+        (["--calib", "missing.json"], 1, "calibration table not found"),  # a missing input: 1
+        (["--data", "nowhere"], 1, "is not a folder"),
         (["--recipe", "no-such-recipe", "--dynamic"], 2, "recipe not found"),
         (["--format", "bogus", "--dynamic"], 2, "bogus"),
     ],

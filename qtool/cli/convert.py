@@ -109,24 +109,24 @@ def check_flags(*, bits, dtype, dynamic, data: Path | None, samples: int | None)
 def convert_command(
     model: Path = typer.Argument(..., help="The float .onnx model (never modified)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the converted model."),
-    bits: int = typer.Option(None, "--bits", help="8 (int8), or 4/3/2 (weight-only blocks)."),
+    bits: int = typer.Option(None, "--bits", help="8 (int8), 4/3/2 (weight-only blocks) or 16 (= --dtype fp16) [default: 8]."),
     dtype: DType = typer.Option(None, "--dtype", help="int, or fp16 for half precision."),
     calib: Path = typer.Option(None, "--calib", help="Calibration table (qtool calibrate)."),
     data: Path = typer.Option(None, "--data", help="Sample folder: calibrate inline (static int8), "
                               "smoothing statistics (dynamic), gptq/awq statistics, and the fidelity check."),
     samples: int = typer.Option(None, "--samples", help="Calibrate on the first N samples (0: all)."),
     dynamic: bool = typer.Option(None, "--dynamic", help="Dynamic int8: no data needed; with --data, outlier smoothing."),
-    fmt: Format = typer.Option(None, "--format", help="qdq | qoperator (int8), matmulnbits | qdq (4-bit)."),
+    fmt: Format = typer.Option(None, "--format", help="qdq or qoperator (int8), matmulnbits or qdq (4-bit) [default: qdq for int8, matmulnbits for 4-bit]."),
     per_channel: bool = typer.Option(None, "--per-channel/--per-tensor", help="int8 weight granularity."),
     symmetric_activations: bool = typer.Option(None, "--symmetric-activations", help="Symmetric activation ranges."),
-    activation_type: ActType = typer.Option(None, "--activation-type", help="uint8 (fast on x86) or int8."),
+    activation_type: ActType = typer.Option(None, "--activation-type", help="uint8 (fused into onnxruntime's fast x86 kernels) or int8 [default: uint8]."),
     exclude: list[str] = typer.Option(None, "--exclude", help="Node name, glob or op type to keep in float (repeatable)."),
     recipe: str = typer.Option(None, "--recipe", help="Preset name or .toml path [default: by mode]."),
-    block_size: int = typer.Option(None, "--block-size", help="Weight-only block size: 32, 64, 128, 256."),
+    block_size: int = typer.Option(None, "--block-size", help="Weight-only block size: 32, 64, 128, 256 [default: 128]."),
     symmetric: bool = typer.Option(None, "--symmetric/--asymmetric", help="Weight-only block symmetry."),
-    algorithm: Algorithm = typer.Option(None, "--algorithm", help="Weight-only: rtn, mse, hqq, gptq, awq."),
+    algorithm: Algorithm = typer.Option(None, "--algorithm", help="Weight-only algorithm; gptq and awq need --data [default: rtn]."),
     keep_8bit: list[str] = typer.Option(None, "--keep-8bit", help="Weight-only: name pattern kept at 8 bits (repeatable)."),
-    accuracy_level: int = typer.Option(None, "--accuracy-level", help="MatMulNBits accuracy level 0-4."),
+    accuracy_level: int = typer.Option(None, "--accuracy-level", help="MatMulNBits accuracy level 0-4; 4 computes with int8 activations, the fast path on x86 [default: 4]."),
     external_data: bool = typer.Option(
         False, "--external-data",
         help="Write weights to OUT.data (the default when MODEL keeps its weights in a data file, or "
@@ -147,19 +147,20 @@ def convert_command(
     write_best: bool = typer.Option(False, "--write-best", help="When nothing meets the floor, still write the best candidate (exit stays 3)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Quantize or half a model: int8 static/dynamic, 4/3/2-bit weight-only, or fp16.
+    """Quantize a model (int8 static/dynamic, 4/3/2-bit weight-only) or convert it to fp16.
 
-    Static int8 needs ranges: --calib TABLE.json, or --data DIR to calibrate inline.
-    The output is verified to load in onnxruntime; with --data, one sample is run through
-    both models and cosine similarity and SQNR of the outputs are printed.
+    With --data and no scheme flag, the guard chooses the scheme: static and dynamic int8
+    are converted, measured on held-out samples against the float model (per output and
+    per channel group, argmax agreement, latency), repaired when below the floor, and the
+    first that meets it is written; nothing meets it: exit 3, nothing written. Static int8
+    without --data needs --calib TABLE.json. The output is verified to load in onnxruntime.
 
-    \b
     \b
     Examples:
-      qtool convert m.onnx -o m.int8.onnx --data calib/
-      qtool convert llm.onnx -o llm.int8.onnx --dynamic --exclude lm_head
-      qtool convert llm.onnx -o llm.int4.onnx --bits 4 --block-size 32
-      qtool convert m.onnx -o m.fp16.onnx --dtype fp16
+      qtool convert examples/digits_cnn.onnx -o int8.onnx --data examples/data/calib
+      qtool convert examples/digits_cnn.onnx -o dyn.onnx --dynamic --exclude fc2
+      qtool convert examples/digits_cnn.onnx -o int4.onnx --bits 4 --block-size 32
+      qtool convert examples/digits_cnn.onnx -o fp16.onnx --dtype fp16
     """
     from qtool.model import check_output_path
     from qtool.pipeline import convert_file, plan_for

@@ -126,10 +126,15 @@ def check_inputs(recipe: Recipe, plan: ConvertPlan, *, calib=None, data=None) ->
             raise UsageError(f"--block-size {wo.block_size} is not supported", "use 32, 64, 128 or 256")
         if wo.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"--accuracy-level must be 0..4, got {wo.accuracy_level}", "4 is the fast path on x86")
+    # A missing input is an error (exit 1), as in every command; a bad flag is a usage error.
     if isinstance(calib, (str, Path)) and not Path(calib).exists():
-        raise UsageError(f"calibration table not found: {calib}", "make one with: qtool calibrate MODEL --data DIR -o TABLE.json")
+        from qtool.errors import CalibrationError
+
+        raise CalibrationError(f"calibration table not found: {calib}", "make one with: qtool calibrate MODEL --data DIR -o TABLE.json")
     if data is not None and not Path(data).is_dir():
-        raise UsageError(f"--data {data} is not a folder", "pass a folder of samples (.npy/.npz/images)")
+        from qtool.errors import DataError
+
+        raise DataError(f"--data {data} is not a folder", "pass a folder of samples (.npy/.npz/images)")
 
 
 # Ops that only a quantized model holds (QDQ pairs, integer kernels, low-bit blocks).

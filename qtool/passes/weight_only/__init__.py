@@ -258,7 +258,8 @@ def _pipelined(items: list[Item], work: Callable[[Item], QuantOutcome]) -> Itera
         for item in items:
             yield item, work(item)
         return
-    with ThreadPoolExecutor(threads) as pool:
+    pool = ThreadPoolExecutor(threads)
+    try:
         futures = []
         nxt = 0
         for i in range(len(items)):
@@ -268,3 +269,7 @@ def _pipelined(items: list[Item], work: Callable[[Item], QuantOutcome]) -> Itera
             outcome = futures[i].result()
             futures[i] = None
             yield items[i], outcome
+    finally:
+        # On an error or Ctrl-C, queued tensors are dropped instead of waited for (the one
+        # running per thread still finishes; the caller is not held until then).
+        pool.shutdown(wait=False, cancel_futures=True)
