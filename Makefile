@@ -13,7 +13,7 @@ endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qtool-installed
 
-.PHONY: install demo test test-fast bench lint native-test clean
+.PHONY: install demo test test-fast bench lint native-test clean chromium
 
 # Reinstall when the package definition or the C sources change.
 $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard native/src/*.c native/include/*.h qtool/kernels/_build.py)
@@ -38,6 +38,10 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check qtool tests bench examples
+
+# Debian's chromium, for the HTML report's browser test (skipped without it; CI installs it).
+chromium:
+	bash tests/install_chromium.sh
 
 native-test:
 	$(MAKE) -C native test

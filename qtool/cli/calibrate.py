@@ -15,14 +15,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from qtool.calibration.thresholds import METHODS
 from qtool.cli.app import app, console, emit_json, info, progress, settings, warn
 
-
-class Method(str, Enum):
-    minmax = "minmax"
-    percentile = "percentile"
-    entropy = "entropy"
-    mse = "mse"
+# The choices are the calibration registry's, so a new method needs no CLI edit.
+Method = Enum("Method", {name: name for name in METHODS}, type=str)
 
 
 def _peak_rss_mb() -> float:
