@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def tune_command(
     threads: int = typer.Option(0, "--threads", metavar="T", help="onnxruntime intra-op threads, 0 for its default."),
     allow_opset_upgrade: bool = typer.Option(False, "--allow-opset-upgrade", help="Let Conv weights take 4/2 bits (blocked DequantizeLinear) by raising the opset to 21/25."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    html: Path = typer.Option(None, "--html", metavar="FILE", help="Write a self-contained HTML report (the size-vs-metric frontier) to FILE."),
 ) -> None:
     """Find per-layer precisions (float, int8, int4, lower) that minimise size within --max-drop.
 
@@ -75,6 +77,10 @@ def tune_command(
         raise UsageError("--cache and --no-cache cannot be combined", "drop one of them")
     if not model.exists():
         raise ModelError(f"model file not found: {model}", "check the path")
+    if html is not None:
+        from qtool.cli.eval import check_outputs
+
+        check_outputs({"--html": html, "-o": output}, {"model": model}, data)
     result = tune(
         model, data, output, eval_data=eval_data, metric=metric, max_drop=max_drop,
         target_mb=target_size, bits=bits, budget_minutes=budget_minutes, recipe=recipe,
@@ -83,6 +89,11 @@ def tune_command(
         progress=progress,
     )
     doc = result.to_dict()
+    if html is not None:
+        from qtool.eval.html import render_tune, write_html
+
+        write_html(render_tune(json.loads(json.dumps(doc))), html)
+        info(f"HTML report written to {escape(str(html))}")
     if json_out:
         emit_json(doc)
     if not settings.quiet or not json_out:

@@ -59,10 +59,12 @@ class LatencyStats:
     median_ci_ms: tuple[float, float]
     throughput: float  # samples / s
     memory_mib: float | None
+    samples_ms: tuple[float, ...] = ()  # every timed run, in order (the HTML report draws them)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["median_ci_ms"] = list(self.median_ci_ms)
+        d["samples_ms"] = [round(t, 5) for t in self.samples_ms]
         return d
 
 
@@ -86,6 +88,7 @@ def summarize(times_ms: np.ndarray, **fields) -> LatencyStats:
         max_ms=float(t[-1]),
         median_ci_ms=(float(lo), float(hi)),
         throughput=fields["batch_size"] / (p50 / 1000.0) if p50 > 0 else float("inf"),
+        samples_ms=tuple(float(x) for x in np.asarray(times_ms, dtype=np.float64)),
         **fields,
     )
 
