@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+from conftest import onnx_model, value_info
 from onnx import TensorProto, helper
 
 from qtool.cli import run
@@ -17,18 +18,10 @@ def _model(path):
     """x[N,4] -> MatMul -> Relu -> Add -> y."""
     w = helper.make_tensor("W", TensorProto.FLOAT, [4, 3], RNG.standard_normal(12).tolist())
     b = helper.make_tensor("b", TensorProto.FLOAT, [3], [0.1, 0.2, 0.3])
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"),
-         helper.make_node("Relu", ["mm"], ["act"], name="relu"),
-         helper.make_node("Add", ["act", "b"], ["y"], name="add")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        [w, b],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"),
+             helper.make_node("Relu", ["mm"], ["act"], name="relu"),
+             helper.make_node("Add", ["act", "b"], ["y"], name="add")]
+    onnx.save(onnx_model(nodes, [value_info("x", ["N", 4])], [value_info("y", ["N", 3])], [w, b]), path)
     return str(path)
 
 

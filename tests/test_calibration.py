@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from conftest import onnx_model, value_info
 from onnx import TensorProto, helper
 
 from qtool import kernels
@@ -126,15 +127,7 @@ def _model(path, nan_on_negative_input=False):
         helper.make_node("Relu", ["mm"], ["act"], name="relu"),
         helper.make_node("Add", ["act", "b"], ["y"], name="add"),
     ]
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        [w, b],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
+    onnx.save(onnx_model(nodes, [value_info("x", ["N", 4])], [value_info("y", ["N", 3])], [w, b]), path)
     return path
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from conftest import onnx_model, value_info
 from onnx import TensorProto, helper, numpy_helper
 
 from qtool.cli import run
@@ -37,11 +38,7 @@ def _unnamed_mlp(path):
         helper.make_node("Relu", ["h2"], ["r2"]),
         helper.make_node("MatMul", ["r2", "w3"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "unnamed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
+    onnx.save(onnx_model(nodes, [value_info("x", ["N", K])], [value_info("y", ["N", 10])], inits), path)
     return path
 
 

@@ -18,6 +18,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import tomllib
+from conftest import onnx_model, value_info
 from onnx import TensorProto, helper, numpy_helper
 
 from qtool.config import LayerOverride, Recipe, load_recipe
@@ -55,11 +56,7 @@ def mlp(path: Path) -> Path:
         helper.make_node("MatMul", ["h3", "w4"], ["y"], name="fc4"),
     ]
     inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (w3, "w3"), (w4, "w4"))]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
+    onnx.save(onnx_model(nodes, [value_info("x", ["N", K])], [value_info("y", ["N", 10])], inits), path)
     return path
 
 
