@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_ir as ir
 
 from qtool.config import Recipe
@@ -202,7 +201,3 @@ def repairs(attempt: Attempt, model: ir.Model) -> Iterator[tuple[str, Recipe]]:
         q = attempt.recipe.quantize
         recipe = attempt.recipe.override("quantize", exclude=q.exclude + tuple(glob_literal(n) for n in layers))
         yield f"{attempt.label}, {len(layers)} layer(s) nearest the output kept float", recipe
-
-
-def finite_median(values: list[float]) -> float:
-    return float(np.median(values)) if values else math.nan
