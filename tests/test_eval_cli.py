@@ -248,3 +248,11 @@ def test_labels_outside_the_class_range_are_an_error(int8, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1, err
     assert "labels must be class indices 0..9" in err and "run from 1 to 10" in err and "hint:" in err
+
+
+def test_bare_json_prints_to_stdout_like_every_command(capsys):
+    assert run(["eval", str(REF), "-d", str(DATA), "--limit", "8", "--json", "-q"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["metrics"] is not None
+    assert run(["eval", str(REF), "-d", str(DATA), "--limit", "8", "-q", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["samples"] == 8

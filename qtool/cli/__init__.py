@@ -108,7 +108,19 @@ def _take_global_flags(argv: list[str]) -> list[str]:
             setattr(settings, _GLOBAL_FLAGS[arg], True)
         else:
             rest.append(arg)
-    return rest
+    return _bare_json_means_stdout(rest)
+
+
+def _bare_json_means_stdout(argv: list[str]) -> list[str]:
+    """``eval --json`` with no path prints to stdout, as ``--json`` does in every other
+    command; ``eval --json PATH`` still writes the file."""
+    if not argv or argv[0] != "eval" or "--json" not in argv:
+        return argv
+    at = argv.index("--json")
+    following = argv[at + 1] if at + 1 < len(argv) else None
+    if following is None or (following.startswith("-") and following != "-"):
+        return argv[:at + 1] + ["-"] + argv[at + 1:]
+    return argv
 
 
 def _report(message: str, hint: str) -> None:

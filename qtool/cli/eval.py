@@ -45,7 +45,7 @@ def eval_command(
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads (0: onnxruntime default)."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Samples per run."),
     limit: int = typer.Option(0, "--limit", help="Use only the first N samples (0: all)."),
-    json_out: str | None = typer.Option(None, "--json", help="Write the JSON report to PATH ('-': stdout)."),
+    json_out: str | None = typer.Option(None, "--json", help="Print the JSON report on stdout (bare --json, as in every command), or write it to PATH."),
     markdown: Path | None = typer.Option(None, "--markdown", help="Write a Markdown summary to PATH."),
     html: Path | None = typer.Option(None, "--html", help="Write a self-contained HTML report (charts, no network) to PATH."),
     max_drop: str | None = typer.Option(
