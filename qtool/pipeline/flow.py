@@ -306,6 +306,8 @@ def _guard_failure(outcome) -> str:  # noqa: ANN001 - GuardOutcome
     if best is None:
         errors = "; ".join(f"{a.label}: {a.error}" for a in outcome.attempts if a.error)
         return f"no candidate could be converted ({errors or 'none tried'})"
+    if all(a.error and a.error.startswith("nothing was compressed") for a in outcome.attempts):
+        return f"no candidate compressed anything ({len(outcome.attempts)} tried; {best.label}: {best.error})"
     missing = best.error or "; ".join(best.shortfalls)
     return f"below the floor after {len(outcome.attempts)} attempt(s); best was {best.label}: {missing}"
 

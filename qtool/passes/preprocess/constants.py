@@ -18,6 +18,7 @@ from qtool.passes.preprocess.driver import APPLIED, Outcome, RuleContext, attr
 # Constant folding never creates a tensor larger than this unless it is no larger than the
 # inputs it replaces (folding must not inflate the model, e.g. Expand of a scalar).
 FOLD_MAX_GROWTH_BYTES = 1 << 16
+WEIGHT_CHAIN_DEPTH = 4  # Cast -> Mul -> Reshape -> Transpose before the weight, at most
 
 
 def _axes(node: ir.Node, index: int) -> list[int] | None:
@@ -124,6 +125,28 @@ FOLDABLE: dict[str, Callable[..., np.ndarray]] = {
 FOLDED_OPS = ("Shape", *FOLDABLE)
 
 
+def feeds_only_weights(value: ir.Value, depth: int = WEIGHT_CHAIN_DEPTH) -> bool:
+    """Whether every use of ``value`` is the weight input of a quantizable op, directly or
+    through foldable ops on constants (fp16 weights Cast to float32; int8 weights Cast and
+    scaled in the graph). Such a fold grows the float graph only until the weight is
+    quantized, which makes it smaller than the stored weight was."""
+    from qtool import ops
+
+    uses = list(value.uses())
+    if not uses or depth < 0 or value.is_graph_output():
+        return False
+    for node, index in uses:
+        rule = ops.rule_for(node)
+        if rule is not None and index in rule.weights:
+            continue
+        if node.op_type in FOLDABLE and len(node.outputs) == 1 and all(
+                v is None or v is value or constant_of(v) is not None for v in node.inputs):
+            if feeds_only_weights(node.outputs[0], depth - 1):
+                continue
+        return False
+    return True
+
+
 def fold_constant_node(node: ir.Node, ctx: RuleContext) -> Outcome:
     """Replace a node whose inputs are all constants by an initializer holding its output.
 
@@ -148,7 +171,7 @@ def fold_constant_node(node: ir.Node, ctx: RuleContext) -> Outcome:
     except Exception as exc:  # noqa: BLE001 - a malformed node: onnxruntime will report it
         return f"cannot evaluate: {exc}"
     in_bytes = sum(a.nbytes for a in inputs if a is not None)
-    if result.nbytes > max(in_bytes, FOLD_MAX_GROWTH_BYTES):
+    if result.nbytes > max(in_bytes, FOLD_MAX_GROWTH_BYTES) and not feeds_only_weights(out):
         return f"folding would grow the model ({result.nbytes} bytes from {in_bytes})"
     _replace_with_constant(node, result, ctx)
     return APPLIED
