@@ -6,6 +6,8 @@ For each model, side by side on the same calibration and held-out evaluation inp
 * ``qtool convert MODEL --data CALIB -o OUT``: qtool's default, exactly as a user types it
   (a subprocess of this checkout; its exit code and last report lines are recorded);
 * ``qtool convert MODEL --dynamic -o OUT``;
+* when the default is refused (exit 3), ``qtool convert MODEL --data CALIB --no-guard`` (with
+  ``--per-tensor`` when the opset needs it): what the refusal cost or saved on the task;
 * onnxruntime ``quantize_dynamic`` with its defaults (s8 weights, per-tensor) and with u8
   weights;
 * onnxruntime ``quantize_static`` with its defaults (QDQ, s8 activations and weights,
@@ -18,7 +20,8 @@ against the rendered text, accuracy against known labels, VAD accuracy, ...) or 
 and the SQNR and cosine of every output against fp32 (the worst output is reported: a
 concatenated or multi-head model cannot hide a broken output behind a healthy one). Latency
 is measured in turns with the fp32 model (zoo_metrics.latency_interleaved). Results:
-``bench/results/sweep.md`` and ``bench/results/sweep.json``.
+``bench/results/sweep.md`` and ``bench/results/sweep.json`` (``--tag T``: ``sweep_T.md``, with the
+hand-written findings of ``sweep_T_notes.md`` at the top).
 
 ``python bench/sweep.py [--only NAME ...] [--rounds N]``
 """
@@ -121,6 +124,15 @@ def ort_static(name: str, src: Path, dst: Path) -> dict:
     return note
 
 
+def refused_candidate(src: Path, dst: Path, calib: Path) -> dict:
+    """What the guard refused: static int8 with the guard off, per-tensor when the opset needs it
+    (as auto mode does; --no-guard leaves auto mode, so per-channel is asked for again)."""
+    row = qtool_cli(src, dst, "--data", str(calib), "--no-guard")
+    if row["exit"] == 2 and any("opset 13" in ln for ln in row["report"]):
+        row = {**qtool_cli(src, dst, "--data", str(calib), "--no-guard", "--per-tensor"), "args": "--per-tensor"}
+    return row
+
+
 def configs(name: str, calib: Path):
     return [
         ("qtool default (--data)", lambda s, d: qtool_cli(s, d, "--data", str(calib))),
@@ -153,7 +165,8 @@ def sweep_model(name: str, rounds: int) -> dict:
     base = corpus.score(name, ref, ref, labels)
     rows = [{"config": "fp32", "path": str(src), "size": _size(src), "metric": _headline(e, base, fp32=True),
              "proxy": {k: v for k, v in base.items() if k != "outputs"}}]
-    for i, (label, fn) in enumerate(configs(name, calib)):
+    todo = list(configs(name, calib))
+    for i, (label, fn) in enumerate(todo):
         dst = work / f"c{i}" / "model.onnx"
         dst.parent.mkdir()
         t0 = time.perf_counter()
@@ -179,6 +192,10 @@ def sweep_model(name: str, rounds: int) -> dict:
               f"{json.dumps({k: v for k, v in row.items() if k not in ('outputs', 'path')}, default=str)}",
               file=sys.stderr, flush=True)
         rows.append(row)
+        if label == "qtool default (--data)" and row.get("exit") == 3:
+            # the refusal is a judgement on the task too: measure the candidate it refused
+            todo.append(("qtool --no-guard (the refused static candidate)",
+                         lambda s, d: refused_candidate(s, d, calib)))
     timed = [r for r in rows if "path" in r]
     try:
         # Heavy models (a 640x640 detector takes seconds a run on a loaded 2-core machine) get
@@ -244,7 +261,7 @@ def _ort_best(res: dict) -> dict | None:
 
 def summary(results: list[dict]) -> list[str]:
     """The counts the lead asks for: exit 0 at fp32, exit 3 and exit 1/2 by reason, at onnxruntime's best."""
-    meet, below, refused, failed, ge_ort, no_ort = [], [], {}, {}, [], []
+    meet, below, refused, failed, ge_ort, below_ort, no_ort = [], [], {}, {}, [], [], []
     for res in results:
         rows = {r["config"]: r for r in res["rows"]}
         d, fp = rows["qtool default (--data)"], rows["fp32"]
@@ -253,18 +270,19 @@ def summary(results: list[dict]) -> list[str]:
             refused.setdefault(_refusal_class(_why(d)), []).append(name)
             continue
         if d.get("exit", 1) != 0 or "metric" not in d:
-            failed.setdefault(f"exit {d.get('exit', '–')}: {_why(d)[:110]}", []).append(name)
+            failed.setdefault(f"exit {d.get('exit', '–')}: {_why(d).split(' (')[0][:110]}", []).append(name)
             continue
         (below if _better(hib, d["metric"], fp["metric"], tol) else meet).append(name)
         best = _ort_best(res)
         if best is None:
             no_ort.append(name)
-        elif not _better(hib, d["metric"], best["metric"], tol):
-            ge_ort.append(name)
+        else:
+            (below_ort if _better(hib, d["metric"], best["metric"], tol) else ge_ort).append(name)
     n = len(results)
-    out = [f"- exit 0 and at fp32's metric within noise: **{len(meet)} of {n}**"
+    out = [f"- exit 0 and at fp32's metric within noise: **{len(meet)} of {n}** ({', '.join(f'`{m}`' for m in meet)})"
            + (f"; exit 0 but below fp32: {len(below)} ({', '.join(f'`{m}`' for m in below)})" if below else ""),
-           f"- exit 0 and at least onnxruntime's best metric (within noise): **{len(ge_ort)} of {n}**"
+           f"- exit 0 and at least onnxruntime's best metric (within noise): **{len(ge_ort)} of {n}** "
+           f"(exit 0 but below it: {', '.join(f'`{m}`' for m in below_ort) or 'none'})"
            + (f" (no onnxruntime setting produced a runnable model for {', '.join(f'`{m}`' for m in no_ort)})"
               if no_ort else ""),
            f"- refused by the guard (exit 3, nothing written): **{sum(map(len, refused.values()))} of {n}**"]
@@ -302,8 +320,11 @@ def verdict(res: dict) -> str:
     return "; ".join(notes) if notes else "ok"
 
 
-def render(results: list[dict]) -> str:
+def render(results: list[dict], notes: list[str] = ()) -> str:
+    """The results as markdown; notes (the hand-written findings, results/<stem>_notes.md) go first."""
     import onnxruntime
+
+    notes = [*notes, ""] if notes else []
 
     commits = sorted({r.get("qtool_commit", "?") for r in results})
     lines = [
@@ -320,6 +341,7 @@ def render(results: list[dict]) -> str:
         "qtool's default against fp32 and the best onnxruntime row, beyond the noise of 16-32 "
         "samples (" + ", ".join(f"{k} {v}" for k, v in NOISE.items()) + ").",
         "",
+        *notes,
         "## Summary",
         "",
         *summary(results),
@@ -354,7 +376,7 @@ def render(results: list[dict]) -> str:
     lines += ["## Every configuration", ""]
     for res in results:
         fp = res["rows"][0]
-        lines += [f"### `{res['model']}` ({res['family']}; {res['features']})", "",
+        lines += [f"### `{res['model']}` ({res['family']}; {res['features']}; qtool at {res.get('qtool_commit', '?')})", "",
                   f"| config | exit | {res['metric']} | proxy | worst SQNR dB | worst cosine | size vs fp32 "
                   "| latency vs fp32 | convert s | note |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -366,7 +388,7 @@ def render(results: list[dict]) -> str:
             if r["config"] == "fp32":
                 lat = f"{fp['latency_ms']:.2f} ms" if fp.get("latency_ms") else "–"
                 size = f"{fp['size'] / 1e6:.1f} MB"
-            note = r.get("error") or r.get("pre_process") or ""
+            note = r.get("error") or r.get("pre_process") or (f"with {r['args']}" if r.get("args") else "")
             if r.get("chosen") and not r.get("exit"):
                 note = f"guard chose {r['chosen']} after {len(r.get('attempts', []))} attempt(s)"
             if r.get("exit") == 3 and r.get("failure"):
@@ -410,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[sweep] {n} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     RESULTS.mkdir(exist_ok=True)
     if not args.only or args.render:
-        (RESULTS / f"{stem}.md").write_text(render(results))
+        notes = RESULTS / f"{stem}_notes.md"
+        (RESULTS / f"{stem}.md").write_text(render(results, notes.read_text().splitlines() if notes.exists() else []))
         (RESULTS / f"{stem}.json").write_text(json.dumps(
             [{**r, "rows": [{k: v for k, v in row.items() if k not in ("path", "outputs")} for row in r["rows"]]}
              for r in results], indent=1, default=str))
