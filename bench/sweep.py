@@ -6,6 +6,8 @@ For each model, side by side on the same calibration and held-out evaluation inp
 * ``qtool convert MODEL --data CALIB -o OUT``: qtool's default, exactly as a user types it
   (a subprocess of this checkout; its exit code and last report lines are recorded);
 * ``qtool convert MODEL --dynamic -o OUT``;
+* when the default is refused (exit 3), ``qtool convert MODEL --data CALIB --no-guard`` (with
+  ``--per-tensor`` when the opset needs it): what the refusal cost or saved on the task;
 * onnxruntime ``quantize_dynamic`` with its defaults (s8 weights, per-tensor) and with u8
   weights;
 * onnxruntime ``quantize_static`` with its defaults (QDQ, s8 activations and weights,
@@ -18,7 +20,8 @@ against the rendered text, accuracy against known labels, VAD accuracy, ...) or 
 and the SQNR and cosine of every output against fp32 (the worst output is reported: a
 concatenated or multi-head model cannot hide a broken output behind a healthy one). Latency
 is measured in turns with the fp32 model (zoo_metrics.latency_interleaved). Results:
-``bench/results/sweep.md`` and ``bench/results/sweep.json``.
+``bench/results/sweep.md`` and ``bench/results/sweep.json`` (``--tag T``: ``sweep_T.md``, with the
+hand-written findings of ``sweep_T_notes.md`` at the top).
 
 ``python bench/sweep.py [--only NAME ...] [--rounds N]``
 """
@@ -56,11 +59,21 @@ def _size(path: Path) -> int:
 
 def qtool_cli(src: Path, dst: Path, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "qtool", "convert", str(src), *args, "-o", str(dst)],
+    proc = subprocess.run([sys.executable, "-m", "qtool", "convert", str(src), *args, "-o", str(dst), "--json"],
                           capture_output=True, text=True, env=env, timeout=1800)
-    # progress bars are not part of the report
-    tail = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and "━" not in ln][-6:]
-    return {"exit": proc.returncode, "report": tail}
+    # progress bars are not part of the report; --json puts the report alone on stdout
+    tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and "━" not in ln][-6:]
+    row = {"exit": proc.returncode, "report": tail}
+    try:
+        rep = json.loads(proc.stdout)
+    except ValueError:  # exit 1/2 before any conversion: no report, the error is on stderr
+        return row
+    guard = rep.get("guard") or {}
+    row.update(mode=rep.get("mode"), format=rep.get("format"), passed=rep.get("passed"),
+               failure=rep.get("failure"), chosen=guard.get("chosen"), decision=guard.get("decision"),
+               attempts=[{k: a.get(k) for k in ("label", "meets_floor", "shortfalls", "error", "latency_ratio",
+                                                 "size_bytes")} for a in guard.get("attempts", [])])
+    return row
 
 
 def _reader(name: str):
@@ -111,6 +124,15 @@ def ort_static(name: str, src: Path, dst: Path) -> dict:
     return note
 
 
+def refused_candidate(src: Path, dst: Path, calib: Path) -> dict:
+    """What the guard refused: static int8 with the guard off, per-tensor when the opset needs it
+    (as auto mode does; --no-guard leaves auto mode, so per-channel is asked for again)."""
+    row = qtool_cli(src, dst, "--data", str(calib), "--no-guard")
+    if row["exit"] == 2 and any("opset 13" in ln for ln in row["report"]):
+        row = {**qtool_cli(src, dst, "--data", str(calib), "--no-guard", "--per-tensor"), "args": "--per-tensor"}
+    return row
+
+
 def configs(name: str, calib: Path):
     return [
         ("qtool default (--data)", lambda s, d: qtool_cli(s, d, "--data", str(calib))),
@@ -143,7 +165,8 @@ def sweep_model(name: str, rounds: int) -> dict:
     base = corpus.score(name, ref, ref, labels)
     rows = [{"config": "fp32", "path": str(src), "size": _size(src), "metric": _headline(e, base, fp32=True),
              "proxy": {k: v for k, v in base.items() if k != "outputs"}}]
-    for i, (label, fn) in enumerate(configs(name, calib)):
+    todo = list(configs(name, calib))
+    for i, (label, fn) in enumerate(todo):
         dst = work / f"c{i}" / "model.onnx"
         dst.parent.mkdir()
         t0 = time.perf_counter()
@@ -169,6 +192,10 @@ def sweep_model(name: str, rounds: int) -> dict:
               f"{json.dumps({k: v for k, v in row.items() if k not in ('outputs', 'path')}, default=str)}",
               file=sys.stderr, flush=True)
         rows.append(row)
+        if label == "qtool default (--data)" and row.get("exit") == 3:
+            # the refusal is a judgement on the task too: measure the candidate it refused
+            todo.append(("qtool --no-guard (the refused static candidate)",
+                         lambda s, d: refused_candidate(s, d, calib)))
     timed = [r for r in rows if "path" in r]
     try:
         # Heavy models (a 640x640 detector takes seconds a run on a loaded 2-core machine) get
@@ -209,16 +236,71 @@ def _better(e_hib: bool, a: float, b: float, tol: float) -> bool:
     return (b - a > tol) if e_hib else (a - b > tol)
 
 
+def _why(row: dict) -> str:
+    """The reason a qtool row did not succeed: the report's failure, else the CLI's error line."""
+    if row.get("failure"):
+        return row["failure"]
+    line = next((ln for ln in row.get("report", []) if ln.startswith("error:")), "")
+    return line[7:] or row.get("error", "")
+
+
+def _refusal_class(failure: str) -> str:
+    """The guard's reason reduced to its class: what the best candidate fell short on."""
+    best = failure.split("best was ", 1)[-1]
+    if "nothing was compressed" in best:
+        return "nothing was compressed (no float weight qtool quantizes)"
+    if "SQNR" in best or "agreement" in best:
+        return "every candidate below the accuracy floor"
+    return best.split(";")[0][:90]
+
+
+def _ort_best(res: dict) -> dict | None:
+    ort = [r for k, r in ((r["config"], r) for r in res["rows"]) if k.startswith("ort") and r.get("metric") is not None]
+    return (max if res["higher_is_better"] else min)(ort, key=lambda r: r["metric"]) if ort else None
+
+
+def summary(results: list[dict]) -> list[str]:
+    """The counts the lead asks for: exit 0 at fp32, exit 3 and exit 1/2 by reason, at onnxruntime's best."""
+    meet, below, refused, failed, ge_ort, below_ort, no_ort = [], [], {}, {}, [], [], []
+    for res in results:
+        rows = {r["config"]: r for r in res["rows"]}
+        d, fp = rows["qtool default (--data)"], rows["fp32"]
+        tol, hib, name = NOISE.get(res["metric"], 0.01), res["higher_is_better"], res["model"]
+        if d.get("exit") == 3:
+            refused.setdefault(_refusal_class(_why(d)), []).append(name)
+            continue
+        if d.get("exit", 1) != 0 or "metric" not in d:
+            failed.setdefault(f"exit {d.get('exit', '–')}: {_why(d).split(' (')[0][:110]}", []).append(name)
+            continue
+        (below if _better(hib, d["metric"], fp["metric"], tol) else meet).append(name)
+        best = _ort_best(res)
+        if best is None:
+            no_ort.append(name)
+        else:
+            (below_ort if _better(hib, d["metric"], best["metric"], tol) else ge_ort).append(name)
+    n = len(results)
+    out = [f"- exit 0 and at fp32's metric within noise: **{len(meet)} of {n}** ({', '.join(f'`{m}`' for m in meet)})"
+           + (f"; exit 0 but below fp32: {len(below)} ({', '.join(f'`{m}`' for m in below)})" if below else ""),
+           f"- exit 0 and at least onnxruntime's best metric (within noise): **{len(ge_ort)} of {n}** "
+           f"(exit 0 but below it: {', '.join(f'`{m}`' for m in below_ort) or 'none'})"
+           + (f" (no onnxruntime setting produced a runnable model for {', '.join(f'`{m}`' for m in no_ort)})"
+              if no_ort else ""),
+           f"- refused by the guard (exit 3, nothing written): **{sum(map(len, refused.values()))} of {n}**"]
+    out += [f"  - {why}: {', '.join(f'`{m}`' for m in ms)}" for why, ms in refused.items()]
+    out.append(f"- failed before or during conversion (exit 1/2): **{sum(map(len, failed.values()))} of {n}**")
+    out += [f"  - {why}: {', '.join(f'`{m}`' for m in ms)}" for why, ms in failed.items()]
+    return out
+
+
 def verdict(res: dict) -> str:
     rows = {r["config"]: r for r in res["rows"]}
     d = rows["qtool default (--data)"]
     fp = rows["fp32"]
     tol = NOISE.get(res["metric"], 0.01)
     if d.get("exit") == 3:  # the guard's refusal: a decision with a reason, not a crash
-        why = next((ln for ln in d.get("report", []) if ln.startswith("error:")), "")
-        return f"refused (exit 3): {why[7:110]}"
+        return f"refused (exit 3): {_why(d)[:110]}"
     if d.get("exit", 1) != 0 or "metric" not in d:
-        return f"default FAILS (exit {d.get('exit', '–')}{', ' + d['error'][:60] if 'error' in d else ''})"
+        return f"default FAILS (exit {d.get('exit', '–')}: {_why(d)[:110]})"
     ort = [r for k, r in rows.items() if k.startswith("ort") and r.get("metric") is not None]
     best = None
     if ort:
@@ -238,8 +320,11 @@ def verdict(res: dict) -> str:
     return "; ".join(notes) if notes else "ok"
 
 
-def render(results: list[dict]) -> str:
+def render(results: list[dict], notes: list[str] = ()) -> str:
+    """The results as markdown; notes (the hand-written findings, results/<stem>_notes.md) go first."""
     import onnxruntime
+
+    notes = [*notes, ""] if notes else []
 
     commits = sorted({r.get("qtool_commit", "?") for r in results})
     lines = [
@@ -256,11 +341,14 @@ def render(results: list[dict]) -> str:
         "qtool's default against fp32 and the best onnxruntime row, beyond the noise of 16-32 "
         "samples (" + ", ".join(f"{k} {v}" for k, v in NOISE.items()) + ").",
         "",
+        *notes,
         "## Summary",
         "",
-        "| model | family | metric | fp32 | qtool default (size vs fp32) | qtool --dynamic | best onnxruntime "
-        "| verdict on the default |",
-        "|---|---|---|---|---|---|---|---|",
+        *summary(results),
+        "",
+        "| model | family | metric | fp32 | qtool default (size vs fp32) | guard's choice | qtool --dynamic "
+        "| best onnxruntime | verdict on the default |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         rows = {r["config"]: r for r in res["rows"]}
@@ -278,18 +366,17 @@ def render(results: list[dict]) -> str:
         best_cell = (f"{cell(best)[:-1]}, {best['config'].replace('ort ', '')})" if best else "all failed")
         lines.append(f"| `{res['model']}` | {res['family']} | {res['metric']} "
                      f"({'higher' if res['higher_is_better'] else 'lower'} is better) | {_fmt(rows['fp32']['metric'])} "
-                     f"| {cell(rows.get('qtool default (--data)'))} | {cell(rows.get('qtool --dynamic'))} "
+                     f"| {cell(rows.get('qtool default (--data)'))} "
+                     f"| {rows.get('qtool default (--data)', {}).get('chosen') or '–'} "
+                     f"| {cell(rows.get('qtool --dynamic'))} "
                      f"| {best_cell} | {verdict(res)} |")
-    n_fail = sum(1 for r in results if verdict(r).startswith("default FAILS"))
-    n_refused = sum(1 for r in results if verdict(r).startswith("refused"))
     n_ok = sum(1 for r in results if verdict(r) == "ok")
-    lines += ["", f"qtool's default: {n_fail} of {len(results)} conversions failed (exit 1/2), {n_refused} "
-              f"refused with exit 3, {n_ok} fully ok "
-              "(at fp32's metric and onnxruntime's best within noise, smaller, not slower).", ""]
+    lines += ["", f"Fully ok (at fp32's metric and onnxruntime's best within noise, smaller, not slower): "
+              f"{n_ok} of {len(results)}.", ""]
     lines += ["## Every configuration", ""]
     for res in results:
         fp = res["rows"][0]
-        lines += [f"### `{res['model']}` ({res['family']}; {res['features']})", "",
+        lines += [f"### `{res['model']}` ({res['family']}; {res['features']}; qtool at {res.get('qtool_commit', '?')})", "",
                   f"| config | exit | {res['metric']} | proxy | worst SQNR dB | worst cosine | size vs fp32 "
                   "| latency vs fp32 | convert s | note |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -301,8 +388,12 @@ def render(results: list[dict]) -> str:
             if r["config"] == "fp32":
                 lat = f"{fp['latency_ms']:.2f} ms" if fp.get("latency_ms") else "–"
                 size = f"{fp['size'] / 1e6:.1f} MB"
-            note = r.get("error") or r.get("pre_process") or ""
-            if r.get("exit"):
+            note = r.get("error") or r.get("pre_process") or (f"with {r['args']}" if r.get("args") else "")
+            if r.get("chosen") and not r.get("exit"):
+                note = f"guard chose {r['chosen']} after {len(r.get('attempts', []))} attempt(s)"
+            if r.get("exit") == 3 and r.get("failure"):
+                note = (note + " " + r["failure"]).strip()
+            elif r.get("exit"):
                 report = [ln for ln in r.get("report", []) if "━" not in ln]
                 note = (note + " " + " / ".join(report[-2:])).strip()
             note = note.replace("|", "/").replace("\n", " ")[:220]
@@ -341,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[sweep] {n} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     RESULTS.mkdir(exist_ok=True)
     if not args.only or args.render:
-        (RESULTS / f"{stem}.md").write_text(render(results))
+        notes = RESULTS / f"{stem}_notes.md"
+        (RESULTS / f"{stem}.md").write_text(render(results, notes.read_text().splitlines() if notes.exists() else []))
         (RESULTS / f"{stem}.json").write_text(json.dumps(
             [{**r, "rows": [{k: v for k, v in row.items() if k not in ("path", "outputs")} for row in r["rows"]]}
              for r in results], indent=1, default=str))
