@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 from zoo_data import CACHE, unpack
+from zoo_metrics import edit_distance
 
 CORPUS = CACHE / "corpus"
 N_SAMPLES = {"calib": 16, "eval": 16}
@@ -631,15 +632,6 @@ def _ctc_ids(probs: np.ndarray, blank: int = 0) -> list[int]:
     return [int(c) for i, c in enumerate(best) if c != blank and (i == 0 or c != best[i - 1])]
 
 
-def _edit(a: list, b: list) -> int:
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
-
 
 def _text(ids: list[int], charset: list[str]) -> str:
     return " ".join("".join(charset[i] if i < len(charset) else "?" for i in ids).split())
@@ -656,15 +648,15 @@ def proxy_ctc(axis_time: int = 1, blank: int = 0, charset: Callable[[], list[str
         for r, o in zip(ref, out):
             a, b = np.moveaxis(r[0], axis_time, 1)[0], np.moveaxis(o[0], axis_time, 1)[0]
             ta, tb = _ctc_ids(a, blank), _ctc_ids(b, blank)
-            errs += _edit(ta, tb)
+            errs += edit_distance(ta, tb)
             total += max(len(ta), 1)
             texts.append((ta, tb))
         res = {"cer_vs_fp32": errs / total}
         if charset is not None and labels is not None:
             chars = charset()
             n = sum(len(t) for t in labels)
-            res["cer"] = sum(_edit(list(_text(tb, chars)), list(t)) for (_, tb), t in zip(texts, labels)) / n
-            res["fp32_cer"] = sum(_edit(list(_text(ta, chars)), list(t)) for (ta, _), t in zip(texts, labels)) / n
+            res["cer"] = sum(edit_distance(list(_text(tb, chars)), list(t)) for (_, tb), t in zip(texts, labels)) / n
+            res["fp32_cer"] = sum(edit_distance(list(_text(ta, chars)), list(t)) for (ta, _), t in zip(texts, labels)) / n
         return res
 
     score.__doc__ = proxy_ctc.__doc__

@@ -96,7 +96,7 @@ def eval_accuracy(name: str, sess, split: str) -> dict:
     return {"accuracy": hits / len(labels), "n": len(labels)}
 
 
-def edit_distance(a: str, b: str) -> int:
+def edit_distance(a, b) -> int:  # noqa: ANN001 - two sequences (strings, lists of ids)
     """Levenshtein distance (insert, delete, substitute each cost 1)."""
     prev = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
