@@ -80,7 +80,7 @@ def convert(model: PathLike, output: PathLike, recipe: Recipe | PathLike | None 
     guarded = guard and data is not None and calib is None
     report = convert_file(model, output, r, data=data, calib=calib, external_data=external_data,
                           progress=progress or no_progress, guard=(floor or Floor()) if guarded else None,
-                          eval_data=eval_data, auto=guarded and recipe is None, budget_s=budget_s,
+                          eval_data=eval_data, auto=recipe is None, budget_s=budget_s,
                           write_best=write_best)
     if not report["passed"]:
         error = GateFailed(report["failure"], report["hint"])

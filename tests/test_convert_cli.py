@@ -185,6 +185,10 @@ def test_missing_model_and_old_opset(tmp_path, capsys):
     assert "opset 13" in err and "--allow-opset-upgrade" in err
     assert run(["convert", old, "-o", str(tmp_path / "q.onnx"), "--data", data, "--per-tensor", "-q"]) == 0
     assert onnx.load(tmp_path / "q.onnx").opset_import[0].version == 11
+    # Left to qtool, the default adapts with or without the guard: per-tensor, opset kept.
+    for flags in ([], ["--no-guard"]):
+        assert run(["convert", old, "-o", str(tmp_path / "a.onnx"), "--data", data, "-q", *flags]) == 0, flags
+        assert onnx.load(tmp_path / "a.onnx").opset_import[0].version == 11
 
 
 def test_int8_activations_warn_that_they_are_slow_here(tmp_path, capsys):

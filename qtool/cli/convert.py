@@ -225,7 +225,8 @@ def _floor(min_sqnr: float | None, min_agreement: float | None):  # noqa: ANN202
 
 def _check_guard_flags(*, scheme, explicit, data, eval_data, no_guard, min_sqnr, min_agreement,  # noqa: ANN001
                        guard_budget, write_best, calib) -> bool:
-    """Guard flags that cannot apply are errors; returns whether the scheme is chosen automatically."""
+    """Guard flags that cannot apply are errors; returns whether the user left the scheme to
+    qtool (no scheme flag: the default adapts, and with the guard it chooses)."""
     from qtool.config import preset_names
     from qtool.errors import UsageError
 
@@ -246,7 +247,7 @@ def _check_guard_flags(*, scheme, explicit, data, eval_data, no_guard, min_sqnr,
         raise UsageError(f"--min-agreement must be between 0 and 1, got {min_agreement}", "e.g. 0.9")
     if guard_budget is not None and guard_budget <= 0:
         raise UsageError(f"--guard-budget must be > 0 seconds, got {guard_budget}", "e.g. 300")
-    return data is not None and not no_guard and calib is None and not explicit
+    return not explicit
 
 
 def _print_report(report: dict) -> None:

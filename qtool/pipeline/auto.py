@@ -70,6 +70,18 @@ def transformer_shaped(model: ir.Model) -> bool:
     return "Softmax" in ops_seen and "Conv" not in ops_seen and weighted >= MIN_TRANSFORMER_MATMULS
 
 
+def default_static(recipe: Recipe, model: ir.Model) -> tuple[Recipe, str]:
+    """The default static recipe for ``model`` and its label: per-channel Q/DQ needs opset
+    13 and the model is never upgraded without being asked, so an older model gets
+    per-tensor weights (said in the label)."""
+    q = recipe.quantize
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if q.per_channel and opset < PER_CHANNEL_OPSET and not q.allow_opset_upgrade:
+        return (recipe.override("quantize", per_channel=False),
+                f"int8-static (per-tensor weights: opset {opset} < {PER_CHANNEL_OPSET})")
+    return recipe, "int8-static"
+
+
 def base_candidates(recipe: Recipe, model: ir.Model, auto: bool) -> list[tuple[str, Recipe]]:
     """The schemes to try, cheapest and likeliest first."""
     if not auto:
@@ -77,12 +89,7 @@ def base_candidates(recipe: Recipe, model: ir.Model, auto: bool) -> list[tuple[s
     from qtool.config import load_recipe
 
     q = recipe.quantize
-    static, static_label = recipe, "int8-static"
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-    if q.per_channel and opset < PER_CHANNEL_OPSET and not q.allow_opset_upgrade:
-        # Per-channel Q/DQ needs opset 13; the model is never upgraded without being asked.
-        static = recipe.override("quantize", per_channel=False)
-        static_label = f"int8-static (per-tensor weights: opset {opset} < {PER_CHANNEL_OPSET})"
+    static, static_label = default_static(recipe, model)
     dynamic = load_recipe("int8-dynamic").override("quantize", exclude=q.exclude or None)
     dynamic = dynamic.override("calibration", samples=recipe.calibration.samples)
     order = [("int8-dynamic", dynamic), (static_label, static)]

@@ -208,8 +208,10 @@ def convert_file(
 
     The report is what ``qtool convert --json`` prints: sizes, per-op summary, every pass's
     counts and notes, fidelity on one sample when ``data`` is given, ``warnings``, and
-    ``passed``. With ``guard`` (a Floor) and ``data``, candidates are measured on held-out
-    samples and repaired (qtool.pipeline.auto; ``auto`` lets it choose the scheme); when
+    ``passed``. ``auto``: the user chose no scheme, so the default may adapt (per-tensor
+    weights below opset 13; with the guard, dynamic int8 is a candidate too). With ``guard``
+    (a Floor) and ``data``, candidates are measured on held-out samples and repaired
+    (qtool.pipeline.auto); when
     nothing meets the floor, or nothing was quantized, ``passed`` is False and ``output``
     is written only with ``write_best``.
     """
@@ -234,6 +236,10 @@ def convert_file(
             recipe = outcome.best_attempt.recipe
         prep_reports = outcome.reports
     else:
+        if auto and plan_for(recipe).kind == "int8-static":
+            from qtool.pipeline.auto import default_static
+
+            recipe, _ = default_static(recipe, source)
         converted, prep_reports = _convert_once(source, model_path, recipe, data, calib, progress)
     plan = plan_for(recipe)
     in_size = model_size_bytes(model_path)
