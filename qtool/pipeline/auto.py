@@ -158,8 +158,7 @@ class Guard:
             with self.progress(f"measuring ({label})", None, "samples"):
                 attempt.outputs = self.reference.compare(runtime.open_session(path, "cpu", role="candidate"))
                 attempt.shortfalls = self.floor.shortfalls(attempt.outputs)
-                float_ms, cand_ms = time_against_float(self.model_path, path.read_bytes(),
-                                                       self.reference.feeds[0])
+                float_ms, cand_ms = time_against_float(self.model_path, path, self.reference.feeds[0])
             attempt.float_ms, attempt.candidate_ms = float_ms, cand_ms
             attempt.latency_ratio = cand_ms / float_ms if float_ms > 0 else None
         except Exception as exc:  # noqa: BLE001 - a failed candidate is reported, not fatal

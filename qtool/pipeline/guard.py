@@ -141,12 +141,13 @@ class Reference:
         return compare_outputs(self.outputs, cand, self.names)
 
 
-def time_against_float(model_path, candidate_bytes: bytes, feed: dict) -> tuple[float, float]:  # noqa: ANN001
+def time_against_float(model_path, candidate_path, feed: dict) -> tuple[float, float]:  # noqa: ANN001
     """(float median ms, candidate median ms), timed in turns on the same feed."""
     from qtool import runtime
     from qtool.runtime.latency import measure
 
-    probe = runtime.open_session(candidate_bytes, "cpu", role="candidate")
+    # By path, so a candidate written with external data (over 2 GB) finds its weights.
+    probe = runtime.open_session(candidate_path, "cpu", role="candidate")
     start = time.perf_counter()
     runtime.run(probe, feed)
     once = max(time.perf_counter() - start, 1e-5)
@@ -154,7 +155,7 @@ def time_against_float(model_path, candidate_bytes: bytes, feed: dict) -> tuple[
     runs = int(min(50, max(5, TIMING_SECONDS / (2 * once))))
     stats = measure(
         {"reference": lambda: runtime.open_session(model_path, "cpu", role="reference"),
-         "candidate": lambda: runtime.open_session(candidate_bytes, "cpu", role="candidate")},
+         "candidate": lambda: runtime.open_session(candidate_path, "cpu", role="candidate")},
         feed, runs=runs, warmup=2,
     )
     return stats["reference"].median_ms, stats["candidate"].median_ms
