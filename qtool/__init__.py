@@ -77,9 +77,8 @@ def convert(model: PathLike, output: PathLike, recipe: Recipe | PathLike | None 
 
     r = load_recipe(recipe, default="int8-static")
     check_inputs(r, plan_for(r), calib=calib, data=data)
-    guarded = guard and data is not None and calib is None
     report = convert_file(model, output, r, data=data, calib=calib, external_data=external_data,
-                          progress=progress or no_progress, guard=(floor or Floor()) if guarded else None,
+                          progress=progress or no_progress, guard=(floor or Floor()) if guard else None,
                           eval_data=eval_data, auto=recipe is None, budget_s=budget_s,
                           write_best=write_best)
     if not report["passed"]:

@@ -192,7 +192,7 @@ def convert_command(
     check_output_path(output, model)
     for message in speed_warnings(r, plan):
         warn(message)
-    floor = _floor(min_sqnr, min_agreement) if data is not None and not no_guard and calib is None else None
+    floor = None if no_guard else _floor(min_sqnr, min_agreement)  # convert_file runs it when --data is given
     report = convert_file(model, output, r, data=data, calib=calib, external_data=external_data,
                           progress=progress, guard=floor, eval_data=eval_data, auto=auto,
                           budget_s=guard_budget, write_best=write_best)

@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from qtool.config import Recipe
 from qtool.errors import QtoolError
+from qtool.pipeline.flow import MIN_TRANSFORMER_MATMULS
 from qtool.pipeline.guard import (
     Attempt,
     Floor,
@@ -29,7 +30,6 @@ from qtool.pipeline.progress import ProgressFactory, no_progress
 
 DEFAULT_BUDGET_SECONDS = 600.0
 NOT_SMALLER = 0.95  # a candidate whose weights keep 95% of the float bytes compressed nothing
-MIN_TRANSFORMER_MATMULS = 4
 PER_CHANNEL_OPSET = 13
 TINY_MODEL_MS = 1.0
 CLEARLY_FASTER = 1.25  # a later candidate replaces an earlier one only when 1.25x faster

@@ -208,7 +208,8 @@ def convert_file(
 
     The report is what ``qtool convert --json`` prints: sizes, per-op summary, every pass's
     counts and notes, fidelity on one sample when ``data`` is given, ``warnings``, and
-    ``passed``. ``auto``: the user chose no scheme, so the default may adapt (per-tensor
+    ``passed``. ``guard`` (a Floor) runs the guard whenever ``data`` is given without
+    ``calib``. ``auto``: the user chose no scheme, so the default may adapt (per-tensor
     weights below opset 13; with the guard, dynamic int8 is a candidate too). With ``guard``
     (a Floor) and ``data``, candidates are measured on held-out samples and repaired
     (qtool.pipeline.auto); when
