@@ -23,10 +23,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qtool.config import LayerOverride, Recipe, load_recipe
 from qtool.errors import UsageError
+from qtool.passes.select import glob_escape
 from qtool.pipeline import convert_model, weight_only_part
 from qtool.tuning import parse_bits, parse_budget, recipe_toml, tune
 from qtool.tuning.frontier import Candidate, mark_frontier, svg
-from qtool.tuning.groups import Group, glob_escape, role_key
+from qtool.tuning.groups import Group, role_key
 from qtool.tuning.options import Clock, check_budget
 from qtool.tuning.search import group_bytes, order_moves
 

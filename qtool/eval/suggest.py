@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qtool.eval import metrics as metrics_mod
+from qtool.passes.select import glob_escape
 from qtool.runtime import open_session, run
 
 MIN_GAIN_DB = 0.05  # a re-measured gain below this is noise of the split, not a suggestion
@@ -114,7 +114,7 @@ def _builder(reference, recipe, dataset, shard: tuple[int, int], low_bit: bool) 
         source = ready.model
 
     def build(names: list[str]) -> bytes:
-        patterns = tuple(re.sub(r"([\[\]*?])", r"[\1]", n) for n in names)  # names, not globs
+        patterns = tuple(glob_escape(n) for n in names)  # names, not globs
         if low_bit:
             r = recipe.override("weight_only", keep_8bit=tuple(recipe.weight_only.keep_8bit) + patterns)
         else:

@@ -7,6 +7,7 @@ holds exactly the ranges that conversion will ask for.
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
@@ -23,6 +24,11 @@ class Selection:
     quantized: list[ir.Node] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # node name -> reason
     activation_tensors: list[str] = field(default_factory=list)  # to calibrate, in graph order
+
+
+def glob_escape(name: str) -> str:
+    """``name`` as an exclude pattern (fnmatch) that matches only itself."""
+    return re.sub(r"([\[\]*?])", r"[\1]", name)
 
 
 def excluded(node: ir.Node, patterns: tuple[str, ...]) -> bool:

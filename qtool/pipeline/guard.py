@@ -14,7 +14,6 @@ effect is reported; if nothing meets the floor the conversion fails (exit 3).
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from qtool.config import Recipe
+from qtool.passes.select import glob_escape
 
 # Defaults, chosen from measurements (README "The guard"): a good int8 CNN sits at 25-40 dB
 # on its logits; the OCR recognizer whose CER rose 16x under static int8 sat at 8.3 dB and a
@@ -184,11 +184,6 @@ def nearest_layers(model: ir.Model, outputs: list[str], count: int) -> list[str]
     return found
 
 
-def glob_literal(name: str) -> str:
-    """``name`` as an exclude pattern that matches only itself."""
-    return re.sub(r"([\[\]*?])", r"[\1]", name)
-
-
 def repairs(attempt: Attempt, model: ir.Model) -> Iterator[tuple[str, Recipe]]:
     """Ever larger sets of layers kept float, nearest the outputs that missed the floor."""
     failing = [o.name for o in attempt.outputs
@@ -200,5 +195,5 @@ def repairs(attempt: Attempt, model: ir.Model) -> Iterator[tuple[str, Recipe]]:
             return
         previous = layers
         q = attempt.recipe.quantize
-        recipe = attempt.recipe.override("quantize", exclude=q.exclude + tuple(glob_literal(n) for n in layers))
+        recipe = attempt.recipe.override("quantize", exclude=q.exclude + tuple(glob_escape(n) for n in layers))
         yield f"{attempt.label}, {len(layers)} layer(s) nearest the output kept float", recipe

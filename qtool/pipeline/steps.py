@@ -8,12 +8,11 @@ and one line in ``qtool.pipeline.schemes.SCHEMES``.
 
 from __future__ import annotations
 
-import re
-
 import onnx_ir as ir
 
 from qtool.model import iter_nodes
 from qtool.passes import PassReport, QtoolPass
+from qtool.passes.select import glob_escape
 from qtool.pipeline.opset import conv_blocks_opset, upgrade_opset
 from qtool.pipeline.tables import check_table, remap_folded_ranges, table_ranges
 
@@ -92,7 +91,7 @@ class LowBitLayers(QtoolPass):
         part.notes += [f"{name}: not weight-only ({why}); the int8 pass takes it"
                        for name, why in part.skipped.items() if not why.startswith("[[layer]]")]
         part.skipped = {}
-        rewritten = tuple(sorted(re.sub(r"([\[\]*?])", r"[\1]", n.name) for n in iter_nodes(model)
+        rewritten = tuple(sorted(glob_escape(n.name) for n in iter_nodes(model)
                                  if n.op_type == "Conv" and n.name not in convs))
         if rewritten:
             q = ctx.recipe.quantize

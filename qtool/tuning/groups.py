@@ -129,10 +129,6 @@ def find_groups(model: ir.Model, scheme: str, bits: Sequence[int], block_size: i
     return out
 
 
-def glob_escape(name: str) -> str:
-    """``name`` as an fnmatch pattern that matches only itself."""
-    return re.sub(r"([\[\]*?])", r"[\1]", name)
-
 
 @dataclass(frozen=True)
 class GroupPlan:

@@ -17,7 +17,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from qtool.config import LayerOverride, Recipe
-from qtool.tuning.groups import Group, glob_escape, role_key
+from qtool.passes.select import glob_escape
+from qtool.tuning.groups import Group, role_key
 
 
 def sidecar(output: Path, suffix: str) -> Path:
