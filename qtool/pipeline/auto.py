@@ -2,7 +2,8 @@
 
 ``--scheme auto`` (the default when data is given and no scheme flag is) tries static
 int8 and dynamic int8 (dynamic first on transformer-shaped graphs, where static int8
-activations are known to lose the most), then repairs of the best of them. An explicit
+activations are known to lose the most), then repairs of the best of them, and last int8
+weight storage with float activations (smaller, not faster). An explicit
 scheme is measured and repaired the same way, but never swapped for another.
 """
 
@@ -94,6 +95,18 @@ def base_candidates(recipe: Recipe, model: ir.Model, auto: bool) -> list[tuple[s
     dynamic = dynamic.override("calibration", samples=recipe.calibration.samples)
     order = [("int8-dynamic", dynamic), (static_label, static)]
     return order if transformer_shaped(model) else order[::-1]
+
+
+WEIGHTS_LABEL = "int8-weights (activations float)"
+
+
+def weights_candidate(recipe: Recipe) -> Recipe:
+    """The last resort when no int8-activation candidate meets the floor: int8 weights behind
+    DequantizeLinear, float activations (qtool.passes.int8_weights). About 4x smaller at
+    float's accuracy, not faster; the user's exclusions still hold."""
+    from qtool.config import load_recipe
+
+    return load_recipe("int8-weights").override("quantize", exclude=recipe.quantize.exclude or None)
 
 
 class Guard:
@@ -194,6 +207,8 @@ class Guard:
                     results.append(self.attempt(label, repaired))
                     if _good(results[-1][0]):
                         break
+        if auto and not any(_good(a) for a, _ in results) and not self.over_budget():
+            results.append(self.attempt(WEIGHTS_LABEL, weights_candidate(recipe)))
         outcome.attempts = [a for a, _ in results]
         good = [r for r in results if _good(r[0])]
         if good:
@@ -252,6 +267,9 @@ def slower_reason(attempt: Attempt) -> str:
     if attempt.float_ms is not None and attempt.float_ms < TINY_MODEL_MS:
         return ("the float model runs in under a millisecond, where quantizing and dequantizing "
                 "activations costs more than int8 arithmetic saves; it is smaller, not faster")
+    if attempt.recipe.quantize.weights_only:
+        return ("its weights are stored int8 and dequantized at run time while every activation "
+                "stays float (no int8-activation candidate met the floor): it is smaller, not faster")
     if attempt.recipe.quantize.exclude:
         return ("the layers kept float add quantize/dequantize steps at every boundary with "
                 "int8 layers (see `qtool eval --json` integer-kernel report for which nodes run int8)")

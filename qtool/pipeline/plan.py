@@ -29,7 +29,7 @@ SLOW_ACCURACY_LEVEL = (
 class ConvertPlan:
     """The scheme a recipe selects (a key of ``qtool.pipeline.schemes.SCHEMES``)."""
 
-    kind: str  # "fp16" | "weight-only" | "int8-dynamic" | "int8-static"
+    kind: str  # "fp16" | "weight-only" | "int8-weights" | "int8-dynamic" | "int8-static"
     needs_table: bool
     format: str
 
@@ -58,6 +58,14 @@ def plan_for(recipe: Recipe) -> ConvertPlan:
             f"activation type {q.activation_type!r} / weight type {q.weight_type!r} not supported",
             "use uint8 or int8",
         )
+    if q.weights_only:
+        if q.dynamic:
+            raise UsageError("weights_only keeps activations float; --dynamic quantizes them at run time",
+                             "pick one of the two")
+        if q.format == "qoperator":
+            raise UsageError("weights_only writes DequantizeLinear weights; --format qoperator needs "
+                             "quantized activations", "drop --format qoperator")
+        return ConvertPlan("int8-weights", False, "qdq")
     if q.dynamic:
         if q.format == "qoperator":
             raise UsageError(

@@ -20,6 +20,7 @@ from qtool.pipeline.summary import ConvertSummary, snapshot, summarize
 SCHEMES: dict[str, tuple[type, ...]] = {
     "fp16": (steps.HalfPrecision,),
     "weight-only": (steps.ConvBlocksOpset, steps.ConstantWeights, steps.WeightOnly, steps.SubgraphWeights),
+    "int8-weights": (steps.ConstantWeights, steps.Preprocess, steps.Int8Weights, steps.Cleanup),
     "int8-dynamic": (
         steps.ConvBlocksOpset, steps.Preprocess, steps.LowBitLayers, steps.DynamicInt8,
         steps.Recurrent, steps.Cleanup,

@@ -146,7 +146,7 @@ class ConstantWeights(QtoolPass):
     name, stage = "constant-weights", "prepare"
 
     def applies(self, model: ir.Model) -> bool:
-        return self.context.plan.kind == "weight-only"
+        return self.context.plan.kind in ("weight-only", "int8-weights")
 
     def run(self, model):
         from qtool.passes.control_flow import lift_constant_weights
@@ -235,6 +235,17 @@ class WeightOnly(QtoolPass):
         ctx = self.context
         return model, apply_weight_only(model, ctx.recipe, ctx.recipe.quantize.bits,
                                         activations=ctx.activations, on_progress=ctx.stage("weights"))
+
+
+class Int8Weights(QtoolPass):
+    """Weights stored int8 behind DequantizeLinear, activations float (qtool.passes.int8_weights)."""
+
+    name = "int8-weights"
+
+    def run(self, model):
+        from qtool.passes.int8_weights import store_int8_weights
+
+        return model, store_int8_weights(model, self.context.recipe)
 
 
 class HalfPrecision(QtoolPass):

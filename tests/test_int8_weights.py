@@ -1,0 +1,161 @@
+"""Int8 weight storage (qtool.passes.int8_weights), and the guard's use of it as a last resort.
+
+The models stand for two classes: a small CNN/MLP whose weights alone are quantized, and a
+Conv model whose *activations* do not survive 8 bits (an input channel 1000x the others,
+as in score maps and un-normalized sensor inputs), which no int8-activation candidate or
+exclusion repairs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import qtool
+from qtool.cli import run
+from qtool.pipeline.auto import WEIGHTS_LABEL
+
+RNG = np.random.default_rng(11)
+
+
+def _save(nodes, inits, inputs, outputs, path, opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return str(path)
+
+
+def _mixed(path, opset=17):
+    """Conv -> Relu -> Flatten -> Gemm(transB) -> MatMul, the MatMul sharing its weight with a
+    second MatMul; a tiny Add constant stays as it is."""
+    wc = (RNG.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    wg = (RNG.standard_normal((16, 8 * 6 * 6)) * 0.05).astype(np.float32)
+    wm = (RNG.standard_normal((16, 16)) * 0.2).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             ((wc, "wc"), (wg, "wg"), (wm, "wm"), (np.float32([0.5]), "half"))]
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wg"], ["g"], transB=1, name="gemm"),
+             helper.make_node("MatMul", ["g", "wm"], ["m1"], name="mm1"),
+             helper.make_node("MatMul", ["m1", "wm"], ["m2"], name="mm2"),
+             helper.make_node("Add", ["m2", "half"], ["y"], name="add")]
+    return _save(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], path, opset)
+
+
+def _run(path, x):
+    return ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+
+
+def _sqnr(ref, got):
+    return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2))
+
+
+def _dq_nodes(path):
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    return model, inits, dqs
+
+
+def test_weights_become_int8_behind_dequantize_linear_per_channel(tmp_path):
+    src = _mixed(tmp_path / "m.onnx")
+    out = tmp_path / "w.onnx"
+    report = qtool.convert(src, out, "int8-weights")
+    model, inits, dqs = _dq_nodes(out)
+    assert not any(n.op_type == "QuantizeLinear" for n in model.graph.node)  # activations float
+    assert len(dqs) == 3  # conv, gemm, and the shared MatMul weight once
+    for dq in dqs:
+        assert inits[dq.input[0]].data_type == TensorProto.INT8
+    axes = sorted(next((a.i for a in dq.attribute if a.name == "axis"), 1) for dq in dqs)
+    assert axes == [0, 0, 1]  # Conv: out channels; Gemm transB: rows; MatMul: columns
+    counts = next(r for r in report["passes"] if r["name"] == "int8-weights")["counts"]
+    assert counts == {"Conv": 1, "Gemm": 1, "MatMul": 2}
+    x = RNG.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    assert _sqnr(_run(src, x), _run(out, x)) > 35
+    assert out.stat().st_size < 0.4 * (tmp_path / "m.onnx").stat().st_size
+
+
+def test_before_opset_13_weights_are_per_tensor_and_the_report_says_why(tmp_path):
+    src = _mixed(tmp_path / "m.onnx", opset=11)
+    out = tmp_path / "w.onnx"
+    report = qtool.convert(src, out, "int8-weights")
+    _, _, dqs = _dq_nodes(out)
+    assert dqs and all(not any(a.name == "axis" for a in dq.attribute) for dq in dqs)
+    notes = next(r for r in report["passes"] if r["name"] == "int8-weights")["notes"]
+    assert any("opset 13" in n for n in notes)
+    x = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert _sqnr(_run(src, x), _run(out, x)) > 25
+
+
+def test_excluded_layers_keep_float_weights(tmp_path):
+    src = _mixed(tmp_path / "m.onnx")
+    out = tmp_path / "w.onnx"
+    code = run(["convert", src, "-o", str(out), "--scheme", "int8-weights", "--exclude", "gemm", "-q"])
+    assert code == 0
+    model, inits, dqs = _dq_nodes(out)
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    assert inits[gemm.input[1]].data_type == TensorProto.FLOAT
+    assert len(dqs) == 2
+
+
+def _outlier_input_cnn(tmp_path):
+    """x[N,4,8,8] whose channel 0 is 1000x the others and read by no weight: one int8 scale
+    for x leaves channels 1-3 a few levels, whatever else is kept float."""
+    w1 = (RNG.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32)
+    w1[:, 0] = 0.0
+    w2 = (RNG.standard_normal((4, 8, 3, 3)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    src = _save(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                tmp_path / "cnn.onnx")
+    data = tmp_path / "d"
+    data.mkdir()
+    for i in range(40):
+        x = RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)
+        x[:, 0] *= 1000.0
+        np.save(data / f"s{i:02d}.npy", x)
+    return src, data
+
+
+def test_guard_falls_back_to_int8_weights_when_no_activation_scheme_meets_the_floor(tmp_path, capsys):
+    src, data = _outlier_input_cnn(tmp_path)
+    out = tmp_path / "q.onnx"
+    assert run(["convert", src, "-o", str(out), "--data", str(data), "--json", "-q"]) == 0
+    guard = json.loads(capsys.readouterr().out)["guard"]
+    attempts = guard["attempts"]
+    assert guard["chosen"] == WEIGHTS_LABEL == attempts[-1]["label"]
+    assert not any(a["meets_floor"] for a in attempts[:-1])  # static and its repairs all failed
+    assert any(a["scheme"] == "int8-static" and a["shortfalls"] for a in attempts)
+    # Checked independently of the guard: the written model against float.
+    x = np.stack([np.load(data / f"s{i:02d}.npy")[0] for i in range(0, 40, 7)])
+    assert _sqnr(_run(src, x), _run(out, x)) > 30
+    model, inits, dqs = _dq_nodes(out)
+    assert len(dqs) == 2 and not any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def test_an_explicit_scheme_is_never_swapped_for_int8_weights(tmp_path, capsys):
+    src, data = _outlier_input_cnn(tmp_path)
+    out = tmp_path / "q.onnx"
+    code = run(["convert", src, "-o", str(out), "--data", str(data), "--scheme", "int8-static",
+                "--json", "-q"])
+    assert code == 3 and not out.exists()
+    guard = json.loads(capsys.readouterr().out)["guard"]
+    assert all(a["scheme"] == "int8-static" for a in guard["attempts"])
+
+
+def test_weights_only_with_dynamic_is_a_usage_error(tmp_path, capsys):
+    src = _mixed(tmp_path / "m.onnx")
+    code = run(["convert", src, "-o", str(tmp_path / "w.onnx"), "--scheme", "int8-weights", "--dynamic"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error:" in err and "hint:" in err
+    assert not (tmp_path / "w.onnx").exists()
