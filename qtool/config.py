@@ -70,7 +70,7 @@ class QuantizeConfig:
     bits: int = 8
     dtype: str = "int"  # int | fp16
     dynamic: bool = False
-    weights_only: bool = False  # int8 weights through DequantizeLinear, float activations
+    weights_only: bool = False  # int8 weight storage (Cast + Mul), float activations
     format: str = "qdq"  # qdq | qoperator | matmulnbits
     per_channel: bool = True
     symmetric_activations: bool = False

@@ -57,24 +57,36 @@ def _sqnr(ref, got):
     return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2))
 
 
-def _dq_nodes(path):
+def _stored(path):
+    """The model, its initializers, and each (Cast, Mul) pair that scales an int8 weight."""
     model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
-    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    return model, inits, dqs
+    casts = {n.output[0]: n for n in model.graph.node if n.op_type == "Cast"}
+    pairs = [(casts[n.input[0]], n) for n in model.graph.node if n.op_type == "Mul" and n.input[0] in casts]
+    return model, inits, pairs
 
 
-def test_weights_become_int8_behind_dequantize_linear_per_channel(tmp_path):
+def _no_quantized_activations(model):
+    return not any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+                   for n in model.graph.node)
+
+
+def _channel_axis(inits, mul):
+    shape = list(inits[mul.input[1]].dims)
+    return [i for i, d in enumerate(shape) if d > 1]
+
+
+def test_weights_are_stored_int8_per_channel_and_scaled_back_in_the_graph(tmp_path):
     src = _mixed(tmp_path / "m.onnx")
     out = tmp_path / "w.onnx"
     report = qtool.convert(src, out, "int8-weights")
-    model, inits, dqs = _dq_nodes(out)
-    assert not any(n.op_type == "QuantizeLinear" for n in model.graph.node)  # activations float
-    assert len(dqs) == 3  # conv, gemm, and the shared MatMul weight once
-    for dq in dqs:
-        assert inits[dq.input[0]].data_type == TensorProto.INT8
-    axes = sorted(next((a.i for a in dq.attribute if a.name == "axis"), 1) for dq in dqs)
-    assert axes == [0, 0, 1]  # Conv: out channels; Gemm transB: rows; MatMul: columns
+    model, inits, pairs = _stored(out)
+    assert _no_quantized_activations(model)
+    assert len(pairs) == 3  # conv, gemm, and the shared MatMul weight once
+    for cast, _ in pairs:
+        assert inits[cast.input[0]].data_type == TensorProto.INT8
+    # Conv [8,3,3,3]: out channels (axis 0); Gemm transB [16,288]: rows; MatMul [16,16]: columns
+    assert sorted(_channel_axis(inits, mul) for _, mul in pairs) == [[0], [0], [1]]
     counts = next(r for r in report["passes"] if r["name"] == "int8-weights")["counts"]
     assert counts == {"Conv": 1, "Gemm": 1, "MatMul": 2}
     x = RNG.standard_normal((4, 3, 8, 8)).astype(np.float32)
@@ -82,16 +94,32 @@ def test_weights_become_int8_behind_dequantize_linear_per_channel(tmp_path):
     assert out.stat().st_size < 0.4 * (tmp_path / "m.onnx").stat().st_size
 
 
-def test_before_opset_13_weights_are_per_tensor_and_the_report_says_why(tmp_path):
+def test_an_old_opset_keeps_per_channel_weights(tmp_path):
+    # Cast + Mul needs no opset 13 (per-channel DequantizeLinear would)
     src = _mixed(tmp_path / "m.onnx", opset=11)
     out = tmp_path / "w.onnx"
-    report = qtool.convert(src, out, "int8-weights")
-    _, _, dqs = _dq_nodes(out)
-    assert dqs and all(not any(a.name == "axis" for a in dq.attribute) for dq in dqs)
-    notes = next(r for r in report["passes"] if r["name"] == "int8-weights")["notes"]
-    assert any("opset 13" in n for n in notes)
+    qtool.convert(src, out, "int8-weights")
+    model, inits, pairs = _stored(out)
+    assert model.opset_import[0].version == 11 and len(pairs) == 3
+    assert sorted(_channel_axis(inits, mul) for _, mul in pairs) == [[0], [0], [1]]
     x = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
-    assert _sqnr(_run(src, x), _run(out, x)) > 25
+    assert _sqnr(_run(src, x), _run(out, x)) > 35
+
+
+def test_the_stored_weights_are_folded_back_when_onnxruntime_loads_the_model(tmp_path):
+    # what makes int8-weights as fast as float: the session's optimized graph holds no Cast/Mul
+    src = _mixed(tmp_path / "m.onnx")
+    out = tmp_path / "w.onnx"
+    qtool.convert(src, out, "int8-weights")
+
+    def optimized_ops(path):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(path) + ".optimized.onnx"
+        ort.InferenceSession(str(path), options)
+        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+    assert optimized_ops(out) == optimized_ops(src)  # the float graph, nothing left to run
 
 
 def test_excluded_layers_keep_float_weights(tmp_path):
@@ -99,10 +127,10 @@ def test_excluded_layers_keep_float_weights(tmp_path):
     out = tmp_path / "w.onnx"
     code = run(["convert", src, "-o", str(out), "--scheme", "int8-weights", "--exclude", "gemm", "-q"])
     assert code == 0
-    model, inits, dqs = _dq_nodes(out)
+    model, inits, pairs = _stored(out)
     gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
     assert inits[gemm.input[1]].data_type == TensorProto.FLOAT
-    assert len(dqs) == 2
+    assert len(pairs) == 2
 
 
 def _outlier_input_cnn(tmp_path):
@@ -139,8 +167,8 @@ def test_guard_falls_back_to_int8_weights_when_no_activation_scheme_meets_the_fl
     # Checked independently of the guard: the written model against float.
     x = np.stack([np.load(data / f"s{i:02d}.npy")[0] for i in range(0, 40, 7)])
     assert _sqnr(_run(src, x), _run(out, x)) > 30
-    model, inits, dqs = _dq_nodes(out)
-    assert len(dqs) == 2 and not any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    model, _, pairs = _stored(out)
+    assert len(pairs) == 2 and _no_quantized_activations(model)
 
 
 def test_an_explicit_scheme_is_never_swapped_for_int8_weights(tmp_path, capsys):

@@ -101,9 +101,9 @@ WEIGHTS_LABEL = "int8-weights (activations float)"
 
 
 def weights_candidate(recipe: Recipe) -> Recipe:
-    """The last resort when no int8-activation candidate meets the floor: int8 weights behind
-    DequantizeLinear, float activations (qtool.passes.int8_weights). About 4x smaller at
-    float's accuracy, not faster; the user's exclusions still hold."""
+    """The last resort when no int8-activation candidate meets the floor: int8 weight storage,
+    float activations (qtool.passes.int8_weights). About 4x smaller at float's accuracy and
+    speed, not faster; the user's exclusions still hold."""
     from qtool.config import load_recipe
 
     return load_recipe("int8-weights").override("quantize", exclude=recipe.quantize.exclude or None)
@@ -268,8 +268,8 @@ def slower_reason(attempt: Attempt) -> str:
         return ("the float model runs in under a millisecond, where quantizing and dequantizing "
                 "activations costs more than int8 arithmetic saves; it is smaller, not faster")
     if attempt.recipe.quantize.weights_only:
-        return ("its weights are stored int8 and dequantized at run time while every activation "
-                "stays float (no int8-activation candidate met the floor): it is smaller, not faster")
+        return ("its weights are stored int8 and every activation stays float (no int8-activation "
+                "candidate met the floor): it is smaller, not faster")
     if attempt.recipe.quantize.exclude:
         return ("the layers kept float add quantize/dequantize steps at every boundary with "
                 "int8 layers (see `qtool eval --json` integer-kernel report for which nodes run int8)")

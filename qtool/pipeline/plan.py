@@ -63,9 +63,9 @@ def plan_for(recipe: Recipe) -> ConvertPlan:
             raise UsageError("weights_only keeps activations float; --dynamic quantizes them at run time",
                              "pick one of the two")
         if q.format == "qoperator":
-            raise UsageError("weights_only writes DequantizeLinear weights; --format qoperator needs "
+            raise UsageError("weights_only keeps activations float; --format qoperator needs "
                              "quantized activations", "drop --format qoperator")
-        return ConvertPlan("int8-weights", False, "qdq")
+        return ConvertPlan("int8-weights", False, "float-activations")
     if q.dynamic:
         if q.format == "qoperator":
             raise UsageError(

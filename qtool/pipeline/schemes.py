@@ -57,4 +57,6 @@ def run_scheme(model: ir.Model, context: Context) -> Converted:
             reports.append(result.report)
     if before is None:
         before = snapshot(model)
-    return Converted(model, reports, summarize(before, model, reports))
+    unsupported = ("activations stay float in this scheme" if context.plan.kind == "int8-weights"
+                   else "not supported by this scheme")
+    return Converted(model, reports, summarize(before, model, reports, unsupported))

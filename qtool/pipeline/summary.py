@@ -49,7 +49,8 @@ def snapshot(model: ir.Model) -> list[NodeInfo]:
     return [(n.name or "", n.op_type, n.domain) for n in iter_nodes(model)]
 
 
-def summarize(before: list[NodeInfo], after: ir.Model, reports: list[PassReport]) -> ConvertSummary:
+def summarize(before: list[NodeInfo], after: ir.Model, reports: list[PassReport],
+              unsupported: str = "not supported by this scheme") -> ConvertSummary:
     """Count, per op type of the model given to the passes, what became of each node.
 
     A node is "quantized" when it is gone from the output (replaced by an integer op, or
@@ -72,7 +73,7 @@ def summarize(before: list[NodeInfo], after: ir.Model, reports: list[PassReport]
             summary.quantized[op] += 1
             continue
         summary.float_[op] += 1
-        reason = skipped.get(name, "not supported by this scheme")
+        reason = skipped.get(name, unsupported)
         summary.reasons.setdefault(op, Counter())[reason] += 1
     return summary
 
@@ -87,4 +88,13 @@ def _reads_quantized(node: ir.Node) -> bool:
         producer = value.producer() if value is not None else None
         if producer is not None and producer.op_type in ("DequantizeLinear", "DynamicQuantizeLinear"):
             return True
+        if producer is not None and producer.op_type == "Mul" and _cast_from_int8(producer.inputs[0]):
+            return True  # int8 weight storage: Mul(Cast(int8), scale)
     return False
+
+
+def _cast_from_int8(value: ir.Value | None) -> bool:
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "Cast" or producer.inputs[0] is None:
+        return False
+    return producer.inputs[0].dtype in (ir.DataType.INT8, ir.DataType.UINT8)
