@@ -196,3 +196,37 @@ def test_an_already_quantized_model_is_refused_not_quantized_twice(tmp_path, cap
         err = capsys.readouterr().err
         assert "already quantized" in err and "MatMulInteger" in err and "hint:" in err
     assert (tmp_path / "int8.onnx").read_bytes() == before and not (tmp_path / "x.onnx").exists()
+
+
+def test_a_probability_map_is_judged_by_mask_iou_which_sqnr_hides():
+    # a text-detection map: mostly background near 0, text regions near 1; the candidate
+    # shifts the values around the 0.5 edge of every region, a small error in SQNR terms
+    from qtool.pipeline.guard import Floor
+
+    ref = np.zeros((2, 1, 32, 32))
+    ref[:, :, 8:24, 4:28] = 0.9
+    ref[:, :, 6:8, 4:28] = 0.55  # soft edges just above the threshold
+    ref[:, :, 24:26, 4:28] = 0.55
+    cand = ref.copy()
+    cand[:, :, 6:8, 4:28] = 0.45  # the edges fall below it
+    cand[:, :, 24:26, 4:28] = 0.45
+    acc = OutputAccumulator("maps")
+    acc.add(ref, cand)
+    result = acc.result()
+    inside, edges = 16 * 24, 4 * 24
+    assert result.agreement == inside / (inside + edges)  # 0.8: a fifth of the mask lost
+    assert result.proxy == "mask IoU" and result.positions == 2 * (inside + edges)
+    assert result.sqnr_db > 20  # while SQNR passes the 15 dB floor
+    shortfalls = Floor().shortfalls([result])
+    assert shortfalls == ["output maps: mask IoU 0.800 < 0.9"]
+
+
+def test_maps_with_values_outside_0_1_or_many_channels_get_no_mask_proxy():
+    acc = OutputAccumulator("features")
+    ref = RNG.standard_normal((2, 1, 16, 16))  # a regression map, not probabilities
+    acc.add(ref, ref * 1.01)
+    assert acc.result().agreement is None
+    acc = OutputAccumulator("features")
+    ref = RNG.uniform(0, 1, (2, 8, 16, 16))  # 8 channels: a feature map
+    acc.add(ref, ref)
+    assert acc.result().agreement is None

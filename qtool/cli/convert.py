@@ -142,7 +142,7 @@ def convert_command(
                                    "[default: every 5th sample of --data, which calibration then skips]."),
     no_guard: bool = typer.Option(False, "--no-guard", help="Skip the guard: convert once, measure nothing, trust it."),
     min_sqnr: float = typer.Option(None, "--min-sqnr", help="Guard floor: worst output (channel group) SQNR in dB [default: 15]."),
-    min_agreement: float = typer.Option(None, "--min-agreement", help="Guard floor: argmax agreement with float, 0-1 [default: 0.9]."),
+    min_agreement: float = typer.Option(None, "--min-agreement", help="Guard floor: argmax agreement with float (logits, per-position scores) or mask IoU at 0.5 (probability maps), 0-1 [default: 0.9]."),
     guard_budget: float = typer.Option(None, "--guard-budget", help="Guard time budget in seconds [default: 600]."),
     write_best: bool = typer.Option(False, "--write-best", help="When nothing meets the floor, still write the best candidate (exit stays 3)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),

@@ -54,7 +54,8 @@ class Floor:
             # gated from MIN_AGREEMENT_POSITIONS on, always reported.
             if (o.agreement is not None and o.positions >= MIN_AGREEMENT_POSITIONS
                     and o.agreement < self.min_agreement):
-                missing.append(f"output {o.name}: argmax agreement {o.agreement:.3f} < {self.min_agreement:g}")
+                what = "mask IoU" if o.proxy == "mask IoU" else "argmax agreement"
+                missing.append(f"output {o.name}: {what} {o.agreement:.3f} < {self.min_agreement:g}")
         return missing
 
 

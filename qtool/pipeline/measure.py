@@ -10,7 +10,11 @@ Per output, over the held-out samples:
   coordinates in pixels and class probabilities concatenated into one tensor are judged
   apart while a classifier's logits stay one group;
 - ``agreement``: argmax agreement along the last axis for classifier logits [N, C] and
-  per-position scores [N, T, V] (greedy tokens, CTC characters), else None.
+  per-position scores [N, T, V] (greedy tokens, CTC characters); for a probability map
+  ([N, 1, H, W] or [N, H, W] whose float values all lie in [0, 1]: text-detection, matting
+  and saliency heads) the IoU of the two maps thresholded at 0.5, since SQNR on a map that
+  is mostly background says little about the mask a user cuts from it; else None.
+  ``positions`` counts the decisions (positions compared; pixels in the union for a map).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ SEGMENT_FLOOR = 1e-6
 SEGMENT_GAP = 10.0  # a jump of 10x between neighbouring channel magnitudes starts a new group
 MIN_VOCAB = 2  # last-axis size from which an argmax is a meaningful proxy
 RANK3_MIN_VOCAB = 16  # [N, T, V]: V scores per position (tokens, characters)
+MAP_MIN_PIXELS = 64  # a probability map has at least 8x8 positions per sample
+MAP_THRESHOLD = 0.5
 
 
 def channel_axis(shape: tuple[int, ...]) -> int | None:
@@ -37,6 +43,13 @@ def channel_axis(shape: tuple[int, ...]) -> int | None:
 def proxy_applies(shape: tuple[int, ...]) -> bool:
     """Argmax along the last axis means something: [N, C] logits or [N, T, V] scores."""
     return (len(shape) == 2 and shape[1] >= MIN_VOCAB) or (len(shape) == 3 and shape[2] >= RANK3_MIN_VOCAB)
+
+
+def map_shaped(shape: tuple[int, ...]) -> bool:
+    """One score per pixel: [N, 1, H, W] or [N, H, W] (not [N, T, V] scores, see above)."""
+    if proxy_applies(shape) or len(shape) not in (3, 4) or (len(shape) == 4 and shape[1] != 1):
+        return False
+    return int(np.prod(shape[-2:])) >= MAP_MIN_PIXELS
 
 
 @dataclass
@@ -53,6 +66,9 @@ class OutputAccumulator:
     positions: int = 0
     proxy: bool = False
     finite: bool = True
+    map_inter: int = 0
+    map_union: int = 0
+    is_map: bool | None = None  # None: not decided; False once a value leaves [0, 1]
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         r = np.asarray(reference, np.float64)
@@ -80,15 +96,23 @@ class OutputAccumulator:
             self.proxy = True
             self.agree += int(np.sum(np.argmax(r, axis=-1) == np.argmax(c, axis=-1)))
             self.positions += int(np.prod(r.shape[:-1]))
+        elif self.is_map is not False and map_shaped(r.shape):
+            self.is_map = bool(r.min() >= 0.0 and r.max() <= 1.0)
+            a, b = r > MAP_THRESHOLD, c > MAP_THRESHOLD
+            self.map_inter += int(np.sum(a & b))
+            self.map_union += int(np.sum(a | b))
 
     def result(self) -> OutputFidelity:
         sqnr = _db(self.signal, self.noise)
         segments = self.segments()
         worst = min((s["sqnr_db"] for s in segments), default=sqnr)
         agreement = self.agree / self.positions if self.proxy and self.positions else None
+        positions, proxy = self.positions, "argmax"
+        if self.is_map and self.map_union:
+            agreement, positions, proxy = self.map_inter / self.map_union, self.map_union, "mask IoU"
         if not self.finite:
             sqnr, worst = -math.inf, -math.inf
-        return OutputFidelity(self.name, sqnr, worst, agreement, self.positions, segments)
+        return OutputFidelity(self.name, sqnr, worst, agreement, positions, segments, proxy)
 
     def segments(self) -> list[dict]:
         """Channels grouped by magnitude, each group with its SQNR (dB).
@@ -134,6 +158,7 @@ class OutputFidelity:
     agreement: float | None
     positions: int
     segments: list[dict] = field(default_factory=list)
+    proxy: str = "argmax"  # what ``agreement`` is: "argmax", or "mask IoU" for a probability map
 
     def to_dict(self) -> dict:
         return {
@@ -142,6 +167,7 @@ class OutputFidelity:
             "segment_sqnr_db": _round(self.segment_sqnr_db),
             "agreement": None if self.agreement is None else round(self.agreement, 4),
             "positions": self.positions,
+            "proxy": self.proxy if self.agreement is not None else None,
             "segments": [{**s, "sqnr_db": _round(s["sqnr_db"]), "rms": float(f"{s['rms']:.4g}")}
                          for s in self.segments],
         }
