@@ -133,18 +133,20 @@ def test_excluded_layers_keep_float_weights(tmp_path):
     assert len(pairs) == 2
 
 
-def _outlier_input_cnn(tmp_path):
+def _outlier_input_cnn(tmp_path, layers=2):
     """x[N,4,8,8] whose channel 0 is 1000x the others and read by no weight: one int8 scale
-    for x leaves channels 1-3 a few levels, whatever else is kept float."""
+    for x leaves channels 1-3 a few levels. conv1 reads x; with ``layers=2`` a conv2 follows."""
     w1 = (RNG.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32)
     w1[:, 0] = 0.0
     w2 = (RNG.standard_normal((4, 8, 3, 3)) * 0.2).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-             helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
-    src = _save(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1" if layers == 2 else "y"], pads=[1, 1, 1, 1], name="conv1")]
+    if layers == 2:
+        nodes += [helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+                  helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    out_channels = 4 if layers == 2 else 8
+    src = _save(nodes, [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")][:layers],
                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
-                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_channels, 8, 8])],
                 tmp_path / "cnn.onnx")
     data = tmp_path / "d"
     data.mkdir()
@@ -155,8 +157,23 @@ def _outlier_input_cnn(tmp_path):
     return src, data
 
 
-def test_guard_falls_back_to_int8_weights_when_no_activation_scheme_meets_the_floor(tmp_path, capsys):
+def test_guard_repairs_where_diagnosis_finds_the_error_not_only_near_the_output(tmp_path, capsys):
+    # the loss starts at conv1's input: keeping conv2 (nearest the output) float cannot help
     src, data = _outlier_input_cnn(tmp_path)
+    out = tmp_path / "q.onnx"
+    assert run(["convert", src, "-o", str(out), "--data", str(data), "--json", "-q"]) == 0
+    guard = json.loads(capsys.readouterr().out)["guard"]
+    assert guard["repair_ranking"][0] == ["conv1"]
+    chosen = next(a for a in guard["attempts"] if a["label"] == guard["chosen"])
+    assert "diagnosis ranks costliest" in chosen["label"] and chosen["excluded"] == ["conv1"]
+    nearest = [a for a in guard["attempts"] if "nearest the output" in a["label"]]
+    assert nearest and not any(a["meets_floor"] for a in nearest)
+    x = np.stack([np.load(data / f"s{i:02d}.npy")[0] for i in range(0, 40, 7)])
+    assert _sqnr(_run(src, x), _run(out, x)) > 30
+
+
+def test_guard_falls_back_to_int8_weights_when_no_activation_scheme_meets_the_floor(tmp_path, capsys):
+    src, data = _outlier_input_cnn(tmp_path, layers=1)
     out = tmp_path / "q.onnx"
     assert run(["convert", src, "-o", str(out), "--data", str(data), "--json", "-q"]) == 0
     guard = json.loads(capsys.readouterr().out)["guard"]
@@ -168,11 +185,11 @@ def test_guard_falls_back_to_int8_weights_when_no_activation_scheme_meets_the_fl
     x = np.stack([np.load(data / f"s{i:02d}.npy")[0] for i in range(0, 40, 7)])
     assert _sqnr(_run(src, x), _run(out, x)) > 30
     model, _, pairs = _stored(out)
-    assert len(pairs) == 2 and _no_quantized_activations(model)
+    assert len(pairs) == 1 and _no_quantized_activations(model)
 
 
 def test_an_explicit_scheme_is_never_swapped_for_int8_weights(tmp_path, capsys):
-    src, data = _outlier_input_cnn(tmp_path)
+    src, data = _outlier_input_cnn(tmp_path, layers=1)
     out = tmp_path / "q.onnx"
     code = run(["convert", src, "-o", str(out), "--data", str(data), "--scheme", "int8-static",
                 "--json", "-q"])

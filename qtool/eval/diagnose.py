@@ -213,16 +213,9 @@ def diagnose(
     ``check``: re-convert with each of the ``top`` worst layers left out and keep only the
     suggestions that measurably raise the output SQNR (qtool.eval.suggest).
     """
-    ref_proto, cand_proto, matched = _match(candidate, reference)
-    matched, acc, samples = _accumulate(candidate, reference, cand_proto, matched, dataset,
-                                        batch_size=batch_size, limit=limit, threads=threads)
-    layers = _layers(ref_proto, cand_proto, matched, acc)
-    ranked = [x for x in layers if x["quantized"] and math.isfinite(x["local_sqnr_db"])]
-    candidates = []
-    for layer in ranked[:top]:
-        names = _quantizable(layer, ref_proto.graph)
-        if names and names not in candidates:
-            candidates.append(names)
+    ref_proto, cand_proto, layers, samples = _ranked_layers(candidate, reference, dataset, batch_size=batch_size,
+                                                            limit=limit, threads=threads)
+    candidates = _groups(layers, ref_proto, top)
     low_bit = _is_low_bit(cand_proto)
     if check:
         from qtool.eval.suggest import RECIPE_KEY, check_suggestions
@@ -232,8 +225,37 @@ def diagnose(
                                     count=limit or len(dataset), low_bit=low_bit, threads=threads)
     else:
         checked = {"checks": [], "suggested": [], "note": "suggestions not checked (check=False)"}
-    return {"samples": samples, "matched_tensors": len(matched), "top": top, "layers": layers,
+    return {"samples": samples, "matched_tensors": len(layers), "top": top, "layers": layers,
             **_advice(checked, low_bit)}
+
+
+def costly_layers(candidate: str | os.PathLike, reference: str | os.PathLike, dataset, *,
+                  count: int = 8, limit: int = 0, threads: int = 0) -> list[list[str]]:
+    """The reference's node names of the ``count`` quantized layers that add the most error
+    on their own (local SQNR, worst first), one group of names per layer: what the guard
+    keeps float first when a candidate misses its floor. Not checked by re-converting."""
+    ref_proto, _, layers, _ = _ranked_layers(candidate, reference, dataset, batch_size=1,
+                                             limit=limit, threads=threads)
+    return _groups(layers, ref_proto, count)
+
+
+def _ranked_layers(candidate, reference, dataset, *, batch_size: int, limit: int, threads: int) -> tuple:
+    """(reference proto, candidate proto, every matched layer worst first, samples seen)."""
+    ref_proto, cand_proto, matched = _match(candidate, reference)
+    matched, acc, samples = _accumulate(candidate, reference, cand_proto, matched, dataset,
+                                        batch_size=batch_size, limit=limit, threads=threads)
+    return ref_proto, cand_proto, _layers(ref_proto, cand_proto, matched, acc), samples
+
+
+def _groups(layers: list[dict], ref_proto, count: int) -> list[list[str]]:
+    """Node-name groups of the first ``count`` quantized layers with a finite local SQNR."""
+    ranked = [x for x in layers if x["quantized"] and math.isfinite(x["local_sqnr_db"])]
+    groups: list[list[str]] = []
+    for layer in ranked[:count]:
+        names = _quantizable(layer, ref_proto.graph)
+        if names and names not in groups:
+            groups.append(names)
+    return groups
 
 
 def _match(candidate, reference) -> tuple:

@@ -20,6 +20,7 @@ from qtool.config import Recipe
 from qtool.errors import QtoolError
 from qtool.pipeline.flow import MIN_TRANSFORMER_MATMULS
 from qtool.pipeline.guard import (
+    REPAIR_STEPS,
     Attempt,
     Floor,
     Reference,
@@ -47,6 +48,8 @@ class GuardOutcome:
     holdout: str = ""
     reports: list = field(default_factory=list)  # PassReports of the chosen candidate's preparation
     decision: str = ""
+    ranking: list = field(default_factory=list)  # node-name groups diagnosis ranked, worst first
+    ranking_note: str = ""
 
     def to_dict(self, floor: Floor) -> dict:
         return {
@@ -55,6 +58,8 @@ class GuardOutcome:
             "attempts": [a.to_dict() for a in self.attempts],
             "chosen": self.best_attempt.label if self.chosen is not None and self.best_attempt else None,
             "decision": self.decision,
+            "repair_ranking": self.ranking,
+            "repair_ranking_note": self.ranking_note,
         }
 
 
@@ -162,6 +167,7 @@ class Guard:
             path = Path(self.tmp.name) / f"candidate{self.count}.onnx"
             self.count += 1
             save(converted.model, path, verify=False)
+            attempt.path = str(path)
             attempt.size_bytes = model_size_bytes(path)
             weights = weight_bytes(converted.model)
             if weights >= NOT_SMALLER * self.source_weights:
@@ -182,6 +188,23 @@ class Guard:
             attempt.seconds = time.perf_counter() - t0
         return attempt, converted
 
+    def rank(self, attempt: Attempt) -> tuple[list[list[str]], str]:
+        """The layers diagnosis ranks costliest in ``attempt`` on the held-out samples, and a
+        note when it could not rank them (repairs then keep the layers nearest the output)."""
+        from qtool.eval.diagnose import costly_layers
+
+        if attempt.path is None:
+            return [], "no candidate file to diagnose"
+        try:
+            with self.progress("ranking layers (diagnosis)", None, "samples"):
+                ranked = costly_layers(attempt.path, self.model_path, self.holdout, count=max(REPAIR_STEPS))
+        except Exception as exc:  # noqa: BLE001 - the fallback ranking is said, not fatal
+            why = exc.message if isinstance(exc, QtoolError) else f"{type(exc).__name__}: {exc}"
+            return [], f"diagnosis could not rank the layers ({why}); repairs keep those nearest the output"
+        if not ranked:
+            return [], "diagnosis found no quantized layer to rank; repairs keep those nearest the output"
+        return ranked, f"ranked by diagnosis of {attempt.label} on the held-out samples"
+
     def run(self, recipe: Recipe, auto: bool) -> GuardOutcome:
         """Try, repair, choose; see the module docstring."""
         outcome = GuardOutcome(None, None, None, holdout=self.holdout_note)
@@ -201,7 +224,8 @@ class Guard:
             base = max((r for r in results if r[0].error is None), key=lambda r: r[0].worst_db(), default=None)
             if base is not None:
                 model = self.prepare(base[0].recipe).model
-                for label, repaired in repairs(base[0], model):
+                outcome.ranking, outcome.ranking_note = self.rank(base[0])
+                for label, repaired in repairs(base[0], model, outcome.ranking):
                     if self.over_budget():
                         break
                     results.append(self.attempt(label, repaired))

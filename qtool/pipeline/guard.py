@@ -6,8 +6,10 @@ each candidate is measured there against the float model (``measure.py``: per-ou
 per-segment SQNR, argmax agreement where it means something) and timed against float,
 interleaved, on onnxruntime's CPU provider. Candidates are tried cheapest first and the
 search stops at the first that meets the floor without being slower than float. A
-candidate below the floor is repaired by keeping the layers nearest the failing output in
-float, more of them each round, within the time budget. Every attempt and its measured
+candidate below the floor is repaired by keeping layers in float, more of them each round,
+within the time budget: in turns, those nearest the failing output and those diagnosis
+(qtool.eval.diagnose: each layer's own error, fed with float inputs) ranks costliest on
+the held-out samples. Every attempt and its measured
 effect is reported; if nothing meets the floor the conversion fails (exit 3).
 """
 
@@ -71,6 +73,7 @@ class Attempt:
     float_ms: float | None = None
     candidate_ms: float | None = None
     size_bytes: int = 0  # the candidate's file (and external data) as written
+    path: str | None = None  # where the guard wrote it (its temporary folder)
     seconds: float = 0.0
     error: str | None = None
 
@@ -185,16 +188,27 @@ def nearest_layers(model: ir.Model, outputs: list[str], count: int) -> list[str]
     return found
 
 
-def repairs(attempt: Attempt, model: ir.Model) -> Iterator[tuple[str, Recipe]]:
-    """Ever larger sets of layers kept float, nearest the outputs that missed the floor."""
+def repairs(attempt: Attempt, model: ir.Model, ranked: list[list[str]] | None = None
+            ) -> Iterator[tuple[str, Recipe]]:
+    """Ever larger sets of layers kept float, from two rankings taken in turns: the layers
+    nearest the outputs that missed the floor (a head whose output shares one scale), and
+    the layers diagnosis ranks costliest (``ranked``: node-name groups, worst first; where
+    the error starts further up). A set already tried is not tried again."""
     failing = [o.name for o in attempt.outputs
                if any(s.startswith(f"output {o.name}:") for s in attempt.shortfalls)]
-    previous: list[str] = []
+    rankings = [("nearest the output", lambda step: nearest_layers(model, failing, step))]
+    if ranked:
+        rankings.append(("diagnosis ranks costliest",
+                         lambda step: list(dict.fromkeys(n for group in ranked[:step] for n in group))))
+    previous = {where: 0 for where, _ in rankings}
+    tried: set[frozenset[str]] = set()
+    q = attempt.recipe.quantize
     for step in REPAIR_STEPS:
-        layers = nearest_layers(model, failing, step)
-        if len(layers) <= len(previous):
-            return
-        previous = layers
-        q = attempt.recipe.quantize
-        recipe = attempt.recipe.override("quantize", exclude=q.exclude + tuple(glob_escape(n) for n in layers))
-        yield f"{attempt.label}, {len(layers)} layer(s) nearest the output kept float", recipe
+        for where, pick in rankings:
+            layers = pick(step)
+            if len(layers) <= previous[where] or frozenset(layers) in tried:
+                continue
+            previous[where] = len(layers)
+            tried.add(frozenset(layers))
+            recipe = attempt.recipe.override("quantize", exclude=q.exclude + tuple(glob_escape(n) for n in layers))
+            yield f"{attempt.label}, {len(layers)} layer(s) {where} kept float", recipe
