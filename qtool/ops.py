@@ -31,6 +31,18 @@ class OpRule:
     schemes: frozenset[str] = frozenset()
 
 
+# Ops that compute on integers (quantized formats) and the ops that only move between
+# float and integers: what `eval`'s integer-kernel report and diagnosis look for.
+INTEGER_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "QLinearAdd",
+    "QLinearMul", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool",
+    "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean", "QLinearWhere",
+    "QLinearConvTranspose", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits",
+    "QAttention", "DynamicQuantizeLSTM", "QEmbedLayerNormalization", "GatherBlockQuantized",
+    "NhwcQLinearConv", "QOrderedMatMul",
+})
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
 _STATIC = frozenset({"int8-static"})
 _ALL8 = frozenset({"int8-static", "int8-dynamic"})
 _WEIGHT_ONLY = frozenset({"int8-static", "int8-dynamic", "weight-only"})

@@ -15,8 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qtool
 from qtool.data import Dataset, input_specs
-from qtool.eval.diagnose import diagnose, matched_tensors, recipe_snippet
+from qtool.eval.diagnose import diagnose, recipe_snippet
 from qtool.model import load
+from qtool.pipeline.layers import matched_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits_cnn.onnx"

@@ -433,8 +433,8 @@ def test_native_backend_matches_onnxruntime_exactly(mlp, tmp_path):
 
 
 def test_diagnosis_error_ignores_matching_infinities():
-    from qtool.eval.diagnose import _energy, _error
     from qtool.eval.metrics import sqnr_db
+    from qtool.pipeline.layers import _energy, _error
 
     mask = np.array([0.0, -np.inf, 3.0], np.float32)  # an attention mask holds -inf by design
     assert _energy(mask) == 9.0
@@ -450,9 +450,9 @@ def test_diagnosis_compares_a_folded_conv_with_the_batchnorm_it_absorbed(tmp_pat
     import onnx_ir as ir
 
     from qtool.config import Recipe
-    from qtool.eval.diagnose import matched_tensors
     from qtool.model import save
     from qtool.pipeline import calibrate, convert_model
+    from qtool.pipeline.layers import matched_tensors
 
     rng = np.random.default_rng(3)
     c = 4

@@ -20,19 +20,12 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-INTEGER_OPS = frozenset({
-    "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "QLinearAdd",
-    "QLinearMul", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool",
-    "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean", "QLinearWhere",
-    "QLinearConvTranspose", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits",
-    "QAttention", "DynamicQuantizeLSTM", "QEmbedLayerNormalization", "GatherBlockQuantized",
-    "NhwcQLinearConv", "QOrderedMatMul",
-})
+from qtool.ops import INTEGER_OPS, QDQ_OPS
+
 COMPUTE_OPS = frozenset({
     "Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Sub", "Div", "Gather", "Attention",
     "AveragePool", "GlobalAveragePool", "Softmax", "Concat", "FusedConv", "FusedMatMul", "FusedGemm",
 })
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 
 
 def optimized_graph(model: str | os.PathLike, provider: str = "cpu", threads: int = 0):

@@ -191,7 +191,7 @@ class Guard:
     def rank(self, attempt: Attempt) -> tuple[list[list[str]], str]:
         """The layers diagnosis ranks costliest in ``attempt`` on the held-out samples, and a
         note when it could not rank them (repairs then keep the layers nearest the output)."""
-        from qtool.eval.diagnose import costly_layers
+        from qtool.pipeline.layers import costly_layers
 
         if attempt.path is None:
             return [], "no candidate file to diagnose"

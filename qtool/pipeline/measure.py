@@ -103,7 +103,7 @@ class OutputAccumulator:
             self.map_union += int(np.sum(a | b))
 
     def result(self) -> OutputFidelity:
-        sqnr = _db(self.signal, self.noise)
+        sqnr = sqnr_from_sums(self.signal, self.noise)
         segments = self.segments()
         worst = min((s["sqnr_db"] for s in segments), default=sqnr)
         agreement = self.agree / self.positions if self.proxy and self.positions else None
@@ -137,15 +137,17 @@ class OutputAccumulator:
                 "channels": int(members.size),
                 "first": int(members.min()),
                 "rms": float(np.sqrt(sig / (self.channel_count * members.size))),
-                "sqnr_db": _db(sig, float(self.channel_noise[members].sum())),
+                "sqnr_db": sqnr_from_sums(sig, float(self.channel_noise[members].sum())),
             })
         return out
 
 
-def _db(signal: float, noise: float) -> float:
+def sqnr_from_sums(signal: float, noise: float) -> float:
+    """10 log10(signal / noise) in dB from the sums of r^2 and (r - c)^2; +inf when the
+    noise is 0, -inf when the signal is 0 or the noise infinite."""
     if noise == 0.0:
         return math.inf
-    if signal == 0.0:
+    if signal == 0.0 or math.isinf(noise):
         return -math.inf
     return 10.0 * math.log10(signal / noise)
 
