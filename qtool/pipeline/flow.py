@@ -17,7 +17,7 @@ from qtool.config import Recipe
 from qtool.passes import PassReport
 from qtool.pipeline.context import Context, StageProgress
 from qtool.pipeline.guard import Floor
-from qtool.pipeline.plan import ConvertPlan
+from qtool.pipeline.plan import ConvertPlan, QuantizedInput
 from qtool.pipeline.progress import ProgressFactory, no_progress
 from qtool.pipeline.schemes import Converted, run_scheme
 from qtool.pipeline.tables import RangeTable
@@ -203,6 +203,7 @@ def convert_file(
     auto: bool = False,
     budget_s: float | None = None,
     write_best: bool = False,
+    quantized_input: QuantizedInput | None = None,
 ) -> dict:
     """Load, prepare, convert, save (atomic, verified), measure; return the report.
 
@@ -214,15 +215,25 @@ def convert_file(
     (a Floor) and ``data``, candidates are measured on held-out samples and repaired
     (qtool.pipeline.auto); when
     nothing meets the floor, or nothing was quantized, ``passed`` is False and ``output``
-    is written only with ``write_best``.
+    is written only with ``write_best``. An already-quantized model is refused unless
+    ``quantized_input`` says what to do with it (qtool.pipeline.plan.plan_quantized_input).
     """
     from qtool.model import add_provenance, load, model_size_bytes, save, weight_bytes
-    from qtool.pipeline.plan import plan_for, refuse_quantized
+    from qtool.pipeline.plan import plan_for, plan_quantized_input
 
     model_path = Path(model_path)
     t0 = time.perf_counter()
     source = load(model_path)
-    refuse_quantized(source)
+    input_plan = plan_quantized_input(source, quantized_input)
+    if input_plan is not None and input_plan.kind == "quantized-input":
+        from qtool.pipeline.quantized_input import convert_quantized
+
+        return convert_quantized(source, model_path, output, recipe, input_plan, data=data,
+                                 external_data=external_data, started=t0)
+    if input_plan is not None:  # requantize: the normal flow from the dequantized graph
+        from qtool.pipeline.quantized_input import dequantized
+
+        source, dequantize_report = dequantized(source)
     guard_report, failure = None, None
     if guard is not None and data is not None and calib is None:
         from qtool.pipeline.auto import DEFAULT_BUDGET_SECONDS, guarded
@@ -242,6 +253,8 @@ def convert_file(
 
             recipe, _ = default_static(recipe, source)
         converted, prep_reports = _convert_once(source, model_path, recipe, data, calib, progress)
+    if input_plan is not None:
+        prep_reports = [dequantize_report, *prep_reports]
     plan = plan_for(recipe)
     in_size = model_size_bytes(model_path)
     report = {
