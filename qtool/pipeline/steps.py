@@ -283,7 +283,11 @@ class QOperatorReady(QtoolPass):
         return self.context.plan.format == "qoperator"
 
     def run(self, model):
-        from qtool.passes.fake_quant import drop_relu_before_quantize, quantize_bias, sink_dequantize
+        from qtool.passes.fake_quant import (
+            drop_relu_before_quantize,
+            quantize_bias,
+            sink_dequantize,
+        )
 
         report = PassReport(self.name)
         for part in (drop_relu_before_quantize(model), sink_dequantize(model), quantize_bias(model)):
