@@ -10,8 +10,7 @@ with ``W_q = clip(saturate(round_half_even(W / s) + z), lo, hi)``: QuantizeLinea
 in the ONNX spec, computed once in float32 as onnxruntime computes it on every run (the
 quotient in float32, then rounded to nearest even). Every DequantizeLinear reads the integers
 it read before, so the model's outputs stay the same to the bit, and the weights take 1 byte
-(int8) or half a byte (int4, opset 21, when Q's type or a Clip confines them to 4 bits)
-instead of 4.
+(int8) or half a byte (int4, when QuantizeLinear produces int4) instead of 4.
 
 ``quantize_bias``: ``b_q = round_half_even(b / (s_x * s_w))`` as int32 (the convention of
 onnxruntime's quantizer and the QLinearConv/QGemm contract), for Conv/Gemm whose input and
@@ -43,7 +42,6 @@ NUMPY_INT = {
     ir.DataType.INT8: np.int8, ir.DataType.UINT8: np.uint8, ir.DataType.INT16: np.int16,
     ir.DataType.UINT16: np.uint16, ir.DataType.INT4: np.int8, ir.DataType.UINT4: np.uint8,
 }
-INT4_OPSET = 21  # DequantizeLinear reads INT4/UINT4 from opset 21
 
 
 def _broadcast(param: np.ndarray, shape: tuple[int, ...], axis: int, block_size: int) -> np.ndarray:
@@ -85,21 +83,6 @@ def _integer_tensor(graph: ir.Graph, names: Names, base: str, q: np.ndarray, dty
     return add_initializer(graph, names, base, q.astype(NUMPY_INT[dtype]))
 
 
-def _storage_type(fq: FakeQuantWeight, opset: int, dq_zero_points: list) -> ir.DataType:
-    """int4/uint4 when the values fit 4 bits, the opset reads them and every DequantizeLinear's
-    zero point fits too; else the type QuantizeLinear produced."""
-    dtype = fq.dtype
-    if fq.clip_range is None or opset < INT4_OPSET or dtype not in (ir.DataType.INT8, ir.DataType.UINT8):
-        return dtype
-    narrow = ir.DataType.INT4 if dtype == ir.DataType.INT8 else ir.DataType.UINT4
-    lo, hi = INT_RANGE[narrow]
-    if not (lo <= fq.clip_range[0] and fq.clip_range[1] <= hi):
-        return dtype
-    if any(z is not None and (z.min() < lo or z.max() > hi) for z in dq_zero_points):
-        return dtype
-    return narrow
-
-
 def _why_not(fq: FakeQuantWeight) -> str | None:
     q = fq.quantize
     if fq.weight.const_value is None and fq.weight.producer() is None:
@@ -118,7 +101,7 @@ def _why_not(fq: FakeQuantWeight) -> str | None:
     return None
 
 
-def _fold_one(graph: ir.Graph, names: Names, fq: FakeQuantWeight, opset: int) -> tuple[ir.DataType, int]:
+def _fold_one(graph: ir.Graph, names: Names, fq: FakeQuantWeight) -> tuple[ir.DataType, int]:
     """Store one fake-quant weight; returns (its new type, bytes saved)."""
     q = fq.quantize
     w = constant_of(fq.weight)
@@ -127,17 +110,14 @@ def _fold_one(graph: ir.Graph, names: Names, fq: FakeQuantWeight, opset: int) ->
                              _attr(q, "axis", 1), _attr(q, "block_size", 0))
     if fq.clip_range is not None:
         values = np.clip(values, *fq.clip_range)
-    dq_zps = [constant_of(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
-              for dq in fq.dequantize]
-    dtype = _storage_type(fq, opset, dq_zps)
-    base = (fq.weight.name or "weight") + "_quantized"
-    stored = _integer_tensor(graph, names, base, values, dtype)
+    # The type QuantizeLinear produced, even for 4-bit values in int8 (Brevitas' QCDQ): onnxruntime
+    # fuses an int8 DequantizeLinear into QLinearConv/QLinearMatMul and computes an int4 one in
+    # float (measured: outputs 1e-4 apart), so narrower storage would change the outputs' bits.
+    dtype = fq.dtype
+    stored = _integer_tensor(graph, names, (fq.weight.name or "weight") + "_quantized", values, dtype)
     old = [fq.weight, *q.inputs[1:], *(fq.clip.inputs[1:] if fq.clip is not None else [])]
-    for dq, z in zip(fq.dequantize, dq_zps, strict=True):
-        old.extend(dq.inputs[2:])
+    for dq in fq.dequantize:
         dq.replace_input_with(0, stored)
-        if z is not None and dtype != q_type_of(dq):
-            dq.replace_input_with(2, _integer_tensor(graph, names, base + "_zero_point", z, dtype))
     for node in (fq.clip, q):
         if node is not None:
             graph.remove(node, safe=True)
@@ -148,11 +128,6 @@ def _fold_one(graph: ir.Graph, names: Names, fq: FakeQuantWeight, opset: int) ->
     return dtype, w.nbytes - stored.const_value.nbytes
 
 
-def q_type_of(dq: ir.Node) -> ir.DataType | None:
-    """The type of a DequantizeLinear's zero point (None without one)."""
-    return dq.inputs[2].dtype if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
-
-
 def fold_fake_quant(model: ir.Model) -> PassReport:
     """Store every fake-quant weight of ``model`` as the integers it stands for (in place).
 
@@ -161,7 +136,6 @@ def fold_fake_quant(model: ir.Model) -> PassReport:
     report = PassReport("store-weights")
     share_identity_constants(model)
     names = Names(model)
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     saved = 0
     narrowable = 0
     for graph in iter_graphs(model.graph):
@@ -173,15 +147,16 @@ def fold_fake_quant(model: ir.Model) -> PassReport:
             if why is not None:
                 report.skip(node.name or fq.weight.name or "QuantizeLinear", why)
                 continue
-            dtype, delta = _fold_one(graph, names, fq, opset)
+            dtype, delta = _fold_one(graph, names, fq)
             saved += delta
             report.count(f"stored {dtype.name.lower()}")
             narrowable += fq.clip_range is not None and fq.bits <= 4 and dtype in (ir.DataType.INT8, ir.DataType.UINT8)
     if report.modified:
         report.notes.append(f"{saved / 1e6:.3f} MB of float weights stored as integers")
     if narrowable:
-        report.notes.append(f"{narrowable} weight(s) hold 4-bit values but are stored as 8-bit: int4 "
-                            f"initializers need opset {INT4_OPSET} (this model: {opset})")
+        report.notes.append(f"{narrowable} weight(s) hold 4-bit values but stay 8-bit, as their QuantizeLinear "
+                            "made them: onnxruntime runs int8 and int4 weights on different kernels, so int4 "
+                            "storage would change the outputs' last bits")
     return report
 
 
