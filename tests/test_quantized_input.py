@@ -290,6 +290,29 @@ def test_requantize_on_a_qdq_model_quantizes_once(tmp_path, capsys):
             assert src is None or src.op_type != "QuantizeLinear" or src.input[0] not in {i.name for i in graph.initializer}
     weights = [i for i in graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) > 1]
     assert len(weights) == 2  # each weight quantized once, stored as int8
+    feed = {"x": np.load(tmp_path / "d" / "s1.npy")}
+    ref, got = session(onnx.load(model)).run(None, feed)[0], session(onnx.load(out)).run(None, feed)[0]
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > 20  # the same function, requantized
+
+
+def test_dequantize_keeps_a_relu_folded_into_the_quantize_range():
+    """Quantizers drop a Relu into the output Q (zero point 0: negatives clamp to 0); removing
+    the Q/DQ pair must put the Relu back, or --requantize would change the function."""
+    from qtool.passes.fake_quant import dequantize
+
+    proto = qdq_mlp()
+    na, ia, xa = _act_qdq("y0", "out", 0.05, 0)
+    proto.graph.node[-1].output[0] = "y0"
+    proto.graph.node.extend([*na, helper.make_node("Identity", [xa], ["y"])])
+    proto.graph.initializer.extend(ia)
+    feed = {"x": RNG.standard_normal((2, 32)).astype(np.float32)}
+    before = session(proto).run(None, feed)[0]
+    model = ir.from_proto(proto)
+    report = dequantize(model)
+    assert report.counts["Relu restored (folded into a QuantizeLinear)"] == 1
+    assert not recognize(model).quantized
+    after = session(model).run(None, feed)[0]
+    assert after.min() >= 0 and np.abs(after - before).max() <= 0.05 * 4  # a few output steps
 
 
 def test_eval_compares_a_qat_model_with_its_float_parent(tmp_path, capsys):

@@ -236,13 +236,17 @@ def drop_relu_before_quantize(model: ir.Model) -> PassReport:
     return report
 
 
-MOVEMENT = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+# Ops that commute with DequantizeLinear under a positive per-tensor scale: they move elements
+# (or pick the largest, which dequantizing preserves).
+MOVEMENT = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool")
 
 
 def sink_dequantize(model: ir.Model) -> PassReport:
-    """``DQ(x; s, z) -> Flatten|Reshape|Transpose|Squeeze|Unsqueeze`` with a per-tensor scale
-    becomes ``the op on x -> DQ(s, z)``: the same numbers (the op only moves elements), and
-    the DequantizeLinear now sits right before the Gemm/MatMul the QOperator pass fuses."""
+    """``DQ(x; s, z) -> Flatten|Reshape|Transpose|Squeeze|Unsqueeze|MaxPool`` with a positive
+    per-tensor scale becomes ``the op on x -> DQ(s, z)``: the same numbers (the op moves or
+    picks elements, and DQ is increasing), and the DequantizeLinear now sits right before the
+    Conv/Gemm/MatMul the QOperator pass fuses (PyTorch's export leaves MaxPool and Flatten after
+    the DequantizeLinear)."""
     from qtool.passes.graph import GraphBuilder
 
     report = PassReport("sink-dequantize")
@@ -253,8 +257,11 @@ def sink_dequantize(model: ir.Model) -> PassReport:
             if dq is None or dq.op_type != "DequantizeLinear" or node.outputs[0].is_graph_output():
                 continue
             scale = constant_of(dq.inputs[1])
-            if scale is None or scale.size != 1 or len(list(dq.outputs[0].uses())) != 1:
+            if scale is None or scale.size != 1 or not scale.reshape(-1)[0] > 0 \
+                    or len(list(dq.outputs[0].uses())) != 1:
                 continue
+            if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1] is not None:
+                continue  # the Indices output has no integer form
             attrs = {k: a.value for k, a in node.attributes.items()}
             moved = b.node(node.op_type, [dq.inputs[0], *node.inputs[1:]], node.name or node.op_type,
                            attributes=attrs, dtype=dq.inputs[0].dtype)
@@ -315,7 +322,7 @@ def dequantize(model: ir.Model) -> PassReport:
             if values is not None:
                 new = add_initializer(graph, names, (source.name or "weight") + "_float", values)
             elif source.producer() is not None and source.producer().op_type == "QuantizeLinear":
-                new = source.producer().inputs[0]
+                new = _clamped_input(source.producer(), names, report)
             else:
                 report.skip(node.name or "DequantizeLinear", "input is neither constant nor quantized here")
                 continue
@@ -323,6 +330,25 @@ def dequantize(model: ir.Model) -> PassReport:
             report.count("constant dequantized" if values is not None else "activation pair removed")
     _remove_dead_quantize(model)
     return report
+
+
+def _clamped_input(q: ir.Node, names: Names, report: PassReport) -> ir.Value:
+    """The float value a QuantizeLinear reads, through a Relu when the QuantizeLinear clamps at
+    zero and nothing before it does: quantizers fold a Relu into the Q range (zero point at the
+    type's lowest code), and dropping the pair must not drop the Relu with it."""
+    x = q.inputs[0]
+    before = x.producer()
+    if not _clamps_at_zero(q) or (before is not None and before.op_type in ("Relu", "Clip")):
+        return x
+    # The Q then reads the Relu: its other DequantizeLinear readers find it and add no second one.
+    relu = ir.node("Relu", [x], name=names.fresh((q.name or "q") + "/Relu"))
+    relu.outputs[0].name = names.fresh((x.name or "x") + "_relu")
+    if x.type is not None:
+        relu.outputs[0].type, relu.outputs[0].shape = x.type, x.shape
+    q.graph.insert_before(q, relu)
+    q.replace_input_with(0, relu.outputs[0])
+    report.count("Relu restored (folded into a QuantizeLinear)")
+    return relu.outputs[0]
 
 
 def _bypass(dq: ir.Node, new: ir.Value, names: Names) -> None:
