@@ -274,6 +274,57 @@ def sink_dequantize(model: ir.Model) -> PassReport:
     return report
 
 
+def _same_dequantize(readers: list[ir.Node], value: ir.Value) -> bool:
+    """Whether every reader is a DequantizeLinear of ``value`` with one positive per-tensor
+    scale and zero point (so one DequantizeLinear can stand for them all)."""
+    first = readers[0]
+    if any(r.op_type != "DequantizeLinear" or r.inputs[0] is not value for r in readers):
+        return False
+    scale = constant_of(first.inputs[1])
+    if scale is None or scale.size != 1 or not scale.reshape(-1)[0] > 0:
+        return False
+
+    def params(r: ir.Node) -> list:
+        return [None if v is None else constant_of(v) for v in r.inputs[1:3]]
+
+    ref = params(first)
+    return all(all(a is None and b is None or a is not None and b is not None and np.array_equal(a, b)
+                   for a, b in zip(params(r), ref, strict=False)) and len(r.inputs) == len(first.inputs)
+               for r in readers)
+
+
+def lift_dequantize(model: ir.Model) -> int:
+    """The inverse of ``sink_dequantize``: ``op on x -> DQ`` becomes ``DQ(x) -> op`` for the
+    same ops and per-tensor scales, so a dequantized graph has no integer MaxPool/Flatten left
+    (QOperator models keep them on integers). Returns how many moved."""
+    from qtool.passes.graph import GraphBuilder
+
+    b = GraphBuilder(model)
+    moved = 0
+    changed = True
+    while changed:
+        changed = False
+        for graph in iter_graphs(model.graph):
+            for op in list(graph):
+                readers = [u.node for u in op.outputs[0].uses()] if op.outputs else []
+                if (op.op_type not in MOVEMENT or not readers or op.outputs[0].is_graph_output()
+                        or len(op.outputs) > 1 or not _same_dequantize(readers, op.outputs[0])):
+                    continue
+                dq = readers[0]
+                new_dq = b.node("DequantizeLinear", [op.inputs[0], *dq.inputs[1:]], op.name or "dq",
+                                dtype=dq.outputs[0].dtype)
+                moved_op = b.node(op.op_type, [new_dq.outputs[0], *op.inputs[1:]], op.name or op.op_type,
+                                  attributes={k: a.value for k, a in op.attributes.items()},
+                                  dtype=dq.outputs[0].dtype, shape=dq.outputs[0].shape)
+                graph.insert_before(op, [new_dq, moved_op])
+                for reader in readers:
+                    b.replace_uses(reader.outputs[0], moved_op.outputs[0])
+                graph.remove([*readers, op], safe=True)
+                moved += 1
+                changed = True
+    return moved
+
+
 def share_identity_constants(model: ir.Model) -> PassReport:
     """Identity(constant) -> the constant itself (PyTorch's export shares a zero point through
     Identity nodes), so every pass sees the scale or zero point as the constant it is."""
@@ -310,6 +361,8 @@ def dequantize(model: ir.Model) -> PassReport:
 
     fold_fake_quant(model)  # fake-quant weights first become integer -> DQ, handled below
     report = PassReport("dequantize")
+    if moved := lift_dequantize(model):
+        report.count("DequantizeLinear moved before MaxPool/Flatten/...", moved)
     names = Names(model)
     for graph in iter_graphs(model.graph):
         for node in list(graph):

@@ -229,19 +229,24 @@ def plan_quantized_input(model, request: QuantizedInput | None, *, scheme_flags:
         verb = "chooses" if len(scheme_flags) == 1 else "choose"
         raise UsageError(f"{', '.join(scheme_flags)} {verb} how to quantize, and the model is quantized already",
                          "add --requantize to dequantize it first, or drop them")
-    others = sorted(set(found.schemes) - {"qdq", "fake-quant"})
+    others = sorted(set(found.schemes) - {"qdq", "fake-quant", "qoperator"})
     if others:
         raise ConversionError(
-            f"--store-weights and --format apply to QDQ and fake-quant models; this one is {found.summary()}",
+            f"--store-weights and --format apply to QDQ, QOperator and fake-quant models; this one is "
+            f"{found.summary()}",
             "its weights are integers already: keep it as it is, or compare it with its float parent "
             "(qtool eval MODEL --reference FLOAT.onnx --data DIR)")
     if request.store_weights and not found.fake_quant:
         raise ConversionError(f"--store-weights: the model has no fake-quant weights ({found.summary()})",
-                              "its weights are stored as integers already; --format qoperator re-targets it")
+                              "its weights are stored as integers already; --format re-targets it")
     fmt = request.format or "qdq"
     if fmt not in ("qdq", "qoperator"):
         raise UsageError(f"--format {fmt} does not apply to a quantized model", "use --format qdq or qoperator")
-    if fmt == "qdq" and not request.store_weights:
-        raise UsageError("the model is in the QDQ format already: nothing to re-target",
-                         "--store-weights stores fake-quant weights; --format qoperator re-targets")
+    # Re-targeting needs something in the other format (QOperator's leftovers are QDQ groups).
+    if not request.store_weights and (
+            (fmt == "qdq" and "qoperator" not in found.schemes)
+            or (fmt == "qoperator" and found.schemes == ["qoperator"])):
+        raise UsageError(f"the model is in the {fmt.upper() if fmt == 'qdq' else 'QOperator'} format already: "
+                         "nothing to re-target",
+                         "--store-weights stores fake-quant weights; --format qdq|qoperator re-targets")
     return ConvertPlan("quantized-input", False, fmt)

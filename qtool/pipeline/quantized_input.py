@@ -24,16 +24,21 @@ def dequantized(model: ir.Model) -> tuple[ir.Model, PassReport]:
     never quantizes on top of quantized ops."""
     from qtool.errors import ConversionError
     from qtool.passes.fake_quant import dequantize
+    from qtool.passes.qoperator_to_qdq import to_qdq
     from qtool.quantized import recognize
 
     work = model.clone()
+    as_qdq = to_qdq(work)  # integer operators first become DQ -> float op -> Q, dequantized below
     report = dequantize(work)
+    for key, n in as_qdq.counts.items():
+        report.count(key, n)
     left = recognize(work)
     if left.quantized:
         raise ConversionError(
             f"--requantize could not dequantize everything ({left.summary()}); converting would quantize twice",
-            "--requantize handles QDQ and fake-quant models; integer operators (QLinear*, "
-            "MatMulInteger, MatMulNBits...) stay as they are: convert the float parent instead",
+            "--requantize handles QDQ, QOperator and fake-quant models; dynamic and low-bit "
+            "operators (MatMulInteger, DynamicQuantizeLSTM, MatMulNBits...) stay as they are: "
+            "convert the float parent instead",
         )
     return work, report
 

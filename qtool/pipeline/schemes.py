@@ -31,7 +31,7 @@ SCHEMES: dict[str, tuple[type, ...]] = {
     ),
     # An already-quantized model (convert --store-weights / --format): no calibration, no new
     # quantization; plan.plan_quantized_input chooses it.
-    "quantized-input": (steps.StoreWeights, steps.QOperatorReady, steps.QOperatorFormat),
+    "quantized-input": (steps.StoreWeights, steps.QDQFormat, steps.QOperatorReady, steps.QOperatorFormat),
 }
 
 

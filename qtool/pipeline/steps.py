@@ -272,6 +272,22 @@ class StoreWeights(QtoolPass):
         return model, fold_fake_quant(model)
 
 
+class QDQFormat(QtoolPass):
+    """Integer operators (QLinearConv, QGemm...) rewritten as DQ -> float op -> Q with the same
+    scales, for --format qdq on a QOperator model (qtool.passes.qoperator_to_qdq)."""
+
+    name = "qdq-format"
+
+    def applies(self, model: ir.Model) -> bool:
+        return self.context.plan.format == "qdq"
+
+    def run(self, model):
+        from qtool.passes.qoperator_to_qdq import to_qdq
+
+        report = to_qdq(model)
+        return model, report if report.counts or report.skipped else None
+
+
 class QOperatorReady(QtoolPass):
     """What a QAT export needs before QOperator fusion (qtool.passes.fake_quant): a Relu that
     its QuantizeLinear already clamps removed, DequantizeLinear moved past Flatten/Reshape,
