@@ -12,6 +12,9 @@ schemes, by what marks them in the graph:
     dynamic     DynamicQuantizeLinear + MatMulInteger/ConvInteger, DynamicQuantizeMatMul,
                 MatMulIntegerToFloat, DynamicQuantizeLSTM
     matmulnbits MatMulNBits, GatherBlockQuantized (2-8 bit weight blocks)
+    cast-dequant integer weight initializer -> Cast -> [Sub(zero point)] -> Mul(scale) ->
+                MatMul/Gemm/Gather (int8 weights dequantized by plain ops, as some exporters
+                ship "int8" transformers)
 
 Only graph structure and tensor metadata are read (plus the scalars of a Clip between a
 QuantizeLinear and its DequantizeLinear): weights kept as external data stay on disk.
@@ -52,7 +55,9 @@ DTYPE_BITS = {
     ir.DataType.FLOAT8E4M3FN: 8, ir.DataType.FLOAT8E4M3FNUZ: 8, ir.DataType.FLOAT8E5M2: 8,
     ir.DataType.FLOAT8E5M2FNUZ: 8,
 }
-SCHEME_ORDER = ("fake-quant", "qdq", "qoperator", "dynamic", "matmulnbits")
+SCHEME_ORDER = ("fake-quant", "qdq", "qoperator", "dynamic", "matmulnbits", "cast-dequant")
+INTEGER_TYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4,
+                           ir.DataType.INT16, ir.DataType.UINT16})
 
 
 def dtype_name(dtype: ir.DataType | None) -> str:
@@ -156,6 +161,40 @@ def match_fake_quant(q: ir.Node) -> FakeQuantWeight | None:
     return FakeQuantWeight(weight, q, clip, clip_range, tuple(uses))
 
 
+@dataclass(frozen=True)
+class CastDequantWeight:
+    """int weight -> Cast(float) -> [Sub(zero point)] -> Mul(scale): a weight stored as integers
+    and dequantized by plain ops. ``zero_point`` is None without the Sub."""
+
+    weight: ir.Value
+    cast: ir.Node
+    sub: ir.Node | None
+    mul: ir.Node
+    zero_point: ir.Value | None
+    scale: ir.Value
+
+
+def match_cast_dequant(mul: ir.Node) -> CastDequantWeight | None:
+    """The cast-dequant pattern ending at Mul ``mul`` (constant operands only), or None."""
+    if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.inputs) != 2:
+        return None
+    for i in (0, 1):
+        scale, x = mul.inputs[1 - i], mul.inputs[i]
+        if x is None or _const(scale) is None:
+            continue
+        node = x.producer()
+        sub, zp = None, None
+        if node is not None and node.op_type == "Sub" and _const(node.inputs[1]) is not None:
+            sub, zp = node, node.inputs[1]
+            node = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if node is None or node.op_type != "Cast":
+            continue
+        weight = _const(node.inputs[0])
+        if weight is not None and weight.dtype in INTEGER_TYPES:
+            return CastDequantWeight(node.inputs[0], node, sub, mul, zp, scale)
+    return None
+
+
 def fake_quant_weights(model: ir.Model) -> list[FakeQuantWeight]:
     """Every fake-quant weight of ``model`` (subgraphs included), in graph order."""
     found = []
@@ -195,7 +234,7 @@ class Recognition:
 
     @property
     def quantized(self) -> bool:
-        return bool(self.ops)
+        return bool(self.ops) or bool(self.compute.get("cast-dequant", Tally()).nodes)
 
     @property
     def schemes(self) -> list[str]:
@@ -288,6 +327,8 @@ def _weight_origin(value: ir.Value | None) -> tuple[str, str | None, ir.Value] |
         if _const(source) is not None:
             return "qdq", dtype_name(source.dtype), source
         return None  # a dequantized activation (MatMul of two activations)
+    if producer is not None and (cd := match_cast_dequant(producer)) is not None:
+        return "cast-dequant", dtype_name(cd.weight.dtype), cd.weight
     tensor = _const(value)
     if tensor is not None and tensor.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
         return "float", None, value

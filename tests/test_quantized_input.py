@@ -146,6 +146,29 @@ def test_qoperator_dynamic_and_matmulnbits_are_recognised():
     assert u8  # the activation type above is uint8 by onnxruntime's convention
 
 
+def test_int8_weights_dequantized_by_cast_and_mul_are_recognised_and_requantizable():
+    """int8 initializer -> Cast -> Sub(zp) -> Mul(scale) -> MatMul (an "int8" transformer as some
+    exporters ship it): recognised, and dequantize folds it to the float weight it computes."""
+    from qtool.passes.fake_quant import dequantize
+
+    w = RNG.integers(-128, 128, (16, 8)).astype(np.int8)
+    proto = make_model(
+        [helper.make_node("Cast", ["w_q"], ["w_c"], to=TensorProto.FLOAT),
+         helper.make_node("Sub", ["w_c", "zp"], ["w_s"]),
+         helper.make_node("Mul", ["w_s", "scale"], ["w"]),
+         helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [vi("x", [2, 16])], [vi("y", None)],
+        [init("w_q", w), init("zp", np.float32(3)), init("scale", np.full(8, 0.02, np.float32))])
+    model = ir.from_proto(proto)
+    found = recognize(model)
+    assert found.schemes == ["cast-dequant"] and found.quantized and dict(found.weight_types) == {"int8": 1}
+    feed = {"x": RNG.standard_normal((2, 16)).astype(np.float32)}
+    before = session(proto).run(None, feed)[0]
+    assert dequantize(model).counts == {"Cast/Mul weight dequantized": 1}
+    assert [n.op_type for n in model.graph] == ["MatMul"] and not recognize(model).quantized
+    np.testing.assert_allclose(session(model).run(None, feed)[0], before, rtol=1e-6, atol=1e-6)
+
+
 # ---- folding --------------------------------------------------------------------------------
 
 

@@ -354,6 +354,30 @@ def _dequantized_constant(dq: ir.Node) -> np.ndarray | None:
     return (centred.astype(np.float32) * _broadcast(scale.astype(np.float32), q.shape, axis, block)).astype(np.float32)
 
 
+def _fold_cast_dequant(graph: ir.Graph, names: Names, report: PassReport) -> None:
+    """int weight -> Cast -> [Sub] -> Mul(scale) becomes the float constant it computes
+    (numpy broadcasting is ONNX's)."""
+    from qtool.passes.graph import replace_uses
+    from qtool.quantized import match_cast_dequant
+
+    for node in list(graph):
+        cd = match_cast_dequant(node)
+        if cd is None:
+            continue
+        w = constant_of(cd.weight).astype(np.float32)
+        if cd.zero_point is not None:
+            w = w - constant_of(cd.zero_point).astype(np.float32)
+        values = (w * constant_of(cd.scale).astype(np.float32)).astype(np.float32)
+        new = add_initializer(graph, names, (cd.weight.name or "weight") + "_float", values)
+        replace_uses(cd.mul.outputs[0], new, names)
+        for dead in (cd.mul, cd.sub, cd.cast):
+            if dead is not None and not any(o.uses() or o.is_graph_output() for o in dead.outputs):
+                inputs = list(dead.inputs)
+                graph.remove(dead, safe=True)
+                drop_unused_initializers(graph, [v for v in inputs if v is not None])
+        report.count("Cast/Mul weight dequantized")
+
+
 def dequantize(model: ir.Model) -> PassReport:
     """A QDQ / fake-quant graph back to float, in place (see the module doc). Integer
     operators (QOperator, dynamic, MatMulNBits) are left alone and listed under ``skipped``."""
@@ -365,6 +389,7 @@ def dequantize(model: ir.Model) -> PassReport:
         report.count("DequantizeLinear moved before MaxPool/Flatten/...", moved)
     names = Names(model)
     for graph in iter_graphs(model.graph):
+        _fold_cast_dequant(graph, names, report)
         for node in list(graph):
             if node.op_type in INTEGER_COMPUTE or node.op_type.startswith("QLinear"):
                 report.skip(node.name or node.op_type, f"{node.op_type} is an integer operator")

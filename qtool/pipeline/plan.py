@@ -181,7 +181,7 @@ def already_quantized(model) -> str | None:  # noqa: ANN001 - ir.Model
     if not found.quantized:
         return None
     ops = ", ".join(f"{n} {op}" for op, n in found.ops.most_common(4))
-    return f"{found.summary()}; {ops}"
+    return f"{found.summary()}; {ops}" if ops else found.summary()
 
 
 def refuse_quantized(model) -> None:  # noqa: ANN001 - ir.Model
