@@ -169,6 +169,21 @@ def test_int8_weights_dequantized_by_cast_and_mul_are_recognised_and_requantizab
     np.testing.assert_allclose(session(model).run(None, feed)[0], before, rtol=1e-6, atol=1e-6)
 
 
+def test_qtools_own_int8_weights_output_is_not_quantized_again(tmp_path, capsys):
+    """The int8-weights scheme writes Cast(int8) x scale: converting its output again is
+    refused like any quantized model, and --requantize starts from the float weights."""
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], [vi("x", [2, 256])],
+                       [vi("y", None)], [init("w", RNG.standard_normal((256, 256)).astype(np.float32))])
+    src, first = _save(proto, tmp_path / "f.onnx"), tmp_path / "w8.onnx"
+    assert run(["convert", src, "-o", str(first), "--scheme", "int8-weights"]) == 0
+    capsys.readouterr()
+    assert run(["convert", str(first), "-o", str(tmp_path / "x.onnx"), "--dynamic"]) == 1
+    assert "already quantized (cast-dequant" in capsys.readouterr().err
+    assert run(["convert", str(first), "-o", str(tmp_path / "rq.onnx"), "--requantize", "--dynamic"]) == 0
+    ops = [n.op_type for n in onnx.load(tmp_path / "rq.onnx").graph.node]
+    assert "Cast" not in ops and any(op in ops for op in ("DynamicQuantizeMatMul", "MatMulInteger"))
+
+
 # ---- folding --------------------------------------------------------------------------------
 
 
