@@ -110,13 +110,14 @@ STORE_WEIGHTS_HELP = (
     "NNCF, ModelOpt and Brevitas export them): store the weights as the int8/int4 integers they stand "
     "for. The outputs stay bit for bit the same; the file shrinks 3-4x.")
 REQUANTIZE_HELP = (
-    "For an already-quantized QDQ or fake-quant model: dequantize it to float first, then convert as "
-    "usual (every other flag applies), so nothing is quantized twice.")
+    "For an already-quantized model (QDQ, QOperator, fake-quant, Cast x scale int8 weights): dequantize "
+    "it to float first, then convert as usual (every other flag applies), so nothing is quantized twice.")
 
 
 @app.command("convert")
 def convert_command(
-    model: Path = typer.Argument(..., help="The float .onnx model (never modified)."),
+    model: Path = typer.Argument(..., help="The .onnx model (never modified); an already-quantized one needs "
+                                 "--store-weights, --format or --requantize."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the converted model."),
     bits: int = typer.Option(None, "--bits", help="8 (int8), 4/3/2 (weight-only blocks) or 16 (= --dtype fp16) [default: 8]."),
     dtype: DType = typer.Option(None, "--dtype", help="int, or fp16 for half precision."),
