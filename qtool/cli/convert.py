@@ -105,9 +105,19 @@ def check_flags(*, bits, dtype, dynamic, data: Path | None, samples: int | None)
         raise UsageError("--samples needs --data", "add --data DIR, or drop --samples")
 
 
+STORE_WEIGHTS_HELP = (
+    "For a QAT / fake-quant model (float weights behind QuantizeLinear -> DequantizeLinear, as PyTorch, "
+    "NNCF, ModelOpt and Brevitas export them): store the weights as the int8/int4 integers they stand "
+    "for. The outputs stay bit for bit the same; the file shrinks 3-4x.")
+REQUANTIZE_HELP = (
+    "For an already-quantized model (QDQ, QOperator, fake-quant, Cast x scale int8 weights): dequantize "
+    "it to float first, then convert as usual (every other flag applies), so nothing is quantized twice.")
+
+
 @app.command("convert")
 def convert_command(
-    model: Path = typer.Argument(..., help="The float .onnx model (never modified)."),
+    model: Path = typer.Argument(..., help="The .onnx model (never modified); an already-quantized one needs "
+                                 "--store-weights, --format or --requantize."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the converted model."),
     bits: int = typer.Option(None, "--bits", help="8 (int8), 4/3/2 (weight-only blocks) or 16 (= --dtype fp16) [default: 8]."),
     dtype: DType = typer.Option(None, "--dtype", help="int, or fp16 for half precision."),
@@ -145,6 +155,8 @@ def convert_command(
     min_agreement: float = typer.Option(None, "--min-agreement", help="Guard floor: argmax agreement with float (logits, per-position scores) or mask IoU at 0.5 (probability maps), 0-1 [default: 0.9]."),
     guard_budget: float = typer.Option(None, "--guard-budget", help="Guard time budget in seconds [default: 600]."),
     write_best: bool = typer.Option(False, "--write-best", help="When nothing meets the floor, still write the best candidate (exit stays 3)."),
+    store_weights: bool = typer.Option(False, "--store-weights", help=STORE_WEIGHTS_HELP),
+    requantize: bool = typer.Option(False, "--requantize", help=REQUANTIZE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Quantize a model (int8 static/dynamic, 4/3/2-bit weight-only) or convert it to fp16.
@@ -161,7 +173,9 @@ def convert_command(
       qtool convert examples/digits_cnn.onnx -o dyn.onnx --dynamic --exclude fc2
       qtool convert examples/digits_cnn.onnx -o int4.onnx --bits 4 --block-size 32
       qtool convert examples/digits_cnn.onnx -o fp16.onnx --dtype fp16
+      qtool convert qat.onnx -o qat_int8.onnx --store-weights   (QAT export; refused without a flag)
     """
+    flags = dict(locals())  # the parameters as given: which scheme flags a quantized model rejects
     from qtool.model import check_output_path
     from qtool.pipeline import convert_file, plan_for
     from qtool.pipeline.plan import check_inputs, speed_warnings
@@ -174,6 +188,8 @@ def convert_command(
     auto = _check_guard_flags(scheme=scheme, explicit=explicit, data=data, eval_data=eval_data,
                               no_guard=no_guard, min_sqnr=min_sqnr, min_agreement=min_agreement,
                               guard_budget=guard_budget, write_best=write_best, calib=calib)
+    if _convert_quantized_input(model, output, flags):
+        return
     if scheme not in (None, "auto"):
         recipe = scheme
     r = build_recipe(
@@ -185,17 +201,18 @@ def convert_command(
     )
     plan = plan_for(r)
     check_inputs(r, plan, calib=calib, data=data)
-    if not model.exists():
-        from qtool.errors import ModelError
-
-        raise ModelError(f"model file not found: {model}", "check the path")
     check_output_path(output, model)
     for message in speed_warnings(r, plan):
         warn(message)
     floor = None if no_guard else _floor(min_sqnr, min_agreement)  # convert_file runs it when --data is given
     report = convert_file(model, output, r, data=data, calib=calib, external_data=external_data,
                           progress=progress, guard=floor, eval_data=eval_data, auto=auto,
-                          budget_s=guard_budget, write_best=write_best)
+                          budget_s=guard_budget, write_best=write_best,
+                          quantized_input=_requantize_request(requantize))
+    _finish(report, json_out)
+
+
+def _finish(report: dict, json_out: bool) -> None:
     for message in report["warnings"]:
         warn(message)
     if json_out:
@@ -203,6 +220,71 @@ def convert_command(
     if not settings.quiet or not json_out:
         _print_report(report)
     _exit_on_failure(report)
+
+
+_NO_FLAGS = dict(bits=None, dtype=None, dynamic=None, fmt=None, per_channel=None, symmetric_activations=None,
+                 activation_type=None, exclude=None, block_size=None, symmetric=None, algorithm=None,
+                 keep_8bit=None, accuracy_level=None, allow_opset_upgrade=False, samples=None)
+
+
+# Flags that choose how to quantize: on an already-quantized model only --requantize uses them.
+SCHEME_FLAGS = {
+    "--bits": "bits", "--dtype": "dtype", "--dynamic": "dynamic", "--calib": "calib", "--recipe": "recipe",
+    "--samples": "samples", "--per-channel/--per-tensor": "per_channel",
+    "--symmetric-activations": "symmetric_activations", "--activation-type": "activation_type",
+    "--exclude": "exclude", "--block-size": "block_size", "--symmetric/--asymmetric": "symmetric",
+    "--algorithm": "algorithm", "--keep-8bit": "keep_8bit", "--accuracy-level": "accuracy_level",
+    "--allow-opset-upgrade": "allow_opset_upgrade", "--scheme": "scheme", "--eval-data": "eval_data",
+    "--no-guard": "no_guard", "--min-sqnr": "min_sqnr", "--min-agreement": "min_agreement",
+    "--guard-budget": "guard_budget", "--write-best": "write_best",
+}
+
+
+def _scheme_flags(params: dict) -> dict:
+    """{flag: value} of the scheme flags, None (or False / empty) when not given."""
+    return {flag: params[name] if params[name] not in (False, [], ()) else None
+            for flag, name in SCHEME_FLAGS.items()}
+
+
+def _requantize_request(requantize: bool):  # noqa: ANN202 - QuantizedInput | None
+    from qtool.pipeline.plan import QuantizedInput
+
+    return QuantizedInput(requantize=True) if requantize else None
+
+
+def _convert_quantized_input(model: Path, output: Path, flags: dict) -> bool:
+    """Store / re-target an already-quantized model when the flags say so (True: done); refuse
+    one without a flag (exit 1); False for the normal flow (a float model, or --requantize)."""
+    from qtool.model import check_output_path
+    from qtool.pipeline import convert_file
+
+    if not model.exists():
+        from qtool.errors import ModelError
+
+        raise ModelError(f"model file not found: {model}", "check the path")
+    quantized = _quantized_input(model, store_weights=flags["store_weights"], requantize=flags["requantize"],
+                                 fmt=flags["fmt"], given=_scheme_flags(flags))
+    if quantized is None:
+        return False
+    check_output_path(output, model)
+    report = convert_file(model, output, build_recipe(None, **_NO_FLAGS), data=flags["data"],
+                          external_data=flags["external_data"], quantized_input=quantized)
+    _finish(report, flags["json_out"])
+    return True
+
+
+def _quantized_input(model: Path, *, store_weights: bool, requantize: bool, fmt, given: dict):  # noqa: ANN001, ANN202
+    """The request for an already-quantized ``model`` when it is one and the flags keep its
+    quantization (store / re-target), else None (the normal flow; --requantize goes there).
+    Refuses (exit 1) a quantized model without a flag saying what to do with it."""
+    from qtool.model import load
+    from qtool.pipeline.plan import QuantizedInput, plan_quantized_input
+
+    request = QuantizedInput(store_weights=store_weights, requantize=requantize,
+                             format=None if requantize or fmt is None else fmt.value)
+    flags = tuple(name for name, value in given.items() if value is not None)
+    plan = plan_quantized_input(load(model), request, scheme_flags=() if requantize else flags)
+    return request if plan is not None and plan.kind == "quantized-input" else None
 
 
 def _exit_on_failure(report: dict) -> None:
@@ -279,6 +361,9 @@ def _print_report(report: dict) -> None:
     fid = report.get("fidelity")
     if fid:
         info(f"fidelity on one sample: cosine {fid['cosine']:.5f}, SQNR {fid['sqnr_db']:.1f} dB")
+    if report.get("identical") is not None:
+        info("outputs on one sample: " + ("bit-identical to the input model's" if report["identical"]
+                                          else "differ from the input model's"))
 
 
 def _print_guard(guard: dict) -> None:

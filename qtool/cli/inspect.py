@@ -39,12 +39,18 @@ def inspect_command(
     Reads the graph and tensor metadata only: weights stored as external data stay on disk,
     so inspecting a multi-gigabyte model is instant.
 
+    An already-quantized model is recognised: its schemes (qdq, fake-quant as QAT exports
+    write it, qoperator, dynamic, matmulnbits), the bit widths of its weights and activations,
+    and the share of weights and multiply-accumulates still computed in float.
+
     Example: qtool inspect examples/digits_cnn.onnx --hw
     """
     from qtool.model import load
     from qtool.summary import summarize
 
-    summary = summarize(load(model), model)
+    loaded = load(model)
+    summary = summarize(loaded, model)
+    summary["quantization"] = _quantization(loaded)
     report = {"model": summary}
     if hw:
         from qtool.hardware import hardware_report
@@ -56,6 +62,37 @@ def inspect_command(
         _print_summary(summary)
         if hw:
             _print_hardware(report["hardware"])
+
+
+def _quantization(model) -> dict:  # noqa: ANN001 - ir.Model
+    """qtool.quantized's reading of ``model``, with shapes inferred so MACs count positions."""
+    from qtool.quantized import recognize
+    from qtool.runtime import infer_types
+
+    try:
+        infer_types(model)
+    except Exception:  # noqa: BLE001 - shapes only refine the MAC counts; the graph is read anyway
+        pass
+    return recognize(model).to_dict()
+
+
+def _print_quantization(q: dict) -> None:
+    if not q["quantized"]:
+        return
+    table = Table(title=f"already quantized: {escape(', '.join(q['schemes']))}", title_justify="left",
+                  show_edge=False)
+    for col in ("compute", "nodes", "weights", "MACs"):
+        table.add_column(col, justify="left" if col == "compute" else "right")
+    for kind, t in q["compute"].items():
+        table.add_row(escape(kind), str(t["nodes"]), _count(t["params"]), _count(t["macs"]))
+    console.print(table)
+    types = ", ".join(f"{n} {t}" for t, n in q["weight_types"].items()) or "none"
+    console.print(f"weights: {escape(types)}; activations: {escape(', '.join(q['activation_types']) or 'float')}")
+    if q["float_weight_share"] is not None:
+        console.print(f"still float: {q['float_weight_share']:.1%} of weights, {q['float_mac_share']:.1%} of MACs")
+    if q["fake_quant_weights"]:
+        console.print(f"{q['fake_quant_weights']} fake-quant weight(s) stored as float: "
+                      "qtool convert MODEL -o OUT --store-weights stores them as integers")
 
 
 def _print_summary(s: dict) -> None:
@@ -96,6 +133,7 @@ def _print_summary(s: dict) -> None:
     console.print(
         f"quantization candidates: {n_cand} nodes holding {_human(s['candidate_weight_bytes'])} of weights"
     )
+    _print_quantization(s["quantization"])
 
 
 def _print_hardware(h: dict) -> None:

@@ -17,7 +17,7 @@ from qtool.config import Recipe
 from qtool.passes import PassReport
 from qtool.pipeline.context import Context, StageProgress
 from qtool.pipeline.guard import Floor
-from qtool.pipeline.plan import ConvertPlan
+from qtool.pipeline.plan import ConvertPlan, QuantizedInput
 from qtool.pipeline.progress import ProgressFactory, no_progress
 from qtool.pipeline.schemes import Converted, run_scheme
 from qtool.pipeline.tables import RangeTable
@@ -203,6 +203,7 @@ def convert_file(
     auto: bool = False,
     budget_s: float | None = None,
     write_best: bool = False,
+    quantized_input: QuantizedInput | None = None,
 ) -> dict:
     """Load, prepare, convert, save (atomic, verified), measure; return the report.
 
@@ -214,15 +215,42 @@ def convert_file(
     (a Floor) and ``data``, candidates are measured on held-out samples and repaired
     (qtool.pipeline.auto); when
     nothing meets the floor, or nothing was quantized, ``passed`` is False and ``output``
-    is written only with ``write_best``.
+    is written only with ``write_best``. An already-quantized model is refused unless
+    ``quantized_input`` says what to do with it (qtool.pipeline.plan.plan_quantized_input).
     """
-    from qtool.model import add_provenance, load, model_size_bytes, save, weight_bytes
-    from qtool.pipeline.plan import plan_for, refuse_quantized
+    from qtool.model import load
+    from qtool.pipeline.plan import plan_quantized_input
 
     model_path = Path(model_path)
     t0 = time.perf_counter()
     source = load(model_path)
-    refuse_quantized(source)
+    input_plan = plan_quantized_input(source, quantized_input)
+    input_reports: list[PassReport] = []
+    if input_plan is not None and input_plan.kind == "quantized-input":
+        from qtool.pipeline.quantized_input import convert_quantized
+
+        return convert_quantized(source, model_path, output, recipe, input_plan, data=data,
+                                 external_data=external_data, started=t0)
+    if input_plan is not None:  # requantize: the normal flow from the dequantized graph
+        from qtool.pipeline.quantized_input import dequantized
+
+        source, dequantize_report = dequantized(source)
+        input_reports.append(dequantize_report)
+    return _convert_loaded(source, model_path, output, recipe, data=data, calib=calib,
+                           external_data=external_data, progress=progress, guard=guard,
+                           eval_data=eval_data, auto=auto, budget_s=budget_s, write_best=write_best,
+                           started=t0, input_reports=input_reports)
+
+
+def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, *, data, calib,  # noqa: ANN001
+                    external_data: bool, progress: ProgressFactory, guard: Floor | None, eval_data,
+                    auto: bool, budget_s: float | None, write_best: bool, started: float,
+                    input_reports: list[PassReport]) -> dict:
+    """convert_file from the loaded (float) model on: guard or one conversion, save, measure."""
+    from qtool.model import add_provenance, model_size_bytes, save, weight_bytes
+    from qtool.pipeline.plan import plan_for
+
+    t0 = started
     guard_report, failure = None, None
     if guard is not None and data is not None and calib is None:
         from qtool.pipeline.auto import DEFAULT_BUDGET_SECONDS, guarded
@@ -242,6 +270,7 @@ def convert_file(
 
             recipe, _ = default_static(recipe, source)
         converted, prep_reports = _convert_once(source, model_path, recipe, data, calib, progress)
+    prep_reports = [*input_reports, *prep_reports]
     plan = plan_for(recipe)
     in_size = model_size_bytes(model_path)
     report = {

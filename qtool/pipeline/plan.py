@@ -145,24 +145,43 @@ def check_inputs(recipe: Recipe, plan: ConvertPlan, *, calib=None, data=None) ->
         raise DataError(f"--data {data} is not a folder", "pass a folder of samples (.npy/.npz/images)")
 
 
-# Ops that only a quantized model holds (QDQ pairs, integer kernels, low-bit blocks).
-QUANTIZED_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-    "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-    "DynamicQuantizeLSTM", "MatMulNBits", "GatherBlockQuantized", "QGemm", "QLinearAdd",
-    "QLinearMul", "QAttention",
-})
+@dataclass(frozen=True)
+class QuantizedInput:
+    """What ``convert`` may do with a model that is quantized already (all off: refuse).
+
+    ``store_weights``: fake-quant weights stored as the int8/int4 integers they stand for;
+    ``format``: re-target to "qdq" or "qoperator"; ``requantize``: dequantize to float, then
+    the normal flow. (A ``--target`` preset belongs here too: it would choose ``format`` and
+    add its runtime's conventions to the ``quantized-input`` scheme.)
+    """
+
+    store_weights: bool = False
+    requantize: bool = False
+    format: str | None = None
+
+    @property
+    def asked(self) -> bool:
+        return self.store_weights or self.requantize or self.format is not None
+
+
+QUANTIZED_HINT = (
+    "choose what to do with it: --store-weights (fake-quant weights stored as int8/int4: the same "
+    "outputs, a 3-4x smaller file), --format qoperator|qdq (re-target), or --requantize (dequantize "
+    "to float, then quantize as usual); `qtool inspect MODEL` shows what is quantized, and "
+    "`qtool eval MODEL --reference FLOAT.onnx --data DIR` compares it with its float parent"
+)
 
 
 def already_quantized(model) -> str | None:  # noqa: ANN001 - ir.Model
-    """What in ``model`` says it is quantized already ("12 DequantizeLinear, 3 MatMulInteger"),
-    or None for a float model."""
-    from collections import Counter
+    """What in ``model`` says it is quantized already ("fake-quant; weights 3 int8; ..."), or
+    None for a float model."""
+    from qtool.quantized import recognize
 
-    from qtool.model import iter_nodes
-
-    found = Counter(n.op_type for n in iter_nodes(model) if n.op_type in QUANTIZED_OPS)
-    return ", ".join(f"{n} {op}" for op, n in found.most_common(4)) or None
+    found = recognize(model)
+    if not found.quantized:
+        return None
+    ops = ", ".join(f"{n} {op}" for op, n in found.ops.most_common(4))
+    return f"{found.summary()}; {ops}" if ops else found.summary()
 
 
 def refuse_quantized(model) -> None:  # noqa: ANN001 - ir.Model
@@ -173,6 +192,61 @@ def refuse_quantized(model) -> None:  # noqa: ANN001 - ir.Model
     if found:
         raise ConversionError(
             f"the model is already quantized ({found}); converting it again would quantize twice",
-            "compare it with its float parent: qtool eval MODEL --reference FLOAT.onnx --data DIR; "
-            "`qtool inspect MODEL` shows what is quantized",
+            QUANTIZED_HINT,
         )
+
+
+def plan_quantized_input(model, request: QuantizedInput | None, *, scheme_flags: tuple[str, ...] = ()) -> ConvertPlan | None:  # noqa: ANN001, E501
+    """How ``convert`` treats ``model`` given ``request``: None for a float model (the normal
+    flow), ``ConvertPlan("requantize", ...)`` to dequantize first, or
+    ``ConvertPlan("quantized-input", False, fmt)`` to store weights / re-target (the scheme
+    ``quantized-input`` in qtool.pipeline.schemes).
+
+    Raises ConversionError (exit 1) for a quantized model without a request (never quantize
+    twice), UsageError for a request that cannot apply: ``scheme_flags`` names the flags given
+    that choose how to quantize (--bits, --dynamic, ...), which only --requantize can use.
+    """
+    from qtool.errors import ConversionError
+    from qtool.quantized import recognize
+
+    request = request or QuantizedInput()
+    found = recognize(model)
+    if request.store_weights and request.requantize:
+        raise UsageError("--store-weights keeps the model's quantization, --requantize replaces it",
+                         "pick one of the two")
+    if not found.quantized:
+        flags = [f for f, on in (("--store-weights", request.store_weights),
+                                 ("--requantize", request.requantize)) if on]
+        if flags:
+            raise UsageError(f"{', '.join(flags)}: the model is not quantized (it has no Q/DQ or integer ops)",
+                             "drop the flag: a float model is quantized by the normal flow")
+        return None
+    if request.requantize:
+        return ConvertPlan("requantize", False, request.format or "qdq")
+    if not request.asked:
+        refuse_quantized(model)
+    if scheme_flags:
+        verb = "chooses" if len(scheme_flags) == 1 else "choose"
+        raise UsageError(f"{', '.join(scheme_flags)} {verb} how to quantize, and the model is quantized already",
+                         "add --requantize to dequantize it first, or drop them")
+    others = sorted(set(found.schemes) - {"qdq", "fake-quant", "qoperator"})
+    if others:
+        raise ConversionError(
+            f"--store-weights and --format apply to QDQ, QOperator and fake-quant models; this one is "
+            f"{found.summary()}",
+            "its weights are integers already: keep it as it is, or compare it with its float parent "
+            "(qtool eval MODEL --reference FLOAT.onnx --data DIR)")
+    if request.store_weights and not found.fake_quant:
+        raise ConversionError(f"--store-weights: the model has no fake-quant weights ({found.summary()})",
+                              "its weights are stored as integers already; --format re-targets it")
+    fmt = request.format or "qdq"
+    if fmt not in ("qdq", "qoperator"):
+        raise UsageError(f"--format {fmt} does not apply to a quantized model", "use --format qdq or qoperator")
+    # Re-targeting needs something in the other format (QOperator's leftovers are QDQ groups).
+    if not request.store_weights and (
+            (fmt == "qdq" and "qoperator" not in found.schemes)
+            or (fmt == "qoperator" and found.schemes == ["qoperator"])):
+        raise UsageError(f"the model is in the {fmt.upper() if fmt == 'qdq' else 'QOperator'} format already: "
+                         "nothing to re-target",
+                         "--store-weights stores fake-quant weights; --format qdq|qoperator re-targets")
+    return ConvertPlan("quantized-input", False, fmt)

@@ -29,6 +29,9 @@ SCHEMES: dict[str, tuple[type, ...]] = {
         steps.PerChannelOpset, steps.ConvBlocksOpset, steps.Preprocess, steps.LowBitLayers,
         steps.TableRanges, steps.StaticInt8, steps.QOperatorFormat, steps.Recurrent, steps.Cleanup,
     ),
+    # An already-quantized model (convert --store-weights / --format): no calibration, no new
+    # quantization; plan.plan_quantized_input chooses it.
+    "quantized-input": (steps.StoreWeights, steps.QDQFormat, steps.QOperatorReady, steps.QOperatorFormat),
 }
 
 

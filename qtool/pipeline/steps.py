@@ -257,3 +257,57 @@ class HalfPrecision(QtoolPass):
         from qtool.passes.fp16 import convert_fp16
 
         return model, convert_fp16(model, self.context.recipe.fp16)
+
+
+class StoreWeights(QtoolPass):
+    """Fake-quant weights (float -> Q -> DQ) stored as the integers they stand for
+    (qtool.passes.fake_quant): the model's outputs unchanged, its weights 4-8x smaller.
+    Runs for --store-weights, and before re-targeting to QOperator (which reads integers)."""
+
+    name, stage = "store-weights", "quantize"
+
+    def run(self, model):
+        from qtool.passes.fake_quant import fold_fake_quant
+
+        return model, fold_fake_quant(model)
+
+
+class QDQFormat(QtoolPass):
+    """Integer operators (QLinearConv, QGemm...) rewritten as DQ -> float op -> Q with the same
+    scales, for --format qdq on a QOperator model (qtool.passes.qoperator_to_qdq)."""
+
+    name = "qdq-format"
+
+    def applies(self, model: ir.Model) -> bool:
+        return self.context.plan.format == "qdq"
+
+    def run(self, model):
+        from qtool.passes.qoperator_to_qdq import to_qdq
+
+        report = to_qdq(model)
+        return model, report if report.counts or report.skipped else None
+
+
+class QOperatorReady(QtoolPass):
+    """What a QAT export needs before QOperator fusion (qtool.passes.fake_quant): a Relu that
+    its QuantizeLinear already clamps removed, DequantizeLinear moved past Flatten/Reshape,
+    float biases quantized to int32 (the one step that rounds)."""
+
+    name = "qoperator-ready"
+
+    def applies(self, model: ir.Model) -> bool:
+        return self.context.plan.format == "qoperator"
+
+    def run(self, model):
+        from qtool.passes.fake_quant import (
+            drop_relu_before_quantize,
+            quantize_bias,
+            sink_dequantize,
+        )
+
+        report = PassReport(self.name)
+        for part in (drop_relu_before_quantize(model), sink_dequantize(model), quantize_bias(model)):
+            for key, n in part.counts.items():
+                report.count(key, n)
+            report.skipped.update(part.skipped)
+        return model, report
