@@ -6,6 +6,12 @@ to stderr and exits with the code below.
 
 from __future__ import annotations
 
+# Shown on stderr when Ctrl-C stops a command: every output is written to a temporary file
+# and renamed into place only when complete, so an interrupted command leaves nothing behind.
+# Here, not in qtool.cli, so that the entry point can say it before the CLI is imported.
+INTERRUPTED = "interrupted, nothing was written"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2

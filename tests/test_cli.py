@@ -228,3 +228,22 @@ def test_usage_errors_exit_2_as_documented(tmp_path, capsys):
         assert code == 2, (argv, err)
         assert fragment in err and "\nhint:" in err, err
         assert not (tmp_path / "t.json").exists()
+
+
+def test_ctrl_c_during_start_up_is_one_line_too(tmp_path):
+    """Importing the CLI takes seconds on a loaded machine; an interrupt then used to print
+    a traceback from the middle of an import."""
+    code = ("import builtins\n"
+            "real = builtins.__import__\n"
+            "def interrupting(name, *a, **k):\n"
+            "    if name == 'qtool.cli':\n"
+            "        raise KeyboardInterrupt\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = interrupting\n"
+            "from qtool.__main__ import run\n"
+            "run()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code, "convert"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 130
+    assert proc.stderr.strip() == "interrupted, nothing was written"

@@ -22,14 +22,12 @@ import typer  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
 from qtool.cli.app import (  # noqa: E402
-    EXIT_INTERRUPTED,
-    INTERRUPTED,
     NoArguments,
     app,
     console,
     settings,
 )
-from qtool.errors import EXIT_ERROR, EXIT_USAGE, QtoolError  # noqa: E402
+from qtool.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, INTERRUPTED, QtoolError  # noqa: E402
 
 try:  # typer >= 0.20 vendors click
     from typer._click import exceptions as click_exceptions

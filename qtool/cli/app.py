@@ -43,10 +43,6 @@ Compress ONNX models and prove the result.
 Exit codes: 0 success, 1 error, 2 usage error, 3 a quality gate failed.
 """
 
-# Shown on stderr when Ctrl-C stops a command: every output is written to a temporary file
-# and renamed into place only when complete, so an interrupted command leaves nothing behind.
-INTERRUPTED = "interrupted, nothing was written"
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 
 
 class NoArguments(Exception):
