@@ -13,8 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from qtool.calibration.thresholds import METHODS
-from qtool.executors import EXECUTOR_HELP
 from qtool.cli.app import app, console, emit_json, info, progress, settings, warn
+from qtool.executors import EXECUTOR_HELP
 
 # The choices are the calibration registry's, so a new method needs no CLI edit.
 Method = Enum("Method", {name: name for name in METHODS}, type=str)

@@ -62,6 +62,7 @@ def eval_command(
         help="native: also run integer layers through qtool's kernels and compare.",
     ),
     recipe: str | None = typer.Option(None, "--recipe", help="Recipe whose [eval] section sets defaults."),
+    executor: str | None = typer.Option(None, "--executor", metavar="local|ray|ray://HOST:PORT", help="Shard the dataset pass over workers: local (one process per CPU), ray, or ray://HEAD:10001. Metrics merge exactly; latency is timed on one worker."),
 ) -> None:
     """Evaluate CANDIDATE (against --reference): metrics, output SQNR, latency, size; CI gates.
 
@@ -97,6 +98,10 @@ def eval_command(
     providers = _split([ep])
     if not providers:
         raise UsageError("--ep needs at least one provider", "e.g. --ep cpu")
+    if executor is not None:
+        from qtool.eval.sharded import with_executor
+
+        evaluate = with_executor(executor)  # same arguments, the dataset pass sharded
     report = evaluate(
         candidate, data, reference=reference, labels=labels, metrics=metrics, providers=providers,
         batch_size=batch_size, limit=limit, latency=latency, runs=e.runs, warmup=e.warmup,

@@ -14,10 +14,10 @@ done in that order, so the answer does not depend on where or in which order tas
 from __future__ import annotations
 
 from qtool.errors import UsageError
-from qtool.executors.base import DEFAULT_RETRIES, Executor, ShardError, Task
+from qtool.executors.base import DEFAULT_RETRIES, Executor, ShardError, Shared, Task
 from qtool.executors.local import LocalExecutor
 
-__all__ = ["DEFAULT_RETRIES", "Executor", "LocalExecutor", "ShardError", "Task", "make_executor",
+__all__ = ["DEFAULT_RETRIES", "Executor", "LocalExecutor", "ShardError", "Shared", "Task", "make_executor",
            "parse_executor"]
 
 EXECUTOR_HELP = ("Where shards run: local (this machine's processes, see --workers), ray (this machine's "

@@ -9,6 +9,7 @@ that order gets the same answer on 1 process, K processes or a cluster.
 from __future__ import annotations
 
 import abc
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,38 @@ def worker_lost(task: Task, attempts: int, detail: str) -> ShardError:
     )
 
 
+# Values a worker process already fetched through a Shared handle, by key: a task that
+# needs the same large value (a model, reference outputs) as the previous one on that worker
+# does not fetch or rebuild it again. A few entries only: each may be hundreds of MB.
+_FETCHED: dict[str, Any] = {}
+_FETCHED_MAX = 2
+
+
+@dataclass(frozen=True)
+class Shared:
+    """A handle to one large value shared by many tasks, fetched once per worker process:
+    a pickle file in the local executor's scratch folder, or a Ray object reference."""
+
+    key: str
+    path: str | None = None
+    ref: Any = None
+
+    def get(self) -> Any:
+        if self.key in _FETCHED:
+            return _FETCHED[self.key]
+        if self.path is not None:
+            with open(self.path, "rb") as f:
+                value = pickle.load(f)
+        else:
+            import ray
+
+            value = ray.get(self.ref)
+        while len(_FETCHED) >= _FETCHED_MAX:
+            _FETCHED.pop(next(iter(_FETCHED)))
+        _FETCHED[self.key] = value
+        return value
+
+
 class Executor(abc.ABC):
     """Runs independent tasks on ``workers`` slots and returns their results in task order."""
 
@@ -73,10 +106,14 @@ class Executor(abc.ABC):
         locally, an object-store reference on Ray (shipped to each node once)."""
         return value
 
+    @abc.abstractmethod
+    def share(self, value: Any) -> Shared:
+        """A Shared handle to ``value`` for tasks that each call ``.get()`` (once per worker)."""
+
     def describe(self) -> str:
         return f"{self.kind} x{self.workers}"
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most executors hold nothing to release
         """Release what this executor started (processes, a Ray connection it opened)."""
 
     def __enter__(self) -> Executor:

@@ -9,11 +9,16 @@ not finished is submitted again; each such loss counts as one attempt of those t
 from __future__ import annotations
 
 import multiprocessing
+import os
+import pickle
+import shutil
+import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
-from qtool.executors.base import DEFAULT_RETRIES, Executor, Task, task_failed, worker_lost
+from qtool.executors.base import DEFAULT_RETRIES, Executor, Shared, Task, task_failed, worker_lost
 
 
 def _call(task: Task):  # noqa: ANN202 - whatever the task returns
@@ -27,6 +32,17 @@ class LocalExecutor(Executor):
         self.workers = max(1, workers)
         self.retries = retries
         self._pool: ProcessPoolExecutor | None = None
+        self._scratch: str | None = None
+
+    def share(self, value) -> Shared:  # noqa: ANN001
+        # A pickle file each worker loads once: a pool pickles every task's arguments again.
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="qtool-shared-")
+        key = uuid.uuid4().hex
+        path = os.path.join(self._scratch, key + ".pkl")
+        with open(path, "wb") as f:
+            pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+        return Shared(key, path=path)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         self._shutdown(kill=True)
@@ -89,3 +105,6 @@ class LocalExecutor(Executor):
 
     def close(self) -> None:
         self._shutdown(kill=False)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from qtool.errors import UsageError
-from qtool.executors.base import DEFAULT_RETRIES, Executor, Task, task_failed, worker_lost
+from qtool.executors.base import DEFAULT_RETRIES, Executor, Shared, Task, task_failed, worker_lost
 
 RAY_EXTRA_HINT = "install the Ray extra: pip install 'qtool[ray]' (or pip install 'ray>=2.9')"
 
@@ -64,6 +64,10 @@ class RayExecutor(Executor):
 
     def put(self, value: Any) -> Any:
         return self.ray.put(value)
+
+    def share(self, value: Any) -> Shared:
+        ref = self.ray.put(value)
+        return Shared(ref.hex(), ref=ref)
 
     def map(self, tasks: Sequence[Task], on_done: Callable[[Task], None] | None = None) -> list:
         ray = self.ray
