@@ -2,7 +2,7 @@
 
 ``make_executor(spec, workers)`` turns the CLI's ``--executor`` / ``--workers`` into one:
 
-- ``local`` (default): ``workers`` processes on this machine;
+- ``local`` (default): ``workers`` processes on this machine (one: this process itself);
 - ``ray``: the Ray cluster this machine belongs to, or a private one started here;
 - ``ray://HOST:PORT``: a remote Ray cluster through Ray Client.
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from qtool.errors import UsageError
 from qtool.executors.base import DEFAULT_RETRIES, Executor, ShardError, Shared, Task
-from qtool.executors.local import LocalExecutor
+from qtool.executors.local import InlineExecutor, LocalExecutor
 
-__all__ = ["DEFAULT_RETRIES", "Executor", "LocalExecutor", "ShardError", "Shared", "Task", "make_executor",
+__all__ = ["DEFAULT_RETRIES", "EXECUTOR_HELP", "Executor", "InlineExecutor", "LocalExecutor", "ShardError", "Shared", "Task", "make_executor",
            "parse_executor"]
 
 EXECUTOR_HELP = ("Where shards run: local (this machine's processes, see --workers), ray (this machine's "
@@ -42,7 +42,7 @@ def make_executor(spec: str | None = None, workers: int = 1) -> Executor:
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}", "e.g. --workers 2")
     if kind == "local":
-        return LocalExecutor(workers)
+        return LocalExecutor(workers) if workers > 1 else InlineExecutor()
     if workers > 1:
         raise UsageError("--workers sizes local processes; a Ray cluster's size is its CPUs",
                          "drop --workers with --executor ray (start more nodes, or ray start --num-cpus N)")

@@ -72,8 +72,11 @@ class Shared:
     key: str
     path: str | None = None
     ref: Any = None
+    value: Any = None  # in-process executors hand the value itself
 
     def get(self) -> Any:
+        if self.value is not None:
+            return self.value
         if self.key in _FETCHED:
             return _FETCHED[self.key]
         if self.path is not None:
