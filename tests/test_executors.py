@@ -222,6 +222,40 @@ def test_tune_sensitivities_and_verification_are_identical(tmp_path, local2, ray
     assert results["one"] == results["local"] == results["ray"]
 
 
+# -- batch ------------------------------------------------------------------------------
+
+
+def test_batch_runs_every_model_and_sums_up_in_one_exit_code(tmp_path, local2):
+    from qtool.cli import run
+    from qtool.executors import InlineExecutor
+    from qtool.executors.batch import batch_exit_code, read_jobs, run_batch
+
+    cnn(tmp_path / "a.onnx")
+    calib, held = images(tmp_path / "calib", labels=False), images(tmp_path / "eval", n=8)
+    (tmp_path / "zoo.toml").write_text(
+        '[defaults]\ndata = "calib"\neval_data = "eval"\nrecipe = "int8-static"\nguard = false\n\n'
+        '[[model]]\npath = "a.onnx"\nmax_drop = "100%"\n\n'
+        '[[model]]\nname = "strict"\npath = "a.onnx"\nmin_sqnr = 200\n\n'
+        '[[model]]\nname = "gone"\npath = "missing.onnx"\n')
+    (tmp_path / "out").mkdir()
+    jobs = read_jobs(tmp_path / "zoo.toml", tmp_path / "out", {})
+    rows = run_batch(jobs, InlineExecutor())
+    assert [r["status"] for r in rows] == ["passed", "gate failed", "error"]
+    assert "min-sqnr" in rows[1]["detail"] and "missing.onnx" in rows[2]["detail"]
+    assert batch_exit_code(rows) == 1 and batch_exit_code(rows[:2]) == 3 and batch_exit_code(rows[:1]) == 0
+    assert (tmp_path / "out" / "a.eval.json").exists()
+    again = run_batch(jobs, local2)  # the same rows from worker processes
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    models = tmp_path / "models"
+    models.mkdir()
+    (tmp_path / "a.onnx").rename(models / "a.onnx")
+    assert run(["batch", str(models), "-o", str(tmp_path / "o2"), "--recipe", "int8-static", "--data", calib,
+                "--eval-data", held, "--min-sqnr", "200", "-q"]) == 3
+    assert run(["batch", str(tmp_path / "zoo.toml"), "-o", str(tmp_path / "o3"), "--executor", "ray",
+                "--workers", "2", "-q"]) == 2
+
+
 # -- failures, Ctrl-C, missing Ray ------------------------------------------------------
 
 

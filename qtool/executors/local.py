@@ -123,6 +123,9 @@ class InlineExecutor(Executor):
     kind = "inline"
     workers = 1
 
+    def describe(self) -> str:
+        return "this process"
+
     def share(self, value) -> Shared:  # noqa: ANN001
         return Shared(uuid.uuid4().hex, value=value)
 
