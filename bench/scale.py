@@ -217,14 +217,18 @@ def write_report(path: Path, results: dict, args) -> None:  # noqa: ANN001
         if name not in results:
             continue
         res = results[name]
-        base = statistics.median(res["1 process"]["seconds"])
-        local = statistics.median(res["local x2"]["seconds"]) if "local x2" in res else None
+
+        def med(r: dict) -> float:  # rounds 0: the first (only) run
+            return statistics.median(r["seconds"]) if r["seconds"] else r["first"]
+
+        base = med(res["1 process"])
+        local = med(res["local x2"]) if "local x2" in res else None
         lines += [f"## {title}", "", "| executor | first run (s, with worker start-up) | median (s) | speed-up vs 1 process | "
                   "vs local x2 | identical result |", "|---|---:|---:|---:|---:|---|"]
         for n, r in res.items():
-            med = statistics.median(r["seconds"])
-            vs_local = f"{med / local:.2f}x" if local and n != "1 process" else ""
-            lines.append(f"| {n} | {r['first']:.1f} | {med:.1f} | {base / med:.2f}x | {vs_local} | "
+            m = med(r)
+            vs_local = f"{m / local:.2f}x" if local and n != "1 process" else ""
+            lines.append(f"| {n} | {r['first']:.1f} | {m:.1f} | {base / m:.2f}x | {vs_local} | "
                          f"{'yes' if r['key'] == res['1 process']['key'] else 'NO'} |")
         lines.append("")
     if "cluster" in results:
@@ -273,17 +277,20 @@ MODEL_TEXT = """## How each workload scales to N nodes
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=1024)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="timed rounds after the first (0: the first run only)")
     ap.add_argument("--tune-limit", type=int, default=4)
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--only", choices=("calibration", "tune", "cluster"), action="append")
+    ap.add_argument("--keep", action="store_true", help="keep the other workloads' results of the last run "
+                    "(the work folder's scale.json) in the report")
     ap.add_argument("-o", "--output", type=Path, default=HERE / "results" / "scale.md")
     args = ap.parse_args()
     only = args.only or ["calibration", "tune", "cluster"]
     WORK.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     names = ["1 process", "local x2", "ray x2"]
-    results: dict = {}
+    saved = WORK / "scale.json"
+    results: dict = json.loads(saved.read_text()) if args.keep and saved.exists() else {}
     model, data = calib_1024(args.samples)
     open_executors(names)
     try:
@@ -299,7 +306,7 @@ def main() -> None:
         else:
             results["cluster_reference"] = run_calibration("1 process", model, data, args.samples)[1]
         results["cluster"] = cluster_run(model, data, args.samples, args.nodes)
-    (WORK / "scale.json").write_text(json.dumps(results, default=str))
+    saved.write_text(json.dumps(results, default=str))
     write_report(args.output, results, args)
     print(args.output.read_text())
 

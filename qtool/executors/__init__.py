@@ -15,13 +15,22 @@ from __future__ import annotations
 
 from qtool.errors import UsageError
 from qtool.executors.base import DEFAULT_RETRIES, Executor, ShardError, Shared, Task
-from qtool.executors.local import InlineExecutor, LocalExecutor
 
 __all__ = ["DEFAULT_RETRIES", "EXECUTOR_HELP", "Executor", "InlineExecutor", "LocalExecutor", "ShardError", "Shared", "Task", "make_executor",
            "parse_executor"]
 
 EXECUTOR_HELP = ("Where shards run: local (this machine's processes, see --workers), ray (this machine's "
                  "Ray cluster, or a private one), or ray://HOST:10001 (a cluster's head).")
+
+
+def __getattr__(name: str):  # noqa: ANN202 - the executor classes, imported on first use
+    # The CLI imports this package for its help text: multiprocessing and concurrent.futures
+    # load only when an executor is made.
+    if name in ("InlineExecutor", "LocalExecutor"):
+        from qtool.executors import local
+
+        return getattr(local, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_executor(spec: str | None) -> tuple[str, str | None]:
@@ -42,6 +51,8 @@ def make_executor(spec: str | None = None, workers: int = 1) -> Executor:
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}", "e.g. --workers 2")
     if kind == "local":
+        from qtool.executors.local import InlineExecutor, LocalExecutor
+
         return LocalExecutor(workers) if workers > 1 else InlineExecutor()
     if workers > 1:
         raise UsageError("--workers sizes local processes; a Ray cluster's size is its CPUs",
