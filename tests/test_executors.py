@@ -196,6 +196,11 @@ def test_eval_metrics_are_identical_on_one_two_processes_and_ray(tmp_path, local
     assert one.metrics[0]["name"] == "perplexity" and np.isfinite(one.metrics[0]["candidate"])
     with pytest.raises(UsageError, match="--diagnose"):
         evaluate_sharded(str(cand), data, executor=ray_executor, reference=model, diagnose=True)
+    from qtool.cli import run
+
+    # The CLI reaches the sharded pass (which refuses --diagnose before any worker starts).
+    assert run(["eval", str(cand), "-r", model, "-d", data, "--executor", "local", "--diagnose", "-q"]) == 2
+    assert run(["tune", model, "--data", data, "-o", str(tmp_path / "t.onnx"), "--executor", "yarn", "-q"]) == 2
 
 
 # -- tune -------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def eval_command(
     """
     from qtool.config import load_recipe
     from qtool.errors import UsageError
-    from qtool.eval import evaluate
+    from qtool.eval import evaluate, sharded
     from qtool.eval.gates import raise_on_failure
     from qtool.eval.report import to_markdown
 
@@ -98,11 +98,7 @@ def eval_command(
     providers = _split([ep])
     if not providers:
         raise UsageError("--ep needs at least one provider", "e.g. --ep cpu")
-    if executor is not None:
-        from qtool.eval.sharded import with_executor
-
-        evaluate = with_executor(executor)  # same arguments, the dataset pass sharded
-    report = evaluate(
+    report = (evaluate if executor is None else sharded.with_executor(executor))(
         candidate, data, reference=reference, labels=labels, metrics=metrics, providers=providers,
         batch_size=batch_size, limit=limit, latency=latency, runs=e.runs, warmup=e.warmup,
         threads=e.threads, diagnose=diagnose, diagnose_top=top, backend=backend.value,

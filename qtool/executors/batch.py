@@ -118,7 +118,6 @@ def _job(entry: dict, out_dir: Path) -> Job:
 def run_job(job: Job) -> dict:
     """Run on a worker: convert, then eval with the gates; a row for the summary table."""
     import qtool
-    from qtool.eval.gates import GateResult
 
     start = time.perf_counter()
     row = {"name": job.name, "model": job.path, "output": job.output, "status": "error", "detail": "",
@@ -139,13 +138,19 @@ def run_job(job: Job) -> dict:
             row["sqnr_db"] = min(sqnrs) if sqnrs else None
             failed = [g for g in ev.gates if not g["passed"]]
             row["status"] = "gate failed" if failed else "passed"
-            row["detail"] = "; ".join(GateResult(**g).describe() for g in failed)
+            row["detail"] = "; ".join(_gate_text(g) for g in failed)
     except GateFailed as exc:
         row.update(status="refused", detail=exc.message)
     except QtoolError as exc:
         row.update(status="error", detail=exc.message)
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
+
+
+def _gate_text(gate: dict) -> str:
+    """``--min-sqnr: logits 27.7 (limit 60)`` for a failed gate of an eval report."""
+    value = "n/a" if gate["value"] is None else f"{gate['value']:.4g}"
+    return f"--{gate['gate']} failed: {gate['subject']} {value} (limit {gate['threshold']:.4g})"
 
 
 def run_batch(jobs: list[Job], executor, on_done=None) -> list[dict]:  # noqa: ANN001
