@@ -120,7 +120,8 @@ def open_executors(names: list[str]) -> None:
     if "ray x2" in names:
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # "local": a private instance, even while a `ray start` cluster runs on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         EXECUTORS["ray x2"] = make_executor("ray")
 
 
@@ -283,8 +284,17 @@ def main() -> None:
     ap.add_argument("--only", choices=("calibration", "tune", "cluster"), action="append")
     ap.add_argument("--keep", action="store_true", help="keep the other workloads' results of the last run "
                     "(the work folder's scale.json) in the report")
+    ap.add_argument("--from", dest="sources", type=Path, action="append",
+                    help="only write the report, from these saved results (scale.json files, merged in order)")
     ap.add_argument("-o", "--output", type=Path, default=HERE / "results" / "scale.md")
     args = ap.parse_args()
+    if args.sources:
+        merged: dict = {}
+        for source in args.sources:
+            merged.update(json.loads(source.read_text()))
+        write_report(args.output, merged, args)
+        print(args.output.read_text())
+        return
     only = args.only or ["calibration", "tune", "cluster"]
     WORK.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

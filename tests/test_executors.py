@@ -45,7 +45,8 @@ def ray_executor():
     ray = pytest.importorskip("ray")
     # Workers import qtool and this module (the crash helper) by name.
     path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # "local": a private instance even when this machine runs a `ray start` cluster.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path}})
     executor = make_executor("ray")
     yield executor
