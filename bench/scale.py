@@ -301,7 +301,8 @@ def main() -> None:
     names = ["1 process", "local x2", "ray x2"]
     saved = WORK / "scale.json"
     results: dict = json.loads(saved.read_text()) if args.keep and saved.exists() else {}
-    model, data = calib_1024(args.samples)
+    if "calibration" in only or "cluster" in only:
+        model, data = calib_1024(args.samples)
     open_executors(names)
     try:
         if "calibration" in only:
