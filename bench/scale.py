@@ -164,14 +164,14 @@ def measure(workload, names: list[str], rounds: int, *args) -> dict:  # noqa: AN
 # -- the simulated cluster --------------------------------------------------------------
 
 
-def start_cluster(nodes: int, port: int, client_port: int) -> list[subprocess.Popen]:
+def start_cluster(nodes: int, port: int) -> list[subprocess.Popen]:
     """``nodes`` Ray nodes on this machine, one CPU each, each its own raylet and object
     store; ``ray start --block`` keeps each in the foreground so we stop exactly those."""
     common = ["--num-cpus", "1", "--object-store-memory", str(300 * 1024 * 1024), "--block"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     procs = [subprocess.Popen([RAY_BIN, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                               "--ray-client-server-port", str(client_port), *common],
+                               "--disable-usage-stats", *common],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     time.sleep(8)
     for _ in range(nodes - 1):
@@ -198,7 +198,10 @@ def cluster_run(model: Path, data: Path, samples: int, nodes: int) -> dict:
     from qtool.executors.calibrate import calibrate_sharded
 
     recipe = load_recipe("int8-static").override("calibration", method="entropy", samples=samples)
-    procs = start_cluster(nodes, 6391, 10031)
+    procs = start_cluster(nodes, 6391)
+    if procs[0].poll() is not None:
+        stop_cluster(procs)
+        raise SystemExit("the Ray head did not start (run its `ray start --head` by hand to see why)")
     try:
         os.environ["RAY_ADDRESS"] = "127.0.0.1:6391"
         with make_executor("ray") as ex:
