@@ -205,6 +205,12 @@ def cluster_run(model: Path, data: Path, samples: int, nodes: int) -> dict:
     try:
         os.environ["RAY_ADDRESS"] = "127.0.0.1:6391"
         with make_executor("ray") as ex:
+            # Wait for every node: with one CPU per node and per task, the shards then run
+            # one per node, at the same time.
+            deadline = time.monotonic() + 180
+            while len([n for n in ex.ray.nodes() if n.get("Alive")]) < nodes and time.monotonic() < deadline:
+                time.sleep(2)
+            ex.workers = max(1, int(ex.ray.cluster_resources().get("CPU", 1)))
             described = ex.describe()
             start = time.perf_counter()
             by_path = table_key(calibrate_sharded(model, data, recipe, ex, shards=nodes, threads=1))
@@ -222,10 +228,13 @@ def write_report(path: Path, results: dict, args) -> None:  # noqa: ANN001
     lines = ["# Scale-out: local processes vs Ray, and a simulated cluster", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, shared with other engineers "
              f"(load average {os.getloadavg()[0]:.1f} at the end); Python {platform.python_version()}. "
-             f"`python bench/scale.py` ({args.rounds} timed round(s) after a warm-up round, "
-             "configurations alternated; medians).", ""]
+             "`python bench/scale.py`: each configuration runs once (the first run, with its workers' start-up), "
+             "then the timed rounds in alternating order; medians of the timed rounds (of the first run when "
+             "there are none).", ""]
     for name, title in (("calibration", f"Calibration: resnet18_synth, entropy, {args.samples} samples"),
-                        ("tune", f"tune (sensitivity, 4-bit candidates, --limit {args.tune_limit}, uniform off): "
+                        ("tune", f"tune (sensitivity, 4-bit candidates, --limit "
+                                 f"{results.get('tune_limit', args.tune_limit)}, uniform off, "
+                                 f"{results.get('tune_rounds', args.rounds)} timed round(s) after the first): "
                                  f"{results.get('tune_model', args.tune_model)}")):
         if name not in results:
             continue
@@ -325,7 +334,7 @@ def main() -> None:
             saved.write_text(json.dumps(results, default=str))
         if "tune" in only:
             results["tune"] = measure(run_tune, names, args.rounds, args.tune_limit, args.tune_model)
-            results["tune_model"] = args.tune_model
+            results.update(tune_model=args.tune_model, tune_limit=args.tune_limit, tune_rounds=args.rounds)
             saved.write_text(json.dumps(results, default=str))
     finally:
         close_executors()
