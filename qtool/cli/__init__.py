@@ -34,6 +34,7 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer with click installed
     from click import exceptions as click_exceptions
 
+from qtool.cli import batch as _batch  # noqa: E402,F401  (registers the command)
 from qtool.cli import calibrate as _calibrate  # noqa: E402,F401  (registers the command)
 from qtool.cli import convert as _convert  # noqa: E402,F401  (registers the command)
 from qtool.cli import eval as _eval  # noqa: E402,F401  (registers the command)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import resource
-import subprocess
-import sys
-import tempfile
 import time
 from enum import Enum
 from pathlib import Path
@@ -17,6 +14,7 @@ from rich.table import Table
 
 from qtool.calibration.thresholds import METHODS
 from qtool.cli.app import app, console, emit_json, info, progress, settings, warn
+from qtool.executors import EXECUTOR_HELP
 
 # The choices are the calibration registry's, so a new method needs no CLI edit.
 Method = Enum("Method", {name: name for name in METHODS}, type=str)
@@ -43,6 +41,8 @@ def calibrate_command(
     recipe: str = typer.Option("int8-static", "--recipe", metavar="NAME|FILE", help="Preset name or .toml path."),
     shard: str = typer.Option("0/1", "--shard", metavar="I/N", help="Observe every N-th batch from batch I."),
     workers: int = typer.Option(1, "--workers", metavar="K", help="Run K shard processes here and merge."),
+    executor: str = typer.Option(None, "--executor", metavar="local|ray|ray://HOST:PORT", help=EXECUTOR_HELP + " One shard per worker, merged exactly."),
+    ship_data: bool = typer.Option(False, "--ship-data", help="With --executor/--workers: read the samples here and send each shard's arrays to its worker (Ray's object store), for workers that cannot see --data."),
     threads: int = typer.Option(0, "--threads", metavar="T", help="onnxruntime threads per process, 0 for auto."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
@@ -76,15 +76,19 @@ def calibrate_command(
     shard_spec = parse_shard(shard)
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}", "e.g. --workers 2")
-    if workers > 1 and shard_spec != (0, 1):
-        raise UsageError("--workers and --shard cannot be combined", "use one or the other")
+    fan_out = workers > 1 or executor is not None
+    if fan_out and shard_spec != (0, 1):
+        raise UsageError("--workers/--executor and --shard cannot be combined", "use one or the other")
+    if ship_data and not fan_out:
+        raise UsageError("--ship-data sends samples to workers, and there are none",
+                         "add --executor ray (or --workers K), or drop --ship-data")
     if output.suffix != ".json":
         raise UsageError(f"the table is JSON: -o {output} should end in .json", "e.g. -o table.json")
     check_output_path(output, model)
 
     start = time.perf_counter()
-    if workers > 1:
-        table = _run_workers(model, data, output, r, recipe, workers, threads, sys.argv, exclude)
+    if fan_out:
+        table = _run_workers(model, data, r, executor, workers, threads, ship_data)
     else:
         from qtool.data import Dataset, input_specs
         from qtool.model import load
@@ -140,43 +144,16 @@ def _check_flags(r, *, percentile, bins, samples, batch_size, threads) -> None: 
         raise UsageError(f"--threads must be >= 0, got {threads}", "0 lets onnxruntime choose")
 
 
-def _run_workers(model, data, output, r, recipe, workers, threads, argv, exclude) -> object:  # noqa: ANN001
-    """K local processes, one shard each, then an exact merge of their tables."""
-    from qtool.calibration import HISTOGRAM_METHODS, CalibrationTable
-    from qtool.errors import CalibrationError
+def _run_workers(model, data, r, executor, workers, threads, ship_data) -> object:  # noqa: ANN001
+    """One shard per worker (local processes or Ray), then an exact merge of their tables."""
+    from qtool.executors import make_executor
+    from qtool.executors.calibrate import calibrate_sharded
 
-    per = threads or max(1, (os.cpu_count() or 1) // workers)
-    c = r.calibration
-    base = [sys.executable, "-m", "qtool", "calibrate", str(model), "--data", str(data),
-            "--recipe", recipe, "--method", c.method, "--samples", str(c.samples),
-            "--batch-size", str(c.batch_size), "--threads", str(per), "--quiet"]
-    if c.method == "percentile":
-        base += ["--percentile", repr(c.percentile)]
-    if c.method in HISTOGRAM_METHODS:
-        base += ["--bins", str(c.bins)]
-    for pattern in exclude or ():
-        base += ["--exclude", pattern]
-    with tempfile.TemporaryDirectory(prefix=".qtool-shards-", dir=output.parent) as tmp:
-        paths = [Path(tmp) / f"shard{i}.json" for i in range(workers)]
-        procs = [
-            subprocess.Popen(base + ["--shard", f"{i}/{workers}", "-o", str(p)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for i, p in enumerate(paths)
-        ]
-        with progress("calibrating", workers, "shards") as advance:
-            errors = []
-            for i, proc in enumerate(procs):
-                _, err = proc.communicate()
-                advance(1)
-                if proc.returncode != 0:
-                    errors.append((i, proc.returncode, err.strip()))
-        if errors:
-            i, code, err = errors[0]
-            lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-            msg = lines[0][len("error:"):].strip() if lines else err[-300:]
-            raise CalibrationError(f"shard {i}/{workers} failed (exit {code}): {msg}",
-                                   "run that shard alone with --shard to see the full message")
-        return CalibrationTable.merge([CalibrationTable.load(p) for p in paths])
+    with make_executor(executor, workers) as ex:
+        per = threads or max(1, (os.cpu_count() or 1) // ex.workers)
+        with progress(f"calibrating ({ex.describe()})", ex.workers, "shards") as advance:
+            return calibrate_sharded(model, data, r, ex, threads=per, ship=ship_data,
+                                     on_done=lambda task: advance(1))
 
 
 def _summary(table, output: Path, seconds: float) -> dict:  # noqa: ANN001

@@ -62,6 +62,7 @@ def eval_command(
         help="native: also run integer layers through qtool's kernels and compare.",
     ),
     recipe: str | None = typer.Option(None, "--recipe", help="Recipe whose [eval] section sets defaults."),
+    executor: str | None = typer.Option(None, "--executor", metavar="local|ray|ray://HOST:PORT", help="Shard the dataset pass over workers: local (one process per CPU), ray, or ray://HEAD:10001. Metrics merge exactly; latency is timed on one worker."),
 ) -> None:
     """Evaluate CANDIDATE (against --reference): metrics, output SQNR, latency, size; CI gates.
 
@@ -78,7 +79,7 @@ def eval_command(
     """
     from qtool.config import load_recipe
     from qtool.errors import UsageError
-    from qtool.eval import evaluate
+    from qtool.eval import evaluate, sharded
     from qtool.eval.gates import raise_on_failure
     from qtool.eval.report import to_markdown
 
@@ -97,7 +98,7 @@ def eval_command(
     providers = _split([ep])
     if not providers:
         raise UsageError("--ep needs at least one provider", "e.g. --ep cpu")
-    report = evaluate(
+    report = (evaluate if executor is None else sharded.with_executor(executor))(
         candidate, data, reference=reference, labels=labels, metrics=metrics, providers=providers,
         batch_size=batch_size, limit=limit, latency=latency, runs=e.runs, warmup=e.warmup,
         threads=e.threads, diagnose=diagnose, diagnose_top=top, backend=backend.value,

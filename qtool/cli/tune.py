@@ -48,6 +48,7 @@ def tune_command(
     allow_opset_upgrade: bool = typer.Option(False, "--allow-opset-upgrade", help="Let Conv weights take 4/2 bits (blocked DequantizeLinear) by raising the opset to 21/25."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     html: Path = typer.Option(None, "--html", metavar="FILE", help="Write a self-contained HTML report (the size-vs-metric frontier) to FILE."),
+    executor: str = typer.Option(None, "--executor", metavar="local|ray|ray://HOST:PORT", help="Build and score the sensitivity candidates, and split each held-out check, over workers: local (one process per CPU), ray, or ray://HEAD:10001. Same result as without."),
 ) -> None:
     """Find per-layer precisions (float, int8, int4, lower) that minimise size within --max-drop.
 
@@ -81,13 +82,20 @@ def tune_command(
         from qtool.cli.eval import check_outputs
 
         check_outputs({"--html": html, "-o": output}, {"model": model}, data)
-    result = tune(
-        model, data, output, eval_data=eval_data, metric=metric, max_drop=max_drop,
-        target_mb=target_size, bits=bits, budget_minutes=budget_minutes, recipe=recipe,
-        group=group.value, limit=limit, cache_dir=None if no_cache else (cache or _default_cache()),
-        plot_path=plot, uniform=uniform, threads=threads, allow_opset_upgrade=allow_opset_upgrade,
-        progress=progress,
-    )
+    import contextlib
+    import os
+
+    from qtool.executors import make_executor, parse_executor
+
+    workers = (os.cpu_count() or 1) if parse_executor(executor)[0] == "local" else 1
+    with make_executor(executor, workers) if executor else contextlib.nullcontext() as ex:
+        result = tune(
+            model, data, output, eval_data=eval_data, metric=metric, max_drop=max_drop,
+            target_mb=target_size, bits=bits, budget_minutes=budget_minutes, recipe=recipe,
+            group=group.value, limit=limit, cache_dir=None if no_cache else (cache or _default_cache()),
+            plot_path=plot, uniform=uniform, threads=threads, allow_opset_upgrade=allow_opset_upgrade,
+            progress=progress, executor=ex,
+        )
     doc = result.to_dict()
     if html is not None:
         from qtool.eval.html import render_tune, write_html

@@ -144,6 +144,7 @@ def tune(
     threads: int = 0,
     allow_opset_upgrade: bool = False,
     progress: ProgressFactory | None = None,
+    executor=None,  # noqa: ANN001 - a qtool.executors.Executor
 ) -> TuneResult:
     """Tune ``model_path`` (see the module doc); writes ``output`` and its sidecar files.
 
@@ -151,7 +152,8 @@ def tune(
     metric); ``target_mb``: the largest size in MB (then accuracy is maximised within it).
     ``limit``: at most this many samples per split (0: all). ``budget_minutes``: stop
     measuring sensitivities in time to verify; the run ends within about one measurement
-    of the budget.
+    of the budget. ``executor`` (qtool.executors): sensitivity candidates are built and
+    scored on its workers, and each held-out check is split over them; results are identical.
     """
     from qtool.model import check_output_path, load, model_size_bytes
 
@@ -179,13 +181,15 @@ def tune(
     builder = Builder.create(base, groups, plan.model, table)
     context = {"scheme": scheme, "recipe": base.to_dict(), "metric": splits.metric, "split": splits.search_shard,
                "data": data_key(splits.search, splits.search_shard, limit)}
-    measurer = Measurer(builder, scorer, SensitivityCache.open(cache_dir, plan.model, model_path, context))
+    measurer = Measurer(builder, scorer, SensitivityCache.open(cache_dir, plan.model, model_path, context),
+                        executor=executor)
 
     # 3-6. sensitivity, search, verify on held-out data, uniform candidates and the frontier.
     sens = measure_sensitivities(groups, measurer, clock, progress)
     found = search(sens, size, measurer, budget, spec, clock, progress)
     held = held_out_scorer(model_path, splits, limit, threads, progress)
-    checked = verify(builder, held, found, sens, spec, scorer.reference.metric, output, model_path, clock, progress)
+    checked = verify(builder, held, found, sens, spec, scorer.reference.metric, output, model_path, clock, progress,
+                     executor)
     candidates = found.candidates + checked.candidates
     uniform_notes: list[str] = []
     if uniform:

@@ -17,6 +17,7 @@ bits), so an interrupted or repeated run measures each (group, bits) once.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qtool.errors import UsageError
+from qtool.executors import Executor, Shared, Task
 from qtool.model import graph_fingerprint
 from qtool.tuning.groups import Group
 from qtool.tuning.options import Clock, Splits
@@ -89,40 +91,86 @@ class Scorer:
 
     def score(self, model: str | os.PathLike | bytes, keep: bool = False, on_sample=None) -> Score:
         """Metric and first-output SQNR of ``model`` (a path or serialized bytes)."""
-        from qtool import runtime
-
         start = time.perf_counter()
+        states = self.sample_states(model, keep=keep, on_sample=on_sample)
+        return self.fold(states, time.perf_counter() - start)
+
+    def sample_states(self, model, part: tuple[int, int] = (0, 1), keep: bool = False, on_sample=None) -> list[dict]:  # noqa: ANN001
+        """What each sample of the split (every ``part[1]``-th from ``part[0]``) adds to the
+        sums behind the score; ``fold`` adds them in sample order, as one pass would."""
+        from qtool import runtime
+        from qtool.eval.sharded import batch_state
+
+        if isinstance(model, Shared):
+            model = model.get()
         session = runtime.open_session(model, "cpu", threads=self.threads, role="candidate")
-        metric = self.metric.fresh() if self.metric is not None else None
-        signal = noise = dot = cand_sq = 0.0
-        for i, (ids, feed) in enumerate(self._batches()):
-            outs = runtime.run(session, feed)
-            first = next(iter(outs.values()))
+        states = []
+        for k, (ids, feed) in enumerate(self._batches(load=part == (0, 1))):
+            if k % part[1] != part[0]:
+                continue
+            if feed is None:
+                feed = self.dataset.load_sample(ids[0])  # what a batch of one holds
+            first = next(iter((outs := runtime.run(session, feed)).values()))
             if keep:
                 self._reference.append(first)
-            ref = self._reference[i].astype(np.float64)
+            ref = self._reference[k].astype(np.float64)
             c = first.astype(np.float64)
-            signal += float(np.sum(ref * ref))
-            noise += float(np.sum((ref - c) ** 2))
-            dot += float(np.sum(ref * c))
-            cand_sq += float(np.sum(c * c))
-            if metric is not None:
-                metric.update(outs, self.labels[ids] if self.labels is not None else None, feed)
+            state = {"k": k, "signal": float(np.sum(ref * ref)), "noise": float(np.sum((ref - c) ** 2)),
+                     "dot": float(np.sum(ref * c)), "cand_sq": float(np.sum(c * c))}
+            if self.metric is not None:
+                state["metric"] = batch_state(self.metric, outs, self.labels[ids] if self.labels is not None else None,
+                                              feed)
+            states.append(state)
             if on_sample is not None:
                 on_sample(1)
         del session
+        return states
+
+    def fold(self, states: list[dict], seconds: float) -> Score:
+        """The score from every sample's state, added in sample order (exact, whatever the parts)."""
+        from qtool.eval.sharded import merge_batches
+
+        states = sorted(states, key=lambda st: st["k"])
+        signal = noise = dot = cand_sq = 0.0
+        for st in states:
+            signal += st["signal"]
+            noise += st["noise"]
+            dot += st["dot"]
+            cand_sq += st["cand_sq"]
         sqnr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
-        if metric is not None:
-            value = float(metric.result())
+        if self.metric is not None:
+            value = float(merge_batches(self.metric, [st["metric"] for st in states]).result())
         else:
             den = np.sqrt(signal * cand_sq)
             value = float(dot / den) if den > 0 else 1.0
-        return Score(value, float(sqnr), time.perf_counter() - start)
+        return Score(value, float(sqnr), seconds)
+
+    def score_on(self, executor: Executor, shared_self: Shared, model, label: str) -> Score:  # noqa: ANN001
+        """``score`` with the split's samples in one part per worker (``shared_self``: this
+        scorer, shared once); identical to ``score``."""
+        start = time.perf_counter()
+        n = max(1, min(executor.workers, self.samples))
+        tasks = [Task(f"{label} (part {p}/{n})", score_part, (shared_self, model, (p, n))) for p in range(n)]
+        states = [st for part in executor.map(tasks) for st in part]
+        return self.fold(states, time.perf_counter() - start)
+
+    def for_workers(self) -> Scorer:
+        """A copy whose samples travel with it (workers need not see the data folder)."""
+        from qtool.executors.data import HeldDataset
+
+        clone = copy.copy(self)
+        clone.dataset = HeldDataset.of(self.dataset, [ids[0] for ids, _ in self._batches(load=False)])
+        return clone
 
     def drop(self, score: Score) -> float:
         """reference - candidate (higher is better) or candidate - reference: a loss is > 0."""
         r = self.reference.metric
         return (r - score.metric) if self.higher_is_better else (score.metric - r)
+
+
+def score_part(scorer: Shared, model, part: tuple[int, int]) -> list[dict]:  # noqa: ANN001
+    """Run on a worker: one part of a split's per-sample states (see Scorer.score_on)."""
+    return scorer.get().sample_states(model, part)
 
 
 def search_scorer(model_path: str | os.PathLike, splits: Splits, limit: int, threads: int, progress) -> Scorer:
@@ -195,27 +243,77 @@ class SensitivityCache:
 
 
 @dataclass
+class Bench:
+    """What a worker needs to build and score any candidate, shared with it once: the
+    prepared model (serialized; rebuilt once per worker), the builder's settings and the
+    search scorer with its samples and the float model's outputs."""
+
+    model: bytes
+    base: object
+    groups: Sequence[Group]
+    table: object
+    scorer: Scorer
+    _builder: Builder | None = None
+
+    def builder(self) -> Builder:
+        if self._builder is None:
+            import onnx
+
+            model = ir.from_proto(onnx.load_from_string(self.model))
+            self._builder = Builder.create(self.base, self.groups, model, self.table)
+        return self._builder
+
+
+def score_candidate(bench: Shared, bits: Sequence[int]) -> Score:
+    """Run on a worker: build the candidate ``bits`` assigns and score it on the search split."""
+    b = bench.get()
+    payload = ir.to_proto(b.builder().build(bits)).SerializeToString()
+    return b.scorer.score(payload)
+
+
+@dataclass
 class Measurer:
-    """Scores assignments on the search split, through the cache; counts what it did."""
+    """Scores assignments on the search split, through the cache; counts what it did.
+    With an ``executor``, ``measure_many`` builds and scores the candidates on its workers."""
 
     builder: Builder
     scorer: Scorer
     cache: SensitivityCache
     measured: int = 0
     cached: int = 0
+    executor: Executor | None = None
+    _bench: Shared | None = None
 
     def measure(self, bits: Sequence[int], label: str) -> Score:
         """Score the model ``bits`` (one per group) builds: from the cache, else measured."""
-        key = self.cache.key({m: b for g, b in zip(self.builder.groups, bits) for m in g.members})
-        hit = self.cache.get(key)
-        if hit is not None:
-            self.cached += 1
-            return hit
-        payload = ir.to_proto(self.builder.build(bits)).SerializeToString()
-        score = self.scorer.score(payload)
-        self.cache.put(key, score, label)
-        self.measured += 1
-        return score
+        return self.measure_many([(bits, label)])[0]
+
+    def measure_many(self, items: Sequence[tuple[Sequence[int], str]]) -> list[Score]:
+        """``measure`` for each (bits, label); the misses run on the executor when there is one."""
+        keys = [self.cache.key({m: b for g, b in zip(self.builder.groups, bits) for m in g.members})
+                for bits, _ in items]
+        scores: list[Score | None] = [self.cache.get(k) for k in keys]
+        self.cached += sum(s is not None for s in scores)
+        todo = [i for i, s in enumerate(scores) if s is None]
+        if self.executor is None:
+            fresh = [self.scorer.score(ir.to_proto(self.builder.build(items[i][0])).SerializeToString())
+                     for i in todo]
+        else:
+            bench = self._shared_bench()
+            fresh = self.executor.map([Task(f"candidate {items[i][1]}", score_candidate, (bench, list(items[i][0])))
+                                       for i in todo])
+        for i, score in zip(todo, fresh):
+            self.cache.put(keys[i], score, items[i][1])
+            scores[i] = score
+            self.measured += 1
+        return scores
+
+    def _shared_bench(self) -> Shared:
+        if self._bench is None:
+            b = self.builder
+            model = ir.to_proto(b.model).SerializeToString()
+            self._bench = self.executor.share(Bench(model, b.base, list(b.groups), b.table, self.scorer.for_workers()))
+        return self._bench
 
 
 @dataclass
@@ -229,27 +327,33 @@ class Sensitivities:
 
 
 def measure_sensitivities(groups: Sequence[Group], measurer: Measurer, clock: Clock, progress) -> Sensitivities:
-    """Each group alone at each of its precisions below float, until ``clock`` runs short."""
+    """Each group alone at each of its precisions below float, until ``clock`` runs short.
+    With an executor the candidates go out in waves of one per worker; the clock is checked
+    between waves, and a wave's wall time counts as one measurement's."""
     tasks = [(g, b) for g, grp in enumerate(groups) for b in grp.choices[1:]]
     found = Sensitivities()
     float_bits = [grp.choices[0] for grp in groups]
+    wave = measurer.executor.workers if measurer.executor is not None else 1
     with progress("sensitivity", len(tasks), "layers") as advance:
-        for g, b in tasks:
+        for start in range(0, len(tasks), wave):
             # Keep room for the search and the held-out check (about 8 measurements' worth).
             if clock.short_of(9):
                 found.out_of_time = True
                 break
             t = time.monotonic()
-            bits = list(float_bits)
-            bits[g] = b
-            score = measurer.measure(bits, f"{groups[g].key}@{b}")
-            found.drops[(g, b)] = measurer.scorer.drop(score)
-            found.sqnrs[(g, b)] = score.sqnr_db
+            batch = tasks[start:start + wave]
+            items = []
+            for g, b in batch:
+                bits = list(float_bits)
+                bits[g] = b
+                items.append((bits, f"{groups[g].key}@{b}"))
+            for (g, b), score in zip(batch, measurer.measure_many(items)):
+                found.drops[(g, b)] = measurer.scorer.drop(score)
+                found.sqnrs[(g, b)] = score.sqnr_db
             clock.observe(time.monotonic() - t)
-            advance(1)
+            advance(len(batch))
     if found.out_of_time:
         found.notes.append(f"time budget: {len(found.drops)} of {len(tasks)} sensitivities measured; "
                            "a precision not measured is not used (those groups stay at their last measured "
                            "one, or float)")
     return found
-

@@ -49,8 +49,10 @@ class Verified:
 
 
 def verify(builder: Builder, held: Scorer, found: ChainSearch, sens: Sensitivities, spec: Budget,
-           search_ref: float, output: Path, model_path: str | os.PathLike, clock: Clock, progress) -> Verified:
-    """Write and check the search's choice, falling back (see the module doc) while over budget."""
+           search_ref: float, output: Path, model_path: str | os.PathLike, clock: Clock, progress,
+           executor=None) -> Verified:  # noqa: ANN001 - a qtool.executors.Executor
+    """Write and check the search's choice, falling back (see the module doc) while over budget.
+    With an ``executor`` each check scores the held-out samples in one part per worker."""
     from qtool.model import model_size_bytes, save
 
     held_ref = held.reference.metric
@@ -60,11 +62,18 @@ def verify(builder: Builder, held: Scorer, found: ChainSearch, sens: Sensitiviti
                             f"search split (float {search_ref:.4f}), {result.budget:.4g} on held-out data "
                             f"(float {held_ref:.4f})")
     k = found.k
+    shared = executor.share(held.for_workers()) if executor is not None else None
     while True:
         save(builder.build(result.bits), output, input_path=model_path)
         result.size = model_size_bytes(output)
         with progress("verify (held-out)", held.samples, "samples") as advance:
-            result.score = held.score(output, on_sample=advance)
+            if executor is None:
+                result.score = held.score(output, on_sample=advance)
+            else:
+                # By path on this machine; a cluster's workers get the file's bytes.
+                model = str(output) if executor.kind == "local" else executor.share(output.read_bytes())
+                result.score = held.score_on(executor, shared, model, "verify")
+                advance(held.samples)
         result.drop = held.drop(result.score)
         label = "tuned" if result.fallback == 0 else f"tuned, fallback {result.fallback}"
         result.candidates.append(Candidate.scored(label, "held-out", result.size, result.score, result.drop,
