@@ -11,6 +11,8 @@ else
   VENV := $(CURDIR)/.venv
 endif
 PY := $(VENV)/bin/python
+# Every optional extra: the tests of Ray and OpenVINO run (CI fails rather than skips them).
+EXTRAS ?= dev,bench,ray
 STAMP := $(VENV)/.qtool-installed
 
 .PHONY: install demo test test-fast bench lint native-test clean chromium
@@ -19,7 +21,7 @@ STAMP := $(VENV)/.qtool-installed
 $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard native/src/*.c native/include/*.h qtool/kernels/_build.py)
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 	@echo "qtool is installed in $(VENV)/bin; put it on PATH with: source $(VENV)/bin/activate"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import onnx_model, value_info
+from conftest import onnx_model, require_extra, value_info
 from onnx import TensorProto, helper, numpy_helper
 
 from qtool.config import load_recipe
@@ -42,7 +42,7 @@ def local2():
 
 @pytest.fixture(scope="module")
 def ray_executor():
-    ray = pytest.importorskip("ray")
+    ray = require_extra("ray", "ray")
     # Workers import qtool and this module (the crash helper) by name.
     path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
     # "local": a private instance even when this machine runs a `ray start` cluster.
