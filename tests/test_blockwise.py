@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from qtool.quant import blockwise
+from qtool.quant import gptq as gptq_module
 from qtool.quant.blockwise import ActivationStats
 
 
@@ -48,7 +49,7 @@ def _textbook_gptq(w, bits, block_size, h, symmetric, damp=0.01, act_order=True)
 
 def test_gptq_factor_is_upper_cholesky_of_inverse():
     _, st = _case()
-    perm, u = blockwise._gptq_factor(st.hessian, 0.01, True)
+    perm, u = gptq_module.gptq_factor(st.hessian, 0.01, True)
     h = st.hessian[np.ix_(perm, perm)]
     h[np.diag_indices_from(h)] += 0.01 * np.mean(np.diag(h))
     assert np.allclose(np.tril(u, -1), 0.0)
@@ -59,7 +60,7 @@ def test_gptq_factor_is_upper_cholesky_of_inverse():
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gptq_matches_textbook_reference(symmetric):
     w, st = _case(seed=3)
-    blockwise._FACTORS.clear()
+    gptq_module.FACTORS.clear()
     ours = blockwise.gptq(w, 4, 32, st.hessian, symmetric, lazy_block=64)
     ref = _textbook_gptq(w, 4, 32, st.hessian, symmetric)
     # float32 columns vs float64 and a different update order: a code may flip where a value
@@ -77,7 +78,7 @@ def test_gptq_matches_textbook_reference(symmetric):
 
 def test_gptq_without_act_order_sets_block_params_from_updated_columns():
     w, st = _case(rows=16, k=64, seed=5)
-    blockwise._FACTORS.clear()
+    gptq_module.FACTORS.clear()
     ours = blockwise.gptq(w, 4, 32, st.hessian, True, act_order=False, lazy_block=32)
     e = blockwise.output_error(w, ours.dequantize(), st.hessian)
     assert e < blockwise.output_error(w, blockwise.rtn(w, 4, 32).dequantize(), st.hessian)
