@@ -81,6 +81,9 @@ def _peak_mb() -> float:
 def run_qtool(method: str, samples: int) -> dict:
     model, data = _paths()
     start, cpu = time.perf_counter(), time.process_time()  # CPU: all threads
+    from qtool._deferred import defer_unused
+
+    defer_unused()  # the start-up `qtool calibrate` has (qtool.cli does this first)
     from qtool.config import load_recipe
     from qtool.pipeline import calibrate
 
@@ -239,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="interleaved rounds (medians are reported); counts above 256 get one")
     parser.add_argument("--before", type=Path, help="another qtool checkout, timed as 'qtool before'")
     parser.add_argument("--only", choices=TOOLS)
+    parser.add_argument("--ort-max", type=int, default=0,
+                        help="skip onnxruntime above this many samples (0: never skip)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "calibration.md")
     args = parser.parse_args(argv)
     if args.child:
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             order = tools if rnd % 2 == 0 else tools[::-1]  # alternate who runs first
             for tool in order:
                 for method in (["-"] if tool == "plain" else args.methods):
-                    if tool == "onnxruntime" and method not in ORT_METHODS:
+                    if tool == "onnxruntime" and (method not in ORT_METHODS or 0 < args.ort_max < n):
                         continue
                     rows.append(run_one(tool, method, n, args.before))
                     rows[-1].update(tool=tool, method=method, round=rnd)
