@@ -245,10 +245,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ort-max", type=int, default=0,
                         help="skip onnxruntime above this many samples (0: never skip)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "calibration.md")
+    parser.add_argument("--rows", type=Path, nargs="*",
+                        help="render the table from the raw rows (JSON lines) these files hold, "
+                             "e.g. the stderr of runs made side by side, instead of running")
     args = parser.parse_args(argv)
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
         return 0
+    if args.rows:
+        rows = [json.loads(line) for f in args.rows for line in f.read_text().splitlines()
+                if line.startswith("{")]
+    else:
+        rows = _run(args)
+    return _report(args, rows)
+
+
+def _run(args) -> list[dict]:  # noqa: ANN001
     _paths()
     tools = [t for t in TOOLS if (args.only in (None, t)) and (t != "qtool before" or args.before)]
     rows = []
@@ -264,7 +276,13 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(run_one(tool, method, n, args.before))
                     rows[-1].update(tool=tool, method=method, round=rnd)
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def _report(args, rows: list[dict]) -> int:  # noqa: ANN001
     import onnxruntime
+
+    counts = sorted({r["samples"] for r in rows if "samples" in r})
 
     md = (
         "# Calibration: qtool vs onnxruntime and vs plain inference\n\n"
@@ -273,19 +291,20 @@ def main(argv: list[str] | None = None) -> int:
         "ranges (conversion not included), median over the rounds; peak RSS of that process.\n"
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared "
         "with other jobs while it ran (timings are noisy: rounds alternate the tools' order, "
-        f"medians of {args.rounds} rounds up to 256 samples, one round above); onnxruntime "
+        f"medians of {1 + max((r.get('round', 0) for r in rows), default=0)} round(s) up to 256 "
+        "samples, one round above); onnxruntime "
         f"{onnxruntime.__version__}. qtool uses 2048 bins; onnxruntime its defaults (Entropy 128 "
         f"bins). Above {ORT_CHUNK} samples onnxruntime is fed in chunks of {ORT_CHUNK} (its "
         "histogram calibrators hold every activation of a chunk in memory). "
         f"qtool before: {args.before or 'not run'}.\n\n"
-        + table(rows, args.methods, args.samples)
+        + table(rows, args.methods, counts)
         + "\n\nRaw rows:\n\n```json\n"
         + "\n".join(json.dumps(r) for r in rows)
         + "\n```\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(md)
-    print(table(rows, args.methods, args.samples))
+    print(table(rows, args.methods, counts))
     return 0
 
 
