@@ -1,17 +1,25 @@
-"""Calibration side by side: qtool vs onnxruntime's calibrators, same model, same data.
+"""Calibration side by side: qtool vs onnxruntime's calibrators and vs plain inference.
 
 Model: bench/zoo.py's ``resnet18_synth`` (ResNet-18-shaped CNN, 224x224, batch 1) and its
-256 calibration samples. Each configuration runs in its own process, which reports its
-calibration wall time and its peak resident memory (``ru_maxrss`` of that process), so
-one configuration's memory never hides another's.
+calibration samples (1024 are prepared; fewer counts take the first N). Each configuration
+runs in its own process, which reports its wall time and its peak resident memory
+(``ru_maxrss`` of that process), so one configuration's memory never hides another's.
+Every timer starts before the tool's own imports (qtool.pipeline, onnxruntime.quantization,
+onnxruntime) and stops when the ranges are computed: start-up costs count.
 
-    python bench/calibration.py            # all configurations, writes bench/results/calibration.md
-    python bench/calibration.py --samples 32 --only qtool
+    python bench/calibration.py                       # writes bench/results/calibration.md
+    python bench/calibration.py --samples 32 64 --methods entropy --rounds 3
+    python bench/calibration.py --before ../main      # adds "qtool before": another checkout
 
 onnxruntime side: ``onnxruntime.quantization.calibrate.create_calibrator`` with the same
 op types qtool quantizes in this model, ``collect_data`` over a CalibrationDataReader and
 ``compute_data`` (the calibration phase of ``quantize_static``; conversion not timed).
-qtool side: ``qtool.calibration.calibrate`` (conversion not timed either).
+Its histogram calibrators keep every activation of a ``collect_data`` call in memory
+(7.8 GB at 256 samples), so above 256 samples the reader is fed in chunks of 256, one
+``collect_data`` per chunk (onnxruntime's own way to bound memory; histograms merge).
+qtool side: ``qtool.calibrate`` (conversion not timed either).
+plain: ``onnxruntime.InferenceSession`` on the model file and one ``run`` per sample, the
+same files loaded the same way: the floor a calibrator that must run the model cannot beat.
 """
 
 from __future__ import annotations
@@ -29,22 +37,41 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
+# "qtool before" children import qtool from another checkout (bench/zoo.py stays this one's)
+sys.path.insert(0, os.environ.get("QTOOL_BENCH_ROOT") or str(ROOT))
 
 MODEL = "resnet18_synth"
 QTOOL_METHODS = ("minmax", "percentile", "entropy", "mse")
-ORT_METHODS = ("MinMax", "Percentile", "Entropy")
-SAMPLE_COUNTS = (32, 256)
+ORT_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+SAMPLE_COUNTS = (32, 64, 256, 1024)
+ORT_CHUNK = 256
+TOOLS = ("plain", "onnxruntime", "qtool before", "qtool")
 
 
 def _paths():
+    """The model and a folder of calibration samples: the zoo's 256, extended to 1024 with
+    more images from the zoo's own generator (other seed) in bench/.cache, made once."""
     import zoo
 
     model, data = zoo.model_path(MODEL), zoo.data_dir(MODEL, "calib")
     if not model.exists() or not data.exists():
         zoo.prepare([MODEL])
-    return model, data
+    folder = HERE / ".cache" / "calib1024"
+    if len(list(folder.glob("*.npy"))) < max(SAMPLE_COUNTS):
+        import numpy as np
+        from zoo_data import save_npy
+        from zoo_export import smooth_images
+
+        folder.mkdir(parents=True, exist_ok=True)
+        own = sorted(data.glob("*.npy"))
+        for f in own:
+            if not (folder / f.name).exists():
+                (folder / f.name).symlink_to(f)
+        rng = np.random.default_rng(4)
+        for i in range(len(own), max(SAMPLE_COUNTS)):
+            save_npy(folder, i, smooth_images(rng, 1))
+    return model, folder
 
 
 def _peak_mb() -> float:
@@ -52,74 +79,109 @@ def _peak_mb() -> float:
 
 
 def run_qtool(method: str, samples: int) -> dict:
+    model, data = _paths()
+    start, cpu = time.perf_counter(), time.process_time()  # CPU: all threads
+    from qtool._deferred import defer_unused
+
+    defer_unused()  # the start-up `qtool calibrate` has (qtool.cli does this first)
     from qtool.config import load_recipe
     from qtool.pipeline import calibrate
 
-    model, data = _paths()
     recipe = load_recipe("int8-static").override(
         "calibration", method=method, samples=samples, batch_size=1
     )
-    start = time.perf_counter()
     table = calibrate(model, data, recipe)
     seconds = time.perf_counter() - start
-    return {"tensors": len(table.ranges()), "samples": table.samples, "seconds": seconds}
+    return {"tensors": len(table.ranges()), "samples": table.samples, "seconds": seconds,
+            "cpu_s": time.process_time() - cpu}
+
+
+def _files(samples: int) -> list[Path]:
+    _, data = _paths()
+    return sorted(data.glob("*.npy"))[:samples]
+
+
+def _load(f: Path):  # noqa: ANN202 - np.ndarray
+    import numpy as np
+
+    x = np.load(f)
+    return x if x.ndim == 4 else x[None]
+
+
+def run_plain(method: str, samples: int) -> dict:
+    model, _ = _paths()
+    files = _files(samples)
+    start, cpu = time.perf_counter(), time.process_time()  # CPU: all threads
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for f in files:
+        session.run(None, {name: _load(f)})
+    return {"samples": len(files), "seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
+
+
+def _op_types() -> list[str]:
+    import onnx_ir as ir
+
+    from qtool.config import load_recipe
+    from qtool.passes.select import select_nodes
+    from qtool.runtime import infer_types
+
+    model, _ = _paths()
+    m = ir.load(model)
+    infer_types(m)
+    return sorted({n.op_type for n in select_nodes(m, load_recipe("int8-static")).quantized})
 
 
 def run_ort(method: str, samples: int) -> dict:
-    import numpy as np
-    import onnx_ir as ir
+    model, _ = _paths()
+    op_types = _op_types()  # what qtool quantizes here, found before the timer starts
+    files = _files(samples)
+    start, cpu = time.perf_counter(), time.process_time()  # CPU: all threads
     from onnxruntime.quantization.calibrate import (
         CalibrationDataReader,
         CalibrationMethod,
         create_calibrator,
     )
 
-    from qtool.config import load_recipe
-    from qtool.passes.select import select_nodes
-
-    model, data = _paths()
-    m = ir.load(model)
-    from qtool.runtime import infer_types
-
-    infer_types(m)
-    op_types = sorted({n.op_type for n in select_nodes(m, load_recipe("int8-static")).quantized})
-    del m
-    files = sorted(data.glob("*.npy"))[:samples]
-
     class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(files)
+        def __init__(self, chunk):
+            self.it = iter(chunk)
 
         def get_next(self):
             f = next(self.it, None)
-            if f is None:
-                return None
-            x = np.load(f)
-            return {"input": x if x.ndim == 4 else x[None]}
+            return None if f is None else {"input": _load(f)}
 
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         calibrator = create_calibrator(
             str(model), op_types, augmented_model_path=str(Path(tmp) / "aug.onnx"),
-            calibrate_method=getattr(CalibrationMethod, method),
+            calibrate_method=getattr(CalibrationMethod, ORT_METHODS[method]),
         )
-        calibrator.collect_data(Reader())
+        for i in range(0, len(files), ORT_CHUNK):
+            calibrator.collect_data(Reader(files[i : i + ORT_CHUNK]))
         ranges = calibrator.compute_data()
     seconds = time.perf_counter() - start
     return {"tensors": len(ranges.data), "samples": len(files), "seconds": seconds,
-            "op_types": op_types}
+            "cpu_s": time.process_time() - cpu, "op_types": op_types}
+
+
+RUNNERS = {"plain": run_plain, "onnxruntime": run_ort, "qtool": run_qtool, "qtool before": run_qtool}
 
 
 def child(tool: str, method: str, samples: int) -> None:
-    result = (run_qtool if tool == "qtool" else run_ort)(method, samples)
+    result = RUNNERS[tool](method, samples)
     result.update(tool=tool, method=method, peak_mb=_peak_mb())
     sys.stdout.write(json.dumps(result) + "\n")
 
 
-def run_one(tool: str, method: str, samples: int) -> dict:
+def run_one(tool: str, method: str, samples: int, before: Path | None = None) -> dict:
+    env = dict(os.environ)
+    if tool == "qtool before":  # the other checkout's qtool first on the path
+        env["QTOOL_BENCH_ROOT"] = str(before)
     proc = subprocess.run(
         [sys.executable, __file__, "--child", tool, method, str(samples)],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True, text=True, cwd=ROOT, env=env,
     )
     if proc.returncode != 0:
         return {"tool": tool, "method": method, "samples": samples, "error": proc.stderr[-400:]}
@@ -129,28 +191,44 @@ def run_one(tool: str, method: str, samples: int) -> dict:
     return row
 
 
-def table(rows: list[dict]) -> str:
-    by = {(r["tool"], r["method"].lower(), r.get("samples")): r for r in rows}
+def _median(rows: list[dict], tool: str, method: str, n: int, key: str = "seconds") -> float | None:
+    import statistics
+
+    times = [r[key] for r in rows if r["tool"] == tool and r["method"] == method
+             and r.get("samples") == n and key in r]
+    return statistics.median(times) if times else None
+
+
+def table(rows: list[dict], methods, counts) -> str:  # noqa: ANN001
     lines = [
-        "| method | samples | onnxruntime time (s) | qtool time (s) | speed-up | "
-        "onnxruntime peak (MB) | qtool peak (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | samples | plain inference (s) | onnxruntime (s) | qtool before (s) | qtool (s) | "
+        "qtool vs onnxruntime | qtool / plain | before / plain | CPU s: qtool vs onnxruntime | CPU s: qtool / plain | "
+        "CPU s: before / plain | qtool peak (MB) | onnxruntime peak (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for method in QTOOL_METHODS:
-        for n in SAMPLE_COUNTS:
-            q = by.get(("qtool", method, n))
-            o = by.get(("onnxruntime", method, n))
+
+    def fmt(v):  # noqa: ANN001, ANN202
+        return "n/a" if v is None else f"{v:.2f}"
+
+    def ratio(a, b, suffix="x"):  # noqa: ANN001, ANN202
+        return "n/a" if a is None or b is None else f"{a / b:.2f}{suffix}"
+
+    def peak(tool, method, n):  # noqa: ANN001, ANN202
+        ps = [r["peak_mb"] for r in rows if r["tool"] == tool and r["method"] == method
+              and r.get("samples") == n and "peak_mb" in r]
+        return f"{max(ps):.0f}" if ps else "n/a"
+
+    for method in methods:
+        for n in counts:
+            p, o = _median(rows, "plain", "-", n), _median(rows, "onnxruntime", method, n)
+            b, q = _median(rows, "qtool before", method, n), _median(rows, "qtool", method, n)
             if q is None and o is None:
                 continue
-
-            def f(r, key, fmt):  # noqa: ANN001
-                return fmt.format(r[key]) if r and key in r else ("failed" if r else "n/a")
-
-            ratio = (f"{o['seconds'] / q['seconds']:.1f}x" if q and o and "seconds" in q
-                     and "seconds" in o else "n/a")
+            cp, co = _median(rows, "plain", "-", n, "cpu_s"), _median(rows, "onnxruntime", method, n, "cpu_s")
+            cb, cq = _median(rows, "qtool before", method, n, "cpu_s"), _median(rows, "qtool", method, n, "cpu_s")
             lines.append(
-                f"| {method} | {n} | {f(o, 'seconds', '{:.1f}')} | {f(q, 'seconds', '{:.1f}')} "
-                f"| {ratio} | {f(o, 'peak_mb', '{:.0f}')} | {f(q, 'peak_mb', '{:.0f}')} |"
+                f"| {method} | {n} | {fmt(p)} | {fmt(o)} | {fmt(b)} | {fmt(q)} | {ratio(o, q)} | "
+                f"{ratio(q, p)} | {ratio(b, p)} | {ratio(co, cq)} | {ratio(cq, cp)} | {ratio(cb, cp)} | {peak('qtool', method, n)} | {peak('onnxruntime', method, n)} |"
             )
     return "\n".join(lines)
 
@@ -159,44 +237,74 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=3, metavar=("TOOL", "METHOD", "SAMPLES"))
     parser.add_argument("--samples", type=int, nargs="*", default=list(SAMPLE_COUNTS))
-    parser.add_argument("--only", choices=("qtool", "onnxruntime"))
+    parser.add_argument("--methods", nargs="*", default=["entropy", "minmax"], choices=QTOOL_METHODS)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds (medians are reported); counts above 256 get one")
+    parser.add_argument("--before", type=Path, help="another qtool checkout, timed as 'qtool before'")
+    parser.add_argument("--only", choices=TOOLS)
+    parser.add_argument("--ort-max", type=int, default=0,
+                        help="skip onnxruntime above this many samples (0: never skip)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "calibration.md")
+    parser.add_argument("--rows", type=Path, nargs="*",
+                        help="render the table from the raw rows (JSON lines) these files hold, "
+                             "e.g. the stderr of runs made side by side, instead of running")
     args = parser.parse_args(argv)
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
         return 0
+    if args.rows:
+        rows = [json.loads(line) for f in args.rows for line in f.read_text().splitlines()
+                if line.startswith("{")]
+    else:
+        rows = _run(args)
+    return _report(args, rows)
+
+
+def _run(args) -> list[dict]:  # noqa: ANN001
     _paths()
+    tools = [t for t in TOOLS if (args.only in (None, t)) and (t != "qtool before" or args.before)]
     rows = []
-    for n in args.samples:
-        if args.only != "onnxruntime":
-            for method in QTOOL_METHODS:
-                rows.append(run_one("qtool", method, n))
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        if args.only != "qtool":
-            for method in ORT_METHODS:
-                r = run_one("onnxruntime", method, n)
-                r["tool"] = "onnxruntime"
-                rows.append(r)
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    for rnd in range(args.rounds):
+        for n in args.samples:
+            if rnd > 0 and n > 256:
+                continue  # one round of the long runs
+            order = tools if rnd % 2 == 0 else tools[::-1]  # alternate who runs first
+            for tool in order:
+                for method in (["-"] if tool == "plain" else args.methods):
+                    if tool == "onnxruntime" and (method not in ORT_METHODS or 0 < args.ort_max < n):
+                        continue
+                    rows.append(run_one(tool, method, n, args.before))
+                    rows[-1].update(tool=tool, method=method, round=rnd)
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def _report(args, rows: list[dict]) -> int:  # noqa: ANN001
     import onnxruntime
 
+    counts = sorted({r["samples"] for r in rows if "samples" in r})
+
     md = (
-        "# Calibration: qtool vs onnxruntime\n\n"
+        "# Calibration: qtool vs onnxruntime and vs plain inference\n\n"
         f"Model: `{MODEL}` (bench/zoo.py; ResNet-18-shaped CNN, 224x224, batch 1), its calib "
-        "split. Each cell is its own process: calibration wall time (conversion not "
-        "included) and that process's peak RSS.\n"
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-        f"(shared with other work: timings are noisy); onnxruntime {onnxruntime.__version__}.\n"
-        "onnxruntime has no MSE calibrator (n/a). qtool uses 2048 bins by default; "
-        "onnxruntime's defaults (Entropy 128 bins, Percentile 2048 bins, 99.999).\n\n"
-        + table(rows)
+        "split. Each cell is its own process: wall time from before the tool's imports to its "
+        "ranges (conversion not included), median over the rounds; peak RSS of that process.\n"
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared "
+        "with other jobs while it ran (timings are noisy: rounds alternate the tools' order, "
+        f"medians of {1 + max((r.get('round', 0) for r in rows), default=0)} round(s) up to 256 "
+        "samples, one round above); onnxruntime "
+        f"{onnxruntime.__version__}. qtool uses 2048 bins; onnxruntime its defaults (Entropy 128 "
+        f"bins). Above {ORT_CHUNK} samples onnxruntime is fed in chunks of {ORT_CHUNK} (its "
+        "histogram calibrators hold every activation of a chunk in memory). "
+        f"qtool before: {args.before or 'not run'}.\n\n"
+        + table(rows, args.methods, counts)
         + "\n\nRaw rows:\n\n```json\n"
         + "\n".join(json.dumps(r) for r in rows)
         + "\n```\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(md)
-    print(table(rows))
+    print(table(rows, args.methods, counts))
     return 0
 
 

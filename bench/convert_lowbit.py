@@ -379,6 +379,9 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":
         kw = json.loads(sys.argv[3])
+        if kw.get("root"):  # another checkout's qtool (bench/gptq_speed.py's "before")
+            sys.path.insert(0, kw["root"])
+        kw.pop("root", None)
         os.environ.setdefault("TMPDIR", tempfile.gettempdir())
         result = WORKERS[sys.argv[2]](**kw)
         result.update(_usage())

@@ -140,33 +140,71 @@ def calibrate_prepared(
 
     histogram = c.method in HISTOGRAM_METHODS
     observers = {n: TensorObserver(c.bins, histogram, c.moving_average) for n in names}
-    done = 0
     start = time.perf_counter()
+    # Two rounds of output buffers: onnxruntime fills one while a worker thread folds the
+    # other into the observers (the kernels release the GIL), so observing overlaps the
+    # next batch's inference. Batches are folded one at a time, in order: the same table.
     stream = stream_tensors(
         model, dataset, names, batch_size=batch_size, limit=count, shard=shard,
-        check_finite=False, threads=threads,
+        check_finite=False, threads=threads, reuse=2,
     )
     skipped: dict[str, str] = {}
-    for ids, tensors in stream:
-        for name, array in tensors.items():
-            if name in skipped:
-                continue
-            lo, hi = observers[name].update(array)
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                if np.isnan(array).any():
-                    raise_non_finite(name, array, ids, dataset)  # NaN: a real fault
-                # +-Inf without NaN is deliberate arithmetic (attention masks use -inf): no
-                # int8 range can hold it, so the tensor stays float, with the reason.
-                sample = dataset.samples[first_non_finite_sample(array, ids)].path.name
-                skipped[name] = f"holds +-inf (sample {sample}): left in float"
-                del observers[name]
-        del tensors
-        done += len(ids)
-        if on_progress is not None:
-            on_progress(Progress(done, total, time.perf_counter() - start))
+    done = _observe_pipelined(stream, observers, skipped, dataset, total, start, on_progress)
     info = {"seconds": round(time.perf_counter() - start, 3), "batch_size": batch_size}
     if skipped:
         info["skipped"] = skipped
     return CalibrationTable.from_observers(
         fingerprint, c.method, params, done, observers, (f"{shard[0]}/{shard[1]}",), info
     )
+
+
+def _fold(ids: list[int], tensors: dict, observers: dict, skipped: dict, dataset: Dataset) -> None:
+    """Fold one batch into the observers (a tensor holding +-inf is dropped, with why)."""
+    for name, array in tensors.items():
+        if name in skipped:
+            continue
+        lo, hi = observers[name].update(array)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            if np.isnan(array).any():
+                raise_non_finite(name, array, ids, dataset)  # NaN: a real fault
+            # +-Inf without NaN is deliberate arithmetic (attention masks use -inf): no
+            # int8 range can hold it, so the tensor stays float, with the reason.
+            sample = dataset.samples[first_non_finite_sample(array, ids)].path.name
+            skipped[name] = f"holds +-inf (sample {sample}): left in float"
+            del observers[name]
+
+
+def _observe_pipelined(stream, observers: dict, skipped: dict, dataset: Dataset, total: int,  # noqa: ANN001
+                       start: float, on_progress: Callable[[Progress], None] | None) -> int:
+    """Fold every batch of ``stream`` (made with ``reuse=2``) on one worker thread while the
+    next batch runs; returns the number of samples observed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = 0
+    pending = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtool-observe") as pool:
+        try:
+            for ids, tensors in stream:
+                if pending is not None:
+                    done += _finish(pending, done, total, start, on_progress)
+                # submitted only once the batch before has been folded: buffers of batch
+                # i are refilled by batch i + 2, which the stream starts after this point
+                pending = (len(ids), pool.submit(_fold, ids, tensors, observers, skipped, dataset))
+                del tensors
+            if pending is not None:
+                done += _finish(pending, done, total, start, on_progress)
+                pending = None
+        finally:
+            if pending is not None:
+                pending[1].cancel()
+    return done
+
+
+def _finish(pending: tuple, done: int, total: int, start: float,
+            on_progress: Callable[[Progress], None] | None) -> int:
+    n, future = pending
+    future.result()  # re-raises the fold's error (a NaN names its tensor and sample)
+    if on_progress is not None:
+        on_progress(Progress(done + n, total, time.perf_counter() - start))
+    return n
+

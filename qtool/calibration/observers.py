@@ -113,9 +113,11 @@ class Histogram:
             return
         if lo is None or hi is None:
             lo, hi = batch_minmax(x)
-        self._regrid(min(self.lo, lo), max(self.hi, hi))
-        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
-        self.counts += bin_counts(x, self.k, self.start, self.bins)
+        if self.k is None or lo < self.lo or hi > self.hi:
+            # a range inside the one seen so far keeps the level and start: skip the regrid
+            self._regrid(min(self.lo, lo), max(self.hi, hi))
+            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        add_bin_counts(self.counts, x, self.k, self.start)
 
     def merge(self, other: Histogram) -> Histogram:
         """A new histogram holding the counts of both (exact: equals one run over both)."""
@@ -163,6 +165,17 @@ class Histogram:
         h.counts[offset : offset + counts.size] = counts
         h.lo, h.hi = lo, hi
         return h
+
+
+def add_bin_counts(counts: np.ndarray, x: np.ndarray, k: int, start: int) -> None:
+    """``counts += bin_counts(x, k, start, counts.size)``, in place: float32 data is counted
+    straight into ``counts`` by the kernel (integer sums: the same counts, no temporary)."""
+    kernels = _kernels()
+    if (kernels is not None and hasattr(kernels, "histogram_pow2") and x.dtype == np.float32
+            and counts.dtype == np.int64 and counts.flags.c_contiguous):
+        kernels.histogram_pow2(x.reshape(-1), k, start, counts)
+    else:
+        counts += bin_counts(x, k, start, counts.size)
 
 
 def bin_counts(x: np.ndarray, k: int, start: int, bins: int) -> np.ndarray:

@@ -62,8 +62,12 @@ class ActivationStats:
 
     @classmethod
     def from_activations(cls, x: np.ndarray) -> ActivationStats:
-        x2 = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
-        return cls(x2.T @ x2, np.abs(x2).sum(0), x2.shape[0])
+        """One batch's moments: ``X^T X`` by a float32 GEMM (half a float64 one's time; a
+        batch is a few thousand rows at most, so float32 sums keep ~6 digits), held in
+        float64 so that summing many batches loses nothing more."""
+        x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, np.shape(x)[-1])
+        xtx = (x2.T @ x2).astype(np.float64)
+        return cls(xtx, np.abs(x2).sum(0, dtype=np.float64), x2.shape[0])
 
     def merged(self, other: ActivationStats) -> ActivationStats:
         return ActivationStats(self.xtx + other.xtx, self.abs_sum + other.abs_sum, self.count + other.count)
@@ -288,103 +292,15 @@ def hqq(
     return BlockQuant(codes, scale, zp, bits, block_size)
 
 
-# ---- GPTQ --------------------------------------------------------------------------------
+# ---- GPTQ: qtool.quant.gptq (it builds on rtn/block_params above) ------------------------
 
 
-def gptq(
-    w: np.ndarray,
-    bits: int,
-    block_size: int,
-    hessian: np.ndarray,
-    symmetric: bool = True,
-    damp: float = 0.01,
-    act_order: bool = True,
-    lazy_block: int = 128,
-) -> BlockQuant:
-    """GPTQ on ``w[N, K]`` with the input Hessian ``H[K, K] = 2 X^T X / n``.
+def gptq(w: np.ndarray, bits: int, block_size: int, hessian: np.ndarray, symmetric: bool = True,
+         **kw) -> BlockQuant:
+    """GPTQ on ``w[N, K]`` (see :func:`qtool.quant.gptq.gptq`)."""
+    from qtool.quant import gptq as gptq_module
 
-    Columns are quantized in order (descending diag(H) with ``act_order``); each column's
-    scaled error ``e = (w_j - w_hat_j) / U_jj`` is subtracted from the remaining columns as
-    ``W[:, j+1:] -= e U[j, j+1:]``, with U the upper Cholesky factor of (H + damp*mean(diag
-    H) I)^-1. Updates inside a ``lazy_block`` of columns are applied eagerly, the rest once
-    per block (one GEMM). Block scales/zero points come from the (updated) weights at the
-    start of each quantization block; with act_order (the default: on low-rank synthetic
-    activations it cut the output error to 0.03-0.05x RTN's, against 0.6-0.98x without)
-    they come from the original weights, so blocks stay contiguous along K and no g_idx
-    is needed.
-    """
-    w = np.array(w, dtype=np.float64)
-    rows, k = w.shape
-    h = np.array(hessian, dtype=np.float64)
-    if h.shape != (k, k):
-        raise UsageError(f"GPTQ Hessian has shape {h.shape}, the weight needs ({k}, {k})", "")
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    nb = n_blocks(k, block_size)
-    qmax = (1 << bits) - 1
-    codes = np.zeros((rows, k), dtype=np.uint8)
-    scales = np.zeros((rows, nb), dtype=np.float32)
-    zps = None if symmetric else np.zeros((rows, nb), dtype=np.uint8)
-
-    if act_order:  # static groups: parameters from the original weights
-        static = rtn(w.astype(np.float32), bits, block_size, symmetric)
-        scales[:] = static.scales
-        if zps is not None:
-            zps[:] = static.zero_points
-    perm, u = _gptq_factor(h, damp, act_order)
-    w = w[:, perm]
-    lazy = max(block_size, (lazy_block // block_size) * block_size) if not act_order else lazy_block
-    for i1 in range(0, k, lazy):
-        i2 = min(i1 + lazy, k)
-        w1 = w[:, i1:i2].copy()
-        err1 = np.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = perm[i1 + i]
-            g = col // block_size
-            if not act_order and col % block_size == 0:
-                seg = w1[:, i : i + block_size].astype(np.float32)
-                s, z = block_params(seg, bits, block_size, symmetric)
-                if z is not None:
-                    zps[:, g] = z[:, 0]
-                scales[:, g] = s[:, 0]
-            s = scales[:, g].astype(np.float64)
-            z = (1 << (bits - 1)) if zps is None else zps[:, g].astype(np.float64)
-            x = w1[:, i]
-            q = np.clip(np.rint((x.astype(np.float32) / s.astype(np.float32)).astype(np.float64)) + z, 0, qmax)
-            codes[:, col] = q.astype(np.uint8)
-            e = (x - (q - z) * s) / u1[i, i]
-            w1[:, i:] -= np.outer(e, u1[i, i:])
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    return BlockQuant(codes, scales, zps, bits, block_size)
-
-
-_FACTORS: list = []  # small cache: MatMuls that share an input (q/k/v, gate/up) share H
-
-
-def _gptq_factor(h: np.ndarray, damp: float, act_order: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Column order and U = upper Cholesky factor of (H_perm + damp*mean(diag) I)^-1."""
-    for key, damp_, order_, perm, u in _FACTORS:
-        if damp_ == damp and order_ == act_order and key.shape == h.shape and np.array_equal(key, h):
-            return perm, u
-    k = h.shape[0]
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    hp = h[np.ix_(perm, perm)]
-    hp[np.diag_indices(k)] += damp * np.mean(np.diag(hp))
-    try:
-        lower = np.linalg.cholesky(hp)
-        linv = np.linalg.inv(lower)
-        u = np.linalg.cholesky(linv.T @ linv).T  # (L L^T)^-1 = L^-T L^-1
-    except np.linalg.LinAlgError:
-        raise UsageError(
-            "GPTQ: the activation Hessian is not positive definite even after damping",
-            "use more calibration samples, or --algorithm awq / mse",
-        ) from None
-    _FACTORS.insert(0, (h.copy(), damp, act_order, perm, u))
-    del _FACTORS[3:]
-    return perm, u
+    return gptq_module.gptq(w, bits, block_size, hessian, symmetric, **kw)
 
 
 # ---- AWQ ---------------------------------------------------------------------------------
@@ -392,11 +308,23 @@ def _gptq_factor(h: np.ndarray, damp: float, act_order: bool) -> tuple[np.ndarra
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float:
     """Relative output error ``tr(D H D^T) / tr(W H W^T)`` for D = w - w_hat, w [N, K]."""
-    d = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
-    w = np.asarray(w, np.float64)
-    num = float(np.einsum("nk,nk->", d @ hessian, d))
-    den = float(np.einsum("nk,nk->", w @ hessian, w))
-    return num / den if den > 0 else num
+    return output_errors(w, [w_hat], hessian)[0]
+
+
+def _quadratic(d: np.ndarray, h32: np.ndarray) -> float:
+    """``tr(D H D^T)``: the product by a float32 GEMM (the N x K x K cost of every error),
+    the sum in float64."""
+    d = np.ascontiguousarray(d, dtype=np.float32)
+    return float(np.einsum("nk,nk->", d @ h32, d, dtype=np.float64))
+
+
+def output_errors(w: np.ndarray, w_hats: list[np.ndarray], hessian: np.ndarray) -> list[float]:
+    """``output_error`` of several reconstructions of one ``w`` (its denominator once)."""
+    w = np.asarray(w, np.float32)
+    h32 = np.asarray(hessian, np.float32)
+    den = _quadratic(w, h32)
+    nums = [_quadratic(w - np.asarray(w_hat, np.float32), h32) for w_hat in w_hats]
+    return [num / den if den > 0 else num for num in nums]
 
 
 def awq(
@@ -415,7 +343,8 @@ def awq(
     alpha = 0 won, i.e. no rescaling is needed).
     """
     w = np.asarray(w, np.float32)
-    h = stats.hessian
+    h32 = stats.hessian.astype(np.float32)
+    den = _quadratic(w, h32)  # the same for every alpha: only the numerators are compared
     m = np.maximum(stats.abs_sum / max(stats.count, 1), 1e-8)
     best = None
     for alpha in np.linspace(0.0, 1.0, n_grid):
@@ -423,7 +352,8 @@ def awq(
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         bq = rtn(w * s[None, :], bits, block_size, symmetric)
         w_hat = bq.dequantize() / s[None, :]
-        err = output_error(w, w_hat, h)
+        num = _quadratic(w - w_hat, h32)
+        err = num / den if den > 0 else num
         if best is None or err < best[0]:
             best = (err, bq, s, alpha)
     _, bq, s, alpha = best
@@ -467,9 +397,7 @@ def quantize_weight(
     rtn_err = float(np.mean((w - base_hat) ** 2))
     out_err = rtn_out = None
     if stats is not None and algorithm in DATA_AWARE:
-        h = stats.hessian
-        out_err = output_error(w, w_hat, h)
-        rtn_out = output_error(w, base_hat, h)
+        out_err, rtn_out = output_errors(w, [w_hat, base_hat], stats.hessian)
     return QuantOutcome(bq, err, rtn_err, out_err, rtn_out, input_scale)
 
 

@@ -196,6 +196,7 @@ def stream_tensors(
     check_finite: bool = True,
     threads: int = 0,
     arena: bool = True,
+    reuse: int = 0,
 ) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
     """Yield ``(sample indices, {tensor name: array})`` for each batch of ``dataset``.
 
@@ -204,6 +205,10 @@ def stream_tensors(
     With ``check_finite`` a NaN or Inf raises CalibrationError naming the tensor and the
     sample file; callers that compute min/max anyway can pass False and check themselves
     with ``raise_non_finite``.
+    ``reuse=R`` (R >= 1): onnxruntime writes the outputs into R sets of buffers allocated
+    once and used in turn (no allocation, page faults or copy per batch); a batch's arrays
+    are then valid only until R more batches have been yielded, so the caller must have
+    finished with them by then. 0: fresh arrays every batch.
     """
     if not 0 <= shard[0] < shard[1]:
         raise CalibrationError(
@@ -212,9 +217,11 @@ def stream_tensors(
     session, outputs = build_session(model, tensor_names, providers, threads, arena)
     input_names = {i.name for i in session.get_inputs()}
     wanted = list(dict.fromkeys(tensor_names))
+    bound = _BoundOutputs(session, outputs, reuse) if reuse else None
     for ids, feed in dataset.batches(batch_size, limit=limit, shard=shard):
         try:
-            results = session.run(outputs, {k: v for k, v in feed.items() if k in input_names})
+            inputs = {k: v for k, v in feed.items() if k in input_names}
+            results = bound.run(inputs) if bound is not None else session.run(outputs, inputs)
         except Exception as exc:
             text = str(exc).strip().splitlines()
             names = ", ".join(dataset.samples[i].path.name for i in ids[:3])
@@ -230,6 +237,51 @@ def stream_tensors(
                 if array.dtype.kind == "f" and not np.isfinite(array).all():
                     raise_non_finite(name, array, ids, dataset)
         yield ids, tensors
+
+
+class _BoundOutputs:
+    """Runs a session with its outputs bound to ``sets`` rounds of pre-allocated buffers.
+
+    The first batch of each input shape runs normally to learn the output shapes and
+    dtypes; later batches of that shape write straight into the buffers (onnxruntime's
+    I/O binding). A batch of another shape (the short last batch) runs normally. Values
+    are the same either way: only where onnxruntime puts them changes.
+    """
+
+    def __init__(self, session, outputs: list[str], sets: int) -> None:  # noqa: ANN001
+        self.session, self.outputs, self.sets = session, outputs, max(1, sets)
+        self.key = None
+        self.bindings: list = []
+        self.turn = 0
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        key = tuple((k, v.shape, v.dtype.str) for k, v in inputs.items())
+        if key != self.key:
+            results = self.session.run(self.outputs, inputs)
+            if self.key is None and all(isinstance(r, np.ndarray) and r.dtype.kind in "fiub"
+                                        for r in results):
+                self.key = key
+                self.bindings = [self._bind(results) for _ in range(self.sets)]
+            return results
+        binding, buffers = self.bindings[self.turn]
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception:
+            # an output whose shape depends on the values (NonZero, data-dependent Reshape):
+            # fixed buffers cannot hold it, so this session goes back to plain runs
+            self.key, self.bindings = ("unbound",), []
+            return self.session.run(self.outputs, inputs)
+        self.turn = (self.turn + 1) % self.sets
+        return buffers
+
+    def _bind(self, like: list[np.ndarray]):  # noqa: ANN202 - (IOBinding, buffers)
+        binding = self.session.io_binding()
+        buffers = [np.empty_like(a, order="C") for a in like]
+        for name, buf in zip(self.outputs, buffers):
+            binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        return binding, buffers
 
 
 def first_non_finite_sample(array: np.ndarray, ids: list[int]) -> int:

@@ -29,15 +29,24 @@ def collect_weight_only_stats(
     names = weight_only_inputs(model, recipe)
     if not names:
         return {}
-    stats: dict[str, ActivationStats] = {}
+    # Sums kept in place (adding into the first batch's arrays: the same left-to-right
+    # sums as chaining ActivationStats.merged, without a new K x K array per batch).
+    sums: dict[str, list] = {}
     total = limit or len(getattr(dataset, "samples", [])) or 0
     done = 0
-    for ids, tensors in stream_tensors(model, dataset, names, batch_size=batch_size, limit=limit):
+    # reuse=1: each batch is folded into the sums before the next one runs
+    for ids, tensors in stream_tensors(model, dataset, names, batch_size=batch_size, limit=limit, reuse=1):
         for name in names:
             s = ActivationStats.from_activations(tensors[name])
-            stats[name] = s if name not in stats else stats[name].merged(s)
+            if name not in sums:
+                sums[name] = [s.xtx, s.abs_sum, s.count]
+            else:
+                acc = sums[name]
+                acc[0] += s.xtx
+                acc[1] += s.abs_sum
+                acc[2] += s.count
         done += len(ids)
         if on_progress is not None:
             on_progress(done, total)
-    return stats
+    return {name: ActivationStats(*acc) for name, acc in sums.items()}
 
