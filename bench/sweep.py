@@ -5,9 +5,10 @@ For each model, side by side on the same calibration and held-out evaluation inp
 
 * ``qtool convert MODEL --data CALIB -o OUT``: qtool's default, exactly as a user types it
   (a subprocess of this checkout; its exit code and last report lines are recorded);
-* ``qtool convert MODEL --dynamic -o OUT``;
-* when the default is refused (exit 3), ``qtool convert MODEL --data CALIB --no-guard`` (with
-  ``--per-tensor`` when the opset needs it): what the refusal cost or saved on the task;
+* qtool's explicit flag sets, each exactly as typed: ``--scheme int8-static --data CALIB
+  --no-guard`` (with ``--per-tensor`` when the opset needs it; for a model the default refuses,
+  this is the candidate the guard refused), ``--scheme int8-weights`` and ``--dynamic``; the
+  table's "qtool best explicit" is the best of them that exited 0, with its flags;
 * onnxruntime ``quantize_dynamic`` with its defaults (s8 weights, per-tensor) and with u8
   weights;
 * onnxruntime ``quantize_static`` with its defaults (QDQ, s8 activations and weights,
@@ -265,10 +266,30 @@ def _ort_best(res: dict) -> dict | None:
     return (max if res["higher_is_better"] else min)(ort, key=lambda r: r["metric"]) if ort else None
 
 
+def _explicit_best(res: dict) -> dict | None:
+    """The best qtool row other than the default that exited 0 (ties: the smaller model)."""
+    rows = [r for r in res["rows"] if r["config"].startswith("qtool ") and r["config"] != DEFAULT
+            and not r.get("exit") and r.get("metric") is not None]
+    sign = 1 if res["higher_is_better"] else -1
+    return max(rows, key=lambda r: (sign * r["metric"], -r.get("size", 0))) if rows else None
+
+
+def _flags(row: dict) -> str:
+    """A qtool row's flags as the user types them (CALIB for the data folder)."""
+    flags = row["config"].removeprefix("qtool ").replace("(--data)", "--data CALIB").replace(
+        " (the refused static candidate)", " --data CALIB")
+    return f"{flags} {row['args']}" if row.get("args") else flags
+
+
 def summary(results: list[dict]) -> list[str]:
     """The counts the lead asks for: exit 0 at fp32, exit 3 and exit 1/2 by reason, at onnxruntime's best."""
     meet, below, refused, failed, ge_ort, below_ort, no_ort = [], [], {}, {}, [], [], []
+    explicit_ge = []
     for res in results:
+        ex, ob = _explicit_best(res), _ort_best(res)
+        if ex is not None and (ob is None or not _better(res["higher_is_better"], ex["metric"], ob["metric"],
+                                                         NOISE.get(res["metric"], 0.01))):
+            explicit_ge.append(res["model"])
         rows = {r["config"]: r for r in res["rows"]}
         d, fp = rows["qtool default (--data)"], rows["fp32"]
         tol, hib, name = NOISE.get(res["metric"], 0.01), res["higher_is_better"], res["model"]
@@ -295,6 +316,9 @@ def summary(results: list[dict]) -> list[str]:
     out += [f"  - {why}: {', '.join(f'`{m}`' for m in ms)}" for why, ms in refused.items()]
     out.append(f"- failed before or during conversion (exit 1/2): **{sum(map(len, failed.values()))} of {n}**")
     out += [f"  - {why}: {', '.join(f'`{m}`' for m in ms)}" for why, ms in failed.items()]
+    not_ge = [f"`{r['model']}`" for r in results if r["model"] not in explicit_ge]
+    out.append(f"- qtool's best explicit flag set (exit 0) at least onnxruntime's best (within noise): "
+               f"**{len(explicit_ge)} of {n}** (not: {', '.join(not_ge) or 'none'})")
     return out
 
 
@@ -319,6 +343,10 @@ def verdict(res: dict) -> str:
     if (best is not None and _better(res["higher_is_better"], d["metric"], best["metric"], tol)
             and _better(res["higher_is_better"], d["metric"], fp["metric"], tol)):
         notes.append(f"worse than ort best ({best['config'].split('(')[0].strip()}: {_fmt(best['metric'])})")
+    ex = _explicit_best(res)
+    if (ex is not None and _better(res["higher_is_better"], d["metric"], ex["metric"], tol)
+            and _better(res["higher_is_better"], d["metric"], fp["metric"], tol)):
+        notes.append(f"an explicit flag set does better ({_flags(ex)}: {_fmt(ex['metric'])})")
     if d.get("size", 0) >= fp.get("size", 1):
         notes.append("not smaller than fp32")
     if d.get("latency_ms") and fp.get("latency_ms") and d["latency_ms"] > 1.05 * fp["latency_ms"]:
@@ -340,7 +368,8 @@ def render(results: list[dict], notes: list[str] = ()) -> str:
         f"{len(results)} models of bench/corpus.md; onnxruntime "
         f"{onnxruntime.__version__} CPU, 2 cores shared with other work). Calibration on the corpus "
         "`calib` split, every number measured on the separate `eval` split. qtool rows are the CLI "
-        "as a user runs it (`python -m qtool convert MODEL --data CALIB -o OUT`, and `--dynamic`); "
+        "as a user runs it (`python -m qtool convert MODEL --data CALIB -o OUT`, and the explicit flag sets "
+        "named in each row); "
         "their exit code is recorded. Metric: the model's task metric or proxy (bench/corpus.md); "
         "worst SQNR / cosine: of the model's outputs, the lowest median over samples. Size and "
         "latency are relative to fp32 (latency: median of interleaved runs, 2 threads). Verdict: "
@@ -352,8 +381,8 @@ def render(results: list[dict], notes: list[str] = ()) -> str:
         "",
         *summary(results),
         "",
-        "| model | family | metric | fp32 | qtool default (size vs fp32) | guard's choice | qtool --dynamic "
-        "| best onnxruntime | verdict on the default |",
+        "| model | family | metric | fp32 | qtool default (size, latency vs fp32; convert s) | guard's choice "
+        "| qtool best explicit (flags) | best onnxruntime | verdict on the default |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
@@ -370,11 +399,22 @@ def render(results: list[dict], notes: list[str] = ()) -> str:
             return f"{_fmt(r['metric'])} ({r['size'] / rows['fp32']['size']:.2f}x size{ex})"
 
         best_cell = (f"{cell(best)[:-1]}, {best['config'].replace('ort ', '')})" if best else "all failed")
+        ex = _explicit_best(res)
+        ex_cell = f"{cell(ex)[:-1]}, `{_flags(ex)}`)" if ex else "all failed"
+        d = rows.get(DEFAULT)
+        d_cell = cell(d)
+        if d is not None and "metric" in d:
+            fp = rows["fp32"]
+            lat = (f", {d['latency_ms'] / fp['latency_ms']:.2f}x latency" if d.get("latency_ms") and fp.get("latency_ms")
+                   else "")
+            d_cell = f"{d_cell[:-1]}{lat}; {_fmt(d.get('convert_s'), 0)} s)"
+        elif d is not None:
+            d_cell = f"{d_cell[:-1]}; {_fmt(d.get('convert_s'), 0)} s)"
         lines.append(f"| `{res['model']}` | {res['family']} | {res['metric']} "
                      f"({'higher' if res['higher_is_better'] else 'lower'} is better) | {_fmt(rows['fp32']['metric'])} "
-                     f"| {cell(rows.get('qtool default (--data)'))} "
-                     f"| {rows.get('qtool default (--data)', {}).get('chosen') or '–'} "
-                     f"| {cell(rows.get('qtool --dynamic'))} "
+                     f"| {d_cell} "
+                     f"| {rows.get(DEFAULT, {}).get('chosen') or '–'} "
+                     f"| {ex_cell} "
                      f"| {best_cell} | {verdict(res)} |")
     n_ok = sum(1 for r in results if verdict(r) == "ok")
     lines += ["", f"Fully ok (at fp32's metric and onnxruntime's best within noise, smaller, not slower): "
