@@ -5,9 +5,10 @@ For each model, side by side on the same calibration and held-out evaluation inp
 
 * ``qtool convert MODEL --data CALIB -o OUT``: qtool's default, exactly as a user types it
   (a subprocess of this checkout; its exit code and last report lines are recorded);
-* ``qtool convert MODEL --dynamic -o OUT``;
-* when the default is refused (exit 3), ``qtool convert MODEL --data CALIB --no-guard`` (with
-  ``--per-tensor`` when the opset needs it): what the refusal cost or saved on the task;
+* qtool's explicit flag sets, each exactly as typed: ``--scheme int8-static --data CALIB
+  --no-guard`` (with ``--per-tensor`` when the opset needs it; for a model the default refuses,
+  this is the candidate the guard refused), ``--scheme int8-weights`` and ``--dynamic``; the
+  table's "qtool best explicit" is the best of them that exited 0, with its flags;
 * onnxruntime ``quantize_dynamic`` with its defaults (s8 weights, per-tensor) and with u8
   weights;
 * onnxruntime ``quantize_static`` with its defaults (QDQ, s8 activations and weights,
@@ -124,19 +125,29 @@ def ort_static(name: str, src: Path, dst: Path) -> dict:
     return note
 
 
-def refused_candidate(src: Path, dst: Path, calib: Path) -> dict:
-    """What the guard refused: static int8 with the guard off, per-tensor when the opset needs it
-    (as auto mode does; --no-guard leaves auto mode, so per-channel is asked for again)."""
-    row = qtool_cli(src, dst, "--data", str(calib), "--no-guard")
+def qtool_static(src: Path, dst: Path, calib: Path) -> dict:
+    """Explicit static int8 with the guard off, per-tensor when the opset needs it (the user's
+    retry after the "needs opset 13" error). For a model the default refuses, this is the
+    candidate the guard refused: what the refusal cost or saved on the task."""
+    args = ("--scheme", "int8-static", "--data", str(calib), "--no-guard")
+    row = qtool_cli(src, dst, *args)
     if row["exit"] == 2 and any("opset 13" in ln for ln in row["report"]):
-        row = {**qtool_cli(src, dst, "--data", str(calib), "--no-guard", "--per-tensor"), "args": "--per-tensor"}
+        row = {**qtool_cli(src, dst, *args, "--per-tensor"), "args": "--per-tensor"}
     return row
+
+
+DEFAULT = "qtool default (--data)"
+# qtool's explicit rows: flag sets a user can pick by hand. "qtool best explicit" is the best of
+# them that exited 0 (bench/results/sweep_*.md names its flags).
+EXPLICIT = ("qtool --scheme int8-static --no-guard (--data)", "qtool --scheme int8-weights", "qtool --dynamic")
 
 
 def configs(name: str, calib: Path):
     return [
-        ("qtool default (--data)", lambda s, d: qtool_cli(s, d, "--data", str(calib))),
-        ("qtool --dynamic", lambda s, d: qtool_cli(s, d, "--dynamic")),
+        (DEFAULT, lambda s, d: qtool_cli(s, d, "--data", str(calib))),
+        (EXPLICIT[0], lambda s, d: qtool_static(s, d, calib)),
+        (EXPLICIT[1], lambda s, d: qtool_cli(s, d, "--scheme", "int8-weights")),
+        (EXPLICIT[2], lambda s, d: qtool_cli(s, d, "--dynamic")),
         ("ort quantize_dynamic (defaults)", lambda s, d: ort_dynamic(s, d, u8=False)),
         ("ort quantize_dynamic (u8 weights)", lambda s, d: ort_dynamic(s, d, u8=True)),
         ("ort quantize_static (defaults)", lambda s, d: ort_static_defaults(name, s, d)),
@@ -192,10 +203,6 @@ def sweep_model(name: str, rounds: int) -> dict:
               f"{json.dumps({k: v for k, v in row.items() if k not in ('outputs', 'path')}, default=str)}",
               file=sys.stderr, flush=True)
         rows.append(row)
-        if label == "qtool default (--data)" and row.get("exit") == 3:
-            # the refusal is a judgement on the task too: measure the candidate it refused
-            todo.append(("qtool --no-guard (the refused static candidate)",
-                         lambda s, d: refused_candidate(s, d, calib)))
     timed = [r for r in rows if "path" in r]
     try:
         # Heavy models (a 640x640 detector takes seconds a run on a loaded 2-core machine) get
@@ -259,10 +266,30 @@ def _ort_best(res: dict) -> dict | None:
     return (max if res["higher_is_better"] else min)(ort, key=lambda r: r["metric"]) if ort else None
 
 
+def _explicit_best(res: dict) -> dict | None:
+    """The best qtool row other than the default that exited 0 (ties: the smaller model)."""
+    rows = [r for r in res["rows"] if r["config"].startswith("qtool ") and r["config"] != DEFAULT
+            and not r.get("exit") and r.get("metric") is not None]
+    sign = 1 if res["higher_is_better"] else -1
+    return max(rows, key=lambda r: (sign * r["metric"], -r.get("size", 0))) if rows else None
+
+
+def _flags(row: dict) -> str:
+    """A qtool row's flags as the user types them (CALIB for the data folder)."""
+    flags = row["config"].removeprefix("qtool ").replace("(--data)", "--data CALIB").replace(
+        " (the refused static candidate)", " --data CALIB")
+    return f"{flags} {row['args']}" if row.get("args") else flags
+
+
 def summary(results: list[dict]) -> list[str]:
     """The counts the lead asks for: exit 0 at fp32, exit 3 and exit 1/2 by reason, at onnxruntime's best."""
     meet, below, refused, failed, ge_ort, below_ort, no_ort = [], [], {}, {}, [], [], []
+    explicit_ge = []
     for res in results:
+        ex, ob = _explicit_best(res), _ort_best(res)
+        if ex is not None and (ob is None or not _better(res["higher_is_better"], ex["metric"], ob["metric"],
+                                                         NOISE.get(res["metric"], 0.01))):
+            explicit_ge.append(res["model"])
         rows = {r["config"]: r for r in res["rows"]}
         d, fp = rows["qtool default (--data)"], rows["fp32"]
         tol, hib, name = NOISE.get(res["metric"], 0.01), res["higher_is_better"], res["model"]
@@ -289,7 +316,14 @@ def summary(results: list[dict]) -> list[str]:
     out += [f"  - {why}: {', '.join(f'`{m}`' for m in ms)}" for why, ms in refused.items()]
     out.append(f"- failed before or during conversion (exit 1/2): **{sum(map(len, failed.values()))} of {n}**")
     out += [f"  - {why}: {', '.join(f'`{m}`' for m in ms)}" for why, ms in failed.items()]
+    not_ge = [f"`{r['model']}`" for r in results if r["model"] not in explicit_ge]
+    out.append(f"- qtool's best explicit flag set (exit 0) at least onnxruntime's best (within noise): "
+               f"**{len(explicit_ge)} of {n}** (not: {', '.join(not_ge) or 'none'})")
     return out
+
+
+def _ratio(row: dict, fp: dict, key: str) -> float | None:
+    return row[key] / fp[key] if row.get(key) and fp.get(key) else None
 
 
 def verdict(res: dict) -> str:
@@ -313,10 +347,17 @@ def verdict(res: dict) -> str:
     if (best is not None and _better(res["higher_is_better"], d["metric"], best["metric"], tol)
             and _better(res["higher_is_better"], d["metric"], fp["metric"], tol)):
         notes.append(f"worse than ort best ({best['config'].split('(')[0].strip()}: {_fmt(best['metric'])})")
+    ex = _explicit_best(res)
+    if (ex is not None and _better(res["higher_is_better"], d["metric"], ex["metric"], tol)
+            and _better(res["higher_is_better"], d["metric"], fp["metric"], tol)):
+        notes.append(f"an explicit flag set does better ({_flags(ex)}: {_fmt(ex['metric'])})")
     if d.get("size", 0) >= fp.get("size", 1):
         notes.append("not smaller than fp32")
-    if d.get("latency_ms") and fp.get("latency_ms") and d["latency_ms"] > 1.05 * fp["latency_ms"]:
-        notes.append(f"slower than fp32 ({d['latency_ms'] / fp['latency_ms']:.2f}x)")
+    wall, cpu = _ratio(d, fp, "latency_ms"), _ratio(d, fp, "cpu_ms")
+    # Slower only when both clocks agree: 2-thread wall time swings with the machine's load (the
+    # sweep shares 2 cores), 1-thread CPU time barely does.
+    if wall is not None and wall > 1.05 and (cpu is None or cpu > 1.05):
+        notes.append(f"slower than fp32 ({wall:.2f}x wall, {_fmt(cpu, 2)}x CPU)")
     return "; ".join(notes) if notes else "ok"
 
 
@@ -334,10 +375,13 @@ def render(results: list[dict], notes: list[str] = ()) -> str:
         f"{len(results)} models of bench/corpus.md; onnxruntime "
         f"{onnxruntime.__version__} CPU, 2 cores shared with other work). Calibration on the corpus "
         "`calib` split, every number measured on the separate `eval` split. qtool rows are the CLI "
-        "as a user runs it (`python -m qtool convert MODEL --data CALIB -o OUT`, and `--dynamic`); "
+        "as a user runs it (`python -m qtool convert MODEL --data CALIB -o OUT`, and the explicit flag sets "
+        "named in each row); "
         "their exit code is recorded. Metric: the model's task metric or proxy (bench/corpus.md); "
         "worst SQNR / cosine: of the model's outputs, the lowest median over samples. Size and "
-        "latency are relative to fp32 (latency: median of interleaved runs, 2 threads). Verdict: "
+        "latency are relative to fp32 (latency: median of interleaved runs, 2 threads, wall time; CPU: "
+        "median thread CPU time of a 1-thread session in the same rounds, which other processes barely "
+        "disturb). Verdict: "
         "qtool's default against fp32 and the best onnxruntime row, beyond the noise of 16-32 "
         "samples (" + ", ".join(f"{k} {v}" for k, v in NOISE.items()) + ").",
         "",
@@ -346,8 +390,9 @@ def render(results: list[dict], notes: list[str] = ()) -> str:
         "",
         *summary(results),
         "",
-        "| model | family | metric | fp32 | qtool default (size vs fp32) | guard's choice | qtool --dynamic "
-        "| best onnxruntime | verdict on the default |",
+        "| model | family | metric | fp32 | qtool default (size, latency vs fp32: 2-thread wall / 1-thread CPU; convert s) "
+        "| guard's choice "
+        "| qtool best explicit (flags) | best onnxruntime | verdict on the default |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
@@ -364,11 +409,22 @@ def render(results: list[dict], notes: list[str] = ()) -> str:
             return f"{_fmt(r['metric'])} ({r['size'] / rows['fp32']['size']:.2f}x size{ex})"
 
         best_cell = (f"{cell(best)[:-1]}, {best['config'].replace('ort ', '')})" if best else "all failed")
+        ex = _explicit_best(res)
+        ex_cell = f"{cell(ex)[:-1]}, `{_flags(ex)}`)" if ex else "all failed"
+        d = rows.get(DEFAULT)
+        d_cell = cell(d)
+        if d is not None and "metric" in d:
+            fp = rows["fp32"]
+            wall, cpu = _ratio(d, fp, "latency_ms"), _ratio(d, fp, "cpu_ms")
+            lat = f", {wall:.2f}x wall / {_fmt(cpu, 2)}x CPU" if wall is not None else ""
+            d_cell = f"{d_cell[:-1]}{lat}; {_fmt(d.get('convert_s'), 0)} s)"
+        elif d is not None:
+            d_cell = f"{d_cell[:-1]}; {_fmt(d.get('convert_s'), 0)} s)"
         lines.append(f"| `{res['model']}` | {res['family']} | {res['metric']} "
                      f"({'higher' if res['higher_is_better'] else 'lower'} is better) | {_fmt(rows['fp32']['metric'])} "
-                     f"| {cell(rows.get('qtool default (--data)'))} "
-                     f"| {rows.get('qtool default (--data)', {}).get('chosen') or '–'} "
-                     f"| {cell(rows.get('qtool --dynamic'))} "
+                     f"| {d_cell} "
+                     f"| {rows.get(DEFAULT, {}).get('chosen') or '–'} "
+                     f"| {ex_cell} "
                      f"| {best_cell} | {verdict(res)} |")
     n_ok = sum(1 for r in results if verdict(r) == "ok")
     lines += ["", f"Fully ok (at fp32's metric and onnxruntime's best within noise, smaller, not slower): "
@@ -378,15 +434,17 @@ def render(results: list[dict], notes: list[str] = ()) -> str:
         fp = res["rows"][0]
         lines += [f"### `{res['model']}` ({res['family']}; {res['features']}; qtool at {res.get('qtool_commit', '?')})", "",
                   f"| config | exit | {res['metric']} | proxy | worst SQNR dB | worst cosine | size vs fp32 "
-                  "| latency vs fp32 | convert s | note |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| latency vs fp32 | CPU vs fp32 | convert s | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
             proxy = ", ".join(f"{k} {_fmt(v, 3)}" for k, v in r.get("proxy", {}).items() if k != res["metric"])
             size = f"{r['size'] / fp['size']:.2f}x" if "size" in r else "–"
             lat = (f"{r['latency_ms'] / fp['latency_ms']:.2f}x" if r.get("latency_ms") and fp.get("latency_ms")
                    else "–")
+            cpu = f"{r['cpu_ms'] / fp['cpu_ms']:.2f}x" if r.get("cpu_ms") and fp.get("cpu_ms") else "–"
             if r["config"] == "fp32":
                 lat = f"{fp['latency_ms']:.2f} ms" if fp.get("latency_ms") else "–"
+                cpu = f"{fp['cpu_ms']:.2f} ms" if fp.get("cpu_ms") else "–"
                 size = f"{fp['size'] / 1e6:.1f} MB"
             note = r.get("error") or r.get("pre_process") or (f"with {r['args']}" if r.get("args") else "")
             if r.get("chosen") and not r.get("exit"):
@@ -398,7 +456,7 @@ def render(results: list[dict], notes: list[str] = ()) -> str:
                 note = (note + " " + " / ".join(report[-2:])).strip()
             note = note.replace("|", "/").replace("\n", " ")[:220]
             lines.append(f"| {r['config']} | {r.get('exit', '')} | {_fmt(r.get('metric'))} | {proxy} "
-                         f"| {_fmt(r.get('worst_sqnr_db'), 1)} | {_fmt(r.get('worst_cosine'))} | {size} | {lat} "
+                         f"| {_fmt(r.get('worst_sqnr_db'), 1)} | {_fmt(r.get('worst_cosine'))} | {size} | {lat} | {cpu} "
                          f"| {_fmt(r.get('convert_s'), 1)} | {note} |")
         lines.append("")
     return "\n".join(lines)
