@@ -76,15 +76,16 @@ def transformer_shaped(model: ir.Model) -> bool:
     return "Softmax" in ops_seen and "Conv" not in ops_seen and weighted >= MIN_TRANSFORMER_MATMULS
 
 
-def default_static(recipe: Recipe, model: ir.Model) -> tuple[Recipe, str]:
+def default_static(recipe: Recipe, model: ir.Model, samples: bool = True) -> tuple[Recipe, str]:
     """The default static recipe for ``model`` and its label: per-channel Q/DQ needs opset
     13 and the model is never upgraded without being asked, so an older model gets
     per-tensor weights (said in the label); the recovery passes measured to pay
-    (qtool.passes.recovery.DEFAULT) unless the recipe names its own or says auto = false."""
+    (qtool.passes.recovery.DEFAULT) when calibration ``samples`` are given, unless the
+    recipe names its own or says auto = false."""
     from qtool.passes.recovery import DEFAULT
 
     q = recipe.quantize
-    if recipe.recovery.auto and not recipe.recovery.passes:
+    if samples and recipe.recovery.auto and not recipe.recovery.passes:
         recipe = recipe.override("recovery", passes=DEFAULT)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if q.per_channel and opset < PER_CHANNEL_OPSET and not q.allow_opset_upgrade:

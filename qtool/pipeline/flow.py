@@ -286,7 +286,7 @@ def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, 
         if auto and plan_for(recipe).kind == "int8-static":
             from qtool.pipeline.auto import default_static
 
-            recipe, _ = default_static(recipe, source)
+            recipe, _ = default_static(recipe, source, samples=data is not None and calib is None)
         converted, prep_reports = _convert_once(source, model_path, recipe, data, calib, progress)
     prep_reports = [*input_reports, *prep_reports]
     plan = plan_for(recipe)
