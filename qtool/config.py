@@ -125,6 +125,18 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class RecoveryConfig:
+    """Accuracy recovery for static int8 (qtool.passes.recovery); needs calibration data."""
+
+    passes: tuple[str, ...] = ()  # any of cle, smoothquant, adaround, bias
+    samples: int = 32  # calibration samples bias correction / AdaRound / SmoothQuant read (0: all)
+    adaround_seconds: float = 120.0  # AdaRound's time budget over all layers
+    # With no scheme chosen (--scheme auto, the default with --data) and no passes given,
+    # static int8 runs qtool.passes.recovery.DEFAULT (measured to pay: bench/recovery.py).
+    auto: bool = True
+
+
+@dataclass(frozen=True)
 class LayerOverride:
     """Per-layer choice: nodes whose name (or op type) matches ``match`` get these bits.
 
@@ -148,6 +160,7 @@ class Recipe:
     fp16: Fp16Config = field(default_factory=Fp16Config)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     layer: tuple[LayerOverride, ...] = ()
 
     def override(self, section: str, **values: Any) -> Recipe:
@@ -185,6 +198,7 @@ _CHOICES = {
     ("weight_only", "format"): ("matmulnbits", "qdq"),
     ("preprocess", "layout"): ("NCHW", "NHWC"),
     ("preprocess", "color"): ("RGB", "BGR", "L"),
+    ("recovery", "passes"): ("cle", "smoothquant", "adaround", "bias"),
 }
 _MINIMUM = {
     ("calibration", "samples"): (0, "0 uses every sample"),
@@ -192,6 +206,8 @@ _MINIMUM = {
     ("eval", "runs"): (1, "e.g. runs = 50"),
     ("eval", "warmup"): (0, "e.g. warmup = 5"),
     ("eval", "threads"): (0, "0 lets onnxruntime choose"),
+    ("recovery", "samples"): (0, "0 uses every calibration sample"),
+    ("recovery", "adaround_seconds"): (0, "e.g. adaround_seconds = 120"),
 }
 
 _SECTIONS = {
@@ -201,6 +217,7 @@ _SECTIONS = {
     "fp16": Fp16Config,
     "preprocess": PreprocessConfig,
     "eval": EvalConfig,
+    "recovery": RecoveryConfig,
 }
 
 
@@ -269,6 +286,8 @@ def recipe_from_dict(data: dict[str, Any], default_name: str = "custom", source:
 def _check_values(section: str, values: dict[str, Any], where: str) -> None:
     for key, value in values.items():
         choices = _CHOICES.get((section, key))
+        if choices is not None and isinstance(value, tuple):  # a list of choices
+            value = next((v for v in value if v not in choices), choices[0])
         if choices is not None and value not in choices:
             raise RecipeError(f"{section}.{key} = {value!r} is not one of {', '.join(choices)}{where}",
                               f'e.g. {key} = "{choices[0]}"')

@@ -35,6 +35,14 @@ class ActType(str, Enum):
 Algorithm = Enum("Algorithm", {name: name for name in ALGORITHMS}, type=str)
 
 
+RECOVER_HELP = (
+    "Static int8 accuracy recovery, comma-separated (needs --data): cle (cross-layer equalization "
+    "of Conv pairs), smoothquant (MatMul inputs with outlier channels), adaround (learned rounding "
+    "within [recovery] adaround_seconds), bias (bias correction); all, or none. Without it, "
+    "--scheme auto (the default with --data) runs bias. Recipes: [recovery] passes = [...]."
+)
+
+
 def _default_preset(dtype: DType | None, bits: int | None, dynamic: bool | None) -> str | None:
     if dtype == DType.fp16 or bits == 16:
         return "fp16"
@@ -157,6 +165,7 @@ def convert_command(
     write_best: bool = typer.Option(False, "--write-best", help="When nothing meets the floor, still write the best candidate (exit stays 3)."),
     store_weights: bool = typer.Option(False, "--store-weights", help=STORE_WEIGHTS_HELP),
     requantize: bool = typer.Option(False, "--requantize", help=REQUANTIZE_HELP),
+    recover: str = typer.Option(None, "--recover", metavar="PASSES", help=RECOVER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Quantize a model (int8 static/dynamic, 4/3/2-bit weight-only) or convert it to fp16.
@@ -199,6 +208,7 @@ def convert_command(
         keep_8bit=keep_8bit, accuracy_level=accuracy_level,
         allow_opset_upgrade=allow_opset_upgrade, samples=samples,
     )
+    r = _with_recovery(r, recover, plan_for(r).kind, calib) if recover is not None else r
     plan = plan_for(r)
     check_inputs(r, plan, calib=calib, data=data)
     check_output_path(output, model)
@@ -236,7 +246,7 @@ SCHEME_FLAGS = {
     "--algorithm": "algorithm", "--keep-8bit": "keep_8bit", "--accuracy-level": "accuracy_level",
     "--allow-opset-upgrade": "allow_opset_upgrade", "--scheme": "scheme", "--eval-data": "eval_data",
     "--no-guard": "no_guard", "--min-sqnr": "min_sqnr", "--min-agreement": "min_agreement",
-    "--guard-budget": "guard_budget", "--write-best": "write_best",
+    "--guard-budget": "guard_budget", "--write-best": "write_best", "--recover": "recover",
 }
 
 
@@ -285,6 +295,21 @@ def _quantized_input(model: Path, *, store_weights: bool, requantize: bool, fmt,
     flags = tuple(name for name, value in given.items() if value is not None)
     plan = plan_quantized_input(load(model), request, scheme_flags=() if requantize else flags)
     return request if plan is not None and plan.kind == "quantized-input" else None
+
+
+def _with_recovery(r, text: str, kind: str, calib):  # noqa: ANN001, ANN202 - Recipe
+    """The recipe with --recover's passes; an error where they cannot apply."""
+    from qtool.errors import UsageError
+    from qtool.passes.recovery import NEEDS_DATA_HINT, parse_passes
+
+    passes = parse_passes(text)
+    if passes and kind != "int8-static":
+        raise UsageError(f"--recover applies to static int8, not to {kind}",
+                         "drop --recover, or drop --dynamic / --bits / --dtype")
+    if passes and calib is not None:
+        raise UsageError("--recover cannot use a --calib table made beforehand (recovery reads the "
+                         "samples and moves the ranges)", NEEDS_DATA_HINT)
+    return r.override("recovery", passes=passes, auto=False)
 
 
 def _exit_on_failure(report: dict) -> None:

@@ -76,11 +76,17 @@ def transformer_shaped(model: ir.Model) -> bool:
     return "Softmax" in ops_seen and "Conv" not in ops_seen and weighted >= MIN_TRANSFORMER_MATMULS
 
 
-def default_static(recipe: Recipe, model: ir.Model) -> tuple[Recipe, str]:
+def default_static(recipe: Recipe, model: ir.Model, samples: bool = True) -> tuple[Recipe, str]:
     """The default static recipe for ``model`` and its label: per-channel Q/DQ needs opset
     13 and the model is never upgraded without being asked, so an older model gets
-    per-tensor weights (said in the label)."""
+    per-tensor weights (said in the label); the recovery passes measured to pay
+    (qtool.passes.recovery.DEFAULT) when calibration ``samples`` are given, unless the
+    recipe names its own or says auto = false."""
+    from qtool.passes.recovery import DEFAULT
+
     q = recipe.quantize
+    if samples and recipe.recovery.auto and not recipe.recovery.passes:
+        recipe = recipe.override("recovery", passes=DEFAULT)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if q.per_channel and opset < PER_CHANNEL_OPSET and not q.allow_opset_upgrade:
         return (recipe.override("quantize", per_channel=False),
@@ -146,10 +152,11 @@ class Guard:
         from qtool.pipeline.plan import plan_for
 
         plan = plan_for(recipe)
-        if plan.kind not in self.prepared:
-            self.prepared[plan.kind] = prepare(self.source, self.model_path, recipe, plan,
-                                               data=self.calib, progress=self.progress)
-        return self.prepared[plan.kind]
+        key = _prepare_key(recipe)
+        if key not in self.prepared:
+            self.prepared[key] = prepare(self.source, self.model_path, recipe, plan,
+                                         data=self.calib, progress=self.progress)
+        return self.prepared[key]
 
     def attempt(self, label: str, recipe: Recipe):  # noqa: ANN201 - (Attempt, Converted | None)
         from qtool import runtime
@@ -163,7 +170,7 @@ class Guard:
             with self.progress(f"converting ({label})", None, "steps"):
                 converted = convert_model(
                     prepared.model, recipe, table=prepared.table, preprocessed=prepared.preprocessed,
-                    activations=prepared.activations, absmax=prepared.absmax)
+                    activations=prepared.activations, absmax=prepared.absmax, dataset=prepared.dataset)
             path = Path(self.tmp.name) / f"candidate{self.count}.onnx"
             self.count += 1
             save(converted.model, path, verify=False)
@@ -247,7 +254,7 @@ class Guard:
                 outcome.best, outcome.best_attempt = best[1], best[0]
             outcome.decision = f"no candidate met the floor in {len(results)} attempt(s)"
         if outcome.best_attempt is not None:
-            prepared = self.prepared.get(_kind(outcome.best_attempt.recipe))
+            prepared = self.prepared.get(_prepare_key(outcome.best_attempt.recipe))
             outcome.reports = list(getattr(prepared, "reports", []))
         self.tmp.cleanup()
         return outcome
@@ -268,10 +275,13 @@ def _good(attempt: Attempt) -> bool:
     return attempt.meets_floor
 
 
-def _kind(recipe: Recipe) -> str:
+def _prepare_key(recipe: Recipe) -> tuple:
+    """What a preparation depends on: the scheme, and the recovery passes that run before
+    calibration (repairs that only exclude layers share it)."""
+    from qtool.passes.recovery import BEFORE_CALIBRATION_NAMES
     from qtool.pipeline.plan import plan_for
 
-    return plan_for(recipe).kind
+    return plan_for(recipe).kind, tuple(p for p in recipe.recovery.passes if p in BEFORE_CALIBRATION_NAMES)
 
 
 def _decision(attempt: Attempt, tried: int) -> str:

@@ -31,12 +31,14 @@ class Context:
     activations: dict | None = None  # gptq/awq statistics (collect_weight_only_stats)
     absmax: dict | None = None  # per-channel maxima for dynamic int8 smoothing
     on_progress: StageProgress | None = None
+    dataset: object | None = None  # the calibration samples (qtool.data.Dataset), for recovery
     plan: ConvertPlan = field(init=False)
     low_bit: Recipe | None = field(init=False)
     # -- filled in by passes --
     carries: dict[str, str] = field(default_factory=dict)
     table_origin: str | None = None
     ranges: dict[str, tuple[float, float]] | None = None
+    recovery: dict = field(default_factory=dict)  # what one recovery pass leaves the next
 
     def __post_init__(self) -> None:
         self.plan = plan_for(self.recipe)

@@ -52,6 +52,7 @@ def convert_model(
     activations: dict | None = None,
     absmax: dict | None = None,
     on_progress: StageProgress | None = None,
+    dataset=None,  # noqa: ANN001 - qtool.data.Dataset
 ) -> Converted:
     """Convert an in-memory ``model`` as ``recipe`` says (the input is not modified).
 
@@ -59,10 +60,11 @@ def convert_model(
     int8, made on this model. ``preprocessed``: the model has already been through
     qtool.passes.preprocess (as ``prepare`` does before calibrating).
     ``activations``: gptq/awq statistics; ``absmax``: per-channel maxima of MatMul inputs
-    for dynamic int8 smoothing (both made by ``prepare``).
+    for dynamic int8 smoothing (both made by ``prepare``). ``dataset``: the calibration
+    samples, for the recovery passes that read them (``[recovery]``).
     """
     context = Context(recipe, model, table=table, preprocessed=preprocessed,
-                      activations=activations, absmax=absmax, on_progress=on_progress)
+                      activations=activations, absmax=absmax, on_progress=on_progress, dataset=dataset)
     return run_scheme(model, context)
 
 
@@ -76,6 +78,7 @@ class Prepared:
     activations: dict | None = None
     absmax: dict | None = None
     reports: list[PassReport] = field(default_factory=list)
+    dataset: object | None = None  # the calibration samples, when recovery reads them
 
 
 def prepare(
@@ -94,6 +97,13 @@ def prepare(
     if plan.kind == "int8-static":
         if calib is not None:
             from qtool.calibration.table import CalibrationTable
+
+            if recipe.recovery.passes:
+                from qtool.errors import UsageError
+                from qtool.passes.recovery import NEEDS_DATA_HINT
+
+                raise UsageError("recovery (--recover / [recovery]) cannot use a calibration table made "
+                                 "beforehand: it reads the samples and moves the ranges", NEEDS_DATA_HINT)
 
             return Prepared(source, table=CalibrationTable.load(calib))
         return _calibrated(source, data, recipe, progress)
@@ -177,7 +187,15 @@ def _calibrated(source: ir.Model, data, recipe: Recipe, progress: ProgressFactor
     from qtool.passes.preprocess import preprocess
 
     work = source.clone()
-    report = preprocess(work)
+    reports = [preprocess(work)]
+    dataset = None
+    if recipe.recovery.passes:
+        from qtool.pipeline.schemes import BEFORE_CALIBRATION, run_passes
+
+        dataset = data = as_dataset(data, work, recipe)
+        with progress("recovery before calibration", None, "steps"):
+            reports += run_passes(work, Context(recipe, work, preprocessed=True, dataset=dataset),
+                                  BEFORE_CALIBRATION)
     with progress("calibrating", None, "samples") as advance:
         last = [0]
 
@@ -186,7 +204,7 @@ def _calibrated(source: ir.Model, data, recipe: Recipe, progress: ProgressFactor
             last[0] = p.done
 
         table = calibrate(work, data, recipe, on_progress=on_batch)
-    return Prepared(work, table=table, preprocessed=True, reports=[report])
+    return Prepared(work, table=table, preprocessed=True, reports=reports, dataset=dataset)
 
 
 def convert_file(
@@ -268,7 +286,7 @@ def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, 
         if auto and plan_for(recipe).kind == "int8-static":
             from qtool.pipeline.auto import default_static
 
-            recipe, _ = default_static(recipe, source)
+            recipe, _ = default_static(recipe, source, samples=data is not None and calib is None)
         converted, prep_reports = _convert_once(source, model_path, recipe, data, calib, progress)
     prep_reports = [*input_reports, *prep_reports]
     plan = plan_for(recipe)
@@ -333,6 +351,7 @@ def _convert_once(source: ir.Model, model_path: Path, recipe: Recipe, data, cali
         converted = convert_model(
             prepared.model, recipe, table=prepared.table, preprocessed=prepared.preprocessed,
             activations=prepared.activations, absmax=prepared.absmax, on_progress=on_progress,
+            dataset=prepared.dataset,
         )
     return converted, prepared.reports
 

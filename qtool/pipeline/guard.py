@@ -188,12 +188,27 @@ def nearest_layers(model: ir.Model, outputs: list[str], count: int) -> list[str]
     return found
 
 
+def recovery_repair(label: str, recipe: Recipe) -> Iterator[tuple[str, Recipe]]:
+    """A static int8 candidate with the recovery passes of REPAIR added (none: it has them
+    all already, or it is another scheme)."""
+    from qtool.passes.recovery import PASSES, REPAIR
+    from qtool.pipeline.plan import plan_for
+
+    have = recipe.recovery.passes
+    if plan_for(recipe).kind != "int8-static" or all(p in have for p in REPAIR):
+        return
+    passes = tuple(p for p in PASSES if p in have or p in REPAIR)
+    yield f"{label} + recovery ({', '.join(passes)})", recipe.override("recovery", passes=passes)
+
+
 def repairs(attempt: Attempt, model: ir.Model, ranked: list[list[str]] | None = None
             ) -> Iterator[tuple[str, Recipe]]:
     """Ever larger sets of layers kept float, from two rankings taken in turns: the layers
     nearest the outputs that missed the floor (a head whose output shares one scale), and
     the layers diagnosis ranks costliest (``ranked``: node-name groups, worst first; where
-    the error starts further up). A set already tried is not tried again."""
+    the error starts further up). A set already tried is not tried again. Static int8 tries
+    accuracy recovery first (``recovery_repair``)."""
+    yield from recovery_repair(attempt.label, attempt.recipe)
     failing = [o.name for o in attempt.outputs
                if any(s.startswith(f"output {o.name}:") for s in attempt.shortfalls)]
     rankings = [("nearest the output", lambda step: nearest_layers(model, failing, step))]

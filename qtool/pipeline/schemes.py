@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import onnx_ir as ir
 
-from qtool.passes import PassReport
+from qtool.passes import PassReport, recovery
 from qtool.pipeline import steps
 from qtool.pipeline.context import Context
 from qtool.pipeline.summary import ConvertSummary, snapshot, summarize
@@ -27,12 +27,28 @@ SCHEMES: dict[str, tuple[type, ...]] = {
     ),
     "int8-static": (
         steps.PerChannelOpset, steps.ConvBlocksOpset, steps.Preprocess, steps.LowBitLayers,
-        steps.TableRanges, steps.StaticInt8, steps.QOperatorFormat, steps.Recurrent, steps.Cleanup,
+        steps.TableRanges, recovery.AdaRound, recovery.BiasCorrection, steps.StaticInt8,
+        steps.QOperatorFormat, steps.Recurrent, steps.Cleanup,
     ),
     # An already-quantized model (convert --store-weights / --format): no calibration, no new
     # quantization; plan.plan_quantized_input chooses it.
     "quantized-input": (steps.StoreWeights, steps.QDQFormat, steps.QOperatorReady, steps.QOperatorFormat),
 }
+# Run by qtool.pipeline.flow.prepare on the pre-processed graph before it calibrates: they
+# move activation ranges (when the recipe's [recovery] asks for them).
+BEFORE_CALIBRATION: tuple[type, ...] = (recovery.CrossLayerEqualization, recovery.StaticSmoothQuant)
+
+
+def run_passes(model: ir.Model, context: Context, classes: tuple[type, ...]) -> list[PassReport]:
+    """Run those of ``classes`` that apply, in place, in order; their reports."""
+    reports = []
+    for cls in classes:
+        step = cls(context)
+        if step.applies(model):
+            result = step(model)
+            if result.report is not None:
+                reports.append(result.report)
+    return reports
 
 
 class Converted(NamedTuple):
