@@ -37,13 +37,17 @@ class ConvertPlan:
 def plan_for(recipe: Recipe) -> ConvertPlan:
     """The scheme for ``recipe``; raises UsageError for combinations that make no sense."""
     q = recipe.quantize
+    if q.activation_bits not in (8, 16):
+        raise UsageError(f"--activation-bits {q.activation_bits} is not supported", "use 8, or 16 for A16W8")
     if q.dtype == "fp16":
+        _no_wide_activations(recipe, "--dtype fp16 is half-precision float")
         return ConvertPlan("fp16", False, "fp16")
     if q.dtype != "int":
         raise UsageError(f"unknown dtype {q.dtype!r}", "use --dtype int or --dtype fp16")
     if q.bits in WEIGHT_ONLY_BITS or q.format == "matmulnbits":
         if q.dynamic:
             raise UsageError("--dynamic is an int8 mode", "drop --dynamic for weight-only 4/3/2-bit")
+        _no_wide_activations(recipe, f"--bits {q.bits} is weight-only (activations stay float)")
         if q.format == "qoperator":
             raise UsageError(
                 "--format qoperator is an int8 format",
@@ -67,13 +71,25 @@ def plan_for(recipe: Recipe) -> ConvertPlan:
                              "quantized activations", "drop --format qoperator")
         return ConvertPlan("int8-weights", False, "float-activations")
     if q.dynamic:
+        _no_wide_activations(recipe, "--dynamic quantizes activations to 8 bits at run time")
         if q.format == "qoperator":
             raise UsageError(
                 "--dynamic already emits integer ops; --format qoperator is for static int8",
                 "drop --format, or drop --dynamic and pass --calib/--data",
             )
         return ConvertPlan("int8-dynamic", False, "dynamic")
+    if q.format == "qoperator":
+        _no_wide_activations(recipe, "--format qoperator has no 16-bit QLinear* operators")
     return ConvertPlan("int8-static", True, q.format)
+
+
+def _no_wide_activations(recipe: Recipe, why: str) -> None:
+    """16-bit activations (the flag, or a [[layer]] activation_bits = 16) are a static QDQ
+    choice: any other scheme given them is an error."""
+    if recipe.wide_activations():
+        raise UsageError(f"--activation-bits 16 cannot apply: {why}",
+                         "16-bit activations (A16W8) are static QDQ: drop --activation-bits, or use "
+                         "--data/--calib without --dynamic/--bits/--dtype/--format qoperator")
 
 
 def weight_only_part(recipe: Recipe) -> Recipe | None:
@@ -82,9 +98,10 @@ def weight_only_part(recipe: Recipe) -> Recipe | None:
     Overrides keep their order (first match wins); those at 8 bits or more become 32 and a
     final ``*`` = 32 keeps every other node float. None when no override is below 8 bits.
     """
-    if not any(rule.bits < 8 for rule in recipe.layer):
+    if not any(rule.bits is not None and rule.bits < 8 for rule in recipe.layer):
         return None
-    rules = tuple(r if r.bits < 8 else LayerOverride(r.match, 32) for r in recipe.layer)
+    rules = tuple(r if r.bits < 8 else LayerOverride(r.match, 32)
+                  for r in recipe.layer if r.bits is not None)
     return dataclasses.replace(recipe, layer=rules + (LayerOverride("*", 32),))
 
 
