@@ -141,7 +141,7 @@ class Guard:
         return time.perf_counter() - self.start > self.budget_s
 
     def prepare(self, recipe: Recipe):  # noqa: ANN201 - Prepared
-        """Calibration/statistics once per scheme: repairs only exclude more layers."""
+        """Calibration/statistics once per scheme: repairs only exclude or widen layers."""
         from qtool.pipeline.flow import prepare
         from qtool.pipeline.plan import plan_for
 
@@ -225,11 +225,13 @@ class Guard:
             if base is not None:
                 model = self.prepare(base[0].recipe).model
                 outcome.ranking, outcome.ranking_note = self.rank(base[0])
-                for label, repaired in repairs(base[0], model, outcome.ranking):
+                for alternatives in repairs(base[0], model, outcome.ranking):
                     if self.over_budget():
                         break
-                    results.append(self.attempt(label, repaired))
-                    if _good(results[-1][0]):
+                    # Both repairs of a round are measured, so the choice below can weigh
+                    # their speed (the 16-bit one keeps int8 weights: it comes first).
+                    results += [self.attempt(label, repaired) for label, repaired in alternatives]
+                    if any(_good(a) for a, _ in results[-len(alternatives):]):
                         break
         if auto and not any(_good(a) for a, _ in results) and not self.over_budget():
             results.append(self.attempt(WEIGHTS_LABEL, weights_candidate(recipe)))
@@ -294,6 +296,9 @@ def slower_reason(attempt: Attempt) -> str:
     if attempt.recipe.quantize.weights_only:
         return ("its weights are stored int8 and every activation stays float (no int8-activation "
                 "candidate met the floor): it is smaller, not faster")
+    if any(r.activation_bits == 16 for r in attempt.recipe.layer):
+        return ("the layers with 16-bit activations run in float on onnxruntime's CPU provider (it has "
+                "no 16-bit integer kernels), between 16-bit quantize/dequantize steps")
     if attempt.recipe.quantize.exclude:
         return ("the layers kept float add quantize/dequantize steps at every boundary with "
                 "int8 layers (see `qtool eval --json` integer-kernel report for which nodes run int8)")
