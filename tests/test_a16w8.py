@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 from qtool.cli import run
 from qtool.config import Recipe, recipe_from_dict
 from qtool.errors import RecipeError, UsageError
-from qtool.pipeline import convert_model, plan_for
+from qtool.pipeline import plan_for
 
 RNG = np.random.default_rng(16)
 WIDE = {TensorProto.UINT16, TensorProto.INT16}
