@@ -20,7 +20,8 @@ opset 13, as the default does); qtool A16W8 (the same recipe and calibration tab
 ``quant_pre_process`` (skipped when that step fails; per-tensor when per-channel fails).
 
 Columns: the task metric (or proxy) and the worst output SQNR against fp32 (median over
-samples); "recovered" = the share of static int8's loss that A16W8 wins back: for a metric,
+samples); "recovered" = the share of static int8's loss that A16W8 wins back (onnxruntime's A16W8
+against onnxruntime's u8 row), on the metric and on the worst SQNR: for a metric,
 (m_a16 - m_int8) / (m_fp32 - m_int8); for an SQNR (fp32 = inf), 1 - NSR_a16 / NSR_int8 with
 NSR = 10^(-SQNR/10), the error energy. Latency on onnxruntime's CPU provider (2 threads,
 interleaved rounds, median; zoo_metrics.latency_interleaved) and on OpenVINO's CPU plugin
@@ -83,18 +84,38 @@ class Source:
             self.entry = corpus.entry(name)
         self.ref = corpus.run_model(self.src, self.evals)
 
-    def score(self, path: Path) -> dict:
-        """{"metric": name, "value": v, "higher": bool, "worst_sqnr_db": dB}"""
-        out = corpus.run_model(path, self.evals)
+    def score(self, path: Path, float_matmul: bool = False) -> dict:
+        """{"metric": name, "value": v, "higher": bool, "worst_sqnr_db": dB}; ``float_matmul``:
+        with the session option that keeps onnxruntime's int8-weight MatMulNBits from
+        quantizing its input to int8 (MATMUL_OPTION)."""
+        sess = _session(path, float_matmul)
+        out = [sess.run(None, f) for f in self.evals]
         worst = min(float(np.median([corpus.sqnr_db(r[i], o[i]) for r, o in zip(self.ref, out)]))
                     for i in range(len(self.ref[0])) if np.asarray(self.ref[0][i]).dtype.kind == "f")
         if self.is_zoo:
-            key, value = _zoo_metric(zoo.evaluate(self.name, path))
+            from zoo_specs import spec_of
+
+            key, value = _zoo_metric(spec_of(self.name).evaluate(self.name, sess, "eval"))
             return {"metric": key, "value": value, "higher": key != "cer", "worst_sqnr_db": worst}
         res = corpus.score(self.name, self.ref, out, self.labels)
         value = res.get(self.entry.metric)
         return {"metric": self.entry.metric, "value": None if value is None else float(value),
                 "higher": self.entry.higher_is_better, "worst_sqnr_db": worst}
+
+
+MATMUL_OPTION = ("session.qdq_matmulnbits_accuracy_level", "0")
+
+
+def _session(path: Path, float_matmul: bool):
+    """A 2-thread CPU session (as corpus.run_model and zoo.session make)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+    opts.log_severity_level = 3
+    if float_matmul:
+        opts.add_session_config_entry(*MATMUL_OPTION)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def _zoo_metric(result: dict) -> tuple[str, float]:
@@ -242,6 +263,9 @@ def run_model(name: str, with_ov: bool) -> dict:
         try:
             r.update(source.score(Path(r["path"])))
             r["size"] = zoo_size(Path(r["path"]))
+            if r["config"] in (A16, A16_21, ORT16):
+                alt = source.score(Path(r["path"]), float_matmul=True)
+                r["float_matmul"] = {"value": alt["value"], "worst_sqnr_db": alt["worst_sqnr_db"]}
         except Exception as exc:  # noqa: BLE001 - an output that does not run is a result too
             r["error"] = f"does not run: {type(exc).__name__}: {str(exc)[:200]}"
         print(f"[a16w8] {name} | {json.dumps(r, default=str)}", file=sys.stderr, flush=True)
@@ -267,12 +291,13 @@ def zoo_size(path: Path) -> int:
 # -- the report --------------------------------------------------------------------------
 
 
-def recovered(fp32: dict, int8: dict, a16: dict) -> float | None:
-    """The share of int8's loss that A16W8 wins back (see the module docstring)."""
-    if any(r.get("value") is None for r in (fp32, int8, a16)):
+def recovered(fp32: dict, int8: dict, a16: dict, key: str = "value") -> float | None:
+    """The share of int8's loss that A16W8 wins back (see the module docstring), on the
+    metric (``key="value"``) or on the worst output SQNR (``key="worst_sqnr_db"``)."""
+    if any(r.get(key) is None for r in (fp32, int8, a16)):
         return None
-    f, i, a = fp32["value"], int8["value"], a16["value"]
-    if math.isinf(f):  # an SQNR proxy against fp32: compare error energies
+    f, i, a = fp32[key], int8[key], a16[key]
+    if math.isinf(f):  # an SQNR against fp32: compare error energies
         nsr = lambda db: 10 ** (-db / 10)  # noqa: E731
         return 1 - nsr(a) / nsr(i) if nsr(i) > 0 else None
     loss = (f - i) if fp32["higher"] else (i - f)
@@ -306,22 +331,28 @@ def write_report() -> str:
         fp32 = rows["fp32"]
         lines += [f"## {name}", "", f"metric: {fp32.get('metric')} ({'higher' if fp32.get('higher') else 'lower'} "
                   f"is better); load average {data['load_avg']}", "",
-                  "| config | metric | worst SQNR dB | recovered of int8's loss | size MB | ORT ms (vs fp32) "
-                  "| OpenVINO ms (vs fp32) | note |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| config | metric | worst SQNR dB | recovered of int8's loss: metric / SQNR | size MB "
+                  "| ORT ms (vs fp32) | OpenVINO ms (vs fp32) | note |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         for label, r in rows.items():
             if "error" in r:
                 lines.append(f"| {label} | error | | | | | | {r['error'][:160]} |")
                 continue
-            rec = None
+            rec = "–"
             if label in (A16, A16_21, ORT16):
                 base = rows.get(ORT8 if label == ORT16 else INT8, {})
-                rec = recovered(fp32, base, r) if "error" not in base else None
+                if "error" not in base:
+                    rec = " / ".join("–" if v is None else f"{v:.0%}" for v in
+                                     (recovered(fp32, base, r), recovered(fp32, base, r, "worst_sqnr_db")))
             ort = f"{r['ort_ms']:.2f} ({r['ort_ms'] / fp32['ort_ms']:.2f}x)" if r.get("ort_ms") else "–"
             ov = (f"{r['ov_ms']:.2f} ({r['ov_ms'] / fp32['ov_ms']:.2f}x)" if r.get("ov_ms") and fp32.get("ov_ms")
                   else ("does not load: " + r["ov_error"][:100] if r.get("ov_error") else "–"))
+            note = r.get("note", "")
+            alt = r.get("float_matmul")
+            if alt and (alt["value"], alt["worst_sqnr_db"]) != (r.get("value"), r.get("worst_sqnr_db")):
+                note = (f"with `{'='.join(MATMUL_OPTION)}`: metric {_fmt(alt['value'])}, worst SQNR "
+                        f"{_fmt(alt['worst_sqnr_db'], 1)} dB" + (f"; {note}" if note else ""))
             lines.append(f"| {label} | {_fmt(r.get('value'))} | {_fmt(r.get('worst_sqnr_db'), 1)} | "
-                         f"{'–' if rec is None else f'{rec:.0%}'} | {r['size'] / 1e6:.2f} | {ort} | {ov} | "
-                         f"{r.get('note', '')} |")
+                         f"{rec} | {r['size'] / 1e6:.2f} | {ort} | {ov} | {note} |")
         lines.append("")
     text = "\n".join(lines) + "\n"
     notes = HERE / "results" / "a16w8_notes.md"

@@ -31,6 +31,14 @@ class ActType(str, Enum):
     int8 = "int8"
 
 
+ACTIVATION_BITS_HELP = (
+    "16: A16W8, 16-bit activations (uint16, or int16 with --activation-type int8) with int8 weights, "
+    "from the same calibration: 256x finer activation steps where 8 bits lose accuracy. Standard "
+    "Q/DQ at opset 21 (--allow-opset-upgrade raises it), onnxruntime's com.microsoft Q/DQ below. "
+    "An accuracy and NPU (QNN) format: onnxruntime's CPU provider runs those layers in float, so "
+    "it is not faster there [default: 8]."
+)
+
 # The choices are the library's own lists, so a new algorithm needs no CLI edit.
 Algorithm = Enum("Algorithm", {name: name for name in ALGORITHMS}, type=str)
 
@@ -141,13 +149,7 @@ def convert_command(
     per_channel: bool = typer.Option(None, "--per-channel/--per-tensor", help="int8 weight granularity."),
     symmetric_activations: bool = typer.Option(None, "--symmetric-activations", help="Symmetric activation ranges."),
     activation_type: ActType = typer.Option(None, "--activation-type", help="uint8 (fused into onnxruntime's fast x86 kernels) or int8 [default: uint8]."),
-    activation_bits: int = typer.Option(
-        None, "--activation-bits",
-        help="16: A16W8, 16-bit activations (uint16, or int16 with --activation-type int8) with int8 "
-             "weights, from the same calibration; 256x finer activation steps where 8 bits lose "
-             "accuracy. Standard Q/DQ at opset 21 (--allow-opset-upgrade raises it), onnxruntime's "
-             "com.microsoft Q/DQ below. For NPUs (QNN) and accuracy; onnxruntime's CPU provider runs "
-             "those layers in float, so it is not faster there [default: 8]."),
+    activation_bits: int = typer.Option(None, "--activation-bits", help=ACTIVATION_BITS_HELP),
     exclude: list[str] = typer.Option(None, "--exclude", help="Node name, glob or op type to keep in float (repeatable)."),
     recipe: str = typer.Option(None, "--recipe", help="Preset name or .toml path [default: by mode]."),
     block_size: int = typer.Option(None, "--block-size", help="Weight-only block size: 32, 64, 128, 256 [default: 128]."),
@@ -198,8 +200,7 @@ def convert_command(
     from qtool.pipeline import convert_file, plan_for
     from qtool.pipeline.plan import check_inputs, speed_warnings
 
-    check_flags(bits=bits, dtype=dtype, dynamic=dynamic, data=data, samples=samples,
-                activation_bits=activation_bits, fmt=fmt)
+    check_flags(bits=bits, dtype=dtype, dynamic=dynamic, data=data, samples=samples, activation_bits=activation_bits, fmt=fmt)
     # Flags that belong to one scheme choose it: the guard then repairs, never swaps it.
     explicit = any(v is not None for v in (
         bits, dtype, dynamic, fmt, calib, recipe, per_channel, symmetric_activations, activation_type,
