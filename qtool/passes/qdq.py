@@ -57,7 +57,6 @@ _DTYPES = {
     "int16": ir.DataType.INT16,
     "int32": ir.DataType.INT32,
 }
-
 # A Gather table smaller than this is not worth an int8 copy.
 MIN_GATHER_ELEMENTS = 4096
 FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
