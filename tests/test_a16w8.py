@@ -233,3 +233,8 @@ def test_the_guard_repairs_with_16_bit_activations_beside_keeping_layers_float(t
     assert twin in attempts
     assert guard["chosen"] in (raised[0]["label"], twin) and attempts[guard["chosen"]]["meets_floor"]
     assert out.exists()
+
+
+def test_int8_weights_and_16_bit_activations_cannot_go_together():
+    with pytest.raises(UsageError, match="activation-bits 16 cannot apply"):
+        plan_for(Recipe().override("quantize", weights_only=True, activation_bits=16))

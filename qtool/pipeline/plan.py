@@ -63,6 +63,7 @@ def plan_for(recipe: Recipe) -> ConvertPlan:
             "use uint8 or int8",
         )
     if q.weights_only:
+        _no_wide_activations(recipe, "weights_only keeps activations float")
         if q.dynamic:
             raise UsageError("weights_only keeps activations float; --dynamic quantizes them at run time",
                              "pick one of the two")
