@@ -2,8 +2,10 @@
 
 ``--scheme auto`` (the default when data is given and no scheme flag is) tries static
 int8 and dynamic int8 (dynamic first on transformer-shaped graphs, where static int8
-activations are known to lose the most), then repairs of the best of them, and last int8
-weight storage with float activations (smaller, not faster). An explicit
+activations are known to lose the most), then repairs of the best of them (the layers
+nearest the failing output at 16-bit activations, or float), and last int8 weight storage
+with float activations (smaller, not faster), also when the only repair that met the floor
+has 16-bit activations and runs slower than float (the choice then weighs their speed). An explicit
 scheme is measured and repaired the same way, but never swapped for another.
 """
 
@@ -233,7 +235,10 @@ class Guard:
                     results += [self.attempt(label, repaired) for label, repaired in alternatives]
                     if any(_good(a) for a, _ in results[-len(alternatives):]):
                         break
-        if auto and not any(_good(a) for a, _ in results) and not self.over_budget():
+        # A 16-bit repair slower than float (onnxruntime's CPU provider runs those layers in
+        # float) still lets the last resort be measured: the choice then weighs their speed.
+        if auto and not any(_good(a) and not (a.widened and a.slower) for a, _ in results) \
+                and not self.over_budget():
             results.append(self.attempt(WEIGHTS_LABEL, weights_candidate(recipe)))
         outcome.attempts = [a for a, _ in results]
         good = [r for r in results if _good(r[0])]
@@ -296,7 +301,7 @@ def slower_reason(attempt: Attempt) -> str:
     if attempt.recipe.quantize.weights_only:
         return ("its weights are stored int8 and every activation stays float (no int8-activation "
                 "candidate met the floor): it is smaller, not faster")
-    if any(r.activation_bits == 16 for r in attempt.recipe.layer):
+    if attempt.widened:
         return ("the layers with 16-bit activations run in float on onnxruntime's CPU provider (it has "
                 "no 16-bit integer kernels), between 16-bit quantize/dequantize steps")
     if attempt.recipe.quantize.exclude:

@@ -85,6 +85,11 @@ class Attempt:
         return self.error is None and not self.shortfalls
 
     @property
+    def widened(self) -> bool:
+        """Whether [[layer]] rules give some layers 16-bit activations (the guard's repair)."""
+        return any(r.activation_bits == 16 for r in self.recipe.layer)
+
+    @property
     def slower(self) -> bool:
         return self.latency_ratio is not None and self.latency_ratio > SLOWER_MARGIN
 
