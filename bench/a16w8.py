@@ -24,7 +24,8 @@ samples); "recovered" = the share of static int8's loss that A16W8 wins back (on
 against onnxruntime's u8 row), on the metric and on the worst SQNR: for a metric,
 (m_a16 - m_int8) / (m_fp32 - m_int8); for an SQNR (fp32 = inf), 1 - NSR_a16 / NSR_int8 with
 NSR = 10^(-SQNR/10), the error energy. Latency on onnxruntime's CPU provider (2 threads,
-interleaved rounds, median; zoo_metrics.latency_interleaved) and on OpenVINO's CPU plugin
+interleaved rounds, median wall time; and the median thread CPU time of a 1-thread session,
+which other processes on a loaded machine barely disturb; zoo_metrics.latency_interleaved) and on OpenVINO's CPU plugin
 (each model in a fresh process, 2 threads, its default precision hint, rounds alternating
 between models, median of the per-process medians). A model OpenVINO cannot read is said so.
 """
@@ -332,7 +333,7 @@ def write_report() -> str:
         lines += [f"## {name}", "", f"metric: {fp32.get('metric')} ({'higher' if fp32.get('higher') else 'lower'} "
                   f"is better); load average {data['load_avg']}", "",
                   "| config | metric | worst SQNR dB | recovered of int8's loss: metric / SQNR | size MB "
-                  "| ORT ms (vs fp32) | OpenVINO ms (vs fp32) | note |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| ORT ms, 2-thread wall / 1-thread CPU (vs fp32) | OpenVINO ms (vs fp32) | note |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         for label, r in rows.items():
             if "error" in r:
                 lines.append(f"| {label} | error | | | | | | {r['error'][:160]} |")
@@ -343,9 +344,10 @@ def write_report() -> str:
                 if "error" not in base:
                     rec = " / ".join("–" if v is None else f"{v:.0%}" for v in
                                      (recovered(fp32, base, r), recovered(fp32, base, r, "worst_sqnr_db")))
-            ort = f"{r['ort_ms']:.2f} ({r['ort_ms'] / fp32['ort_ms']:.2f}x)" if r.get("ort_ms") else "–"
+            ort = (f"{r['ort_ms']:.2f} ({r['ort_ms'] / fp32['ort_ms']:.2f}x) / {r['ort_cpu_ms']:.2f} "
+                   f"({r['ort_cpu_ms'] / fp32['ort_cpu_ms']:.2f}x)" if r.get("ort_ms") else "–")
             ov = (f"{r['ov_ms']:.2f} ({r['ov_ms'] / fp32['ov_ms']:.2f}x)" if r.get("ov_ms") and fp32.get("ov_ms")
-                  else ("does not load: " + r["ov_error"][:100] if r.get("ov_error") else "–"))
+                  else ("failed: " + r["ov_error"][:100] if r.get("ov_error") else "not measured"))
             note = r.get("note", "")
             alt = r.get("float_matmul")
             if alt and (alt["value"], alt["worst_sqnr_db"]) != (r.get("value"), r.get("worst_sqnr_db")):

@@ -238,3 +238,11 @@ def test_the_guard_repairs_with_16_bit_activations_beside_keeping_layers_float(t
 def test_int8_weights_and_16_bit_activations_cannot_go_together():
     with pytest.raises(UsageError, match="activation-bits 16 cannot apply"):
         plan_for(Recipe().override("quantize", weights_only=True, activation_bits=16))
+
+
+def test_convert_says_16_bit_activations_are_not_a_cpu_speed_up():
+    from qtool.pipeline.plan import SLOW_WIDE_ACTIVATIONS, speed_warnings
+
+    wide = Recipe().override("quantize", activation_bits=16)
+    assert SLOW_WIDE_ACTIVATIONS in speed_warnings(wide, plan_for(wide))
+    assert SLOW_WIDE_ACTIVATIONS not in speed_warnings(Recipe(), plan_for(Recipe()))

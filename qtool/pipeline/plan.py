@@ -19,6 +19,15 @@ SLOW_INT8_ACTIVATIONS = (
     "on a ResNet-18-shaped CNN: 104 ms vs 97 ms fp32, and 37-40 ms with uint8 activations); "
     "--activation-type uint8 is the fast choice on this CPU"
 )
+# bench/a16w8.py (onnxruntime 1.32, CPU provider): EfficientNet-Lite0 1-thread CPU time fp32
+# 9.3 ms, static int8 5.3 ms, A16W8 34 ms (onnxruntime's own A16W8: 31 ms).
+SLOW_WIDE_ACTIVATIONS = (
+    "16-bit activations are an accuracy (and NPU) format: onnxruntime's CPU provider has no 16-bit "
+    "integer kernels and runs those layers in float between 16-bit quantize/dequantize steps "
+    "(measured here on EfficientNet-Lite0: 3.7x fp32's CPU time, static int8 0.57x); it also "
+    "requantizes the input of int8-weight MatMuls to 8 bits unless the session sets "
+    "session.qdq_matmulnbits_accuracy_level=0"
+)
 SLOW_ACCURACY_LEVEL = (
     "MatMulNBits accuracy_level {level} computes in float on the CPU provider (measured here: "
     "3.4x slower per token than --accuracy-level 4, which uses int8 activations)"
@@ -109,8 +118,11 @@ def weight_only_part(recipe: Recipe) -> Recipe | None:
 def speed_warnings(recipe: Recipe, plan: ConvertPlan) -> list[str]:
     """Choices known to run slow on this kind of CPU, said before any work is done."""
     warnings = []
-    if plan.kind == "int8-static" and recipe.quantize.activation_type == "int8":
+    if (plan.kind == "int8-static" and recipe.quantize.activation_type == "int8"
+            and recipe.quantize.activation_bits == 8):
         warnings.append(SLOW_INT8_ACTIVATIONS)
+    if plan.kind == "int8-static" and recipe.wide_activations():
+        warnings.append(SLOW_WIDE_ACTIVATIONS)
     if (plan.kind == "weight-only" and plan.format == "matmulnbits"
             and recipe.weight_only.accuracy_level < 4):
         warnings.append(SLOW_ACCURACY_LEVEL.format(level=recipe.weight_only.accuracy_level))
