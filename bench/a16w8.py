@@ -331,7 +331,7 @@ def write_report() -> str:
         rows = {r["config"]: r for r in data["rows"]}
         fp32 = rows["fp32"]
         lines += [f"## {name}", "", f"metric: {fp32.get('metric')} ({'higher' if fp32.get('higher') else 'lower'} "
-                  f"is better); load average {data['load_avg']}", "",
+                  f"is better); load average {data['load_avg']}" + (f". {data['note']}" if data.get("note") else ""), "",
                   "| config | metric | worst SQNR dB | recovered of int8's loss: metric / SQNR | size MB "
                   "| ORT ms, 2-thread wall / 1-thread CPU (vs fp32) | OpenVINO ms (vs fp32) | note |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         for label, r in rows.items():
