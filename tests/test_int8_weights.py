@@ -1,7 +1,7 @@
 """Int8 weight storage (qtool.passes.int8_weights), and the guard's use of it as a last resort.
 
 The models stand for two classes: a small CNN/MLP whose weights alone are quantized, and a
-Conv model whose *activations* do not survive 8 bits (an input channel 1000x the others,
+Conv model whose *activations* do not survive 8 bits (an input channel 1e5x the others,
 as in score maps and un-normalized sensor inputs), which no int8-activation candidate or
 exclusion repairs.
 """

@@ -252,6 +252,7 @@ SCHEME_FLAGS = {
     "--bits": "bits", "--dtype": "dtype", "--dynamic": "dynamic", "--calib": "calib", "--recipe": "recipe",
     "--samples": "samples", "--per-channel/--per-tensor": "per_channel",
     "--symmetric-activations": "symmetric_activations", "--activation-type": "activation_type",
+    "--activation-bits": "activation_bits",
     "--exclude": "exclude", "--block-size": "block_size", "--symmetric/--asymmetric": "symmetric",
     "--algorithm": "algorithm", "--keep-8bit": "keep_8bit", "--accuracy-level": "accuracy_level",
     "--allow-opset-upgrade": "allow_opset_upgrade", "--scheme": "scheme", "--eval-data": "eval_data",
