@@ -21,6 +21,10 @@ Example::
     [[layer]]                 # per-layer overrides, first match wins
     match = "lm_head*"
     bits = 8
+
+    [[layer]]                 # 16-bit activations (A16W8) for the matching nodes
+    match = "head/*"
+    activation_bits = 16
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class QuantizeConfig:
     per_channel: bool = True
     symmetric_activations: bool = False
     activation_type: str = "uint8"  # uint8 runs fused on x86 CPUs; int8 often does not
+    activation_bits: int = 8  # 16: A16W8, uint16/int16 activations (signedness of activation_type)
     weight_type: str = "int8"
     op_types: tuple[str, ...] = ()  # empty: every op of the registry
     exclude: tuple[str, ...] = ()  # node names, op types or glob patterns left in float
@@ -141,10 +146,14 @@ class LayerOverride:
     """Per-layer choice: nodes whose name (or op type) matches ``match`` get these bits.
 
     bits: 32 keeps float, 16 fp16, 8/4/3/2 integer. Used by `qtool tune` output recipes.
+    activation_bits: 16 gives the node's activations (inputs and outputs) 16-bit QDQ in
+    static int8 (A16W8), 8 keeps them 8-bit. Either key may be given alone (None: not set);
+    each is looked up first-match among the rules that set it.
     """
 
     match: str
-    bits: int
+    bits: int | None = None
+    activation_bits: int | None = None
 
     def matches(self, node_name: str, op_type: str = "") -> bool:
         return fnmatch.fnmatchcase(node_name, self.match) or self.match == op_type
@@ -177,9 +186,21 @@ class Recipe:
 
     def bits_for(self, node_name: str, op_type: str, default: int) -> int:
         for rule in self.layer:
-            if rule.matches(node_name, op_type):
+            if rule.bits is not None and rule.matches(node_name, op_type):
                 return rule.bits
         return default
+
+    def activation_bits_for(self, node_name: str, op_type: str) -> int:
+        """The activation bits of a node: the first [[layer]] rule that sets
+        ``activation_bits`` and matches, else ``quantize.activation_bits``."""
+        for rule in self.layer:
+            if rule.activation_bits is not None and rule.matches(node_name, op_type):
+                return rule.activation_bits
+        return self.quantize.activation_bits
+
+    def wide_activations(self) -> bool:
+        """Whether any node may get 16-bit activations (the scheme or a [[layer]] rule)."""
+        return self.quantize.activation_bits == 16 or any(r.activation_bits == 16 for r in self.layer)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,6 +221,7 @@ _CHOICES = {
     ("preprocess", "color"): ("RGB", "BGR", "L"),
     ("recovery", "passes"): ("cle", "smoothquant", "adaround", "bias"),
 }
+_INT_CHOICES = {("quantize", "activation_bits"): (8, 16)}
 _MINIMUM = {
     ("calibration", "samples"): (0, "0 uses every sample"),
     ("calibration", "batch_size"): (1, "e.g. batch_size = 8"),
@@ -267,20 +289,27 @@ def recipe_from_dict(data: dict[str, Any], default_name: str = "custom", source:
     layers = data.get("layer", [])
     if not isinstance(layers, list):
         raise RecipeError(f"'layer' must be an array of tables{where}", "write it as [[layer]]")
-    overrides = []
-    for entry in layers:
-        extra = sorted(set(entry) - {"match", "bits"})
-        if extra or "match" not in entry or "bits" not in entry:
-            raise RecipeError(
-                f"bad [[layer]] entry {entry}{where}",
-                "each [[layer]] needs exactly: match = \"pattern\", bits = 32|16|8|4|3|2",
-            )
-        if entry["bits"] not in (32, 16, 8, 4, 3, 2):
-            raise RecipeError(f"[[layer]] bits must be 32, 16, 8, 4, 3 or 2{where}, got {entry['bits']!r}",
-                              "32 keeps the layer float, 16 makes it fp16; e.g. bits = 8")
-        overrides.append(LayerOverride(str(entry["match"]), int(entry["bits"])))
-    kwargs["layer"] = tuple(overrides)
+    kwargs["layer"] = tuple(_layer_rule(entry, where) for entry in layers)
     return Recipe(**kwargs)
+
+
+def _layer_rule(entry: Any, where: str) -> LayerOverride:
+    """One [[layer]] table: ``match`` and ``bits`` and/or ``activation_bits``."""
+    keys = set(entry) if isinstance(entry, dict) else set()
+    if not keys or keys - {"match", "bits", "activation_bits"} or "match" not in keys or keys == {"match"}:
+        raise RecipeError(
+            f"bad [[layer]] entry {entry}{where}",
+            "each [[layer]] needs match = \"pattern\" and bits = 32|16|8|4|3|2 and/or activation_bits = 8|16",
+        )
+    bits, act = entry.get("bits"), entry.get("activation_bits")
+    if bits is not None and bits not in (32, 16, 8, 4, 3, 2):
+        raise RecipeError(f"[[layer]] bits must be 32, 16, 8, 4, 3 or 2{where}, got {bits!r}",
+                          "32 keeps the layer float, 16 makes it fp16; e.g. bits = 8")
+    if act is not None and (act not in (8, 16) or isinstance(act, bool)):
+        raise RecipeError(f"[[layer]] activation_bits must be 8 or 16{where}, got {act!r}",
+                          "16 gives the matching nodes 16-bit activations (A16W8); e.g. activation_bits = 16")
+    return LayerOverride(str(entry["match"]), None if bits is None else int(bits),
+                         None if act is None else int(act))
 
 
 def _check_values(section: str, values: dict[str, Any], where: str) -> None:
@@ -291,6 +320,10 @@ def _check_values(section: str, values: dict[str, Any], where: str) -> None:
         if choices is not None and value not in choices:
             raise RecipeError(f"{section}.{key} = {value!r} is not one of {', '.join(choices)}{where}",
                               f'e.g. {key} = "{choices[0]}"')
+        allowed = _INT_CHOICES.get((section, key))
+        if allowed is not None and value not in allowed:
+            raise RecipeError(f"{section}.{key} must be one of {', '.join(map(str, allowed))}{where}, got {value!r}",
+                              f"e.g. {key} = {allowed[-1]}")
         minimum = _MINIMUM.get((section, key))
         if minimum is not None and value < minimum[0]:
             raise RecipeError(f"{section}.{key} must be >= {minimum[0]}{where}, got {value!r}", minimum[1])

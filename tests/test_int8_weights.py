@@ -1,7 +1,7 @@
 """Int8 weight storage (qtool.passes.int8_weights), and the guard's use of it as a last resort.
 
 The models stand for two classes: a small CNN/MLP whose weights alone are quantized, and a
-Conv model whose *activations* do not survive 8 bits (an input channel 1000x the others,
+Conv model whose *activations* do not survive 8 bits (an input channel 1e5x the others,
 as in score maps and un-normalized sensor inputs), which no int8-activation candidate or
 exclusion repairs.
 """
@@ -134,8 +134,10 @@ def test_excluded_layers_keep_float_weights(tmp_path):
 
 
 def _outlier_input_cnn(tmp_path, layers=2):
-    """x[N,4,8,8] whose channel 0 is 1000x the others and read by no weight: one int8 scale
-    for x leaves channels 1-3 a few levels. conv1 reads x; with ``layers=2`` a conv2 follows."""
+    """x[N,4,8,8] whose channel 0 is 1e5x the others and read by no weight: one int8 scale
+    for x leaves channels 1-3 a few levels, and so does a 16-bit one (the guard's 16-bit
+    repair cannot rescue it either: ~10 units a step). conv1 reads x; with ``layers=2`` a
+    conv2 follows."""
     w1 = (RNG.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32)
     w1[:, 0] = 0.0
     w2 = (RNG.standard_normal((4, 8, 3, 3)) * 0.2).astype(np.float32)
@@ -152,7 +154,7 @@ def _outlier_input_cnn(tmp_path, layers=2):
     data.mkdir()
     for i in range(40):
         x = RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)
-        x[:, 0] *= 1000.0
+        x[:, 0] *= 1e5
         np.save(data / f"s{i:02d}.npy", x)
     return src, data
 

@@ -31,6 +31,14 @@ class ActType(str, Enum):
     int8 = "int8"
 
 
+ACTIVATION_BITS_HELP = (
+    "16: A16W8, 16-bit activations (uint16, or int16 with --activation-type int8) with int8 weights, "
+    "from the same calibration: 256x finer activation steps where 8 bits lose accuracy. Standard "
+    "Q/DQ at opset 21 (--allow-opset-upgrade raises it), onnxruntime's com.microsoft Q/DQ below. "
+    "An accuracy and NPU (QNN) format: onnxruntime's CPU provider runs those layers in float, so "
+    "it is not faster there [default: 8]."
+)
+
 # The choices are the library's own lists, so a new algorithm needs no CLI edit.
 Algorithm = Enum("Algorithm", {name: name for name in ALGORITHMS}, type=str)
 
@@ -56,7 +64,7 @@ def _default_preset(dtype: DType | None, bits: int | None, dynamic: bool | None)
 def build_recipe(
     recipe: str | None, *, bits, dtype, dynamic, fmt, per_channel, symmetric_activations,
     activation_type, exclude, block_size, symmetric, algorithm, keep_8bit, accuracy_level,
-    allow_opset_upgrade, samples,
+    allow_opset_upgrade, samples, activation_bits=None,
 ):
     """The recipe with the flags that were given applied on top (None: keep the recipe's)."""
     from qtool.config import load_recipe
@@ -77,6 +85,7 @@ def build_recipe(
         per_channel=per_channel,
         symmetric_activations=symmetric_activations,
         activation_type=activation_type.value if activation_type is not None else None,
+        activation_bits=activation_bits,
         exclude=tuple(r.quantize.exclude) + tuple(exclude) if exclude else None,
         allow_opset_upgrade=allow_opset_upgrade or None,
     )
@@ -94,10 +103,20 @@ def build_recipe(
     return r.override("calibration", samples=samples)
 
 
-def check_flags(*, bits, dtype, dynamic, data: Path | None, samples: int | None) -> None:
+def check_flags(*, bits, dtype, dynamic, data: Path | None, samples: int | None,
+                activation_bits: int | None = None, fmt: Format | None = None) -> None:
     """Flags that contradict each other (a flag that cannot apply is an error, exit 2)."""
     from qtool.errors import UsageError
 
+    if activation_bits is not None and activation_bits not in (8, 16):
+        raise UsageError(f"--activation-bits {activation_bits} is not supported", "use 8, or 16 for A16W8")
+    if activation_bits == 16:
+        other = ("--dynamic" if dynamic else f"--bits {bits}" if bits not in (None, 8) else
+                 "--dtype fp16" if dtype == DType.fp16 else
+                 "--format qoperator" if fmt == Format.qoperator else None)
+        if other is not None:
+            raise UsageError(f"--activation-bits 16 and {other} cannot go together",
+                             "16-bit activations are static QDQ with int8 weights: drop one of the two")
     if bits is not None and bits not in (2, 3, 4, 8, 16):
         raise UsageError(f"--bits {bits} is not supported", "use 8, 4, 3 or 2, or 16 (= --dtype fp16)")
     if dtype == DType.fp16 and bits not in (None, 16):
@@ -138,6 +157,7 @@ def convert_command(
     per_channel: bool = typer.Option(None, "--per-channel/--per-tensor", help="int8 weight granularity."),
     symmetric_activations: bool = typer.Option(None, "--symmetric-activations", help="Symmetric activation ranges."),
     activation_type: ActType = typer.Option(None, "--activation-type", help="uint8 (fused into onnxruntime's fast x86 kernels) or int8 [default: uint8]."),
+    activation_bits: int = typer.Option(None, "--activation-bits", help=ACTIVATION_BITS_HELP),
     exclude: list[str] = typer.Option(None, "--exclude", help="Node name, glob or op type to keep in float (repeatable)."),
     recipe: str = typer.Option(None, "--recipe", help="Preset name or .toml path [default: by mode]."),
     block_size: int = typer.Option(None, "--block-size", help="Weight-only block size: 32, 64, 128, 256 [default: 128]."),
@@ -189,11 +209,11 @@ def convert_command(
     from qtool.pipeline import convert_file, plan_for
     from qtool.pipeline.plan import check_inputs, speed_warnings
 
-    check_flags(bits=bits, dtype=dtype, dynamic=dynamic, data=data, samples=samples)
+    check_flags(bits=bits, dtype=dtype, dynamic=dynamic, data=data, samples=samples, activation_bits=activation_bits, fmt=fmt)
     # Flags that belong to one scheme choose it: the guard then repairs, never swaps it.
     explicit = any(v is not None for v in (
         bits, dtype, dynamic, fmt, calib, recipe, per_channel, symmetric_activations, activation_type,
-        block_size, symmetric, algorithm, keep_8bit, accuracy_level)) or scheme not in (None, "auto")
+        activation_bits, block_size, symmetric, algorithm, keep_8bit, accuracy_level)) or scheme not in (None, "auto")
     auto = _check_guard_flags(scheme=scheme, explicit=explicit, data=data, eval_data=eval_data,
                               no_guard=no_guard, min_sqnr=min_sqnr, min_agreement=min_agreement,
                               guard_budget=guard_budget, write_best=write_best, calib=calib)
@@ -206,7 +226,7 @@ def convert_command(
         symmetric_activations=symmetric_activations, activation_type=activation_type,
         exclude=exclude, block_size=block_size, symmetric=symmetric, algorithm=algorithm,
         keep_8bit=keep_8bit, accuracy_level=accuracy_level,
-        allow_opset_upgrade=allow_opset_upgrade, samples=samples,
+        allow_opset_upgrade=allow_opset_upgrade, samples=samples, activation_bits=activation_bits,
     )
     r = _with_recovery(r, recover, plan_for(r).kind, calib) if recover is not None else r
     plan = plan_for(r)
@@ -242,6 +262,7 @@ SCHEME_FLAGS = {
     "--bits": "bits", "--dtype": "dtype", "--dynamic": "dynamic", "--calib": "calib", "--recipe": "recipe",
     "--samples": "samples", "--per-channel/--per-tensor": "per_channel",
     "--symmetric-activations": "symmetric_activations", "--activation-type": "activation_type",
+    "--activation-bits": "activation_bits",
     "--exclude": "exclude", "--block-size": "block_size", "--symmetric/--asymmetric": "symmetric",
     "--algorithm": "algorithm", "--keep-8bit": "keep_8bit", "--accuracy-level": "accuracy_level",
     "--allow-opset-upgrade": "allow_opset_upgrade", "--scheme": "scheme", "--eval-data": "eval_data",

@@ -79,7 +79,8 @@ def remove_requant(graph: ir.Graph) -> int:
 def remove_dangling(graph: ir.Graph) -> int:
     removed = 0
     for q in list(graph):
-        if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx"):
+        # com.microsoft Q/DQ (16-bit activations below opset 21) have the same semantics.
+        if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx", "com.microsoft"):
             continue
         uses = list(q.outputs[0].uses())
         if not uses or any(u.node.op_type != "DequantizeLinear" for u in uses):

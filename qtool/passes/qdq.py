@@ -15,6 +15,9 @@ The format onnxruntime (and most edge runtimes) pattern-match into integer kerne
 - embedding-style Gather of a constant table gathers int8 rows and rescales them;
 - a tensor with no calibrated range or a degenerate one stays float, with the reason.
 
+16-bit activations (A16W8, qtool.passes.wide): the activations of the nodes a recipe
+raises get uint16/int16 parameters from the same calibrated ranges; weights stay int8.
+
 Nodes inside If/Loop/Scan subgraphs are handled like the main graph's; their activations
 are rarely in a calibration table, so they usually get weight-only DQ (still 4x smaller).
 """
@@ -34,9 +37,11 @@ from qtool.passes import PassReport
 from qtool.passes.control_flow import unobservable
 from qtool.passes.graph import GraphBuilder, replace_uses
 from qtool.passes.select import excluded, is_float_activation, select_nodes
+from qtool.passes.wide import qdq_domain, wide_activations
 from qtool.quant.scales import (
     DegenerateRange,
     QParams,
+    activation_dtype,
     activation_params,
     bias_params,
     quantize,
@@ -48,6 +53,8 @@ Ranges = Mapping[str, tuple[float, float]]
 _DTYPES = {
     "uint8": ir.DataType.UINT8,
     "int8": ir.DataType.INT8,
+    "uint16": ir.DataType.UINT16,
+    "int16": ir.DataType.INT16,
     "int32": ir.DataType.INT32,
 }
 # A Gather table smaller than this is not worth an int8 copy.
@@ -63,7 +70,7 @@ def dequantize_node(b: GraphBuilder, q_value: ir.Value, p: QParams, base: str,
     scale, zp = b.qparams(p, base)
     attrs = {"axis": p.axis} if p.axis is not None else None
     return b.node("DequantizeLinear", [q_value, scale, zp], base, attributes=attrs,
-                  dtype=ir.DataType.FLOAT, shape=shape)
+                  dtype=ir.DataType.FLOAT, shape=shape, domain=qdq_domain(b.model, p.dtype))
 
 
 def _first_node(graph: ir.Graph) -> ir.Node | None:
@@ -77,9 +84,11 @@ def insert_qdq(b: GraphBuilder, value: ir.Value, p: QParams) -> ir.Node:
     """
     base = value.name or "t"
     scale, zp = b.qparams(p, base)
-    q = b.node("QuantizeLinear", [value, scale, zp], base, dtype=_DTYPES[p.dtype], shape=value.shape)
+    domain = qdq_domain(b.model, p.dtype)
+    q = b.node("QuantizeLinear", [value, scale, zp], base, dtype=_DTYPES[p.dtype], shape=value.shape,
+               domain=domain)
     dq = b.node("DequantizeLinear", [q.outputs[0], scale, zp], base, dtype=value.dtype,
-                shape=value.shape)
+                shape=value.shape, domain=domain)
     producer = value.producer()
     graph = producer.graph if producer is not None else value.graph
     if graph is None:  # a graph input: its owner is the graph listing it
@@ -116,10 +125,12 @@ def weight_axis(node: ir.Node, weight: np.ndarray, per_channel: bool) -> int | N
 class _StaticPlan:
     """Per-model state of one QDQ conversion: parameters chosen for each tensor."""
 
-    def __init__(self, model: ir.Model, recipe: Recipe, ranges: Ranges, report: PassReport):
+    def __init__(self, model: ir.Model, recipe: Recipe, ranges: Ranges, report: PassReport,
+                 wide: set[ir.Value] | None = None):
         q = recipe.quantize
         self.model, self.recipe, self.ranges, self.report = model, recipe, ranges, report
         self.act_type = q.activation_type
+        self.wide = wide or set()  # activations that get 16 bits (wide_activations)
         self.symmetric = q.symmetric_activations
         self.per_channel = q.per_channel
         self.b = GraphBuilder(model)
@@ -135,11 +146,16 @@ class _StaticPlan:
             self.bad.setdefault(value.name, unobservable(value, self.model.graph) or "no calibrated range")
         return rng
 
-    def params_from(self, name: str, lo: float, hi: float) -> QParams | None:
+    def dtype_of(self, *values: ir.Value) -> str:
+        """The activation type of a tensor: 16-bit when any of ``values`` is in the wide set."""
+        bits = 16 if any(v in self.wide for v in values) else 8
+        return activation_dtype(self.act_type, bits)
+
+    def params_from(self, value: ir.Value, lo: float, hi: float) -> QParams | None:
         try:
-            return activation_params(lo, hi, self.act_type, self.symmetric)
+            return activation_params(lo, hi, self.dtype_of(value), self.symmetric)
         except DegenerateRange as exc:
-            self.bad[name] = exc.reason
+            self.bad[value.name] = exc.reason
             return None
 
     def activation(self, value: ir.Value) -> QParams | None:
@@ -150,7 +166,7 @@ class _StaticPlan:
         rng = self.range_of(value)
         if rng is None:
             return None
-        p = self.params_from(value.name, *rng)
+        p = self.params_from(value, *rng)
         if p is not None:
             self.params[value] = p
         return p
@@ -178,7 +194,7 @@ class _StaticPlan:
                 self.params[act.outputs[0]] = folded
                 self.folds.append((node, act))
                 return
-        p = self.params_from(out.name, *rng)
+        p = self.params_from(out, *rng)
         if p is not None:
             self.params[out] = p
 
@@ -201,7 +217,7 @@ class _StaticPlan:
         lo, hi = act_rng if act_rng is not None else rng
         lo, hi = float(np.clip(lo, lo_c, hi_c)), float(np.clip(hi, lo_c, hi_c))
         try:
-            p = activation_params(lo, hi, self.act_type, self.symmetric)
+            p = activation_params(lo, hi, self.dtype_of(out, act.outputs[0]), self.symmetric)
         except DegenerateRange:
             return None
         from qtool.quant.scales import int_range
@@ -245,8 +261,9 @@ class _StaticPlan:
         if tensor is None or tensor.dtype != ir.DataType.FLOAT:
             return False
         w = tensor.numpy()
+        dtype = self.dtype_of(*(v for v in (*node.inputs, *node.outputs) if v is not None))
         try:
-            p = activation_params(float(w.min()), float(w.max()), self.act_type, self.symmetric)
+            p = activation_params(float(w.min()), float(w.max()), dtype, self.symmetric)
         except DegenerateRange:
             return False
         value = node.inputs[index]
@@ -347,7 +364,9 @@ def quantize_static(
     selection = select_nodes(model, recipe, "int8-static")
     for name, reason in selection.skipped.items():
         report.skip(name, reason)
-    plan = _StaticPlan(model, recipe, ranges, report)
+    plan = _StaticPlan(model, recipe, ranges, report, wide_activations(selection.quantized, recipe))
+    if plan.wide:
+        report.count("16-bit activations", len(plan.wide))
     total = len(selection.quantized)
     for done, node in enumerate(selection.quantized, 1):
         _plan_node(plan, node)

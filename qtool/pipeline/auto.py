@@ -2,8 +2,10 @@
 
 ``--scheme auto`` (the default when data is given and no scheme flag is) tries static
 int8 and dynamic int8 (dynamic first on transformer-shaped graphs, where static int8
-activations are known to lose the most), then repairs of the best of them, and last int8
-weight storage with float activations (smaller, not faster). An explicit
+activations are known to lose the most), then repairs of the best of them (the layers
+nearest the failing output at 16-bit activations, or float), and last int8 weight storage
+with float activations (smaller, not faster), also when the only repair that met the floor
+has 16-bit activations and runs slower than float (the choice then weighs their speed). An explicit
 scheme is measured and repaired the same way, but never swapped for another.
 """
 
@@ -147,7 +149,7 @@ class Guard:
         return time.perf_counter() - self.start > self.budget_s
 
     def prepare(self, recipe: Recipe):  # noqa: ANN201 - Prepared
-        """Calibration/statistics once per scheme: repairs only exclude more layers."""
+        """Calibration/statistics once per scheme: repairs only exclude or widen layers."""
         from qtool.pipeline.flow import prepare
         from qtool.pipeline.plan import plan_for
 
@@ -232,13 +234,18 @@ class Guard:
             if base is not None:
                 model = self.prepare(base[0].recipe).model
                 outcome.ranking, outcome.ranking_note = self.rank(base[0])
-                for label, repaired in repairs(base[0], model, outcome.ranking):
+                for alternatives in repairs(base[0], model, outcome.ranking):
                     if self.over_budget():
                         break
-                    results.append(self.attempt(label, repaired))
-                    if _good(results[-1][0]):
+                    # Both repairs of a round are measured, so the choice below can weigh
+                    # their speed (the 16-bit one keeps int8 weights: it comes first).
+                    results += [self.attempt(label, repaired) for label, repaired in alternatives]
+                    if any(_good(a) for a, _ in results[-len(alternatives):]):
                         break
-        if auto and not any(_good(a) for a, _ in results) and not self.over_budget():
+        # A 16-bit repair slower than float (onnxruntime's CPU provider runs those layers in
+        # float) still lets the last resort be measured: the choice then weighs their speed.
+        if auto and not any(_good(a) and not (a.widened and a.slower) for a, _ in results) \
+                and not self.over_budget():
             results.append(self.attempt(WEIGHTS_LABEL, weights_candidate(recipe)))
         outcome.attempts = [a for a, _ in results]
         good = [r for r in results if _good(r[0])]
@@ -304,6 +311,9 @@ def slower_reason(attempt: Attempt) -> str:
     if attempt.recipe.quantize.weights_only:
         return ("its weights are stored int8 and every activation stays float (no int8-activation "
                 "candidate met the floor): it is smaller, not faster")
+    if attempt.widened:
+        return ("the layers with 16-bit activations run in float on onnxruntime's CPU provider (it has "
+                "no 16-bit integer kernels), between 16-bit quantize/dequantize steps")
     if attempt.recipe.quantize.exclude:
         return ("the layers kept float add quantize/dequantize steps at every boundary with "
                 "int8 layers (see `qtool eval --json` integer-kernel report for which nodes run int8)")

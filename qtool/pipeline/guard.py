@@ -6,15 +6,18 @@ each candidate is measured there against the float model (``measure.py``: per-ou
 per-segment SQNR, argmax agreement where it means something) and timed against float,
 interleaved, on onnxruntime's CPU provider. Candidates are tried cheapest first and the
 search stops at the first that meets the floor without being slower than float. A
-candidate below the floor is repaired by keeping layers in float, more of them each round,
-within the time budget: in turns, those nearest the failing output and those diagnosis
-(qtool.eval.diagnose: each layer's own error, fed with float inputs) ranks costliest on
-the held-out samples. Every attempt and its measured
+candidate below the floor is repaired, more layers each round within the time budget:
+in turns, those nearest the failing output and those diagnosis (qtool.eval.diagnose: each
+layer's own error, fed with float inputs) ranks costliest on the held-out samples; each set
+first with its activations raised to 16 bits (static QDQ: the weights stay int8, so the
+file stays small), then kept float. Both are measured, and the first round where one meets
+the floor ends the search. Every attempt and its measured
 effect is reported; if nothing meets the floor the conversion fails (exit 3).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from qtool.config import Recipe
+from qtool.config import LayerOverride, Recipe
 from qtool.passes.select import glob_escape
 
 # Defaults, chosen from measurements (README "The guard"): a good int8 CNN sits at 25-40 dB
@@ -82,6 +85,11 @@ class Attempt:
         return self.error is None and not self.shortfalls
 
     @property
+    def widened(self) -> bool:
+        """Whether [[layer]] rules give some layers 16-bit activations (the guard's repair)."""
+        return any(r.activation_bits == 16 for r in self.recipe.layer)
+
+    @property
     def slower(self) -> bool:
         return self.latency_ratio is not None and self.latency_ratio > SLOWER_MARGIN
 
@@ -102,6 +110,7 @@ class Attempt:
             "seconds": round(self.seconds, 2),
             "outputs": [o.to_dict() for o in self.outputs],
             "excluded": list(self.recipe.quantize.exclude),
+            "activation_bits_16": [r.match for r in self.recipe.layer if r.activation_bits == 16],
         }
 
 
@@ -201,14 +210,24 @@ def recovery_repair(label: str, recipe: Recipe) -> Iterator[tuple[str, Recipe]]:
     yield f"{label} + recovery ({', '.join(passes)})", recipe.override("recovery", passes=passes)
 
 
+def can_widen(recipe: Recipe) -> bool:
+    """Whether a repair may raise layers to 16-bit activations: static QDQ at 8 bits."""
+    from qtool.pipeline.plan import plan_for
+
+    plan = plan_for(recipe)
+    return plan.kind == "int8-static" and plan.format == "qdq" and recipe.quantize.activation_bits == 8
+
+
 def repairs(attempt: Attempt, model: ir.Model, ranked: list[list[str]] | None = None
-            ) -> Iterator[tuple[str, Recipe]]:
-    """Ever larger sets of layers kept float, from two rankings taken in turns: the layers
-    nearest the outputs that missed the floor (a head whose output shares one scale), and
-    the layers diagnosis ranks costliest (``ranked``: node-name groups, worst first; where
-    the error starts further up). A set already tried is not tried again. Static int8 tries
-    accuracy recovery first (``recovery_repair``)."""
-    yield from recovery_repair(attempt.label, attempt.recipe)
+            ) -> Iterator[list[tuple[str, Recipe]]]:
+    """Ever larger sets of layers, from two rankings taken in turns: the layers nearest the
+    outputs that missed the floor (a head whose output shares one scale), and the layers
+    diagnosis ranks costliest (``ranked``: node-name groups, worst first; where the error
+    starts further up). A set already tried is not tried again. Each set comes as a round of
+    alternatives: its activations raised to 16 bits (static QDQ only), then kept float. Static
+    int8 tries accuracy recovery first (``recovery_repair``), as a round of its own."""
+    for alternative in recovery_repair(attempt.label, attempt.recipe):
+        yield [alternative]
     failing = [o.name for o in attempt.outputs
                if any(s.startswith(f"output {o.name}:") for s in attempt.shortfalls)]
     rankings = [("nearest the output", lambda step: nearest_layers(model, failing, step))]
@@ -218,6 +237,7 @@ def repairs(attempt: Attempt, model: ir.Model, ranked: list[list[str]] | None = 
     previous = {where: 0 for where, _ in rankings}
     tried: set[frozenset[str]] = set()
     q = attempt.recipe.quantize
+    widen = can_widen(attempt.recipe)
     for step in REPAIR_STEPS:
         for where, pick in rankings:
             layers = pick(step)
@@ -225,5 +245,12 @@ def repairs(attempt: Attempt, model: ir.Model, ranked: list[list[str]] | None = 
                 continue
             previous[where] = len(layers)
             tried.add(frozenset(layers))
-            recipe = attempt.recipe.override("quantize", exclude=q.exclude + tuple(glob_escape(n) for n in layers))
-            yield f"{attempt.label}, {len(layers)} layer(s) {where} kept float", recipe
+            patterns = tuple(glob_escape(n) for n in layers)
+            found: list[tuple[str, Recipe]] = []
+            if widen:
+                rules = tuple(LayerOverride(p, activation_bits=16) for p in patterns)
+                found.append((f"{attempt.label}, {len(layers)} layer(s) {where} at 16-bit activations",
+                              dataclasses.replace(attempt.recipe, layer=rules + attempt.recipe.layer)))
+            found.append((f"{attempt.label}, {len(layers)} layer(s) {where} kept float",
+                          attempt.recipe.override("quantize", exclude=q.exclude + patterns)))
+            yield found

@@ -19,6 +19,15 @@ SLOW_INT8_ACTIVATIONS = (
     "on a ResNet-18-shaped CNN: 104 ms vs 97 ms fp32, and 37-40 ms with uint8 activations); "
     "--activation-type uint8 is the fast choice on this CPU"
 )
+# bench/a16w8.py (onnxruntime 1.32, CPU provider): EfficientNet-Lite0 1-thread CPU time fp32
+# 9.3 ms, static int8 5.3 ms, A16W8 34 ms (onnxruntime's own A16W8: 31 ms).
+SLOW_WIDE_ACTIVATIONS = (
+    "16-bit activations are an accuracy (and NPU) format: onnxruntime's CPU provider has no 16-bit "
+    "integer kernels and runs those layers in float between 16-bit quantize/dequantize steps "
+    "(measured here on EfficientNet-Lite0: 3.7x fp32's CPU time, static int8 0.57x); it also "
+    "requantizes the input of int8-weight MatMuls to 8 bits unless the session sets "
+    "session.qdq_matmulnbits_accuracy_level=0"
+)
 SLOW_ACCURACY_LEVEL = (
     "MatMulNBits accuracy_level {level} computes in float on the CPU provider (measured here: "
     "3.4x slower per token than --accuracy-level 4, which uses int8 activations)"
@@ -37,13 +46,17 @@ class ConvertPlan:
 def plan_for(recipe: Recipe) -> ConvertPlan:
     """The scheme for ``recipe``; raises UsageError for combinations that make no sense."""
     q = recipe.quantize
+    if q.activation_bits not in (8, 16):
+        raise UsageError(f"--activation-bits {q.activation_bits} is not supported", "use 8, or 16 for A16W8")
     if q.dtype == "fp16":
+        _no_wide_activations(recipe, "--dtype fp16 is half-precision float")
         return ConvertPlan("fp16", False, "fp16")
     if q.dtype != "int":
         raise UsageError(f"unknown dtype {q.dtype!r}", "use --dtype int or --dtype fp16")
     if q.bits in WEIGHT_ONLY_BITS or q.format == "matmulnbits":
         if q.dynamic:
             raise UsageError("--dynamic is an int8 mode", "drop --dynamic for weight-only 4/3/2-bit")
+        _no_wide_activations(recipe, f"--bits {q.bits} is weight-only (activations stay float)")
         if q.format == "qoperator":
             raise UsageError(
                 "--format qoperator is an int8 format",
@@ -59,6 +72,7 @@ def plan_for(recipe: Recipe) -> ConvertPlan:
             "use uint8 or int8",
         )
     if q.weights_only:
+        _no_wide_activations(recipe, "weights_only keeps activations float")
         if q.dynamic:
             raise UsageError("weights_only keeps activations float; --dynamic quantizes them at run time",
                              "pick one of the two")
@@ -67,13 +81,25 @@ def plan_for(recipe: Recipe) -> ConvertPlan:
                              "quantized activations", "drop --format qoperator")
         return ConvertPlan("int8-weights", False, "float-activations")
     if q.dynamic:
+        _no_wide_activations(recipe, "--dynamic quantizes activations to 8 bits at run time")
         if q.format == "qoperator":
             raise UsageError(
                 "--dynamic already emits integer ops; --format qoperator is for static int8",
                 "drop --format, or drop --dynamic and pass --calib/--data",
             )
         return ConvertPlan("int8-dynamic", False, "dynamic")
+    if q.format == "qoperator":
+        _no_wide_activations(recipe, "--format qoperator has no 16-bit QLinear* operators")
     return ConvertPlan("int8-static", True, q.format)
+
+
+def _no_wide_activations(recipe: Recipe, why: str) -> None:
+    """16-bit activations (the flag, or a [[layer]] activation_bits = 16) are a static QDQ
+    choice: any other scheme given them is an error."""
+    if recipe.wide_activations():
+        raise UsageError(f"--activation-bits 16 cannot apply: {why}",
+                         "16-bit activations (A16W8) are static QDQ: drop --activation-bits, or use "
+                         "--data/--calib without --dynamic/--bits/--dtype/--format qoperator")
 
 
 def weight_only_part(recipe: Recipe) -> Recipe | None:
@@ -82,17 +108,21 @@ def weight_only_part(recipe: Recipe) -> Recipe | None:
     Overrides keep their order (first match wins); those at 8 bits or more become 32 and a
     final ``*`` = 32 keeps every other node float. None when no override is below 8 bits.
     """
-    if not any(rule.bits < 8 for rule in recipe.layer):
+    if not any(rule.bits is not None and rule.bits < 8 for rule in recipe.layer):
         return None
-    rules = tuple(r if r.bits < 8 else LayerOverride(r.match, 32) for r in recipe.layer)
+    rules = tuple(r if r.bits < 8 else LayerOverride(r.match, 32)
+                  for r in recipe.layer if r.bits is not None)
     return dataclasses.replace(recipe, layer=rules + (LayerOverride("*", 32),))
 
 
 def speed_warnings(recipe: Recipe, plan: ConvertPlan) -> list[str]:
     """Choices known to run slow on this kind of CPU, said before any work is done."""
     warnings = []
-    if plan.kind == "int8-static" and recipe.quantize.activation_type == "int8":
+    if (plan.kind == "int8-static" and recipe.quantize.activation_type == "int8"
+            and recipe.quantize.activation_bits == 8):
         warnings.append(SLOW_INT8_ACTIVATIONS)
+    if plan.kind == "int8-static" and recipe.wide_activations():
+        warnings.append(SLOW_WIDE_ACTIVATIONS)
     if (plan.kind == "weight-only" and plan.format == "matmulnbits"
             and recipe.weight_only.accuracy_level < 4):
         warnings.append(SLOW_ACCURACY_LEVEL.format(level=recipe.weight_only.accuracy_level))

@@ -25,10 +25,12 @@ SCHEMES: dict[str, tuple[type, ...]] = {
         steps.ConvBlocksOpset, steps.Preprocess, steps.LowBitLayers, steps.DynamicInt8,
         steps.Recurrent, steps.Cleanup,
     ),
+    # 16-bit activations (A16W8) are this scheme with activation_bits = 16 (the int8-a16w8
+    # preset, --activation-bits 16, or per [[layer]]): same calibration, wider Q/DQ.
     "int8-static": (
-        steps.PerChannelOpset, steps.ConvBlocksOpset, steps.Preprocess, steps.LowBitLayers,
-        steps.TableRanges, recovery.AdaRound, recovery.BiasCorrection, steps.StaticInt8,
-        steps.QOperatorFormat, steps.Recurrent, steps.Cleanup,
+        steps.WideActivationOpset, steps.PerChannelOpset, steps.ConvBlocksOpset, steps.Preprocess,
+        steps.LowBitLayers, steps.TableRanges, recovery.AdaRound, recovery.BiasCorrection,
+        steps.StaticInt8, steps.QOperatorFormat, steps.Recurrent, steps.Cleanup,
     ),
     # An already-quantized model (convert --store-weights / --format): no calibration, no new
     # quantization; plan.plan_quantized_input chooses it.

@@ -32,6 +32,27 @@ class PerChannelOpset(QtoolPass):
         return upgrade_opset(model, 13, reports), reports[0]
 
 
+class WideActivationOpset(QtoolPass):
+    """16-bit activation Q/DQ are standard from opset 21; raise it when the user allowed
+    upgrades (otherwise they use onnxruntime's com.microsoft Q/DQ, qtool.passes.wide)."""
+
+    name, stage, in_place_pass = "opset", "prepare", False
+
+    def applies(self, model: ir.Model) -> bool:
+        from qtool.passes.wide import WIDE_QDQ_OPSET
+
+        ctx = self.context
+        return (ctx.plan.kind == "int8-static" and ctx.recipe.wide_activations()
+                and ctx.recipe.quantize.allow_opset_upgrade
+                and model.opset_imports.get("", 0) < WIDE_QDQ_OPSET)
+
+    def run(self, model):
+        from qtool.passes.wide import WIDE_QDQ_OPSET
+
+        reports: list[PassReport] = []
+        return upgrade_opset(model, WIDE_QDQ_OPSET, reports), reports[0]
+
+
 class ConvBlocksOpset(QtoolPass):
     """Blocked low-bit Conv weights need opset 21 (25 for 2-bit), when upgrades are allowed."""
 

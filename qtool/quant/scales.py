@@ -29,6 +29,10 @@ MIN_RANGE = 1e-12
 _INT_TYPES = {
     "uint8": (np.uint8, 0, 255),
     "int8": (np.int8, -128, 127),
+    # 16-bit activations (A16W8): standard QuantizeLinear from opset 21, onnxruntime's
+    # com.microsoft QuantizeLinear below it.
+    "uint16": (np.uint16, 0, 65535),
+    "int16": (np.int16, -32768, 32767),
     "int32": (np.int32, -(2**31), 2**31 - 1),
 }
 
@@ -52,7 +56,7 @@ class QParams:
 
     scale: np.ndarray
     zero_point: np.ndarray
-    dtype: str  # "uint8" | "int8" | "int32"
+    dtype: str  # "uint8" | "int8" | "uint16" | "int16" | "int32"
     axis: int | None = None
 
     @property
@@ -67,7 +71,7 @@ class QParams:
 def int_range(dtype: str, narrow: bool = False) -> tuple[int, int]:
     """(qmin, qmax) of an integer type; ``narrow`` drops the most negative value (-127..127)."""
     if dtype not in _INT_TYPES:
-        raise ConversionError(f"unsupported quantized type {dtype!r}", "use uint8 or int8")
+        raise ConversionError(f"unsupported quantized type {dtype!r}", "use uint8 or int8 (uint16/int16 for 16-bit activations)")
     _, lo, hi = _INT_TYPES[dtype]
     if narrow and lo < 0:
         lo += 1
@@ -78,8 +82,19 @@ def np_dtype(dtype: str) -> type:
     return _INT_TYPES[dtype][0]
 
 
+WIDE_ACTIVATION_TYPES = {"uint8": "uint16", "int8": "int16"}
+
+
+def activation_dtype(activation_type: str, bits: int) -> str:
+    """The integer type of an activation at ``bits`` (8 or 16) with the signedness of
+    ``activation_type``: uint8 -> uint16, int8 -> int16 at 16 bits."""
+    if bits == 16:
+        return WIDE_ACTIVATION_TYPES.get(activation_type, activation_type)
+    return activation_type
+
+
 def check_range(lo: float, hi: float) -> None:
-    """Raise DegenerateRange when [lo, hi] cannot carry an 8-bit quantized signal."""
+    """Raise DegenerateRange when [lo, hi] cannot carry an 8- or 16-bit quantized signal."""
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise DegenerateRange(f"range [{lo:g}, {hi:g}] is not finite")
     if lo > hi:
@@ -100,7 +115,9 @@ def activation_params(
     The range is first widened to contain 0 so that zero is exactly representable (padding,
     ReLU). Asymmetric: ``s = (hi - lo) / (qmax - qmin)``, ``z = round_half_even(qmin - lo/s)``.
     Symmetric: ``a = max(|lo|, |hi|)``; int8 uses ``s = a / 127, z = 0``; uint8 uses
-    ``s = 2a / 255, z = 128``.
+    ``s = 2a / 255, z = 128``. 16-bit types follow the same rules with their own range
+    (int16 ``s = a / 32767``; uint16 ``s = 2a / 65535, z = 32768``): the same calibrated
+    range, 256 times finer steps.
     """
     lo, hi = float(lo), float(hi)
     check_range(lo, hi)
@@ -108,8 +125,8 @@ def activation_params(
     qmin, qmax = int_range(dtype)
     if symmetric:
         a = max(-lo, hi)
-        if dtype == "int8":
-            scale, zp = a / 127.0, 0
+        if qmin < 0:
+            scale, zp = a / float(qmax), 0
         else:
             scale, zp = 2.0 * a / (qmax - qmin), (qmax + qmin + 1) // 2
     else:
@@ -176,8 +193,8 @@ _KERNEL_QTYPES = {"uint8": "u8", "int8": "s8"}
 def quantize(x: np.ndarray, p: QParams) -> np.ndarray:
     """``q = saturate(round_half_even(x / s) + z)`` as ``p.dtype`` (float32 divide).
 
-    8-bit goes through qtool.kernels (C when built, its numpy twin otherwise); int32 (bias)
-    is computed here.
+    8-bit goes through qtool.kernels (C when built, its numpy twin otherwise); 16-bit and
+    int32 (bias) are computed here (``np.rint`` rounds half to even).
     """
     if p.dtype in _KERNEL_QTYPES and np.ndim(x) > 0:
         from qtool import kernels
