@@ -37,6 +37,9 @@ class ConvertPlan:
 def plan_for(recipe: Recipe) -> ConvertPlan:
     """The scheme for ``recipe``; raises UsageError for combinations that make no sense."""
     q = recipe.quantize
+    if q.target and (q.dtype == "fp16" or q.bits != 8 or q.format == "matmulnbits"):
+        raise UsageError(f"target {q.target} is a static int8 preset, not fp16 or weight-only",
+                         "drop the target, or convert to static int8 (--bits 8)")
     if q.dtype == "fp16":
         return ConvertPlan("fp16", False, "fp16")
     if q.dtype != "int":
@@ -67,6 +70,9 @@ def plan_for(recipe: Recipe) -> ConvertPlan:
                              "quantized activations", "drop --format qoperator")
         return ConvertPlan("int8-weights", False, "float-activations")
     if q.dynamic:
+        if q.target:
+            raise UsageError(f"target {q.target} is a static int8 preset; --dynamic is another scheme",
+                             "drop --dynamic (the target calibrates), or drop the target")
         if q.format == "qoperator":
             raise UsageError(
                 "--dynamic already emits integer ops; --format qoperator is for static int8",
@@ -91,7 +97,9 @@ def weight_only_part(recipe: Recipe) -> Recipe | None:
 def speed_warnings(recipe: Recipe, plan: ConvertPlan) -> list[str]:
     """Choices known to run slow on this kind of CPU, said before any work is done."""
     warnings = []
-    if plan.kind == "int8-static" and recipe.quantize.activation_type == "int8":
+    # Other runtimes (a --target other than the onnxruntime CPU ones) want int8 activations.
+    ort_cpu = recipe.quantize.target in ("", "cpu", "cpu-vnni", "cpu-avx2")
+    if plan.kind == "int8-static" and recipe.quantize.activation_type == "int8" and ort_cpu:
         warnings.append(SLOW_INT8_ACTIVATIONS)
     if (plan.kind == "weight-only" and plan.format == "matmulnbits"
             and recipe.weight_only.accuracy_level < 4):

@@ -22,19 +22,15 @@ DEFAULT_PLACEMENT = Placement()
 _PER_TENSOR_CHOICE = {"by-range": ("activation_type",), "signed": ()}
 
 
-def cpu_target(features: dict[str, bool] | None = None) -> str:
-    """``cpu-vnni`` when the CPU has int8 dot-product instructions (VNNI, AMX) or is not
-    x86, ``cpu-avx2`` otherwise; ``features`` as qtool.hardware.cpu_features() reports them
-    (None: this machine)."""
-    if features is None:
-        from qtool.hardware import cpu_features
+def cpu_target(features: dict[str, bool] | None = None, machine: str = "x86_64") -> str:
+    """``cpu-vnni`` or ``cpu-avx2`` for a CPU with ``features`` as qtool.hardware reports
+    them (None: this machine); see qtool.hardware.cpu_int8_target for the reason."""
+    from qtool.hardware import cpu_features, cpu_int8_target
 
+    if features is None:
         cpu = cpu_features()
-        if cpu["machine"] not in ("x86_64", "AMD64", "i686", "x86"):
-            return "cpu-vnni"  # the saturating VPMADDUBSW path is x86-only
-        features = cpu["features"]
-    vnni = any(features.get(k) for k in ("AVX-512 VNNI", "AVX-VNNI", "AMX-INT8"))
-    return "cpu-vnni" if vnni or not features.get("AVX2") else "cpu-avx2"
+        machine, features = cpu["machine"], cpu["features"]
+    return cpu_int8_target(machine, features)["target"]
 
 
 def resolve(name: str) -> Target:
