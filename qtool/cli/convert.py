@@ -40,6 +40,14 @@ class TargetName(str, Enum):
     tensorrt = "tensorrt"
 
 
+TARGET_HELP = (
+    "Static int8 for a deployment runtime, with the Q/DQ placement it fuses: cpu (this machine: "
+    "cpu-vnni, or cpu-avx2 = 7-bit weights where VNNI is missing), openvino (symmetric Q/DQ on "
+    "Conv/MatMul/Add inputs only), qnn (checked against the QNN EP's rules), tensorrt (symmetric "
+    "int8, checked) [default: onnxruntime CPU QDQ]. `qtool inspect --hw` names this machine's cpu variant."
+)
+
+
 # The choices are the library's own lists, so a new algorithm needs no CLI edit.
 Algorithm = Enum("Algorithm", {name: name for name in ALGORITHMS}, type=str)
 
@@ -194,14 +202,7 @@ def convert_command(
              "above protobuf's 2 GB: the output then streams to disk instead of being built in memory).",
     ),
     allow_opset_upgrade: bool = typer.Option(False, "--allow-opset-upgrade", help="Let qtool raise the opset when the format needs it."),
-    target: TargetName = typer.Option(
-        None, "--target",
-        help="Static int8 for a deployment runtime, with the Q/DQ placement it fuses: cpu (this "
-             "machine: cpu-vnni, or cpu-avx2 = 7-bit weights where VNNI is missing), openvino "
-             "(symmetric Q/DQ on Conv/MatMul/Add inputs only), qnn (checked against QNN EP's "
-             "rules), tensorrt (symmetric int8, checked) [default: today's onnxruntime CPU QDQ]. "
-             "`qtool inspect --hw` says which cpu variant this machine is.",
-    ),
+    target: TargetName = typer.Option(None, "--target", help=TARGET_HELP),
     scheme: str = typer.Option(
         None, "--scheme",
         help="auto: try static and dynamic int8 on held-out samples and keep the smallest, fastest "

@@ -42,8 +42,8 @@ from qtool.quant.scales import (
     quantize,
     weight_params,
 )
-from qtool.targets import placement_for
 from qtool.targets import placement as target_rules
+from qtool.targets import placement_for
 
 Ranges = Mapping[str, tuple[float, float]]
 

@@ -123,7 +123,10 @@ def _qdq_nodes(model: ir.Model) -> Iterator[_QDQ]:
         if node.op_type not in QDQ:
             continue
         scale, zp = _const(node, 1), _const(node, 2)
-        if node.op_type == "QuantizeLinear":
+        zp_t = ops.constant_weight(node, 2)
+        if zp_t is not None:  # the zero point's type is the quantized type
+            qtype = zp_t.dtype
+        elif node.op_type == "QuantizeLinear":
             qtype = node.outputs[0].dtype
         else:
             qtype = node.inputs[0].dtype if node.inputs[0] is not None else None
@@ -184,12 +187,14 @@ def _qnn_fixed_outputs(model: ir.Model) -> list[Violation]:
             q = use.node
             if q.op_type != "QuantizeLinear":
                 continue
-            want = _FIXED_16.get((node.op_type, q.outputs[0].dtype))
+            zp_t = ops.constant_weight(q, 2)
+            qtype = zp_t.dtype if zp_t is not None else q.outputs[0].dtype
+            want = _FIXED_16.get((node.op_type, qtype))
             scale, zp = _const(q, 1), _const(q, 2)
             if want is None or scale is None:
                 continue
             zp_v = 0 if zp is None else int(np.asarray(zp).reshape(-1)[0])
-            if not np.isclose(float(np.asarray(scale).reshape(-1)[0]), want[0], rtol=1e-6) or zp_v != want[1]:
+            if not np.isclose(float(np.asarray(scale).reshape(-1)[0]), want[0], rtol=1e-6, atol=0.0) or zp_v != want[1]:
                 out.append(Violation(QNN_RULES["QNN-SIGMOID-TANH-16"], q.name or "QuantizeLinear",
                                      f"{node.op_type} output quantized with scale {float(np.asarray(scale).reshape(-1)[0]):g}, "
                                      f"zero point {zp_v}; QNN needs {want[0]:g}, {want[1]}"))
