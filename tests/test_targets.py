@@ -243,3 +243,21 @@ def test_target_with_a_flag_it_contradicts_is_a_usage_error(tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert "error:" in err and message in err and "hint:" in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_openvino_leaves_a_silu_after_conv_to_the_conv():
+    """YOLO-style Conv -> x * sigmoid(x) -> Conv: the SiLU is the first Conv's fused
+    activation, so only the second Conv's input (the SiLU output) gets a Q/DQ pair."""
+    proto = make_model(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="c1"),
+         helper.make_node("Sigmoid", ["c1"], ["g"], name="gate"),
+         helper.make_node("Mul", ["c1", "g"], ["silu"], name="silu"),
+         helper.make_node("Conv", ["silu", "w2"], ["y"], pads=[1] * 4, name="c2")],
+        [vi("x", ["N", 4, 6, 6])], [vi("y", None)],
+        [init("w1", INT8_RNG.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3),
+         init("w2", INT8_RNG.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2)],
+    )
+    model, feeds = _convert(proto, "openvino")
+    quantized = {q.input[0] for q in _nodes(model, "QuantizeLinear")}
+    assert quantized == {"x", "silu"}
+    assert sqnr(proto, model, feeds[0]) > MIN_SQNR_DB

@@ -14,6 +14,10 @@ from qtool.quant.scales import QParams, activation_params
 from qtool.targets.presets import Placement
 
 ELEMENTWISE = ("Add", "Mul", "Concat")
+# x * gate(x) right after a Conv/MatMul (SiLU, hard-swish) is an activation the runtime
+# fuses into that op as a post-op; NNCF leaves it unquantized on YOLO-style models.
+GATES = ("Sigmoid", "HardSigmoid")
+FUSING_PRODUCERS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 def activation_qparams(placement: Placement, lo: float, hi: float, dtype: str,
@@ -57,6 +61,21 @@ def admits(placement: Placement, node: ir.Node, is_activation) -> str | None:  #
     tells a float activation input from a constant."""
     if placement.elementwise_constants or node.op_type not in ELEMENTWISE:
         return None
-    if all(v is not None and is_activation(v) for v in node.inputs):
-        return None
-    return f"{node.op_type} with a constant operand runs in float on this target (no int8 kernel to fuse)"
+    if not all(v is not None and is_activation(v) for v in node.inputs):
+        return f"{node.op_type} with a constant operand runs in float on this target (no int8 kernel to fuse)"
+    if _fused_swish(node):
+        return "x * sigmoid(x) after a Conv/MatMul: fused into that op as its activation, no Q/DQ"
+    return None
+
+
+def _fused_swish(node: ir.Node) -> bool:
+    """``Mul(x, Sigmoid(x))`` (or HardSigmoid) with x produced by a Conv/ConvTranspose/MatMul/Gemm."""
+    if node.op_type != "Mul" or len(node.inputs) != 2:
+        return False
+    a, b = node.inputs
+    for x, gate in ((a, b), (b, a)):
+        g, p = gate.producer(), x.producer()
+        if (g is not None and g.op_type in GATES and g.inputs[0] is x
+                and p is not None and p.op_type in FUSING_PRODUCERS):
+            return True
+    return False
