@@ -348,6 +348,7 @@ def quantize_static(
     holds node name -> why it stays float.
     """
     report = PassReport("qdq")
+    recipe = target_rules.fit_opset(placement_for(recipe), recipe, model)
     _check_opset(model, recipe)
     selection = select_nodes(model, recipe, "int8-static")
     for name, reason in selection.skipped.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qtool.config import Recipe
 from qtool.quant.scales import QParams, activation_params
 from qtool.targets.presets import Placement
 
@@ -37,6 +38,16 @@ def activation_qparams(placement: Placement, lo: float, hi: float, dtype: str,
     if placement.activation_sign == "signed":
         return activation_params(lo, hi, "int8", symmetric=True)
     return activation_params(lo, hi, dtype, symmetric)
+
+
+def fit_opset(placement: Placement, recipe: Recipe, model: ir.Model) -> Recipe:
+    """``recipe`` with per-tensor weights when the placement keeps a model below opset 13 as
+    it is (qtool's default: no silent upgrade, so no per-axis Q/DQ); else unchanged."""
+    q = recipe.quantize
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if placement.per_tensor_below_13 and q.per_channel and opset < 13 and not q.allow_opset_upgrade:
+        return recipe.override("quantize", per_channel=False)
+    return recipe
 
 
 def weight_axis_allowed(placement: Placement, node: ir.Node) -> bool:

@@ -64,7 +64,8 @@ class Placement:
     operand get Q/DQ (their constant too); False: only Add/Mul of two activations.
     ``weight_qmax``: largest |q| of a symmetric weight (127; 63 for 7-bit reduce-range).
     ``per_channel_ops``: op types whose weights may be per-channel (None: every op that
-    has an output-channel axis).
+    has an output-channel axis). ``per_tensor_below_13``: a model below opset 13 (per-axis
+    Q/DQ) gets per-tensor weights instead of an error, as qtool's default does.
     """
 
     outputs: bool = True
@@ -73,6 +74,7 @@ class Placement:
     elementwise_constants: bool = True
     weight_qmax: int = 127
     per_channel_ops: frozenset[str] | None = None
+    per_tensor_below_13: bool = False  # opset < 13 without upgrade: per-tensor weights
 
 
 @dataclass(frozen=True)
@@ -96,10 +98,10 @@ _ORT_CPU = {"activation_type": "uint8", "weight_type": "int8", "symmetric_activa
 TARGETS: dict[str, Target] = {
     "cpu-vnni": Target(
         "cpu-vnni", "onnxruntime CPU, x86 with VNNI/AMX: u8 x s8 QDQ node units (today's default)",
-        dict(_ORT_CPU), formats=("qdq", "qoperator")),
+        dict(_ORT_CPU), Placement(per_tensor_below_13=True), formats=("qdq", "qoperator")),
     "cpu-avx2": Target(
         "cpu-avx2", "onnxruntime CPU, x86 without VNNI: u8 x 7-bit s8 weights, no int16 saturation",
-        dict(_ORT_CPU), Placement(weight_qmax=63), formats=("qdq", "qoperator")),
+        dict(_ORT_CPU), Placement(weight_qmax=63, per_tensor_below_13=True), formats=("qdq", "qoperator")),
     "openvino": Target(
         "openvino", "OpenVINO CPU: symmetric Q/DQ on the inputs of the ops LPT runs in int8",
         {"weight_type": "int8", "symmetric_activations": True, "per_channel": True,
