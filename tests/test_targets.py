@@ -246,8 +246,8 @@ def test_target_with_a_flag_it_contradicts_is_a_usage_error(tmp_path, capsys, ar
 
 
 def test_openvino_leaves_a_silu_after_conv_to_the_conv():
-    """YOLO-style Conv -> x * sigmoid(x) -> Conv: the SiLU is the first Conv's fused
-    activation, so only the second Conv's input (the SiLU output) gets a Q/DQ pair."""
+    """YOLO-style Conv -> x * sigmoid(x) -> Conv: the SiLU is an activation function (fused
+    into the first Conv), so only the second Conv's input (the SiLU output) gets a Q/DQ pair."""
     proto = make_model(
         [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="c1"),
          helper.make_node("Sigmoid", ["c1"], ["g"], name="gate"),
@@ -260,4 +260,29 @@ def test_openvino_leaves_a_silu_after_conv_to_the_conv():
     model, feeds = _convert(proto, "openvino")
     quantized = {q.input[0] for q in _nodes(model, "QuantizeLinear")}
     assert quantized == {"x", "silu"}
+    assert sqnr(proto, model, feeds[0]) > MIN_SQNR_DB
+
+
+def test_openvino_leaves_gelu_float_but_quantizes_a_gate_from_elsewhere():
+    """x * 0.5 * (1 + erf(x / sqrt 2)) is GELU (no Q/DQ); x * sigmoid(MatMul(x)) is a gate
+    computed by another weighted op (an SE block), whose two inputs are quantized."""
+    r2 = np.float32(np.sqrt(2.0))
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("Div", ["h", "r2"], ["hd"], name="div"),
+         helper.make_node("Erf", ["hd"], ["e"], name="erf"),
+         helper.make_node("Add", ["e", "one"], ["e1"], name="add1"),
+         helper.make_node("Mul", ["h", "half"], ["hh"], name="half"),
+         helper.make_node("Mul", ["hh", "e1"], ["gelu"], name="gelu"),
+         helper.make_node("MatMul", ["gelu", "w2"], ["s"], name="se"),
+         helper.make_node("Sigmoid", ["s"], ["g"], name="gate"),
+         helper.make_node("Mul", ["gelu", "g"], ["y"], name="scale")],
+        [vi("x", ["B", 16])], [vi("y", None)],
+        [init("w", INT8_RNG.standard_normal((16, 16)).astype(np.float32) * 0.3),
+         init("w2", INT8_RNG.standard_normal((16, 16)).astype(np.float32) * 0.3),
+         init("r2", r2), init("one", np.float32(1.0)), init("half", np.float32(0.5))],
+    )
+    model, feeds = _convert(proto, "openvino")
+    quantized = {q.input[0] for q in _nodes(model, "QuantizeLinear")}
+    assert quantized == {"x", "gelu", "g"}
     assert sqnr(proto, model, feeds[0]) > MIN_SQNR_DB

@@ -15,10 +15,11 @@ from qtool.quant.scales import QParams, activation_params
 from qtool.targets.presets import Placement
 
 ELEMENTWISE = ("Add", "Mul", "Concat")
-# x * gate(x) right after a Conv/MatMul (SiLU, hard-swish) is an activation the runtime
-# fuses into that op as a post-op; NNCF leaves it unquantized on YOLO-style models.
-GATES = ("Sigmoid", "HardSigmoid")
-FUSING_PRODUCERS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# x * f(x), f an element-wise chain of x (SiLU x*sigmoid(x), GELU x*0.5*(1+erf(x/sqrt2)),
+# hard-swish): an activation function the runtime computes in float or fuses into the op
+# before it; NNCF leaves it unquantized (YOLO SiLU, transformer GELU).
+ELEMENTWISE_CHAIN = ("Sigmoid", "HardSigmoid", "Tanh", "Erf", "Relu", "Clip", "Add", "Sub", "Mul", "Div")
+GATE_DEPTH = 6
 
 
 def activation_qparams(placement: Placement, lo: float, hi: float, dtype: str,
@@ -74,19 +75,31 @@ def admits(placement: Placement, node: ir.Node, is_activation) -> str | None:  #
         return None
     if not all(v is not None and is_activation(v) for v in node.inputs):
         return f"{node.op_type} with a constant operand runs in float on this target (no int8 kernel to fuse)"
-    if _fused_swish(node):
-        return "x * sigmoid(x) after a Conv/MatMul: fused into that op as its activation, no Q/DQ"
+    if _self_gated(node):
+        return "x * f(x) (SiLU, GELU, hard-swish) is an activation function: no int8 kernel, no Q/DQ"
     return None
 
 
-def _fused_swish(node: ir.Node) -> bool:
-    """``Mul(x, Sigmoid(x))`` (or HardSigmoid) with x produced by a Conv/ConvTranspose/MatMul/Gemm."""
-    if node.op_type != "Mul" or len(node.inputs) != 2:
+def _self_gated(node: ir.Node) -> bool:
+    """``Mul(g(x), f(x))`` with f and g chains of at most GATE_DEPTH element-wise ops of the
+    same x (their other operands constant): x * sigmoid(x), (x * 0.5) * (1 + erf(x / c))."""
+    if node.op_type != "Mul" or len(node.inputs) != 2 or None in node.inputs:
         return False
     a, b = node.inputs
-    for x, gate in ((a, b), (b, a)):
-        g, p = gate.producer(), x.producer()
-        if (g is not None and g.op_type in GATES and g.inputs[0] is x
-                and p is not None and p.op_type in FUSING_PRODUCERS):
-            return True
-    return False
+    return bool(_chain(a) & _chain(b))
+
+
+def _chain(value: ir.Value) -> set[ir.Value]:
+    """``value`` and the values it is an element-wise function of, up to GATE_DEPTH ops."""
+    seen = {value}
+    for _ in range(GATE_DEPTH):
+        p = value.producer()
+        if p is None or p.op_type not in ELEMENTWISE_CHAIN:
+            break
+        moving = [v for v in p.inputs if v is not None and v.const_value is None
+                  and not (v.producer() is not None and v.producer().op_type == "Constant")]
+        if len(moving) != 1:
+            break
+        value = moving[0]
+        seen.add(value)
+    return seen
