@@ -37,8 +37,8 @@ class ConvertPlan:
 def plan_for(recipe: Recipe) -> ConvertPlan:
     """The scheme for ``recipe``; raises UsageError for combinations that make no sense."""
     q = recipe.quantize
-    if q.target and (q.dtype == "fp16" or q.bits != 8 or q.format == "matmulnbits"):
-        raise UsageError(f"target {q.target} is a static int8 preset, not fp16 or weight-only",
+    if q.target and (q.dtype == "fp16" or q.bits != 8 or q.format == "matmulnbits" or q.weights_only):
+        raise UsageError(f"target {q.target} is a static int8 preset, not fp16, weight-only or int8 weights alone",
                          "drop the target, or convert to static int8 (--bits 8)")
     if q.dtype == "fp16":
         return ConvertPlan("fp16", False, "fp16")
