@@ -30,7 +30,11 @@ openvino (OpenVINO CPU plugin, low-precision transformations): Q/DQ only on the 
   quantize-dequantize work ("Quantized models compute and restrictions",
   docs.openvino.ai/2024/.../quantized-models.html). Activations symmetric (zero point 0):
   unsigned int8 for a non-negative range, signed otherwise; weights int8 symmetric per
-  output channel; bias stays float (LPT folds the Add after the Conv). Measured here
+  output channel; bias stays float (LPT folds the Add after the Conv); embedding tables
+  (Gather of a constant) stored int8 per row, rescaled after the lookup (4x smaller, the
+  lookup itself is memory-bound). x * f(x) activations (SiLU, GELU, hard-swish) get no
+  Q/DQ between their halves: NNCF leaves them float too (checked on a YOLOX detector and
+  PP-OCR; qtool.targets.placement). Measured here
   against nncf.quantize's placement (bench/targets.py).
 qnn (onnxruntime QNN EP, Qualcomm HTP): QDQ node units on every op (the HTP backend runs
   only quantized ops; a float op falls back to the CPU EP), uint8 asymmetric activations,
@@ -105,7 +109,7 @@ TARGETS: dict[str, Target] = {
     "openvino": Target(
         "openvino", "OpenVINO CPU: symmetric Q/DQ on the inputs of the ops LPT runs in int8",
         {"weight_type": "int8", "symmetric_activations": True, "per_channel": True,
-         "op_types": INT8_COMPUTE_OPS, "allow_opset_upgrade": True},
+         "op_types": (*INT8_COMPUTE_OPS, "Gather"), "allow_opset_upgrade": True},
         Placement(outputs=False, activation_sign="by-range", int32_bias=False,
                   elementwise_constants=False)),
     "qnn": Target(
