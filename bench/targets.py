@@ -43,7 +43,7 @@ ROOT = HERE.parent
 WORK = CACHE / "targets"
 RESULTS = HERE / "results" / "targets.md"
 CORPUS_DIR = Path(os.environ.get("QTOOL_CORPUS_DIR", "/work/wt/corpus/bench/.cache/corpus"))
-RUNS, WARMUP = 40, 5
+RUNS, WARMUP = 25, 3
 
 # name -> (kind, source): "zoo" models come from bench/zoo.py, "corpus" ones from bench/corpus.py.
 MODELS_USED = {
