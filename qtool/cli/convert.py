@@ -119,6 +119,12 @@ def build_recipe(
     return r
 
 
+def _fixes(target: TargetName | None) -> bool:
+    """Whether --target fixes the scheme: --target cpu on this machine is today's default
+    (the guard may still choose, as without it), other targets are static int8 presets."""
+    return target not in (None, TargetName.cpu, TargetName.cpu_vnni)
+
+
 def check_target_flags(target: TargetName | None, *, bits, dtype, dynamic, fmt, per_channel,
                        symmetric_activations, activation_type) -> None:
     """A --target is a static int8 preset: flags it fixes otherwise, or another scheme, are
@@ -247,7 +253,7 @@ def convert_command(
     # Flags that belong to one scheme choose it: the guard then repairs, never swaps it.
     explicit = any(v is not None for v in (
         bits, dtype, dynamic, fmt, calib, recipe, per_channel, symmetric_activations, activation_type,
-        block_size, symmetric, algorithm, keep_8bit, accuracy_level, target)) or scheme not in (None, "auto")
+        block_size, symmetric, algorithm, keep_8bit, accuracy_level)) or scheme not in (None, "auto") or _fixes(target)
     auto = _check_guard_flags(scheme=scheme, explicit=explicit, data=data, eval_data=eval_data,
                               no_guard=no_guard, min_sqnr=min_sqnr, min_agreement=min_agreement,
                               guard_budget=guard_budget, write_best=write_best, calib=calib)
