@@ -25,6 +25,7 @@ BENCHES = {
     "latency_repro": ["latency_repro.py"],
     "tune": ["tune.py"],
     "sweep": ["sweep.py"],
+    "targets": ["targets.py"],
 }
 
 

@@ -84,6 +84,9 @@ class QuantizeConfig:
     op_types: tuple[str, ...] = ()  # empty: every op of the registry
     exclude: tuple[str, ...] = ()  # node names, op types or glob patterns left in float
     allow_opset_upgrade: bool = False
+    # A deployment target's preset (qtool.targets): cpu, cpu-vnni, cpu-avx2, openvino, qnn,
+    # tensorrt; "" keeps the values above as they are (onnxruntime CPU's conventions).
+    target: str = ""
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,27 @@ def int8_advice(features: dict[str, bool]) -> str:
     return "no int8 dot-product instructions found: int8 may not be faster than float here"
 
 
+_X86 = ("x86_64", "AMD64", "i686", "x86")
+_VNNI = ("AVX-512 VNNI", "AVX-VNNI", "AMX-INT8")
+
+
+def cpu_int8_target(machine: str, features: dict[str, bool]) -> dict:
+    """Which ``--target cpu`` variant fits a CPU, and why.
+
+    cpu-avx2 on x86 without VNNI: onnxruntime's u8 x s8 kernels then use VPMADDUBSW, which
+    sums two u8*s8 products into a saturating int16 (onnxruntime #5849, #14642); 7-bit
+    weights keep 2 * 255 * 63 = 32130 below 32767. cpu-vnni otherwise (VPDPBUSD/AMX sum
+    into int32 and cannot saturate; Arm's SDOT/UDOT likewise).
+    """
+    if machine in _X86 and not any(features.get(k) for k in _VNNI) and features.get("AVX2"):
+        return {"target": "cpu-avx2", "why": "x86 without VNNI: u8 x s8 products pass through a saturating "
+                "int16 add (VPMADDUBSW), so weights are kept to 7 bits (reduce-range)"}
+    if machine in _X86 and any(features.get(k) for k in _VNNI):
+        return {"target": "cpu-vnni", "why": "VNNI/AMX int8 dot products accumulate in int32: no saturation, "
+                "full 8-bit weights, u8 activations x s8 weights"}
+    return {"target": "cpu-vnni", "why": "no saturating x86 u8 x s8 path on this CPU; the default QDQ applies"}
+
+
 def runtime_info() -> dict:
     import onnxruntime as ort
 
@@ -83,6 +104,7 @@ def hardware_report() -> dict:
     return {
         "cpu": cpu,
         "int8_advice": int8_advice(cpu["features"]),
+        "cpu_target": cpu_int8_target(cpu["machine"], cpu["features"]),
         "runtime": runtime_info(),
         "qtool_kernels": kernel_backend(),
         "python": platform.python_version(),

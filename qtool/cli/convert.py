@@ -39,6 +39,23 @@ ACTIVATION_BITS_HELP = (
     "it is not faster there [default: 8]."
 )
 
+class TargetName(str, Enum):
+    cpu = "cpu"
+    cpu_vnni = "cpu-vnni"
+    cpu_avx2 = "cpu-avx2"
+    openvino = "openvino"
+    qnn = "qnn"
+    tensorrt = "tensorrt"
+
+
+TARGET_HELP = (
+    "Static int8 for a deployment runtime, with the Q/DQ placement it fuses: cpu (this machine: "
+    "cpu-vnni, or cpu-avx2 = 7-bit weights where VNNI is missing), openvino (symmetric Q/DQ on "
+    "Conv/MatMul/Add inputs only), qnn (checked against the QNN EP's rules), tensorrt (symmetric "
+    "int8, checked) [default: onnxruntime CPU QDQ]. `qtool inspect --hw` names this machine's cpu variant."
+)
+
+
 # The choices are the library's own lists, so a new algorithm needs no CLI edit.
 Algorithm = Enum("Algorithm", {name: name for name in ALGORITHMS}, type=str)
 
@@ -64,9 +81,10 @@ def _default_preset(dtype: DType | None, bits: int | None, dynamic: bool | None)
 def build_recipe(
     recipe: str | None, *, bits, dtype, dynamic, fmt, per_channel, symmetric_activations,
     activation_type, exclude, block_size, symmetric, algorithm, keep_8bit, accuracy_level,
-    allow_opset_upgrade, samples, activation_bits=None,
+    allow_opset_upgrade, samples, activation_bits=None, target=None,
 ):
-    """The recipe with the flags that were given applied on top (None: keep the recipe's)."""
+    """The recipe with the flags that were given applied on top (None: keep the recipe's);
+    ``target`` (a --target name) then fixes its preset's values (qtool.targets)."""
     from qtool.config import load_recipe
 
     r = load_recipe(recipe if recipe is not None else _default_preset(dtype, bits, dynamic))
@@ -100,7 +118,59 @@ def build_recipe(
         accuracy_level=accuracy_level,
         format=wo_format,
     )
-    return r.override("calibration", samples=samples)
+    r = r.override("calibration", samples=samples)
+    if target is not None:
+        r = r.override("quantize", target=target.value)
+    if r.quantize.target:
+        from qtool.targets import apply_target
+
+        r = apply_target(r)
+    return r
+
+
+# Flags that belong to one scheme choose it: the guard then repairs, never swaps it.
+SCHEME_FLAGS = ("bits", "dtype", "dynamic", "fmt", "calib", "recipe", "per_channel", "symmetric_activations",
+                "activation_type", "activation_bits", "block_size", "symmetric", "algorithm", "keep_8bit",
+                "accuracy_level")
+
+
+def _fixes_scheme(flags: dict) -> bool:
+    """Whether the flags as given fix the scheme (else the default adapts, and with the guard
+    it chooses)."""
+    return (any(flags[k] is not None for k in SCHEME_FLAGS) or flags["scheme"] not in (None, "auto")
+            or _fixes(flags["target"]))
+
+
+def _fixes(target: TargetName | None) -> bool:
+    """Whether --target fixes the scheme: --target cpu on this machine is today's default
+    (the guard may still choose, as without it), other targets are static int8 presets."""
+    return target not in (None, TargetName.cpu, TargetName.cpu_vnni)
+
+
+def check_target_flags(target: TargetName | None, *, bits, dtype, dynamic, fmt, per_channel,
+                       symmetric_activations, activation_type) -> None:
+    """A --target is a static int8 preset: flags it fixes otherwise, or another scheme, are
+    usage errors naming the flag and what the target needs."""
+    if target is None:
+        return
+    from qtool.errors import UsageError
+    from qtool.targets import resolve, target_conflicts
+
+    other = {"--dynamic": dynamic or None, "--dtype fp16": dtype == DType.fp16 or None,
+             "--bits": bits if bits not in (None, 8) else None}
+    given = [f"{k} {v}" if v is not True else k for k, v in other.items() if v is not None]
+    if given:
+        raise UsageError(f"--target {target.value} is a static int8 preset; {', '.join(given)} chooses another scheme",
+                         "drop --target (it applies to static int8), or drop " + ", ".join(given))
+    preset = resolve(target.value)
+    flags = {"activation_type": activation_type.value if activation_type is not None else None,
+             "per_channel": per_channel, "symmetric_activations": symmetric_activations,
+             "format": fmt.value if fmt is not None else None}
+    conflicts = target_conflicts(preset, flags)
+    if conflicts:
+        shown = "; ".join(f"--{k.replace('_', '-')} {str(v).lower()} ({why})" for k, v, why in conflicts)
+        raise UsageError(f"--target {target.value} contradicts {shown}",
+                         f"drop the flag: --target {target.value} already sets it")
 
 
 def check_flags(*, bits, dtype, dynamic, data: Path | None, samples: int | None,
@@ -171,6 +241,7 @@ def convert_command(
              "above protobuf's 2 GB: the output then streams to disk instead of being built in memory).",
     ),
     allow_opset_upgrade: bool = typer.Option(False, "--allow-opset-upgrade", help="Let qtool raise the opset when the format needs it."),
+    target: TargetName = typer.Option(None, "--target", help=TARGET_HELP),
     scheme: str = typer.Option(
         None, "--scheme",
         help="auto: try static and dynamic int8 on held-out samples and keep the smallest, fastest "
@@ -210,11 +281,9 @@ def convert_command(
     from qtool.pipeline.plan import check_inputs, speed_warnings
 
     check_flags(bits=bits, dtype=dtype, dynamic=dynamic, data=data, samples=samples, activation_bits=activation_bits, fmt=fmt)
-    # Flags that belong to one scheme choose it: the guard then repairs, never swaps it.
-    explicit = any(v is not None for v in (
-        bits, dtype, dynamic, fmt, calib, recipe, per_channel, symmetric_activations, activation_type,
-        activation_bits, block_size, symmetric, algorithm, keep_8bit, accuracy_level)) or scheme not in (None, "auto")
-    auto = _check_guard_flags(scheme=scheme, explicit=explicit, data=data, eval_data=eval_data,
+    check_target_flags(target, bits=bits, dtype=dtype, dynamic=dynamic, fmt=fmt, per_channel=per_channel,
+                       symmetric_activations=symmetric_activations, activation_type=activation_type)
+    auto = _check_guard_flags(scheme=scheme, explicit=_fixes_scheme(flags), data=data, eval_data=eval_data,
                               no_guard=no_guard, min_sqnr=min_sqnr, min_agreement=min_agreement,
                               guard_budget=guard_budget, write_best=write_best, calib=calib)
     if _convert_quantized_input(model, output, flags):
@@ -226,7 +295,7 @@ def convert_command(
         symmetric_activations=symmetric_activations, activation_type=activation_type,
         exclude=exclude, block_size=block_size, symmetric=symmetric, algorithm=algorithm,
         keep_8bit=keep_8bit, accuracy_level=accuracy_level,
-        allow_opset_upgrade=allow_opset_upgrade, samples=samples, activation_bits=activation_bits,
+        allow_opset_upgrade=allow_opset_upgrade, samples=samples, activation_bits=activation_bits, target=target,
     )
     r = _with_recovery(r, recover, plan_for(r).kind, calib) if recover is not None else r
     plan = plan_for(r)

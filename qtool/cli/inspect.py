@@ -31,7 +31,9 @@ def inspect_command(
     model: Path = typer.Argument(..., help="The .onnx model (external data is not read)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     hw: bool = typer.Option(
-        False, "--hw", help="Also report this CPU's int8/int4 features, onnxruntime and qtool's kernels."
+        False, "--hw", help="Also report this CPU's int8/int4 features, which `convert --target cpu` "
+        "variant applies (cpu-vnni, or cpu-avx2 = 7-bit weights where VNNI is missing), onnxruntime "
+        "and qtool's kernels."
     ),
 ) -> None:
     """Show a model's inputs, outputs, opsets, ops, parameters and quantization candidates.
@@ -146,6 +148,8 @@ def _print_hardware(h: dict) -> None:
         table.add_row(name, "[green]yes[/green]" if present else "[dim]no[/dim]")
     console.print(table)
     console.print(f"int8: {h['int8_advice']}")
+    t = h["cpu_target"]
+    console.print(f"--target cpu here means {t['target']}: {escape(t['why'])}")
     rt = h["runtime"]
     console.print(f"onnxruntime {rt['onnxruntime']}; providers: {', '.join(rt['providers'])}")
     k = h["qtool_kernels"]

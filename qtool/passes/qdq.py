@@ -47,6 +47,8 @@ from qtool.quant.scales import (
     quantize,
     weight_params,
 )
+from qtool.targets import placement as target_rules
+from qtool.targets import placement_for
 
 Ranges = Mapping[str, tuple[float, float]]
 
@@ -138,6 +140,7 @@ class _StaticPlan:
         self.bad: dict[str, str] = {}  # tensor name -> why it stays float
         self.weight_cache: dict[tuple, tuple[ir.Value, QParams]] = {}
         self.folds: list[tuple[ir.Node, ir.Node]] = []  # (producer, Relu/Clip)
+        self.placement = placement_for(recipe)  # the --target's Q/DQ placement
 
     # -- activations --------------------------------------------------------------------
     def range_of(self, value: ir.Value) -> tuple[float, float] | None:
@@ -153,7 +156,7 @@ class _StaticPlan:
 
     def params_from(self, value: ir.Value, lo: float, hi: float) -> QParams | None:
         try:
-            return activation_params(lo, hi, self.dtype_of(value), self.symmetric)
+            return target_rules.activation_qparams(self.placement, lo, hi, self.dtype_of(value), self.symmetric)
         except DegenerateRange as exc:
             self.bad[value.name] = exc.reason
             return None
@@ -174,7 +177,7 @@ class _StaticPlan:
     def output(self, node: ir.Node) -> None:
         """Choose the output parameters, folding a following Relu/Clip when Q can clip."""
         out = node.outputs[0]
-        if out in self.params or out.name in self.bad:
+        if out in self.params or out.name in self.bad or not self.placement.outputs:
             return
         if out.is_graph_output() and node.op_type in FLOAT_OUTPUT_OPS:
             return  # fused with a float output (QGemm / MatMulIntegerToFloat): no rounding
@@ -239,11 +242,13 @@ class _StaticPlan:
         w = tensor.numpy()
         if w.dtype != np.float32:
             return None
-        axis = (axis_for or weight_axis)(node, w, self.per_channel)
+        per_channel = self.per_channel and target_rules.weight_axis_allowed(self.placement, node)
+        axis = (axis_for or weight_axis)(node, w, per_channel)
         key = (id(value), axis, id(node.graph))
         if key not in self.weight_cache:
             try:
                 p = weight_params(w, axis, self.recipe.quantize.weight_type, symmetric=True)
+                p = target_rules.reduce_weight_range(self.placement, p)
             except DegenerateRange as exc:
                 self.report.notes.append(f"{node.name}: weight {value.name} kept float ({exc.reason})")
                 return None
@@ -277,7 +282,7 @@ class _StaticPlan:
         tensor = ops.constant_weight(node, index)
         if tensor is None or tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 1:
             return False
-        if x.per_channel:
+        if x.per_channel or not self.placement.int32_bias:
             return False
         if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
             return False
@@ -360,6 +365,7 @@ def quantize_static(
     holds node name -> why it stays float.
     """
     report = PassReport("qdq")
+    recipe = target_rules.fit_opset(placement_for(recipe), recipe, model)
     _check_opset(model, recipe)
     selection = select_nodes(model, recipe, "int8-static")
     for name, reason in selection.skipped.items():
@@ -399,6 +405,10 @@ def _plan_node(plan: _StaticPlan, node: ir.Node) -> None:
             return
         plan.params.setdefault(node.outputs[0], p)
         plan.report.count(node.op_type)
+        return
+    not_here = target_rules.admits(plan.placement, node, is_float_activation)
+    if not_here is not None:
+        plan.report.skip(name, not_here)
         return
     act_ok, why = 0, []
     x_params: QParams | None = None

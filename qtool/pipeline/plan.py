@@ -48,6 +48,9 @@ def plan_for(recipe: Recipe) -> ConvertPlan:
     q = recipe.quantize
     if q.activation_bits not in (8, 16):
         raise UsageError(f"--activation-bits {q.activation_bits} is not supported", "use 8, or 16 for A16W8")
+    if q.target and (q.dtype == "fp16" or q.bits != 8 or q.format == "matmulnbits" or q.weights_only):
+        raise UsageError(f"target {q.target} is a static int8 preset, not fp16, weight-only or int8 weights alone",
+                         "drop the target, or convert to static int8 (--bits 8)")
     if q.dtype == "fp16":
         _no_wide_activations(recipe, "--dtype fp16 is half-precision float")
         return ConvertPlan("fp16", False, "fp16")
@@ -82,6 +85,9 @@ def plan_for(recipe: Recipe) -> ConvertPlan:
         return ConvertPlan("int8-weights", False, "float-activations")
     if q.dynamic:
         _no_wide_activations(recipe, "--dynamic quantizes activations to 8 bits at run time")
+        if q.target:
+            raise UsageError(f"target {q.target} is a static int8 preset; --dynamic is another scheme",
+                             "drop --dynamic (the target calibrates), or drop the target")
         if q.format == "qoperator":
             raise UsageError(
                 "--dynamic already emits integer ops; --format qoperator is for static int8",
@@ -118,8 +124,10 @@ def weight_only_part(recipe: Recipe) -> Recipe | None:
 def speed_warnings(recipe: Recipe, plan: ConvertPlan) -> list[str]:
     """Choices known to run slow on this kind of CPU, said before any work is done."""
     warnings = []
+    # Other runtimes (a --target other than the onnxruntime CPU ones) want int8 activations.
+    ort_cpu = recipe.quantize.target in ("", "cpu", "cpu-vnni", "cpu-avx2")
     if (plan.kind == "int8-static" and recipe.quantize.activation_type == "int8"
-            and recipe.quantize.activation_bits == 8):
+            and recipe.quantize.activation_bits == 8 and ort_cpu):
         warnings.append(SLOW_INT8_ACTIVATIONS)
     if plan.kind == "int8-static" and recipe.wide_activations():
         warnings.append(SLOW_WIDE_ACTIVATIONS)

@@ -30,7 +30,7 @@ SCHEMES: dict[str, tuple[type, ...]] = {
     "int8-static": (
         steps.WideActivationOpset, steps.PerChannelOpset, steps.ConvBlocksOpset, steps.Preprocess,
         steps.LowBitLayers, steps.TableRanges, recovery.AdaRound, recovery.BiasCorrection,
-        steps.StaticInt8, steps.QOperatorFormat, steps.Recurrent, steps.Cleanup,
+        steps.StaticInt8, steps.QOperatorFormat, steps.Recurrent, steps.Cleanup, steps.TargetRules,
     ),
     # An already-quantized model (convert --store-weights / --format): no calibration, no new
     # quantization; plan.plan_quantized_input chooses it.

@@ -332,3 +332,25 @@ class QOperatorReady(QtoolPass):
                 report.count(key, n)
             report.skipped.update(part.skipped)
         return model, report
+
+
+class TargetRules(QtoolPass):
+    """A --target whose runtime cannot run here (qnn, tensorrt): the converted model must keep
+    the rules that runtime documents (qtool.targets.validate); a violation fails the
+    conversion, naming the rule, instead of writing a model the runtime rejects."""
+
+    name, stage = "target-rules", "finish"
+
+    def applies(self, model: ir.Model) -> bool:
+        from qtool.targets import resolve
+
+        target = self.context.recipe.quantize.target
+        return bool(target) and resolve(target).validator is not None
+
+    def run(self, model):
+        from qtool.targets import resolve
+        from qtool.targets.validate import require
+
+        name = resolve(self.context.recipe.quantize.target).validator
+        require(model, name)
+        return model, None

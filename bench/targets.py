@@ -1,0 +1,482 @@
+#!/usr/bin/env python3
+"""Deployment targets side by side (issue 15): float and int8 on onnxruntime and OpenVINO.
+
+For each model (CNNs, a detector, an OCR recognizer, a transformer), in one run:
+
+* float on onnxruntime's CPU provider;
+* float on OpenVINO, with the f32 precision hint and with its default precision (bf16 on AMX);
+* qtool ``convert --target cpu`` on onnxruntime;
+* qtool ``convert --target openvino`` on OpenVINO (f32 hint and default precision);
+* NNCF's int8 (``nncf.quantize``, its recommended preset per model type: the transformer
+  model type for minilm, the default performance preset otherwise) on OpenVINO, the anchor.
+
+All quantizers calibrate on the same calibration split; metrics are taken on the eval split.
+qtool converts once (--no-guard), as nncf.quantize does: the metrics compare placements.
+Latency: batch 1, 2 threads, each measurement a fresh process per model (two compiled models
+in one process distort each other), rounds alternate the order, medians of --rounds rounds.
+Writes bench/results/targets.md. Runs in the shared venv (openvino, nncf).
+
+    QTOOL_BENCH_CACHE=/work/bench_cache python bench/targets.py [--only NAME ...] [--rounds 3]
+
+OpenVINO is driven through its Python API directly (``openvino.Core``) on purpose: this
+bench measures the runtime, not qtool's runtime layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from zoo_data import CACHE, DATA, MODELS, THREADS  # noqa: E402
+
+ROOT = HERE.parent
+WORK = CACHE / "targets"
+RESULTS = HERE / "results" / "targets.md"
+CORPUS_DIR = Path(os.environ.get("QTOOL_CORPUS_DIR", "/work/wt/corpus/bench/.cache/corpus"))
+RUNS, WARMUP = 25, 3
+
+# name -> (kind, source): "zoo" models come from bench/zoo.py, "corpus" ones from bench/corpus.py.
+MODELS_USED = {
+    "efficientnet_lite0": ("CNN", "zoo"),
+    "resnet18_synth": ("CNN", "zoo"),
+    "mnist_cnn": ("CNN", "zoo"),
+    "ddddocr_det": ("detector", "corpus"),
+    "ppocr_rec": ("OCR", "zoo"),
+    "minilm": ("transformer", "zoo"),
+}
+# (label, runtime, precision hint, which file)
+CONFIGS = [
+    ("float ORT", "ort", None, "float"),
+    ("float OV f32", "ov", "f32", "float"),
+    ("float OV default", "ov", "default", "float"),
+    ("qtool cpu ORT", "ort", None, "qtool_cpu"),
+    ("qtool openvino OV f32", "ov", "f32", "qtool_openvino"),
+    ("qtool openvino OV default", "ov", "default", "qtool_openvino"),
+    ("NNCF OV f32", "ov", "f32", "nncf"),
+    ("NNCF OV default", "ov", "default", "nncf"),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[targets] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- sessions ------------------------------------------------------------------------
+
+
+class OVSession:
+    """An OpenVINO compiled model behind onnxruntime's session calls (run, get_outputs)."""
+
+    def __init__(self, path: Path, hint: str):
+        import openvino as ov
+
+        cfg = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY"}
+        if hint != "default":
+            cfg["INFERENCE_PRECISION_HINT"] = hint
+        self.compiled = ov.Core().compile_model(str(path), "CPU", cfg)
+        self.request = self.compiled.create_infer_request()
+
+    def get_outputs(self):
+        return [SimpleNamespace(name=o.any_name) for o in self.compiled.outputs]
+
+    def get_inputs(self):
+        return [SimpleNamespace(name=i.any_name) for i in self.compiled.inputs]
+
+    def run(self, _names, feed: dict) -> list[np.ndarray]:
+        result = self.request.infer(feed)
+        return [np.array(result[o]) for o in self.compiled.outputs]
+
+
+def open_session(runtime: str, hint: str | None, path: Path):
+    if runtime == "ov":
+        return OVSession(path, hint)
+    from zoo_metrics import session
+
+    return session(path)
+
+
+# ---- data and models -----------------------------------------------------------------
+
+
+def corpus_module():
+    import corpus
+
+    corpus.CORPUS = CORPUS_DIR  # the shared corpus cache (read-only here)
+    return corpus
+
+
+def float_model(name: str) -> Path:
+    if MODELS_USED[name][1] == "corpus":
+        return CORPUS_DIR / "models" / name / "model.onnx"
+    return MODELS / f"{name}.onnx"
+
+
+def calib_dir(name: str) -> Path:
+    if MODELS_USED[name][1] == "zoo":
+        return DATA / name / "calib"
+    folder = WORK / name / "calib"
+    if not folder.exists():
+        corpus_module().write_dataset(name, "calib", folder)
+    return folder
+
+
+def read_feeds(folder: Path, input_names: list[str]) -> list[dict[str, np.ndarray]]:
+    feeds = []
+    for f in sorted(folder.iterdir()):
+        if f.suffix == ".npz":
+            with np.load(f) as z:
+                feeds.append({k: z[k] for k in z.files})
+        elif f.suffix == ".npy":
+            feeds.append({input_names[0]: np.load(f)})
+    return feeds
+
+
+def eval_feeds(name: str) -> list[dict[str, np.ndarray]]:
+    if MODELS_USED[name][1] == "corpus":
+        return corpus_module().samples(name, "eval")
+    from zoo_data import load_split
+
+    return load_split(name, "eval")
+
+
+def graph_inputs(path: Path) -> list[str]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    return [i.name for i in m.graph.input if i.name not in inits]
+
+
+def qtool_convert(name: str, target: str, out: Path) -> dict:
+    """qtool convert --target TARGET, one shot on the calibration split (--no-guard), as
+    nncf.quantize is run: the metric columns then compare the two placements alone."""
+    cmd = [sys.executable, "-m", "qtool", "--quiet", "convert", str(float_model(name)), "-o", str(out),
+           "--data", str(calib_dir(name)), "--target", target, "--no-guard", "--json"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0 or not out.exists():
+        raise RuntimeError(f"qtool --target {target} failed on {name}: {done.stderr[-2000:]}")
+    report = json.loads(done.stdout)
+    return {"seconds": seconds, "fidelity": report.get("fidelity")}
+
+
+def nncf_quantize(name: str, out: Path) -> dict:
+    """nncf.quantize on the ONNX model with the calibration split; transformer model type
+    for the transformer (NNCF's recommended setting), its defaults otherwise."""
+    import nncf
+    import onnx
+
+    src = float_model(name)
+    feeds = read_feeds(calib_dir(name), graph_inputs(src))
+    kwargs = {"subset_size": len(feeds)}
+    if MODELS_USED[name][0] == "transformer":
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    t0 = time.perf_counter()
+    quantized = nncf.quantize(onnx.load(str(src)), nncf.Dataset(feeds), **kwargs)
+    onnx.save(quantized, str(out))
+    return {"seconds": time.perf_counter() - t0, "model_type": str(kwargs.get("model_type", "default"))}
+
+
+def prepare(name: str, fresh: bool) -> dict:
+    folder = WORK / name
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"float": float_model(name)}
+    notes: dict = {}
+    notes_path = folder / "notes.json"
+    if notes_path.exists() and not fresh:
+        notes = json.loads(notes_path.read_text())
+    for key, make in (("qtool_cpu", lambda p: qtool_convert(name, "cpu", p)),
+                      ("qtool_openvino", lambda p: qtool_convert(name, "openvino", p)),
+                      ("nncf", lambda p: nncf_quantize(name, p))):
+        path = folder / f"{key}.onnx"
+        if fresh or not path.exists() or key not in notes:
+            log(f"{name}: making {key}")
+            notes[key] = make(path)
+            notes_path.write_text(json.dumps(notes, indent=1))
+        files[key] = path
+    feed = eval_feeds(name)[0]
+    np.savez(folder / "feed.npz", **feed)
+    return {"files": files, "notes": notes, "feed": folder / "feed.npz"}
+
+
+# ---- metrics -------------------------------------------------------------------------
+
+
+def metric(name: str, runtime: str, hint: str | None, path: Path) -> dict:
+    """The model's task metric on the eval split, computed on the runtime it is deployed on."""
+    sess = open_session(runtime, hint, path)
+    if MODELS_USED[name][1] == "zoo":
+        from zoo_specs import spec_of
+
+        spec = spec_of(name)
+        res = spec.evaluate(name, sess, "eval")
+        return {"value": res[spec.metric], "key": spec.metric, "detail": res}
+    corpus = corpus_module()
+    feeds = eval_feeds(name)
+    ref_sess = open_session("ort", None, float_model(name))
+    ref = [ref_sess.run(None, f) for f in feeds]
+    out = [sess.run(None, f) for f in feeds]
+    res = corpus.score(name, ref, out, corpus.labels(name, "eval"))
+    key = corpus.entry(name).metric
+    return {"value": res[key], "key": key, "detail": res}
+
+
+# ---- timing --------------------------------------------------------------------------
+
+
+def time_one(runtime: str, hint: str, path: str, feed_path: str) -> None:
+    """Child process: median and min wall time of RUNS inferences, printed as JSON."""
+    with np.load(feed_path) as z:
+        feed = {k: z[k] for k in z.files}
+    sess = open_session(runtime, None if hint == "-" else hint, Path(path))
+    for _ in range(WARMUP):
+        sess.run(None, feed)
+    times = []
+    for _ in range(RUNS):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    print(json.dumps({"median_ms": float(np.median(times)), "min_ms": float(min(times))}))
+
+
+def timed_rounds(prepared: dict, rounds: int) -> dict[str, list[dict]]:
+    """Every (model, config) once per round in a fresh process; the order rotates per round."""
+    jobs = [(name, cfg) for name in prepared for cfg in CONFIGS]
+    out: dict[str, list[dict]] = {}
+    for r in range(rounds):
+        shift = (r * len(jobs)) // max(rounds, 1)
+        order = jobs[shift:] + jobs[:shift]
+        if r % 2:
+            order = order[::-1]
+        for name, (label, runtime, hint, key) in order:
+            p = prepared[name]
+            cmd = [sys.executable, str(Path(__file__)), "_time", runtime, hint or "-",
+                   str(p["files"][key]), str(p["feed"])]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                log(f"{name} {label}: timing failed: {done.stderr[-500:]}")
+                continue
+            out.setdefault(f"{name}|{label}", []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+        log(f"round {r + 1}/{rounds} done")
+    return out
+
+
+# ---- int16 saturation of u8 x s8 without VNNI (emulated) ---------------------------------
+
+INT16_MAX = 32767
+SAT_POSITIONS = 64  # output positions sampled per Conv and sample
+SAT_CHANNELS = 64  # output channels sampled per Conv (bounds memory: positions x channels x K)
+
+
+def _conv_units(model) -> list[tuple[str, tuple, np.ndarray, dict]]:
+    """(u8 activation tensor, weight shape, int8 weight [Cout, K], attributes) for each
+    group-1 Conv that reads DQ(Q(x) as uint8) and DQ(int8 weight) in a QDQ model."""
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    prod = {o: n for n in model.graph.node for o in n.output}
+    units = []
+    for n in model.graph.node:
+        attrs = {a.name: list(a.ints) or a.i for a in n.attribute}
+        if n.op_type != "Conv" or attrs.get("group", 1) != 1 or len(n.input) < 2:
+            continue
+        dx, dw = prod.get(n.input[0]), prod.get(n.input[1])
+        if dx is None or dw is None or dx.op_type != "DequantizeLinear" or dw.op_type != "DequantizeLinear":
+            continue
+        w = inits.get(dw.input[0])
+        if w is None or w.dtype != np.int8 or inits.get(dx.input[2], np.int8(0)).dtype != np.uint8:
+            continue
+        if w.ndim != 4:
+            continue
+        units.append((dx.input[0], w.shape, w.reshape(w.shape[0], -1).astype(np.int32), attrs))
+    return units
+
+
+def _patches(xq: np.ndarray, zp: int, w_shape, attrs: dict, rng) -> np.ndarray:
+    """[positions, K] u8 im2col rows (padding with the zero point) at sampled positions."""
+    kh, kw = w_shape[-2:]
+    pads = attrs.get("pads") or [0, 0, 0, 0]
+    sh, sw = (attrs.get("strides") or [1, 1])[:2]
+    x = np.pad(xq[0], ((0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=zp)
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
+    c, oh, ow = win.shape[:3]
+    pick = rng.choice(oh * ow, size=min(SAT_POSITIONS, oh * ow), replace=False)
+    flat = win.reshape(c, oh * ow, kh * kw)[:, pick]  # [C, P, kh*kw]
+    return np.moveaxis(flat, 1, 0).reshape(len(pick), -1).astype(np.int32)  # K order: (c, kh, kw)
+
+
+def saturation(path: Path, feeds: list[dict]) -> dict:
+    """Share of VPMADDUBSW pair sums x[k]w[k] + x[k+1]w[k+1] outside int16, and the SQNR of
+    the Conv accumulators when they saturate, over group-1 Convs of a u8 x s8 QDQ model."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    units = _conv_units(model)
+    for name in {u[0] for u in units}:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UINT8, None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    rng = np.random.default_rng(0)
+    pairs = saturated = 0
+    err = ref = 0.0
+    zps = {n.input[0]: n.input[2] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for feed in feeds:
+        got = dict(zip(names, sess.run(None, feed)))
+        for xname, shape, w_all, attrs in units:
+            zp = int(inits[zps[xname]]) if xname in zps else 0
+            x = _patches(got[xname], zp, shape, attrs, rng)  # [P, K]
+            w = w_all[rng.choice(len(w_all), size=min(SAT_CHANNELS, len(w_all)), replace=False)]
+            k2 = w.shape[1] // 2 * 2
+            prod = x[:, None, :k2] * w[None, :, :k2]  # [P, Cout, K]
+            pair = prod[..., 0::2] + prod[..., 1::2]
+            clipped = np.clip(pair, -INT16_MAX - 1, INT16_MAX)
+            pairs += pair.size
+            saturated += int((clipped != pair).sum())
+            exact = pair.sum(-1, dtype=np.int64)
+            err += float(((clipped.sum(-1, dtype=np.int64) - exact) ** 2).sum())
+            ref += float((exact.astype(np.float64) ** 2).sum())
+    return {"convs": len(units), "pairs": pairs, "saturated": saturated,
+            "sqnr_db": float("inf") if err == 0 else 10 * np.log10(ref / err)}
+
+
+def saturation_section(names: list[str]) -> str:
+    """Emulated non-VNNI u8 x s8 on the CNNs: --target cpu-vnni weights (8-bit) against
+    cpu-avx2 (7-bit), plus each one's metric on onnxruntime (exact here: VNNI)."""
+    lines = ["## Without VNNI: int16 saturation of u8 x s8 (emulated), cpu-vnni vs cpu-avx2", "",
+             "This machine has VNNI, so onnxruntime's AVX2 path (VPMADDUBSW: two u8*s8 products summed "
+             "into a saturating int16) cannot run here; it is emulated in numpy on the real u8 "
+             "activations of 4 eval samples at "
+             f"{SAT_POSITIONS} sampled output positions x {SAT_CHANNELS} sampled output channels per group-1 Conv. The metric column is the "
+             "converted model on onnxruntime here (exact int32 accumulation): the accuracy cost of 7-bit "
+             "weights alone.", "",
+             "| model | target | pair sums outside int16 | accumulator SQNR with saturation | metric (ORT, exact) |",
+             "|---|---|---:|---:|---:|"]
+    for name in names:
+        folder = WORK / name
+        folder.mkdir(parents=True, exist_ok=True)
+        feeds = eval_feeds(name)[:4]
+        for target in ("cpu-vnni", "cpu-avx2"):
+            path = folder / f"qtool_{target.replace('-', '_')}.onnx"
+            if target == cpu_target_here() and (folder / "qtool_cpu.onnx").exists():
+                path = folder / "qtool_cpu.onnx"  # --target cpu on this machine is this one
+            if not path.exists():
+                qtool_convert(name, target, path)
+            sat = saturation(path, feeds)
+            m = metric(name, "ort", None, path)
+            share = sat["saturated"] / max(sat["pairs"], 1)
+            lines.append(f"| {name} | {target} | {share:.2e} ({sat['saturated']} of {sat['pairs']}) | "
+                         f"{sat['sqnr_db']:.1f} dB | {m['key']} {m['value']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def cpu_target_here() -> str:
+    sys.path.insert(0, str(ROOT))
+    from qtool.targets import cpu_target
+
+    return cpu_target()
+
+
+# ---- report --------------------------------------------------------------------------
+
+
+def render(prepared: dict, metrics: dict, times: dict, rounds: int, load: str) -> str:
+    lines = [
+        "# Deployment targets: float and int8 on onnxruntime and OpenVINO",
+        "",
+        "`python bench/targets.py` (issue 15). Batch 1, 2 threads; latency = median over "
+        f"{rounds} rounds of the per-process median of {RUNS} runs (each round a fresh process "
+        "per model and configuration, order rotated and reversed between rounds); min = the "
+        "fastest single run seen. The machine is shared by other engineers' jobs "
+        f"(load average at start: {load}); ratios between rows of one model are the reliable part.",
+        "qtool converts once with --no-guard and NNCF runs nncf.quantize once, both on the same "
+        "calibration split; metrics on the eval split, on the runtime named in the row.",
+        "",
+    ]
+    for name, p in prepared.items():
+        kind = MODELS_USED[name][0]
+        f32 = _median(times.get(f"{name}|float OV f32"))
+        lines += [f"## {name} ({kind})", "",
+                  "| configuration | latency ms (median) | min ms | vs OV f32 | metric | size MB |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for label, _runtime, _hint, key in CONFIGS:
+            t = times.get(f"{name}|{label}")
+            med = _median(t)
+            mins = min((x["min_ms"] for x in t), default=None) if t else None
+            m = metrics.get(f"{name}|{label}", {})
+            mv = m.get("value")
+            size = Path(p["files"][key]).stat().st_size / 1e6
+            speed = f"{f32 / med:.2f}x" if med and f32 else "-"
+            lines.append(f"| {label} | {_fmt(med)} | {_fmt(mins)} | {speed} | "
+                         f"{m.get('key', '')} {_fmt(mv, 4)} | {size:.2f} |")
+        notes = p["notes"]
+        lines += ["", "conversion time: " + "; ".join(
+            f"qtool --target {k.split('_', 1)[1]} {v.get('seconds', 0):.0f} s" for k, v in notes.items()
+            if k.startswith("qtool")) + "; "
+            f"NNCF (model type {notes.get('nncf', {}).get('model_type')}) "
+            f"{notes.get('nncf', {}).get('seconds', 0):.0f} s.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _median(t: list[dict] | None) -> float | None:
+    return float(np.median([x["median_ms"] for x in t])) if t else None
+
+
+def _fmt(v, digits: int = 2) -> str:  # noqa: ANN001 - float or None
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_time":
+        time_one(*argv[1:5])
+        return 0
+    if argv and argv[0] == "saturation":  # appends its section to the results file (or --out)
+        rest = argv[1:]
+        out = Path(rest[rest.index("--out") + 1]) if "--out" in rest else RESULTS
+        names = [a for a in rest if a in MODELS_USED] or [n for n, (k, _) in MODELS_USED.items() if k == "CNN"]
+        with out.open("a") as f:
+            f.write("\n" + saturation_section(names))
+        log(f"appended the saturation section to {out}")
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=list(MODELS_USED), default=list(MODELS_USED))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fresh", action="store_true", help="convert again even when cached")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    load = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
+    prepared = {}
+    for name in args.only:
+        if not float_model(name).exists():
+            log(f"{name}: {float_model(name)} missing (bench/zoo.py prepare / bench/corpus.py check); skipped")
+            continue
+        prepared[name] = prepare(name, args.fresh)
+    metrics = {}
+    for name, p in prepared.items():
+        for label, runtime, hint, key in CONFIGS:
+            log(f"{name}: metric of {label}")
+            metrics[f"{name}|{label}"] = metric(name, runtime, hint, p["files"][key])
+    times = timed_rounds(prepared, args.rounds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(prepared, metrics, times, args.rounds, load))
+    (WORK / "last_run.json").write_text(json.dumps({"metrics": metrics, "times": times}, default=str, indent=1))
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
