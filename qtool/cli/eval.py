@@ -38,7 +38,30 @@ def eval_command(
         None, "--metric", "-m",
         help="top1, top5, accuracy, perplexity, cosine, sqnr, mse, or module:function; repeat or comma-separate.",
     ),
-    ep: str = typer.Option("cpu", "--ep", help="Execution providers, comma-separated (cpu,cuda,...)."),
+    ep: str | None = typer.Option(None, "--ep", help="onnxruntime execution providers, comma-separated "
+                                  "(cpu,cuda,...) [default: cpu]."),
+    runtime: str | None = typer.Option(
+        None, "--runtime", help="Where both models run and are timed: ort (onnxruntime, the default) or "
+        "openvino (needs pip install 'qtool[openvino]').", rich_help_panel="Runtimes"),
+    runtimes: str | None = typer.Option(
+        None, "--runtimes", help="Compare runtimes, e.g. ort,openvino: reference and candidate on each, "
+        "agreement with the float reference on onnxruntime, latency, and the fastest deployment that meets "
+        "the floor (the guard's 15 dB / 0.9 agreement, or --min-sqnr; --max-drop with labels). OpenVINO runs "
+        "at its f32 hint and, where its default float is bf16 (AMX CPUs), at that default too.",
+        rich_help_panel="Runtimes"),
+    device: str | None = typer.Option(
+        None, "--device", help="openvino: CPU, GPU, NPU... [default: CPU]; ort: the execution provider "
+        "(as --ep).", rich_help_panel="Runtimes"),
+    precision: str | None = typer.Option(
+        None, "--precision", help="openvino only: f32, bf16 or default (the device chooses: bf16 on AMX CPUs).",
+        rich_help_panel="Runtimes"),
+    timing: str | None = typer.Option(
+        None, "--timing", help="process: each model timed in fresh processes, alternating rounds, medians "
+        "(default with --runtimes: two compiled models in one process distort each other); inline: all "
+        "sessions in this process, timed in turns (default otherwise: cheaper).", rich_help_panel="Runtimes"),
+    rounds: int | None = typer.Option(None, "--rounds", help="With --timing process [default: 3]: rounds (each model once per "
+                               "round, order reversed every other round); --runs is split over them.",
+                               rich_help_panel="Runtimes"),
     latency: bool = typer.Option(False, "--latency", help="Measure latency, throughput and memory."),
     runs: int | None = typer.Option(None, "--runs", help="Timed runs per model [default: 50]."),
     warmup: int | None = typer.Option(None, "--warmup", help="Untimed warm-up runs [default: 5]."),
@@ -66,6 +89,10 @@ def eval_command(
     """Evaluate CANDIDATE (against --reference): metrics, output SQNR, latency, size; CI gates.
 
     Exit codes: 0 all gates passed, 1 error, 2 usage error, 3 a gate failed.
+    --runtime openvino runs and times both models on OpenVINO instead of onnxruntime
+    (--device, --precision); --runtimes ort,openvino compares the deployments and says which
+    is fastest at the floor, including when float on one runtime beats the candidate on
+    another. Diagnosis and --backend native always run on onnxruntime.
     Gates take numbers or percentages (--max-drop 1% of the reference metric). Without gates,
     an output whose SQNR is below 3 dB or cosine below 0.9 still prints a warning.
 
@@ -75,6 +102,8 @@ def eval_command(
       qtool eval int8.onnx -r model.onnx -d eval/ --latency --max-latency-ratio 1.0
       qtool eval int8.onnx -r model.onnx -d eval/ --diagnose
       qtool eval lm-int8.onnx -r lm.onnx -d tokens/ --metric perplexity   (input_ids in .npz)
+      qtool eval int8.onnx -r model.onnx -d eval/ --latency --runtime openvino --precision f32
+      qtool eval int8.onnx -r model.onnx -d eval/ --runtimes ort,openvino --markdown runtimes.md
     """
     from qtool.config import load_recipe
     from qtool.errors import UsageError
@@ -94,15 +123,22 @@ def eval_command(
               "recipe": Path(recipe) if recipe and Path(recipe).is_file() else None}
     check_outputs(outputs, inputs, data)
     metrics = _split(metric) or list(e.metrics)
-    providers = _split([ep])
+    providers = _split([ep]) if ep is not None else ["cpu"]
     if not providers:
         raise UsageError("--ep needs at least one provider", "e.g. --ep cpu")
+    if ep is not None and runtime is not None and runtime.strip().lower() not in ("ort", "onnxruntime"):
+        raise UsageError(f"--ep chooses onnxruntime's execution providers, not {runtime}'s device",
+                         "use --device with --runtime openvino (e.g. --device CPU)")
+    from qtool.runtime.runtimes import parse_list
+
+    matrix = parse_list(runtimes) if runtimes is not None else []
     report = evaluate(
         candidate, data, reference=reference, labels=labels, metrics=metrics, providers=providers,
         batch_size=batch_size, limit=limit, latency=latency, runs=e.runs, warmup=e.warmup,
         threads=e.threads, diagnose=diagnose, diagnose_top=top, backend=backend.value,
         max_drop=e.max_drop, min_sqnr=e.min_sqnr, max_latency_ratio=e.max_latency_ratio,
-        preprocess=r.preprocess, progress=progress,
+        preprocess=r.preprocess, progress=progress, runtime=runtime or "ort", device=device,
+        precision=precision, runtimes=matrix, timing=timing, rounds=rounds,
     )
     doc = report.to_dict()
     if not (settings.quiet and json_out == "-"):
@@ -226,6 +262,7 @@ def _print_report(doc: dict) -> None:
         console.print(t)
         for p, ratio in doc["latency_ratio"].items():
             console.print(f"latency ratio candidate/reference on {p}: [bold]{ratio:.3f}[/bold]")
+    _print_runtimes(doc.get("runtimes"))
     size = doc["size"]
     line = f"size: {size['candidate_bytes'] / 2**20:.2f} MiB"
     if size.get("reference_bytes"):
@@ -269,3 +306,27 @@ def _print_report(doc: dict) -> None:
 
         text = GateResult(**g).describe()
         console.print(("[green]" if g["passed"] else "[red]") + escape(text) + ("[/green]" if g["passed"] else "[/red]"))
+
+
+def _print_runtimes(section: dict | None) -> None:
+    """--runtimes: each deployment's agreement and latency, then the recommendation."""
+    if not section:
+        return
+    t = Table(title=f"runtimes (agreement with {section['truth']}; timing: {section['timing']['mode']})",
+              title_justify="left", show_edge=False)
+    for col in ("model", "runtime", "runs in", "median ms", "worst SQNR dB", "agree", "floor"):
+        t.add_column(col, justify="left" if col in ("model", "runtime", "runs in", "floor") else "right")
+    for d in section["deployments"]:
+        worst = min((o["segment_sqnr_db"] for o in d["outputs"]), key=_db, default=None)
+        agree = [o["agreement"] for o in d["outputs"] if o["agreement"] is not None]
+        t.add_row("cand" if d["model"] == "candidate" else "ref", escape(d["label"]), d["precision"] or "model types",
+                  _n(d["median_ms"]), _n(worst), _n(min(agree)) if agree else "–",
+                  "[green]meets[/green]" if d["meets_floor"] else "[red]misses[/red]")
+    console.print(t)
+    for i, line in enumerate(section["recommendation"]):
+        console.print(("[bold]" + escape(line) + "[/bold]") if i == 0 else "  " + escape(line))
+
+
+def _db(value) -> float:  # noqa: ANN001 - a number or "inf"/"-inf"
+    return float(value) if value is not None else float("nan")
+
