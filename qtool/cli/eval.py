@@ -26,6 +26,23 @@ def _split(values: list[str] | None) -> list[str]:
     return out
 
 
+_HELP = {
+    "runtime": "Where both models run and are timed: ort (onnxruntime, the default) or openvino "
+               "(needs pip install 'qtool[openvino]').",
+    "runtimes": "Compare runtimes, e.g. ort,openvino: reference and candidate on each, agreement with the "
+                "float reference on onnxruntime, latency, and the fastest deployment that meets the floor "
+                "(the guard's 15 dB / 0.9 agreement, or --min-sqnr; --max-drop with labels). OpenVINO runs "
+                "at its f32 hint and, where its default float is bf16 (AMX CPUs), at that default too.",
+    "device": "openvino: CPU, GPU, NPU... [default: CPU]; ort: the execution provider (as --ep).",
+    "precision": "openvino only: f32, bf16 or default (the device chooses: bf16 on AMX CPUs).",
+    "timing": "process: each model timed in fresh processes, alternating rounds, medians (default with "
+              "--runtimes: two compiled models in one process distort each other); inline: all sessions "
+              "in this process, timed in turns (default otherwise: cheaper).",
+    "rounds": "With --timing process [default: 3]: rounds (each model once per round, order reversed "
+              "every other round); --runs is split over them.",
+}
+
+
 @app.command("eval")
 def eval_command(
     candidate: Path = typer.Argument(..., help="The compressed model to evaluate."),
@@ -40,28 +57,12 @@ def eval_command(
     ),
     ep: str | None = typer.Option(None, "--ep", help="onnxruntime execution providers, comma-separated "
                                   "(cpu,cuda,...) [default: cpu]."),
-    runtime: str | None = typer.Option(
-        None, "--runtime", help="Where both models run and are timed: ort (onnxruntime, the default) or "
-        "openvino (needs pip install 'qtool[openvino]').", rich_help_panel="Runtimes"),
-    runtimes: str | None = typer.Option(
-        None, "--runtimes", help="Compare runtimes, e.g. ort,openvino: reference and candidate on each, "
-        "agreement with the float reference on onnxruntime, latency, and the fastest deployment that meets "
-        "the floor (the guard's 15 dB / 0.9 agreement, or --min-sqnr; --max-drop with labels). OpenVINO runs "
-        "at its f32 hint and, where its default float is bf16 (AMX CPUs), at that default too.",
-        rich_help_panel="Runtimes"),
-    device: str | None = typer.Option(
-        None, "--device", help="openvino: CPU, GPU, NPU... [default: CPU]; ort: the execution provider "
-        "(as --ep).", rich_help_panel="Runtimes"),
-    precision: str | None = typer.Option(
-        None, "--precision", help="openvino only: f32, bf16 or default (the device chooses: bf16 on AMX CPUs).",
-        rich_help_panel="Runtimes"),
-    timing: str | None = typer.Option(
-        None, "--timing", help="process: each model timed in fresh processes, alternating rounds, medians "
-        "(default with --runtimes: two compiled models in one process distort each other); inline: all "
-        "sessions in this process, timed in turns (default otherwise: cheaper).", rich_help_panel="Runtimes"),
-    rounds: int | None = typer.Option(None, "--rounds", help="With --timing process [default: 3]: rounds (each model once per "
-                               "round, order reversed every other round); --runs is split over them.",
-                               rich_help_panel="Runtimes"),
+    runtime: str | None = typer.Option(None, "--runtime", help=_HELP["runtime"], rich_help_panel="Runtimes"),
+    runtimes: str | None = typer.Option(None, "--runtimes", help=_HELP["runtimes"], rich_help_panel="Runtimes"),
+    device: str | None = typer.Option(None, "--device", help=_HELP["device"], rich_help_panel="Runtimes"),
+    precision: str | None = typer.Option(None, "--precision", help=_HELP["precision"], rich_help_panel="Runtimes"),
+    timing: str | None = typer.Option(None, "--timing", help=_HELP["timing"], rich_help_panel="Runtimes"),
+    rounds: int | None = typer.Option(None, "--rounds", help=_HELP["rounds"], rich_help_panel="Runtimes"),
     latency: bool = typer.Option(False, "--latency", help="Measure latency, throughput and memory."),
     runs: int | None = typer.Option(None, "--runs", help="Timed runs per model [default: 50]."),
     warmup: int | None = typer.Option(None, "--warmup", help="Untimed warm-up runs [default: 5]."),
@@ -106,10 +107,8 @@ def eval_command(
       qtool eval int8.onnx -r model.onnx -d eval/ --runtimes ort,openvino --markdown runtimes.md
     """
     from qtool.config import load_recipe
-    from qtool.errors import UsageError
     from qtool.eval import evaluate
     from qtool.eval.gates import raise_on_failure
-    from qtool.eval.report import to_markdown
 
     r = load_recipe(recipe).override(
         "eval", runs=runs, warmup=warmup, threads=threads, max_drop=max_drop, min_sqnr=min_sqnr,
@@ -123,15 +122,7 @@ def eval_command(
               "recipe": Path(recipe) if recipe and Path(recipe).is_file() else None}
     check_outputs(outputs, inputs, data)
     metrics = _split(metric) or list(e.metrics)
-    providers = _split([ep]) if ep is not None else ["cpu"]
-    if not providers:
-        raise UsageError("--ep needs at least one provider", "e.g. --ep cpu")
-    if ep is not None and runtime is not None and runtime.strip().lower() not in ("ort", "onnxruntime"):
-        raise UsageError(f"--ep chooses onnxruntime's execution providers, not {runtime}'s device",
-                         "use --device with --runtime openvino (e.g. --device CPU)")
-    from qtool.runtime.runtimes import parse_list
-
-    matrix = parse_list(runtimes) if runtimes is not None else []
+    providers, matrix = _runtime_flags(ep, runtime, runtimes)
     report = evaluate(
         candidate, data, reference=reference, labels=labels, metrics=metrics, providers=providers,
         batch_size=batch_size, limit=limit, latency=latency, runs=e.runs, warmup=e.warmup,
@@ -143,6 +134,32 @@ def eval_command(
     doc = report.to_dict()
     if not (settings.quiet and json_out == "-"):
         _print_report(doc)
+    _write_reports(report, doc, json_out, markdown, html)
+    for w in doc["warnings"]:
+        warn(escape(w))
+    from qtool.eval.gates import GateResult
+
+    raise_on_failure([GateResult(**g) for g in doc["gates"]])
+
+
+def _runtime_flags(ep: str | None, runtime: str | None, runtimes: str | None) -> tuple[list[str], list[str]]:
+    """(onnxruntime providers, runtimes of the matrix); --ep with another runtime is an error."""
+    from qtool.errors import UsageError
+    from qtool.runtime.runtimes import parse_list
+
+    providers = _split([ep]) if ep is not None else ["cpu"]
+    if not providers:
+        raise UsageError("--ep needs at least one provider", "e.g. --ep cpu")
+    if ep is not None and runtime is not None and runtime.strip().lower() not in ("ort", "onnxruntime"):
+        raise UsageError(f"--ep chooses onnxruntime's execution providers, not {runtime}'s device",
+                         "use --device with --runtime openvino (e.g. --device CPU)")
+    return providers, (parse_list(runtimes) if runtimes is not None else [])
+
+
+def _write_reports(report, doc: dict, json_out: str | None, markdown: Path | None, html: Path | None) -> None:  # noqa: ANN001
+    """--json PATH, --markdown, --html, each written atomically (bare --json prints)."""
+    from qtool.eval.report import to_markdown
+
     if json_out == "-":
         emit_json(doc)
     elif json_out is not None:
@@ -156,11 +173,6 @@ def eval_command(
 
         write_html(render_eval(doc), html)
         info(f"HTML report written to {escape(str(html))}")
-    for w in doc["warnings"]:
-        warn(escape(w))
-    from qtool.eval.gates import GateResult
-
-    raise_on_failure([GateResult(**g) for g in doc["gates"]])
 
 
 def check_outputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None], data: Path) -> None:
