@@ -27,13 +27,6 @@ rounds; the honest default) or interleaved in this one (``inline``); see
 qtool.runtime.timing. ``openvino.default_precision()`` says what float runs in by default.
 """
 
-from qtool.runtime.collect import (
-    build_session,
-    first_non_finite_sample,
-    infer_types,
-    raise_non_finite,
-    stream_tensors,
-)
 from qtool.runtime.runtimes import ORT_CPU, Runtime, runtime
 from qtool.runtime.sessions import (
     PROVIDERS,
@@ -68,3 +61,16 @@ def time_pairs(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - see qtool.run
     from qtool.runtime.timing import time_pairs as timed
 
     return timed(*args, **kwargs)
+
+
+# Tensor collection needs onnx/onnx-ir (~2 s to import); a timing child process or a plain
+# session does not, so those names load on first use.
+_COLLECT = ("build_session", "first_non_finite_sample", "infer_types", "raise_non_finite", "stream_tensors")
+
+
+def __getattr__(name: str):  # noqa: ANN202 - module attribute hook (PEP 562)
+    if name in _COLLECT:
+        from qtool.runtime import collect
+
+        return getattr(collect, name)
+    raise AttributeError(f"module 'qtool.runtime' has no attribute {name!r}")
