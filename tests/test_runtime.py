@@ -144,3 +144,21 @@ def test_nothing_at_the_floor_recommends_nothing():
     rows = [_deployment("candidate", ORT_CPU, 1.0, shortfalls=["output y: SQNR 2 dB < 15 dB"])]
     out = recommend(rows, "c.onnx")
     assert out["fastest"] is None and out["recommendation"][-1] == "no deployment meets the floor"
+
+
+@needs_openvino
+def test_guard_times_candidates_on_the_chosen_runtime(tiny):
+    from qtool.pipeline.guard import time_against_float
+
+    feed = {"x": np.ones((1, 2, 8, 8), np.float32)}
+    float_ms, cand_ms = time_against_float(tiny, tiny, feed, runtime("openvino", precision="f32"))
+    assert float_ms > 0 and cand_ms > 0
+
+
+def test_convert_runtime_is_a_guard_flag(tiny, tmp_path, capsys):
+    from qtool.cli import run
+
+    code = run(["convert", str(tiny), "-o", str(tmp_path / "o.onnx"), "--dynamic", "--runtime", "openvino"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: --runtime cannot apply with no --data" in err and "hint: " in err
+    assert not (tmp_path / "o.onnx").exists()
