@@ -342,10 +342,10 @@ def _latency_phase(report: EvalReport, candidate, reference, specs: list, feed: 
                    warmup: int, threads: int, progress: ProgressFactory, timing: str, rounds: int) -> None:
     """Latency per runtime (qtool.runtime.timing), then onnxruntime's hardware check."""
     from qtool.eval import hwcheck
-    from qtool.runtime.timing import time_pairs
+    from qtool.runtime.timing import planned_runs, time_pairs
 
     models = 1 if reference is None else 2
-    with progress("latency", len(specs) * models * (runs + max(1, warmup) * rounds), "runs") as advance:
+    with progress("latency", len(specs) * models * planned_runs(timing, runs, warmup, rounds), "runs") as advance:
         for spec in specs:
             jobs = {"candidate": (candidate, spec)}
             if reference is not None:

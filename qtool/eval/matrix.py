@@ -89,7 +89,7 @@ def run_matrix(run, runtimes: list[Runtime], *, floor, max_drop, threads: int, r
     """Measure every deployment (``run``: evaluate's set-up, with dataset and metrics);
     returns the report's ``runtimes`` section and the deployments (with their latency)."""
     from qtool.pipeline.measure import OutputAccumulator
-    from qtool.runtime.timing import time_pairs
+    from qtool.runtime.timing import planned_runs, time_pairs
 
     rows = [Deployment(m, rt) for rt in runtimes for m in ("reference", "candidate")]
     paths = {"reference": run.reference, "candidate": run.candidate}
@@ -131,7 +131,8 @@ def run_matrix(run, runtimes: list[Runtime], *, floor, max_drop, threads: int, r
             row.metrics, reference_metrics, run.cand_metrics, max_drop)
     if first_feed is not None:
         jobs = {row.key: (str(paths[row.model]), row.runtime) for row in rows}
-        with progress(f"runtimes: latency ({timing})", len(rows) * (runs + max(1, warmup) * rounds), "runs") as adv:
+        total = len(rows) * planned_runs(timing, runs, warmup, rounds)
+        with progress(f"runtimes: latency ({timing})", total, "runs") as adv:
             stats = time_pairs(jobs, first_feed, mode=timing, runs=runs, warmup=warmup, threads=threads,
                                rounds=rounds, on_run=adv)
         for row in rows:

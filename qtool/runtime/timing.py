@@ -35,6 +35,13 @@ MODES = ("process", "inline")
 DEFAULT_ROUNDS = 3
 
 
+def planned_runs(mode: str, runs: int, warmup: int, rounds: int) -> int:
+    """Runs (warm-up included) each pair gets from time_pairs: what a progress bar counts."""
+    if mode == "inline":
+        return runs + max(1, warmup)
+    return rounds * (max(1, -(-runs // rounds)) + max(1, warmup))
+
+
 def time_pairs(jobs: dict[str, tuple[str, Runtime]], feed: dict[str, np.ndarray], *, mode: str = "process",
                runs: int = 50, warmup: int = 5, threads: int = 0, rounds: int = DEFAULT_ROUNDS,
                on_run: Callable[[int], None] | None = None) -> dict[str, LatencyStats]:
@@ -59,7 +66,7 @@ def time_pairs(jobs: dict[str, tuple[str, Runtime]], feed: dict[str, np.ndarray]
                 samples[label] += result["times_ms"]
                 memory[label] = max(memory.get(label) or 0.0, result["memory_mib"] or 0.0) or None
                 if on_run is not None:
-                    on_run(per_round + max(1, warmup))
+                    on_run(per_round + max(1, warmup))  # planned_runs() counts the same
     batch = next(iter(feed.values())).shape[0] if feed else 1
     return {label: summarize(np.asarray(samples[label]), model=label, provider=jobs[label][1].label,
                              warmup=warmup, batch_size=batch, threads=threads, memory_mib=memory[label])
