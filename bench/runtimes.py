@@ -54,9 +54,10 @@ def sources(name: str) -> tuple[Path, Path, Path, Path | None]:
 
     meta = zoo.meta(name)
     labels = None
-    if meta.get("labels", {}).get("eval"):
+    found = meta.get("labels", {}).get("eval") or []
+    if found and all(isinstance(x, int) for x in found):  # class ids (the OCR labels are text: no metric)
         labels = WORK / f"{name}.labels.txt"
-        labels.write_text("\n".join(str(x) for x in meta["labels"]["eval"]) + "\n")
+        labels.write_text("\n".join(str(x) for x in found) + "\n")
     return zoo.model_path(name), zoo.data_dir(name, "calib"), zoo.data_dir(name, "eval"), labels
 
 

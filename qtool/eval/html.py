@@ -76,7 +76,8 @@ def render_eval(report: dict, tune: dict | None = None) -> str:
         _section("Gates", _gates_table(report.get("gates") or [])),
         _section("Size, metrics and latency", _summary_table(report)),
         _section("Per-layer error (--diagnose)", _layers(report.get("diagnosis"))),
-        _section("Runtimes (--runtimes)", _runtimes(report.get("runtimes"))),
+        # Only with --runtimes: a page about one runtime gains no empty section.
+        _section("Runtimes (--runtimes)", _runtimes(report["runtimes"])) if report.get("runtimes") else "",
         _section("Latency distribution", _latency(report.get("latency") or [], report.get("latency_ratio") or {})),
         _section("Size vs metric (tune)", _frontier(tune) if tune else _not_measured(
             "no tune result given: run qtool tune to chart the size-vs-metric frontier")),
@@ -387,10 +388,8 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _runtimes(section: dict | None) -> str:
+def _runtimes(section: dict) -> str:
     """Each deployment's latency and agreement, then which is fastest at the floor."""
-    if not section:
-        return _not_measured("run qtool eval with --runtimes ort,openvino to compare runtimes")
     from qtool.eval.matrix import TABLE_HEAD, table_rows
 
     lines = section.get("recommendation") or []

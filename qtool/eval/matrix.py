@@ -103,7 +103,7 @@ def run_matrix(run, runtimes: list[Runtime], *, floor, max_drop, threads: int, r
     comps = [{n: metrics_mod.OutputComparison(n) for n in run.outputs} for _ in rows]
     metric_sets = [[m.fresh() for m in run.cand_metrics] for _ in rows]
     truth_metrics = [m.fresh() for m in run.cand_metrics]
-    first_feed = None
+    first_feed, floats = None, {}  # floats: the float outputs, in the model's order (dict as ordered set)
     with progress("runtimes: agreement", run.count, "samples") as advance:
         for ids, feed in run.dataset.batches(run.report.data["batch_size"], limit=run.count):
             first_feed = feed if first_feed is None else first_feed
@@ -115,6 +115,7 @@ def run_matrix(run, runtimes: list[Runtime], *, floor, max_drop, threads: int, r
                 out = dict(zip(run.outputs, s.run(run.outputs, feed)))
                 for n in run.outputs:
                     if ref[n].dtype.kind == "f":
+                        floats[n] = True
                         accs[i][n].add(ref[n], out[n])
                         comps[i][n].update(ref[n], out[n])
                 for m in metric_sets[i]:
@@ -123,7 +124,6 @@ def run_matrix(run, runtimes: list[Runtime], *, floor, max_drop, threads: int, r
     del sessions, truth
     reference_metrics = {m.name: m.result() for m in truth_metrics}
     for i, row in enumerate(rows):
-        floats = [n for n in run.outputs if accs[i][n].signal or accs[i][n].noise]
         row.outputs = [accs[i][n].result() for n in floats]
         row.comparisons = [comps[i][n].result() for n in floats]
         row.metrics = {m.name: m.result() for m in metric_sets[i]}
