@@ -11,8 +11,16 @@ Two ways, both alternating and both reporting medians:
   runs; the reported samples are all the rounds' samples together and the per-round
   medians are kept. Costs a process start (~1-2 s of imports) per pair and round.
 
-bench/runtimes.py measured both on the bundled CNN and real models and ``process`` is the
-default of ``qtool eval --runtimes`` (see that file's results for the numbers).
+Measured (bench/results/runtimes.md, a shared 2-core machine): with onnxruntime and
+OpenVINO sessions in one process the timings are wrong, not noisy. On the digits CNN float
+on OpenVINO took 28 ms inline against 0.15 ms in its own process, and float on onnxruntime
+0.33 ms against 0.041 ms, which turned "int8 is 0.95x float" into "1.74x"; on
+EfficientNet-Lite0 int8 on OpenVINO f32 read 0.99x float-on-onnxruntime inline against
+2.40x alone. So ``process`` is the default of ``qtool eval --runtimes``. Two models on the
+same runtime (``--latency``, the guard) stay ``inline`` by default: there the candidate /
+float ratio moved as much between two repeats of either mode as between the modes
+(EfficientNet-Lite0 on OpenVINO, load average ~40: 0.52/0.48 inline, 0.49/0.47 process at
+f32), and a process per model would cost the guard seconds per candidate.
 """
 
 from __future__ import annotations
