@@ -129,7 +129,9 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     import openvino
 
+    load = [os.getloadavg()[0]]
     results = [run_model(n, i, args.limit) for i, n in enumerate(args.only.split(","))]
+    load.append(os.getloadavg()[0])
     (WORK / "results.json").write_text(json.dumps(results, indent=1))
     import onnxruntime
 
@@ -141,7 +143,9 @@ def main() -> None:
              "fresh processes, 3 alternating rounds (the default of `--runtimes`); \"inline\": all six "
              "sessions in one process, timed in turns. Agreement with the float model on onnxruntime's CPU "
              "provider over the eval split; floor = the guard's (worst output segment >= 15 dB, argmax "
-             "agreement >= 0.9).", ""]
+             "agreement >= 0.9).", "",
+             f"Load average (1 min) at the start and end of the run: {load[0]:.1f}, {load[1]:.1f} "
+             "(other jobs share the machine: absolute times are inflated, compare within a model).", ""]
     for r in results:
         lines += section(r)
     RESULTS.write_text("\n".join(lines).rstrip() + "\n")
