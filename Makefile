@@ -12,7 +12,7 @@ else
 endif
 PY := $(VENV)/bin/python
 # Every optional extra: the tests of Ray and OpenVINO run (CI fails rather than skips them).
-EXTRAS ?= dev,bench,ray
+EXTRAS ?= dev,bench,ray,openvino
 STAMP := $(VENV)/.qtool-installed
 
 .PHONY: install demo test test-fast bench lint native-test clean chromium

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_extra
 
 from qtool.cli import run
 from qtool.eval import validate
@@ -256,3 +257,86 @@ def test_bare_json_prints_to_stdout_like_every_command(capsys):
     assert doc["metrics"] is not None
     assert run(["eval", str(REF), "-d", str(DATA), "--limit", "8", "-q", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["samples"] == 8
+
+
+# -- runtimes (--runtime, --runtimes; qtool.runtime) ---------------------------------------
+
+needs_openvino = needs_extra("openvino", "openvino")
+
+
+@needs_openvino
+def test_eval_on_openvino_agrees_with_onnxruntime(int8, capsys):
+    """The same candidate, evaluated on each runtime against its reference there: the same
+    fidelity within float tolerance, and latency labelled with the runtime."""
+    docs = {}
+    for extra in ([], ["--runtime", "openvino", "--precision", "f32", "--latency", "--runs", "3", "--warmup", "1"]):
+        code = run(_eval(int8, "-r", REF, "-d", DATA, "--limit", "30", "--json", "-", "-q", *extra))
+        assert code == 0
+        docs[bool(extra)] = json.loads(capsys.readouterr().out)
+    validate(docs[True])
+    ort_out, ov_out = docs[False]["outputs"][0], docs[True]["outputs"][0]
+    assert abs(ort_out["sqnr_db"] - ov_out["sqnr_db"]) < 0.5 and ov_out["argmax_agreement"] == 1.0
+    assert {s["provider"] for s in docs[True]["latency"]} == {"openvino:CPU:f32"}
+    assert docs[True]["hardware"] is None  # onnxruntime's integer-kernel check does not apply
+
+
+@needs_openvino
+def test_runtimes_matrix_has_both_runtimes_and_a_recommendation(int8, tmp_path, capsys):
+    md, page = tmp_path / "r.md", tmp_path / "r.html"
+    code = run(_eval(int8, "-r", REF, "-d", DATA, "--limit", "20", "--runtimes", "ort,openvino", "--timing",
+                     "inline", "--runs", "3", "--warmup", "1", "--threads", "1", "--json", "-", "-q",
+                     "--markdown", md, "--html", page))
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    validate(doc)
+    rows = doc["runtimes"]["deployments"]
+    assert {(d["model"], d["runtime"]) for d in rows} == {(m, r) for m in ("reference", "candidate")
+                                                          for r in ("ort", "openvino")}
+    ov_f32 = next(d for d in rows if d["label"] == "openvino:CPU:f32" and d["model"] == "reference")
+    assert ov_f32["precision"] == "f32" and float(ov_f32["outputs"][0]["sqnr_db"]) > 60  # float vs float
+    cand = next(d for d in rows if d["label"] == "cpu" and d["model"] == "candidate")
+    assert cand["meets_floor"] and abs(float(cand["outputs"][0]["sqnr_db"]) - doc["outputs"][0]["sqnr_db"]) < 0.01
+    assert doc["runtimes"]["recommendation"][0].startswith("fastest at the floor: ")
+    assert {s["provider"] for s in doc["latency"]} >= {"cpu", "openvino:CPU:f32"}
+    assert "fastest at the floor" in md.read_text() and "Runtimes (--runtimes)" in page.read_text()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--runtime", "tflite"], "unknown runtime 'tflite'"),
+    (["--runtime", "ort", "--precision", "bf16"], "--precision applies to --runtime openvino only"),
+    (["--precision", "f32"], "--precision applies to --runtime openvino only"),
+    (["--runtime", "openvino", "--ep", "cpu"], "--ep chooses onnxruntime's execution providers"),
+    (["--runtimes", "ort,ort"], "listed twice"),
+    (["--runtimes", "ort,mlx"], "unknown runtime 'mlx' in --runtimes"),
+    (["--runtimes", "ort", "--precision", "f32"], "apply to the openvino rows of --runtimes"),
+    (["--timing", "process"], "nothing is timed"),
+    (["--latency", "--rounds", "2"], "--rounds applies to --timing process only"),
+    (["--latency", "--timing", "sometimes"], "unknown --timing 'sometimes'"),
+])
+def test_bad_runtime_flags_give_one_error_line_and_a_hint(int8, capsys, args, message):
+    code = run(_eval(int8, "-r", REF, "-d", DATA, "--limit", "2", *args))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert lines[0].startswith("error: ") and message in lines[0], err
+    assert lines[1].startswith("hint: ") and len(lines) == 2, err
+
+
+@needs_openvino
+@pytest.mark.parametrize(("args", "message"), [
+    (["--runtime", "openvino", "--device", "TPU9"], "OpenVINO device 'TPU9' is not available"),
+    (["--runtime", "openvino", "--precision", "fp4"], "unknown --precision 'fp4'"),
+])
+def test_bad_openvino_hints_give_one_error_line(int8, capsys, args, message):
+    code = run(_eval(int8, "-r", REF, "-d", DATA, "--limit", "2", *args))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err and "\nhint: " in err
+
+
+def test_eval_on_openvino_without_the_package_names_the_extra(int8):
+    code = ("import sys; sys.modules['openvino'] = None\nfrom qtool.cli import run\n"
+            f"sys.exit(run(['eval', {str(int8)!r}, '-r', {str(REF)!r}, '-d', {str(DATA)!r}, '--runtime', 'openvino']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "error: the OpenVINO runtime needs the openvino package" in proc.stderr
+    assert "hint: install the extra: pip install 'qtool[openvino]'" in proc.stderr

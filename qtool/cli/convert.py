@@ -250,6 +250,8 @@ def convert_command(
     min_sqnr: float = typer.Option(None, "--min-sqnr", help="Guard floor: worst output (channel group) SQNR in dB [default: 15]."),
     min_agreement: float = typer.Option(None, "--min-agreement", help="Guard floor: argmax agreement with float (logits, per-position scores) or mask IoU at 0.5 (probability maps), 0-1 [default: 0.9]."),
     guard_budget: float = typer.Option(None, "--guard-budget", help="Guard time budget in seconds [default: 600]."),
+    runtime: str = typer.Option(None, "--runtime", help="Guard: time candidates against float where they will "
+                                "deploy: ort (default) or openvino (its default precision; pip install 'qtool[openvino]')."),
     write_best: bool = typer.Option(False, "--write-best", help="When nothing meets the floor, still write the best candidate (exit stays 3)."),
     store_weights: bool = typer.Option(False, "--store-weights", help=STORE_WEIGHTS_HELP),
     requantize: bool = typer.Option(False, "--requantize", help=REQUANTIZE_HELP),
@@ -282,7 +284,7 @@ def convert_command(
                        symmetric_activations=symmetric_activations, activation_type=activation_type)
     auto = _check_guard_flags(scheme=scheme, explicit=_fixes_scheme(flags), data=data, eval_data=eval_data,
                               no_guard=no_guard, min_sqnr=min_sqnr, min_agreement=min_agreement,
-                              guard_budget=guard_budget, write_best=write_best, calib=calib)
+                              guard_budget=guard_budget, write_best=write_best, calib=calib, runtime=runtime)
     if _convert_quantized_input(model, output, flags):
         return
     if scheme not in (None, "auto"):
@@ -304,7 +306,8 @@ def convert_command(
     report = convert_file(model, output, r, data=data, calib=calib, external_data=external_data,
                           progress=progress, guard=floor, eval_data=eval_data, auto=auto,
                           budget_s=guard_budget, write_best=write_best,
-                          quantized_input=_requantize_request(requantize))
+                          quantized_input=_requantize_request(requantize),
+                          runtime=_guard_runtime(runtime))
     _finish(report, json_out)
 
 
@@ -417,8 +420,15 @@ def _floor(min_sqnr: float | None, min_agreement: float | None):  # noqa: ANN202
                  min_agreement if min_agreement is not None else defaults.min_agreement)
 
 
+def _guard_runtime(name: str | None):  # noqa: ANN202 - qtool.runtime.Runtime | None
+    """--runtime as a validated runtime (unknown names, a missing extra: errors)."""
+    from qtool.runtime import runtime
+
+    return None if name is None else runtime(name)
+
+
 def _check_guard_flags(*, scheme, explicit, data, eval_data, no_guard, min_sqnr, min_agreement,  # noqa: ANN001
-                       guard_budget, write_best, calib) -> bool:
+                       guard_budget, write_best, calib, runtime=None) -> bool:
     """Guard flags that cannot apply are errors; returns whether the user left the scheme to
     qtool (no scheme flag: the default adapts, and with the guard it chooses)."""
     from qtool.config import preset_names
@@ -429,7 +439,7 @@ def _check_guard_flags(*, scheme, explicit, data, eval_data, no_guard, min_sqnr,
     if scheme is not None and explicit and scheme == "auto":
         raise UsageError("--scheme auto chooses the scheme itself", "drop --scheme auto, or drop --bits/--dtype/--dynamic/--format/--recipe/--calib")
     guard_flags = {"--eval-data": eval_data, "--min-sqnr": min_sqnr, "--min-agreement": min_agreement,
-                   "--guard-budget": guard_budget, "--write-best": write_best or None}
+                   "--guard-budget": guard_budget, "--write-best": write_best or None, "--runtime": runtime}
     given = [k for k, v in guard_flags.items() if v is not None]
     if given and (no_guard or data is None or calib is not None):
         why = "--no-guard" if no_guard else ("--calib (the guard calibrates on --data itself)" if calib is not None else "no --data")

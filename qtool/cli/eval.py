@@ -26,6 +26,23 @@ def _split(values: list[str] | None) -> list[str]:
     return out
 
 
+_HELP = {
+    "runtime": "Where both models run and are timed: ort (onnxruntime, the default) or openvino "
+               "(needs pip install 'qtool[openvino]').",
+    "runtimes": "Compare runtimes, e.g. ort,openvino: reference and candidate on each, agreement with the "
+                "float reference on onnxruntime, latency, and the fastest deployment that meets the floor "
+                "(the guard's 15 dB / 0.9 agreement, or --min-sqnr; --max-drop with labels). OpenVINO runs "
+                "at its f32 hint and, where its default float is bf16 (AMX CPUs), at that default too.",
+    "device": "openvino: CPU, GPU, NPU... [default: CPU]; ort: the execution provider (as --ep).",
+    "precision": "openvino only: f32, bf16 or default (the device chooses: bf16 on AMX CPUs).",
+    "timing": "process: each model timed in fresh processes, alternating rounds, medians (default with "
+              "--runtimes: two compiled models in one process distort each other); inline: all sessions "
+              "in this process, timed in turns (default otherwise: cheaper).",
+    "rounds": "With --timing process [default: 3]: rounds (each model once per round, order reversed "
+              "every other round); --runs is split over them.",
+}
+
+
 @app.command("eval")
 def eval_command(
     candidate: Path = typer.Argument(..., help="The compressed model to evaluate."),
@@ -38,7 +55,14 @@ def eval_command(
         None, "--metric", "-m",
         help="top1, top5, accuracy, perplexity, cosine, sqnr, mse, or module:function; repeat or comma-separate.",
     ),
-    ep: str = typer.Option("cpu", "--ep", help="Execution providers, comma-separated (cpu,cuda,...)."),
+    ep: str | None = typer.Option(None, "--ep", help="onnxruntime execution providers, comma-separated "
+                                  "(cpu,cuda,...) [default: cpu]."),
+    runtime: str | None = typer.Option(None, "--runtime", help=_HELP["runtime"], rich_help_panel="Runtimes"),
+    runtimes: str | None = typer.Option(None, "--runtimes", help=_HELP["runtimes"], rich_help_panel="Runtimes"),
+    device: str | None = typer.Option(None, "--device", help=_HELP["device"], rich_help_panel="Runtimes"),
+    precision: str | None = typer.Option(None, "--precision", help=_HELP["precision"], rich_help_panel="Runtimes"),
+    timing: str | None = typer.Option(None, "--timing", help=_HELP["timing"], rich_help_panel="Runtimes"),
+    rounds: int | None = typer.Option(None, "--rounds", help=_HELP["rounds"], rich_help_panel="Runtimes"),
     latency: bool = typer.Option(False, "--latency", help="Measure latency, throughput and memory."),
     runs: int | None = typer.Option(None, "--runs", help="Timed runs per model [default: 50]."),
     warmup: int | None = typer.Option(None, "--warmup", help="Untimed warm-up runs [default: 5]."),
@@ -67,6 +91,10 @@ def eval_command(
     """Evaluate CANDIDATE (against --reference): metrics, output SQNR, latency, size; CI gates.
 
     Exit codes: 0 all gates passed, 1 error, 2 usage error, 3 a gate failed.
+    --runtime openvino runs and times both models on OpenVINO instead of onnxruntime
+    (--device, --precision); --runtimes ort,openvino compares the deployments and says which
+    is fastest at the floor, including when float on one runtime beats the candidate on
+    another. Diagnosis and --backend native always run on onnxruntime.
     Gates take numbers or percentages (--max-drop 1% of the reference metric). Without gates,
     an output whose SQNR is below 3 dB or cosine below 0.9 still prints a warning.
 
@@ -76,12 +104,12 @@ def eval_command(
       qtool eval int8.onnx -r model.onnx -d eval/ --latency --max-latency-ratio 1.0
       qtool eval int8.onnx -r model.onnx -d eval/ --diagnose
       qtool eval lm-int8.onnx -r lm.onnx -d tokens/ --metric perplexity   (input_ids in .npz)
+      qtool eval int8.onnx -r model.onnx -d eval/ --latency --runtime openvino --precision f32
+      qtool eval int8.onnx -r model.onnx -d eval/ --runtimes ort,openvino --markdown runtimes.md
     """
     from qtool.config import load_recipe
-    from qtool.errors import UsageError
     from qtool.eval import evaluate, sharded
     from qtool.eval.gates import raise_on_failure
-    from qtool.eval.report import to_markdown
 
     r = load_recipe(recipe).override(
         "eval", runs=runs, warmup=warmup, threads=threads, max_drop=max_drop, min_sqnr=min_sqnr,
@@ -95,19 +123,50 @@ def eval_command(
               "recipe": Path(recipe) if recipe and Path(recipe).is_file() else None}
     check_outputs(outputs, inputs, data)
     metrics = _split(metric) or list(e.metrics)
-    providers = _split([ep])
-    if not providers:
-        raise UsageError("--ep needs at least one provider", "e.g. --ep cpu")
+    providers, matrix = _runtime_flags(ep, runtime, runtimes, executor)
     report = (evaluate if executor is None else sharded.with_executor(executor))(
         candidate, data, reference=reference, labels=labels, metrics=metrics, providers=providers,
         batch_size=batch_size, limit=limit, latency=latency, runs=e.runs, warmup=e.warmup,
         threads=e.threads, diagnose=diagnose, diagnose_top=top, backend=backend.value,
         max_drop=e.max_drop, min_sqnr=e.min_sqnr, max_latency_ratio=e.max_latency_ratio,
-        preprocess=r.preprocess, progress=progress,
+        preprocess=r.preprocess, progress=progress, runtime=runtime or "ort", device=device,
+        precision=precision, runtimes=matrix, timing=timing, rounds=rounds,
     )
     doc = report.to_dict()
     if not (settings.quiet and json_out == "-"):
         _print_report(doc)
+    _write_reports(report, doc, json_out, markdown, html)
+    for w in doc["warnings"]:
+        warn(escape(w))
+    from qtool.eval.gates import GateResult
+
+    raise_on_failure([GateResult(**g) for g in doc["gates"]])
+
+
+def _runtime_flags(ep: str | None, runtime: str | None, runtimes: str | None,
+                   executor: str | None = None) -> tuple[list[str], list[str]]:
+    """(onnxruntime providers, runtimes of the matrix); --ep with another runtime, and an
+    executor with another runtime or the matrix, are errors."""
+    from qtool.errors import UsageError
+    from qtool.runtime.runtimes import parse_list
+
+    providers = _split([ep]) if ep is not None else ["cpu"]
+    if not providers:
+        raise UsageError("--ep needs at least one provider", "e.g. --ep cpu")
+    if ep is not None and runtime is not None and runtime.strip().lower() not in ("ort", "onnxruntime"):
+        raise UsageError(f"--ep chooses onnxruntime's execution providers, not {runtime}'s device",
+                         "use --device with --runtime openvino (e.g. --device CPU)")
+    matrix = parse_list(runtimes) if runtimes is not None else []
+    if executor is not None and (matrix or (runtime or "ort").strip().lower() not in ("ort", "onnxruntime")):
+        raise UsageError("--executor shards the dataset pass over onnxruntime CPU workers; --runtime "
+                         "openvino and --runtimes run in one process", "drop --executor, or those flags")
+    return providers, matrix
+
+
+def _write_reports(report, doc: dict, json_out: str | None, markdown: Path | None, html: Path | None) -> None:  # noqa: ANN001
+    """--json PATH, --markdown, --html, each written atomically (bare --json prints)."""
+    from qtool.eval.report import to_markdown
+
     if json_out == "-":
         emit_json(doc)
     elif json_out is not None:
@@ -121,11 +180,6 @@ def eval_command(
 
         write_html(render_eval(doc), html)
         info(f"HTML report written to {escape(str(html))}")
-    for w in doc["warnings"]:
-        warn(escape(w))
-    from qtool.eval.gates import GateResult
-
-    raise_on_failure([GateResult(**g) for g in doc["gates"]])
 
 
 def check_outputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None], data: Path) -> None:
@@ -227,6 +281,7 @@ def _print_report(doc: dict) -> None:
         console.print(t)
         for p, ratio in doc["latency_ratio"].items():
             console.print(f"latency ratio candidate/reference on {p}: [bold]{ratio:.3f}[/bold]")
+    _print_runtimes(doc.get("runtimes"))
     size = doc["size"]
     line = f"size: {size['candidate_bytes'] / 2**20:.2f} MiB"
     if size.get("reference_bytes"):
@@ -270,3 +325,27 @@ def _print_report(doc: dict) -> None:
 
         text = GateResult(**g).describe()
         console.print(("[green]" if g["passed"] else "[red]") + escape(text) + ("[/green]" if g["passed"] else "[/red]"))
+
+
+def _print_runtimes(section: dict | None) -> None:
+    """--runtimes: each deployment's agreement and latency, then the recommendation."""
+    if not section:
+        return
+    t = Table(title=f"runtimes (agreement with {section['truth']}; timing: {section['timing']['mode']})",
+              title_justify="left", show_edge=False)
+    for col in ("model", "runtime", "runs in", "median ms", "worst SQNR dB", "agree", "floor"):
+        t.add_column(col, justify="left" if col in ("model", "runtime", "runs in", "floor") else "right")
+    for d in section["deployments"]:
+        worst = min((o["segment_sqnr_db"] for o in d["outputs"]), key=_db, default=None)
+        agree = [o["agreement"] for o in d["outputs"] if o["agreement"] is not None]
+        t.add_row("cand" if d["model"] == "candidate" else "ref", escape(d["label"]), d["precision"] or "model types",
+                  _n(d["median_ms"]), _n(worst), _n(min(agree)) if agree else "–",
+                  "[green]meets[/green]" if d["meets_floor"] else "[red]misses[/red]")
+    console.print(t)
+    for i, line in enumerate(section["recommendation"]):
+        console.print(("[bold]" + escape(line) + "[/bold]") if i == 0 else "  " + escape(line))
+
+
+def _db(value) -> float:  # noqa: ANN001 - a number or "inf"/"-inf"
+    return float(value) if value is not None else float("nan")
+

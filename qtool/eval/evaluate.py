@@ -62,6 +62,12 @@ def evaluate(
     preprocess: PreprocessConfig | None = None,
     on_batch: Callable[[int], None] | None = None,
     progress: ProgressFactory | None = None,
+    runtime: str = "ort",
+    device: str | None = None,
+    precision: str | None = None,
+    runtimes: Sequence[str] = (),
+    timing: str | None = None,
+    rounds: int | None = None,
 ) -> EvalReport:
     """Evaluate ``candidate`` (against ``reference`` when given) on the dataset folder ``data``.
 
@@ -72,13 +78,24 @@ def evaluate(
     (as qtool.cli.app.progress) for the dataset pass and the latency runs; ``on_batch``
     is called with the samples of each batch of the dataset pass.
 
+    ``runtime`` (``ort`` | ``openvino``) with ``device``/``precision`` hints runs and times
+    both models there (qtool.runtime.runtimes; a hint that does not apply is a UsageError).
+    ``runtimes`` (e.g. ``["ort", "openvino"]``) adds the matrix of qtool.eval.matrix:
+    reference and candidate on each runtime, compared with the float reference on
+    onnxruntime, timed (``timing``: ``process`` by default there, ``rounds`` rounds;
+    ``inline`` in one process, the default for the single-runtime latency), and the fastest
+    deployment at the floor in ``report.runtimes``.
+
     Never raises for a failed gate: the gates' results are in ``report.gates`` and
     ``report.passed``; ``qtool.eval.gates.raise_on_failure`` turns them into exit 3.
     Whatever the gates, an output whose fidelity is catastrophic (``CATASTROPHIC_SQNR_DB``,
     ``CATASTROPHIC_COSINE``) adds a warning.
     """
     gates = gates_mod.parse_gates(max_drop, min_sqnr, max_latency_ratio)
-    providers = _check_arguments(reference, gates, runs, warmup, batch_size, backend, providers, diagnose)
+    _check_arguments(reference, gates, runs, warmup, batch_size, backend, diagnose)
+    specs = _runtimes(providers, runtime, device, precision, runtimes, reference)
+    timed = bool(runtimes) or latency or gates.max_latency_ratio is not None
+    timing, rounds = _check_timing(timing, rounds, timed, bool(runtimes))
     progress = progress or _no_progress
     run = _setup(candidate, data, reference, labels, metrics, batch_size, limit, preprocess)
     with progress("evaluating", run.count, "samples") as advance:
@@ -87,11 +104,15 @@ def evaluate(
             if on_batch is not None:
                 on_batch(n)
 
-        first_feed = _dataset_pass(run, providers, threads, backend, step)
+        first_feed = _dataset_pass(run, specs, threads, backend, step)
     report = run.report
-    if (latency or gates.max_latency_ratio is not None) and first_feed is not None:
-        _latency_phase(report, candidate, reference, providers, first_feed, runs=runs, warmup=warmup,
-                       threads=threads, progress=progress)
+    if runtimes:
+        _matrix_phase(run, list(runtimes), providers, device, precision, gates, max_drop,
+                      threads=threads, runs=runs, warmup=warmup, timing=timing, rounds=rounds,
+                      progress=progress)
+    elif (latency or gates.max_latency_ratio is not None) and first_feed is not None:
+        _latency_phase(report, candidate, reference, specs, first_feed, runs=runs, warmup=warmup,
+                       threads=threads, progress=progress, timing=timing, rounds=rounds)
     if diagnose:
         from qtool.eval.diagnose import diagnose as run_diagnosis
 
@@ -135,8 +156,8 @@ def _no_progress(description: str, total: float | None, unit: str = "") -> Itera
     yield lambda n=1: None
 
 
-def _check_arguments(reference, gates, runs, warmup, batch_size, backend, providers, diagnose) -> list[str]:
-    """UsageErrors for flags that cannot work together; the providers as a list."""
+def _check_arguments(reference, gates, runs, warmup, batch_size, backend, diagnose) -> None:
+    """UsageErrors for flags that cannot work together."""
     if backend not in ("onnxruntime", "native"):
         raise UsageError(f"unknown backend {backend!r}", "use --backend onnxruntime or native")
     if gates.any and reference is None:
@@ -149,10 +170,51 @@ def _check_arguments(reference, gates, runs, warmup, batch_size, backend, provid
             f"batch size={batch_size}, warmup={warmup})",
             "e.g. --runs 50 --warmup 5 --batch-size 1",
         )
+
+
+def _check_timing(timing: str | None, rounds: int | None, timed: bool, matrix: bool) -> tuple[str, int]:
+    """(timing mode, rounds): ``process`` for --runtimes, ``inline`` otherwise, unless given;
+    either flag without anything timed, or --rounds with inline timing, is an error."""
+    from qtool.runtime.timing import DEFAULT_ROUNDS, MODES
+
+    if timing is not None and timing not in MODES:
+        raise UsageError(f"unknown --timing {timing!r}", f"use one of {', '.join(MODES)}")
+    if (timing is not None or rounds is not None) and not timed:
+        raise UsageError("--timing and --rounds choose how latency is measured, and nothing is timed",
+                         "add --latency (or --runtimes), or drop them")
+    timing = timing or ("process" if matrix else "inline")
+    if rounds is not None and timing != "process":
+        raise UsageError("--rounds applies to --timing process only", "add --timing process, or drop --rounds")
+    if rounds is not None and rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, got {rounds}", "e.g. --rounds 3")
+    return timing, rounds or DEFAULT_ROUNDS
+
+
+def _runtimes(providers, name, device, precision, matrix, reference) -> list:  # noqa: ANN001
+    """The runtimes the dataset pass and latency use (one per --ep for onnxruntime), after
+    refusing hints that cannot apply."""
+    from qtool.runtime.runtimes import canonical
+
     providers = list(providers) or ["cpu"]
-    for p in providers:
-        runtime.provider_name(p)
-    return providers
+    if matrix:
+        if reference is None:
+            raise UsageError("--runtimes compares each runtime with the float reference",
+                             "pass --reference FLOAT_MODEL")
+        if name not in ("ort", None):
+            raise UsageError("--runtime and --runtimes cannot be combined",
+                             "--runtime X evaluates on one runtime; --runtimes ort,openvino compares several")
+        if (device is not None or precision is not None) and "openvino" not in matrix:
+            raise UsageError("--device and --precision apply to the openvino rows of --runtimes",
+                             "add openvino to --runtimes, or drop them")
+        return [runtime.runtime("ort", p) for p in providers]
+    if canonical(name or "ort") == "ort":
+        if device is not None and providers != ["cpu"]:
+            raise UsageError("--device and --ep both choose onnxruntime's execution provider", "give one of them")
+        return [runtime.runtime("ort", p, precision) for p in ([device] if device else providers)]
+    if providers != ["cpu"]:
+        raise UsageError(f"--ep chooses onnxruntime's execution providers, not {name}'s device",
+                         "use --device with --runtime openvino (e.g. --device CPU)")
+    return [runtime.runtime(name, device, precision)]
 
 
 @dataclass
@@ -219,13 +281,14 @@ def _setup(candidate, data, reference, labels, metrics, batch_size, limit, prepr
                 [m.fresh() for m in metric_objs] if reference is not None else [])
 
 
-def _dataset_pass(run: _Run, providers: list[str], threads: int, backend: str,
+def _dataset_pass(run: _Run, specs: list, threads: int, backend: str,
                   step: Callable[[int], None]) -> dict | None:
     """Stream the dataset through every session once; fill metrics, outputs, consistency.
     Returns the first batch's feed (what latency is timed on)."""
-    cand_sessions = [runtime.open_session(run.candidate, p, threads=threads, role="candidate") for p in providers]
-    ref_session = (runtime.open_session(run.reference, providers[0], threads=threads, role="reference")
+    cand_sessions = [s.open(run.candidate, threads=threads, role="candidate") for s in specs]
+    ref_session = (specs[0].open(run.reference, threads=threads, role="reference")
                    if run.reference is not None else None)
+    providers = [s.device for s in specs]
     comparisons = {n: metrics_mod.OutputComparison(n) for n in run.outputs} if ref_session else {}
     across = {(providers[0], p, n): metrics_mod.OutputComparison(n) for p in providers[1:] for n in run.outputs}
     native_backend = None
@@ -275,26 +338,48 @@ def _collect(run: _Run, comparisons: dict, across: dict, native_backend) -> None
         report.warnings.extend(native_backend.warnings)
 
 
-def _latency_phase(report: EvalReport, candidate, reference, providers: list[str], feed: dict, *,
-                   runs: int, warmup: int, threads: int, progress: ProgressFactory) -> None:
-    """Latency per provider (qtool.runtime.latency), then the hardware check."""
+def _latency_phase(report: EvalReport, candidate, reference, specs: list, feed: dict, *, runs: int,
+                   warmup: int, threads: int, progress: ProgressFactory, timing: str, rounds: int) -> None:
+    """Latency per runtime (qtool.runtime.timing), then onnxruntime's hardware check."""
     from qtool.eval import hwcheck
-    from qtool.runtime.latency import measure
+    from qtool.runtime.timing import planned_runs, time_pairs
 
     models = 1 if reference is None else 2
-    with progress("latency", len(providers) * models * (runs + max(1, warmup)), "runs") as advance:
-        for p in providers:
-            factories = {"candidate": lambda p=p: runtime.open_session(candidate, p, threads=threads, role="candidate")}
+    with progress("latency", len(specs) * models * planned_runs(timing, runs, warmup, rounds), "runs") as advance:
+        for spec in specs:
+            jobs = {"candidate": (candidate, spec)}
             if reference is not None:
-                factories["reference"] = lambda p=p: runtime.open_session(
-                    reference, p, threads=threads, role="reference")
-            stats = measure(factories, feed, runs=runs, warmup=warmup, provider=p, threads=threads,
-                            on_run=advance)
+                jobs["reference"] = (reference, spec)
+            stats = time_pairs(jobs, feed, mode=timing, runs=runs, warmup=warmup, threads=threads,
+                               rounds=rounds, on_run=advance)
             report.latency.extend(s.to_dict() for s in stats.values())
             if "reference" in stats and stats["reference"].median_ms > 0:
-                report.latency_ratio[p] = stats["candidate"].median_ms / stats["reference"].median_ms
-    report.hardware = hwcheck.check(candidate, providers, threads=threads, latency_ratio=report.latency_ratio)
-    report.warnings.extend(report.hardware.get("warnings", []))
+                report.latency_ratio[spec.label] = stats["candidate"].median_ms / stats["reference"].median_ms
+    ort = [s.device for s in specs if s.name == "ort"]
+    if ort:  # which quantized nodes ran as integer kernels: an onnxruntime question
+        report.hardware = hwcheck.check(candidate, ort, threads=threads, latency_ratio=report.latency_ratio)
+        report.warnings.extend(report.hardware.get("warnings", []))
+
+
+def _matrix_phase(run: _Run, names: list[str], providers, device, precision, gates, max_drop, *,  # noqa: ANN001
+                  threads: int, runs: int, warmup: int, timing: str, rounds: int, progress: ProgressFactory) -> None:
+    """--runtimes: every deployment measured (qtool.eval.matrix); its timings fill the
+    latency table and ratios, per runtime label."""
+    from qtool.eval.matrix import deployments, run_matrix
+    from qtool.pipeline.guard import Floor
+
+    floor = Floor() if gates.min_sqnr is None else Floor(min_sqnr_db=gates.min_sqnr[0])
+    specs = deployments(names, ep=(list(providers) or ["cpu"])[0], device=device, precision=precision)
+    section, rows = run_matrix(run, specs, floor=floor, max_drop=max_drop, threads=threads, runs=runs,
+                               warmup=warmup, timing=timing, rounds=rounds, progress=progress)
+    report = run.report
+    report.runtimes = section
+    by = {(r.model, r.runtime.label): r.stats for r in rows if r.stats is not None}
+    for (model, label), stats in by.items():
+        report.latency.append(stats.to_dict() | {"model": model, "provider": label})
+        ref = by.get(("reference", label))
+        if model == "candidate" and ref is not None and ref.median_ms > 0:
+            report.latency_ratio[label] = stats.median_ms / ref.median_ms
 
 
 def _check_same_interface(cand_ir, ref_ir) -> None:

@@ -76,6 +76,8 @@ def render_eval(report: dict, tune: dict | None = None) -> str:
         _section("Gates", _gates_table(report.get("gates") or [])),
         _section("Size, metrics and latency", _summary_table(report)),
         _section("Per-layer error (--diagnose)", _layers(report.get("diagnosis"))),
+        # Only with --runtimes: a page about one runtime gains no empty section.
+        _section("Runtimes (--runtimes)", _runtimes(report["runtimes"])) if report.get("runtimes") else "",
         _section("Latency distribution", _latency(report.get("latency") or [], report.get("latency_ratio") or {})),
         _section("Size vs metric (tune)", _frontier(tune) if tune else _not_measured(
             "no tune result given: run qtool tune to chart the size-vs-metric frontier")),
@@ -384,4 +386,17 @@ def _groups_table(groups: Sequence[dict]) -> str:
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _runtimes(section: dict) -> str:
+    """Each deployment's latency and agreement, then which is fastest at the floor."""
+    from qtool.eval.matrix import TABLE_HEAD, table_rows
+
+    lines = section.get("recommendation") or []
+    head = f"<p><b>{_e(lines[0])}</b></p>" if lines else ""
+    rest = "".join(f"<li>{_e(x)}</li>" for x in lines[1:])
+    note = (f'<p class="note">agreement with the {_e(section["truth"])}; timing: {_e(section["timing"]["mode"])}, '
+            f'{_e(section["timing"]["rounds"])} round(s)</p>')
+    rows = [[_e(c) for c in r] for r in table_rows(section)]
+    return head + (f"<ul>{rest}</ul>" if rest else "") + _table(TABLE_HEAD, rows, left=3) + note
 

@@ -34,6 +34,7 @@ class EvalReport:
     consistency: list[dict] = field(default_factory=list)  # outputs across providers/backends
     hardware: dict | None = None  # hwcheck.check(...) result
     diagnosis: dict | None = None  # diagnose.diagnose(...) result
+    runtimes: dict | None = None  # qtool.eval.matrix section (--runtimes)
     gates: list[dict] = field(default_factory=list)  # GateResult.to_dict()
     warnings: list[str] = field(default_factory=list)
     created: str = field(
@@ -61,6 +62,7 @@ class EvalReport:
             "consistency": self.consistency,
             "hardware": self.hardware,
             "diagnosis": self.diagnosis,
+            "runtimes": self.runtimes,
             "gates": self.gates,
             "passed": self.passed,
             "warnings": self.warnings,
@@ -147,6 +149,7 @@ def to_markdown(doc: dict) -> str:
         for provider, ratio in doc["latency_ratio"].items():
             lines.append(f"\nlatency ratio (candidate/reference) on {provider}: **{ratio:.3f}**")
         lines.append("")
+    lines += _runtimes_markdown(doc.get("runtimes"))
     size = doc["size"]
     if size:
         line = f"size: {_mib(size.get('candidate_bytes'))}"
@@ -182,3 +185,20 @@ def to_markdown(doc: dict) -> str:
     for w in doc["warnings"]:
         lines.append(f"> ⚠️ {w}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _runtimes_markdown(section: dict | None) -> list[str]:
+    """--runtimes: the deployments table and the recommendation, first line in bold."""
+    if not section:
+        return []
+    from qtool.eval.matrix import TABLE_HEAD, table_rows
+
+    lines = [f"#### runtimes (agreement with the {section['truth']}; timing: {section['timing']['mode']}, "
+             f"{section['timing']['rounds']} round(s))", "",
+             "| " + " | ".join(TABLE_HEAD) + " |", "|---|---|---|---:|---:|---:|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(section)]
+    recommendation = section.get("recommendation") or []
+    if recommendation:
+        lines += ["", f"**{recommendation[0]}**"] + [f"- {x}" for x in recommendation[1:]]
+    return lines + [""]
+

@@ -52,9 +52,11 @@ class GuardOutcome:
     decision: str = ""
     ranking: list = field(default_factory=list)  # node-name groups diagnosis ranked, worst first
     ranking_note: str = ""
+    timed_on: str = "cpu"  # the runtime label candidates were timed on (convert --runtime)
 
     def to_dict(self, floor: Floor) -> dict:
         return {
+            "timed_on": self.timed_on,
             "floor": {"min_sqnr_db": floor.min_sqnr_db, "min_agreement": floor.min_agreement},
             "holdout": self.holdout,
             "attempts": [a.to_dict() for a in self.attempts],
@@ -126,11 +128,12 @@ class Guard:
     """One guarded conversion of one model (see the module docstring)."""
 
     def __init__(self, source: ir.Model, model_path: Path, recipe: Recipe, data, eval_data,  # noqa: ANN001
-                 floor: Floor, budget_s: float, progress: ProgressFactory) -> None:
+                 floor: Floor, budget_s: float, progress: ProgressFactory, runtime=None) -> None:  # noqa: ANN001
         from qtool.data import Dataset, input_specs
 
         self.source, self.model_path, self.floor = source, model_path, floor
         self.budget_s, self.progress = budget_s, progress
+        self.runtime = runtime  # where candidates are timed (qtool.runtime.Runtime; None: onnxruntime CPU)
         specs = input_specs(source)
         full = Dataset(data, specs, recipe.preprocess)
         held = Dataset(eval_data, specs, recipe.preprocess) if eval_data is not None else None
@@ -149,7 +152,12 @@ class Guard:
         return time.perf_counter() - self.start > self.budget_s
 
     def prepare(self, recipe: Recipe):  # noqa: ANN201 - Prepared
-        """Calibration/statistics once per scheme: repairs only exclude or widen layers."""
+        """Calibration/statistics once per scheme: repairs only exclude or widen layers.
+
+        Calibration stays on onnxruntime whatever ``self.runtime`` is: it needs every
+        activation to be quantized exposed as a graph output and streamed batch by batch
+        (qtool.runtime.collect), and the ranges it records belong to the float model, not to
+        the runtime that will run the int8 one."""
         from qtool.pipeline.flow import prepare
         from qtool.pipeline.plan import plan_for
 
@@ -186,7 +194,8 @@ class Guard:
             with self.progress(f"measuring ({label})", None, "samples"):
                 attempt.outputs = self.reference.compare(runtime.open_session(path, "cpu", role="candidate"))
                 attempt.shortfalls = self.floor.shortfalls(attempt.outputs)
-                float_ms, cand_ms = time_against_float(self.model_path, path, self.reference.feeds[0])
+                float_ms, cand_ms = time_against_float(self.model_path, path, self.reference.feeds[0],
+                                                       self.runtime)
             attempt.float_ms, attempt.candidate_ms = float_ms, cand_ms
             attempt.latency_ratio = cand_ms / float_ms if float_ms > 0 else None
         except Exception as exc:  # noqa: BLE001 - a failed candidate is reported, not fatal
@@ -216,7 +225,8 @@ class Guard:
 
     def run(self, recipe: Recipe, auto: bool) -> GuardOutcome:
         """Try, repair, choose; see the module docstring."""
-        outcome = GuardOutcome(None, None, None, holdout=self.holdout_note)
+        outcome = GuardOutcome(None, None, None, holdout=self.holdout_note,
+                               timed_on=self.runtime.label if self.runtime is not None else "cpu")
         results: list[tuple[Attempt, object]] = []
         for label, candidate in base_candidates(recipe, self.source, auto):
             if results and self.over_budget():
@@ -323,7 +333,8 @@ def slower_reason(attempt: Attempt) -> str:
 
 def guarded(source: ir.Model, model_path: Path, recipe: Recipe, *, data, eval_data=None,  # noqa: ANN001
             floor: Floor | None = None, auto: bool = False, budget_s: float = DEFAULT_BUDGET_SECONDS,
-            progress: ProgressFactory = no_progress) -> GuardOutcome:
-    """Run the guard (see the module docstring) and return its outcome."""
-    guard = Guard(source, Path(model_path), recipe, data, eval_data, floor or Floor(), budget_s, progress)
+            progress: ProgressFactory = no_progress, runtime=None) -> GuardOutcome:  # noqa: ANN001
+    """Run the guard (see the module docstring) and return its outcome; ``runtime`` (a
+    qtool.runtime.Runtime) is where candidates are timed against float."""
+    guard = Guard(source, Path(model_path), recipe, data, eval_data, floor or Floor(), budget_s, progress, runtime)
     return guard.run(recipe, auto)

@@ -222,6 +222,7 @@ def convert_file(
     budget_s: float | None = None,
     write_best: bool = False,
     quantized_input: QuantizedInput | None = None,
+    runtime=None,  # noqa: ANN001 - qtool.runtime.Runtime the guard times candidates on
 ) -> dict:
     """Load, prepare, convert, save (atomic, verified), measure; return the report.
 
@@ -257,13 +258,13 @@ def convert_file(
     return _convert_loaded(source, model_path, output, recipe, data=data, calib=calib,
                            external_data=external_data, progress=progress, guard=guard,
                            eval_data=eval_data, auto=auto, budget_s=budget_s, write_best=write_best,
-                           started=t0, input_reports=input_reports)
+                           started=t0, input_reports=input_reports, runtime=runtime)
 
 
 def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, *, data, calib,  # noqa: ANN001
                     external_data: bool, progress: ProgressFactory, guard: Floor | None, eval_data,
                     auto: bool, budget_s: float | None, write_best: bool, started: float,
-                    input_reports: list[PassReport]) -> dict:
+                    input_reports: list[PassReport], runtime=None) -> dict:  # noqa: ANN001
     """convert_file from the loaded (float) model on: guard or one conversion, save, measure."""
     from qtool.model import add_provenance, model_size_bytes, save, weight_bytes
     from qtool.pipeline.plan import plan_for
@@ -274,7 +275,8 @@ def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, 
         from qtool.pipeline.auto import DEFAULT_BUDGET_SECONDS, guarded
 
         outcome = guarded(source, model_path, recipe, data=data, eval_data=eval_data, floor=guard,
-                          auto=auto, budget_s=budget_s or DEFAULT_BUDGET_SECONDS, progress=progress)
+                          auto=auto, budget_s=budget_s or DEFAULT_BUDGET_SECONDS, progress=progress,
+                          runtime=runtime)
         guard_report = outcome.to_dict(guard)
         if outcome.chosen is None:
             failure = _guard_failure(outcome)

@@ -4,7 +4,8 @@ With data, ``convert`` never trusts a conversion it has not measured. Samples th
 calibration never sees are held out (``--eval-data``, or every 5th sample of ``--data``);
 each candidate is measured there against the float model (``measure.py``: per-output and
 per-segment SQNR, argmax agreement where it means something) and timed against float,
-interleaved, on onnxruntime's CPU provider. Candidates are tried cheapest first and the
+interleaved, on the runtime it will deploy on (``convert --runtime``; onnxruntime's CPU
+provider by default). Candidates are tried cheapest first and the
 search stops at the first that meets the floor without being slower than float. A
 candidate below the floor is repaired, more layers each round within the time budget:
 in turns, those nearest the failing output and those diagnosis (qtool.eval.diagnose: each
@@ -154,22 +155,24 @@ class Reference:
         return compare_outputs(self.outputs, cand, self.names)
 
 
-def time_against_float(model_path, candidate_path, feed: dict) -> tuple[float, float]:  # noqa: ANN001
-    """(float median ms, candidate median ms), timed in turns on the same feed."""
-    from qtool import runtime
+def time_against_float(model_path, candidate_path, feed: dict, runtime=None) -> tuple[float, float]:  # noqa: ANN001
+    """(float median ms, candidate median ms), timed in turns on the same feed, on
+    ``runtime`` (a qtool.runtime.Runtime; None: onnxruntime's CPU provider)."""
+    from qtool.runtime import ORT_CPU
     from qtool.runtime.latency import measure
 
+    where = runtime or ORT_CPU
     # By path, so a candidate written with external data (over 2 GB) finds its weights.
-    probe = runtime.open_session(candidate_path, "cpu", role="candidate")
+    probe = where.open(candidate_path, role="candidate")
     start = time.perf_counter()
-    runtime.run(probe, feed)
+    probe.run(None, feed)
     once = max(time.perf_counter() - start, 1e-5)
     del probe
     runs = int(min(50, max(5, TIMING_SECONDS / (2 * once))))
     stats = measure(
-        {"reference": lambda: runtime.open_session(model_path, "cpu", role="reference"),
-         "candidate": lambda: runtime.open_session(candidate_path, "cpu", role="candidate")},
-        feed, runs=runs, warmup=2,
+        {"reference": lambda: where.open(model_path, role="reference"),
+         "candidate": lambda: where.open(candidate_path, role="candidate")},
+        feed, runs=runs, warmup=2, provider=where.label,
     )
     return stats["reference"].median_ms, stats["candidate"].median_ms
 
