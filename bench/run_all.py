@@ -26,6 +26,13 @@ BENCHES = {
     "tune": ["tune.py"],
     "sweep": ["sweep.py"],
     "targets": ["targets.py"],
+    "runtimes": ["runtimes.py"],
+    "a16w8": ["a16w8.py"],
+    "recovery": ["recovery.py"],
+    "qat": ["qat.py"],
+    "scale": ["scale.py"],
+    "gptq_speed": ["gptq_speed.py"],
+    "diagnose_check": ["diagnose_check.py"],
 }
 
 
