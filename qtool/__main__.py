@@ -4,6 +4,7 @@ Importing the CLI (onnxruntime, onnx, numpy) takes seconds on a loaded machine; 
 that time ends as quietly as during the work itself: one line, exit 130, no traceback.
 """
 
+import os
 import sys
 
 from qtool.errors import EXIT_INTERRUPTED, INTERRUPTED
@@ -14,7 +15,10 @@ def run() -> None:
         from qtool.cli import main
     except KeyboardInterrupt:
         sys.stderr.write(INTERRUPTED + "\n")
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        sys.stderr.flush()
+        # Not SystemExit: a half-imported extension may have started threads that an orderly
+        # shutdown would wait for; nothing has been written yet, so nothing is lost.
+        os._exit(EXIT_INTERRUPTED)
     main()
 
 
