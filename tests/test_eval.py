@@ -487,3 +487,10 @@ def test_diagnosis_compares_a_folded_conv_with_the_batchnorm_it_absorbed(tmp_pat
     report = evaluate(cand, data, reference=ref, diagnose=True).to_dict()["diagnosis"]
     conv = next(x for x in report["layers"] if x["tensor"] == "b")
     assert conv["sqnr_db"] > 25  # int8 error only; against the pre-BatchNorm c it is ~0 dB
+
+
+def test_a_larger_candidate_is_called_larger_not_smaller():
+    from qtool.eval.report import size_change
+
+    assert size_change(3.81) == "3.81x smaller"
+    assert size_change(1 / 1.25) == "1.25x larger"  # was printed "0.80x smaller"

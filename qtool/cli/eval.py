@@ -282,10 +282,12 @@ def _print_report(doc: dict) -> None:
         for p, ratio in doc["latency_ratio"].items():
             console.print(f"latency ratio candidate/reference on {p}: [bold]{ratio:.3f}[/bold]")
     _print_runtimes(doc.get("runtimes"))
+    from qtool.eval.report import size_change
+
     size = doc["size"]
     line = f"size: {size['candidate_bytes'] / 2**20:.2f} MiB"
     if size.get("reference_bytes"):
-        line += f" (reference {size['reference_bytes'] / 2**20:.2f} MiB, {size['compression_ratio']:.2f}x smaller)"
+        line += f" (reference {size['reference_bytes'] / 2**20:.2f} MiB, {size_change(size['compression_ratio'])})"
     console.print(line)
     hw = doc["hardware"]
     if hw:

@@ -73,6 +73,13 @@ class EvalReport:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
 
+
+def size_change(ratio: float) -> str:
+    """"3.81x smaller" for reference/candidate bytes above 1, "1.12x larger" below it."""
+    if ratio >= 1.0:
+        return f"{ratio:.2f}x smaller"
+    return f"{1 / ratio:.2f}x larger" if ratio > 0 else "larger"
+
 def _json_safe(value: Any) -> Any:
     """Replace inf/nan by None and numpy scalars/tuples by plain JSON values."""
     if isinstance(value, dict):
@@ -154,7 +161,7 @@ def to_markdown(doc: dict) -> str:
     if size:
         line = f"size: {_mib(size.get('candidate_bytes'))}"
         if size.get("reference_bytes"):
-            line += f" vs {_mib(size['reference_bytes'])} ({size['compression_ratio']:.2f}x smaller)"
+            line += f" vs {_mib(size['reference_bytes'])} ({size_change(size['compression_ratio'])})"
         lines += [line, ""]
     if doc["gates"]:
         lines += ["| gate | subject | value | threshold | result |", "|---|---|---:|---:|---|"]
