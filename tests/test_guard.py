@@ -230,3 +230,15 @@ def test_maps_with_values_outside_0_1_or_many_channels_get_no_mask_proxy():
     ref = RNG.uniform(0, 1, (2, 8, 16, 16))  # 8 channels: a feature map
     acc.add(ref, ref)
     assert acc.result().agreement is None
+
+
+def test_a_guard_on_few_held_out_samples_says_so(tmp_path, capsys):
+    model = _detector_head(tmp_path / "head.onnx")
+    few = _data(tmp_path / "few", (64, 128), n=10, scale=2.0)  # every 5th held out: 2 samples
+    assert _convert(model, tmp_path / "q.onnx", "--data", few) == 0
+    report = _report(capsys)
+    assert report["guard"]["holdout_samples"] == 2
+    assert any("only 2 held-out sample(s)" in w for w in report["warnings"])
+    many = _data(tmp_path / "many", (64, 128), n=40, scale=2.0)  # 8 held out
+    assert _convert(model, tmp_path / "q2.onnx", "--data", many) == 0
+    assert not any("held-out sample" in w for w in _report(capsys)["warnings"])

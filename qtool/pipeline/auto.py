@@ -48,6 +48,7 @@ class GuardOutcome:
     best_attempt: Attempt | None
     attempts: list[Attempt] = field(default_factory=list)
     holdout: str = ""
+    holdout_samples: int = 0
     reports: list = field(default_factory=list)  # PassReports of the chosen candidate's preparation
     decision: str = ""
     ranking: list = field(default_factory=list)  # node-name groups diagnosis ranked, worst first
@@ -59,6 +60,7 @@ class GuardOutcome:
             "timed_on": self.timed_on,
             "floor": {"min_sqnr_db": floor.min_sqnr_db, "min_agreement": floor.min_agreement},
             "holdout": self.holdout,
+            "holdout_samples": self.holdout_samples,
             "attempts": [a.to_dict() for a in self.attempts],
             "chosen": self.best_attempt.label if self.chosen is not None and self.best_attempt else None,
             "decision": self.decision,
@@ -225,7 +227,7 @@ class Guard:
 
     def run(self, recipe: Recipe, auto: bool) -> GuardOutcome:
         """Try, repair, choose; see the module docstring."""
-        outcome = GuardOutcome(None, None, None, holdout=self.holdout_note,
+        outcome = GuardOutcome(None, None, None, holdout=self.holdout_note, holdout_samples=len(self.holdout),
                                timed_on=self.runtime.label if self.runtime is not None else "cpu")
         results: list[tuple[Attempt, object]] = []
         for label, candidate in base_candidates(recipe, self.source, auto):

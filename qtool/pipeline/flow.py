@@ -43,6 +43,14 @@ NOT_COMPRESSED_HINT = ("the 'why float' column says why each op stayed float; tr
                        "(--dynamic for MatMul/Gemm models, --data for static int8 on CNNs, --dtype fp16)")
 
 
+# Measured on the corpus: a recognizer whose static candidate met the floor on 3 held-out
+# samples lost CER 0.046 on 153 others. Below this many, the guard's verdict is said to be thin.
+FEW_HELD_OUT = 8
+FEW_HELD_OUT_WARNING = (
+    "the guard measured every candidate on only {n} held-out sample(s): a verdict on so few is "
+    "noisy; pass --eval-data DIR with more samples (or more --data: every 5th is held out)"
+)
+
 def convert_model(
     model: ir.Model,
     recipe: Recipe,
@@ -313,6 +321,8 @@ def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, 
     }
     if guard_report is not None:
         report["guard"] = guard_report
+        if (few := guard_report["holdout_samples"]) < FEW_HELD_OUT:
+            report["warnings"].append(FEW_HELD_OUT_WARNING.format(n=few))
     if converted is not None and failure is None:
         failure = _not_compressed(converted, weight_bytes(source), plan)
         report["passed"], report["failure"] = failure is None, failure
