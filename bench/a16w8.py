@@ -156,19 +156,11 @@ def qtool_rows(source: Source, out: Path) -> dict[str, Path]:
 def ort_row(source: Source, dst: Path, activation_16: bool) -> str:
     """onnxruntime quantize_static after its pre-process; returns what was used."""
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         QuantFormat,
         QuantType,
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter(source.calib)
-
-        def get_next(self):
-            return next(self.feeds, None)
 
     pre, note = dst.with_name(dst.stem + ".pre.onnx"), []
     try:
@@ -180,7 +172,7 @@ def ort_row(source: Source, dst: Path, activation_16: bool) -> str:
     act = QuantType.QUInt16 if activation_16 else QuantType.QUInt8
     for per_channel in (True, False):
         try:
-            quantize_static(str(model), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+            quantize_static(str(model), str(dst), zoo.feeds_reader(lambda: source.calib), quant_format=QuantFormat.QDQ,
                             activation_type=act, weight_type=QuantType.QInt8, per_channel=per_channel)
             corpus.run_model(dst, source.evals[:1])
             note.append("per-channel" if per_channel else "per-tensor (per-channel output failed)")

@@ -39,7 +39,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from zoo_data import CACHE, VENV, log, unpack  # noqa: E402
+from zoo_data import CACHE, VENV, feeds_reader, log, unpack  # noqa: E402
 
 WORK = CACHE / "work" / "qat"
 RESULTS = HERE / "results" / "qat.md"
@@ -200,22 +200,14 @@ def _qtool(*args: str) -> float:
 
 def _ort_static(src: Path, out: Path, calib: Path) -> float:
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         QuantFormat,
         QuantType,
         quantize_static,
     )
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.files = iter(sorted(calib.glob("*.npy")))
-
-        def get_next(self):  # noqa: ANN202
-            f = next(self.files, None)
-            return None if f is None else {"input": np.load(f)}
-
     t0 = time.perf_counter()
-    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    reader = feeds_reader(lambda: ({"input": np.load(f)} for f in sorted(calib.glob("*.npy"))))
+    quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return time.perf_counter() - t0
 

@@ -41,6 +41,7 @@ import traceback
 from pathlib import Path
 
 import corpus
+from zoo_data import feeds_reader
 from zoo_metrics import latency_interleaved
 
 HERE = Path(__file__).resolve().parent
@@ -78,16 +79,7 @@ def qtool_cli(src: Path, dst: Path, *args: str) -> dict:
 
 
 def _reader(name: str):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter(corpus.samples(name, "calib"))
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    return Reader()
+    return feeds_reader(lambda: corpus.samples(name, "calib"))
 
 
 def ort_dynamic(src: Path, dst: Path, u8: bool) -> dict:

@@ -45,6 +45,7 @@ from zoo_data import (  # noqa: F401
     ZooError,
     baseline,
     data_dir,
+    feeds_reader,
     iter_split,
     load_split,
     log,

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -136,14 +136,12 @@ def load_split(name: str, split: str = "eval") -> list[dict[str, np.ndarray]]:
     return list(iter_split(name, split))
 
 
-def ort_reader(name: str, split: str = "calib", limit: int | None = None):
-    """An onnxruntime CalibrationDataReader over a split (first `limit` samples), for
-    onnxruntime.quantization.quantize_static. Reads one sample file at a time."""
+def feeds_reader(feeds: Callable[[], Iterable[dict[str, np.ndarray]]]):
+    """An onnxruntime CalibrationDataReader over the feed dicts ``feeds()`` yields (called
+    again on rewind), for onnxruntime.quantization.quantize_static."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    files = sample_files(name, split)[:limit]
-
-    class SplitReader(CalibrationDataReader):
+    class FeedsReader(CalibrationDataReader):
         def __init__(self):
             self.rewind()
 
@@ -151,9 +149,16 @@ def ort_reader(name: str, split: str = "calib", limit: int | None = None):
             return next(self._it, None)
 
         def rewind(self):
-            self._it = (feed for feed, _ in zip(iter_split(name, split), files))
+            self._it = iter(feeds())
 
-    return SplitReader()
+    return FeedsReader()
+
+
+def ort_reader(name: str, split: str = "calib", limit: int | None = None):
+    """A CalibrationDataReader over a split (first `limit` samples). Reads one sample file
+    at a time."""
+    files = sample_files(name, split)[:limit]
+    return feeds_reader(lambda: (feed for feed, _ in zip(iter_split(name, split), files)))
 
 
 
