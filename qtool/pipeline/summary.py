@@ -81,6 +81,7 @@ def summarize(before: list[NodeInfo], after: ir.Model, reports: list[PassReport]
 def _reads_quantized(node: ir.Node) -> bool:
     """A registry op reading a dequantized input (weights-only counts too)."""
     from qtool import ops
+    from qtool.quantized import match_cast_dequant
 
     if ops.rule_for(node) is None:
         return False
@@ -88,13 +89,6 @@ def _reads_quantized(node: ir.Node) -> bool:
         producer = value.producer() if value is not None else None
         if producer is not None and producer.op_type in ("DequantizeLinear", "DynamicQuantizeLinear"):
             return True
-        if producer is not None and producer.op_type == "Mul" and _cast_from_int8(producer.inputs[0]):
-            return True  # int8 weight storage: Mul(Cast(int8), scale)
+        if producer is not None and match_cast_dequant(producer) is not None:
+            return True  # integer weight storage: Mul(Cast(int8), scale)
     return False
-
-
-def _cast_from_int8(value: ir.Value | None) -> bool:
-    producer = value.producer() if value is not None else None
-    if producer is None or producer.op_type != "Cast" or producer.inputs[0] is None:
-        return False
-    return producer.inputs[0].dtype in (ir.DataType.INT8, ir.DataType.UINT8)
