@@ -147,10 +147,58 @@ def test_auto_prefers_dynamic_on_a_transformer_and_static_on_a_cnn(tmp_path):
     from qtool.pipeline.auto import base_candidates
 
     mlp = load(_outlier_mlp(tmp_path / "mlp.onnx"))
-    assert [label for label, _ in base_candidates(load_recipe("int8-static"), mlp, auto=True)] == [
+    assert [label for label, *_ in base_candidates(load_recipe("int8-static"), mlp, auto=True)] == [
         "int8-static", "int8-dynamic"]
-    assert [label for label, _ in base_candidates(load_recipe("int8-static"), mlp, auto=False)] == [
+    assert [label for label, *_ in base_candidates(load_recipe("int8-static"), mlp, auto=False)] == [
         "int8-static"]
+
+
+def _old_opset_conv(path):
+    """An opset-11 Conv (old exports often are): per-channel int8 weights need opset 13."""
+    w = RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16, 16])],
+        [numpy_helper.from_array(w, "w")])
+    return _save(graph, path, opset=11)
+
+
+def test_auto_raises_an_old_opset_for_per_channel_weights_and_falls_back_when_it_cannot(
+        tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from qtool.config import load_recipe
+    from qtool.model import iter_nodes, load
+    from qtool.pipeline.auto import Guard, base_candidates
+    from qtool.pipeline.guard import Floor
+    from qtool.pipeline.progress import no_progress
+
+    model = _old_opset_conv(tmp_path / "old.onnx")
+    data = _data(tmp_path / "d", (4, 16, 16))
+    raised, kept = "int8-static (opset 11 -> 13 for per-channel weights)", "int8-static (per-tensor weights: opset 11 < 13)"
+    recipe = load_recipe("int8-static")
+    candidates = base_candidates(recipe, load(model), auto=True)
+    assert [(label, fallback) for label, _, fallback in candidates] == [
+        (raised, False), (kept, True), ("int8-dynamic", False)]
+    guard = Guard(load(model), Path(model), recipe, data, None, Floor(), 60.0, no_progress)
+    attempt, converted = guard.attempt(raised, candidates[0][1])
+    assert attempt.error is None and converted.model.opset_imports[""] == 13
+    dq = next(n for n in iter_nodes(converted.model) if n.op_type == "DequantizeLinear"
+              and n.inputs[0].const_value is not None)
+    assert dq.inputs[1].const_value.numpy().shape == (8,)  # one scale per output channel
+    assert onnx.load(model).opset_import[0].version == 11  # the input is untouched
+
+    from qtool.errors import ConversionError
+
+    def cannot(*_):
+        raise ConversionError("could not convert the model from opset 11 to 13: test", "hint")
+
+    monkeypatch.setattr("qtool.pipeline.steps.upgrade_opset", cannot)
+    assert _convert(model, tmp_path / "q.onnx", "--data", data) == 0
+    attempts = _report(capsys)["guard"]["attempts"]
+    assert [a["label"] for a in attempts[:2]] == [raised, kept]
+    assert "opset 11 to 13" in attempts[0]["error"] and attempts[1]["error"] is None
 
 
 def test_guard_flags_that_cannot_apply_are_errors(tmp_path, capsys):
@@ -167,9 +215,10 @@ def test_guard_flags_that_cannot_apply_are_errors(tmp_path, capsys):
         assert message in capsys.readouterr().err, flags
 
 
-def test_auto_on_an_old_opset_quantizes_per_tensor_instead_of_failing(tmp_path, capsys):
-    """Opset 11/12 models (Paddle and older exporters) cannot hold per-channel Q/DQ; the
-    default never upgrades them unasked, so auto takes per-tensor weights, and says so."""
+def test_auto_on_an_old_opset_measures_an_upgrade_and_no_guard_keeps_it_per_tensor(tmp_path, capsys):
+    """Opset 11/12 models (Paddle and older exporters) cannot hold per-channel Q/DQ. The
+    guard raises the opset of its static candidate (it measures against the original float
+    model); without the guard, auto never upgrades unasked and takes per-tensor weights."""
     proto = onnx.load(_outlier_mlp(tmp_path / "mlp.onnx"))
     proto.opset_import[0].version = 11
     old = tmp_path / "old.onnx"
@@ -177,8 +226,10 @@ def test_auto_on_an_old_opset_quantizes_per_tensor_instead_of_failing(tmp_path, 
     data = _data(tmp_path / "d", (32,))
     code = _convert(str(old), tmp_path / "q.onnx", "--data", data)
     labels = [a["label"] for a in _report(capsys)["guard"]["attempts"]]
-    assert any("per-tensor weights: opset 11 < 13" in label for label in labels)
+    assert labels[0] == "int8-static (opset 11 -> 13 for per-channel weights)"
     assert code in (0, 3)  # measured either way; never the opset usage error
+    assert _convert(str(old), tmp_path / "n.onnx", "--data", data, "--no-guard") == 0
+    assert onnx.load(tmp_path / "n.onnx").opset_import[0].version == 11
     # Asked for per-channel static explicitly, the same model is still a usage error.
     assert run(["convert", str(old), "-o", str(tmp_path / "x.onnx"), "--data", data,
                 "--scheme", "int8-static"]) == 2
@@ -231,6 +282,29 @@ def test_maps_with_values_outside_0_1_or_many_channels_get_no_mask_proxy():
     acc.add(ref, ref)
     assert acc.result().agreement is None
 
+
+
+def test_ctc_scores_are_judged_on_the_positions_that_are_not_blank():
+    # a CTC recognizer's [N, T, V] scores: float picks the blank (class 0) at 30 of 40
+    # positions; the candidate loses 3 of the 10 characters to the blank
+    from qtool.pipeline.guard import Floor
+
+    ref = RNG.standard_normal((2, 40, 20))
+    ref[:, :30, 0] += 10.0  # blank
+    ref[:, 30:, 5] += 10.0  # a character
+    cand = ref.copy()
+    cand[:, 37:, 0] += 20.0  # the last three characters become blanks
+    acc = OutputAccumulator("logits")
+    acc.add(ref[:1], cand[:1])
+    acc.add(ref[1:], cand[1:])  # the background is decided over all batches
+    result = acc.result()
+    assert result.positions == 2 * 10 and result.agreement == 14 / 20  # over all positions: 74/80
+    assert "output logits: argmax agreement 0.700 < 0.9" in Floor().shortfalls([result])
+    # no class dominates: every position counts
+    even = RNG.standard_normal((2, 40, 20))
+    acc = OutputAccumulator("tokens")
+    acc.add(even, even)
+    assert acc.result().positions == 80 and acc.result().agreement == 1.0
 
 def test_a_guard_on_few_held_out_samples_says_so(tmp_path, capsys):
     model = _detector_head(tmp_path / "head.onnx")

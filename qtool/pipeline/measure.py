@@ -10,7 +10,11 @@ Per output, over the held-out samples:
   coordinates in pixels and class probabilities concatenated into one tensor are judged
   apart while a classifier's logits stay one group;
 - ``agreement``: argmax agreement along the last axis for classifier logits [N, C] and
-  per-position scores [N, T, V] (greedy tokens, CTC characters); for a probability map
+  per-position scores [N, T, V] (greedy tokens, CTC characters). Where one class is float's
+  choice at most positions of [N, T, V] scores (a CTC recognizer's blank: 74% of the
+  positions of a PP-OCR line), positions where both models pick it are left out, as a
+  mask's background is: counting them let a recognizer at 0.96 agreement lose 4.6% of its
+  characters, while its agreement on the other positions was 0.86. For a probability map
   ([N, 1, H, W] or [N, H, W] whose float values all lie in [0, 1]: text-detection, matting
   and saliency heads) the IoU of the two maps thresholded at 0.5, since SQNR on a map that
   is mostly background says little about the mask a user cuts from it; else None.
@@ -32,6 +36,7 @@ MIN_VOCAB = 2  # last-axis size from which an argmax is a meaningful proxy
 RANK3_MIN_VOCAB = 16  # [N, T, V]: V scores per position (tokens, characters)
 MAP_MIN_PIXELS = 64  # a probability map has at least 8x8 positions per sample
 MAP_THRESHOLD = 0.5
+BACKGROUND_SHARE = 0.5  # a class float picks at more than half of the [N, T, V] positions
 
 
 def channel_axis(shape: tuple[int, ...]) -> int | None:
@@ -68,6 +73,7 @@ class OutputAccumulator:
     finite: bool = True
     map_inter: int = 0
     map_union: int = 0
+    choices: list = field(default_factory=list)  # [N, T, V] scores: (float, candidate) argmax per batch
     is_map: bool | None = None  # None: not decided; False once a value leaves [0, 1]
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
@@ -94,15 +100,36 @@ class OutputAccumulator:
             self.channel_count += r.size // r.shape[axis]
         if proxy_applies(r.shape):
             self.proxy = True
-            self.agree += int(np.sum(np.argmax(r, axis=-1) == np.argmax(c, axis=-1)))
-            self.positions += int(np.prod(r.shape[:-1]))
+            a, b = np.argmax(r, axis=-1), np.argmax(c, axis=-1)
+            if r.ndim == 3:  # decided in result(), once the background class is known
+                self.choices.append((a.ravel().astype(np.int32), b.ravel().astype(np.int32)))
+            else:
+                self.agree += int(np.sum(a == b))
+                self.positions += a.size
         elif self.is_map is not False and map_shaped(r.shape):
             self.is_map = bool(r.min() >= 0.0 and r.max() <= 1.0)
             a, b = r > MAP_THRESHOLD, c > MAP_THRESHOLD
             self.map_inter += int(np.sum(a & b))
             self.map_union += int(np.sum(a | b))
 
+    def sequence_agreement(self) -> None:
+        """Agreement over [N, T, V] positions, leaving out those where float and candidate
+        both pick the background class (see the module docstring)."""
+        if not self.choices:
+            return
+        a = np.concatenate([x for x, _ in self.choices])
+        b = np.concatenate([y for _, y in self.choices])
+        classes, counts = np.unique(a, return_counts=True)
+        informative = np.ones(a.shape, bool)
+        if counts.max() > BACKGROUND_SHARE * a.size:
+            background = classes[counts.argmax()]
+            informative = (a != background) | (b != background)
+        self.agree += int(np.sum((a == b) & informative))
+        self.positions += int(np.sum(informative))
+        self.choices = []
+
     def result(self) -> OutputFidelity:
+        self.sequence_agreement()
         sqnr = sqnr_from_sums(self.signal, self.noise)
         segments = self.segments()
         worst = min((s["sqnr_db"] for s in segments), default=sqnr)
