@@ -153,7 +153,9 @@ def _worst(outputs: dict) -> tuple[float | None, float | None]:
     return (min(sq) if sq else None), (min(co) if co else None)
 
 
-def sweep_model(name: str, rounds: int) -> dict:
+def sweep_model(name: str, rounds: int, reuse: dict | None = None) -> dict:
+    """One model through every config; with ``reuse`` (an earlier run's result for it), only
+    qtool's default runs again and the other rows are that run's, re-timed beside it."""
     src = corpus.fetch(name)
     e = corpus.entry(name)
     work = WORK / name
@@ -169,6 +171,13 @@ def sweep_model(name: str, rounds: int) -> dict:
     rows = [{"config": "fp32", "path": str(src), "size": _size(src), "metric": _headline(e, base, fp32=True),
              "proxy": {k: v for k, v in base.items() if k != "outputs"}}]
     todo = list(configs(name, calib))
+    if reuse is not None:
+        todo = todo[:1]
+        kept = [r for r in reuse["rows"] if r["config"] not in ("fp32", DEFAULT)]
+        for r in kept:
+            r["from_run"] = f"{reuse.get('tag', '?')} at {reuse['qtool_commit']}"
+            if r.get("path") and not Path(r["path"]).exists():
+                r.pop("path")
     for i, (label, fn) in enumerate(todo):
         dst = work / f"c{i}" / "model.onnx"
         dst.parent.mkdir()
@@ -195,6 +204,8 @@ def sweep_model(name: str, rounds: int) -> dict:
               f"{json.dumps({k: v for k, v in row.items() if k not in ('outputs', 'path')}, default=str)}",
               file=sys.stderr, flush=True)
         rows.append(row)
+    if reuse is not None:
+        rows += kept
     timed = [r for r in rows if "path" in r]
     try:
         # Heavy models (a 640x640 detector takes seconds a run on a loaded 2-core machine) get
@@ -446,6 +457,8 @@ def render(results: list[dict], notes: list[str] = ()) -> str:
             elif r.get("exit"):
                 report = [ln for ln in r.get("report", []) if "━" not in ln]
                 note = (note + " " + " / ".join(report[-2:])).strip()
+            if r.get("from_run"):
+                note = f"(run {r['from_run']}) {note}".strip()
             note = note.replace("|", "/").replace("\n", " ")[:220]
             lines.append(f"| {r['config']} | {r.get('exit', '')} | {_fmt(r.get('metric'))} | {proxy} "
                          f"| {_fmt(r.get('worst_sqnr_db'), 1)} | {_fmt(r.get('worst_cosine'))} | {size} | {lat} | {cpu} "
@@ -460,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=20, help="interleaved latency rounds per model")
     ap.add_argument("--render", action="store_true", help="only re-render from the cached results")
     ap.add_argument("--tag", default="", help="keep this run apart: its own work folder and sweep_TAG.md")
+    ap.add_argument("--default-only", metavar="TAG[,TAG...]", default="",
+                    help="run only qtool's default; take the other rows from the last of these earlier runs "
+                         "that has the model (re-timed beside it, each row saying which run it came from)")
     args = ap.parse_args(argv)
     global WORK
     if args.tag:
@@ -478,7 +494,14 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(json.loads(cached.read_text()))
             continue
         t0 = time.perf_counter()
-        results.append(sweep_model(n, args.rounds))
+        reuse = None
+        for tag in args.default_only.split(",") if args.default_only else ():
+            earlier = corpus.CORPUS / f"sweep-{tag}" / n / "result.json"
+            if earlier.exists():
+                reuse = {**json.loads(earlier.read_text()), "tag": tag}
+        if args.default_only and reuse is None:
+            print(f"[sweep] {n}: no earlier run in {args.default_only}; running every config", file=sys.stderr)
+        results.append(sweep_model(n, args.rounds, reuse))
         print(f"[sweep] {n} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     RESULTS.mkdir(exist_ok=True)
     if not args.only or args.render:
