@@ -161,3 +161,21 @@ def test_convert_runtime_is_a_guard_flag(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "error: --runtime cannot apply with no --data" in err and "hint: " in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_latency_measure_reads_the_clock_it_is_given():
+    # the guard times onnxruntime candidates by the calling thread's CPU time; a clock that
+    # advances 2 ms per reading shows measure() takes every span from the clock it is given
+    from qtool.runtime.latency import measure
+
+    class Session:
+        def get_outputs(self):
+            return []
+
+        def run(self, names, feed):
+            return []
+
+    readings = iter(np.arange(0, 10, 0.002))
+    stats = measure({"candidate": Session}, {"x": np.zeros((1, 2), np.float32)}, runs=4, warmup=1,
+                    clock=lambda: float(next(readings)))
+    assert stats["candidate"].median_ms == pytest.approx(2.0)

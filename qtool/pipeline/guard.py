@@ -5,7 +5,7 @@ calibration never sees are held out (``--eval-data``, or every 5th sample of ``-
 each candidate is measured there against the float model (``measure.py``: per-output and
 per-segment SQNR, argmax agreement where it means something) and timed against float,
 interleaved, on the runtime it will deploy on (``convert --runtime``; onnxruntime's CPU
-provider by default). Candidates are tried cheapest first and the
+provider by default, timed as 1-thread CPU time so the machine's load cannot decide). Candidates are tried cheapest first and the
 search stops at the first that meets the floor without being slower than float. A
 candidate below the floor is repaired, more layers each round within the time budget:
 in turns, those nearest the failing output and those diagnosis (qtool.eval.diagnose: each
@@ -157,22 +157,30 @@ class Reference:
 
 def time_against_float(model_path, candidate_path, feed: dict, runtime=None) -> tuple[float, float]:  # noqa: ANN001
     """(float median ms, candidate median ms), timed in turns on the same feed, on
-    ``runtime`` (a qtool.runtime.Runtime; None: onnxruntime's CPU provider)."""
+    ``runtime`` (a qtool.runtime.Runtime; None: onnxruntime's CPU provider).
+
+    On onnxruntime's CPU provider both run on one thread and the clock is that thread's CPU
+    time: a 1-thread session computes on the calling thread, so the ratio holds while other
+    processes load the machine (wall time on a loaded 2-core machine put one candidate at
+    21-27x float, where CPU time put it at 0.9x). Other runtimes keep their own threads and
+    are timed by the wall clock."""
     from qtool.runtime import ORT_CPU
     from qtool.runtime.latency import measure
 
     where = runtime or ORT_CPU
+    on_ort_cpu = where.name == ORT_CPU.name and where.device == ORT_CPU.device
+    threads, clock = (1, time.thread_time) if on_ort_cpu else (0, time.perf_counter)
     # By path, so a candidate written with external data (over 2 GB) finds its weights.
-    probe = where.open(candidate_path, role="candidate")
-    start = time.perf_counter()
+    probe = where.open(candidate_path, threads=threads, role="candidate")
+    start = clock()
     probe.run(None, feed)
-    once = max(time.perf_counter() - start, 1e-5)
+    once = max(clock() - start, 1e-5)
     del probe
     runs = int(min(50, max(5, TIMING_SECONDS / (2 * once))))
     stats = measure(
-        {"reference": lambda: where.open(model_path, role="reference"),
-         "candidate": lambda: where.open(candidate_path, role="candidate")},
-        feed, runs=runs, warmup=2, provider=where.label,
+        {"reference": lambda: where.open(model_path, threads=threads, role="reference"),
+         "candidate": lambda: where.open(candidate_path, threads=threads, role="candidate")},
+        feed, runs=runs, warmup=2, provider=where.label, threads=threads, clock=clock,
     )
     return stats["reference"].median_ms, stats["candidate"].median_ms
 

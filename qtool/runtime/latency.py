@@ -102,8 +102,13 @@ def measure(
     provider: str = "cpu",
     threads: int = 0,
     on_run: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, LatencyStats]:
     """Time each model ``runs`` times on ``feed`` after ``warmup`` runs, interleaved.
+
+    ``clock`` is wall time by default; ``time.thread_time`` measures the CPU time of the
+    calling thread, which is all of a 1-thread onnxruntime session's work and barely moves
+    when other processes load the machine.
 
     ``factories`` maps a label ("candidate", "reference") to a function creating its
     session, so memory growth is measured from just before each session exists.
@@ -126,9 +131,9 @@ def measure(
     times = {label: np.empty(runs) for label in sessions}
     for i in range(runs):
         for label, s in sessions.items():
-            start = time.perf_counter()
+            start = clock()
             s.run(names[label], feed)
-            times[label][i] = (time.perf_counter() - start) * 1000.0
+            times[label][i] = (clock() - start) * 1000.0
             tick(1)
     return {
         label: summarize(
