@@ -25,7 +25,7 @@ from qtool.config import load_recipe
 from qtool.errors import UsageError
 from qtool.eval import evaluate
 from qtool.eval.sharded import evaluate_sharded
-from qtool.executors import LocalExecutor, ShardError, Task, make_executor
+from qtool.executors import InlineExecutor, LocalExecutor, ShardError, Task, make_executor
 from qtool.executors.calibrate import calibrate_shard, calibrate_sharded
 from qtool.pipeline import calibrate
 
@@ -226,6 +226,60 @@ def test_tune_sensitivities_and_verification_are_identical(tmp_path, local2, ray
         results[name] = (measured, checked, result.bits)
     assert len(results["one"][0]) >= 4  # 4 groups at 8 and 4 bits, plus the chain
     assert results["one"] == results["local"] == results["ray"]
+
+
+# -- gptq / awq layers -------------------------------------------------------------------
+
+
+class CountingExecutor(InlineExecutor):
+    """Runs tasks here and records their names: proof the work went through an executor."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def map(self, tasks, on_done=None):
+        self.names += [t.name for t in tasks]
+        return super().map(tasks, on_done)
+
+
+def test_gptq_and_awq_layers_are_identical_on_one_two_processes_and_ray(tmp_path, local2, ray_executor):
+    from qtool.model import load
+    from qtool.pipeline import convert_model, plan_for, prepare
+
+    k = 64
+    weights = [numpy_helper.from_array((RNG.standard_normal((k, k)) * 0.2).astype(np.float32), f"w{i}")
+               for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"], name="fc0"),
+             helper.make_node("Relu", ["h0"], ["r0"], name="relu0"),
+             helper.make_node("MatMul", ["r0", "w1"], ["h1"], name="fc1"),
+             helper.make_node("MatMul", ["h1", "w2"], ["y"], name="fc2")]
+    model = tmp_path / "mlp.onnx"
+    onnx.save(onnx_model(nodes, [value_info("x", ["N", k])], [value_info("y", ["N", k])], weights), model)
+    data = tmp_path / "d"
+    data.mkdir()
+    for i in range(12):
+        np.save(data / f"s{i:02d}.npy", RNG.standard_normal((4, k)).astype(np.float32))
+    for algorithm in ("gptq", "awq"):
+        recipe = load_recipe("int4-weight-only").override("weight_only", algorithm=algorithm, block_size=32)
+        prepared = prepare(load(model), model, recipe, plan_for(recipe), data=data)
+        written = {}
+        for name, executor in (("one", None), ("local", local2), ("ray", ray_executor)):
+            converted = convert_model(prepared.model, recipe, activations=prepared.activations, executor=executor)
+            written[name] = {n: v.const_value.numpy().tobytes()
+                             for n, v in converted.model.graph.initializers.items()}
+        assert len(written["one"]) >= 6  # packed codes and scales of the three MatMuls
+        assert written["one"] == written["local"] == written["ray"], algorithm
+        counted = CountingExecutor()
+        convert_model(prepared.model, recipe, activations=prepared.activations, executor=counted)
+        assert counted.names == [f"{algorithm} fc0", f"{algorithm} fc1", f"{algorithm} fc2"]  # all fanned out
+    from qtool.cli import run
+
+    # gptq's layers on 2 local processes through the CLI; anything else cannot fan out
+    out = tmp_path / "q.onnx"
+    assert run(["convert", str(model), "-o", str(out), "--bits", "4", "--block-size", "32", "--algorithm", "gptq",
+                "--data", str(data), "--workers", "2", "--no-guard", "-q"]) == 0 and out.exists()
+    assert run(["convert", str(model), "-o", str(tmp_path / "r.onnx"), "--bits", "4", "--workers", "2", "-q"]) == 2
 
 
 # -- batch ------------------------------------------------------------------------------

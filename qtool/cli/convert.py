@@ -199,6 +199,10 @@ def check_flags(*, bits, dtype, dynamic, data: Path | None, samples: int | None,
         raise UsageError("--samples needs --data", "add --data DIR, or drop --samples")
 
 
+LAYER_EXECUTOR_HELP = ("local (this machine's processes, see --workers), ray (this machine's Ray cluster, "
+                       "or a private one), or ray://HOST:10001 (a cluster's head). Results are identical.")
+
+
 STORE_WEIGHTS_HELP = (
     "For a QAT / fake-quant model (float weights behind QuantizeLinear -> DequantizeLinear, as PyTorch, "
     "NNCF, ModelOpt and Brevitas export them): store the weights as the int8/int4 integers they stand "
@@ -232,18 +236,12 @@ def convert_command(
     algorithm: Algorithm = typer.Option(None, "--algorithm", help="Weight-only algorithm; gptq and awq need --data [default: rtn]."),
     keep_8bit: list[str] = typer.Option(None, "--keep-8bit", help="Weight-only: name pattern kept at 8 bits (repeatable)."),
     accuracy_level: int = typer.Option(None, "--accuracy-level", help="MatMulNBits accuracy level 0-4; 4 computes with int8 activations, the fast path on x86 [default: 4]."),
-    external_data: bool = typer.Option(
-        False, "--external-data",
-        help="Write weights to OUT.data (the default when MODEL keeps its weights in a data file, or "
-             "above protobuf's 2 GB: the output then streams to disk instead of being built in memory).",
-    ),
+    external_data: bool = typer.Option(False, "--external-data", help="Write weights to OUT.data (the default when MODEL keeps its weights in a data file, or "
+                                       "above protobuf's 2 GB: the output then streams to disk instead of being built in memory)."),
     allow_opset_upgrade: bool = typer.Option(False, "--allow-opset-upgrade", help="Let qtool raise the opset when the format needs it."),
     target: TargetName = typer.Option(None, "--target", help=TARGET_HELP),
-    scheme: str = typer.Option(
-        None, "--scheme",
-        help="auto: try static and dynamic int8 on held-out samples and keep the smallest, fastest "
-             "one that meets the floor (the default with --data and no scheme flag), or a preset name.",
-    ),
+    scheme: str = typer.Option(None, "--scheme", help="auto: try static and dynamic int8 on held-out samples and keep the smallest, fastest "
+                               "one that meets the floor (the default with --data and no scheme flag), or a preset name."),
     eval_data: Path = typer.Option(None, "--eval-data", help="Held-out samples for the guard "
                                    "[default: every 5th sample of --data, which calibration then skips]."),
     no_guard: bool = typer.Option(False, "--no-guard", help="Skip the guard: convert once, measure nothing, trust it."),
@@ -256,6 +254,10 @@ def convert_command(
     store_weights: bool = typer.Option(False, "--store-weights", help=STORE_WEIGHTS_HELP),
     requantize: bool = typer.Option(False, "--requantize", help=REQUANTIZE_HELP),
     recover: str = typer.Option(None, "--recover", metavar="PASSES", help=RECOVER_HELP),
+    workers: int = typer.Option(1, "--workers", metavar="K", help="--algorithm gptq/awq: quantize K layers at a time in "
+                                "local processes (each layer is independent given its recorded inputs)."),
+    executor: str = typer.Option(None, "--executor", metavar="local|ray|ray://HOST:PORT",
+                                 help="--algorithm gptq/awq: where layers are quantized. " + LAYER_EXECUTOR_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Quantize a model (int8 static/dynamic, 4/3/2-bit weight-only) or convert it to fp16.
@@ -303,12 +305,32 @@ def convert_command(
     for message in speed_warnings(r, plan):
         warn(message)
     floor = None if no_guard else _floor(min_sqnr, min_agreement)  # convert_file runs it when --data is given
-    report = convert_file(model, output, r, data=data, calib=calib, external_data=external_data,
-                          progress=progress, guard=floor, eval_data=eval_data, auto=auto,
-                          budget_s=guard_budget, write_best=write_best,
-                          quantized_input=_requantize_request(requantize),
-                          runtime=_guard_runtime(runtime))
+    with _layer_executor(executor, workers, r) as layers_on:
+        report = convert_file(model, output, r, data=data, calib=calib, external_data=external_data,
+                              progress=progress, guard=floor, eval_data=eval_data, auto=auto,
+                              budget_s=guard_budget, write_best=write_best,
+                              quantized_input=_requantize_request(requantize),
+                              runtime=_guard_runtime(runtime), executor=layers_on)
     _finish(report, json_out)
+
+
+def _layer_executor(spec: str | None, workers: int, recipe):  # noqa: ANN001, ANN202 - a context manager
+    """The executor gptq/awq layers run on, as a context that closes it (None: this process);
+    an error for any other scheme, since nothing else in convert fans out."""
+    if spec is None and workers == 1:
+        from contextlib import nullcontext
+
+        return nullcontext(None)
+    from qtool.errors import UsageError
+    from qtool.executors import make_executor
+    from qtool.pipeline import plan_for
+    from qtool.quant.blockwise import DATA_AWARE
+
+    if plan_for(recipe).kind != "weight-only" or recipe.weight_only.algorithm not in DATA_AWARE:
+        raise UsageError("--workers/--executor fan out gptq/awq layer work, and this conversion has none",
+                         "add --bits 4 --algorithm gptq --data DIR, or drop --workers/--executor "
+                         "(`qtool calibrate --workers` fans out calibration)")
+    return make_executor(spec, workers)
 
 
 def _finish(report: dict, json_out: bool) -> None:
@@ -337,6 +359,7 @@ SCHEME_FLAGS = {
     "--allow-opset-upgrade": "allow_opset_upgrade", "--scheme": "scheme", "--eval-data": "eval_data",
     "--no-guard": "no_guard", "--min-sqnr": "min_sqnr", "--min-agreement": "min_agreement",
     "--guard-budget": "guard_budget", "--write-best": "write_best", "--recover": "recover",
+    "--executor": "executor",
 }
 
 

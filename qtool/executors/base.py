@@ -104,6 +104,11 @@ class Executor(abc.ABC):
         """Run every task; ``on_done(task)`` as each finishes. Raises ShardError naming the
         first failed task (the others are stopped). Ctrl-C stops every task it started."""
 
+    def call_each(self, fn: Callable[..., Any], calls: Sequence[tuple[str, tuple]]) -> list:
+        """``fn(*args)`` for each ``(name, args)`` of ``calls``, as tasks known by ``name``; the
+        results in order. For callers that must not import this package (the passes)."""
+        return self.map([Task(name, fn, args) for name, args in calls])
+
     def put(self, value: Any) -> Any:
         """A handle for ``value`` that tasks receive as an argument: the value itself
         locally, an object-store reference on Ray (shipped to each node once)."""

@@ -144,12 +144,14 @@ class Guard:
     """One guarded conversion of one model (see the module docstring)."""
 
     def __init__(self, source: ir.Model, model_path: Path, recipe: Recipe, data, eval_data,  # noqa: ANN001
-                 floor: Floor, budget_s: float, progress: ProgressFactory, runtime=None) -> None:  # noqa: ANN001
+                 floor: Floor, budget_s: float, progress: ProgressFactory, runtime=None,  # noqa: ANN001
+                 executor=None) -> None:  # noqa: ANN001 - qtool.executors.Executor for gptq/awq layers
         from qtool.data import Dataset, input_specs
 
         self.source, self.model_path, self.floor = source, model_path, floor
         self.budget_s, self.progress = budget_s, progress
         self.runtime = runtime  # where candidates are timed (qtool.runtime.Runtime; None: onnxruntime CPU)
+        self.executor = executor
         specs = input_specs(source)
         full = Dataset(data, specs, recipe.preprocess)
         held = Dataset(eval_data, specs, recipe.preprocess) if eval_data is not None else None
@@ -196,7 +198,8 @@ class Guard:
             with self.progress(f"converting ({label})", None, "steps"):
                 converted = convert_model(
                     prepared.model, recipe, table=prepared.table, preprocessed=prepared.preprocessed,
-                    activations=prepared.activations, absmax=prepared.absmax, dataset=prepared.dataset)
+                    activations=prepared.activations, absmax=prepared.absmax, dataset=prepared.dataset,
+                    executor=self.executor)
             path = Path(self.tmp.name) / f"candidate{self.count}.onnx"
             self.count += 1
             save(converted.model, path, verify=False)
@@ -351,8 +354,9 @@ def slower_reason(attempt: Attempt) -> str:
 
 def guarded(source: ir.Model, model_path: Path, recipe: Recipe, *, data, eval_data=None,  # noqa: ANN001
             floor: Floor | None = None, auto: bool = False, budget_s: float = DEFAULT_BUDGET_SECONDS,
-            progress: ProgressFactory = no_progress, runtime=None) -> GuardOutcome:  # noqa: ANN001
+            progress: ProgressFactory = no_progress, runtime=None, executor=None) -> GuardOutcome:  # noqa: ANN001
     """Run the guard (see the module docstring) and return its outcome; ``runtime`` (a
     qtool.runtime.Runtime) is where candidates are timed against float."""
-    guard = Guard(source, Path(model_path), recipe, data, eval_data, floor or Floor(), budget_s, progress, runtime)
+    guard = Guard(source, Path(model_path), recipe, data, eval_data, floor or Floor(), budget_s, progress, runtime,
+                  executor)
     return guard.run(recipe, auto)

@@ -32,6 +32,7 @@ class Context:
     absmax: dict | None = None  # per-channel maxima for dynamic int8 smoothing
     on_progress: StageProgress | None = None
     dataset: object | None = None  # the calibration samples (qtool.data.Dataset), for recovery
+    executor: object | None = None  # qtool.executors.Executor for gptq/awq layer work (None: here)
     plan: ConvertPlan = field(init=False)
     low_bit: Recipe | None = field(init=False)
     # -- filled in by passes --

@@ -61,6 +61,7 @@ def convert_model(
     absmax: dict | None = None,
     on_progress: StageProgress | None = None,
     dataset=None,  # noqa: ANN001 - qtool.data.Dataset
+    executor=None,  # noqa: ANN001 - qtool.executors.Executor
 ) -> Converted:
     """Convert an in-memory ``model`` as ``recipe`` says (the input is not modified).
 
@@ -69,10 +70,11 @@ def convert_model(
     qtool.passes.preprocess (as ``prepare`` does before calibrating).
     ``activations``: gptq/awq statistics; ``absmax``: per-channel maxima of MatMul inputs
     for dynamic int8 smoothing (both made by ``prepare``). ``dataset``: the calibration
-    samples, for the recovery passes that read them (``[recovery]``).
+    samples, for the recovery passes that read them (``[recovery]``). ``executor``: where
+    gptq/awq layers run (qtool.executors; None: this process), with identical results.
     """
-    context = Context(recipe, model, table=table, preprocessed=preprocessed,
-                      activations=activations, absmax=absmax, on_progress=on_progress, dataset=dataset)
+    context = Context(recipe, model, table=table, preprocessed=preprocessed, activations=activations,
+                      absmax=absmax, on_progress=on_progress, dataset=dataset, executor=executor)
     return run_scheme(model, context)
 
 
@@ -231,6 +233,7 @@ def convert_file(
     write_best: bool = False,
     quantized_input: QuantizedInput | None = None,
     runtime=None,  # noqa: ANN001 - qtool.runtime.Runtime the guard times candidates on
+    executor=None,  # noqa: ANN001 - qtool.executors.Executor for gptq/awq layer work
 ) -> dict:
     """Load, prepare, convert, save (atomic, verified), measure; return the report.
 
@@ -266,13 +269,13 @@ def convert_file(
     return _convert_loaded(source, model_path, output, recipe, data=data, calib=calib,
                            external_data=external_data, progress=progress, guard=guard,
                            eval_data=eval_data, auto=auto, budget_s=budget_s, write_best=write_best,
-                           started=t0, input_reports=input_reports, runtime=runtime)
+                           started=t0, input_reports=input_reports, runtime=runtime, executor=executor)
 
 
 def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, *, data, calib,  # noqa: ANN001
                     external_data: bool, progress: ProgressFactory, guard: Floor | None, eval_data,
                     auto: bool, budget_s: float | None, write_best: bool, started: float,
-                    input_reports: list[PassReport], runtime=None) -> dict:  # noqa: ANN001
+                    input_reports: list[PassReport], runtime=None, executor=None) -> dict:  # noqa: ANN001
     """convert_file from the loaded (float) model on: guard or one conversion, save, measure."""
     from qtool.model import add_provenance, model_size_bytes, save, weight_bytes
     from qtool.pipeline.plan import plan_for
@@ -284,7 +287,7 @@ def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, 
 
         outcome = guarded(source, model_path, recipe, data=data, eval_data=eval_data, floor=guard,
                           auto=auto, budget_s=budget_s or DEFAULT_BUDGET_SECONDS, progress=progress,
-                          runtime=runtime)
+                          runtime=runtime, executor=executor)
         guard_report = outcome.to_dict(guard)
         if outcome.chosen is None:
             failure = _guard_failure(outcome)
@@ -297,7 +300,7 @@ def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, 
             from qtool.pipeline.auto import default_static
 
             recipe, _ = default_static(recipe, source, samples=data is not None and calib is None)
-        converted, prep_reports = _convert_once(source, model_path, recipe, data, calib, progress)
+        converted, prep_reports = _convert_once(source, model_path, recipe, data, calib, progress, executor)
     prep_reports = [*input_reports, *prep_reports]
     plan = plan_for(recipe)
     in_size = model_size_bytes(model_path)
@@ -347,7 +350,7 @@ def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, 
 
 
 def _convert_once(source: ir.Model, model_path: Path, recipe: Recipe, data, calib,  # noqa: ANN001
-                  progress: ProgressFactory) -> tuple[Converted, list[PassReport]]:
+                  progress: ProgressFactory, executor=None) -> tuple[Converted, list[PassReport]]:  # noqa: ANN001
     """The recipe's scheme, once, unmeasured (--no-guard, --calib, or no data)."""
     from qtool.pipeline.plan import plan_for
 
@@ -363,7 +366,7 @@ def _convert_once(source: ir.Model, model_path: Path, recipe: Recipe, data, cali
         converted = convert_model(
             prepared.model, recipe, table=prepared.table, preprocessed=prepared.preprocessed,
             activations=prepared.activations, absmax=prepared.absmax, on_progress=on_progress,
-            dataset=prepared.dataset,
+            dataset=prepared.dataset, executor=executor,
         )
     return converted, prepared.reports
 

@@ -255,7 +255,8 @@ class WeightOnly(QtoolPass):
 
         ctx = self.context
         return model, apply_weight_only(model, ctx.recipe, ctx.recipe.quantize.bits,
-                                        activations=ctx.activations, on_progress=ctx.stage("weights"))
+                                        activations=ctx.activations, on_progress=ctx.stage("weights"),
+                                        executor=ctx.executor)
 
 
 class Int8Weights(QtoolPass):

@@ -56,11 +56,22 @@ from qtool.passes.weight_only.items import (
     item_name,
     weight_only_inputs,
 )
-from qtool.passes.weight_only.quantize import CONV_ALGORITHMS, quantize_conv, quantize_item
+from qtool.passes.weight_only.quantize import (
+    CONV_ALGORITHMS,
+    data_aware_args,
+    quantize_conv,
+    quantize_item,
+)
 from qtool.passes.weight_only.rewrite import MS_DOMAIN, rewrite
 from qtool.passes.weight_only.stats import collect_weight_only_stats
 from qtool.quant import formats
-from qtool.quant.blockwise import ALGORITHMS, DATA_AWARE, ActivationStats, QuantOutcome
+from qtool.quant.blockwise import (
+    ALGORITHMS,
+    DATA_AWARE,
+    ActivationStats,
+    QuantOutcome,
+    quantize_weight,
+)
 
 __all__ = ["apply_weight_only", "collect_weight_only_stats", "conv_opset_needed", "weight_only_inputs"]
 
@@ -102,6 +113,7 @@ def apply_weight_only(
     *,
     activations: dict[str, np.ndarray | ActivationStats] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    executor=None,  # noqa: ANN001 - qtool.executors.Executor
 ) -> PassReport:
     """Quantize the constant weights of MatMul, Gemm and Gather in place (see module doc).
 
@@ -109,6 +121,8 @@ def apply_weight_only(
     win). ``activations``: for gptq/awq, per MatMul input tensor name either sample rows
     [..., K] or accumulated :class:`ActivationStats` (``collect_weight_only_stats``).
     ``on_progress(done_bytes, total_bytes)`` counts fp32 weight bytes processed.
+    ``executor`` (qtool.executors): gptq/awq layers run there, each independent given its
+    recorded input statistics, with results identical to a run in this process.
     Modifies ``model`` in place; the caller saves it (never over the input file).
     """
     wo = recipe.weight_only
@@ -127,7 +141,7 @@ def apply_weight_only(
     _prepare_model(model, recipe, items, fmt)
     if fmt == "matmulnbits":
         _fit_gather_blocks(items, wo.block_size, report)
-    _quantize_and_rewrite(model, items, recipe, fmt, report, on_progress)
+    _quantize_and_rewrite(model, items, recipe, fmt, report, on_progress, executor)
     return report
 
 
@@ -186,7 +200,7 @@ def _fit_gather_blocks(items: list[Item], block_size: int, report: PassReport) -
 
 def _quantize_and_rewrite(
     model: ir.Model, items: list[Item], recipe: Recipe, fmt: str, report: PassReport,
-    on_progress: Callable[[int, int], None] | None,
+    on_progress: Callable[[int, int], None] | None, executor=None,  # noqa: ANN001
 ) -> None:
     """Quantize the items (a few ahead, in threads) and rewrite each in order, releasing its
     fp32 weight as soon as the quantized replacement is in the graph; then summarize."""
@@ -202,7 +216,9 @@ def _quantize_and_rewrite(
     def work(it: Item) -> QuantOutcome:
         return quantize_conv(it, wo, algorithm) if it.kind == "conv" else quantize_item(it, wo, algorithm, fmt)
 
-    for item, outcome in _pipelined(items, work):
+    outcomes = (_pipelined(items, work) if executor is None or algorithm not in DATA_AWARE
+                else _fanned_out(items, work, executor, wo, algorithm))
+    for item, outcome in outcomes:
         graph = item.node.graph
         drop_unused_initializers(graph, rewrite(graph, names, item, outcome, wo, fmt))
         report.count(f"{_KEYS[item.kind]} -> {_TARGETS.get((item.kind, fmt), 'DequantizeLinear')} ({item.bits}-bit)")
@@ -245,6 +261,20 @@ def _summarize(items: list[Item], recipe: Recipe, fmt: str, total: int, weight_e
         report.notes.append(_SLOW_LEVEL_NOTE.format(level=wo.accuracy_level))
     if any(i.bits == 3 for i in items):
         report.notes.append("3-bit codes are stored in 4-bit containers (ONNX has no 3-bit type): no size gain over 4-bit")
+
+
+def _fanned_out(items: list[Item], work: Callable[[Item], QuantOutcome], executor, wo,  # noqa: ANN001
+                algorithm: str) -> Iterator[tuple[Item, QuantOutcome]]:
+    """Yield (item, outcome) in order, the gptq/awq layers computed on ``executor`` a few
+    per worker at a time (so only that many fp32 weights are in flight), the rest here."""
+    window = max(2, 2 * executor.workers)
+    for start in range(0, len(items), window):
+        chunk = items[start:start + window]
+        args = [data_aware_args(item, wo, algorithm) for item in chunk]
+        calls = [(f"{algorithm} {item_name(item.node)}", a) for item, a in zip(chunk, args) if a is not None]
+        remote = iter(executor.call_each(quantize_weight, calls) if calls else [])
+        for item, a in zip(chunk, args):
+            yield item, (next(remote) if a is not None else work(item))
 
 
 def _pipelined(items: list[Item], work: Callable[[Item], QuantOutcome]) -> Iterator[tuple[Item, QuantOutcome]]:

@@ -26,17 +26,30 @@ def weight_rows(item: Item) -> np.ndarray:
     return w.T  # W[K, N] -> view [N, K]
 
 
+def data_aware_args(item: Item, wo, algorithm: str) -> tuple | None:
+    """``quantize_weight``'s arguments for a gptq/awq item that has its statistics (None
+    otherwise): the whole of its work, which needs nothing else from the graph, so it can
+    run on another process or node (qtool.passes.weight_only fans these out)."""
+    if algorithm not in DATA_AWARE or item.kind == "gather" or item.stats is None:
+        return None
+    w = weight_rows(item)
+    if item.alpha != 1.0:
+        w = w * np.float32(item.alpha)
+    return (np.ascontiguousarray(w, dtype=np.float32), item.bits, item.block or wo.block_size, wo.symmetric,
+            algorithm, item.stats)
+
+
 def quantize_item(item: Item, wo, algorithm: str, fmt: str = "") -> QuantOutcome:
     """Quantize one weight; row-separable algorithms run in cache-sized row chunks."""
+    args = data_aware_args(item, wo, algorithm)
+    if args is not None:
+        return quantize_weight(*args)
     if item.block:
         wo = dataclasses.replace(wo, block_size=item.block)
     w = weight_rows(item)
     if item.alpha != 1.0:
         w = w * np.float32(item.alpha)
     rows, cols = w.shape
-    stats = item.stats
-    if algorithm in DATA_AWARE and item.kind != "gather" and stats is not None:
-        return quantize_weight(np.ascontiguousarray(w, dtype=np.float32), item.bits, wo.block_size, wo.symmetric, algorithm, stats)
     alg = algorithm if algorithm not in DATA_AWARE else "mse"
     if fmt == "matmulnbits" and alg == "rtn" and item.bits in (2, 4, 8) and item.kind == "matmul":
         # The default path: one fused pass from the (memory-mapped) W[K, N] to packed
