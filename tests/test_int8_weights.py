@@ -206,3 +206,58 @@ def test_weights_only_with_dynamic_is_a_usage_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "error:" in err and "hint:" in err
     assert not (tmp_path / "w.onnx").exists()
+
+
+# -- float16 weight storage: for weights that do not survive int8 ------------------------
+
+
+def _cancelling(path):
+    """y = (x W - x W') * 100 with W' within 1% of W: the output is the small difference of two
+    large products, so it moves with every weight's rounding (a DB detector's head moved
+    21 dB under 1e-3 of relative weight noise). Int8 weights (a step of 1/127 of a channel's
+    largest) lose it; float16 (2**-11 relative) keeps it."""
+    w = (RNG.standard_normal((32, 32)) * 0.2).astype(np.float32)
+    w2 = (w * (1 + 0.01 * RNG.standard_normal(w.shape))).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.float32(100.0), "gain")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="mm_a"),
+             helper.make_node("MatMul", ["x", "w2"], ["b"], name="mm_b"),
+             helper.make_node("Sub", ["a", "b"], ["d"], name="sub"),
+             helper.make_node("Mul", ["d", "gain"], ["y"], name="gain")]
+    return _save(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], path)
+
+
+def test_fp16_weights_store_half_the_bytes_behind_a_cast_and_keep_out_of_range_weights_float(tmp_path):
+    src = _mixed(tmp_path / "m.onnx")
+    proto = onnx.load(src)
+    big = next(i for i in proto.graph.initializer if i.name == "wm")
+    big.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(big) * 1e6, "wm"))  # beyond 65504
+    onnx.save(proto, tmp_path / "big.onnx")
+    out = tmp_path / "h.onnx"
+    assert run(["convert", str(tmp_path / "big.onnx"), "-o", str(out), "--scheme", "fp16-weights", "-q"]) == 0
+    model = onnx.load(out)
+    halves = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT16}
+    assert halves == {"wc_fp16", "wg_fp16"}  # wm stays float32: float16 cannot hold it
+    casts = [n for n in model.graph.node if n.op_type == "Cast"]
+    assert sorted(c.input[0] for c in casts) == ["wc_fp16", "wg_fp16"]
+    x = RNG.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    assert _sqnr(_run(tmp_path / "big.onnx", x), _run(out, x)) > 50
+
+
+def test_guard_ends_with_fp16_weights_when_weights_do_not_survive_int8(tmp_path, capsys):
+    from qtool.pipeline.auto import FP16_WEIGHTS_LABEL
+
+    src = _cancelling(tmp_path / "c.onnx")
+    data = tmp_path / "d"
+    data.mkdir()
+    for i in range(40):
+        np.save(data / f"s{i:02d}.npy", RNG.standard_normal((1, 32)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    assert run(["convert", src, "-o", str(out), "--data", str(data), "--json", "-q"]) == 0
+    guard = json.loads(capsys.readouterr().out)["guard"]
+    labels = [a["label"] for a in guard["attempts"]]
+    assert labels[-2:] == [WEIGHTS_LABEL, FP16_WEIGHTS_LABEL] and guard["chosen"] == FP16_WEIGHTS_LABEL
+    assert not guard["attempts"][-2]["meets_floor"]  # int8 weights alone miss the floor
+    x = np.stack([np.load(data / f"s{i:02d}.npy")[0] for i in range(0, 40, 7)])
+    assert _sqnr(_run(src, x), _run(out, x)) > 25

@@ -21,6 +21,8 @@ scheme's ConstantWeights step.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx_ir as ir
 
@@ -34,15 +36,14 @@ from qtool.passes.select import excluded
 from qtool.quant.scales import DegenerateRange, quantize, weight_params
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+FP16_MAX = 65504.0
 MIN_ELEMENTS = 16  # smaller weights (a scalar, a 2x2 matrix) cost more in scales than they save
 
 
-def store_int8_weights(model: ir.Model, recipe: Recipe) -> PassReport:
-    """Rewrite ``model`` in place (see the module docstring); counts per op type."""
-    report = PassReport("int8-weights")
+def stored_weights(model: ir.Model, recipe: Recipe, report: PassReport) -> Iterator[tuple[ir.Node, np.ndarray]]:
+    """The nodes whose constant float weight (input 1) is stored narrower, with that weight;
+    what is left out is said in ``report.skipped``."""
     q = recipe.quantize
-    b = GraphBuilder(model)
-    done: dict[tuple, ir.Value] = {}
     for node in list(iter_nodes(model)):
         if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
             continue
@@ -53,18 +54,27 @@ def store_int8_weights(model: ir.Model, recipe: Recipe) -> PassReport:
         if excluded(node, q.exclude) or recipe.bits_for(name, node.op_type, 8) >= 16:
             report.skip(name, "kept float by --exclude / the recipe")
             continue
-        value = node.inputs[1]
         w = tensor.numpy()
         if w.size < MIN_ELEMENTS:
             report.skip(name, f"weight of {w.size} elements (< {MIN_ELEMENTS})")
             continue
-        axis = weight_axis(node, w, q.per_channel)
+        yield node, w
+
+
+def store_int8_weights(model: ir.Model, recipe: Recipe) -> PassReport:
+    """Rewrite ``model`` in place (see the module docstring); counts per op type."""
+    report = PassReport("int8-weights")
+    b = GraphBuilder(model)
+    done: dict[tuple, ir.Value] = {}
+    for node, w in stored_weights(model, recipe, report):
+        value = node.inputs[1]
+        axis = weight_axis(node, w, recipe.quantize.per_channel)
         key = (id(value), axis, id(node.graph))
         if key not in done:
             try:
                 p = weight_params(w, axis, "int8", symmetric=True)
             except DegenerateRange as exc:
-                report.skip(name, f"weight {value.name}: {exc.reason}")
+                report.skip(node.name or node.op_type, f"weight {value.name}: {exc.reason}")
                 continue
             wq = b.initializer(quantize(w, p), f"{value.name}_quantized")
             shape = [1] * w.ndim
@@ -81,3 +91,28 @@ def store_int8_weights(model: ir.Model, recipe: Recipe) -> PassReport:
         report.count(node.op_type)
     return report
 
+
+def store_fp16_weights(model: ir.Model, recipe: Recipe) -> PassReport:
+    """Weights stored as float16 and cast back to float in the graph (folded when onnxruntime
+    loads the model, like the int8 form): 2x smaller, float speed, and a relative error of
+    2**-11 per weight where int8 per channel leaves up to 2**-8 of the channel's largest. For
+    models whose weights do not survive 8 bits (a DB text detector moved 21 dB by 1e-3 of
+    relative weight noise). Weights outside float16's range stay float32."""
+    report = PassReport("fp16-weights")
+    b = GraphBuilder(model)
+    done: dict[tuple, ir.Value] = {}
+    for node, w in stored_weights(model, recipe, report):
+        value = node.inputs[1]
+        key = (id(value), id(node.graph))
+        if key not in done:
+            if np.abs(w).max() > FP16_MAX:
+                report.skip(node.name or node.op_type, f"weight {value.name} exceeds float16's range")
+                continue
+            half = b.initializer(w.astype(np.float16), f"{value.name}_fp16")
+            cast = b.node("Cast", [half], value.name, attributes={"to": int(ir.DataType.FLOAT)},
+                          dtype=ir.DataType.FLOAT, shape=value.shape)
+            node.graph.insert_before(node, [cast])
+            done[key] = cast.outputs[0]
+        node.replace_input_with(1, done[key])
+        report.count(node.op_type)
+    return report

@@ -129,15 +129,16 @@ def base_candidates(recipe: Recipe, model: ir.Model, auto: bool) -> list[tuple[s
 
 
 WEIGHTS_LABEL = "int8-weights (activations float)"
+FP16_WEIGHTS_LABEL = "fp16-weights (compute float)"
 
 
-def weights_candidate(recipe: Recipe) -> Recipe:
-    """The last resort when no int8-activation candidate meets the floor: int8 weight storage,
-    float activations (qtool.passes.int8_weights). About 4x smaller at float's accuracy and
-    speed, not faster; the user's exclusions still hold."""
+def weights_candidate(recipe: Recipe, preset: str = "int8-weights") -> Recipe:
+    """The last resorts when no int8-activation candidate meets the floor: int8 weight storage,
+    float activations (qtool.passes.int8_weights), about 4x smaller at float's speed, not
+    faster; then float16 weight storage, 2x smaller. The user's exclusions still hold."""
     from qtool.config import load_recipe
 
-    return load_recipe("int8-weights").override("quantize", exclude=recipe.quantize.exclude or None)
+    return load_recipe(preset).override("quantize", exclude=recipe.quantize.exclude or None)
 
 
 class Guard:
@@ -278,6 +279,10 @@ class Guard:
         if auto and not any(_good(a) and not (a.widened and a.slower) for a, _ in results) \
                 and not self.over_budget():
             results.append(self.attempt(WEIGHTS_LABEL, weights_candidate(recipe)))
+            # Weights that do not survive int8 either (a model 1e-3 of weight noise moves by
+            # 20 dB): float16 storage, 2x smaller at float speed, is the last thing to try.
+            if not any(_good(a) for a, _ in results) and not self.over_budget():
+                results.append(self.attempt(FP16_WEIGHTS_LABEL, weights_candidate(recipe, "fp16-weights")))
         outcome.attempts = [a for a, _ in results]
         good = [r for r in results if _good(r[0])]
         if good:
@@ -340,7 +345,8 @@ def slower_reason(attempt: Attempt) -> str:
         return ("the float model runs in under a millisecond, where quantizing and dequantizing "
                 "activations costs more than int8 arithmetic saves; it is smaller, not faster")
     if attempt.recipe.quantize.weights_only:
-        return ("its weights are stored int8 and every activation stays float (no int8-activation "
+        stored = "float16" if attempt.recipe.quantize.dtype == "fp16" else "int8"
+        return (f"its weights are stored {stored} and every activation stays float (no int8-activation "
                 "candidate met the floor): it is smaller, not faster")
     if attempt.widened:
         return ("the layers with 16-bit activations run in float on onnxruntime's CPU provider (it has "

@@ -38,7 +38,7 @@ SLOW_ACCURACY_LEVEL = (
 class ConvertPlan:
     """The scheme a recipe selects (a key of ``qtool.pipeline.schemes.SCHEMES``)."""
 
-    kind: str  # "fp16" | "weight-only" | "int8-weights" | "int8-dynamic" | "int8-static"
+    kind: str  # "fp16" | "fp16-weights" | "weight-only" | "int8-weights" | "int8-dynamic" | "int8-static"
     needs_table: bool
     format: str
 
@@ -53,6 +53,8 @@ def plan_for(recipe: Recipe) -> ConvertPlan:
                          "drop the target, or convert to static int8 (--bits 8)")
     if q.dtype == "fp16":
         _no_wide_activations(recipe, "--dtype fp16 is half-precision float")
+        if q.weights_only:  # float16 weight storage, float compute (qtool.passes.int8_weights)
+            return ConvertPlan("fp16-weights", False, "float-activations")
         return ConvertPlan("fp16", False, "fp16")
     if q.dtype != "int":
         raise UsageError(f"unknown dtype {q.dtype!r}", "use --dtype int or --dtype fp16")

@@ -21,6 +21,7 @@ SCHEMES: dict[str, tuple[type, ...]] = {
     "fp16": (steps.HalfPrecision,),
     "weight-only": (steps.ConvBlocksOpset, steps.ConstantWeights, steps.WeightOnly, steps.SubgraphWeights),
     "int8-weights": (steps.ConstantWeights, steps.Preprocess, steps.Int8Weights, steps.Cleanup),
+    "fp16-weights": (steps.ConstantWeights, steps.Preprocess, steps.Fp16Weights, steps.Cleanup),
     "int8-dynamic": (
         steps.ConvBlocksOpset, steps.Preprocess, steps.LowBitLayers, steps.DynamicInt8,
         steps.Recurrent, steps.Cleanup,
@@ -78,6 +79,6 @@ def run_scheme(model: ir.Model, context: Context) -> Converted:
             reports.append(result.report)
     if before is None:
         before = snapshot(model)
-    unsupported = ("activations stay float in this scheme" if context.plan.kind == "int8-weights"
+    unsupported = ("activations stay float in this scheme" if context.plan.kind in ("int8-weights", "fp16-weights")
                    else "not supported by this scheme")
     return Converted(model, reports, summarize(before, model, reports, unsupported))

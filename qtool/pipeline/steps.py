@@ -167,7 +167,7 @@ class ConstantWeights(QtoolPass):
     name, stage = "constant-weights", "prepare"
 
     def applies(self, model: ir.Model) -> bool:
-        return self.context.plan.kind in ("weight-only", "int8-weights")
+        return self.context.plan.kind in ("weight-only", "int8-weights", "fp16-weights")
 
     def run(self, model):
         from qtool.passes.control_flow import lift_constant_weights
@@ -268,6 +268,17 @@ class Int8Weights(QtoolPass):
         from qtool.passes.int8_weights import store_int8_weights
 
         return model, store_int8_weights(model, self.context.recipe)
+
+
+class Fp16Weights(QtoolPass):
+    """Weights stored float16 behind a Cast, compute float (qtool.passes.int8_weights)."""
+
+    name = "fp16-weights"
+
+    def run(self, model):
+        from qtool.passes.int8_weights import store_fp16_weights
+
+        return model, store_fp16_weights(model, self.context.recipe)
 
 
 class HalfPrecision(QtoolPass):
