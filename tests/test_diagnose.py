@@ -156,3 +156,16 @@ def test_ir_roundtrip_keeps_carries_metadata(digits):
     """The candidate diagnosis reads records the BatchNorm fold (conv1 carries bn1)."""
     props = ir.load(digits["cand"]).metadata_props
     assert '"conv1": "bn1"' in props["qtool.carries"]
+
+
+@pytest.mark.parametrize("scheme", ["int8-weights", "fp16-weights"])
+def test_weight_storage_layers_are_diagnosed_as_quantized(tmp_path, scheme):
+    """Int8 and float16 weight storage quantize a layer through a Cast of its narrow weight,
+    not through Q/DQ: diagnosis must still see those layers (it said "no quantized layer")."""
+    cand = tmp_path / f"{scheme}.onnx"
+    qtool.convert(DIGITS, cand, scheme, guard=False)
+    diag = diagnose(cand, DIGITS, Dataset(EVAL, input_specs(load(DIGITS))), limit=16, check=False)
+    quantized = {x["node"] for x in diag["layers"] if x["quantized"]}
+    assert quantized == {"conv1", "conv2", "conv3", "fc1_matmul", "fc2_matmul"}
+    floor = 30 if scheme == "int8-weights" else 55  # float16 keeps ~11 bits of each weight
+    assert all(x["local_sqnr_db"] > floor for x in diag["layers"] if x["quantized"])

@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from qtool.errors import UsageError
 from qtool.ops import INTEGER_OPS, QDQ_OPS
@@ -39,6 +40,7 @@ LOCAL_SUFFIX = "::qtool_reference"
 
 
 FOLDED_ACTIVATIONS = ("Relu", "Clip")  # what converters fold into a quantized output
+NARROW_WEIGHT_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT16)
 
 
 def _load(path: str | os.PathLike):
@@ -296,6 +298,7 @@ def _layers(ref_proto, cand_proto, matched: dict[str, str], acc: dict) -> list[d
     """One entry per matched tensor: the nodes computing it, SQNRs; worst quantized first."""
     ref_stops, cand_stops = set(matched), set(matched.values())
     ref_inputs = {i.name for i in ref_proto.graph.input}
+    narrow = {i.name for i in cand_proto.graph.initializer if i.data_type in NARROW_WEIGHT_TYPES}
     layers = []
     for r, c in matched.items():
         cand_nodes = _segment(cand_proto.graph, c, (cand_stops - {c}) | ref_inputs)
@@ -309,7 +312,10 @@ def _layers(ref_proto, cand_proto, matched: dict[str, str], acc: dict) -> list[d
             "op_type": main.op_type if main is not None else "",
             "reference_nodes": [x.name for x in ref_nodes if x.name],
             "candidate_ops": cand_ops,
-            "quantized": any(op in QDQ_OPS or op in INTEGER_OPS for op in cand_ops),
+            # Weight storage (int8-weights, fp16-weights) quantizes a layer through a Cast of
+            # its int8 / float16 initializer, not through Q/DQ.
+            "quantized": any(op in QDQ_OPS or op in INTEGER_OPS for op in cand_ops)
+            or any(x.op_type == "Cast" and x.input[0] in narrow for x in cand_nodes),
             "sqnr_db": sqnr_from_sums(acc[r][0], acc[r][1]),
             "local_sqnr_db": sqnr_from_sums(acc[r][0], acc[r][2]),
         })
