@@ -33,6 +33,9 @@ from qtool.pipeline.guard import (
 from qtool.pipeline.progress import ProgressFactory, no_progress
 
 DEFAULT_BUDGET_SECONDS = 600.0
+# Repairs stop at this share of the budget: on a heavy model (a 640x640 detector, ~70 s a
+# round) they used all of it, and the weight-storage candidates after them never ran.
+REPAIR_SHARE = 0.75
 NOT_SMALLER = 0.95  # a candidate whose weights keep 95% of the float bytes compressed nothing
 PER_CHANNEL_OPSET = 13
 TINY_MODEL_MS = 1.0
@@ -167,8 +170,8 @@ class Guard:
         self.start = time.perf_counter()
         self.tmp = tempfile.TemporaryDirectory(prefix="qtool-guard-")
 
-    def over_budget(self) -> bool:
-        return time.perf_counter() - self.start > self.budget_s
+    def over_budget(self, share: float = 1.0) -> bool:
+        return time.perf_counter() - self.start > share * self.budget_s
 
     def prepare(self, recipe: Recipe):  # noqa: ANN201 - Prepared
         """Calibration/statistics once per scheme: repairs only exclude or widen layers.
@@ -267,7 +270,7 @@ class Guard:
                 model = self.prepare(base[0].recipe).model
                 outcome.ranking, outcome.ranking_note = self.rank(base[0])
                 for alternatives in repairs(base[0], model, outcome.ranking):
-                    if self.over_budget():
+                    if self.over_budget(REPAIR_SHARE):
                         break
                     # Both repairs of a round are measured, so the choice below can weigh
                     # their speed (the 16-bit one keeps int8 weights: it comes first).
@@ -278,11 +281,14 @@ class Guard:
         # layers onnxruntime's CPU provider runs in float; int8 activations in a model too small
         # to gain from them: a text-angle classifier at 1.55x float's time) still lets the last
         # resort be measured: the choice then weighs their speed.
-        if auto and not any(_good(a) and not a.slower for a, _ in results) and not self.over_budget():
+        # With nothing at the floor they are tried whatever the time spent: each is one
+        # conversion and one measurement, and the only way left to deliver a model.
+        nothing = not any(_good(a) for a, _ in results)
+        if auto and not any(_good(a) and not a.slower for a, _ in results) and (nothing or not self.over_budget()):
             results.append(self.attempt(WEIGHTS_LABEL, weights_candidate(recipe)))
             # Weights that do not survive int8 either (a model 1e-3 of weight noise moves by
             # 20 dB): float16 storage, 2x smaller at float speed, is the last thing to try.
-            if not any(_good(a) for a, _ in results) and not self.over_budget():
+            if not any(_good(a) for a, _ in results):
                 results.append(self.attempt(FP16_WEIGHTS_LABEL, weights_candidate(recipe, "fp16-weights")))
         outcome.attempts = [a for a, _ in results]
         good = [r for r in results if _good(r[0])]
