@@ -316,3 +316,27 @@ def test_a_guard_on_few_held_out_samples_says_so(tmp_path, capsys):
     many = _data(tmp_path / "many", (64, 128), n=40, scale=2.0)  # 8 held out
     assert _convert(model, tmp_path / "q2.onnx", "--data", many) == 0
     assert not any("held-out sample" in w for w in _report(capsys)["warnings"])
+
+
+def test_choice_weighs_speed_then_size_and_accuracy():
+    from qtool.config import load_recipe
+    from qtool.pipeline.auto import _choose
+    from qtool.pipeline.guard import Attempt
+    from qtool.pipeline.measure import OutputFidelity
+
+    def attempt(label, ratio, size, db):
+        a = Attempt(label, load_recipe("int8-static"), latency_ratio=ratio, size_bytes=size)
+        a.outputs = [OutputFidelity("y", db, db, None, 0)]
+        return a, label
+
+    static = attempt("static", 1.07, 1_365_000, 16.3)
+    # as fast within noise, smaller, 12 dB more accurate: it wins (the recognizer's case)
+    assert _choose([static, attempt("dynamic", 1.08, 2_793_000, 40.2), attempt("weights", 1.13, 1_241_000, 28.5)])[1] \
+        == "weights"
+    # larger (dynamic, 2x the bytes) is not chosen for accuracy alone
+    assert _choose([static, attempt("dynamic", 1.08, 2_793_000, 40.2)])[1] == "static"
+    # a faster first candidate is not given up for accuracy at float's speed (the detector's case)
+    assert _choose([attempt("static", 0.5, 5_240_000, 20.5), attempt("weights", 1.0, 5_100_000, 34.9)])[1] == "static"
+    # clearly faster always wins; a little more accurate does not
+    assert _choose([static, attempt("fast", 0.8, 2_000_000, 16.0)])[1] == "fast"
+    assert _choose([static, attempt("same", 1.07, 1_300_000, 19.0)])[1] == "static"
