@@ -17,15 +17,17 @@ CALIB = ROOT / "examples" / "data" / "calib"
 
 
 def test_configs_folder_holds_the_preset_files():
-    files = sorted((ROOT / "configs").glob("*.toml"))
-    assert [f.stem for f in files] == ["fp16", "int4-weight-only", "int8-a16w8", "int8-dynamic", "int8-static", "int8-weights"]
+    files = sorted((ROOT / "configs").glob("*.toml"), key=lambda f: f.stem)
+    assert [f.stem for f in files] == ["fp16", "fp16-weights", "int4-weight-only", "int8-a16w8", "int8-dynamic",
+                                       "int8-static", "int8-weights"]
     for f in files:
         assert f.is_file() and not f.is_symlink(), f
     assert not [p for p in (ROOT / "configs").iterdir() if p.is_symlink()]
 
 
 def test_the_package_loads_the_same_presets_by_name():
-    assert preset_names() == ["fp16", "int4-weight-only", "int8-a16w8", "int8-dynamic", "int8-static", "int8-weights"]
+    assert preset_names() == ["fp16", "fp16-weights", "int4-weight-only", "int8-a16w8", "int8-dynamic", "int8-static",
+                              "int8-weights"]
     for name in preset_names():
         by_name = load_recipe(name)
         by_path = load_recipe(ROOT / "configs" / f"{name}.toml")
