@@ -1,7 +1,9 @@
 """Model I/O: load ONNX files (weights stay on disk until used), save atomically, verify.
 
 Loading goes through onnx-ir, so initializers stored as external data are memory-mapped
-lazily: reading a graph's structure and tensor metadata never reads the weights.
+lazily: reading a graph's structure and tensor metadata never reads the weights. Weights
+stored inside a single-file model are memory-mapped too (qtool.mapped): the protobuf is
+parsed without them.
 
 Saving never touches the input model: the output is written into a temporary folder beside
 its destination, loaded once by onnxruntime as a check, and only then renamed into place.
@@ -24,6 +26,7 @@ import onnx_ir as ir
 
 from qtool import __version__
 from qtool.errors import ModelError, UsageError
+from qtool.mapped import load_mapped
 
 # protobuf cannot serialise a message of 2 GiB or more; stay clear of the limit.
 PROTOBUF_LIMIT_BYTES = 2 * 1024**3 - 64 * 1024**2
@@ -31,7 +34,8 @@ PROVENANCE_PREFIX = "qtool."
 
 
 def load(path: str | os.PathLike) -> ir.Model:
-    """Load an ONNX model; external data is referenced lazily, never read here."""
+    """Load an ONNX model; weights (external data, or inline in a large file) are
+    memory-mapped lazily, never read here."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file not found: {path}", "check the path; qtool reads .onnx files")
@@ -40,7 +44,9 @@ def load(path: str | os.PathLike) -> ir.Model:
     if path.stat().st_size == 0:
         raise ModelError(f"{path} is empty", "the file is not an ONNX model; re-export it")
     try:
-        model = ir.load(path)
+        model = load_mapped(path)
+        if model is None:
+            model = ir.load(path)
     except Exception as exc:  # protobuf's DecodeError and friends carry no useful type
         raise ModelError(
             f"{path} is not a readable ONNX model ({_short(exc)})",
