@@ -66,32 +66,51 @@ class MappedTensor(ir.Tensor):
 def load_mapped(path: str | os.PathLike) -> ir.Model | None:
     """``path`` loaded with its inline weights memory-mapped, or None when this does not
     apply (a small file, a text format, or bytes the walk does not understand)."""
-    path = Path(path)
-    if path.suffix.lower() in _TEXT_SUFFIXES or path.stat().st_size < MIN_FILE_BYTES:
-        return None
     with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            skeleton, found = _strip_model(memoryview(buf))
-        except _WireError:
+        stripped = _stripped(f, path)
+        if stripped is None:
             return None
-        finally:
-            buf.close()
-        if not found:
-            return None
-        import onnx
-
-        proto = onnx.ModelProto()
-        try:
-            proto.ParseFromString(bytes(skeleton))
-        except Exception:  # noqa: BLE001 - the usual loader reports the parse error
-            return None
-        del skeleton
+        proto, found = stripped
         model = ir.serde.deserialize_model(proto)
         del proto
         ir.external_data.set_base_dir(model.graph, os.path.dirname(path))
         _attach(model, f.fileno(), found)
     return model
+
+
+def skeleton(path: str | os.PathLike):  # noqa: ANN201 - onnx.ModelProto | None
+    """``path``'s ModelProto without the raw data of its main graph's plain initializers
+    (their dims, types and names stay), or None where :func:`load_mapped` does not apply.
+    For questions about a large file's structure (which external data files it names)."""
+    with open(path, "rb") as f:
+        stripped = _stripped(f, path)
+    return None if stripped is None else stripped[0]
+
+
+def _stripped(f, path: str | os.PathLike):  # noqa: ANN001, ANN202 - (ModelProto, found) | None
+    if Path(path).suffix.lower() in _TEXT_SUFFIXES or os.fstat(f.fileno()).st_size < MIN_FILE_BYTES:
+        return None
+    buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        view = memoryview(buf)
+        try:
+            stripped, found = _strip_model(view)
+        except _WireError:
+            return None
+        finally:
+            view.release()
+    finally:
+        buf.close()
+    if not found:
+        return None
+    import onnx
+
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(bytes(stripped))
+    except Exception:  # noqa: BLE001 - the usual loader reports the parse error
+        return None
+    return proto, found
 
 
 def _attach(model: ir.Model, fd: int, found: dict[str, tuple[ir.DataType, tuple[int, ...], int, int]]) -> None:

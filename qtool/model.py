@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from qtool import __version__
 from qtool.errors import ModelError, UsageError
-from qtool.mapped import load_mapped
+from qtool import mapped
 
 # protobuf cannot serialise a message of 2 GiB or more; stay clear of the limit.
 PROTOBUF_LIMIT_BYTES = 2 * 1024**3 - 64 * 1024**2
@@ -44,7 +44,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     if path.stat().st_size == 0:
         raise ModelError(f"{path} is empty", "the file is not an ONNX model; re-export it")
     try:
-        model = load_mapped(path)
+        model = mapped.load_mapped(path)
         if model is None:
             model = ir.load(path)
     except Exception as exc:  # protobuf's DecodeError and friends carry no useful type
@@ -282,7 +282,10 @@ def _external_files_of(path: Path) -> set[Path]:
 
     files: set[Path] = set()
     with contextlib.suppress(Exception):
-        proto = onnx.load_model(str(path), load_external_data=False)
+        # A large single-file model is walked without its weights (qtool.mapped).
+        proto = mapped.skeleton(path)
+        if proto is None:
+            proto = onnx.load_model(str(path), load_external_data=False)
         graphs = [proto.graph]
         while graphs:
             graph = graphs.pop()
@@ -436,7 +439,17 @@ def check_matmulnbits_shapes(model: ir.Model) -> str | None:
     return None
 
 
-def model_size_bytes(path: str | os.PathLike) -> int:
-    """File size plus the size of every external data file it references."""
+def model_size_bytes(path: str | os.PathLike, loaded: ir.Model | None = None) -> int:
+    """File size plus the size of every external data file it references.
+
+    ``loaded``: the model as loaded from ``path`` (before any change); its external tensors
+    name the data files, so the file is not parsed again (for a large single-file model
+    that parse reads every weight).
+    """
     path = Path(path)
-    return path.stat().st_size + sum(f.stat().st_size for f in _external_files_of(path))
+    if loaded is None:
+        files = _external_files_of(path)
+    else:
+        files = {Path(t.base_dir) / t.location for t in iter_initializers(loaded)
+                 if isinstance(t, ir.ExternalTensor)}
+    return path.stat().st_size + sum(f.stat().st_size for f in files)
