@@ -53,7 +53,17 @@ class MappedTensor(ir.Tensor):
     ``numpy()`` then returns an aligned copy (C kernels and onnxruntime may assume alignment).
     """
 
-    __slots__ = ()
+    __slots__ = ("_map",)
+
+    def __init__(self, array: np.ndarray, dtype: ir.DataType, *, name: str, source: mmap.mmap) -> None:
+        super().__init__(array, dtype, name=name)
+        self._map = source
+
+    def release(self) -> None:
+        """Drop the pages read so far from this process (a pass is done with the weight);
+        the mapping stays valid: a later read faults them in again from the page cache."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
 
     def numpy(self) -> np.ndarray:
         array = self.raw
@@ -125,7 +135,7 @@ def _attach(model: ir.Model, fd: int, found: dict[str, tuple[ir.DataType, tuple[
         view = mmap.mmap(fd, offset + length - start, access=mmap.ACCESS_READ, offset=start)
         array = np.frombuffer(view, dtype=_NUMPY_TYPES[dtype], count=length // np.dtype(_NUMPY_TYPES[dtype]).itemsize,
                               offset=offset - start).reshape(dims)
-        value.const_value = MappedTensor(array, dtype, name=name)
+        value.const_value = MappedTensor(array, dtype, name=name, source=view)
 
 
 # ---- the wire format: varints and length-delimited fields only ----------------------------
