@@ -24,9 +24,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from qtool import __version__
+from qtool import __version__, mapped
 from qtool.errors import ModelError, UsageError
-from qtool import mapped
 
 # protobuf cannot serialise a message of 2 GiB or more; stay clear of the limit.
 PROTOBUF_LIMIT_BYTES = 2 * 1024**3 - 64 * 1024**2

@@ -287,8 +287,7 @@ def convert_command(
     auto = _check_guard_flags(scheme=scheme, explicit=_fixes_scheme(flags), data=data, eval_data=eval_data,
                               no_guard=no_guard, min_sqnr=min_sqnr, min_agreement=min_agreement,
                               guard_budget=guard_budget, write_best=write_best, calib=calib, runtime=runtime)
-    done, loaded = _convert_quantized_input(model, output, flags)
-    if done:
+    if (done := _convert_quantized_input(model, output, flags))[0]:
         return
     if scheme not in (None, "auto"):
         recipe = scheme
@@ -311,8 +310,7 @@ def convert_command(
                               progress=progress, guard=floor, eval_data=eval_data, auto=auto,
                               budget_s=guard_budget, write_best=write_best,
                               quantized_input=_requantize_request(requantize),
-                              runtime=_guard_runtime(runtime), executor=layers_on,
-                              loaded=loaded)
+                              runtime=_guard_runtime(runtime), executor=layers_on, loaded=done[1])
     _finish(report, json_out)
 
 
