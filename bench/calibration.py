@@ -10,7 +10,8 @@ onnxruntime) and stops when the ranges are computed: start-up costs count.
     python bench/calibration.py                       # writes bench/results/calibration.md
     python bench/calibration.py --samples 32 64 --methods entropy --rounds 3
     python bench/calibration.py --before ../main      # adds "qtool before": another checkout
-    python bench/calibration.py --pythonpath DIR      # DIR first on every child's path, e.g.
+    python bench/calibration.py --pythonpath DIR      # DIR first on the path of every child but
+        # "qtool before" (which keeps the venv as it is), e.g.
         # ml_dtypes 0.6 from `pip install --target DIR --no-deps "ml_dtypes<0.7"` (pyproject's pin)
 
 onnxruntime side: ``onnxruntime.quantization.calibrate.create_calibrator`` with the same
@@ -180,7 +181,7 @@ def child(tool: str, method: str, samples: int) -> None:
 
 def run_one(tool: str, method: str, samples: int, before: Path | None = None) -> dict:
     env = dict(os.environ)
-    if PYTHONPATH_FIRST:
+    if PYTHONPATH_FIRST and tool != "qtool before":  # "before": the environment as it was
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (PYTHONPATH_FIRST, env.get("PYTHONPATH"))))
     if tool == "qtool before":  # the other checkout's qtool first on the path
         env["QTOOL_BENCH_ROOT"] = str(before)
@@ -248,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=Path, help="another qtool checkout, timed as 'qtool before'")
     parser.add_argument("--only", choices=TOOLS)
     parser.add_argument("--pythonpath", default="",
-                        help="a folder put first on every child's PYTHONPATH (another version of a dependency)")
+                        help="a folder put first on the PYTHONPATH of every child but 'qtool before' (another "
+                             "version of a dependency)")
     parser.add_argument("--ort-max", type=int, default=0,
                         help="skip onnxruntime above this many samples (0: never skip)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "calibration.md")
@@ -305,7 +307,7 @@ def _report(args, rows: list[dict]) -> int:  # noqa: ANN001
         f"{onnxruntime.__version__}. qtool uses 2048 bins; onnxruntime its defaults (Entropy 128 "
         f"bins). Above {ORT_CHUNK} samples onnxruntime is fed in chunks of {ORT_CHUNK} (its "
         "histogram calibrators hold every activation of a chunk in memory). "
-        f"qtool before: {args.before or 'not run'}. First on every process's path: "
+        f"qtool before: {args.before or 'not run'}. First on the path of every process but qtool before's: "
         f"{_pythonpath_note(args.pythonpath)}.\n\n"
         + table(rows, args.methods, counts)
         + "\n\nRaw rows:\n\n```json\n"
