@@ -10,6 +10,9 @@ onnxruntime) and stops when the ranges are computed: start-up costs count.
     python bench/calibration.py                       # writes bench/results/calibration.md
     python bench/calibration.py --samples 32 64 --methods entropy --rounds 3
     python bench/calibration.py --before ../main      # adds "qtool before": another checkout
+    python bench/calibration.py --pythonpath DIR      # DIR first on the path of every child but
+        # "qtool before" (which keeps the venv as it is), e.g.
+        # ml_dtypes 0.6 from `pip install --target DIR --no-deps "ml_dtypes<0.7"` (pyproject's pin)
 
 onnxruntime side: ``onnxruntime.quantization.calibrate.create_calibrator`` with the same
 op types qtool quantizes in this model, ``collect_data`` over a CalibrationDataReader and
@@ -47,6 +50,7 @@ ORT_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entro
 SAMPLE_COUNTS = (32, 64, 256, 1024)
 ORT_CHUNK = 256
 TOOLS = ("plain", "onnxruntime", "qtool before", "qtool")
+PYTHONPATH_FIRST = ""  # --pythonpath: a folder every child imports from first
 
 
 def _paths():
@@ -177,6 +181,8 @@ def child(tool: str, method: str, samples: int) -> None:
 
 def run_one(tool: str, method: str, samples: int, before: Path | None = None) -> dict:
     env = dict(os.environ)
+    if PYTHONPATH_FIRST and tool != "qtool before":  # "before": the environment as it was
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (PYTHONPATH_FIRST, env.get("PYTHONPATH"))))
     if tool == "qtool before":  # the other checkout's qtool first on the path
         env["QTOOL_BENCH_ROOT"] = str(before)
     proc = subprocess.run(
@@ -242,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="interleaved rounds (medians are reported); counts above 256 get one")
     parser.add_argument("--before", type=Path, help="another qtool checkout, timed as 'qtool before'")
     parser.add_argument("--only", choices=TOOLS)
+    parser.add_argument("--pythonpath", default="",
+                        help="a folder put first on the PYTHONPATH of every child but 'qtool before' (another "
+                             "version of a dependency)")
     parser.add_argument("--ort-max", type=int, default=0,
                         help="skip onnxruntime above this many samples (0: never skip)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "calibration.md")
@@ -249,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="render the table from the raw rows (JSON lines) these files hold, "
                              "e.g. the stderr of runs made side by side, instead of running")
     args = parser.parse_args(argv)
+    global PYTHONPATH_FIRST  # noqa: PLW0603 - read by run_one in this process only
+    PYTHONPATH_FIRST = args.pythonpath
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
         return 0
@@ -296,7 +307,8 @@ def _report(args, rows: list[dict]) -> int:  # noqa: ANN001
         f"{onnxruntime.__version__}. qtool uses 2048 bins; onnxruntime its defaults (Entropy 128 "
         f"bins). Above {ORT_CHUNK} samples onnxruntime is fed in chunks of {ORT_CHUNK} (its "
         "histogram calibrators hold every activation of a chunk in memory). "
-        f"qtool before: {args.before or 'not run'}.\n\n"
+        f"qtool before: {args.before or 'not run'}. First on the path of every process but qtool before's: "
+        f"{_pythonpath_note(args.pythonpath)}.\n\n"
         + table(rows, args.methods, counts)
         + "\n\nRaw rows:\n\n```json\n"
         + "\n".join(json.dumps(r) for r in rows)
@@ -306,6 +318,13 @@ def _report(args, rows: list[dict]) -> int:  # noqa: ANN001
     args.out.write_text(md)
     print(table(rows, args.methods, counts))
     return 0
+
+
+def _pythonpath_note(folder: str) -> str:
+    if not folder:
+        return "nothing (the venv's own packages)"
+    found = sorted(p.name for p in Path(folder).glob("*.dist-info"))
+    return f"{folder} ({', '.join(found) or 'no packages'})"
 
 
 if __name__ == "__main__":

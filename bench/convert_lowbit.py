@@ -11,6 +11,13 @@
     fp32, onnxruntime RTN int4 (block 32, 128), qtool with each algorithm at 4 bits and
     3/2 bits, and file sizes. Caveat: SmolLM2's published weights were Q4_1 with blocks
     of 32, so 4-bit/32 can look lossless; block 128 and other layouts are the fair test.
+(d) `qtool convert MODEL -o OUT --bits 4` from the command line (RTN, default block) against
+    reading the weights once, on the decoder stack (2.3 GB of external data) and on SmolLM2
+    (653 MB, weights inside the .onnx): each CLI run is its own process, timed from start to
+    exit; "read once" is a process reading the weight file(s) in 64 MiB reads (the floor),
+    also `onnx.load` with its external data (what a script pays to get the weights at all).
+    ``--before DIR`` adds another checkout's qtool; ``--pythonpath DIR`` puts DIR first on
+    the path of qtool's processes (pyproject's ml_dtypes pin, installed with pip --target).
 (c) latency of the decoder stack (one token and 32 tokens, 2 threads, onnxruntime CPU):
     fp32, dynamic int8 (onnxruntime's quantize_dynamic, as the int8 reference point),
     int4 at accuracy_level 0 and 4, block 32 and 128.
@@ -56,17 +63,28 @@ def _size(path: Path) -> int:
 
 
 def work_read(src: str) -> dict:
-    """Read every byte of the model's external data once (64 MiB reads into one buffer)."""
+    """Read every byte of the model's weights once (64 MiB reads into one buffer): its
+    external data file, or the .onnx itself when the weights are inside it."""
     import numpy as np
 
-    data = Path(src + ".data")
+    data = Path(src + ".data") if Path(src + ".data").exists() else Path(src)
     buf = np.empty(64 << 20, dtype=np.uint8)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     total = 0
     with open(data, "rb", buffering=0) as f:
         while n := f.readinto(memoryview(buf)):
             total += n
-    return {"seconds": time.perf_counter() - start, "bytes": total}
+    return {"seconds": time.perf_counter() - start, "bytes": total, "read_cpu_s": time.process_time() - cpu}
+
+
+def work_onnx_load(src: str) -> dict:
+    """onnx.load with every weight read into the protobuf (external data included)."""
+    start = time.perf_counter()
+    import onnx
+
+    model = onnx.load(src)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "bytes": sum(len(t.raw_data) for t in model.graph.initializer)}
 
 
 def work_qtool(src: str, dst: str, bits: int, block: int, algorithm: str, level: int, symmetric: bool,
@@ -148,7 +166,8 @@ def work_latency(path: str, tokens: int, runs: int) -> dict:
     return zoo.latency(path, feed, runs=runs, warmup=3, threads=2)
 
 
-WORKERS = {f.__name__[5:]: f for f in (work_read, work_qtool, work_ort, work_ort_int8, work_ppl, work_latency)}
+WORKERS = {f.__name__[5:]: f for f in (work_read, work_onnx_load, work_qtool, work_ort, work_ort_int8, work_ppl,
+                                        work_latency)}
 
 
 def spawn(kind: str, **kw) -> dict:
@@ -329,6 +348,87 @@ def part_c(lines: list[str], outs: dict) -> None:
     lines.append("")
 
 
+def run_cli(root: Path, args: list[str], extra_path: str = "") -> dict:
+    """``python -m qtool ARGS`` with ``root``'s qtool, in its own process: wall, CPU, peak RSS."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "QTOOL_NATIVE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, (extra_path, str(root))))}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "qtool", *args], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        return {"error": (err.strip().splitlines() or ["?"])[-1][:300], "wall_s": wall}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_mb": usage.ru_maxrss / 1024}
+
+
+def part_d(lines: list[str], repeat: int, before: Path | None, extra_path: str) -> None:
+    """CLI 4-bit conversion vs reading the weights once, interleaved rounds, medians."""
+    import statistics
+
+    import zoo
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    tools = ([("before", before, "")] if before else []) + [("qtool", ROOT, "")]
+    if extra_path:
+        tools.append(("qtool, ml_dtypes pinned", ROOT, extra_path))
+    rows: dict[tuple[str, str], list[dict]] = {}
+    loads = []
+    for rnd in range(repeat):
+        for name in ("decoder_0p6b", "smollm2"):
+            src = str(zoo.model_path(name))
+            spawn("read", src=src)  # warm the page cache
+            loads.append(os.getloadavg()[0])
+            rows.setdefault((name, "read once"), []).append(spawn("read", src=src))
+            rows.setdefault((name, "onnx.load"), []).append(spawn("onnx_load", src=src))
+            for label, root, extra in (tools if rnd % 2 == 0 else tools[::-1]):
+                dst = WORK / f"cli_{name}.onnx"
+                for stale in (dst, Path(str(dst) + ".data")):
+                    stale.unlink(missing_ok=True)
+                result = run_cli(root, ["convert", src, "-o", str(dst), "--bits", "4", "--quiet"], extra)
+                if "error" not in result:
+                    result["bytes"] = _size(dst)
+                print(f"  cli {name} {label}: {result}", file=sys.stderr, flush=True)
+                rows.setdefault((name, label), []).append(result)
+
+    def med(name: str, label: str, key: str) -> float:
+        vals = [r[key] for r in rows.get((name, label), []) if key in r]
+        return statistics.median(vals) if vals else float("nan")
+
+    lines += [
+        "## (d) `qtool convert --bits 4` end to end vs reading the weights once",
+        "",
+        ("Each cell: the median over the rounds of one process per configuration (rounds alternate the "
+         "order of the qtool variants). qtool: `python -m qtool convert MODEL -o OUT --bits 4 --quiet` "
+         "(RTN, block 128, the C kernels), wall time from process start to exit, CPU = user + sys of that "
+         "process, peak = its ru_maxrss. read once: 64 MiB reads of the weight file into one buffer, timed "
+         "inside its process (interpreter start excluded: the strict floor). onnx.load: every weight read "
+         "into the protobuf, imports included. The page cache is warm for all. "
+         f"{repeat} rounds; 1-minute load average at the start of each: {', '.join(f'{x:.1f}' for x in loads)} "
+         "(2 cores shared with other engineers' jobs: CPU seconds are the steadier measure)."),
+        "",
+        "| model | configuration | wall s | CPU s | peak RSS MB | output MB | x read once (wall) | x read once (CPU) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("decoder_0p6b", "smollm2"):
+        floor, floor_cpu = med(name, "read once", "seconds"), med(name, "read once", "read_cpu_s")
+        size = med(name, "read once", "bytes") / 1e6
+        lines.append(f"| {name} ({size:.0f} MB) | read once | {floor:.2f} | {floor_cpu:.2f} | "
+                     f"{med(name, 'read once', 'peak_mb'):.0f} | | 1.0 | 1.0 |")
+        lines.append(f"| | onnx.load | {med(name, 'onnx.load', 'seconds'):.2f} | {med(name, 'onnx.load', 'cpu_s'):.2f} | "
+                     f"{med(name, 'onnx.load', 'peak_mb'):.0f} | | {med(name, 'onnx.load', 'seconds') / floor:.1f} | "
+                     f"{med(name, 'onnx.load', 'cpu_s') / floor_cpu:.1f} |")
+        for label, _, _ in tools:
+            wall, cpu = med(name, label, "wall_s"), med(name, label, "cpu_s")
+            lines.append(f"| | qtool convert --bits 4 ({label}) | {wall:.2f} | {cpu:.2f} | "
+                         f"{med(name, label, 'peak_mb'):.0f} | {med(name, label, 'bytes') / 1e6:.0f} | "
+                         f"**{wall / floor:.1f}** | {cpu / floor_cpu:.1f} |")
+    lines.append("")
+
+
 def _splice(path: Path, header: list[str], lines: list[str]) -> str:
     """The results file with the sections in ``lines`` ("## (x) ...") replacing the same
     sections of the file at ``path``; sections not rerun stay as they were."""
@@ -338,7 +438,7 @@ def _splice(path: Path, header: list[str], lines: list[str]) -> str:
 
     old = sections(path.read_text()) if path.exists() else {}
     new = sections("\n".join(lines))
-    body = [new.get(key, old.get(key)) for key in sorted(set(old) | set(new), key="acb".find)]
+    body = [new.get(key, old.get(key)) for key in sorted(set(old) | set(new), key="adcb".find)]
     return "\n".join(header).rstrip("\n") + "\n\n" + "\n".join(b.rstrip("\n") + "\n" for b in body if b)
 
 
@@ -347,7 +447,10 @@ def main() -> None:
     parser.add_argument("--parts", nargs="*", default=["a", "c", "b"])
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--only", nargs="*", default=None, help="part b: run configurations whose label contains one of these")
-    parser.add_argument("--repeat", type=int, default=2, help="part a: interleaved rounds (one table each)")
+    parser.add_argument("--repeat", type=int, default=2, help="parts a, d: interleaved rounds")
+    parser.add_argument("--before", type=Path, default=None, help="part d: another checkout's qtool, timed beside")
+    parser.add_argument("--pythonpath", default="",
+                        help="part d: a folder put first on qtool's path for an extra row (e.g. ml_dtypes<0.7)")
     args = parser.parse_args()
     import onnxruntime
 
@@ -367,6 +470,8 @@ def main() -> None:
     for part in args.parts:  # the file is rewritten after each part, so a long run keeps results
         if part == "a":
             outs = part_a(lines, args.repeat)
+        elif part == "d":
+            part_d(lines, args.repeat, args.before, args.pythonpath)
         elif part == "c":
             part_c(lines, outs)
         elif part == "b":

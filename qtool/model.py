@@ -1,7 +1,9 @@
 """Model I/O: load ONNX files (weights stay on disk until used), save atomically, verify.
 
 Loading goes through onnx-ir, so initializers stored as external data are memory-mapped
-lazily: reading a graph's structure and tensor metadata never reads the weights.
+lazily: reading a graph's structure and tensor metadata never reads the weights. Weights
+stored inside a single-file model are memory-mapped too (qtool.mapped): the protobuf is
+parsed without them.
 
 Saving never touches the input model: the output is written into a temporary folder beside
 its destination, loaded once by onnxruntime as a check, and only then renamed into place.
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from qtool import __version__
+from qtool import __version__, mapped
 from qtool.errors import ModelError, UsageError
 
 # protobuf cannot serialise a message of 2 GiB or more; stay clear of the limit.
@@ -31,7 +33,8 @@ PROVENANCE_PREFIX = "qtool."
 
 
 def load(path: str | os.PathLike) -> ir.Model:
-    """Load an ONNX model; external data is referenced lazily, never read here."""
+    """Load an ONNX model; weights (external data, or inline in a large file) are
+    memory-mapped lazily, never read here."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file not found: {path}", "check the path; qtool reads .onnx files")
@@ -40,7 +43,9 @@ def load(path: str | os.PathLike) -> ir.Model:
     if path.stat().st_size == 0:
         raise ModelError(f"{path} is empty", "the file is not an ONNX model; re-export it")
     try:
-        model = ir.load(path)
+        model = mapped.load_mapped(path)
+        if model is None:
+            model = ir.load(path)
     except Exception as exc:  # protobuf's DecodeError and friends carry no useful type
         raise ModelError(
             f"{path} is not a readable ONNX model ({_short(exc)})",
@@ -276,7 +281,10 @@ def _external_files_of(path: Path) -> set[Path]:
 
     files: set[Path] = set()
     with contextlib.suppress(Exception):
-        proto = onnx.load_model(str(path), load_external_data=False)
+        # A large single-file model is walked without its weights (qtool.mapped).
+        proto = mapped.skeleton(path)
+        if proto is None:
+            proto = onnx.load_model(str(path), load_external_data=False)
         graphs = [proto.graph]
         while graphs:
             graph = graphs.pop()
@@ -430,7 +438,17 @@ def check_matmulnbits_shapes(model: ir.Model) -> str | None:
     return None
 
 
-def model_size_bytes(path: str | os.PathLike) -> int:
-    """File size plus the size of every external data file it references."""
+def model_size_bytes(path: str | os.PathLike, loaded: ir.Model | None = None) -> int:
+    """File size plus the size of every external data file it references.
+
+    ``loaded``: the model as loaded from ``path`` (before any change); its external tensors
+    name the data files, so the file is not parsed again (for a large single-file model
+    that parse reads every weight).
+    """
     path = Path(path)
-    return path.stat().st_size + sum(f.stat().st_size for f in _external_files_of(path))
+    if loaded is None:
+        files = _external_files_of(path)
+    else:
+        files = {Path(t.base_dir) / t.location for t in iter_initializers(loaded)
+                 if isinstance(t, ir.ExternalTensor)}
+    return path.stat().st_size + sum(f.stat().st_size for f in files)

@@ -111,28 +111,36 @@ def entropy_range(hist: Histogram, bits: int = 8) -> tuple[float, float]:
         # ReLU6 at 1.0); so the first bin does not vote.
         p_all[0] = 0.0
     suffix = np.concatenate([np.cumsum(p_all[::-1])[::-1], [0.0]])
+    index = np.arange(n + 1)
+    occupied = p_all > 0
+    occupied_f = occupied.astype(np.float64)
 
+    # The same floating-point operations on the same operands as the textbook form (q =
+    # sums[group] / nonzero[group], smoothed where p > 0 and q == 0), with what does not
+    # depend on the candidate hoisted out: this search is most of entropy calibration's
+    # fixed cost (50 tensors: 0.5 s before, at 32 samples a sixth of the run).
     def kl(i: int) -> float:
         ref = p_all[:i]
         p = ref.copy()
         p[-1] += suffix[i]
-        group = (np.arange(i) * levels) // i
+        group = (index[:i] * levels) // i
         sums = np.bincount(group, weights=ref, minlength=levels)
-        nonzero = np.bincount(group, weights=(ref > 0), minlength=levels)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.where(ref > 0, sums[group] / nonzero[group], 0.0)
+        nonzero = np.bincount(group, weights=occupied_f[:i], minlength=levels)
+        q = np.where(occupied[:i], (sums / nonzero)[group], 0.0)
         mask = p > 0
-        # P has mass where Q has none only at the last bin (the clipped tail): smooth Q
-        # there so that the divergence is large but finite.
-        q = np.where(mask & (q == 0), 1e-4 * p[-1] + 1e-12, q)
+        # q is 0 where p > 0 only in the last bin (the clipped tail; every other bin with
+        # mass has a non-empty group): smooth Q there so the divergence is large but finite.
+        if mask[-1] and q[-1] == 0:
+            q[-1] = 1e-4 * p[-1] + 1e-12
         p_n, q_n = p[mask] / p.sum(), q[mask] / q.sum()
         return float(np.sum(p_n * np.log(p_n / q_n)))
 
     candidates = range(levels, n + 1)
     step = max(1, len(candidates) // 128)
-    best = min(candidates[::step], key=kl)
-    fine = range(max(levels, best - step + 1), min(n, best + step - 1) + 1)
-    best = min(fine, key=kl)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        best = min(candidates[::step], key=kl)
+        fine = range(max(levels, best - step + 1), min(n, best + step - 1) + 1)
+        best = min(fine, key=kl)
     return _clip_symmetric(hist, best * w)
 
 

@@ -287,7 +287,7 @@ def convert_command(
     auto = _check_guard_flags(scheme=scheme, explicit=_fixes_scheme(flags), data=data, eval_data=eval_data,
                               no_guard=no_guard, min_sqnr=min_sqnr, min_agreement=min_agreement,
                               guard_budget=guard_budget, write_best=write_best, calib=calib, runtime=runtime)
-    if _convert_quantized_input(model, output, flags):
+    if (done := _convert_quantized_input(model, output, flags))[0]:
         return
     if scheme not in (None, "auto"):
         recipe = scheme
@@ -310,7 +310,7 @@ def convert_command(
                               progress=progress, guard=floor, eval_data=eval_data, auto=auto,
                               budget_s=guard_budget, write_best=write_best,
                               quantized_input=_requantize_request(requantize),
-                              runtime=_guard_runtime(runtime), executor=layers_on)
+                              runtime=_guard_runtime(runtime), executor=layers_on, loaded=done[1])
     _finish(report, json_out)
 
 
@@ -375,9 +375,10 @@ def _requantize_request(requantize: bool):  # noqa: ANN202 - QuantizedInput | No
     return QuantizedInput(requantize=True) if requantize else None
 
 
-def _convert_quantized_input(model: Path, output: Path, flags: dict) -> bool:
+def _convert_quantized_input(model: Path, output: Path, flags: dict):  # noqa: ANN202 - (bool, ir.Model)
     """Store / re-target an already-quantized model when the flags say so (True: done); refuse
-    one without a flag (exit 1); False for the normal flow (a float model, or --requantize)."""
+    one without a flag (exit 1); False for the normal flow (a float model, or --requantize).
+    Also returns the model as loaded, so the normal flow does not load it a second time."""
     from qtool.model import check_output_path
     from qtool.pipeline import convert_file
 
@@ -385,29 +386,30 @@ def _convert_quantized_input(model: Path, output: Path, flags: dict) -> bool:
         from qtool.errors import ModelError
 
         raise ModelError(f"model file not found: {model}", "check the path")
-    quantized = _quantized_input(model, store_weights=flags["store_weights"], requantize=flags["requantize"],
-                                 fmt=flags["fmt"], given=_scheme_flags(flags))
+    quantized, loaded = _quantized_input(model, store_weights=flags["store_weights"], requantize=flags["requantize"],
+                                         fmt=flags["fmt"], given=_scheme_flags(flags))
     if quantized is None:
-        return False
+        return False, loaded
     check_output_path(output, model)
     report = convert_file(model, output, build_recipe(None, **_NO_FLAGS), data=flags["data"],
-                          external_data=flags["external_data"], quantized_input=quantized)
+                          external_data=flags["external_data"], quantized_input=quantized, loaded=loaded)
     _finish(report, flags["json_out"])
-    return True
+    return True, None
 
 
 def _quantized_input(model: Path, *, store_weights: bool, requantize: bool, fmt, given: dict):  # noqa: ANN001, ANN202
-    """The request for an already-quantized ``model`` when it is one and the flags keep its
-    quantization (store / re-target), else None (the normal flow; --requantize goes there).
-    Refuses (exit 1) a quantized model without a flag saying what to do with it."""
+    """(the request for an already-quantized ``model`` when it is one and the flags keep its
+    quantization (store / re-target), else None (the normal flow; --requantize goes there);
+    the loaded model). Refuses (exit 1) a quantized model without a flag saying what to do with it."""
     from qtool.model import load
     from qtool.pipeline.plan import QuantizedInput, plan_quantized_input
 
     request = QuantizedInput(store_weights=store_weights, requantize=requantize,
                              format=None if requantize or fmt is None else fmt.value)
     flags = tuple(name for name, value in given.items() if value is not None)
-    plan = plan_quantized_input(load(model), request, scheme_flags=() if requantize else flags)
-    return request if plan is not None and plan.kind == "quantized-input" else None
+    loaded = load(model)
+    plan = plan_quantized_input(loaded, request, scheme_flags=() if requantize else flags)
+    return (request if plan is not None and plan.kind == "quantized-input" else None), loaded
 
 
 def _with_recovery(r, text: str, kind: str, calib):  # noqa: ANN001, ANN202 - Recipe

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 
+from qtool.mapped import MappedTensor
 from qtool.model import iter_graphs
 
 
@@ -145,12 +146,13 @@ def remove_unused(model: ir.Model, op_types: tuple[str, ...] = ("Constant",)) ->
 
 def drop_unused_initializers(graph: ir.Graph, values: Iterable[ir.Value]) -> None:
     """Remove those of ``values`` that are initializers nobody reads any more, releasing the
-    memory map of external data so a streamed fp32 weight leaves the process's RSS."""
+    memory map of external (or memory-mapped inline) data so a streamed fp32 weight leaves
+    the process's RSS."""
     for value in values:
         if value.is_initializer() and not list(value.uses()) and not value.is_graph_output():
             tensor = value.const_value
             graph.initializers.pop(value.name, None)
-            if isinstance(tensor, ir.ExternalTensor):
+            if isinstance(tensor, (ir.ExternalTensor, MappedTensor)):
                 try:
                     tensor.release()
                 except BufferError:

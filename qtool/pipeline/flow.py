@@ -234,6 +234,7 @@ def convert_file(
     quantized_input: QuantizedInput | None = None,
     runtime=None,  # noqa: ANN001 - qtool.runtime.Runtime the guard times candidates on
     executor=None,  # noqa: ANN001 - qtool.executors.Executor for gptq/awq layer work
+    loaded: ir.Model | None = None,
 ) -> dict:
     """Load, prepare, convert, save (atomic, verified), measure; return the report.
 
@@ -247,13 +248,16 @@ def convert_file(
     nothing meets the floor, or nothing was quantized, ``passed`` is False and ``output``
     is written only with ``write_best``. An already-quantized model is refused unless
     ``quantized_input`` says what to do with it (qtool.pipeline.plan.plan_quantized_input).
+    ``loaded``: ``model_path`` as already loaded by the caller (unmodified), so a large
+    model is not parsed twice.
     """
-    from qtool.model import load
+    from qtool.model import load, model_size_bytes
     from qtool.pipeline.plan import plan_quantized_input
 
     model_path = Path(model_path)
     t0 = time.perf_counter()
-    source = load(model_path)
+    source = load(model_path) if loaded is None else loaded
+    in_size = model_size_bytes(model_path, source)
     input_plan = plan_quantized_input(source, quantized_input)
     input_reports: list[PassReport] = []
     if input_plan is not None and input_plan.kind == "quantized-input":
@@ -269,14 +273,17 @@ def convert_file(
     return _convert_loaded(source, model_path, output, recipe, data=data, calib=calib,
                            external_data=external_data, progress=progress, guard=guard,
                            eval_data=eval_data, auto=auto, budget_s=budget_s, write_best=write_best,
-                           started=t0, input_reports=input_reports, runtime=runtime, executor=executor)
+                           started=t0, input_reports=input_reports, runtime=runtime, executor=executor,
+                           in_size=in_size)
 
 
 def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, *, data, calib,  # noqa: ANN001
                     external_data: bool, progress: ProgressFactory, guard: Floor | None, eval_data,
                     auto: bool, budget_s: float | None, write_best: bool, started: float,
-                    input_reports: list[PassReport], runtime=None, executor=None) -> dict:  # noqa: ANN001
-    """convert_file from the loaded (float) model on: guard or one conversion, save, measure."""
+                    input_reports: list[PassReport], runtime=None, executor=None,  # noqa: ANN001
+                    in_size: int | None = None) -> dict:
+    """convert_file from the loaded (float) model on: guard or one conversion, save, measure.
+    ``in_size``: the input's bytes on disk, when known (else measured from the file)."""
     from qtool.model import add_provenance, model_size_bytes, save, weight_bytes
     from qtool.pipeline.plan import plan_for
 
@@ -303,7 +310,8 @@ def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, 
         converted, prep_reports = _convert_once(source, model_path, recipe, data, calib, progress, executor)
     prep_reports = [*input_reports, *prep_reports]
     plan = plan_for(recipe)
-    in_size = model_size_bytes(model_path)
+    if in_size is None:
+        in_size = model_size_bytes(model_path)
     report = {
         "model": str(model_path),
         "output": None,
