@@ -136,7 +136,7 @@ class EvalConfig:
 class RecoveryConfig:
     """Accuracy recovery for static int8 (qtool.passes.recovery); needs calibration data."""
 
-    passes: tuple[str, ...] = ()  # any of cle, smoothquant, adaround, bias
+    passes: tuple[str, ...] = ()  # any of cle, smoothquant, adaround, bias (or bias-full)
     samples: int = 32  # calibration samples bias correction / AdaRound / SmoothQuant read (0: all)
     adaround_seconds: float = 120.0  # AdaRound's time budget over all layers
     # With no scheme chosen (--scheme auto, the default with --data) and no passes given,
@@ -222,7 +222,7 @@ _CHOICES = {
     ("weight_only", "format"): ("matmulnbits", "qdq"),
     ("preprocess", "layout"): ("NCHW", "NHWC"),
     ("preprocess", "color"): ("RGB", "BGR", "L"),
-    ("recovery", "passes"): ("cle", "smoothquant", "adaround", "bias"),
+    ("recovery", "passes"): ("cle", "smoothquant", "adaround", "bias", "bias-full"),
 }
 _INT_CHOICES = {("quantize", "activation_bits"): (8, 16)}
 _MINIMUM = {

@@ -8,7 +8,10 @@
 - ``adaround``: learned up/down rounding of each layer's weights against its float output
   on the calibration samples (``adaround.py``), under a time budget;
 - ``bias``: empirical bias correction, the mean output shift per channel that quantizing
-  the weights causes, folded into the bias (``weights.py``).
+  the weights causes, folded into the bias (``weights.py``);
+- ``bias-full``: full bias correction, layer after layer: the mean shift of each layer's
+  output measured on the quantized model (quantized activations and the corrections made
+  upstream included) against the float model (``bias_full.py``; slower: a run per wave).
 
 ``cle`` and ``smoothquant`` change the activations' ranges, so they run before calibration
 (``BEFORE_CALIBRATION``); ``adaround`` then ``bias`` run after it, just before the int8 pass,
@@ -24,7 +27,8 @@ import onnx_ir as ir
 from qtool.errors import UsageError
 from qtool.passes import QtoolPass
 
-PASSES = ("cle", "smoothquant", "adaround", "bias")
+PASSES = ("cle", "smoothquant", "adaround", "bias", "bias-full")
+ALL = ("cle", "smoothquant", "adaround", "bias")  # "all": one bias correction, the fast one
 # What the guard tries on a static int8 candidate below its floor, before keeping layers
 # float, and what static int8 runs by default in auto mode (bench/results/recovery.md).
 # Bias correction took the random-weight ResNet-18 (where int8 loses the most) from -6.6 to
@@ -43,11 +47,14 @@ def parse_passes(text: str) -> tuple[str, ...]:
     if words == ["none"]:
         return ()
     if words == ["all"]:
-        return PASSES
+        return ALL
     unknown = [w for w in words if w not in PASSES]
     if unknown or not words:
         raise UsageError(f"unknown recovery pass {', '.join(map(repr, unknown)) or repr(text)}",
                          f"use a comma-separated list of {', '.join(PASSES)}, or all / none")
+    if "bias" in words and "bias-full" in words:
+        raise UsageError("bias and bias-full are two forms of one correction: choose one",
+                         "bias-full measures on the quantized model (slower); bias on float inputs")
     return tuple(p for p in PASSES if p in words)
 
 
@@ -112,9 +119,17 @@ class BiasCorrection(_RecoveryPass):
 
     name, key = "bias-correction", "bias"
 
+    def applies(self, model: ir.Model) -> bool:
+        ctx = self.context
+        return ctx.plan.kind == "int8-static" and bool({"bias", "bias-full"} & set(ctx.recipe.recovery.passes))
+
     def run(self, model):
+        from qtool.passes.recovery.bias_full import bias_correct_full
         from qtool.passes.recovery.weights import bias_correct
 
         ctx = self.context
-        return model, bias_correct(model, ctx.recipe, self.dataset(), limit=self.limit,
-                                   float_weights=ctx.recovery.get("float_weights"))
+        floats = ctx.recovery.get("float_weights")
+        if "bias-full" in ctx.recipe.recovery.passes:
+            return model, bias_correct_full(model, ctx.recipe, ctx.ranges or {}, self.dataset(), limit=self.limit,
+                                            float_weights=floats, on_progress=ctx.stage("bias correction"))
+        return model, bias_correct(model, ctx.recipe, self.dataset(), limit=self.limit, float_weights=floats)
