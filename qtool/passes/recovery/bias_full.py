@@ -26,7 +26,14 @@ import onnx_ir as ir
 from qtool.config import Recipe
 from qtool.passes import PassReport
 from qtool.passes.graph import GraphBuilder
-from qtool.passes.recovery.layers import Layer, bias_of, output_channels, set_bias, set_weight, target_layers
+from qtool.passes.recovery.layers import (
+    Layer,
+    bias_of,
+    output_channels,
+    set_bias,
+    set_weight,
+    target_layers,
+)
 
 MIN_SHIFT = 1e-9  # as weights.MIN_SHIFT: a shift inside float32's noise is not corrected
 CORRECTION_SUFFIX = "_bias_full_correction"
