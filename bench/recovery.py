@@ -50,11 +50,16 @@ from zoo_metrics import latency_interleaved  # noqa: E402
 corpus.CORPUS = Path(os.environ.get("QTOOL_CORPUS", "/work/wt/corpus/bench/.cache/corpus"))
 RESULTS = HERE / "results"
 WORK = Path(os.environ.get("QTOOL_RECOVERY_WORK", "/tmp/qtool-recovery-bench"))
-ZOO = ("mnist_cnn", "resnet18_synth", "efficientnet_lite0")
+ZOO = ("mnist_cnn", "resnet18_synth", "efficientnet_lite0", "minilm")
+# Transformers: static SmoothQuant's case (MatMuls whose inputs have outlier channels); scored
+# by the zoo's own metric, and NNCF's transformer preset (model_type=TRANSFORMER) added.
+TRANSFORMERS = {"minilm": "pearson"}
 CORPUS_MODELS = ("ppocr_mobile_v2_cls", "ppocrv6_tiny_det", "ppocrv6_small_det", "ddddocr_det", "mtcnn_pnet",
                  "layout_cdla")
 QTOOL_ROWS = (("qtool int8", ()), ("+ cle", ("cle",)), ("+ smoothquant", ("smoothquant",)),
-              ("+ adaround", ("adaround",)), ("+ bias", ("bias",)), ("+ cle,bias", ("cle", "bias")),
+              ("+ adaround", ("adaround",)), ("+ bias", ("bias",)), ("+ bias-full", ("bias-full",)),
+              ("+ cle,bias", ("cle", "bias")), ("+ smoothquant,bias", ("smoothquant", "bias")),
+              ("+ smoothquant,bias-full", ("smoothquant", "bias-full")),
               ("+ all", ("cle", "smoothquant", "adaround", "bias")))
 MAX_EVAL = 200
 MAX_CALIB = 64  # every converter calibrates on the same first 64 calib samples (time: a loaded machine)
@@ -81,7 +86,7 @@ class Bench:
             self.evals = evals[::step][:MAX_EVAL]
             labels = zoo_data.meta(name).get("labels", {}).get("eval")
             self.labels = labels[::step][:MAX_EVAL] if labels else None
-            self.metric = "top1" if self.labels else "top1_agreement"
+            self.metric = TRANSFORMERS.get(name) or ("top1" if self.labels else "top1_agreement")
         else:
             self.src = corpus.fetch(name)
             self.calib_dir = corpus.write_dataset(name, "calib", self.work / "calib")
@@ -95,7 +100,11 @@ class Bench:
         sq = [float(np.median([corpus.sqnr_db(r[k], o[k]) for r, o in zip(self.ref, out)]))
               for k in range(len(self.ref[0])) if np.issubdtype(self.ref[0][k].dtype, np.floating)]
         res = {"sqnr_db": min(sq) if sq else None}
-        if self.name in ZOO:
+        if self.name in TRANSFORMERS:
+            from zoo_metrics import eval_lee
+
+            res["metric"] = eval_lee(self.name, _session(path), "eval")[self.metric]
+        elif self.name in ZOO:
             top = [int(np.argmax(o[0])) for o in out]
             if self.labels:
                 res["metric"] = float(np.mean([t == lab for t, lab in zip(top, self.labels)]))
@@ -107,6 +116,12 @@ class Bench:
 
     def fp32_metric(self) -> float:
         return self.score(self.src)["metric"]
+
+
+def _session(path: Path):  # noqa: ANN202 - onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 # ---------------------------------------------------------------------------- converters
@@ -121,7 +136,7 @@ def qtool_row(b: Bench, dst: Path, passes: tuple[str, ...], seconds: float) -> d
     report = convert_file(b.src, dst, recipe, data=b.calib_dir, auto=True)
     notes = []
     for p in report["passes"]:
-        if p["name"] in ("equalize", "smoothquant", "adaround", "bias-correction"):
+        if p["name"] in ("equalize", "smoothquant", "adaround", "bias-correction", "bias-correction-full"):
             counts = ", ".join(f"{k} {v}" for k, v in p["counts"].items()) or "nothing changed"
             notes.append(f"{p['name']}: {counts}" + (f" ({p['notes'][0]})" if p["notes"] else ""))
     return {"notes": notes}
@@ -160,7 +175,7 @@ def ort_recommended(b: Bench, dst: Path) -> dict:
     return note
 
 
-def nncf_row(b: Bench, dst: Path, preset: str | None, fast_bias_correction: bool) -> dict:
+def nncf_row(b: Bench, dst: Path, preset: str | None, fast_bias_correction: bool, transformer: bool = False) -> dict:
     import nncf
     import onnx
 
@@ -168,40 +183,49 @@ def nncf_row(b: Bench, dst: Path, preset: str | None, fast_bias_correction: bool
     kwargs = {"subset_size": len(b.calib), "fast_bias_correction": fast_bias_correction}
     if preset is not None:
         kwargs["preset"] = getattr(nncf.QuantizationPreset, preset)
+    if transformer:
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
     quantized = nncf.quantize(model, nncf.Dataset(b.calib), **kwargs)
     onnx.save(quantized, str(dst))
     return {}
 
 
 def has_matmul_weights(path: Path) -> bool:
-    """Whether static SmoothQuant has anything to look at (a MatMul with a constant weight)."""
+    """Whether static SmoothQuant has anything to look at (a MatMul or Gemm with a constant weight)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     inits = {t.name for t in model.graph.initializer}
-    return any(n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits for n in model.graph.node)
+    return any(n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits for n in model.graph.node)
 
 
-def configs(b: Bench, seconds: float):
+def configs(b: Bench, seconds: float, wanted: list[str] | None = None):
     smoothable = has_matmul_weights(b.src)
     for label, passes in QTOOL_ROWS:
+        if wanted is not None and label not in wanted:
+            continue
         if "smoothquant" in passes and not smoothable and len(passes) == 1:
-            continue  # no MatMul with a constant weight: the row would be plain int8 again
+            continue  # no MatMul/Gemm with a constant weight: the row would be plain int8 again
         yield label, (lambda dst, p=passes: qtool_row(b, dst, p, seconds))
-    yield "ort defaults", lambda dst: ort_defaults(b, dst)
-    yield "ort recommended", lambda dst: ort_recommended(b, dst)
-    yield "nncf default", lambda dst: nncf_row(b, dst, None, True)
-    yield "nncf MIXED", lambda dst: nncf_row(b, dst, "MIXED", True)
-    yield "nncf full bias correction", lambda dst: nncf_row(b, dst, None, False)
+    others = (("ort defaults", lambda dst: ort_defaults(b, dst)),
+              ("ort recommended", lambda dst: ort_recommended(b, dst)),
+              ("nncf default", lambda dst: nncf_row(b, dst, None, True)),
+              ("nncf MIXED", lambda dst: nncf_row(b, dst, "MIXED", True)),
+              ("nncf full bias correction", lambda dst: nncf_row(b, dst, None, False)))
+    if b.name in TRANSFORMERS:
+        others = others[:3] + (("nncf transformer", lambda dst: nncf_row(b, dst, None, True, transformer=True)),)
+    for label, fn in others:
+        if wanted is None or label in wanted:
+            yield label, fn
 
 
 # ---------------------------------------------------------------------------- the run
 
 
-def bench_model(name: str, seconds: float) -> dict:
+def bench_model(name: str, seconds: float, wanted: list[str] | None = None) -> dict:
     b = Bench(name)
     rows = [{"config": "fp32", "path": str(b.src), **b.score(b.src), "convert_s": 0.0}]
-    for i, (label, fn) in enumerate(configs(b, seconds)):
+    for i, (label, fn) in enumerate(configs(b, seconds, wanted)):
         dst = b.work / f"c{i}" / "model.onnx"
         dst.parent.mkdir()
         row = {"config": label}
@@ -261,7 +285,7 @@ def _summary(results: dict) -> list[str]:
         fp32, plain = rows[0], _best(rows, ("qtool int8",))
         rec = _best(rows, tuple(label for label, _ in QTOOL_ROWS[1:]))
         ort = _best(rows, ("ort defaults", "ort recommended"))
-        nncf = _best(rows, ("nncf default", "nncf MIXED", "nncf full bias correction"))
+        nncf = _best(rows, ("nncf default", "nncf MIXED", "nncf full bias correction", "nncf transformer"))
 
         def cell(r):  # noqa: ANN001, ANN202
             return "–" if r is None else f"{_fmt(r.get('metric'))} / {_fmt(r.get('sqnr_db'), 1)} dB"
@@ -302,10 +326,24 @@ def render(results: dict, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """The rows of a partial run (``--configs``) in table order, the others from the last run."""
+    fresh = {r["config"]: r for r in new}
+    order = ["fp32"] + [label for label, _ in QTOOL_ROWS] + ["ort defaults", "ort recommended", "nncf default",
+                                                             "nncf MIXED", "nncf full bias correction",
+                                                             "nncf transformer"]
+    rows = {r["config"]: {**r, "notes": r.get("notes", []) + ["earlier run"]} for r in old}
+    rows.update(fresh)
+    return [rows[label] for label in order if label in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--adaround-seconds", type=float, default=30.0)
+    ap.add_argument("--configs", nargs="*", default=None,
+                    help="run only these rows (labels as in the tables); the model's other rows are kept "
+                         "from the last run on the same data (marked 'earlier run')")
     args = ap.parse_args(argv)
     names = args.only or list(CORPUS_MODELS + ZOO)
     out_json = RESULTS / "recovery.json"
@@ -314,12 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     for name in names:
         try:
-            res = bench_model(name, args.adaround_seconds)
+            res = bench_model(name, args.adaround_seconds, args.configs)
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             res = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
         # Read again before writing: two runs with --only may share the file.
         results = json.loads(out_json.read_text()) if out_json.exists() else {}
+        if args.configs and "rows" in res and "rows" in results.get(name, {}):
+            res["rows"] = merged_rows(results[name]["rows"], res["rows"])
         results[name] = res
         out_json.write_text(json.dumps(results, indent=1, default=str))
     (RESULTS / "recovery.md").write_text(render(results, args.adaround_seconds))

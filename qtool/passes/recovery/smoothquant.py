@@ -1,5 +1,7 @@
 """Static SmoothQuant: outlier channels of a MatMul's input moved into its weight before
-calibration, so the per-tensor int8 range of the activation is not spent on a few channels.
+calibration, so the per-tensor int8 range of the activation is not spent on a few channels;
+and the same rewrite on a Gemm input where it lowers the estimated output noise of int8
+(``smooth_gemms``: uneven weight columns, e.g. a classifier head that normalises features).
 
 The rewrite is the dynamic path's (``qtool.passes.dynamic.smooth``: ``x W = (x / s)(s W)``,
 ``s_k = max|x_k|^a / max_n |W_kn|^(1-a)``, the 1/s folded into a LayerNorm / RMSNorm weight
@@ -14,10 +16,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qtool import ops
 from qtool.config import Recipe
+from qtool.model import iter_nodes
 from qtool.passes import PassReport
 from qtool.passes.dynamic import collect_channel_absmax, smooth, smoothing_inputs
-from qtool.passes.graph import GraphBuilder
+from qtool.passes.graph import GraphBuilder, drop_unused_initializers
+from qtool.passes.recovery.layers import set_weight
 
 # LLM activations' outlier channels sit 20-100x above the median channel (SmoothQuant's
 # figure 4); a ratio of 8 leaves ordinary spread alone.
@@ -33,9 +38,10 @@ def outlier_ratio(absmax: np.ndarray) -> float:
 def smooth_static(model: ir.Model, recipe: Recipe, dataset, *, limit: int = 0) -> PassReport:  # noqa: ANN001
     """Smooth the MatMul inputs of ``model`` with outlier channels (see the module docstring)."""
     report = PassReport("smoothquant")
+    smooth_gemms(model, recipe, dataset, report, limit=limit)
     names = smoothing_inputs(model, recipe)
     if not names:
-        report.notes.append("no MatMul with a constant weight of at least 4096 elements: nothing to smooth")
+        report.notes.append("no MatMul with a constant weight of at least 4096 elements")
         return report
     stats = collect_channel_absmax(model, dataset, names, limit=limit)
     chosen = {}
@@ -47,6 +53,120 @@ def smooth_static(model: ir.Model, recipe: Recipe, dataset, *, limit: int = 0) -
             report.notes.append(f"{name}: largest channel {ratio:.1f}x the median (< {OUTLIER_RATIO:g}x): left alone")
     too_noisy: dict[str, str] = {}
     if chosen:
+        read = [v for v in model.graph.initializers.values() if v.uses()]
         smooth(model, recipe, chosen, GraphBuilder(model), report, too_noisy)
+        # The smoothed weights are new initializers: the old ones, now unread, would make
+        # onnxruntime's session for calibration fail (it is handed every initializer).
+        drop_unused_initializers(model.graph, read)
     report.notes += [f"{node}: {why.replace('; kept float', '; not smoothed')}" for node, why in too_noisy.items()]
     return report
+
+
+# ---------------------------------------------------------------------------- Gemm inputs
+
+# Smoothing a Gemm pays when it at least halves the estimated output noise (3 dB).
+MIN_NOISE_GAIN = 2.0
+ALPHAS = (0.25, 0.5, 0.75)  # migration strengths tried; the lowest estimated noise wins
+POOLING = ("GlobalAveragePool",)
+
+
+def output_noise(absmax: np.ndarray, mean_square: np.ndarray, w: np.ndarray, s: np.ndarray,
+                 per_channel: bool) -> float:
+    """Estimated mean squared error of ``y = x W`` (W as [K, N]) when ``x / s`` is
+    quantized per tensor to 8 bits and ``s W`` per output column (or per tensor): each
+    side's rounding noise (step^2 / 12) carried through the other side's values."""
+    ws = w * s[:, None]
+    step_x = float(np.max(absmax / s)) / 255.0
+    act = step_x**2 / 12.0 * (ws**2).sum(axis=0)
+    wmax = np.abs(ws).max(axis=0) if per_channel else np.full(ws.shape[1], np.abs(ws).max())
+    weight = (wmax / 127.0) ** 2 / 12.0 * float((mean_square / s**2).sum())
+    return float(np.mean(act + weight))
+
+
+def smooth_gemms(model: ir.Model, recipe: Recipe, dataset, report: PassReport, *, limit: int = 0) -> None:  # noqa: ANN001
+    """Static SmoothQuant of Gemm inputs (``x W = (x / s)(s W)``, ``s_k = max|x_k|^a /
+    max_n |W_kn|^(1-a)``) where that at least halves the estimated output noise
+    (``output_noise``): a classifier whose weight columns differ by orders of magnitude
+    (a head that normalises its features) loses most of them to per-row int8 otherwise.
+    The 1/s Mul goes before a GlobalAveragePool -> Flatten feeding the Gemm when there is
+    one (the pooled average then quantizes at the smoothed range), else right before it."""
+    from qtool.passes.dynamic import collect_channel_absmax
+
+    nodes = [n for n in iter_nodes(model) if _gemm_candidate(n, recipe)]
+    if not nodes:
+        return
+    stats = collect_channel_absmax(model, dataset, [n.inputs[0].name for n in nodes], limit=limit)
+    b = GraphBuilder(model)
+    for node in nodes:
+        st = stats.get(node.inputs[0].name)
+        w = _as_kn(node)
+        if st is None or st.absmax.shape[0] != w.shape[0]:
+            continue
+        valid = (st.absmax > 0) & (np.abs(w).max(axis=1) > 0)
+        base = output_noise(st.absmax, st.mean_square, w, np.ones(w.shape[0]), recipe.quantize.per_channel)
+        best, best_s = base, None
+        for a in ALPHAS:
+            s = np.ones(w.shape[0])
+            s[valid] = st.absmax[valid] ** a / np.abs(w[valid]).max(axis=1) ** (1 - a)
+            s = np.clip(s / np.exp(np.mean(np.log(s))), 1e-4, 1e4)  # geometric mean 1: ranges stay put
+            noise = output_noise(st.absmax, st.mean_square, w, s, recipe.quantize.per_channel)
+            if noise < best:
+                best, best_s = noise, s
+        if best_s is None or base < MIN_NOISE_GAIN * best:
+            report.notes.append(f"{node.name}: smoothing would not halve the estimated output noise: left alone")
+            continue
+        _apply(b, node, w, best_s)
+        report.count("Gemm inputs smoothed")
+        report.notes.append(f"{node.name}: estimated output noise {best / base:.3g}x of unsmoothed")
+
+
+def _gemm_candidate(node: ir.Node, recipe: Recipe) -> bool:
+    from qtool.passes.select import excluded, is_float_activation
+
+    q = recipe.quantize
+    if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or excluded(node, q.exclude):
+        return False
+    if q.op_types and "Gemm" not in q.op_types:
+        return False
+    a = node.attributes
+    if a.get_int("transA", 0) or a.get_float("alpha", 1.0) != 1.0:
+        return False
+    tensor = ops.constant_weight(node, 1)
+    return (tensor is not None and tensor.dtype == ir.DataType.FLOAT and len(tensor.shape) == 2
+            and is_float_activation(node.inputs[0]) and len(list(node.inputs[1].uses())) == 1)
+
+
+def _as_kn(node: ir.Node) -> np.ndarray:
+    w = np.asarray(ops.constant_weight(node, 1).numpy(), np.float64)
+    return w.T if node.attributes.get_int("transB", 0) else w
+
+
+def _apply(b: GraphBuilder, node: ir.Node, w_kn: np.ndarray, s: np.ndarray) -> None:
+    scaled = w_kn * s[:, None]
+    new = scaled.T if node.attributes.get_int("transB", 0) else scaled
+    set_weight(b, node, 1, new, "smoothed")  # in place: the old weight would linger unused
+    x = node.inputs[0]
+    # A Div, not a Mul by 1/s: the int8 pass quantizes a Mul's constant operand per tensor
+    # (1/s spans decades: most of it would round to 0) and has no Div rule, so the Div runs
+    # in float and only its output is quantized, at the smoothed range.
+    inv = s.astype(np.float32)
+    flatten = x.producer()
+    pool = flatten.inputs[0].producer() if flatten is not None and flatten.op_type == "Flatten" else None
+    if (pool is not None and pool.op_type in POOLING and flatten.attributes.get_int("axis", 1) == 1
+            and _sole_reader(x, node) and _sole_reader(flatten.inputs[0], flatten)):
+        # x / s = Flatten(GAP(t / s)): the Mul by a [C, 1, 1] constant reads the feature map
+        rank = len(pool.inputs[0].shape) if pool.inputs[0].shape is not None else 4
+        c = b.initializer(inv.reshape((-1,) + (1,) * (rank - 2)), f"{x.name}_smooth_scale")
+        mul = b.node("Div", [pool.inputs[0], c], f"{x.name}_smooth", dtype=ir.DataType.FLOAT,
+                     shape=pool.inputs[0].shape)
+        pool.graph.insert_before(pool, mul)
+        pool.replace_input_with(0, mul.outputs[0])
+        return
+    c = b.initializer(inv, f"{x.name}_smooth_scale")
+    mul = b.node("Div", [x, c], f"{x.name}_smooth", dtype=ir.DataType.FLOAT, shape=x.shape)
+    node.graph.insert_before(node, mul)
+    node.replace_input_with(0, mul.outputs[0])
+
+
+def _sole_reader(value: ir.Value, node: ir.Node) -> bool:
+    return not value.is_graph_output() and all(user is node for user, _ in value.uses())
