@@ -59,8 +59,10 @@ Algorithm = Enum("Algorithm", {name: name for name in ALGORITHMS}, type=str)
 
 RECOVER_HELP = (
     "Static int8 accuracy recovery, comma-separated (needs --data): cle (cross-layer equalization "
-    "of Conv pairs), smoothquant (MatMul inputs with outlier channels), adaround (learned rounding "
-    "within [recovery] adaround_seconds), bias (bias correction); all, or none. Without it, "
+    "of Conv pairs), smoothquant (MatMul inputs with outlier channels, Gemm inputs with uneven "
+    "weight columns), adaround (learned rounding within [recovery] adaround_seconds), bias (bias "
+    "correction) or bias-full (bias correction measured layer by layer on the quantized model: "
+    "slower); all (cle,smoothquant,adaround,bias), or none. Without it, "
     "--scheme auto (the default with --data) runs bias. Recipes: [recovery] passes = [...]."
 )
 
