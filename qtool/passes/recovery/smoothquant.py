@@ -70,17 +70,24 @@ ALPHAS = (0.25, 0.5, 0.75)  # migration strengths tried; the lowest estimated no
 POOLING = ("GlobalAveragePool",)
 
 
-def output_noise(absmax: np.ndarray, mean_square: np.ndarray, w: np.ndarray, s: np.ndarray,
-                 per_channel: bool) -> float:
+def noise_terms(absmax: np.ndarray, mean_square: np.ndarray, w: np.ndarray, s: np.ndarray,
+                per_channel: bool) -> tuple[float, float]:
     """Estimated mean squared error of ``y = x W`` (W as [K, N]) when ``x / s`` is
     quantized per tensor to 8 bits and ``s W`` per output column (or per tensor): each
-    side's rounding noise (step^2 / 12) carried through the other side's values."""
+    side's rounding noise (step^2 / 12) carried through the other side's values, as
+    (activation part, weight part)."""
     ws = w * s[:, None]
     step_x = float(np.max(absmax / s)) / 255.0
     act = step_x**2 / 12.0 * (ws**2).sum(axis=0)
     wmax = np.abs(ws).max(axis=0) if per_channel else np.full(ws.shape[1], np.abs(ws).max())
     weight = (wmax / 127.0) ** 2 / 12.0 * float((mean_square / s**2).sum())
-    return float(np.mean(act + weight))
+    return float(np.mean(act)), float(np.mean(weight))
+
+
+def output_noise(absmax: np.ndarray, mean_square: np.ndarray, w: np.ndarray, s: np.ndarray,
+                 per_channel: bool) -> float:
+    """The sum of ``noise_terms``."""
+    return sum(noise_terms(absmax, mean_square, w, s, per_channel))
 
 
 def smooth_gemms(model: ir.Model, recipe: Recipe, dataset, report: PassReport, *, limit: int = 0) -> None:  # noqa: ANN001
@@ -97,19 +104,23 @@ def smooth_gemms(model: ir.Model, recipe: Recipe, dataset, report: PassReport, *
         return
     stats = collect_channel_absmax(model, dataset, [n.inputs[0].name for n in nodes], limit=limit)
     b = GraphBuilder(model)
+    per_channel = recipe.quantize.per_channel
     for node in nodes:
         st = stats.get(node.inputs[0].name)
         w = _as_kn(node)
         if st is None or st.absmax.shape[0] != w.shape[0]:
             continue
         valid = (st.absmax > 0) & (np.abs(w).max(axis=1) > 0)
-        base = output_noise(st.absmax, st.mean_square, w, np.ones(w.shape[0]), recipe.quantize.per_channel)
-        best, best_s = base, None
+        act, weight = noise_terms(st.absmax, st.mean_square, w, np.ones(w.shape[0]), per_channel)
+        base, best, best_s = act + weight, act + weight, None
+        # Without a pooling to put the Div before, x itself stays quantized at its own range
+        # (its producer's output) and x / s is quantized again: both activation noises count.
+        kept = 0.0 if _pooled(node) is not None else act
         for a in ALPHAS:
             s = np.ones(w.shape[0])
             s[valid] = st.absmax[valid] ** a / np.abs(w[valid]).max(axis=1) ** (1 - a)
             s = np.clip(s / np.exp(np.mean(np.log(s))), 1e-4, 1e4)  # geometric mean 1: ranges stay put
-            noise = output_noise(st.absmax, st.mean_square, w, s, recipe.quantize.per_channel)
+            noise = kept + output_noise(st.absmax, st.mean_square, w, s, per_channel)
             if noise < best:
                 best, best_s = noise, s
         if best_s is None or base < MIN_NOISE_GAIN * best:
@@ -146,14 +157,12 @@ def _apply(b: GraphBuilder, node: ir.Node, w_kn: np.ndarray, s: np.ndarray) -> N
     new = scaled.T if node.attributes.get_int("transB", 0) else scaled
     set_weight(b, node, 1, new, "smoothed")  # in place: the old weight would linger unused
     x = node.inputs[0]
+    pool = _pooled(node)
     # A Div, not a Mul by 1/s: the int8 pass quantizes a Mul's constant operand per tensor
     # (1/s spans decades: most of it would round to 0) and has no Div rule, so the Div runs
     # in float and only its output is quantized, at the smoothed range.
     inv = s.astype(np.float32)
-    flatten = x.producer()
-    pool = flatten.inputs[0].producer() if flatten is not None and flatten.op_type == "Flatten" else None
-    if (pool is not None and pool.op_type in POOLING and flatten.attributes.get_int("axis", 1) == 1
-            and _sole_reader(x, node) and _sole_reader(flatten.inputs[0], flatten)):
+    if pool is not None:
         # x / s = Flatten(GAP(t / s)): the Mul by a [C, 1, 1] constant reads the feature map
         rank = len(pool.inputs[0].shape) if pool.inputs[0].shape is not None else 4
         c = b.initializer(inv.reshape((-1,) + (1,) * (rank - 2)), f"{x.name}_smooth_scale")
@@ -166,6 +175,18 @@ def _apply(b: GraphBuilder, node: ir.Node, w_kn: np.ndarray, s: np.ndarray) -> N
     mul = b.node("Div", [x, c], f"{x.name}_smooth", dtype=ir.DataType.FLOAT, shape=x.shape)
     node.graph.insert_before(node, mul)
     node.replace_input_with(0, mul.outputs[0])
+
+
+def _pooled(node: ir.Node) -> ir.Node | None:
+    """The GlobalAveragePool of ``GAP -> Flatten -> node`` (each read only by the next), if so."""
+    x = node.inputs[0]
+    flatten = x.producer()
+    if flatten is None or flatten.op_type != "Flatten" or flatten.attributes.get_int("axis", 1) != 1:
+        return None
+    pool = flatten.inputs[0].producer()
+    if pool is None or pool.op_type not in POOLING:
+        return None
+    return pool if _sole_reader(x, node) and _sole_reader(flatten.inputs[0], flatten) else None
 
 
 def _sole_reader(value: ir.Value, node: ir.Node) -> bool:
