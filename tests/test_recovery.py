@@ -264,9 +264,9 @@ def test_guard_tries_recovery_on_static_candidates_only():
     from qtool.pipeline.guard import recovery_repair
 
     label, recipe = next(recovery_repair("int8-static", load_recipe("int8-static")))
-    assert recipe.recovery.passes == ("cle", "bias") and "recovery" in label
+    assert recipe.recovery.passes == ("cle", "smoothquant", "bias") and "recovery" in label
     assert list(recovery_repair("int8-dynamic", load_recipe("int8-dynamic"))) == []
-    done = load_recipe("int8-static").override("recovery", passes=("cle", "adaround", "bias"))
+    done = load_recipe("int8-static").override("recovery", passes=("cle", "smoothquant", "adaround", "bias"))
     assert list(recovery_repair("int8-static", done)) == []
 
 
