@@ -63,7 +63,7 @@ RECOVER_HELP = (
     "weight columns), adaround (learned rounding within [recovery] adaround_seconds), bias (bias "
     "correction) or bias-full (bias correction measured layer by layer on the quantized model: "
     "slower); all (cle,smoothquant,adaround,bias), or none. Without it, "
-    "--scheme auto (the default with --data) runs bias. Recipes: [recovery] passes = [...]."
+    "--scheme auto (the default with --data) runs smoothquant,bias. Recipes: [recovery] passes = [...]."
 )
 
 
