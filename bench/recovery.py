@@ -61,6 +61,7 @@ QTOOL_ROWS = (("qtool int8", ()), ("+ cle", ("cle",)), ("+ smoothquant", ("smoot
               ("+ cle,bias", ("cle", "bias")), ("+ smoothquant,bias", ("smoothquant", "bias")),
               ("+ smoothquant,bias-full", ("smoothquant", "bias-full")),
               ("+ all", ("cle", "smoothquant", "adaround", "bias")))
+MATMUL_ONLY_ROWS = (("qtool int8 MatMul only", ()), ("MatMul only + smoothquant", ("smoothquant",)))
 MAX_EVAL = 200
 MAX_CALIB = 64  # every converter calibrates on the same first 64 calib samples (time: a loaded machine)
 
@@ -127,12 +128,14 @@ def _session(path: Path):  # noqa: ANN202 - onnxruntime.InferenceSession
 # ---------------------------------------------------------------------------- converters
 
 
-def qtool_row(b: Bench, dst: Path, passes: tuple[str, ...], seconds: float) -> dict:
+def qtool_row(b: Bench, dst: Path, passes: tuple[str, ...], seconds: float, op_types: tuple[str, ...] = ()) -> dict:
     from qtool.config import load_recipe
     from qtool.pipeline import convert_file
 
     recipe = load_recipe("int8-static").override("recovery", passes=passes, adaround_seconds=seconds, auto=False)
     recipe = recipe.override("calibration", samples=len(b.calib))
+    if op_types:
+        recipe = recipe.override("quantize", op_types=op_types)
     report = convert_file(b.src, dst, recipe, data=b.calib_dir, auto=True)
     notes = []
     for p in report["passes"]:
@@ -207,6 +210,10 @@ def configs(b: Bench, seconds: float, wanted: list[str] | None = None):
         if "smoothquant" in passes and not smoothable and len(passes) == 1:
             continue  # no MatMul/Gemm with a constant weight: the row would be plain int8 again
         yield label, (lambda dst, p=passes: qtool_row(b, dst, p, seconds))
+    if b.name in TRANSFORMERS:  # NNCF's transformer preset quantizes MatMul inputs only: the same placement
+        for label, passes in MATMUL_ONLY_ROWS:
+            if wanted is None or label in wanted:
+                yield label, (lambda dst, p=passes: qtool_row(b, dst, p, seconds, op_types=("MatMul",)))
     others = (("ort defaults", lambda dst: ort_defaults(b, dst)),
               ("ort recommended", lambda dst: ort_recommended(b, dst)),
               ("nncf default", lambda dst: nncf_row(b, dst, None, True)),
@@ -283,7 +290,7 @@ def _summary(results: dict) -> list[str]:
             continue
         rows = res["rows"]
         fp32, plain = rows[0], _best(rows, ("qtool int8",))
-        rec = _best(rows, tuple(label for label, _ in QTOOL_ROWS[1:]))
+        rec = _best(rows, tuple(label for label, _ in QTOOL_ROWS[1:] + MATMUL_ONLY_ROWS))
         ort = _best(rows, ("ort defaults", "ort recommended"))
         nncf = _best(rows, ("nncf default", "nncf MIXED", "nncf full bias correction", "nncf transformer"))
 
@@ -329,7 +336,7 @@ def render(results: dict, seconds: float) -> str:
 def merged_rows(old: list[dict], new: list[dict]) -> list[dict]:
     """The rows of a partial run (``--configs``) in table order, the others from the last run."""
     fresh = {r["config"]: r for r in new}
-    order = ["fp32"] + [label for label, _ in QTOOL_ROWS] + ["ort defaults", "ort recommended", "nncf default",
+    order = ["fp32"] + [label for label, _ in QTOOL_ROWS + MATMUL_ONLY_ROWS] + ["ort defaults", "ort recommended", "nncf default",
                                                              "nncf MIXED", "nncf full bias correction",
                                                              "nncf transformer"]
     rows = {r["config"]: {**r, "notes": r.get("notes", []) + ["earlier run"]} for r in old}
