@@ -126,3 +126,33 @@ def test_bias_full_is_a_recovery_choice_but_not_beside_bias():
     assert "bias-full" not in parse_passes("all")
     with pytest.raises(UsageError, match="choose one"):
         parse_passes("bias,bias-full")
+
+
+def test_full_bias_correction_of_a_matmul_with_3d_activations(tmp_path):
+    """A MatMul's channels are its output's last axis; its bias is the Add after it."""
+    w = (RNG.standard_normal((K, H)) * np.logspace(-1.5, 0, K)[:, None]).astype(np.float32)
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+                        helper.make_node("Add", ["m", "b"], ["y"], name="bias")],
+                       [vi("x", ["N", 4, K])], [vi("y", None)], [init("w", w), init("b", np.zeros(H, np.float32))])
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(8):
+        x = (RNG.standard_normal((1, 4, K)) + 1.0).astype(np.float32)
+        x[..., 0] *= 25.0
+        np.save(folder / f"s{i}.npy", x)
+    x = np.concatenate([np.load(p) for p in sorted(folder.glob("*.npy"))])
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    ranges = {"x": (float(x.min()), float(x.max())), "m": (float(ref.min()), float(ref.max())),
+              "y": (float(ref.min()), float(ref.max()))}
+    model = _model(proto)
+    report = bias_correct_full(model, Recipe(), ranges, Dataset(folder, input_specs(model)))
+    assert report.counts["biases corrected"] == 1
+    q = model.clone()
+    quantize_static(q, Recipe(), ranges)
+    got = session(ir.to_proto(q)).run(["y"], {"x": x})[0].reshape(-1, H).mean(axis=0)
+    plain = ir.from_proto(proto)
+    infer_types(plain)
+    quantize_static(plain, Recipe(), ranges)
+    before = session(ir.to_proto(plain)).run(["y"], {"x": x})[0].reshape(-1, H).mean(axis=0)
+    want = ref.reshape(-1, H).mean(axis=0)
+    assert np.abs(before - want).max() > 10 * np.abs(got - want).max()

@@ -59,14 +59,15 @@ def bias_correct_full(model: ir.Model, recipe: Recipe, ranges: dict, dataset, *,
         return report
     waves = depth_waves(model, chosen)
     outputs = {layer.name: layer.node.outputs[0].name for layer in chosen}
-    float_means = _means(_float_reference(model, float_weights or {}), dataset, list(outputs.values()), limit)
+    axes = {layer.node.outputs[0].name: layer.channel_axis for layer in chosen}
+    float_means = _means(_float_reference(model, float_weights or {}), dataset, axes, limit)
     twin = QuantizedTwin(model, recipe, ranges, chosen)
     corrections = {layer.name: np.zeros(float_means[outputs[layer.name]].shape, np.float64) for layer in chosen}
     for i, wave in enumerate(waves):
         measured = twin.means([la.name for la in wave], corrections, dataset, limit)
         for layer in wave:
-            # The Add of the correction sits after the measured output: add it back.
-            corrections[layer.name] = float_means[outputs[layer.name]] - measured[layer.name]
+            if layer.name in measured:  # the measured output is before the correction's Add
+                corrections[layer.name] = float_means[outputs[layer.name]] - measured[layer.name]
         if on_progress is not None:
             on_progress(i + 1, len(waves))
     b = GraphBuilder(model)
@@ -118,21 +119,20 @@ def _float_reference(model: ir.Model, float_weights: dict[str, np.ndarray]) -> i
     return copy
 
 
-def _means(model: ir.Model, dataset, names: list[str], limit: int) -> dict[str, np.ndarray]:  # noqa: ANN001
-    """Per tensor: its mean per channel (axis 1, or the last axis of a 2-D tensor) over the samples."""
+def _means(model: ir.Model, dataset, axes: dict[str, int], limit: int) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """Per tensor of ``axes`` (name -> its channel axis): its mean per channel over the samples."""
     from qtool.runtime import stream_tensors
 
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for _, tensors in stream_tensors(model, dataset, names, limit=limit):
-        _accumulate(tensors, sums, counts)
+    for _, tensors in stream_tensors(model, dataset, list(axes), limit=limit):
+        _accumulate(tensors, axes, sums, counts)
     return {name: sums[name] / counts[name] for name in sums}
 
 
-def _accumulate(tensors: dict[str, np.ndarray], sums: dict, counts: dict) -> None:
+def _accumulate(tensors: dict[str, np.ndarray], axes: dict[str, int], sums: dict, counts: dict) -> None:
     for name, y in tensors.items():
-        y = np.asarray(y, np.float64)
-        y = np.moveaxis(y, 1, -1) if y.ndim > 2 else y  # Conv: [N, C, ...]; Gemm/MatMul: [..., C]
+        y = np.moveaxis(np.asarray(y, np.float64), axes[name], -1)  # Conv: [N, C, ...]; Gemm/MatMul: [..., C]
         flat = y.reshape(-1, y.shape[-1])
         sums[name] = sums.get(name, 0.0) + flat.sum(axis=0)
         counts[name] = counts.get(name, 0) + flat.shape[0]
@@ -147,17 +147,16 @@ class QuantizedTwin:
         from qtool.passes.qdq import quantize_static
 
         twin = model.clone()
+        twins = dict(zip(map(id, model.graph), twin.graph))  # the clone keeps the node order
         wide = mismatched_concats(twin, ranges)  # what the int8 pass keeps float, kept float here too
         quantize_static(twin, recipe.override("quantize", exclude=recipe.quantize.exclude
                                               + tuple(map(escaped, wide.skipped))), ranges)
-        by_name = {node.name: node for node in twin.graph if node.name}
         b = GraphBuilder(twin)
         self.measured: dict[str, str] = {}  # layer -> the tensor measured (its output before the Add)
-        self.inputs: dict[str, str] = {}  # layer -> the graph input holding its correction
+        self.axes: dict[str, int] = {}  # that tensor -> its channel axis
+        self.inputs: dict[str, tuple[str, tuple[int, ...]]] = {}  # layer -> (graph input of its correction, shape)
         for layer in layers:
-            node = by_name[layer.node.name] if layer.node.name in by_name else None
-            if node is None:
-                continue
+            node = twins[id(layer.node)]  # still in the graph: quantize_static only adds Q/DQ around it
             out = node.outputs[0]
             # one value per output channel, broadcast along the channel axis of the output
             shape = (output_channels(layer),) + (1,) * (layer.weight.ndim - 2 if node.op_type == "Conv" else 0)
@@ -173,6 +172,7 @@ class QuantizedTwin:
                 for user, i in [(user, i) for user, i in out.uses() if user is not add]:
                     user.replace_input_with(i, add.outputs[0])
             self.measured[layer.name] = out.name
+            self.axes[out.name] = layer.channel_axis
             self.inputs[layer.name] = (corr.name, shape)
         self.proto = ir.serde.serialize_model(twin)
 
@@ -191,7 +191,7 @@ class QuantizedTwin:
         counts: dict[str, int] = {}
         for _, feed in dataset.batches(1, limit=limit):
             inputs = {k: v for k, v in feed.items() if k in feeds_for}
-            _accumulate(dict(zip(wanted, session.run(wanted, {**inputs, **extra}))), sums, counts)
+            _accumulate(dict(zip(wanted, session.run(wanted, {**inputs, **extra}))), self.axes, sums, counts)
         by_tensor = {name: sums[name] / counts[name] for name in sums}
         return {n: by_tensor[self.measured[n]] for n in names if n in self.measured}
 
