@@ -311,7 +311,7 @@ def render(results: dict, seconds: float) -> str:
              f"Written by `python bench/recovery.py` (AdaRound budget {seconds:g} s per model). Calibrated on "
              "each model's `calib` split, scored on its `eval` split; SQNR: the worst output's median SQNR "
              "against fp32 (dB); latency: median ms, interleaved runs (2 threads, a shared 2-core machine: "
-             "compare within a model). qtool rows are `convert MODEL --data CALIB --no-guard "
+             "compare within a model and run: rows from an earlier run show none). qtool rows are `convert MODEL --data CALIB --no-guard "
              "[--recover ...]`.", ""]
     notes = RESULTS / "recovery_notes.md"  # hand-written findings of the last run, if any
     if notes.exists():
@@ -339,7 +339,10 @@ def merged_rows(old: list[dict], new: list[dict]) -> list[dict]:
     order = ["fp32"] + [label for label, _ in QTOOL_ROWS + MATMUL_ONLY_ROWS] + ["ort defaults", "ort recommended", "nncf default",
                                                              "nncf MIXED", "nncf full bias correction",
                                                              "nncf transformer"]
-    rows = {r["config"]: {**r, "notes": r.get("notes", []) + ["earlier run"]} for r in old}
+    # An earlier run's latency was timed against other rows under another load: not comparable.
+    rows = {r["config"]: {**r, "latency_ms": None, "notes": r.get("notes", []) + ["earlier run"]}
+            for r in old if "earlier run" not in r.get("notes", [])}
+    rows.update({r["config"]: {**r, "latency_ms": None} for r in old if "earlier run" in r.get("notes", [])})
     rows.update(fresh)
     return [rows[label] for label in order if label in rows]
 
