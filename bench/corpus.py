@@ -820,8 +820,9 @@ def _ipa(text: str, voice: str) -> str:
     """espeak-ng's IPA for `text` (clauses joined by ', ', as Piper keeps clause breaks)."""
     if shutil.which("espeak-ng") is None:
         raise CorpusError("espeak-ng not found; install it: apt-get install espeak-ng")
-    out = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", voice, text], check=True, capture_output=True,
-                         text=True).stdout
+    # '--' ends the options: a sentence that starts with '-' is text, not a flag
+    out = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", voice, "--", text], check=True,
+                         capture_output=True, text=True).stdout
     return ", ".join(" ".join(ln.split()) for ln in out.splitlines() if ln.strip())
 
 
