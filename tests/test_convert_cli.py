@@ -259,3 +259,24 @@ def test_weight_only_4bit_goes_through_convert(tmp_path):
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     ref = x @ w
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.15  # 4-bit blocks of 32
+
+
+def test_a_conversion_that_compresses_almost_nothing_fails(tmp_path, capsys):
+    # --dynamic quantizes a small MatMul but not the Conv that holds the bytes (dynamic Conv
+    # is slower than float here): 0.96x is not a compressed model (a TTS model's --dynamic
+    # took only its phoneme embedding, 1.00x, and exited 0)
+    w = (RNG.standard_normal((128, 64, 3, 3)) * 0.1).astype(np.float32)
+    fc = (RNG.standard_normal((128, 32)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"], name="pool"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "fc"], ["y"], name="fc")]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], inits)
+    model = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    out = tmp_path / "q.onnx"
+    assert run(["convert", str(model), "-o", str(out), "--dynamic", "-q"]) == 3
+    err = capsys.readouterr().err
+    assert "almost nothing was compressed: the weights are 0.96x" in err and not out.exists()

@@ -340,3 +340,25 @@ def test_choice_weighs_speed_then_size_and_accuracy():
     # clearly faster always wins; a little more accurate does not
     assert _choose([static, attempt("fast", 0.8, 2_000_000, 16.0)])[1] == "fast"
     assert _choose([static, attempt("same", 1.07, 1_300_000, 19.0)])[1] == "static"
+
+
+def test_an_output_whose_length_the_model_decides_is_compared_on_its_common_part():
+    # a TTS model's audio: its length follows predicted durations, so a candidate may
+    # return a few samples more or less; the common part is compared, and a length that
+    # moves on more than a tenth of the batches misses the floor
+    from qtool.pipeline.fidelity import fidelity
+    from qtool.pipeline.guard import Floor
+
+    acc = OutputAccumulator("audio")
+    waves = [RNG.standard_normal((1, 400 + 10 * i)) for i in range(4)]
+    acc.add(waves[0], waves[0][:, :390] * 1.001)  # 10 samples shorter
+    for w in waves[1:]:
+        acc.add(w, w * 1.001)
+    result = acc.result()
+    assert result.shape_kept == 0.75 and result.sqnr_db > 50
+    assert any("differs from float's on 25% of the batches" in m for m in Floor().shortfalls([result]))
+    same = OutputAccumulator("audio")
+    for w in waves:
+        same.add(w, w * 1.001)
+    assert same.result().shape_kept == 1.0 and Floor().shortfalls([same.result()]) == []
+    assert fidelity([waves[1]], [waves[1][:, :300]])["sqnr_db"] == np.inf  # identical on the common part

@@ -77,8 +77,9 @@ def _smoothable(node: ir.Node, recipe: Recipe) -> bool:
 
 
 def smoothing_inputs(model: ir.Model, recipe: Recipe) -> list[str]:
-    """Names of the MatMul inputs whose per-channel ranges ``smooth`` can use."""
-    return list(dict.fromkeys(n.inputs[0].name for n in iter_nodes(model) if _smoothable(n, recipe)))
+    """Names of the MatMul inputs whose per-channel ranges ``smooth`` can use: in the main
+    graph only, since onnxruntime cannot return a tensor of an If/Loop/Scan body."""
+    return list(dict.fromkeys(n.inputs[0].name for n in model.graph if _smoothable(n, recipe)))
 
 
 @dataclass

@@ -17,6 +17,7 @@ from qtool.config import Recipe
 from qtool.model import iter_nodes
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+_HALF_TYPES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
 @dataclass
@@ -77,6 +78,11 @@ def select_nodes(model: ir.Model, recipe: Recipe, scheme: str = "int8-static") -
         inputs = [node.inputs[i] for i in ops.activation_inputs(node)]
         if not any(is_float_activation(v) for v in inputs):
             selection.skipped[name] = "no float activation input"
+            continue
+        if any(v is not None and v.dtype in _HALF_TYPES for v in [*inputs, *node.outputs]):
+            # QuantizeLinear takes float16 only from opset 19, and onnxruntime's int8 kernels
+            # read float32: a float16-compute model's Q/DQ made an invalid graph (an ASR model).
+            selection.skipped[name] = "float16 activations stay float (int8 Q/DQ of them needs opset 19 and float32 kernels)"
             continue
         selection.quantized.append(node)
         for value in inputs:

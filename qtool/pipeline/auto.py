@@ -232,6 +232,14 @@ class Guard:
             attempt.seconds = time.perf_counter() - t0
         return attempt, converted
 
+    def raise_when_all_failed(self, results: list) -> None:
+        """Every attempt failed to convert and one failure is the user's to fix (a flag, the
+        data, the model): say it as it is, instead of "no candidate met the floor"."""
+        raised = [e for e in self.errors if isinstance(e, QtoolError)]
+        if raised and all(a.error is not None and a.outputs == [] for a, _ in results):
+            self.tmp.cleanup()
+            raise raised[0]
+
     def rank(self, attempt: Attempt) -> tuple[list[list[str]], str]:
         """The layers diagnosis ranks costliest in ``attempt`` on the held-out samples, and a
         note when it could not rank them (repairs then keep the layers nearest the output)."""
@@ -262,11 +270,8 @@ class Guard:
             results.append(self.attempt(label, candidate))
             if _good(results[-1][0]) and not results[-1][0].slower:
                 break
-        raised = [e for e in self.errors if isinstance(e, QtoolError)]
-        if raised and (not auto or all(a.error is not None for a, _ in results)):
-            # What the user must fix (a flag, the data, the model) is said as it is.
-            self.tmp.cleanup()
-            raise raised[0]
+        if not auto:
+            self.raise_when_all_failed(results)
         if not any(_good(a) for a, _ in results):
             base = max((r for r in results if r[0].error is None), key=lambda r: r[0].worst_db(), default=None)
             if base is not None:
@@ -293,6 +298,9 @@ class Guard:
             # 20 dB): float16 storage, 2x smaller at float speed, is the last thing to try.
             if not any(_good(a) for a, _ in results):
                 results.append(self.attempt(FP16_WEIGHTS_LABEL, weights_candidate(recipe, "fp16-weights")))
+        # Auto mode raises only now: weight storage, which needs no calibration, may still
+        # deliver where every int8-activation candidate failed (a Loop body's tensors).
+        self.raise_when_all_failed(results)
         outcome.attempts = [a for a, _ in results]
         good = [r for r in results if _good(r[0])]
         if good:

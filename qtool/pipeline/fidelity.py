@@ -16,8 +16,9 @@ def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[s
 
     if not reference:
         raise ConversionError("no outputs to compare", "")
-    cos = [cosine(r, c) for r, c in zip(reference, candidate)]
-    sq = [sqnr_db(r, c) for r, c in zip(reference, candidate)]
+    pairs = [_common(r, c) for r, c in zip(reference, candidate)]
+    cos = [cosine(r, c) for r, c in pairs]
+    sq = [sqnr_db(r, c) for r, c in pairs]
     return {"cosine": min(cos), "sqnr_db": min(sq)}
 
 
@@ -42,3 +43,12 @@ def first_sample_fidelity(reference: str | os.PathLike, candidate: str | os.Path
     if not ref or len(ref) != len(cand):
         return None
     return fidelity(ref, cand)
+
+
+def _common(r: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The part of two outputs both have, when the model decides a length (a TTS model's
+    audio): compared there, as the guard does."""
+    if r.shape == c.shape or r.ndim != c.ndim:
+        return r, c
+    common = tuple(slice(0, min(a, b)) for a, b in zip(r.shape, c.shape))
+    return r[common], c[common]

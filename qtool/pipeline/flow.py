@@ -403,6 +403,11 @@ def _not_compressed(converted: Converted, input_weight_bytes: int, plan: Convert
         reasons = "; ".join(f"{op}: {', '.join(row['reasons'])}" for op, row in
                             converted.summary.to_dict().items() if row["reasons"])
         return f"nothing was quantized ({reasons or 'no supported op'})"
+    if input_weight_bytes and input_weight_bytes * 0.95 <= out <= input_weight_bytes:
+        # Something was quantized, but not what holds the bytes (a TTS model's --dynamic
+        # took only its phoneme embedding: 1.00x).
+        return (f"almost nothing was compressed: the weights are {out / input_weight_bytes:.2f}x of the input's "
+                f"({out / 1e6:.3f} of {input_weight_bytes / 1e6:.3f} MB)")
     if out > input_weight_bytes:
         return (f"the converted weights ({out / 1e6:.3f} MB) are larger than the input's "
                 f"({input_weight_bytes / 1e6:.3f} MB)")

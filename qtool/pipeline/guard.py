@@ -56,6 +56,9 @@ class Floor:
             if o.segment_sqnr_db < self.min_sqnr_db:
                 where = "" if o.segment_sqnr_db == o.sqnr_db else " (worst channel group)"
                 missing.append(f"output {o.name}: SQNR {o.segment_sqnr_db:.1f} dB{where} < {self.min_sqnr_db:g} dB")
+            if o.shape_kept < self.min_agreement:
+                missing.append(f"output {o.name}: its shape (a length the model decides) differs from "
+                               f"float's on {1 - o.shape_kept:.0%} of the batches")
             # Agreement over a handful of decisions is noise (1 of 2 flipped is 0.5): only
             # gated from MIN_AGREEMENT_POSITIONS on, always reported.
             if (o.agreement is not None and o.positions >= MIN_AGREEMENT_POSITIONS

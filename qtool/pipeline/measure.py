@@ -74,13 +74,22 @@ class OutputAccumulator:
     map_inter: int = 0
     map_union: int = 0
     choices: list = field(default_factory=list)  # [N, T, V] scores: (float, candidate) argmax per batch
+    batches: int = 0
+    shape_moved: int = 0  # batches where the candidate's output shape differs from float's
     is_map: bool | None = None  # None: not decided; False once a value leaves [0, 1]
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         r = np.asarray(reference, np.float64)
         c = np.asarray(candidate, np.float64)
+        self.batches += 1
         if r.shape != c.shape:
-            raise ValueError(f"output {self.name}: shapes differ {r.shape} vs {c.shape}")
+            if r.ndim != c.ndim:
+                raise ValueError(f"output {self.name}: shapes differ {r.shape} vs {c.shape}")
+            # A length the model decides (a TTS model's audio, from its predicted durations):
+            # the common part is compared, and the batches whose shape moved are counted.
+            self.shape_moved += 1
+            common = tuple(slice(0, min(a, b)) for a, b in zip(r.shape, c.shape))
+            r, c = r[common], c[common]
         if not np.isfinite(c).all():
             self.finite = False
             c = np.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0)
@@ -139,7 +148,8 @@ class OutputAccumulator:
             agreement, positions, proxy = self.map_inter / self.map_union, self.map_union, "mask IoU"
         if not self.finite:
             sqnr, worst = -math.inf, -math.inf
-        return OutputFidelity(self.name, sqnr, worst, agreement, positions, segments, proxy)
+        shape_kept = 1.0 - self.shape_moved / self.batches if self.batches else 1.0
+        return OutputFidelity(self.name, sqnr, worst, agreement, positions, segments, proxy, shape_kept)
 
     def segments(self) -> list[dict]:
         """Channels grouped by magnitude, each group with its SQNR (dB).
@@ -188,6 +198,7 @@ class OutputFidelity:
     positions: int
     segments: list[dict] = field(default_factory=list)
     proxy: str = "argmax"  # what ``agreement`` is: "argmax", or "mask IoU" for a probability map
+    shape_kept: float = 1.0  # share of batches whose output shape is float's (a decided length)
 
     def to_dict(self) -> dict:
         return {
@@ -197,6 +208,7 @@ class OutputFidelity:
             "agreement": None if self.agreement is None else round(self.agreement, 4),
             "positions": self.positions,
             "proxy": self.proxy if self.agreement is not None else None,
+            "shape_kept": round(self.shape_kept, 4),
             "segments": [{**s, "sqnr_db": _round(s["sqnr_db"]), "rms": float(f"{s['rms']:.4g}")}
                          for s in self.segments],
         }

@@ -101,6 +101,11 @@ def target_layers(model: ir.Model, recipe: Recipe) -> tuple[list[Layer], dict[st
     for node in iter_nodes(model):
         if node.op_type not in OPS or node.domain not in ("", "ai.onnx"):
             continue
+        if node.graph is not model.graph:
+            # Recovery reads each layer's output on the data; onnxruntime cannot return one
+            # from an If/Loop/Scan body (a greedy decoder's Loop), so those keep their weights.
+            skipped[node.name or ""] = "inside an If/Loop/Scan body, whose tensors cannot be observed"
+            continue
         if (q.op_types and node.op_type not in q.op_types) or excluded(node, q.exclude):
             continue
         if recipe.bits_for(node.name or "", node.op_type, 8) != 8:

@@ -18,7 +18,6 @@ import onnx_ir as ir
 
 from qtool import ops
 from qtool.config import Recipe
-from qtool.model import iter_nodes
 from qtool.passes import PassReport
 from qtool.passes.dynamic import collect_channel_absmax, smooth, smoothing_inputs
 from qtool.passes.graph import GraphBuilder, drop_unused_initializers
@@ -99,7 +98,7 @@ def smooth_gemms(model: ir.Model, recipe: Recipe, dataset, report: PassReport, *
     one (the pooled average then quantizes at the smoothed range), else right before it."""
     from qtool.passes.dynamic import collect_channel_absmax
 
-    nodes = [n for n in iter_nodes(model) if _gemm_candidate(n, recipe)]
+    nodes = [n for n in model.graph if _gemm_candidate(n, recipe)]  # If/Loop bodies cannot be observed
     if not nodes:
         return
     stats = collect_channel_absmax(model, dataset, [n.inputs[0].name for n in nodes], limit=limit)
