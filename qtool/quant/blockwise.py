@@ -311,19 +311,24 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float
     return output_errors(w, [w_hat], hessian)[0]
 
 
-def _quadratic(d: np.ndarray, h32: np.ndarray) -> float:
-    """``tr(D H D^T)``: the product by a float32 GEMM (the N x K x K cost of every error),
-    the sum in float64."""
+def _quadratic(d: np.ndarray, h: np.ndarray) -> float:
+    """``tr(D H D^T) = <H, D^T D>``: the Gram matrix D^T D by a float32 product of D with
+    itself (BLAS's symmetric rank-k update, half the work of D @ H), in row chunks summed in
+    float64, then its inner product with H in float64."""
     d = np.ascontiguousarray(d, dtype=np.float32)
-    return float(np.einsum("nk,nk->", d @ h32, d, dtype=np.float64))
+    gram = np.zeros((d.shape[1], d.shape[1]))
+    for r0 in range(0, d.shape[0], 8192):
+        part = d[r0 : r0 + 8192]
+        gram += part.T @ part
+    return float(np.einsum("ij,ij->", gram, h))
 
 
 def output_errors(w: np.ndarray, w_hats: list[np.ndarray], hessian: np.ndarray) -> list[float]:
     """``output_error`` of several reconstructions of one ``w`` (its denominator once)."""
     w = np.asarray(w, np.float32)
-    h32 = np.asarray(hessian, np.float32)
-    den = _quadratic(w, h32)
-    nums = [_quadratic(w - np.asarray(w_hat, np.float32), h32) for w_hat in w_hats]
+    h = np.asarray(hessian, np.float64)
+    den = _quadratic(w, h)
+    nums = [_quadratic(w - np.asarray(w_hat, np.float32), h) for w_hat in w_hats]
     return [num / den if den > 0 else num for num in nums]
 
 
@@ -343,8 +348,8 @@ def awq(
     alpha = 0 won, i.e. no rescaling is needed).
     """
     w = np.asarray(w, np.float32)
-    h32 = stats.hessian.astype(np.float32)
-    den = _quadratic(w, h32)  # the same for every alpha: only the numerators are compared
+    h = stats.hessian
+    den = _quadratic(w, h)  # the same for every alpha: only the numerators are compared
     m = np.maximum(stats.abs_sum / max(stats.count, 1), 1e-8)
     best = None
     for alpha in np.linspace(0.0, 1.0, n_grid):
@@ -352,7 +357,7 @@ def awq(
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         bq = rtn(w * s[None, :], bits, block_size, symmetric)
         w_hat = bq.dequantize() / s[None, :]
-        num = _quadratic(w - w_hat, h32)
+        num = _quadratic(w - w_hat, h)
         err = num / den if den > 0 else num
         if best is None or err < best[0]:
             best = (err, bq, s, alpha)
@@ -386,19 +391,30 @@ def quantize_weight(
         )
     w = np.asarray(w, dtype=np.float32)
     bq, input_scale = REGISTRY[algorithm].run(w, bits, block_size, symmetric, stats)
-    w_hat = bq.dequantize()
-    if input_scale is not None:
-        w_hat = w_hat * input_scale[None, :]
-    err = float(np.mean((w - w_hat) ** 2))
+    d = _difference(w, bq, input_scale)
+    err = _mean_square(d)
     if not compare and algorithm == "rtn":
         return QuantOutcome(bq, err, err)
-    base = bq if algorithm == "rtn" else rtn(w, bits, block_size, symmetric)
-    base_hat = base.dequantize()
-    rtn_err = float(np.mean((w - base_hat) ** 2))
+    d_rtn = d if algorithm == "rtn" else _difference(w, rtn(w, bits, block_size, symmetric), None)
+    rtn_err = _mean_square(d_rtn)
     out_err = rtn_out = None
     if stats is not None and algorithm in DATA_AWARE:
-        out_err, rtn_out = output_errors(w, [w_hat, base_hat], stats.hessian)
+        h = stats.hessian
+        den = _quadratic(w, h)
+        out_err, rtn_out = ((_quadratic(x, h) / den if den > 0 else _quadratic(x, h)) for x in (d, d_rtn))
     return QuantOutcome(bq, err, rtn_err, out_err, rtn_out, input_scale)
+
+
+def _difference(w: np.ndarray, bq: BlockQuant, input_scale: np.ndarray | None) -> np.ndarray:
+    """``w - w_hat`` (float32), made in the dequantized array (one temporary, not three)."""
+    d = bq.dequantize()
+    if input_scale is not None:
+        d *= input_scale[None, :]
+    return np.subtract(w, d, out=d)
+
+
+def _mean_square(d: np.ndarray) -> float:
+    return float(np.einsum("ij,ij->", d, d, dtype=np.float64)) / max(d.size, 1)
 
 
 @dataclass(frozen=True)
