@@ -322,14 +322,19 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float
     return output_errors(w, [w_hat], hessian)[0]
 
 
+# Row chunks of the error products: a chunk of D (and AWQ's temporaries) stays in cache,
+# and each chunk's float32 Gram matrix is summed in float64.
+_ROWS = 2048
+
+
 def _quadratic(d: np.ndarray, h: np.ndarray) -> float:
-    """``tr(D H D^T) = <H, D^T D>``: the Gram matrix D^T D by a float32 product of D with
-    itself (BLAS's symmetric rank-k update, half the work of D @ H), in row chunks summed in
+    """``tr(D H D^T) = <H, D^T D>``: the Gram matrix D^T D by float32 products of row chunks
+    of D with themselves (BLAS's symmetric rank-k update, half the work of D @ H) summed in
     float64, then its inner product with H in float64."""
     d = np.ascontiguousarray(d, dtype=np.float32)
     gram = np.zeros((d.shape[1], d.shape[1]))
-    for r0 in range(0, d.shape[0], 8192):
-        part = d[r0 : r0 + 8192]
+    for r0 in range(0, d.shape[0], _ROWS):
+        part = d[r0 : r0 + _ROWS]
         gram += part.T @ part
     return float(np.einsum("ij,ij->", gram, h))
 
@@ -358,7 +363,7 @@ def awq(
     Returns the quantized scaled weight and the activation factor ``1/s`` [K] (None when
     alpha = 0 won, i.e. no rescaling is needed).
     """
-    w = np.asarray(w, np.float32)
+    w = np.ascontiguousarray(w, np.float32)
     h = stats.hessian
     den = _quadratic(w, h)  # the same for every alpha: only the numerators are compared
     m = np.maximum(stats.abs_sum / max(stats.count, 1), 1e-8)
@@ -366,14 +371,28 @@ def awq(
     for alpha in np.linspace(0.0, 1.0, n_grid):
         s = np.power(m, alpha)
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        bq = rtn(w * s[None, :], bits, block_size, symmetric)
-        w_hat = bq.dequantize() / s[None, :]
-        num = _quadratic(w - w_hat, h)
+        num = _awq_error(w, s, bits, block_size, symmetric, h)
         err = num / den if den > 0 else num
         if best is None or err < best[0]:
-            best = (err, bq, s, alpha)
-    _, bq, s, alpha = best
+            best = (err, s, alpha)
+    _, s, alpha = best
+    bq = rtn(w * s[None, :], bits, block_size, symmetric)  # rows are independent: the chunks' codes
     return bq, (None if alpha == 0 else (1.0 / s).astype(np.float32))
+
+
+def _awq_error(w: np.ndarray, s: np.ndarray, bits: int, block_size: int, symmetric: bool,
+               h: np.ndarray) -> float:
+    """``tr(D H D^T)`` for ``D = w - rtn(w * s) / s``, made and consumed one row chunk at a
+    time (the same chunks and sums as _quadratic on the whole D, without its four
+    full-size temporaries per alpha)."""
+    gram = np.zeros((w.shape[1], w.shape[1]))
+    for r0 in range(0, w.shape[0], _ROWS):
+        wc = w[r0 : r0 + _ROWS]
+        d = rtn(wc * s[None, :], bits, block_size, symmetric).dequantize()
+        d /= s[None, :]
+        np.subtract(wc, d, out=d)
+        gram += d.T @ d
+    return float(np.einsum("ij,ij->", gram, h))
 
 
 # ---- dispatch ----------------------------------------------------------------------------
