@@ -151,3 +151,41 @@ def test_gptq_on_the_kernel_matches_the_blocked_numpy_form(act_order, symmetric)
     e_n = blockwise.output_error(w, n.dequantize(), st.hessian)
     assert e_c == pytest.approx(e_n, rel=0.02)
     assert e_c < blockwise.output_error(w, blockwise.rtn(w, 4, 32, symmetric).dequantize(), st.hessian)
+
+
+def test_the_pass_quantizes_with_one_blas_thread(monkeypatch):
+    """Tensors quantize in parallel threads; BLAS's own threads would oversubscribe the
+    cores (and spin), so the pass holds BLAS to one thread meanwhile and restores it."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    import qtool.passes.weight_only as wo
+    from qtool.config import Recipe
+
+    if wo._threads() < 2:
+        pytest.skip("one CPU: tensors quantize in this thread, BLAS keeps its threads")
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), f"w{i}") for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"y{i - 1}", f"w{i}"], [f"y{i}"]) for i in range(3)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 64])], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+    before, seen = blas_threads(), []
+    if not before:
+        pytest.skip("threadpoolctl finds no BLAS library")
+    original = wo.quantize_item
+
+    def spy(*args, **kw):
+        seen.append(blas_threads())
+        return original(*args, **kw)
+
+    monkeypatch.setattr(wo, "quantize_item", spy)
+    report = wo.apply_weight_only(model, Recipe(), 4)
+    assert len(seen) == 3 and all(s == [1] * len(before) for s in seen)
+    assert blas_threads() == before
+    assert sum(report.counts.values()) >= 3
