@@ -207,6 +207,30 @@ int qt_gemm_q4(const float *A, const uint8_t *b, const float *scales,
                const uint8_t *zero_points, int64_t M, int64_t N, int64_t K,
                int64_t block_size, float *Y);
 
+/* ---- 7. GPTQ ------------------------------------------------------------------
+ * GPTQ on the rows of w[rows, K] (float32, row-major, original column order). u: float32
+ * [K, K], the upper Cholesky factor of the damped inverse Hessian in quantization order
+ * (only the upper triangle is read; the diagonal must be finite and non-zero). cols:
+ * int64 [K], the original column quantized at position i. For each row, with x = the
+ * row in quantization order (x[i] = w[r, cols[i]]), for i = 0..K-1 in order, with
+ * g = cols[i] / block_size, half = 2^(bits-1), qmax = 2^bits - 1, z = half (symmetric)
+ * or zero_points[r, g]:
+ *   q = clamp(round_half_even(x[i] / s) + z, 0, qmax)         s = scales[r, g]
+ *   codes[r, cols[i]] = q;  e = (x[i] - (q - z) * s) / u[i, i]
+ *   x[t] = x[t] - e * u[i, t]  for t > i   (float32, product rounded, no FMA)
+ * dynamic == 0: scales[rows, nb] (and zero_points[rows, nb] when asymmetric) are inputs
+ * (finite, non-zero scales). dynamic != 0: cols must be 0..K-1 and the block parameters
+ * are outputs, taken when position i starts a block from the row's current
+ * x[i : i + block_size] by the RTN rule of qt_block_params_rtn. zero_points is NULL
+ * exactly when symmetric. codes: uint8 [rows, K] in original column order. bits in
+ * [2, 8]. work: float32 [min(rows, QT_GPTQ_TILE), K], scratch (rows are processed in
+ * tiles of QT_GPTQ_TILE). Every element is updated in the order above whatever the vector
+ * path, so all paths agree bit for bit. QT_ERR_NONFINITE on NaN/Inf in w. */
+#define QT_GPTQ_TILE 32
+int qt_gptq_rows(const float *w, int64_t rows, int64_t K, const float *u, const int64_t *cols,
+                 int64_t block_size, int bits, int symmetric, int dynamic, float *scales,
+                 uint8_t *zero_points, uint8_t *codes, float *work);
+
 #ifdef __cplusplus
 }
 #endif

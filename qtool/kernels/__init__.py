@@ -49,7 +49,7 @@ __all__ = [
     "minmax", "histogram", "histogram_pow2", "quantize", "dequantize", "pack", "unpack",
     "pack_matmulnbits", "unpack_matmulnbits", "pack_zero_points", "unpack_zero_points",
     "block_params_rtn", "block_params_mse", "gemm_u8s8", "requantize", "gemm_q4",
-    "quantize_matmulnbits", "quantize_kn",
+    "quantize_matmulnbits", "quantize_kn", "gptq_rows",
 ]
 
 ISA_LEVELS = ("scalar", "avx2", "avx512", "vnni")
@@ -426,6 +426,29 @@ def gemm_q4(a, b, scales, zero_points, K: int, block_size: int) -> np.ndarray:
                          K, block_size, _ffi.from_buffer("float[]", y))
     _check(st, "gemm_q4")
     return y
+
+
+# ---- 7. GPTQ ----------------------------------------------------------------------
+
+
+def gptq_rows(w, u, cols, block_size: int, bits: int, symmetric: bool, dynamic: bool, scales,
+              zero_points=None) -> np.ndarray:
+    """GPTQ on the rows of w [rows, K] (float32) with u the upper Cholesky factor of the
+    damped inverse Hessian in quantization order and cols the original column of each
+    position -> codes uint8 [rows, K] in original order. Block parameters scales/zero_points [rows, nb] are inputs, or
+    outputs when ``dynamic`` (formulas in reference.gptq_rows). Single-threaded;
+    releases the GIL."""
+    if not _native():
+        return reference.gptq_rows(w, u, cols, block_size, bits, symmetric, dynamic, scales, zero_points)
+    w, u, cols = reference.check_gptq(w, u, cols, block_size, bits, symmetric, dynamic, scales, zero_points)
+    codes = np.empty(w.shape, dtype=np.uint8)
+    work = np.empty((min(w.shape[0], _lib.QT_GPTQ_TILE), w.shape[1]), dtype=np.float32)
+    st = _lib.qt_gptq_rows(_buf("float[]", w), w.shape[0], w.shape[1], _buf("float[]", u), _buf("int64_t[]", cols),
+                           block_size, bits, int(bool(symmetric)), int(bool(dynamic)), _ffi.from_buffer("float[]", scales),
+                           _ffi.NULL if zero_points is None else _ffi.from_buffer(zero_points), _ffi.from_buffer(codes),
+                           _ffi.from_buffer("float[]", work))
+    _check(st, "gptq_rows", w)
+    return codes
 
 
 # ---- composite: a float weight to MatMulNBits inputs ------------------------------

@@ -240,3 +240,38 @@ def zero_points_or_default(zero_points, n: int, nb: int, bits: int) -> np.ndarra
     if zp.shape != (n, nb) or zp.dtype != np.uint8:
         raise arg_error("pack_matmulnbits", f"zero_points must be uint8 [{n}, {nb}]")
     return zp
+
+
+def check_gptq(w, u, cols, block_size: int, bits: int, symmetric: bool, dynamic: bool,
+               scales, zero_points):
+    """gptq_rows' arguments -> (w, u, cols) as contiguous float32 / int64 arrays. scales and
+    zero_points are written in place, so they must be writable contiguous arrays of the
+    exact dtype (no silent copies)."""
+    def inplace(a, dtype, shape, what):
+        if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == shape
+                and a.flags.c_contiguous and a.flags.writeable):
+            raise arg_error("gptq_rows", f"{what} must be a writable contiguous {np.dtype(dtype)} array of shape {shape}")
+
+    w = np.ascontiguousarray(w, dtype=_F32)
+    if w.ndim != 2 or w.shape[1] < 1:
+        raise arg_error("gptq_rows", "w must be float32 [rows, K] with K >= 1")
+    rows, k = w.shape
+    if not 2 <= bits <= 8 or block_size < 1:
+        raise arg_error("gptq_rows", f"need bits in [2, 8] and block_size >= 1, got {bits}, {block_size}")
+    nb = -(-k // block_size)
+    inplace(scales, _F32, (rows, nb), "scales")
+    if symmetric != (zero_points is None):
+        raise arg_error("gptq_rows", "zero_points must be given exactly when asymmetric")
+    if zero_points is not None:
+        inplace(zero_points, np.uint8, (rows, nb), "zero_points")
+    u = np.ascontiguousarray(u, dtype=_F32)
+    cols = np.ascontiguousarray(cols, dtype=np.int64)
+    d = np.diagonal(u) if u.shape == (k, k) else None
+    if d is None or not (np.isfinite(d).all() and (d != 0).all()):
+        raise arg_error("gptq_rows", f"u must be float32 [{k}, {k}] with a finite non-zero diagonal")
+    if cols.shape != (k,) or not np.array_equal(np.sort(cols), np.arange(k)) \
+            or (dynamic and not np.array_equal(cols, np.arange(k))):
+        raise arg_error("gptq_rows", "cols must be a permutation of 0..K-1 (the identity when dynamic)")
+    if not dynamic and not (np.isfinite(scales).all() and (scales != 0).all()):
+        raise arg_error("gptq_rows", "scales must be finite and non-zero")
+    return w, u, cols

@@ -65,9 +65,8 @@ class ActivationStats:
         """One batch's moments: ``X^T X`` by a float32 GEMM (half a float64 one's time; a
         batch is a few thousand rows at most, so float32 sums keep ~6 digits), held in
         float64 so that summing many batches loses nothing more."""
-        x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, np.shape(x)[-1])
-        xtx = (x2.T @ x2).astype(np.float64)
-        return cls(xtx, np.abs(x2).sum(0, dtype=np.float64), x2.shape[0])
+        xtx, abs_sum, count = batch_moments(x)
+        return cls(xtx.astype(np.float64), abs_sum, count)
 
     def merged(self, other: ActivationStats) -> ActivationStats:
         return ActivationStats(self.xtx + other.xtx, self.abs_sum + other.abs_sum, self.count + other.count)
@@ -76,6 +75,18 @@ class ActivationStats:
     def hessian(self) -> np.ndarray:
         """``H = 2 X^T X / n`` (float64 [K, K])."""
         return 2.0 * self.xtx / max(self.count, 1)
+
+
+def batch_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(``X^T X`` float32 [K, K], ``sum |X|`` float64 [K], rows) of one batch ``x[..., K]``.
+
+    The product is a GEMM of a transposed copy with X: with X^T X written as X.T @ X,
+    numpy takes BLAS's symmetric rank-k update, which took twice as long at K = 1536 on
+    128-row batches (SmolLM2's down_proj input). Callers keep sums in float64; adding
+    this float32 result into them directly (``np.add(acc, xtx, out=acc)``) avoids a float64
+    temporary per batch and gives the same sums."""
+    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, np.shape(x)[-1])
+    return np.ascontiguousarray(x2.T) @ x2, np.abs(x2).sum(0, dtype=np.float64), x2.shape[0]
 
 
 @dataclass(frozen=True)
@@ -311,19 +322,29 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float
     return output_errors(w, [w_hat], hessian)[0]
 
 
-def _quadratic(d: np.ndarray, h32: np.ndarray) -> float:
-    """``tr(D H D^T)``: the product by a float32 GEMM (the N x K x K cost of every error),
-    the sum in float64."""
+# Row chunks of the error products: a chunk of D (and AWQ's temporaries) stays in cache,
+# and each chunk's float32 Gram matrix is summed in float64.
+_ROWS = 2048
+
+
+def _quadratic(d: np.ndarray, h: np.ndarray) -> float:
+    """``tr(D H D^T) = <H, D^T D>``: the Gram matrix D^T D by float32 products of row chunks
+    of D with themselves (BLAS's symmetric rank-k update, half the work of D @ H) summed in
+    float64, then its inner product with H in float64."""
     d = np.ascontiguousarray(d, dtype=np.float32)
-    return float(np.einsum("nk,nk->", d @ h32, d, dtype=np.float64))
+    gram = np.zeros((d.shape[1], d.shape[1]))
+    for r0 in range(0, d.shape[0], _ROWS):
+        part = d[r0 : r0 + _ROWS]
+        gram += part.T @ part
+    return float(np.einsum("ij,ij->", gram, h))
 
 
 def output_errors(w: np.ndarray, w_hats: list[np.ndarray], hessian: np.ndarray) -> list[float]:
     """``output_error`` of several reconstructions of one ``w`` (its denominator once)."""
     w = np.asarray(w, np.float32)
-    h32 = np.asarray(hessian, np.float32)
-    den = _quadratic(w, h32)
-    nums = [_quadratic(w - np.asarray(w_hat, np.float32), h32) for w_hat in w_hats]
+    h = np.asarray(hessian, np.float64)
+    den = _quadratic(w, h)
+    nums = [_quadratic(w - np.asarray(w_hat, np.float32), h) for w_hat in w_hats]
     return [num / den if den > 0 else num for num in nums]
 
 
@@ -342,22 +363,36 @@ def awq(
     Returns the quantized scaled weight and the activation factor ``1/s`` [K] (None when
     alpha = 0 won, i.e. no rescaling is needed).
     """
-    w = np.asarray(w, np.float32)
-    h32 = stats.hessian.astype(np.float32)
-    den = _quadratic(w, h32)  # the same for every alpha: only the numerators are compared
+    w = np.ascontiguousarray(w, np.float32)
+    h = stats.hessian
+    den = _quadratic(w, h)  # the same for every alpha: only the numerators are compared
     m = np.maximum(stats.abs_sum / max(stats.count, 1), 1e-8)
     best = None
     for alpha in np.linspace(0.0, 1.0, n_grid):
         s = np.power(m, alpha)
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        bq = rtn(w * s[None, :], bits, block_size, symmetric)
-        w_hat = bq.dequantize() / s[None, :]
-        num = _quadratic(w - w_hat, h32)
+        num = _awq_error(w, s, bits, block_size, symmetric, h)
         err = num / den if den > 0 else num
         if best is None or err < best[0]:
-            best = (err, bq, s, alpha)
-    _, bq, s, alpha = best
+            best = (err, s, alpha)
+    _, s, alpha = best
+    bq = rtn(w * s[None, :], bits, block_size, symmetric)  # rows are independent: the chunks' codes
     return bq, (None if alpha == 0 else (1.0 / s).astype(np.float32))
+
+
+def _awq_error(w: np.ndarray, s: np.ndarray, bits: int, block_size: int, symmetric: bool,
+               h: np.ndarray) -> float:
+    """``tr(D H D^T)`` for ``D = w - rtn(w * s) / s``, made and consumed one row chunk at a
+    time (the same chunks and sums as _quadratic on the whole D, without its four
+    full-size temporaries per alpha)."""
+    gram = np.zeros((w.shape[1], w.shape[1]))
+    for r0 in range(0, w.shape[0], _ROWS):
+        wc = w[r0 : r0 + _ROWS]
+        d = rtn(wc * s[None, :], bits, block_size, symmetric).dequantize()
+        d /= s[None, :]
+        np.subtract(wc, d, out=d)
+        gram += d.T @ d
+    return float(np.einsum("ij,ij->", gram, h))
 
 
 # ---- dispatch ----------------------------------------------------------------------------
@@ -386,19 +421,30 @@ def quantize_weight(
         )
     w = np.asarray(w, dtype=np.float32)
     bq, input_scale = REGISTRY[algorithm].run(w, bits, block_size, symmetric, stats)
-    w_hat = bq.dequantize()
-    if input_scale is not None:
-        w_hat = w_hat * input_scale[None, :]
-    err = float(np.mean((w - w_hat) ** 2))
+    d = _difference(w, bq, input_scale)
+    err = _mean_square(d)
     if not compare and algorithm == "rtn":
         return QuantOutcome(bq, err, err)
-    base = bq if algorithm == "rtn" else rtn(w, bits, block_size, symmetric)
-    base_hat = base.dequantize()
-    rtn_err = float(np.mean((w - base_hat) ** 2))
+    d_rtn = d if algorithm == "rtn" else _difference(w, rtn(w, bits, block_size, symmetric), None)
+    rtn_err = _mean_square(d_rtn)
     out_err = rtn_out = None
     if stats is not None and algorithm in DATA_AWARE:
-        out_err, rtn_out = output_errors(w, [w_hat, base_hat], stats.hessian)
+        h = stats.hessian
+        den = _quadratic(w, h)
+        out_err, rtn_out = ((_quadratic(x, h) / den if den > 0 else _quadratic(x, h)) for x in (d, d_rtn))
     return QuantOutcome(bq, err, rtn_err, out_err, rtn_out, input_scale)
+
+
+def _difference(w: np.ndarray, bq: BlockQuant, input_scale: np.ndarray | None) -> np.ndarray:
+    """``w - w_hat`` (float32), made in the dequantized array (one temporary, not three)."""
+    d = bq.dequantize()
+    if input_scale is not None:
+        d *= input_scale[None, :]
+    return np.subtract(w, d, out=d)
+
+
+def _mean_square(d: np.ndarray) -> float:
+    return float(np.einsum("ij,ij->", d, d, dtype=np.float64)) / max(d.size, 1)
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from qtool.config import Recipe
 from qtool.passes.weight_only.items import weight_only_inputs
-from qtool.quant.blockwise import ActivationStats
+from qtool.quant.blockwise import ActivationStats, batch_moments
 
 
 def collect_weight_only_stats(
@@ -37,14 +39,14 @@ def collect_weight_only_stats(
     # reuse=1: each batch is folded into the sums before the next one runs
     for ids, tensors in stream_tensors(model, dataset, names, batch_size=batch_size, limit=limit, reuse=1):
         for name in names:
-            s = ActivationStats.from_activations(tensors[name])
+            xtx, abs_sum, count = batch_moments(tensors[name])
             if name not in sums:
-                sums[name] = [s.xtx, s.abs_sum, s.count]
+                sums[name] = [xtx.astype(np.float64), abs_sum, count]
             else:
                 acc = sums[name]
-                acc[0] += s.xtx
-                acc[1] += s.abs_sum
-                acc[2] += s.count
+                np.add(acc[0], xtx, out=acc[0])  # float32 into the float64 sum, no temporary
+                acc[1] += abs_sum
+                acc[2] += count
         done += len(ids)
         if on_progress is not None:
             on_progress(done, total)
