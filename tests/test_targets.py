@@ -67,9 +67,11 @@ def test_openvino_puts_symmetric_qdq_only_on_int8_op_inputs():
     assert types["x"] == np.int8  # a standard-normal input is signed
     relu_out = next(n.output[0] for n in proto.graph.node if n.op_type == "Relu")
     assert types[relu_out] == np.uint8  # non-negative after ReLU
-    # No Q on the output of the residual Add (GlobalAveragePool has no int8 kernel), no int32 bias.
+    # The residual Add's output gets a Q only because GlobalAveragePool reads it in int8
+    # (NNCF's CPU config quantizes AVG_POOL inputs); no int32 bias.
     add_out = next(n.output[0] for n in proto.graph.node if n.op_type == "Add")
-    assert add_out not in types
+    gap = next(n for n in ir.to_proto(model).graph.node if n.op_type == "GlobalAveragePool")
+    assert add_out in types and producers[gap.input[0]].op_type == "DequantizeLinear"
     assert not any(a.dtype == np.int32 for a in inits.values())
     # Each Conv reads DQ on its activation and its weight; the Add reads DQ on both inputs.
     for node in ir.to_proto(model).graph.node:

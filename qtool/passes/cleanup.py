@@ -46,6 +46,23 @@ def _same_params(a: ir.Node, b: ir.Node) -> bool:
     return a.attributes.get_int("axis", 1) == b.attributes.get_int("axis", 1)
 
 
+def _dequantized(value: ir.Value) -> bool:
+    """A DequantizeLinear output, directly or through data movement the runtime runs on the
+    integer tensor (qtool.targets.propagate moves Qs above such ops for OpenVINO)."""
+    from qtool.targets.propagate import agnostic
+
+    for _ in range(16):
+        producer = value.producer()
+        if producer is None:
+            return False
+        if producer.op_type == "DequantizeLinear":
+            return True
+        if not agnostic(producer) or value is not producer.outputs[0] and producer.op_type != "Split":
+            return False
+        value = producer.inputs[0]
+    return False
+
+
 def integer_ready(node: ir.Node) -> bool:
     """Whether a runtime can run ``node`` on integers: a registry op whose activation and
     weight inputs all come from DequantizeLinear (data-movement ops need just one)."""
@@ -53,8 +70,7 @@ def integer_ready(node: ir.Node) -> bool:
     if rule is None:
         return False
     indices = set(ops.activation_inputs(node)) | {i for i in rule.weights if i < len(node.inputs)}
-    fed = [_producer_op(node.inputs[i]) == "DequantizeLinear" for i in sorted(indices)
-           if node.inputs[i] is not None]
+    fed = [_dequantized(node.inputs[i]) for i in sorted(indices) if node.inputs[i] is not None]
     if not fed:
         return False
     return fed[0] if rule.share_scale else all(fed)

@@ -48,7 +48,7 @@ from qtool.quant.scales import (
     weight_params,
 )
 from qtool.targets import placement as target_rules
-from qtool.targets import placement_for
+from qtool.targets import placement_for, propagate
 
 Ranges = Mapping[str, tuple[float, float]]
 
@@ -378,6 +378,8 @@ def quantize_static(
         _plan_node(plan, node)
         if on_progress is not None:
             on_progress(done, total)
+    if plan.placement.propagate:  # OpenVINO: one Q per int8 region (qtool.targets.propagate)
+        plan.params = propagate(model, plan.params, plan.ranges, plan.params_from, is_float_activation, plan.wide)
     quantize_gathers(model, recipe, plan.b, report)
     for producer, act in plan.folds:
         _fold(plan.b, producer, act)

@@ -13,9 +13,10 @@ import dataclasses
 from qtool.config import QuantizeConfig, Recipe
 from qtool.errors import UsageError
 from qtool.targets.presets import INT8_COMPUTE_OPS, TARGET_NAMES, TARGETS, Placement, Target
+from qtool.targets.propagate import propagate
 
 __all__ = ["INT8_COMPUTE_OPS", "TARGETS", "TARGET_NAMES", "Placement", "Target", "apply_target",
-           "cpu_target", "placement_for", "resolve", "target_conflicts"]
+           "cpu_target", "placement_for", "propagate", "resolve", "target_conflicts"]
 
 DEFAULT_PLACEMENT = Placement()
 # Recipe keys a preset decides per tensor, so that no single value can be given for them.

@@ -34,7 +34,13 @@ openvino (OpenVINO CPU plugin, low-precision transformations): Q/DQ only on the 
   (Gather of a constant) stored int8 per row, rescaled after the lookup (4x smaller, the
   lookup itself is memory-bound). x * f(x) activations (SiLU, GELU, hard-swish) get no
   Q/DQ between their halves: NNCF leaves them float too (checked on a YOLOX detector and
-  PP-OCR; qtool.targets.placement). Measured here
+  PP-OCR; qtool.targets.placement). Average pools get a Q on their input too (NNCF's CPU
+  config quantizes AVG_POOL). Each Q then moves up through data movement (Reshape,
+  Transpose, Slice, Split, MaxPool, nearest Resize...) to the op producing the tensor, and
+  a Concat's inputs share one scale, after NNCF's quantizer propagation and "unified
+  scales" (qtool.targets.propagate): OpenVINO then fuses every Q into the Conv/MatMul
+  before it and runs the data movement in int8, where a Q after a Transpose or Concat ran
+  as an f32 FakeQuantize after an f32 Transpose/Concat. Measured here
   against nncf.quantize's placement (bench/targets.py).
 qnn (onnxruntime QNN EP, Qualcomm HTP): QDQ node units on every op (the HTP backend runs
   only quantized ops; a float op falls back to the CPU EP), uint8 asymmetric activations,
@@ -70,6 +76,9 @@ class Placement:
     ``per_channel_ops``: op types whose weights may be per-channel (None: every op that
     has an output-channel axis). ``per_tensor_below_13``: a model below opset 13 (per-axis
     Q/DQ) gets per-tensor weights instead of an error, as qtool's default does.
+    ``propagate``: move each Q up through data-movement ops to the op that produces the
+    tensor and give a Concat's inputs one scale (qtool.targets.propagate, after NNCF's
+    quantizer propagation).
     """
 
     outputs: bool = True
@@ -79,6 +88,7 @@ class Placement:
     weight_qmax: int = 127
     per_channel_ops: frozenset[str] | None = None
     per_tensor_below_13: bool = False  # opset < 13 without upgrade: per-tensor weights
+    propagate: bool = False  # move Qs up through data movement, unify Concat scales
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,11 @@ class Target:
 # The ops LPT and TensorRT run in int8 when all their inputs are quantized.
 INT8_COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul")
 
+# Average pools OpenVINO runs on int8 input when it is quantized (NNCF's CPU config,
+# nncf/common/hardware/setups/cpu.py, gives AVG_POOL an activation quantization space):
+# without a Q before them a global pool runs in f32 and the Conv before it writes f32.
+OPENVINO_POOLS = ("AveragePool", "GlobalAveragePool")
+
 _ORT_CPU = {"activation_type": "uint8", "weight_type": "int8", "symmetric_activations": False,
             "per_channel": True}
 
@@ -109,9 +124,9 @@ TARGETS: dict[str, Target] = {
     "openvino": Target(
         "openvino", "OpenVINO CPU: symmetric Q/DQ on the inputs of the ops LPT runs in int8",
         {"weight_type": "int8", "symmetric_activations": True, "per_channel": True,
-         "op_types": (*INT8_COMPUTE_OPS, "Gather"), "allow_opset_upgrade": True},
+         "op_types": (*INT8_COMPUTE_OPS, *OPENVINO_POOLS, "Gather"), "allow_opset_upgrade": True},
         Placement(outputs=False, activation_sign="by-range", int32_bias=False,
-                  elementwise_constants=False)),
+                  elementwise_constants=False, propagate=True)),
     "qnn": Target(
         "qnn", "onnxruntime QNN EP (Qualcomm HTP): u8 QDQ node units, per-channel Conv only",
         {"activation_type": "uint8", "weight_type": "int8", "symmetric_activations": False,
