@@ -157,11 +157,17 @@ def graph_inputs(path: Path) -> list[str]:
     return [i.name for i in m.graph.input if i.name not in inits]
 
 
+# Bias correction: what `convert --data` runs by default (--scheme auto) and what
+# nncf.quantize runs by default (fast bias correction), so neither side gets a recovery
+# pass the other lacks. --no-guard keeps the one-shot conversion nncf.quantize also is.
+QTOOL_RECOVERY = ("--recover", "bias")
+
+
 def qtool_convert(name: str, target: str, out: Path) -> dict:
-    """qtool convert --target TARGET, one shot on the calibration split (--no-guard), as
-    nncf.quantize is run: the metric columns then compare the two placements alone."""
+    """qtool convert --target TARGET, one shot on the calibration split (--no-guard) with
+    bias correction, as nncf.quantize is run: the metric columns then compare placements."""
     cmd = [sys.executable, "-m", "qtool", "--quiet", "convert", str(float_model(name)), "-o", str(out),
-           "--data", str(calib_dir(name)), "--target", target, "--no-guard", "--json"]
+           "--data", str(calib_dir(name)), "--target", target, "--no-guard", *QTOOL_RECOVERY, "--json"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -169,7 +175,7 @@ def qtool_convert(name: str, target: str, out: Path) -> dict:
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"qtool --target {target} failed on {name}: {done.stderr[-2000:]}")
     report = json.loads(done.stdout)
-    return {"seconds": seconds, "fidelity": report.get("fidelity")}
+    return {"seconds": seconds, "fidelity": report.get("fidelity"), "flags": " ".join(QTOOL_RECOVERY)}
 
 
 def nncf_quantize(name: str, out: Path) -> dict:
@@ -189,7 +195,7 @@ def nncf_quantize(name: str, out: Path) -> dict:
     return {"seconds": time.perf_counter() - t0, "model_type": str(kwargs.get("model_type", "default"))}
 
 
-def prepare(name: str, fresh: bool) -> dict:
+def prepare(name: str, fresh: bool, remake: tuple[str, ...] = ()) -> dict:
     folder = WORK / name
     folder.mkdir(parents=True, exist_ok=True)
     files = {"float": float_model(name)}
@@ -201,7 +207,7 @@ def prepare(name: str, fresh: bool) -> dict:
                       ("qtool_openvino", lambda p: qtool_convert(name, "openvino", p)),
                       ("nncf", lambda p: nncf_quantize(name, p))):
         path = folder / f"{key}.onnx"
-        if fresh or not path.exists() or key not in notes:
+        if fresh or key in remake or not path.exists() or key not in notes:
             log(f"{name}: making {key}")
             notes[key] = make(path)
             notes_path.write_text(json.dumps(notes, indent=1))
@@ -243,12 +249,17 @@ def time_one(runtime: str, hint: str, path: str, feed_path: str) -> None:
     sess = open_session(runtime, None if hint == "-" else hint, Path(path))
     for _ in range(WARMUP):
         sess.run(None, feed)
-    times = []
+    times, cpu = [], []
     for _ in range(RUNS):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         sess.run(None, feed)
         times.append((time.perf_counter() - t0) * 1e3)
-    print(json.dumps({"median_ms": float(np.median(times)), "min_ms": float(min(times))}))
+        cpu.append((time.process_time() - c0) * 1e3)
+    # CPU time of the process (all its threads) per inference: unlike wall time it does not
+    # count the time the other engineers' jobs hold the cores, so it ranks configurations
+    # on a loaded machine (it does count a thread pool's spinning).
+    print(json.dumps({"median_ms": float(np.median(times)), "min_ms": float(min(times)),
+                      "cpu_ms": float(np.median(cpu))}))
 
 
 def timed_rounds(prepared: dict, rounds: int) -> dict[str, list[dict]]:
@@ -400,43 +411,106 @@ def render(prepared: dict, metrics: dict, times: dict, rounds: int, load: str) -
         "`python bench/targets.py` (issue 15). Batch 1, 2 threads; latency = median over "
         f"{rounds} rounds of the per-process median of {RUNS} runs (each round a fresh process "
         "per model and configuration, order rotated and reversed between rounds); min = the "
-        "fastest single run seen. The machine is shared by other engineers' jobs "
-        f"(load average at start: {load}); ratios between rows of one model are the reliable part.",
-        "qtool converts once with --no-guard and NNCF runs nncf.quantize once, both on the same "
-        "calibration split; metrics on the eval split, on the runtime named in the row.",
+        "fastest single run seen; cpu = median process CPU time per inference (all threads), "
+        "which the other engineers' jobs do not inflate the way they inflate wall time. The "
+        f"machine is shared (load average at start: {load}, at the end: {_load()}); ratios "
+        "between rows of one model are the reliable part, CPU-time ratios most of all.",
+        "qtool converts once with --no-guard and --recover bias (the bias correction `convert "
+        "--data` runs by default), NNCF runs nncf.quantize once (its default includes fast bias "
+        "correction), both on the same calibration split; metrics on the eval split, on the "
+        "runtime named in the row.",
         "",
+        "## Issue 15's targets: qtool --target openvino against OpenVINO's float and NNCF",
+        "",
+        "Each side at its faster precision hint (f32 or default, by median wall time); "
+        "ratios > 1 mean qtool is faster. wall / cpu.",
+        "",
+        "| model | qtool OV ms (hint) | vs OV f32 float | vs OV default float | vs NNCF int8 | metric qtool / NNCF |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    lines += [_verdict(name, times, metrics) for name in prepared]
+    lines.append("")
     for name, p in prepared.items():
-        kind = MODELS_USED[name][0]
-        f32 = _median(times.get(f"{name}|float OV f32"))
-        lines += [f"## {name} ({kind})", "",
-                  "| configuration | latency ms (median) | min ms | vs OV f32 | metric | size MB |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for label, _runtime, _hint, key in CONFIGS:
-            t = times.get(f"{name}|{label}")
-            med = _median(t)
-            mins = min((x["min_ms"] for x in t), default=None) if t else None
-            m = metrics.get(f"{name}|{label}", {})
-            mv = m.get("value")
-            size = Path(p["files"][key]).stat().st_size / 1e6
-            speed = f"{f32 / med:.2f}x" if med and f32 else "-"
-            lines.append(f"| {label} | {_fmt(med)} | {_fmt(mins)} | {speed} | "
-                         f"{m.get('key', '')} {_fmt(mv, 4)} | {size:.2f} |")
-        notes = p["notes"]
-        lines += ["", "conversion time: " + "; ".join(
-            f"qtool --target {k.split('_', 1)[1]} {v.get('seconds', 0):.0f} s" for k, v in notes.items()
-            if k.startswith("qtool")) + "; "
-            f"NNCF (model type {notes.get('nncf', {}).get('model_type')}) "
-            f"{notes.get('nncf', {}).get('seconds', 0):.0f} s.", ""]
+        lines += _model_table(name, p, metrics, times)
     return "\n".join(lines) + "\n"
 
 
-def _median(t: list[dict] | None) -> float | None:
-    return float(np.median([x["median_ms"] for x in t])) if t else None
+def _load() -> str:
+    return open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
+
+
+def _best(name: str, times: dict, labels: tuple[str, ...]) -> tuple[str, dict | None]:
+    """The label among ``labels`` with the lowest median wall time, and its medians."""
+    got = [(label, {"wall": _median(times.get(f"{name}|{label}")),
+                    "cpu": _median(times.get(f"{name}|{label}"), "cpu_ms")}) for label in labels]
+    got = [g for g in got if g[1]["wall"] is not None]
+    return min(got, key=lambda g: g[1]["wall"]) if got else ("-", None)
+
+
+def _verdict(name: str, times: dict, metrics: dict) -> str:
+    label, q = _best(name, times, ("qtool openvino OV f32", "qtool openvino OV default"))
+    nncf_label, n = _best(name, times, ("NNCF OV f32", "NNCF OV default"))
+    f32 = {"wall": _median(times.get(f"{name}|float OV f32")),
+           "cpu": _median(times.get(f"{name}|float OV f32"), "cpu_ms")}
+    dflt = {"wall": _median(times.get(f"{name}|float OV default")),
+            "cpu": _median(times.get(f"{name}|float OV default"), "cpu_ms")}
+
+    def ratio(other: dict | None) -> str:
+        if q is None or other is None or not other["wall"]:
+            return "-"
+        cpu = f"{other['cpu'] / q['cpu']:.2f}x" if other.get("cpu") and q.get("cpu") else "-"
+        return f"{other['wall'] / q['wall']:.2f}x / {cpu}"
+
+    mq, mn = metrics.get(f"{name}|{label}", {}), metrics.get(f"{name}|{nncf_label}", {})
+    hint = label.rsplit(" ", 1)[-1]
+    return (f"| {name} | {_fmt(q and q['wall'])} ({hint}) | {ratio(f32)} | {ratio(dflt)} | {ratio(n)} | "
+            f"{mq.get('key', '')} {_fmt(mq.get('value'), 4)} / {_fmt(mn.get('value'), 4)} |")
+
+
+def _model_table(name: str, p: dict, metrics: dict, times: dict) -> list[str]:
+    kind = MODELS_USED[name][0]
+    f32 = _median(times.get(f"{name}|float OV f32"))
+    f32_cpu = _median(times.get(f"{name}|float OV f32"), "cpu_ms")
+    lines = [f"## {name} ({kind})", "",
+             "| configuration | latency ms (median) | min ms | cpu ms | vs OV f32 (wall / cpu) | metric | size MB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, _runtime, _hint, key in CONFIGS:
+        t = times.get(f"{name}|{label}")
+        med, cpu = _median(t), _median(t, "cpu_ms")
+        mins = min((x["min_ms"] for x in t), default=None) if t else None
+        m = metrics.get(f"{name}|{label}", {})
+        size = Path(p["files"][key]).stat().st_size / 1e6
+        speed = f"{f32 / med:.2f}x" if med and f32 else "-"
+        speed += f" / {f32_cpu / cpu:.2f}x" if cpu and f32_cpu else ""
+        lines.append(f"| {label} | {_fmt(med)} | {_fmt(mins)} | {_fmt(cpu)} | {speed} | "
+                     f"{m.get('key', '')} {_fmt(m.get('value'), 4)} | {size:.2f} |")
+    notes = p["notes"]
+    lines += ["", "conversion time: " + "; ".join(
+        f"qtool --target {k.split('_', 1)[1]} {v.get('seconds', 0):.0f} s" for k, v in notes.items()
+        if k.startswith("qtool")) + "; "
+        f"NNCF (model type {notes.get('nncf', {}).get('model_type')}) "
+        f"{notes.get('nncf', {}).get('seconds', 0):.0f} s.", ""]
+    return lines
+
+
+def _median(t: list[dict] | None, key: str = "median_ms") -> float | None:
+    vals = [x[key] for x in t or () if key in x]
+    return float(np.median(vals)) if vals else None
 
 
 def _fmt(v, digits: int = 2) -> str:  # noqa: ANN001 - float or None
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _saturation_kept(out: Path) -> str:
+    """The saturation section of an earlier results file (`targets.py saturation`), if any."""
+    marker = "## Without VNNI"
+    text = out.read_text() if out.exists() else ""
+    if marker not in text:
+        return ""
+    section = text[text.index(marker):]
+    note = "(kept from an earlier `bench/targets.py saturation` run; not re-run with the tables above)"
+    return "\n" + section if note in section else "\n" + section.replace("\n", "\n\n" + note + "\n", 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,15 +530,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=list(MODELS_USED), default=list(MODELS_USED))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fresh", action="store_true", help="convert again even when cached")
+    parser.add_argument("--remake", nargs="*", default=[], choices=["qtool_cpu", "qtool_openvino", "nncf"],
+                        help="convert these again (e.g. after a placement change), keep the rest")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    load = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
+    load = _load()
     prepared = {}
     for name in args.only:
         if not float_model(name).exists():
             log(f"{name}: {float_model(name)} missing (bench/zoo.py prepare / bench/corpus.py check); skipped")
             continue
-        prepared[name] = prepare(name, args.fresh)
+        prepared[name] = prepare(name, args.fresh, tuple(args.remake))
     metrics = {}
     for name, p in prepared.items():
         for label, runtime, hint, key in CONFIGS:
@@ -472,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics[f"{name}|{label}"] = metric(name, runtime, hint, p["files"][key])
     times = timed_rounds(prepared, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(prepared, metrics, times, args.rounds, load))
+    kept = _saturation_kept(args.out)  # `targets.py saturation` appends it; not re-run here
+    args.out.write_text(render(prepared, metrics, times, args.rounds, load) + kept)
     (WORK / "last_run.json").write_text(json.dumps({"metrics": metrics, "times": times}, default=str, indent=1))
     log(f"wrote {args.out}")
     return 0
