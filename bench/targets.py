@@ -43,7 +43,9 @@ ROOT = HERE.parent
 WORK = CACHE / "targets"
 RESULTS = HERE / "results" / "targets.md"
 CORPUS_DIR = Path(os.environ.get("QTOOL_CORPUS_DIR", "/work/wt/corpus/bench/.cache/corpus"))
-RUNS, WARMUP = 25, 3
+# Each timing process runs at least RUNS inferences and at least SECONDS of them: on a loaded
+# machine 25 runs of a 5 ms model are one scheduling accident away from a wrong median.
+RUNS, WARMUP, SECONDS = 25, 3, 3.0
 
 # name -> (kind, source): "zoo" models come from bench/zoo.py, "corpus" ones from bench/corpus.py.
 MODELS_USED = {
@@ -250,7 +252,8 @@ def time_one(runtime: str, hint: str, path: str, feed_path: str) -> None:
     for _ in range(WARMUP):
         sess.run(None, feed)
     times, cpu = [], []
-    for _ in range(RUNS):
+    end = time.perf_counter() + SECONDS
+    while len(times) < RUNS or time.perf_counter() < end:
         t0, c0 = time.perf_counter(), time.process_time()
         sess.run(None, feed)
         times.append((time.perf_counter() - t0) * 1e3)
@@ -409,7 +412,7 @@ def render(prepared: dict, metrics: dict, times: dict, rounds: int, load: str) -
         "# Deployment targets: float and int8 on onnxruntime and OpenVINO",
         "",
         "`python bench/targets.py` (issue 15). Batch 1, 2 threads; latency = median over "
-        f"{rounds} rounds of the per-process median of {RUNS} runs (each round a fresh process "
+        f"{rounds} rounds of the per-process median of at least {RUNS} runs and {SECONDS:.0f} s (each round a fresh process "
         "per model and configuration, order rotated and reversed between rounds); min = the "
         "fastest single run seen; cpu = median process CPU time per inference (all threads), "
         "which the other engineers' jobs do not inflate the way they inflate wall time. The "
