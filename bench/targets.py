@@ -505,6 +505,51 @@ def _fmt(v, digits: int = 2) -> str:  # noqa: ANN001 - float or None
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+# ---- which layers OpenVINO ran in f32 (its compiled model's runtime info) -----------------
+
+QUIET_LAYERS = ("Const", "Input", "Output", "Reshape", "ShapeOf")  # no work, or no data
+
+
+def f32_layers(path: Path, hint: str) -> list[str]:
+    """The layers of OpenVINO's compiled model (``get_runtime_model()``) that compute in f32
+    (runtimePrecision) although the model is int8, as "type: original layer names"."""
+    import openvino as ov
+
+    cfg = {"INFERENCE_NUM_THREADS": THREADS}
+    if hint != "default":
+        cfg["INFERENCE_PRECISION_HINT"] = hint
+    runtime = ov.Core().compile_model(str(path), "CPU", cfg).get_runtime_model()
+    out = []
+    for op in runtime.get_ordered_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
+        if precision == "f32" and kind not in QUIET_LAYERS:
+            names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
+            out.append(f"{kind}: {names or op.get_friendly_name()}")
+    return out
+
+
+def layers_section(names: list[str]) -> str:
+    """Per model, the f32 layers of qtool --target openvino and of NNCF's int8 (f32 hint)."""
+    lines = ["## Layers OpenVINO ran in f32 in the int8 models (f32 hint)", "",
+             "From the compiled model's runtime info (`get_runtime_model()`, runtimePrecision), "
+             f"leaving out {', '.join(QUIET_LAYERS)}. A FakeQuantize in this list is a Q/DQ pair "
+             "OpenVINO did not fuse into the op before it.", "",
+             "| model | qtool --target openvino | NNCF |", "|---|---|---|"]
+    for name in names:
+        cells = []
+        for key in ("qtool_openvino", "nncf"):
+            path = WORK / name / f"{key}.onnx"
+            got = f32_layers(path, "f32") if path.exists() else ["(not converted)"]
+            kinds: dict[str, int] = {}
+            for layer in got:
+                kinds[layer.split(":")[0]] = kinds.get(layer.split(":")[0], 0) + 1
+            cells.append(", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "none")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
 def _saturation_kept(out: Path) -> str:
     """The saturation section of an earlier results file (`targets.py saturation`), if any."""
     marker = "## Without VNNI"
@@ -520,6 +565,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_time":
         time_one(*argv[1:5])
+        return 0
+    if argv and argv[0] == "layers":  # appends the f32-layer section to the results file
+        names = [a for a in argv[1:] if a in MODELS_USED] or list(MODELS_USED)
+        with RESULTS.open("a") as f:
+            f.write("\n" + layers_section(names))
+        log(f"appended the f32-layer section to {RESULTS}")
         return 0
     if argv and argv[0] == "saturation":  # appends its section to the results file (or --out)
         rest = argv[1:]
