@@ -235,6 +235,13 @@ def _cancelling(path):
                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], path)
 
 
+def _rows(folder, width, n=40):
+    folder.mkdir()
+    for i in range(n):
+        np.save(folder / f"s{i:02d}.npy", RNG.standard_normal((1, width)).astype(np.float32))
+    return folder
+
+
 def test_fp16_weights_store_half_the_bytes_behind_a_cast_and_keep_out_of_range_weights_float(tmp_path):
     src = _mixed(tmp_path / "m.onnx")
     proto = onnx.load(src)
@@ -255,11 +262,7 @@ def test_fp16_weights_store_half_the_bytes_behind_a_cast_and_keep_out_of_range_w
 def test_guard_ends_with_fp16_weights_when_weights_do_not_survive_int8(tmp_path, capsys):
     from qtool.pipeline.auto import FP16_WEIGHTS_LABEL
 
-    src = _cancelling(tmp_path / "c.onnx")
-    data = tmp_path / "d"
-    data.mkdir()
-    for i in range(40):
-        np.save(data / f"s{i:02d}.npy", RNG.standard_normal((1, 32)).astype(np.float32))
+    src, data = _cancelling(tmp_path / "c.onnx"), _rows(tmp_path / "d", 32)
     out = tmp_path / "q.onnx"
     assert run(["convert", src, "-o", str(out), "--data", str(data), "--json", "-q"]) == 0
     guard = json.loads(capsys.readouterr().out)["guard"]
@@ -300,11 +303,7 @@ def test_weight_storage_is_tried_even_when_repairs_used_the_budget(tmp_path, cap
     # never ran: with nothing at the floor, they are tried whatever the time spent.
     from qtool.pipeline.auto import FP16_WEIGHTS_LABEL
 
-    src = _cancelling(tmp_path / "c.onnx")
-    data = tmp_path / "d"
-    data.mkdir()
-    for i in range(40):
-        np.save(data / f"s{i:02d}.npy", RNG.standard_normal((1, 32)).astype(np.float32))
+    src, data = _cancelling(tmp_path / "c.onnx"), _rows(tmp_path / "d", 32)
     out = tmp_path / "q.onnx"
     assert run(["convert", src, "-o", str(out), "--data", str(data), "--guard-budget", "0.001", "--json", "-q"]) == 0
     guard = json.loads(capsys.readouterr().out)["guard"]
