@@ -177,7 +177,7 @@ def sweep_model(name: str, rounds: int, reuse: dict | None = None) -> dict:
         todo = todo[:1]
         kept = [r for r in reuse["rows"] if r["config"] not in ("fp32", DEFAULT)]
         for r in kept:
-            r["from_run"] = f"{reuse.get('tag', '?')} at {reuse['qtool_commit']}"
+            r.setdefault("from_run", f"{reuse.get('tag', '?')} at {reuse['qtool_commit']}")  # where it was first run
             if r.get("path") and not Path(r["path"]).exists():
                 r.pop("path")
     for i, (label, fn) in enumerate(todo):
