@@ -268,6 +268,10 @@ def test_guard_tries_recovery_on_static_candidates_only():
     assert list(recovery_repair("int8-dynamic", load_recipe("int8-dynamic"))) == []
     done = load_recipe("int8-static").override("recovery", passes=("cle", "smoothquant", "adaround", "bias"))
     assert list(recovery_repair("int8-static", done)) == []
+    # bias-full stands in for bias: the repair adds the others, not the fast variant beside it
+    full = load_recipe("int8-static").override("recovery", passes=("bias-full",))
+    label, recipe = next(recovery_repair("int8-static", full))
+    assert recipe.recovery.passes == ("cle", "smoothquant", "bias-full") and "bias," not in label
 
 
 def test_auto_mode_runs_the_default_recovery_and_none_switches_it_off(tmp_path, capsys):

@@ -218,9 +218,11 @@ def recovery_repair(label: str, recipe: Recipe) -> Iterator[tuple[str, Recipe]]:
     from qtool.pipeline.plan import plan_for
 
     have = recipe.recovery.passes
-    if plan_for(recipe).kind != "int8-static" or all(p in have for p in REPAIR):
+    # bias-full is the full variant of bias: a recipe with it needs no fast one beside it
+    wanted = tuple(p for p in REPAIR if not (p == "bias" and "bias-full" in have))
+    if plan_for(recipe).kind != "int8-static" or all(p in have for p in wanted):
         return
-    passes = tuple(p for p in PASSES if p in have or p in REPAIR)
+    passes = tuple(p for p in PASSES if p in have or p in wanted)
     yield f"{label} + recovery ({', '.join(passes)})", recipe.override("recovery", passes=passes)
 
 
