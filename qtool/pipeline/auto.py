@@ -239,14 +239,16 @@ class Guard:
         """The static candidate that met the floor, calibrated again with MSE-optimal ranges:
         the same graph, so the same size and speed, and only the held-out fidelity decides
         (a YOLOX-style detector: 22.0 dB with min/max ranges, 23.8 dB with MSE)."""
-        first = next((r for r in results if _good(r[0]) and not r[0].slower), None)
-        if first is None or first is not results[-1]:
+        from qtool.pipeline.plan import plan_for
+
+        # The search above stops at the first candidate that meets the floor and is not slower.
+        last = results[-1][0] if results else None
+        if last is None or not _good(last) or last.slower:
             return []
-        recipe = first[0].recipe
-        if plan_for_kind(recipe) != "int8-static" or recipe.calibration.method != "minmax":
+        if plan_for(last.recipe).kind != "int8-static" or last.recipe.calibration.method != "minmax":
             return []
-        variant = recipe.override("calibration", method=OTHER_RANGES)
-        return [self.attempt(f"{first[0].label}, {OTHER_RANGES} ranges", variant)]
+        variant = last.recipe.override("calibration", method=OTHER_RANGES)
+        return [self.attempt(f"{last.label}, {OTHER_RANGES} ranges", variant)]
 
     def raise_when_all_failed(self, results: list) -> None:
         """Every attempt failed to convert and one failure is the user's to fix (a flag, the
@@ -352,12 +354,11 @@ def _choose(good: list[tuple[Attempt, object]]) -> tuple[Attempt, object]:
             continue
         if b * CLEARLY_FASTER < a:
             chosen = other
-        elif (b <= a * SAME_SPEED and other[0].size_bytes <= chosen[0].size_bytes * SAME_SIZE
-              and other[0].worst_db() >= chosen[0].worst_db() + MORE_ACCURATE_DB):
-            chosen = other
-        elif (b <= a * SAME_SPEED and abs(other[0].size_bytes - chosen[0].size_bytes) <= SAME_GRAPH * chosen[0].size_bytes
-              and other[0].worst_db() >= chosen[0].worst_db() + OTHER_RANGES_DB):
-            chosen = other  # the same graph with other ranges: only accuracy differs
+        elif b <= a * SAME_SPEED and other[0].size_bytes <= chosen[0].size_bytes * SAME_SIZE:
+            # The same graph with other ranges (sizes within SAME_GRAPH): only accuracy differs.
+            same_graph = abs(other[0].size_bytes - chosen[0].size_bytes) <= SAME_GRAPH * chosen[0].size_bytes
+            if other[0].worst_db() >= chosen[0].worst_db() + (OTHER_RANGES_DB if same_graph else MORE_ACCURATE_DB):
+                chosen = other
     return chosen
 
 
@@ -374,11 +375,6 @@ def _prepare_key(recipe: Recipe) -> tuple:
     return (plan_for(recipe).kind, recipe.calibration.method,
             tuple(p for p in recipe.recovery.passes if p in BEFORE_CALIBRATION_NAMES))
 
-
-def plan_for_kind(recipe: Recipe) -> str:
-    from qtool.pipeline.plan import plan_for
-
-    return plan_for(recipe).kind
 
 
 def _decision(attempt: Attempt, tried: int) -> str:
