@@ -12,11 +12,13 @@ from qtool.errors import ConversionError
 
 def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
     """Worst output's cosine similarity and SQNR (dB) of ``candidate`` vs ``reference``."""
+    from qtool.pipeline.measure import common_part
     from qtool.quant.scales import cosine, sqnr_db
 
     if not reference:
         raise ConversionError("no outputs to compare", "")
-    pairs = [_common(r, c) for r, c in zip(reference, candidate)]
+    # Compared on the part both have when the model decides a length, as the guard does.
+    pairs = [common_part(r, c) for r, c in zip(reference, candidate)]
     cos = [cosine(r, c) for r, c in pairs]
     sq = [sqnr_db(r, c) for r, c in pairs]
     return {"cosine": min(cos), "sqnr_db": min(sq)}
@@ -44,11 +46,3 @@ def first_sample_fidelity(reference: str | os.PathLike, candidate: str | os.Path
         return None
     return fidelity(ref, cand)
 
-
-def _common(r: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The part of two outputs both have, when the model decides a length (a TTS model's
-    audio): compared there, as the guard does."""
-    if r.shape == c.shape or r.ndim != c.ndim:
-        return r, c
-    common = tuple(slice(0, min(a, b)) for a, b in zip(r.shape, c.shape))
-    return r[common], c[common]

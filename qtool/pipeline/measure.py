@@ -39,6 +39,15 @@ MAP_THRESHOLD = 0.5
 BACKGROUND_SHARE = 0.5  # a class float picks at more than half of the [N, T, V] positions
 
 
+def common_part(r: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The leading part both outputs have along every axis, when their shapes differ but not
+    their rank (a length the model decides); otherwise the two as they are."""
+    if r.shape == c.shape or r.ndim != c.ndim:
+        return r, c
+    common = tuple(slice(0, min(a, b)) for a, b in zip(r.shape, c.shape))
+    return r[common], c[common]
+
+
 def channel_axis(shape: tuple[int, ...]) -> int | None:
     """The axis whose slices form segments: the smallest non-batch axis with 2+ entries."""
     sizes = [(size, axis) for axis, size in enumerate(shape) if axis > 0 and size >= 2]
@@ -88,8 +97,7 @@ class OutputAccumulator:
             # A length the model decides (a TTS model's audio, from its predicted durations):
             # the common part is compared, and the batches whose shape moved are counted.
             self.shape_moved += 1
-            common = tuple(slice(0, min(a, b)) for a, b in zip(r.shape, c.shape))
-            r, c = r[common], c[common]
+            r, c = common_part(r, c)
         if not np.isfinite(c).all():
             self.finite = False
             c = np.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0)
