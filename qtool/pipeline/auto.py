@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from qtool.config import Recipe
 from qtool.errors import QtoolError
-from qtool.pipeline.flow import MIN_TRANSFORMER_MATMULS
+from qtool.pipeline.flow import MIN_TRANSFORMER_MATMULS, NOT_SMALLER
 from qtool.pipeline.guard import (
     REPAIR_STEPS,
     Attempt,
@@ -36,7 +36,6 @@ DEFAULT_BUDGET_SECONDS = 600.0
 # Repairs stop at this share of the budget: on a heavy model (a 640x640 detector, ~70 s a
 # round) they used all of it, and the weight-storage candidates after them never ran.
 REPAIR_SHARE = 0.75
-NOT_SMALLER = 0.95  # a candidate whose weights keep 95% of the float bytes compressed nothing
 PER_CHANNEL_OPSET = 13
 TINY_MODEL_MS = 1.0
 CLEARLY_FASTER = 1.25  # a later candidate replaces an earlier one when 1.25x faster,

@@ -37,6 +37,7 @@ STATIC_TRANSFORMER = (
     "perplexity 46.7 -> 21,431 static, 47.7 with --dynamic --data); try --dynamic --data DIR"
 )
 MIN_TRANSFORMER_MATMULS = 4
+NOT_SMALLER = 0.95  # weights that keep 95% of the input's bytes compressed nothing
 GUARD_HINT = ("keep more layers float (--exclude), try another scheme, lower the floor "
               "(--min-sqnr/--min-agreement), or --write-best to inspect the best candidate")
 NOT_COMPRESSED_HINT = ("the 'why float' column says why each op stayed float; try another scheme "
@@ -399,11 +400,11 @@ def _not_compressed(converted: Converted, input_weight_bytes: int, plan: Convert
     quantized = sum(converted.summary.quantized.values())
     out = weight_bytes(converted.model)
     # The summary matches nodes by name; the weights' size is the ground truth.
-    if quantized == 0 and plan.kind != "fp16" and out >= 0.95 * input_weight_bytes:
+    if quantized == 0 and plan.kind != "fp16" and out >= NOT_SMALLER * input_weight_bytes:
         reasons = "; ".join(f"{op}: {', '.join(row['reasons'])}" for op, row in
                             converted.summary.to_dict().items() if row["reasons"])
         return f"nothing was quantized ({reasons or 'no supported op'})"
-    if input_weight_bytes and input_weight_bytes * 0.95 <= out <= input_weight_bytes:
+    if input_weight_bytes and NOT_SMALLER * input_weight_bytes <= out <= input_weight_bytes:
         # Something was quantized, but not what holds the bytes (a TTS model's --dynamic
         # took only its phoneme embedding: 1.00x).
         return (f"almost nothing was compressed: the weights are {out / input_weight_bytes:.2f}x of the input's "

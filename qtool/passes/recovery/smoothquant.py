@@ -96,8 +96,6 @@ def smooth_gemms(model: ir.Model, recipe: Recipe, dataset, report: PassReport, *
     (a head that normalises its features) loses most of them to per-row int8 otherwise.
     The 1/s Mul goes before a GlobalAveragePool -> Flatten feeding the Gemm when there is
     one (the pooled average then quantizes at the smoothed range), else right before it."""
-    from qtool.passes.dynamic import collect_channel_absmax
-
     nodes = [n for n in model.graph if _gemm_candidate(n, recipe)]  # If/Loop bodies cannot be observed
     if not nodes:
         return
