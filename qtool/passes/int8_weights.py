@@ -1,5 +1,7 @@
 """Int8 weight storage: weights become int8 initializers, scaled back to float in the graph;
-activations stay float.
+activations stay float. ``store_fp16_weights`` is the same with float16 weights behind a Cast
+(the guard's last try, for weights that do not survive int8); both pick their nodes with
+``stored_weights``.
 
 ``Conv/ConvTranspose/MatMul/Gemm(X, W const)`` -> ``op(X, Mul(Cast(W_q int8), s))``:
 symmetric int8 (-127..127) per output channel, ``s`` shaped to broadcast along that axis.
