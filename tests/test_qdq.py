@@ -293,3 +293,37 @@ def test_zero_pad_shares_scale_and_reflect_pad_stays_float():
     qmodel, _reports, summary, feeds = static(proto)
     assert summary.float_["Pad"] == 1 and "constant-mode" in next(iter(summary.reasons["Pad"]))
     assert sqnr(proto, qmodel, feeds[0]) > MIN_SQNR_CHAIN_DB
+
+
+def _residual_block():
+    """x -> MatMul(W) -> Reshape -> Add(x) -> MatMul(W2): a transformer's projection into the
+    residual stream, then the next layer's projection."""
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["p"], name="proj"),
+         helper.make_node("Reshape", ["p", "shape"], ["pr"], name="reshape"),
+         helper.make_node("Add", ["pr", "x"], ["h"], name="residual"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="next")],
+        [vi("x", [4, 16])], [vi("y", None)],
+        [init("w", RNG.standard_normal((16, 16)).astype(np.float32)),
+         init("shape", np.array([4, 16], np.int64)),
+         init("w2", RNG.standard_normal((16, 8)).astype(np.float32))],
+    )
+
+
+def _quantized_tensors(model: ir.Model) -> set[str]:
+    return {n.input[0] for n in ir.to_proto(model).graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_matmul_output_read_only_by_float_ops_stays_float():
+    proto = _residual_block()
+    # MatMul-only placement: the residual Add runs in float, so the projection's output Q
+    # would only add rounding (onnxruntime runs DQ -> MatMul as MatMulIntegerToFloat).
+    model, _r, _s, feeds = static(proto, op_types=("MatMul",))
+    assert _quantized_tensors(model) == {"x", "h"}
+    # Every op quantized: the Add reads the projection in int8 (through the Reshape), so it keeps its Q.
+    full, _r, _s, _f = static(proto, feeds=feeds)
+    assert "p" in _quantized_tensors(full)
+    # QNN runs the graph in fixed point: every quantized op's output keeps its Q.
+    qnn, _r, _s, _f = static(proto, feeds=feeds, op_types=("MatMul",), target="qnn")
+    assert "p" in _quantized_tensors(qnn)
+    assert sqnr(proto, ir.to_proto(model), feeds[0]) > sqnr(proto, ir.to_proto(qnn), feeds[0])

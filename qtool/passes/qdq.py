@@ -128,7 +128,7 @@ class _StaticPlan:
     """Per-model state of one QDQ conversion: parameters chosen for each tensor."""
 
     def __init__(self, model: ir.Model, recipe: Recipe, ranges: Ranges, report: PassReport,
-                 wide: set[ir.Value] | None = None):
+                 wide: set[ir.Value] | None = None, selected: set[ir.Node] | None = None):
         q = recipe.quantize
         self.model, self.recipe, self.ranges, self.report = model, recipe, ranges, report
         self.act_type = q.activation_type
@@ -141,6 +141,7 @@ class _StaticPlan:
         self.weight_cache: dict[tuple, tuple[ir.Value, QParams]] = {}
         self.folds: list[tuple[ir.Node, ir.Node]] = []  # (producer, Relu/Clip)
         self.placement = placement_for(recipe)  # the --target's Q/DQ placement
+        self.selected = selected if selected is not None else set()  # the nodes being quantized
 
     # -- activations --------------------------------------------------------------------
     def range_of(self, value: ir.Value) -> tuple[float, float] | None:
@@ -181,6 +182,8 @@ class _StaticPlan:
             return
         if out.is_graph_output() and node.op_type in FLOAT_OUTPUT_OPS:
             return  # fused with a float output (QGemm / MatMulIntegerToFloat): no rounding
+        if node.op_type in self.placement.float_output_ops and not self._read_quantized(out):
+            return  # the same fusion; only float ops read it (MatMul-only placement, a residual Add)
         act = self._foldable_activation(out)
         rng = self.ranges.get(out.name)
         if rng is None and act is not None:
@@ -200,6 +203,21 @@ class _StaticPlan:
         p = self.params_from(out, *rng)
         if p is not None:
             self.params[out] = p
+
+    def _read_quantized(self, value: ir.Value) -> bool:
+        """Whether a node being quantized reads ``value`` as an activation, directly or
+        through data-movement ops (which keep its parameters)."""
+        for use in value.uses():
+            reader = use.node
+            rule = ops.rule_for(reader)
+            if reader not in self.selected or rule is None:
+                continue
+            if rule.share_scale:
+                if use.idx == 0 and self._read_quantized(reader.outputs[0]):
+                    return True
+            elif use.idx in ops.activation_inputs(reader):
+                return True
+        return False
 
     def _foldable_activation(self, out: ir.Value) -> ir.Node | None:
         uses = list(out.uses())
@@ -370,7 +388,8 @@ def quantize_static(
     selection = select_nodes(model, recipe, "int8-static")
     for name, reason in selection.skipped.items():
         report.skip(name, reason)
-    plan = _StaticPlan(model, recipe, ranges, report, wide_activations(selection.quantized, recipe))
+    plan = _StaticPlan(model, recipe, ranges, report, wide_activations(selection.quantized, recipe),
+                       selected=set(selection.quantized))
     if plan.wide:
         report.count("16-bit activations", len(plan.wide))
     total = len(selection.quantized)

@@ -78,7 +78,10 @@ class Placement:
     Q/DQ) gets per-tensor weights instead of an error, as qtool's default does.
     ``propagate``: move each Q up through data-movement ops to the op that produces the
     tensor and give a Concat's inputs one scale (qtool.targets.propagate, after NNCF's
-    quantizer propagation).
+    quantizer propagation). ``float_output_ops``: ops the runtime runs on int8 inputs with
+    a float result (onnxruntime's CPU provider: DQ -> MatMul becomes MatMulIntegerToFloat,
+    DQ -> Gemm a QGemm with float output); their output gets a Q only where a quantized op
+    reads it, since a Q that only feeds float ops adds rounding and no int8 kernel.
     """
 
     outputs: bool = True
@@ -89,6 +92,7 @@ class Placement:
     per_channel_ops: frozenset[str] | None = None
     per_tensor_below_13: bool = False  # opset < 13 without upgrade: per-tensor weights
     propagate: bool = False  # move Qs up through data movement, unify Concat scales
+    float_output_ops: frozenset[str] = frozenset({"Gemm", "MatMul"})
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,9 @@ TARGETS: dict[str, Target] = {
         "qnn", "onnxruntime QNN EP (Qualcomm HTP): u8 QDQ node units, per-channel Conv only",
         {"activation_type": "uint8", "weight_type": "int8", "symmetric_activations": False,
          "per_channel": True},
-        Placement(per_channel_ops=frozenset({"Conv", "ConvTranspose"})), validator="qnn"),
+        # QNN's HTP runs a graph whole in fixed point: every quantized op's output keeps its Q.
+        Placement(per_channel_ops=frozenset({"Conv", "ConvTranspose"}), float_output_ops=frozenset()),
+        validator="qnn"),
     "tensorrt": Target(
         "tensorrt", "TensorRT explicit quantization: symmetric s8 Q/DQ on weighted-op inputs",
         {"activation_type": "int8", "weight_type": "int8", "symmetric_activations": True,
