@@ -107,3 +107,42 @@ def test_head_factor_is_none_without_finite_statistics():
     # without a bound every candidate is evaluated exactly (NaN errors: alpha 0 stays)
     _, inv_scale, _ = awq_module.awq(w, 4, 32, bad)
     assert inv_scale is None
+
+
+def _composed_residual(w, s, bits, block, symmetric):
+    """The residual as the search made it before the kernel: scale, RTN, dequantize, unscale."""
+    from qtool.quant.blockwise import rtn
+
+    d = rtn(w * s[None, :], bits, block, symmetric).dequantize()
+    d /= s[None, :]
+    return w - d
+
+
+@pytest.mark.parametrize(("bits", "symmetric", "block", "cols"), [(4, True, 32, 128), (4, False, 32, 100), (3, True, 16, 50),
+                                                                  (2, False, 64, 64), (8, True, 128, 130)])
+def test_awq_residual_kernel_twin_and_composition_agree_bit_for_bit(bits, symmetric, block, cols):
+    from qtool import kernels
+    from qtool.kernels import reference
+
+    w, st = _case(rows=37, k=cols, seed=bits + cols)
+    w[0, :5] = 0.0  # an all-zero start of a block, and a -0.0
+    w[1, 3] = -0.0
+    for s in awq_module.awq_scales(st, 11)[::3]:
+        want = _composed_residual(w, s, bits, block, symmetric)
+        np.testing.assert_array_equal(reference.awq_residual(w, s, block, bits, symmetric), want)
+        if kernels.native_available():
+            for isa in kernels.isa_paths() or ["scalar"]:
+                with kernels.use_isa(isa):
+                    np.testing.assert_array_equal(kernels.awq_residual(w, s, block, bits, symmetric), want)
+
+
+def test_awq_residual_refuses_bad_input():
+    from qtool import kernels
+    from qtool.errors import QtoolError
+
+    w = np.ones((2, 8), np.float32)
+    with pytest.raises(QtoolError):
+        kernels.awq_residual(w, np.ones(7, np.float32), 4, 4, True)
+    w[1, 2] = np.inf
+    with pytest.raises(QtoolError):
+        kernels.awq_residual(w, np.ones(8, np.float32), 4, 4, True)

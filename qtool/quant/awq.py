@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qtool import kernels
 from qtool.quant.blockwise import ActivationStats, rtn
 from qtool.quant.formats import BlockQuant
 from qtool.quant.quadratic import ROWS, gram_quadratic, head_factor, sum_squares
@@ -41,10 +42,9 @@ def awq_scales(stats: ActivationStats, n_grid: int) -> list[np.ndarray]:
 
 
 def residual(w: np.ndarray, s: np.ndarray, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
-    """``D = w - rtn(w * s) / s`` (float32), made in the dequantized array."""
-    d = rtn(w * s[None, :], bits, block_size, symmetric).dequantize()
-    d /= s[None, :]
-    return np.subtract(w, d, out=d)
+    """``D = w - rtn(w * s).dequantize() / s`` (float32) in one kernel pass, bit for bit the
+    composition (tests/test_awq.py)."""
+    return kernels.awq_residual(w, s, block_size, bits, symmetric)
 
 
 def awq(w: np.ndarray, bits: int, block_size: int, stats: ActivationStats, symmetric: bool = True,
@@ -86,10 +86,12 @@ def _search(w: np.ndarray, scales: list[np.ndarray], bits: int, block_size: int,
     for i in [0, *sorted(range(1, len(scales)), key=lambda i: lows[i].sum())]:
         if lows[i].sum() > best * (1 + _MARGIN):
             continue
-        gram.fill(0.0)
         for c, (r0, r1) in enumerate(chunks):
             d = kept.pop((i, c)) if keep and head is not None else residual(w[r0:r1], scales[i], bits, block_size, symmetric)
-            gram += d.T @ d
+            if c == 0:  # 0 + x is x: the same sums as adding into zeros, one pass less
+                np.copyto(gram, d.T @ d)
+            else:
+                gram += d.T @ d
             if c + 1 < len(chunks) and best < np.inf:
                 bound = float(np.einsum("ij,ij->", gram, h)) + lows[i, c + 1 :].sum()
                 if bound > best * (1 + _MARGIN):
