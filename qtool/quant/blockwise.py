@@ -375,7 +375,9 @@ def quantize_weight(
     err = _mean_square(d)
     if not compare and algorithm == "rtn":
         return QuantOutcome(bq, err, err)
-    d_rtn = d if algorithm == "rtn" else _difference(w, rtn(w, bits, block_size, symmetric), None)
+    # RTN's residual in one kernel pass (per-column scale 1: bit for bit w - rtn(w).dequantize())
+    d_rtn = d if algorithm == "rtn" else kernels.awq_residual(w, np.ones(w.shape[1], np.float32), block_size, bits,
+                                                              symmetric)
     rtn_err = _mean_square(d_rtn)
     out_err = rtn_out = None
     if measured is not None:  # the algorithm's search measured both (awq)
