@@ -159,20 +159,21 @@ def _shape_key(shape) -> str:
     return f"{shape[0]} x {shape[1]}"
 
 
-def part_layers(lines: list[str], before: str, stats: str, rounds: int, work: Path) -> None:
+def part_layers(lines: list[str], before: str, stats: str, rounds: int, work: Path,
+                algorithms: tuple[str, ...] = ("gptq", "awq")) -> None:
     import numpy as np
 
     single = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     runs = {}
     for _rnd in range(rounds):
-        for alg in ("gptq", "awq"):
+        for alg in algorithms:
             for label, root in (("before", before), ("after", "")):
                 codes = str(work / f"layers_{alg}_{label}.npz")
                 runs.setdefault((alg, label), []).append(spawn("layers", root, single, stats=stats, algorithm=alg, codes=codes))
     lines += ["## Every distinct shape, per tensor (quantize_weight, CPU s, OPENBLAS_NUM_THREADS=1)", "",
               f"Median of {rounds} round(s), before/after alternating. Tensors of decoder layers {', '.join(map(str, LAYERS))} "
               "and lm_head, real SmolLM2 weights, statistics of the 32 calibration windows.", ""]
-    for alg in ("gptq", "awq"):
+    for alg in algorithms:
         b, a = runs[(alg, "before")], runs[(alg, "after")]
         if any("error" in r for r in b + a):
             lines += [f"{alg}: " + "; ".join(r.get("error", "") for r in b + a if "error" in r), ""]
@@ -225,12 +226,13 @@ def _codes_agreement(work: Path, alg: str, n: int) -> str:
     return out + ("; AWQ activation scales identical" if alg == "awq" and scales_same else "")
 
 
-def part_model(lines: list[str], before: str, stats: str, rounds: int, work: Path) -> None:
+def part_model(lines: list[str], before: str, stats: str, rounds: int, work: Path,
+               algorithms: tuple[str, ...] = ("gptq", "awq")) -> None:
     import numpy as np
 
     res = {}
     for rnd in range(rounds):
-        for alg in ("gptq", "awq"):
+        for alg in algorithms:
             for label, root in (("before", before), ("after", "")):
                 dst = str(work / f"smol_{alg}_{label}.onnx")
                 r = spawn("model", root, stats=stats, algorithm=alg, dst=dst)
@@ -247,7 +249,7 @@ def part_model(lines: list[str], before: str, stats: str, rounds: int, work: Pat
               "shared), then the saved model's perplexity on the 40 eval windows. Median over rounds.", "",
               "| algorithm | before CPU s (wall s) | after CPU s (wall s) | speed-up CPU (wall) | perplexity before | perplexity after |",
               "|---|---:|---:|---:|---:|---:|"]
-    for alg in ("gptq", "awq"):
+    for alg in algorithms:
         b, a = res[(alg, "before")], res[(alg, "after")]
         if any("error" in r for r in b + a):
             lines.append(f"| {alg} | " + "; ".join(r.get("error", "") for r in b + a if "error" in r) + " | | | | |")
@@ -258,14 +260,14 @@ def part_model(lines: list[str], before: str, stats: str, rounds: int, work: Pat
                      f"{b[-1].get('perplexity', float('nan')):.3f} | {a[-1].get('perplexity', float('nan')):.3f} |")
     lines += [f"| rtn (this tree) | | {rtn.get('quant_cpu_s', float('nan')):.1f} ({rtn.get('quant_s', float('nan')):.1f}) | | "
               f"{rtn_ppl:.3f} | |", "", f"fp32 perplexity: {fp32:.3f}", ""]
-    for alg in ("gptq", "awq"):
+    for alg in algorithms:
         for label in ("before", "after"):
             notes = res[(alg, label)][-1].get("notes", [])
             lines.append(f"- {alg} {label}: " + "; ".join(notes))
     lines.append("")
 
 
-def part_e2e(lines: list[str], before: str, rounds: int, block: int) -> None:
+def part_e2e(lines: list[str], before: str, rounds: int, block: int, algorithms: tuple[str, ...] = ("gptq", "awq")) -> None:
     import convert_lowbit as cl
     import zoo
 
@@ -274,22 +276,24 @@ def part_e2e(lines: list[str], before: str, rounds: int, block: int) -> None:
     cl.WORK.mkdir(parents=True, exist_ok=True)
     lines += ["## End to end (statistics, quantize, save: bench/convert_lowbit.py's worker)", "",
               "| round | algorithm | before s (CPU s) | after s (CPU s) | speed-up wall (CPU) | before stats / quantize s "
-              "| after stats / quantize s |", "|---|---|---|---|---|---|---|"]
+              "| after stats / quantize s | load average (before, after) |", "|---|---|---|---|---|---|---|---|"]
     for rnd in range(1, rounds + 1):
-        for alg in ("gptq", "awq"):
-            pair = {}
+        for alg in algorithms:
+            pair, load = {}, {}
             for label, root in (("before", before), ("after", "")):
+                load[label] = os.getloadavg()[0]
                 dst = str(cl.WORK / f"smol_speed_{alg}_{label}.onnx")
                 pair[label] = cl.spawn("qtool", src=src, dst=dst, bits=4, block=block, algorithm=alg, level=4,
                                        symmetric=True, calib=calib, external=False, root=root)
             cb, ca = pair["before"], pair["after"]
             if "error" in cb or "error" in ca:
-                lines.append(f"| {rnd} | {alg} | {cb.get('error', '')} | {ca.get('error', '')} | | | |")
+                lines.append(f"| {rnd} | {alg} | {cb.get('error', '')} | {ca.get('error', '')} | | | | |")
                 continue
             lines.append(
                 f"| {rnd} | {alg} | {cb['seconds']:.1f} ({cb['cpu_s']:.1f}) | {ca['seconds']:.1f} ({ca['cpu_s']:.1f}) | "
                 f"{cb['seconds'] / ca['seconds']:.1f}x ({cb['cpu_s'] / ca['cpu_s']:.1f}x) | "
-                f"{cb['stats_s']:.1f} / {cb['quantize_s']:.1f} | {ca['stats_s']:.1f} / {ca['quantize_s']:.1f} |")
+                f"{cb['stats_s']:.1f} / {cb['quantize_s']:.1f} | {ca['stats_s']:.1f} / {ca['quantize_s']:.1f} | "
+                f"{load['before']:.1f}, {load['after']:.1f} |")
     lines.append("")
 
 
@@ -299,6 +303,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="*", default=["layers", "model"], choices=["layers", "model", "e2e"])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--block", type=int, default=128, help="block size of the e2e part")
+    parser.add_argument("--algorithms", nargs="*", default=["gptq", "awq"], choices=["gptq", "awq"])
+    parser.add_argument("--reuse-stats", action="store_true", help="keep the statistics file of an earlier run")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     before = str(Path(args.before).resolve())
@@ -310,16 +316,16 @@ def main() -> None:
              f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs (load average {load:.1f} at the start), "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. 4-bit symmetric, block 128. before = `{args.before}`, "
              "after = this tree.", ""]
-    if {"layers", "model"} & set(args.parts):
+    if {"layers", "model"} & set(args.parts) and not (args.reuse_stats and Path(stats).exists()):
         s = spawn("stats", out=stats)
         if "error" in s:
             raise SystemExit(f"statistics failed: {s['error']}")
     if "layers" in args.parts:
-        part_layers(lines, before, stats, args.rounds, work)
+        part_layers(lines, before, stats, args.rounds, work, tuple(args.algorithms))
     if "model" in args.parts:
-        part_model(lines, before, stats, args.rounds, work)
+        part_model(lines, before, stats, args.rounds, work, tuple(args.algorithms))
     if "e2e" in args.parts:
-        part_e2e(lines, before, args.rounds, args.block)
+        part_e2e(lines, before, args.rounds, args.block, tuple(args.algorithms))
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     print(text)

@@ -239,6 +239,16 @@ int qt_gptq_rows(const float *w, int64_t rows, int64_t K, const float *u, const 
                  int64_t block_size, int bits, int symmetric, int dynamic, float *scales,
                  uint8_t *zero_points, uint8_t *codes, float *work);
 
+/* AWQ's residual of one candidate scale: out = w - dequantize(rtn(w * s)) / s, float32
+ * [rows, cols], s [cols] (finite, non-zero). Per row and block of `block` columns of
+ * x = w * s (float32 products): scale, zero point from the block range by the RTN rule of
+ * qt_block_params_rtn (unsigned bits-wide codes, bits in [2, 8]); q = clamp(round_half_even(
+ * x / scale) + zp, 0, 2^bits - 1); out = w - (((float)(q - zp)) * scale) / s. The same float32
+ * operations as quantize, dequantize and numpy's division and subtraction, so every path
+ * agrees bit for bit with reference.awq_residual. QT_ERR_NONFINITE on NaN/Inf in w * s. */
+int qt_awq_residual(const float *w, int64_t rows, int64_t cols, const float *s, int64_t block,
+                    int bits, int symmetric, float *out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -49,7 +49,7 @@ __all__ = [
     "minmax", "histogram", "histogram_pow2", "minmax_histogram_pow2", "quantize", "dequantize", "pack", "unpack",
     "pack_matmulnbits", "unpack_matmulnbits", "pack_zero_points", "unpack_zero_points",
     "block_params_rtn", "block_params_mse", "gemm_u8s8", "requantize", "gemm_q4",
-    "quantize_matmulnbits", "quantize_kn", "gptq_rows",
+    "quantize_matmulnbits", "quantize_kn", "gptq_rows", "awq_residual",
 ]
 
 ISA_LEVELS = ("scalar", "avx2", "avx512", "vnni")
@@ -466,6 +466,21 @@ def gptq_rows(w, u, cols, block_size: int, bits: int, symmetric: bool, dynamic: 
                            _ffi.from_buffer("float[]", work))
     _check(st, "gptq_rows", w)
     return codes
+
+
+def awq_residual(w, s, block_size: int, bits: int, symmetric: bool) -> np.ndarray:
+    """``w - dequantize(rtn(w * s)) / s`` float32 [rows, cols] for s [cols] in one pass (AWQ's
+    search; formulas in reference.awq_residual). Releases the GIL."""
+    if not _native():
+        return reference.awq_residual(w, s, block_size, bits, symmetric)
+    w, s = _f32(w), _f32(s)
+    if w.ndim != 2 or s.shape != (w.shape[1],) or block_size < 1 or not 2 <= bits <= 8:
+        raise arg_error("awq_residual", "need w [rows, cols], s [cols], block_size >= 1 and bits in [2, 8]")
+    out = np.empty(w.shape, dtype=np.float32)
+    st = _lib.qt_awq_residual(_buf("float[]", w), w.shape[0], w.shape[1], _buf("float[]", s), block_size, bits,
+                              int(bool(symmetric)), _ffi.from_buffer("float[]", out))
+    _check(st, "awq_residual", w)
+    return out
 
 
 # ---- composite: a float weight to MatMulNBits inputs ------------------------------

@@ -489,3 +489,25 @@ def gptq_rows(w, u, cols, block_size: int, bits: int, symmetric: bool, dynamic: 
         xt[i] = e
         xt[i + 1 :] -= np.multiply.outer(u[i, i + 1 :], e)
     return codes
+
+
+# ---- 8. AWQ -----------------------------------------------------------------------
+
+
+def awq_residual(w, s, block_size: int, bits: int, symmetric: bool) -> np.ndarray:
+    """AWQ's residual of one candidate scale: float32 [rows, cols] ``w - dequantize(rtn(w *
+    s)) / s`` for w [rows, cols], s [cols] (finite, non-zero). x = w * s (float32); per row
+    and block of x, scale and zero point by the RTN rule (range_params, unsigned codes);
+    q = clip(rint(x / scale) + zp, 0, 2**bits - 1); out = w - ((q - zp) * scale) / s, each
+    operation in float32. NonFiniteError on NaN/Inf in x."""
+    w = np.ascontiguousarray(w, dtype=_F32)
+    s = np.ascontiguousarray(s, dtype=_F32)
+    if w.ndim != 2 or s.shape != (w.shape[1],) or block_size < 1 or not 2 <= bits <= 8:
+        raise arg_error("awq_residual", "need w [rows, cols], s [cols], block_size >= 1 and bits in [2, 8]")
+    rows, cols = w.shape
+    xb = _blocks("awq_residual", w * s[None, :], block_size)
+    sc, zp = block_params_bits(xb.reshape(rows, -1), block_size, bits, symmetric)
+    z = zp.astype(_F32)[..., None]
+    q = np.clip(np.rint(xb / sc[..., None]) + z, 0, _F32((1 << bits) - 1))
+    deq = ((q - z) * sc[..., None]).reshape(rows, -1)[:, :cols]
+    return w - deq / s[None, :]

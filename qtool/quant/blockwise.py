@@ -46,6 +46,7 @@ from qtool import kernels
 from qtool.errors import UsageError
 from qtool.kernels.reference import block_params_bits
 from qtool.quant.formats import BlockQuant, n_blocks, pad_cols
+from qtool.quant.quadratic import gram_quadratic
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,7 @@ def gptq(w: np.ndarray, bits: int, block_size: int, hessian: np.ndarray, symmetr
     return gptq_module.gptq(w, bits, block_size, hessian, symmetric, **kw)
 
 
-# ---- AWQ ---------------------------------------------------------------------------------
+# ---- output errors and AWQ (qtool.quant.quadratic, qtool.quant.awq) ------------------------
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float:
@@ -322,21 +323,9 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float
     return output_errors(w, [w_hat], hessian)[0]
 
 
-# Row chunks of the error products: a chunk of D (and AWQ's temporaries) stays in cache,
-# and each chunk's float32 Gram matrix is summed in float64.
-_ROWS = 2048
-
-
 def _quadratic(d: np.ndarray, h: np.ndarray) -> float:
-    """``tr(D H D^T) = <H, D^T D>``: the Gram matrix D^T D by float32 products of row chunks
-    of D with themselves (BLAS's symmetric rank-k update, half the work of D @ H) summed in
-    float64, then its inner product with H in float64."""
-    d = np.ascontiguousarray(d, dtype=np.float32)
-    gram = np.zeros((d.shape[1], d.shape[1]))
-    for r0 in range(0, d.shape[0], _ROWS):
-        part = d[r0 : r0 + _ROWS]
-        gram += part.T @ part
-    return float(np.einsum("ij,ij->", gram, h))
+    """``tr(D H D^T)`` by the Gram matrix (qtool.quant.quadratic)."""
+    return gram_quadratic(d, h)
 
 
 def output_errors(w: np.ndarray, w_hats: list[np.ndarray], hessian: np.ndarray) -> list[float]:
@@ -348,51 +337,12 @@ def output_errors(w: np.ndarray, w_hats: list[np.ndarray], hessian: np.ndarray) 
     return [num / den if den > 0 else num for num in nums]
 
 
-def awq(
-    w: np.ndarray,
-    bits: int,
-    block_size: int,
-    stats: ActivationStats,
-    symmetric: bool = True,
-    n_grid: int = 11,
-) -> tuple[BlockQuant, np.ndarray | None]:
-    """Activation-aware scaling: quantize ``w[:, k] * s_k`` and feed ``x_k / s_k``.
+def awq(w: np.ndarray, bits: int, block_size: int, stats: ActivationStats, symmetric: bool = True,
+        n_grid: int = 11) -> tuple[BlockQuant, np.ndarray | None, tuple[float, float]]:
+    """AWQ on ``w[N, K]`` (see :func:`qtool.quant.awq.awq`)."""
+    from qtool.quant import awq as awq_module
 
-    ``s = m^alpha / sqrt(max(m^alpha) min(m^alpha))`` with ``m = mean|x|`` per input channel,
-    alpha on a grid over [0, 1] chosen by the output error tr(D H D^T); alpha = 0 is RTN.
-    Returns the quantized scaled weight and the activation factor ``1/s`` [K] (None when
-    alpha = 0 won, i.e. no rescaling is needed).
-    """
-    w = np.ascontiguousarray(w, np.float32)
-    h = stats.hessian
-    den = _quadratic(w, h)  # the same for every alpha: only the numerators are compared
-    m = np.maximum(stats.abs_sum / max(stats.count, 1), 1e-8)
-    best = None
-    for alpha in np.linspace(0.0, 1.0, n_grid):
-        s = np.power(m, alpha)
-        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        num = _awq_error(w, s, bits, block_size, symmetric, h)
-        err = num / den if den > 0 else num
-        if best is None or err < best[0]:
-            best = (err, s, alpha)
-    _, s, alpha = best
-    bq = rtn(w * s[None, :], bits, block_size, symmetric)  # rows are independent: the chunks' codes
-    return bq, (None if alpha == 0 else (1.0 / s).astype(np.float32))
-
-
-def _awq_error(w: np.ndarray, s: np.ndarray, bits: int, block_size: int, symmetric: bool,
-               h: np.ndarray) -> float:
-    """``tr(D H D^T)`` for ``D = w - rtn(w * s) / s``, made and consumed one row chunk at a
-    time (the same chunks and sums as _quadratic on the whole D, without its four
-    full-size temporaries per alpha)."""
-    gram = np.zeros((w.shape[1], w.shape[1]))
-    for r0 in range(0, w.shape[0], _ROWS):
-        wc = w[r0 : r0 + _ROWS]
-        d = rtn(wc * s[None, :], bits, block_size, symmetric).dequantize()
-        d /= s[None, :]
-        np.subtract(wc, d, out=d)
-        gram += d.T @ d
-    return float(np.einsum("ij,ij->", gram, h))
+    return awq_module.awq(w, bits, block_size, stats, symmetric, n_grid)
 
 
 # ---- dispatch ----------------------------------------------------------------------------
@@ -420,15 +370,19 @@ def quantize_weight(
             "pass --data DIR with sample inputs, or use --algorithm mse / hqq (data-free)",
         )
     w = np.asarray(w, dtype=np.float32)
-    bq, input_scale = REGISTRY[algorithm].run(w, bits, block_size, symmetric, stats)
+    bq, input_scale, measured = REGISTRY[algorithm].run(w, bits, block_size, symmetric, stats)
     d = _difference(w, bq, input_scale)
     err = _mean_square(d)
     if not compare and algorithm == "rtn":
         return QuantOutcome(bq, err, err)
-    d_rtn = d if algorithm == "rtn" else _difference(w, rtn(w, bits, block_size, symmetric), None)
+    # RTN's residual in one kernel pass (per-column scale 1: bit for bit w - rtn(w).dequantize())
+    d_rtn = d if algorithm == "rtn" else kernels.awq_residual(w, np.ones(w.shape[1], np.float32), block_size, bits,
+                                                              symmetric)
     rtn_err = _mean_square(d_rtn)
     out_err = rtn_out = None
-    if stats is not None and algorithm in DATA_AWARE:
+    if measured is not None:  # the algorithm's search measured both (awq)
+        out_err, rtn_out = measured
+    elif stats is not None and algorithm in DATA_AWARE:
         h = stats.hessian
         den = _quadratic(w, h)
         out_err, rtn_out = ((_quadratic(x, h) / den if den > 0 else _quadratic(x, h)) for x in (d, d_rtn))
@@ -450,7 +404,8 @@ def _mean_square(d: np.ndarray) -> float:
 @dataclass(frozen=True)
 class Algorithm:
     """A weight-only algorithm: ``run(w, bits, block_size, symmetric, stats)`` returns the
-    blocks and, for activation-aware scaling, the per-input-channel scale (else None)."""
+    blocks, for activation-aware scaling the per-input-channel scale (else None), and the
+    relative output errors (its own, RTN's) when its search measured them (else None)."""
 
     run: Callable[..., tuple[BlockQuant, np.ndarray | None]]
     needs_data: bool  # reads calibration activations (ActivationStats)
@@ -459,10 +414,10 @@ class Algorithm:
 # The registry: the CLI's --algorithm choices and the data checks follow it. A new algorithm
 # is one function and one line here.
 REGISTRY: dict[str, Algorithm] = {
-    "rtn": Algorithm(lambda w, b, bs, sym, st: (rtn(w, b, bs, sym), None), needs_data=False),
-    "mse": Algorithm(lambda w, b, bs, sym, st: (mse(w, b, bs, sym), None), needs_data=False),
-    "hqq": Algorithm(lambda w, b, bs, sym, st: (hqq(w, b, bs, sym), None), needs_data=False),
-    "gptq": Algorithm(lambda w, b, bs, sym, st: (gptq(w, b, bs, st.hessian, sym), None), needs_data=True),
+    "rtn": Algorithm(lambda w, b, bs, sym, st: (rtn(w, b, bs, sym), None, None), needs_data=False),
+    "mse": Algorithm(lambda w, b, bs, sym, st: (mse(w, b, bs, sym), None, None), needs_data=False),
+    "hqq": Algorithm(lambda w, b, bs, sym, st: (hqq(w, b, bs, sym), None, None), needs_data=False),
+    "gptq": Algorithm(lambda w, b, bs, sym, st: (gptq(w, b, bs, st.hessian, sym), None, None), needs_data=True),
     "awq": Algorithm(lambda w, b, bs, sym, st: awq(w, b, bs, st, sym), needs_data=True),
 }
 ALGORITHMS = tuple(REGISTRY)

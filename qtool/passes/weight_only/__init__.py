@@ -35,7 +35,6 @@ The package, one module per phase: ``items`` (which weights, at which bits, or w
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -64,7 +63,7 @@ from qtool.passes.weight_only.quantize import (
     quantize_item,
 )
 from qtool.passes.weight_only.rewrite import MS_DOMAIN, rewrite
-from qtool.passes.weight_only.stats import collect_weight_only_stats
+from qtool.passes.weight_only.stats import collect_weight_only_stats, one_blas_thread
 from qtool.quant import formats
 from qtool.quant.blockwise import (
     ALGORITHMS,
@@ -291,7 +290,7 @@ def _pipelined(items: list[Item], work: Callable[[Item], QuantOutcome]) -> Itera
         return
     pool = ThreadPoolExecutor(threads)
     try:
-        with _one_blas_thread():
+        with one_blas_thread():
             futures = []
             nxt = 0
             for i in range(len(items)):
@@ -305,14 +304,3 @@ def _pipelined(items: list[Item], work: Callable[[Item], QuantOutcome]) -> Itera
         # On an error or Ctrl-C, queued tensors are dropped instead of waited for (the one
         # running per thread still finishes; the caller is not held until then).
         pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _one_blas_thread():
-    """BLAS held to one thread while tensors quantize in parallel threads. OpenBLAS's own threads otherwise oversubscribe the cores and
-    spin while they wait: on SmolLM2's gptq, 90 CPU s against 18 with one BLAS thread on a
-    loaded 2-core machine. Needs threadpoolctl; without it, nothing changes."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
