@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 
@@ -139,3 +140,32 @@ def bias_add_consumer(node: ir.Node, n: int) -> tuple[ir.Node, ir.Value] | None:
     if out.shape is not None and len(tensor.shape) > len(out.shape):
         return None
     return add, other
+
+
+def pads_with_zero(node: ir.Node) -> bool:
+    """Constant-mode Pad whose fill value is 0 (exactly representable after quantization)."""
+    if node.attributes.get_string("mode", "constant") != "constant":
+        return False
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        tensor = constant_weight(node, 2)
+        return tensor is not None and not np.any(tensor.numpy())
+    return node.attributes.get_float("value", 0.0) == 0.0
+
+
+def clip_bounds(act: ir.Node) -> tuple[float | None, float]:
+    """[min, max] a Relu/Clip clamps to; (None, _) when the bounds are not constants."""
+    if act.op_type == "Relu":
+        return 0.0, float("inf")
+    lo, hi = -float("inf"), float("inf")
+    if "min" in act.attributes:  # opset < 11
+        lo = act.attributes.get_float("min", lo)
+        hi = act.attributes.get_float("max", hi)
+        return lo, hi
+    for index in (1, 2):
+        if index < len(act.inputs) and act.inputs[index] is not None:
+            tensor = constant_weight(act, index)
+            if tensor is None:
+                return None, hi
+            bound = float(tensor.numpy().reshape(-1)[0])
+            lo, hi = (bound, hi) if index == 1 else (lo, bound)
+    return lo, hi

@@ -231,7 +231,7 @@ class _StaticPlan:
         return act
 
     def _folded_params(self, out: ir.Value, act: ir.Node, rng: tuple[float, float]) -> QParams | None:
-        lo_c, hi_c = _clip_bounds(act)
+        lo_c, hi_c = ops.clip_bounds(act)
         if lo_c is None:
             return None
         act_rng = self.ranges.get(act.outputs[0].name)
@@ -323,35 +323,6 @@ class _StaticPlan:
         return True
 
 
-def _pads_with_zero(node: ir.Node) -> bool:
-    """Constant-mode Pad whose fill value is 0 (exactly representable after quantization)."""
-    if node.attributes.get_string("mode", "constant") != "constant":
-        return False
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        tensor = ops.constant_weight(node, 2)
-        return tensor is not None and not np.any(tensor.numpy())
-    return node.attributes.get_float("value", 0.0) == 0.0
-
-
-def _clip_bounds(act: ir.Node) -> tuple[float | None, float]:
-    """[min, max] a Relu/Clip clamps to; (None, _) when the bounds are not constants."""
-    if act.op_type == "Relu":
-        return 0.0, float("inf")
-    lo, hi = -float("inf"), float("inf")
-    if "min" in act.attributes:  # opset < 11
-        lo = act.attributes.get_float("min", lo)
-        hi = act.attributes.get_float("max", hi)
-        return lo, hi
-    for index in (1, 2):
-        if index < len(act.inputs) and act.inputs[index] is not None:
-            tensor = ops.constant_weight(act, index)
-            if tensor is None:
-                return None, hi
-            bound = float(tensor.numpy().reshape(-1)[0])
-            lo, hi = (bound, hi) if index == 1 else (lo, bound)
-    return lo, hi
-
-
 def _fold(b: GraphBuilder, producer: ir.Node, act: ir.Node) -> None:
     """Remove ``act``: its uses read the producer's output (whose Q now does the clipping)."""
     b.replace_uses(act.outputs[0], producer.outputs[0])
@@ -416,7 +387,7 @@ def _plan_node(plan: _StaticPlan, node: ir.Node) -> None:
     rule = ops.rule_for(node)
     name = node.name or node.op_type
     if rule.share_scale:
-        if node.op_type == "Pad" and not _pads_with_zero(node):
+        if node.op_type == "Pad" and not ops.pads_with_zero(node):
             plan.report.skip(name, "Pad that is not constant-mode with value 0")
             return
         src = node.inputs[0]
