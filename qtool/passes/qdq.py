@@ -206,9 +206,13 @@ class _StaticPlan:
 
     def _read_quantized(self, value: ir.Value) -> bool:
         """Whether a node being quantized reads ``value`` as an activation, directly or
-        through data-movement ops (which keep its parameters)."""
+        through data-movement ops (which keep its parameters) or a Relu/Clip its Q can fold."""
         for use in value.uses():
             reader = use.node
+            if reader.op_type in FOLDABLE_ACTIVATIONS and reader.domain in ("", "ai.onnx"):
+                if self._read_quantized(reader.outputs[0]):
+                    return True
+                continue
             rule = ops.rule_for(reader)
             if reader not in self.selected or rule is None:
                 continue
