@@ -30,6 +30,7 @@ from qtool.kernels._common import (
     KernelArgumentError,
     NonFiniteError,
     arg_error,
+    check_gptq,
     nbits_check,
     qtype_info,
     quant_geometry,
@@ -457,7 +458,7 @@ def gptq_rows(w, u, cols, block_size: int, bits: int, symmetric: bool, dynamic: 
     releases the GIL."""
     if not _native():
         return reference.gptq_rows(w, u, cols, block_size, bits, symmetric, dynamic, scales, zero_points)
-    w, u, cols = reference.check_gptq(w, u, cols, block_size, bits, symmetric, dynamic, scales, zero_points)
+    w, u, cols = check_gptq(w, u, cols, block_size, bits, symmetric, dynamic, scales, zero_points)
     codes = np.empty(w.shape, dtype=np.uint8)
     work = np.empty((min(w.shape[0], _lib.QT_GPTQ_TILE), w.shape[1]), dtype=np.float32)
     st = _lib.qt_gptq_rows(_buf("float[]", w), w.shape[0], w.shape[1], _buf("float[]", u), _buf("int64_t[]", cols),
