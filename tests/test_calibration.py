@@ -63,6 +63,35 @@ def test_histogram_growth_is_order_independent():
     assert np.array_equal(grown.counts, once.counts)
 
 
+@pytest.mark.parametrize("backend", ["native", "numpy"] if kernels.native_available() else ["numpy"])
+def test_one_pass_observer_equals_minmax_then_histogram(backend):
+    """TensorObserver reads a batch once (min/max and counts in one kernel pass) while its
+    range stays inside the one seen so far, and regrids + recounts a batch that widens it:
+    the same min/max and counts as finding the min/max first and then counting, batch by
+    batch, through ranges that grow, stay and grow again."""
+    from qtool.calibration.observers import TensorObserver, batch_minmax
+
+    rng = np.random.default_rng(7)
+    scales = [0.01, 0.005, 1.0, 0.5, 0.9, 30.0, 1.0, 0.2, 31.0]
+    batches = [(rng.standard_normal(20_000) * s).astype(np.float32) for s in scales]
+    batches[4] = np.maximum(batches[4], 0)  # a ReLU-like batch inside the range
+    with kernels.use_backend(backend):
+        obs = TensorObserver(2048, True)
+        ref = Histogram(2048)
+        for x in batches:
+            assert obs.update(x) == batch_minmax(x)
+            ref.update(x, *batch_minmax(x))
+            assert (obs.histogram.k, obs.histogram.start) == (ref.k, ref.start)
+            assert np.array_equal(obs.histogram.counts, ref.counts)
+        bad = batches[0].copy()
+        bad[5] = np.inf
+        before = obs.histogram.counts.copy()
+        assert obs.update(bad)[1] == np.inf  # the caller names the tensor; nothing counted
+        assert np.array_equal(obs.histogram.counts, before)
+    assert (obs.minmax.lo, obs.minmax.hi) == (min(float(b.min()) for b in batches), max(float(b.max()) for b in batches))
+    assert obs.histogram.total == sum(b.size for b in batches)
+
+
 def test_merge_of_two_halves_equals_one_run():
     x = _gauss_with_outliers()
     a, b = _hist(x[: x.size // 3]), _hist(x[x.size // 3 :])

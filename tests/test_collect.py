@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from conftest import onnx_model, value_info
 from onnx import TensorProto, helper
 
@@ -70,3 +71,28 @@ def test_value_dependent_output_shapes_fall_back_to_plain_runs(tmp_path):
     plain = _collect(path, data, ["r", "nz"], 0, 1)
     _same(_collect(path, data, ["r", "nz"], 2, 1), plain)
     assert len({t["nz"].shape for _, t in plain}) > 1  # the case is real: shapes vary
+
+
+def test_collection_sessions_do_not_spin(tmp_path, monkeypatch):
+    """Collection sessions keep onnxruntime's idle threads from busy-waiting (the caller's
+    statistics need that core); other sessions keep onnxruntime's default."""
+    from qtool.runtime import collect, sessions
+
+    built = []
+    real = collect.session_options
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(collect, "session_options", spy)
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu")]
+    path, _ = _write(tmp_path, nodes, [value_info("y", ["N", 4])], n=1)
+    session, outputs = collect.build_session(load(path), ["y"])
+    assert outputs == ["y"] and len(built) == 1
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        assert built[0].get_session_config_entry(key) == "0"
+    with pytest.raises(Exception, match="does not have configuration"):  # onnxruntime's default
+        sessions.session_options(2).get_session_config_entry("session.intra_op.allow_spinning")
+    x = RNG.standard_normal((2, 4)).astype(np.float32)
+    assert np.array_equal(session.run(None, {"x": x})[0], np.maximum(x, 0))

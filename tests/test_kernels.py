@@ -174,6 +174,51 @@ def test_histogram_pow2_large_counts_and_bad_arguments(path):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_minmax_histogram_pow2_matches_twin(path):
+    """The one-pass kernel: min/max as minmax gives them, counts as histogram_pow2 gives
+    them when the values lie inside the bounds, counts untouched when one lies outside."""
+    for n in SIZES + [600_001]:  # 600_001: several sub-histogram spans, then taken back out
+        for kind in KINDS if n < 600_000 else ["normal", "outlier"]:
+            x = data(kind, n)
+            mn, mx = ref.minmax(x)
+            # bounds holding the data (exactly, and loosely), then missing it below / above
+            for lo, hi in [(mn, mx), (mn - 1, mx + 1), (mn + 0.5, mx + 1), (mn - 1, mx - 0.5)]:
+                lo, hi = min(lo, hi), max(lo, hi)
+                for kk, start, bins in POW2_GRIDS[:3]:
+                    want_c = np.arange(bins, dtype=np.int64)
+                    want = ref.minmax_histogram_pow2(x, kk, start, want_c, lo, hi)
+                    got_c = np.arange(bins, dtype=np.int64)
+                    with on(path):
+                        got = k.minmax_histogram_pow2(x, kk, start, got_c, lo, hi)
+                    what = f"minmax_histogram_pow2 {kind} n={n} [{lo}, {hi}] k={kk}"
+                    assert np.float32(got[:2]).tobytes() == np.float32(want[:2]).tobytes(), what
+                    assert got[2] == want[2] == (np.float32(lo) <= mn and mx <= np.float32(hi)), what
+                    assert_exact(got_c, want_c, what)
+                    if want[2]:
+                        assert_exact(got_c, ref.histogram_pow2(x, kk, start, np.arange(bins, dtype=np.int64)), what)
+                    else:
+                        assert_exact(got_c, np.arange(bins, dtype=np.int64), what)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_minmax_histogram_pow2_errors(path):
+    x = data("normal", 600_001)
+    counts = np.zeros(16, dtype=np.int64)
+    with on(path):
+        x[-1] = np.nan  # past the first span: the spans already counted are taken back out
+        with pytest.raises(k.NonFiniteError) as err:
+            k.minmax_histogram_pow2(x, -2, -8, counts, -100.0, 100.0)
+        assert err.value.index == x.size - 1 and not counts.any()
+        for lo, hi in [(1.0, -1.0), (np.nan, 1.0), (-np.inf, 1.0)]:
+            with pytest.raises(k.KernelArgumentError):
+                k.minmax_histogram_pow2(x[:8], -2, -8, counts, lo, hi)
+        with pytest.raises(k.KernelArgumentError):
+            k.minmax_histogram_pow2(x[:0], -2, -8, counts, -1.0, 1.0)
+        with pytest.raises(k.KernelArgumentError):
+            k.minmax_histogram_pow2(x[:8], 127, -8, counts, -1.0, 1.0)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nonfinite_policy(path, bad):
     for n in [1, 33, 4097]:

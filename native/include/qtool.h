@@ -6,7 +6,7 @@
  *   - Each function returns an int status: QT_OK (0) or a QT_ERR_* code;
  *     qt_strerror() turns a code into a sentence.
  *   - On a non-zero status the output buffers are unspecified (partially written),
- *     except qt_histogram and qt_histogram_pow2, which leave `counts` as they found it.
+ *     except the histogram kernels, which leave `counts` as they found it.
  *   - Every kernel has a numpy twin of the same name (minus `qt_`) in
  *     qtool/kernels/reference.py; that twin is the definition, and the scalar path
  *     here matches it bit for bit (float GEMM results: within rounding only).
@@ -92,6 +92,14 @@ int qt_histogram(const float *x, int64_t n, float lo, float hi, int64_t *counts,
  * On QT_ERR_NONFINITE, counts is left unchanged. */
 int qt_histogram_pow2(const float *x, int64_t n, int k, int64_t start, int64_t *counts,
                       int64_t bins);
+
+/* qt_minmax and qt_histogram_pow2 in one pass over x: out_min/out_max as qt_minmax
+ * reports them, and counts updated as qt_histogram_pow2 would, but only when every value
+ * lies in [lo, hi] (lo <= out_min and out_max <= hi); otherwise counts is left unchanged
+ * (the caller moves its grid first, then counts). n >= 1; lo <= hi, both finite; the
+ * grid arguments as for qt_histogram_pow2. On QT_ERR_NONFINITE, counts is unchanged. */
+int qt_minmax_histogram_pow2(const float *x, int64_t n, int k, int64_t start, int64_t *counts,
+                             int64_t bins, float lo, float hi, float *out_min, float *out_max);
 
 /* ---- 2. quantize / dequantize -------------------------------------------
  * x is viewed as [outer, axis_len, inner]; the quantization axis is the middle one.

@@ -132,7 +132,14 @@ typedef struct {
     int pow2;          /* 0: affine map, 1: power-of-two grid */
     float a, b, c;     /* affine: lo, hi - lo, bins.  pow2: 2^-k, (float)start, unused */
     float bmax;        /* bins - 1 */
+    float *mm;         /* running {min, max} of every value indexed (meaningless after a
+                        * NaN/Inf); on the vector ports, which counting leaves idle */
 } hist_map;
+
+static inline void hist_mm_merge(const hist_map *m, float lo, float hi) {
+    m->mm[0] = lo < m->mm[0] ? lo : m->mm[0];
+    m->mm[1] = hi > m->mm[1] ? hi : m->mm[1];
+}
 
 typedef uint16_t hist_sub[4][HIST_SUB_BINS];
 
@@ -162,14 +169,18 @@ static inline float hist_t_scalar(float v, const hist_map *m) {
 }
 
 static int hist_idx_scalar(const float *x, int64_t n, const hist_map *m, int32_t *idx) {
+    float lo = m->mm[0], hi = m->mm[1];
     for (int64_t i = 0; i < n; i++) {
         float v = x[i];
         if (!qt__finite(v)) return QT_ERR_NONFINITE;
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
         float f = hist_t_scalar(v, m);
         f = f < 0.0f ? 0.0f : f;
         f = f > m->bmax ? m->bmax : f;
         idx[i] = (int32_t)f;
     }
+    hist_mm_merge(m, lo, hi);
     return QT_OK;
 }
 
@@ -196,17 +207,28 @@ QT_TARGET_AVX2 HIST_INLINE __m256 hist_bad8(__m256 v) {
     return _mm256_cmp_ps(_mm256_and_ps(v, absmask), _mm256_set1_ps(3.40282347e38f), _CMP_NLE_UQ);
 }
 
+QT_TARGET_AVX2 HIST_INLINE void hist_mm_merge8(const hist_map *m, __m256 lo, __m256 hi) {
+    float l[8], h[8];
+    _mm256_storeu_ps(l, lo);
+    _mm256_storeu_ps(h, hi);
+    for (int j = 0; j < 8; j++) hist_mm_merge(m, l[j], h[j]);
+}
+
 QT_TARGET_AVX2 HIST_INLINE int hist_idx_avx2_body(const float *x, int64_t n, const hist_map *m,
                                                   int32_t *idx, const int pow2) {
     __m256 bad = _mm256_setzero_ps();
+    __m256 lo = _mm256_set1_ps(m->mm[0]), hi = _mm256_set1_ps(m->mm[1]);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         if ((i & 15) == 0) _mm_prefetch((const char *)(x + i + HIST_PREFETCH), _MM_HINT_T0);
         __m256 v = _mm256_loadu_ps(x + i);
         bad = _mm256_or_ps(bad, hist_bad8(v));
+        lo = _mm256_min_ps(lo, v);
+        hi = _mm256_max_ps(hi, v);
         _mm256_storeu_si256((__m256i *)(idx + i), hist_idx8(v, m, pow2));
     }
     if (_mm256_movemask_ps(bad)) return QT_ERR_NONFINITE;
+    hist_mm_merge8(m, lo, hi);
     return hist_idx_scalar(x + i, n - i, m, idx + i);
 }
 
@@ -219,6 +241,7 @@ QT_TARGET_AVX2 HIST_INLINE int hist_span_avx2_body(const float *x, int64_t n, co
                                                    hist_sub sub, const int pow2) {
     _Alignas(64) int32_t ring[HIST_RING];
     __m256 bad = _mm256_setzero_ps();
+    __m256 lo0 = _mm256_set1_ps(m->mm[0]), hi0 = _mm256_set1_ps(m->mm[1]), lo1 = lo0, hi1 = hi0;
     int64_t i = 0;
     for (; i < n; i += 16) {
         int32_t *r = ring + (i & (HIST_RING - 1));
@@ -226,12 +249,18 @@ QT_TARGET_AVX2 HIST_INLINE int hist_span_avx2_body(const float *x, int64_t n, co
         _mm_prefetch((const char *)(x + i + HIST_PREFETCH), _MM_HINT_T0);
         __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
         bad = _mm256_or_ps(bad, _mm256_or_ps(hist_bad8(v0), hist_bad8(v1)));
+        lo0 = _mm256_min_ps(lo0, v0);
+        lo1 = _mm256_min_ps(lo1, v1);
+        hi0 = _mm256_max_ps(hi0, v0);
+        hi1 = _mm256_max_ps(hi1, v1);
         _mm256_store_si256((__m256i *)r, hist_idx8(v0, m, pow2));
         _mm256_store_si256((__m256i *)(r + 8), hist_idx8(v1, m, pow2));
     }
     for (int64_t j = i < HIST_RING ? 0 : i - HIST_RING; j < n; j += 16)
         hist_count(ring + (j & (HIST_RING - 1)), 16, sub);
-    return _mm256_movemask_ps(bad) ? QT_ERR_NONFINITE : QT_OK;
+    if (_mm256_movemask_ps(bad)) return QT_ERR_NONFINITE;
+    hist_mm_merge8(m, _mm256_min_ps(lo0, lo1), _mm256_max_ps(hi0, hi1));
+    return QT_OK;
 }
 
 QT_TARGET_AVX2 static int hist_span_avx2(const float *x, int64_t n, const hist_map *m,
@@ -253,14 +282,19 @@ QT_TARGET_AVX512 HIST_INLINE int hist_idx_avx512_body(const float *x, int64_t n,
                                                       const hist_map *m, int32_t *idx,
                                                       const int pow2) {
     __mmask16 bad = 0;
+    __m512 lo = _mm512_set1_ps(m->mm[0]), hi = _mm512_set1_ps(m->mm[1]);
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 k = qt__lanes16(n - i);
         _mm_prefetch((const char *)(x + i + HIST_PREFETCH), _MM_HINT_T0);
         __m512 v = _mm512_maskz_loadu_ps(k, x + i);
         bad |= qt__nonfinite16(v, k);
+        lo = _mm512_mask_min_ps(lo, k, lo, v); /* lanes past n keep their value */
+        hi = _mm512_mask_max_ps(hi, k, hi, v);
         _mm512_mask_storeu_epi32(idx + i, k, hist_idx16(v, m, pow2));
     }
-    return bad ? QT_ERR_NONFINITE : QT_OK;
+    if (bad) return QT_ERR_NONFINITE;
+    hist_mm_merge(m, _mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+    return QT_OK;
 }
 
 QT_TARGET_AVX512 static int hist_idx_avx512(const float *x, int64_t n, const hist_map *m,
@@ -308,8 +342,10 @@ static int hist_accumulate(hist_idx_fn idx_fn, hist_span_fn span_fn, const float
     return QT_OK;
 }
 
+/* counts += sign * bins of x[0..n) on the paths this CPU has; on NaN/Inf counts is left
+ * as it was found and QT_ERR_NONFINITE returned. m->mm takes in the values' min/max. */
 static int hist_run(const float *x, int64_t n, const hist_map *m, int64_t *counts,
-                    int64_t bins) {
+                    int64_t bins, int64_t sign) {
     hist_idx_fn idx_fn = hist_idx_scalar;
     hist_span_fn span_fn = NULL;
 #if QT_X86
@@ -321,9 +357,9 @@ static int hist_run(const float *x, int64_t n, const hist_map *m, int64_t *count
     else if (isa >= QT_ISA_AVX2) idx_fn = hist_idx_avx2;
 #endif
     int64_t done, undone;
-    if (hist_accumulate(idx_fn, span_fn, x, n, m, counts, bins, 1, &done) == QT_OK) return QT_OK;
+    if (hist_accumulate(idx_fn, span_fn, x, n, m, counts, bins, sign, &done) == QT_OK) return QT_OK;
     /* leave counts as we found them: x[0..done) is finite, take its counts back out */
-    hist_accumulate(idx_fn, span_fn, x, done, m, counts, bins, -1, &undone);
+    hist_accumulate(idx_fn, span_fn, x, done, m, counts, bins, -sign, &undone);
     return QT_ERR_NONFINITE;
 }
 
@@ -332,16 +368,48 @@ int qt_histogram(const float *x, int64_t n, float lo, float hi, int64_t *counts,
     if (x == NULL || counts == NULL || n < 0 || bins < 1 || bins > (1 << 24)) return QT_ERR_ARG;
     float w = hi - lo;
     if (!qt__finite(lo) || !qt__finite(hi) || !qt__finite(w) || !(hi > lo)) return QT_ERR_ARG;
-    hist_map m = {0, lo, w, (float)bins, (float)(bins - 1)};
-    return hist_run(x, n, &m, counts, bins);
+    float mm[2] = {INFINITY, -INFINITY};
+    hist_map m = {0, lo, w, (float)bins, (float)(bins - 1), mm};
+    return hist_run(x, n, &m, counts, bins, 1);
 }
 
-int qt_histogram_pow2(const float *x, int64_t n, int k, int64_t start, int64_t *counts,
-                      int64_t bins) {
+static int pow2_args(const float *x, int64_t n, int k, int64_t start, const int64_t *counts,
+                     int64_t bins) {
     if (x == NULL || counts == NULL || n < 0 || bins < 1 || bins > (1 << 24)) return QT_ERR_ARG;
     if (k < -127 || k > 126) return QT_ERR_ARG; /* 2^-k a normal float32 */
     const int64_t lim = (int64_t)1 << 62;
     if (start < -lim || start > lim || (int64_t)(float)start != start) return QT_ERR_ARG;
-    hist_map m = {1, ldexpf(1.0f, -k), (float)start, 0.0f, (float)(bins - 1)};
-    return hist_run(x, n, &m, counts, bins);
+    return QT_OK;
+}
+
+int qt_histogram_pow2(const float *x, int64_t n, int k, int64_t start, int64_t *counts,
+                      int64_t bins) {
+    if (pow2_args(x, n, k, start, counts, bins) != QT_OK) return QT_ERR_ARG;
+    float mm[2] = {INFINITY, -INFINITY};
+    hist_map m = {1, ldexpf(1.0f, -k), (float)start, 0.0f, (float)(bins - 1), mm};
+    return hist_run(x, n, &m, counts, bins, 1);
+}
+
+/* One pass instead of qt_minmax then qt_histogram_pow2 (calibration's observers read
+ * each activation once while its range stays inside the one seen so far, the common
+ * case): the bins are counted while the min/max is found, and taken back out (a second
+ * pass, only then) when a value fell outside [lo, hi] and the caller must regrid. */
+int qt_minmax_histogram_pow2(const float *x, int64_t n, int k, int64_t start, int64_t *counts,
+                             int64_t bins, float lo, float hi, float *out_min, float *out_max) {
+    if (pow2_args(x, n, k, start, counts, bins) != QT_OK || n < 1) return QT_ERR_ARG;
+    if (out_min == NULL || out_max == NULL || !qt__finite(lo) || !qt__finite(hi) || !(lo <= hi))
+        return QT_ERR_ARG;
+    float mm[2] = {INFINITY, -INFINITY};
+    hist_map m = {1, ldexpf(1.0f, -k), (float)start, 0.0f, (float)(bins - 1), mm};
+    int st = hist_run(x, n, &m, counts, bins, 1);
+    if (st != QT_OK) return st;
+    if (mm[0] < lo || mm[1] > hi) {
+        float again[2] = {INFINITY, -INFINITY}; /* the same values: min/max are kept */
+        m.mm = again;
+        hist_run(x, n, &m, counts, bins, -1); /* finite: cannot fail */
+    }
+    /* -0.0 and 0.0 compare equal: report +0.0, as qt_minmax does */
+    *out_min = mm[0] + 0.0f;
+    *out_max = mm[1] + 0.0f;
+    return QT_OK;
 }

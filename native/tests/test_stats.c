@@ -1,4 +1,5 @@
-/* C unit tests for the histogram kernels (qt_histogram, qt_histogram_pow2): every ISA
+/* C unit tests for the histogram kernels (qt_histogram, qt_histogram_pow2,
+ * qt_minmax_histogram_pow2): every ISA
  * path against a per-element reference written here from the formulas in qtool.h, on
  * sizes that cross the sub-histogram spans, bins on both sides of the sub-histogram
  * limit, edge values (bin edges, -0.0, subnormals, FLT_MAX, out of range), the NaN/Inf
@@ -175,8 +176,69 @@ static void test_arguments(void) {
     CHECK(qt_histogram(x, 4, -FLT_MAX, FLT_MAX, c, 4) == QT_ERR_ARG, "hi - lo overflows");
 }
 
+/* qt_minmax_histogram_pow2 against qt_minmax and the per-element reference: min/max
+ * bit for bit, counts added only when [min, max] lies in the bounds, untouched otherwise
+ * and on NaN/Inf (wherever it sits), on every ISA, size, bin count and kind. */
+static void test_minmax_histogram_pow2(void) {
+    const int64_t n_max = SIZES[NSIZES - 1];
+    float *x = malloc(n_max * sizeof(float));
+    int64_t *want = malloc(5000 * sizeof(int64_t)), *got = malloc(5000 * sizeof(int64_t));
+    for (int l = 0; l <= qt_isa_supported(); l++) {
+        qt_set_isa(l);
+        for (int si = 1; si < NSIZES; si++) {
+            int64_t n = SIZES[si];
+            for (int kind = 0; kind < 6; kind++) {
+                fill(x, n, kind);
+                float mn, mx, gmn, gmx;
+                CHECK(qt_minmax(x, n, &mn, &mx) == QT_OK, "minmax");
+                /* bounds holding [mn, mx] exactly, then missing it below and above */
+                const float lo[3] = {mn, mn + 0.5f * fabsf(mn) + 1e-30f, mn};
+                const float hi[3] = {mx, mx, mx - 0.5f * fabsf(mx) - 1e-30f};
+                for (int b = 0; b < 3; b++) {
+                    if (!(lo[b] <= hi[b])) continue;
+                    int inside = lo[b] <= mn && mx <= hi[b];
+                    for (int bi = 0; bi < NBINS; bi += 2) {
+                        int64_t bins = BINS[bi];
+                        for (int64_t j = 0; j < bins; j++) want[j] = got[j] = 3 * j;
+                        if (inside) ref_pow2(x, n, -4, -50, want, bins);
+                        CHECK(qt_minmax_histogram_pow2(x, n, -4, -50, got, bins, lo[b], hi[b], &gmn, &gmx) == QT_OK,
+                              "%s status", isa_name(l));
+                        CHECK(memcmp(&gmn, &mn, 4) == 0 && memcmp(&gmx, &mx, 4) == 0,
+                              "%s n=%lld kind %d: min/max %g %g vs %g %g", isa_name(l), (long long)n, kind,
+                              gmn, gmx, mn, mx);
+                        CHECK(first_diff(got, want, bins) < 0, "%s n=%lld kind %d bins %lld bounds %d",
+                              isa_name(l), (long long)n, kind, (long long)bins, b);
+                    }
+                }
+            }
+        }
+        fill(x, n_max, 0);
+        const int64_t pos[] = {0, 300, 262080, n_max - 1};
+        for (int p = 0; p < 4; p++) {
+            float save = x[pos[p]], mn, mx;
+            x[pos[p]] = p & 1 ? INFINITY : NAN;
+            for (int64_t j = 0; j < 2048; j++) got[j] = j;
+            CHECK(qt_minmax_histogram_pow2(x, n_max, -4, -50, got, 2048, -1e30f, 1e30f, &mn, &mx) == QT_ERR_NONFINITE,
+                  "%s nonfinite status", isa_name(l));
+            int changed = 0;
+            for (int64_t j = 0; j < 2048; j++) changed |= got[j] != j;
+            CHECK(!changed, "%s counts changed on a bad value at %lld", isa_name(l), (long long)pos[p]);
+            x[pos[p]] = save;
+        }
+    }
+    float mn, mx;
+    CHECK(qt_minmax_histogram_pow2(x, 4, 0, 0, got, 4, 1.0f, -1.0f, &mn, &mx) == QT_ERR_ARG, "lo > hi");
+    CHECK(qt_minmax_histogram_pow2(x, 4, 0, 0, got, 4, NAN, 1.0f, &mn, &mx) == QT_ERR_ARG, "NaN bound");
+    CHECK(qt_minmax_histogram_pow2(x, 0, 0, 0, got, 4, -1.0f, 1.0f, &mn, &mx) == QT_ERR_ARG, "empty");
+    CHECK(qt_minmax_histogram_pow2(x, 4, 0, 0, got, 4, -1.0f, 1.0f, NULL, &mx) == QT_ERR_ARG, "NULL min");
+    free(x);
+    free(want);
+    free(got);
+}
+
 int main(void) {
     printf("qtool histogram tests: supported ISA level %s\n", isa_name(qt_isa_supported()));
+    test_minmax_histogram_pow2();
     test_known_values();
     test_arguments();
     test_nonfinite_leaves_counts();

@@ -255,10 +255,29 @@ class TensorObserver:
         """Observe one batch; returns its (min, max) so the caller can check finiteness."""
         if x.size == 0:
             return 0.0, 0.0
-        lo, hi = batch_minmax(x)
+        lo, hi, counted = self._minmax_counted(x)
         if not (math.isfinite(lo) and math.isfinite(hi)):
             return lo, hi  # the caller raises, naming the tensor and sample
         self.minmax.update(lo, hi, int(x.size))
-        if self.histogram is not None:
+        if self.histogram is not None and not counted:
             self.histogram.update(x, lo, hi)
         return lo, hi
+
+    def _minmax_counted(self, x: np.ndarray) -> tuple[float, float, bool]:
+        """The batch's (min, max), and whether it was already counted into the histogram.
+
+        Once the histogram has a grid, a batch whose values stay inside the range seen so
+        far (most batches: that range only grows) keeps that grid, so one pass of the
+        ``minmax_histogram_pow2`` kernel finds its min/max and counts it: the activations
+        are read once instead of twice. A batch that widens the range is not counted there
+        and goes through ``Histogram.update`` (regrid, then count): the same counts either way.
+        """
+        h = self.histogram
+        kernels = _kernels()
+        if (h is None or h.k is None or x.dtype != np.float32 or kernels is None
+                or not hasattr(kernels, "minmax_histogram_pow2")):
+            return (*batch_minmax(x), False)
+        try:
+            return kernels.minmax_histogram_pow2(x.reshape(-1), h.k, h.start, h.counts, h.lo, h.hi)
+        except Exception:  # NaN/Inf (counts untouched): numpy gives the propagated values
+            return float(np.min(x)), float(np.max(x)), False

@@ -46,7 +46,7 @@ except ImportError:  # extension not built: numpy only
 __all__ = [
     "BACKEND", "ISA_LEVELS", "KernelArgumentError", "NonFiniteError", "QTYPES",
     "native_available", "isa_paths", "use_backend", "use_isa",
-    "minmax", "histogram", "histogram_pow2", "quantize", "dequantize", "pack", "unpack",
+    "minmax", "histogram", "histogram_pow2", "minmax_histogram_pow2", "quantize", "dequantize", "pack", "unpack",
     "pack_matmulnbits", "unpack_matmulnbits", "pack_zero_points", "unpack_zero_points",
     "block_params_rtn", "block_params_mse", "gemm_u8s8", "requantize", "gemm_q4",
     "quantize_matmulnbits", "quantize_kn", "gptq_rows",
@@ -162,6 +162,23 @@ def histogram_pow2(x: np.ndarray, k: int, start: int, counts: np.ndarray) -> np.
                                 _ffi.from_buffer("int64_t[]", counts), bins)
     _check(st, "histogram_pow2", x)
     return counts
+
+
+def minmax_histogram_pow2(x: np.ndarray, k: int, start: int, counts: np.ndarray, lo, hi) -> tuple:
+    """``minmax(x)`` and, only if every value lies in [lo, hi], ``histogram_pow2(x, k,
+    start, counts)`` in one pass over x: (min, max, counted). NaN/Inf: NonFiniteError."""
+    name = "minmax_histogram_pow2"
+    if not _native():
+        return reference.minmax_histogram_pow2(x, k, start, counts, lo, hi)
+    bins = reference.check_histogram_pow2(counts, k, start, name)
+    (lo32, hi32), x, out = reference.check_bounds(name, lo, hi), _f32(x), _ffi.new("float[2]")
+    if x.size == 0:
+        raise arg_error(name, "empty tensor has no min/max")
+    st = _lib.qt_minmax_histogram_pow2(_buf("float[]", x), x.size, int(k), int(start),
+                                       _ffi.from_buffer("int64_t[]", counts), bins,
+                                       float(lo32), float(hi32), out, out + 1)
+    _check(st, name, x)
+    return float(out[0]), float(out[1]), bool(lo32 <= out[0] and out[1] <= hi32)
 
 
 # ---- 2. quantize / dequantize ----------------------------------------------------

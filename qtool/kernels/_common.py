@@ -154,14 +154,22 @@ def check_counts(kernel: str, counts) -> int:
     return bins
 
 
-def check_histogram_pow2(counts, k, start) -> int:
-    bins = check_counts("histogram_pow2", counts)
+def check_histogram_pow2(counts, k, start, kernel: str = "histogram_pow2") -> int:
+    bins = check_counts(kernel, counts)
     if not isinstance(k, (int, np.integer)) or not -127 <= k <= 126:
-        raise arg_error("histogram_pow2", f"level k must be an integer in [-127, 126], got {k}")
+        raise arg_error(kernel, f"level k must be an integer in [-127, 126], got {k}")
     if (not isinstance(start, (int, np.integer)) or abs(int(start)) > 1 << 62
             or int(_F32(start)) != start):
-        raise arg_error("histogram_pow2", f"start must be an integer exact in float32, got {start}")
+        raise arg_error(kernel, f"start must be an integer exact in float32, got {start}")
     return bins
+
+
+def check_bounds(kernel: str, lo, hi) -> tuple[np.float32, np.float32]:
+    """``lo``/``hi`` as float32, checked as the C kernel checks them: finite, lo <= hi."""
+    lo32, hi32 = _F32(lo), _F32(hi)
+    if not (np.isfinite(lo32) and np.isfinite(hi32) and lo32 <= hi32):
+        raise arg_error(kernel, f"need finite bounds lo <= hi, got [{lo}, {hi}]")
+    return lo32, hi32
 
 
 def check_histogram(counts, lo, hi) -> int:

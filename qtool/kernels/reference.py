@@ -14,6 +14,7 @@ import numpy as np
 
 from qtool.kernels._common import (
     arg_error,
+    check_bounds,
     check_finite,
     check_gemm,
     check_gptq,
@@ -84,6 +85,27 @@ def histogram_pow2(x: np.ndarray, k: int, start: int, counts: np.ndarray) -> np.
     np.clip(t, 0, bins - 1, out=t)
     counts += np.bincount(t.astype(np.int64), minlength=bins)
     return counts
+
+
+def minmax_histogram_pow2(x: np.ndarray, k: int, start: int, counts: np.ndarray, lo: float,
+                          hi: float) -> tuple[float, float, bool]:
+    """``minmax(x)``, and ``histogram_pow2(x, k, start, counts)`` only if every value lies
+    in [lo, hi] (float32): returns (min, max, counted). Not counted (counts untouched)
+    when a value lies outside: the caller moves its grid, then counts. Needs a non-empty
+    x, finite lo <= hi, the grid arguments of histogram_pow2. On NaN/Inf raises
+    NonFiniteError, counts untouched. (The C kernel does it in one pass over x.)
+    """
+    x = np.asarray(x, dtype=_F32).reshape(-1)
+    check_histogram_pow2(counts, k, start, "minmax_histogram_pow2")
+    lo32, hi32 = check_bounds("minmax_histogram_pow2", lo, hi)
+    if x.size == 0:
+        raise arg_error("minmax_histogram_pow2", "empty tensor has no min/max")
+    check_finite("minmax_histogram_pow2", x)
+    mn, mx = minmax(x)
+    counted = bool(lo32 <= mn and mx <= hi32)
+    if counted:
+        histogram_pow2(x, k, start, counts)
+    return mn, mx, counted
 
 
 # ---- 2. quantize / dequantize ----------------------------------------------------

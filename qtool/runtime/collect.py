@@ -143,7 +143,8 @@ def build_session(
             info.type.tensor_type.elem_type = int(value.dtype)
         proto.graph.output.append(info)
 
-    options = session_options(threads, arena=arena, inter_op=False)
+    # no spinning: idle threads busy-waiting would take the core the caller's statistics need
+    options = session_options(threads, arena=arena, inter_op=False, spin=False)
     if folder is not None or placeholder_dir is not None:
         options.add_session_config_entry(EXTERNAL_FOLDER_KEY, folder or placeholder_dir)
     buffers = [ort.OrtValue.ortvalue_from_numpy(array) for _, array in shared.values()]

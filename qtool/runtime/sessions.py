@@ -43,14 +43,19 @@ def provider_name(short: str) -> str:
 
 
 def session_options(threads: int = 0, optimization: str = "all", optimized_path: str | None = None,
-                    arena: bool = True, *, inter_op: bool = True, prepacking: bool = True):
+                    arena: bool = True, *, inter_op: bool = True, prepacking: bool = True,
+                    spin: bool = True):
     """The one place qtool builds onnxruntime SessionOptions.
 
     ``threads`` intra-op threads (0: onnxruntime's default); ``inter_op`` False leaves the
     inter-op pool at its default when ``threads`` is set (calibration sessions).
     ``arena`` False: memory goes back to the system after each run instead of staying in
     onnxruntime's arena (for sessions that return very many tensors once per batch).
-    ``prepacking`` False skips weight re-layout (a load check, not a session to time)."""
+    ``prepacking`` False skips weight re-layout (a load check, not a session to time).
+    ``spin`` False: idle intra-op threads sleep instead of busy-waiting for the next
+    parallel section (onnxruntime spins by default, which burns a core between and after
+    runs: a third of plain inference's CPU time on 2 cores). Sessions whose caller works
+    on each batch's outputs (calibration's histograms) need that core."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -62,6 +67,9 @@ def session_options(threads: int = 0, optimization: str = "all", optimized_path:
             options.inter_op_num_threads = 1
     if not prepacking:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
