@@ -18,11 +18,17 @@ onnxruntime side: ``onnxruntime.quantization.calibrate.create_calibrator`` with 
 op types qtool quantizes in this model, ``collect_data`` over a CalibrationDataReader and
 ``compute_data`` (the calibration phase of ``quantize_static``; conversion not timed).
 Its histogram calibrators keep every activation of a ``collect_data`` call in memory
-(7.8 GB at 256 samples), so above 256 samples the reader is fed in chunks of 256, one
+(7.8 GB at 256 samples), so above 64 samples the reader is fed in chunks of 64 (2 GB), one
 ``collect_data`` per chunk (onnxruntime's own way to bound memory; histograms merge).
 qtool side: ``qtool.calibrate`` (conversion not timed either).
 plain: ``onnxruntime.InferenceSession`` on the model file and one ``run`` per sample, the
 same files loaded the same way: the floor a calibrator that must run the model cannot beat.
+"plain, no spin": the same with onnxruntime's idle threads told not to busy-wait
+(``session.intra_op.allow_spinning=0``, as qtool's calibration sessions are): the lower
+floor in CPU seconds, since spinning is CPU a plain run burns between its parallel sections.
+
+Children run with bytecode caching on (PYTHONDONTWRITEBYTECODE dropped), as an installed
+package runs: compiling qtool's sources on every start is not a cost users pay.
 """
 
 from __future__ import annotations
@@ -48,8 +54,8 @@ MODEL = "resnet18_synth"
 QTOOL_METHODS = ("minmax", "percentile", "entropy", "mse")
 ORT_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 SAMPLE_COUNTS = (32, 64, 256, 1024)
-ORT_CHUNK = 256
-TOOLS = ("plain", "onnxruntime", "qtool before", "qtool")
+ORT_CHUNK = 64
+TOOLS = ("plain", "plain, no spin", "onnxruntime", "qtool before", "qtool")
 PYTHONPATH_FIRST = ""  # --pythonpath: a folder every child imports from first
 
 
@@ -112,13 +118,16 @@ def _load(f: Path):  # noqa: ANN202 - np.ndarray
     return x if x.ndim == 4 else x[None]
 
 
-def run_plain(method: str, samples: int) -> dict:
+def run_plain(method: str, samples: int, spin: bool = True) -> dict:
     model, _ = _paths()
     files = _files(samples)
     start, cpu = time.perf_counter(), time.process_time()  # CPU: all threads
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if spin is False:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     for f in files:
         session.run(None, {name: _load(f)})
@@ -170,17 +179,19 @@ def run_ort(method: str, samples: int) -> dict:
             "cpu_s": time.process_time() - cpu, "op_types": op_types}
 
 
-RUNNERS = {"plain": run_plain, "onnxruntime": run_ort, "qtool": run_qtool, "qtool before": run_qtool}
+RUNNERS = {"plain": run_plain, "plain, no spin": lambda m, n: run_plain(m, n, spin=False),
+           "onnxruntime": run_ort, "qtool": run_qtool, "qtool before": run_qtool}
 
 
 def child(tool: str, method: str, samples: int) -> None:
     result = RUNNERS[tool](method, samples)
-    result.update(tool=tool, method=method, peak_mb=_peak_mb())
+    result.update(tool=tool, method=method, peak_mb=_peak_mb(), load1=os.getloadavg()[0])
     sys.stdout.write(json.dumps(result) + "\n")
 
 
 def run_one(tool: str, method: str, samples: int, before: Path | None = None) -> dict:
     env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # cached bytecode, as an installed package has
     if PYTHONPATH_FIRST and tool != "qtool before":  # "before": the environment as it was
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (PYTHONPATH_FIRST, env.get("PYTHONPATH"))))
     if tool == "qtool before":  # the other checkout's qtool first on the path
@@ -206,11 +217,19 @@ def _median(rows: list[dict], tool: str, method: str, n: int, key: str = "second
 
 
 def table(rows: list[dict], methods, counts) -> str:  # noqa: ANN001
-    lines = [
-        "| method | samples | plain inference (s) | onnxruntime (s) | qtool before (s) | qtool (s) | "
-        "qtool vs onnxruntime | qtool / plain | before / plain | CPU s: qtool vs onnxruntime | CPU s: qtool / plain | "
-        "CPU s: before / plain | qtool peak (MB) | onnxruntime peak (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    """Two tables: CPU seconds (all threads of the process; what to read on a loaded
+    machine) with the ratios the targets are set in, then wall seconds and peak memory."""
+    cpu = [
+        "CPU seconds (median):\n",
+        "| method | samples | plain | plain, no spin | onnxruntime | qtool before | qtool | "
+        "qtool vs onnxruntime | qtool / plain | qtool / plain no-spin | before vs onnxruntime | before / plain |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    wall = [
+        "\nWall seconds (median) and peak RSS:\n",
+        "| method | samples | plain | plain, no spin | onnxruntime | qtool before | qtool | "
+        "qtool vs onnxruntime | qtool / plain | qtool peak (MB) | onnxruntime peak (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def fmt(v):  # noqa: ANN001, ANN202
@@ -226,24 +245,26 @@ def table(rows: list[dict], methods, counts) -> str:  # noqa: ANN001
 
     for method in methods:
         for n in counts:
-            p, o = _median(rows, "plain", "-", n), _median(rows, "onnxruntime", method, n)
-            b, q = _median(rows, "qtool before", method, n), _median(rows, "qtool", method, n)
-            if q is None and o is None:
+            def med(tool, key, m=method):  # noqa: ANN001, ANN202
+                return _median(rows, tool, "-" if tool.startswith("plain") else m, n, key)
+
+            if med("qtool", "seconds") is None and med("onnxruntime", "seconds") is None:
                 continue
-            cp, co = _median(rows, "plain", "-", n, "cpu_s"), _median(rows, "onnxruntime", method, n, "cpu_s")
-            cb, cq = _median(rows, "qtool before", method, n, "cpu_s"), _median(rows, "qtool", method, n, "cpu_s")
-            lines.append(
-                f"| {method} | {n} | {fmt(p)} | {fmt(o)} | {fmt(b)} | {fmt(q)} | {ratio(o, q)} | "
-                f"{ratio(q, p)} | {ratio(b, p)} | {ratio(co, cq)} | {ratio(cq, cp)} | {ratio(cb, cp)} | {peak('qtool', method, n)} | {peak('onnxruntime', method, n)} |"
-            )
-    return "\n".join(lines)
+            for out, key in ((cpu, "cpu_s"), (wall, "seconds")):
+                p, ps, o = med("plain", key), med("plain, no spin", key), med("onnxruntime", key)
+                b, q = med("qtool before", key), med("qtool", key)
+                cells = [method, n, fmt(p), fmt(ps), fmt(o), fmt(b), fmt(q), ratio(o, q), ratio(q, p)]
+                cells += ([ratio(q, ps), ratio(o, b), ratio(b, p)] if out is cpu
+                          else [peak("qtool", method, n), peak("onnxruntime", method, n)])
+                out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(cpu + wall)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=3, metavar=("TOOL", "METHOD", "SAMPLES"))
     parser.add_argument("--samples", type=int, nargs="*", default=list(SAMPLE_COUNTS))
-    parser.add_argument("--methods", nargs="*", default=["entropy", "minmax"], choices=QTOOL_METHODS)
+    parser.add_argument("--methods", nargs="*", default=["entropy"], choices=QTOOL_METHODS)
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds (medians are reported); counts above 256 get one")
     parser.add_argument("--before", type=Path, help="another qtool checkout, timed as 'qtool before'")
@@ -281,7 +302,7 @@ def _run(args) -> list[dict]:  # noqa: ANN001
                 continue  # one round of the long runs
             order = tools if rnd % 2 == 0 else tools[::-1]  # alternate who runs first
             for tool in order:
-                for method in (["-"] if tool == "plain" else args.methods):
+                for method in (["-"] if tool.startswith("plain") else args.methods):
                     if tool == "onnxruntime" and (method not in ORT_METHODS or 0 < args.ort_max < n):
                         continue
                     rows.append(run_one(tool, method, n, args.before))
@@ -308,7 +329,7 @@ def _report(args, rows: list[dict]) -> int:  # noqa: ANN001
         f"bins). Above {ORT_CHUNK} samples onnxruntime is fed in chunks of {ORT_CHUNK} (its "
         "histogram calibrators hold every activation of a chunk in memory). "
         f"qtool before: {args.before or 'not run'}. First on the path of every process but qtool before's: "
-        f"{_pythonpath_note(args.pythonpath)}.\n\n"
+        f"{_pythonpath_note(args.pythonpath)}.\n{_load_note(rows)}\n\n"
         + table(rows, args.methods, counts)
         + "\n\nRaw rows:\n\n```json\n"
         + "\n".join(json.dumps(r) for r in rows)
@@ -318,6 +339,14 @@ def _report(args, rows: list[dict]) -> int:  # noqa: ANN001
     args.out.write_text(md)
     print(table(rows, args.methods, counts))
     return 0
+
+
+def _load_note(rows: list[dict]) -> str:
+    loads = sorted(r["load1"] for r in rows if "load1" in r)
+    if not loads:
+        return ""
+    return (f"1-minute load average at the end of each run: {loads[0]:.1f} to {loads[-1]:.1f} "
+            f"(median {loads[len(loads) // 2]:.1f}) on {os.cpu_count()} cores.")
 
 
 def _pythonpath_note(folder: str) -> str:
