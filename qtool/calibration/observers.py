@@ -279,5 +279,5 @@ class TensorObserver:
             return (*batch_minmax(x), False)
         try:
             return kernels.minmax_histogram_pow2(x.reshape(-1), h.k, h.start, h.counts, h.lo, h.hi)
-        except Exception:  # NaN/Inf (counts untouched): numpy gives the propagated values
+        except kernels.NonFiniteError:  # counts untouched; numpy gives the propagated values
             return float(np.min(x)), float(np.max(x)), False

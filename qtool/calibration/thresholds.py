@@ -111,9 +111,13 @@ def entropy_range(hist: Histogram, bits: int = 8) -> tuple[float, float]:
         # ReLU6 at 1.0); so the first bin does not vote.
         p_all[0] = 0.0
     suffix = np.concatenate([np.cumsum(p_all[::-1])[::-1], [0.0]])
-    index = np.arange(n + 1)
+    scaled_index = np.arange(n + 1) * levels
     occupied = p_all > 0
     occupied_f = occupied.astype(np.float64)
+    # P's total is the same for every candidate (the tail joins the last bin) and, the
+    # counts being integers below 2^53, exact in any summation order: computed once.
+    total = np.add.reduce(p_all) if p_all.sum() < 2.0**53 else None
+    add = np.add.reduce  # np.sum's reduction without its Python wrapper: the same sums
 
     # The same floating-point operations on the same operands as the textbook form (q =
     # sums[group] / nonzero[group], smoothed where p > 0 and q == 0), with what does not
@@ -123,7 +127,7 @@ def entropy_range(hist: Histogram, bits: int = 8) -> tuple[float, float]:
         ref = p_all[:i]
         p = ref.copy()
         p[-1] += suffix[i]
-        group = (index[:i] * levels) // i
+        group = scaled_index[:i] // i
         sums = np.bincount(group, weights=ref, minlength=levels)
         nonzero = np.bincount(group, weights=occupied_f[:i], minlength=levels)
         q = np.where(occupied[:i], (sums / nonzero)[group], 0.0)
@@ -132,8 +136,8 @@ def entropy_range(hist: Histogram, bits: int = 8) -> tuple[float, float]:
         # mass has a non-empty group): smooth Q there so the divergence is large but finite.
         if mask[-1] and q[-1] == 0:
             q[-1] = 1e-4 * p[-1] + 1e-12
-        p_n, q_n = p[mask] / p.sum(), q[mask] / q.sum()
-        return float(np.sum(p_n * np.log(p_n / q_n)))
+        p_n, q_n = p[mask] / (add(p) if total is None else total), q[mask] / add(q)
+        return float(add(p_n * np.log(p_n / q_n)))
 
     candidates = range(levels, n + 1)
     step = max(1, len(candidates) // 128)
