@@ -17,8 +17,10 @@
 
 Entropy and MSE work on |x| (the histogram folded at zero, exact since zero is a bin edge)
 and give ``[max(min, -t), min(max, t)]``; for one-signed data that is ``[0, t]`` or
-``[-t, 0]`` clipped to the data. Their candidate thresholds are the bin edges above the
-first occupied |x| bin: a threshold at or below every |x| clips every value to one point.
+``[-t, 0]`` clipped to the data. No candidate threshold lies at or below every |x| (it
+would clip every value to one point): mse's start above the first occupied |x| bin;
+entropy's start at ``levels`` bins, or, when no |x| lies in the first ``levels`` bins, at
+``levels`` bins above the first occupied one.
 
 The folded histogram is kept in its own bin range, from its first occupied |x| bin (an
 offset ``base``), not from zero: the grid's bins can sit up to 2^40 bin widths from zero
@@ -108,8 +110,8 @@ def _one_signed(hist: Histogram) -> bool:
 
 def entropy_range(hist: Histogram, bits: int = 8) -> tuple[float, float]:
     """KL-optimal threshold (see module docstring); searches every candidate bin edge
-    from the number of levels (or the first occupied bin's upper edge) to the max,
-    coarse-to-fine."""
+    from the number of levels (counted from the first occupied bin for data far from
+    zero) to the max, coarse-to-fine."""
     if hist.total == 0:
         return 0.0, 0.0
     counts, w, base = fold(hist)
