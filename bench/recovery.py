@@ -7,14 +7,18 @@ scored on the separate `eval` samples:
 * qtool static int8 as the default chooses it (``convert MODEL --data CALIB --no-guard``:
   per-tensor weights below opset 13), then the same plus each recovery pass
   (``--recover cle`` / ``smoothquant`` / ``adaround`` / ``bias``), ``cle,bias`` and all of them;
-* onnxruntime ``quantize_static``: its defaults (QDQ s8/s8 per-tensor) and its recommended x86
-  settings (``quant_pre_process``, QDQ u8 activations, s8 per-channel weights); "ort best" is
-  the better of the two on the metric;
+* the same with ``--target openvino`` (NNCF's placement: only the inputs of weighted ops), plain
+  and with ``bias`` / ``cle,bias``, run on onnxruntime like NNCF's models;
+* onnxruntime ``quantize_static``: its defaults (QDQ s8/s8 per-tensor), its recommended x86
+  settings (``quant_pre_process``, QDQ u8 activations, s8 per-channel weights) and, on models
+  with MatMul/Gemm weights, the same with its static SmoothQuant (needs neural_compressor 2.x on
+  PYTHONPATH; see ``ort_smoothquant``); "ort best" is the best of them on the metric;
 * NNCF 3.4 ``nncf.quantize`` on the ONNX model (its default preset PERFORMANCE with
   fast_bias_correction, preset MIXED, and fast_bias_correction=False: its full bias
   correction), run on onnxruntime.
 
-Models: the zoo's mnist_cnn, resnet18_synth, efficientnet_lite0 (QTOOL_BENCH_CACHE) and the
+Models: the zoo's mnist_cnn, resnet18_synth, efficientnet_lite0, minilm, smollm2 (perplexity,
+lower is better; QTOOL_BENCH_CACHE) and the
 corpus's CNN classifiers and detectors (QTOOL_CORPUS, default the corpus helper's cache).
 Metric: the task metric where there are labels, else the corpus proxy or top-1 agreement with
 fp32; "SQNR" is the worst output's median SQNR against fp32 on the eval samples. Latency:
@@ -50,10 +54,11 @@ from zoo_metrics import latency_interleaved  # noqa: E402
 corpus.CORPUS = Path(os.environ.get("QTOOL_CORPUS", "/work/wt/corpus/bench/.cache/corpus"))
 RESULTS = HERE / "results"
 WORK = Path(os.environ.get("QTOOL_RECOVERY_WORK", "/tmp/qtool-recovery-bench"))
-ZOO = ("mnist_cnn", "resnet18_synth", "efficientnet_lite0", "minilm")
+ZOO = ("mnist_cnn", "resnet18_synth", "efficientnet_lite0", "minilm", "smollm2")
 # Transformers: static SmoothQuant's case (MatMuls whose inputs have outlier channels); scored
 # by the zoo's own metric, and NNCF's transformer preset (model_type=TRANSFORMER) added.
-TRANSFORMERS = {"minilm": "pearson"}
+TRANSFORMERS = {"minilm": "pearson", "smollm2": "perplexity"}
+LOWER_IS_BETTER = ("perplexity",)
 CORPUS_MODELS = ("ppocr_mobile_v2_cls", "ppocrv6_tiny_det", "ppocrv6_small_det", "ddddocr_det", "mtcnn_pnet",
                  "layout_cdla")
 QTOOL_ROWS = (("qtool int8", ()), ("+ cle", ("cle",)), ("+ smoothquant", ("smoothquant",)),
@@ -62,6 +67,13 @@ QTOOL_ROWS = (("qtool int8", ()), ("+ cle", ("cle",)), ("+ smoothquant", ("smoot
               ("+ smoothquant,bias-full", ("smoothquant", "bias-full")),
               ("+ all", ("cle", "smoothquant", "adaround", "bias")))
 MATMUL_ONLY_ROWS = (("qtool int8 MatMul only", ()), ("MatMul only + smoothquant", ("smoothquant",)))
+# `--target openvino`: NNCF's own placement (only the inputs of weighted ops, SE blocks and
+# gates float, per-channel weights at opset 13), run here on onnxruntime like NNCF's models.
+OPENVINO_ROWS = (("qtool --target openvino", ()), ("openvino + bias", ("bias",)),
+                 ("openvino + cle,bias", ("cle", "bias")))
+# The same passes on MSE-optimal ranges (the calibration the guard tries second) instead of min/max.
+MSE_ROWS = (("+ bias, mse ranges", ("bias",), ""), ("openvino + bias, mse ranges", ("bias",), "openvino"))
+ORT_ROWS = ("ort defaults", "ort recommended", "ort smoothquant")
 MAX_EVAL = 200
 MAX_CALIB = 64  # every converter calibrates on the same first 64 calib samples (time: a loaded machine)
 
@@ -102,9 +114,10 @@ class Bench:
               for k in range(len(self.ref[0])) if np.issubdtype(self.ref[0][k].dtype, np.floating)]
         res = {"sqnr_db": min(sq) if sq else None}
         if self.name in TRANSFORMERS:
-            from zoo_metrics import eval_lee
+            import zoo_metrics
 
-            res["metric"] = eval_lee(self.name, _session(path), "eval")[self.metric]
+            evaluate = zoo_metrics.eval_perplexity if self.metric == "perplexity" else zoo_metrics.eval_lee
+            res["metric"] = evaluate(self.name, _session(path), "eval")[self.metric]
         elif self.name in ZOO:
             top = [int(np.argmax(o[0])) for o in out]
             if self.labels:
@@ -128,7 +141,8 @@ def _session(path: Path):  # noqa: ANN202 - onnxruntime.InferenceSession
 # ---------------------------------------------------------------------------- converters
 
 
-def qtool_row(b: Bench, dst: Path, passes: tuple[str, ...], seconds: float, op_types: tuple[str, ...] = ()) -> dict:
+def qtool_row(b: Bench, dst: Path, passes: tuple[str, ...], seconds: float, op_types: tuple[str, ...] = (),
+              target: str = "", method: str = "") -> dict:
     from qtool.config import load_recipe
     from qtool.pipeline import convert_file
 
@@ -136,6 +150,12 @@ def qtool_row(b: Bench, dst: Path, passes: tuple[str, ...], seconds: float, op_t
     recipe = recipe.override("calibration", samples=len(b.calib))
     if op_types:
         recipe = recipe.override("quantize", op_types=op_types)
+    if method:
+        recipe = recipe.override("calibration", method=method)
+    if target:
+        from qtool.targets import apply_target
+
+        recipe = apply_target(recipe.override("quantize", target=target))
     report = convert_file(b.src, dst, recipe, data=b.calib_dir, auto=True)
     notes = []
     for p in report["passes"]:
@@ -145,12 +165,34 @@ def qtool_row(b: Bench, dst: Path, passes: tuple[str, ...], seconds: float, op_t
     return {"notes": notes}
 
 
-class _Reader:
-    def __init__(self, feeds: list[dict]) -> None:
-        self.feeds = iter(feeds)
+def qtool_default(b: Bench, dst: Path) -> dict:
+    """What a user gets: ``qtool convert MODEL --data CALIB`` (scheme, recovery and guard as the
+    default chooses them; the guard holds out part of CALIB), through the command line."""
+    import subprocess
 
-    def get_next(self):  # noqa: ANN201 - onnxruntime's CalibrationDataReader protocol
-        return next(self.feeds, None)
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.run([sys.executable, "-m", "qtool", "convert", str(b.src), "--data", str(b.calib_dir),
+                           "-o", str(dst), "--json"], capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode != 0:
+        tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and "━" not in ln][-2:]
+        raise RuntimeError(f"exit {proc.returncode}: {' '.join(tail)[:200]}")
+    guard = json.loads(proc.stdout).get("guard") or {}
+    return {"notes": [f"chosen: {guard.get('chosen')}"]}
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol; also iterable, as its SmoothQuant (which
+    deep-copies the reader and loops over it) needs."""
+
+    def __init__(self, feeds: list[dict]) -> None:
+        self.feeds, self.next = list(feeds), 0
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.feeds)
+
+    def get_next(self):  # noqa: ANN201
+        self.next += 1
+        return self.feeds[self.next - 1] if self.next <= len(self.feeds) else None
 
     def rewind(self) -> None:  # pragma: no cover - not used by quantize_static
         pass
@@ -176,6 +218,30 @@ def ort_recommended(b: Bench, dst: Path) -> dict:
     quantize_static(str(model), str(dst), _Reader(b.calib), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
     return note
+
+
+def ort_smoothquant(b: Bench, dst: Path) -> dict:
+    """onnxruntime's static SmoothQuant (``extra_options={"SmoothQuant": True}``) on its recommended
+    x86 settings. It calls neural_compressor 2.x's ONNX adaptor, which qtool's venv does not carry:
+    ``pip install --target DIR --no-deps neural-compressor==2.6`` (plus its imports schema,
+    py-cpuinfo, prettytable, opencv-python-headless, pycocotools) and put DIR on PYTHONPATH."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(b.src), str(dst), _Reader(_same_length(b.calib)), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    extra_options={"SmoothQuant": True, "SmoothQuantAlpha": 0.5})
+    return {}
+
+
+def _same_length(feeds: list[dict]) -> list[dict]:
+    """Token feeds zero-padded to the longest (attention mask 0 on the padding): neural_compressor
+    stacks the activations of all samples, so variable-length samples fail with "all input arrays
+    must have the same shape". Feeds of one shape are returned as they are."""
+    shapes = {tuple(v.shape) for f in feeds for v in f.values()}
+    if len(shapes) <= 1 or any(v.ndim != 2 for f in feeds for v in f.values()):
+        return feeds
+    n = max(v.shape[1] for f in feeds for v in f.values())
+    return [{k: np.pad(v, ((0, 0), (0, n - v.shape[1]))) for k, v in f.items()} for f in feeds]
 
 
 def nncf_row(b: Bench, dst: Path, preset: str | None, fast_bias_correction: bool, transformer: bool = False) -> dict:
@@ -214,14 +280,26 @@ def configs(b: Bench, seconds: float, wanted: list[str] | None = None):
         for label, passes in MATMUL_ONLY_ROWS:
             if wanted is None or label in wanted:
                 yield label, (lambda dst, p=passes: qtool_row(b, dst, p, seconds, op_types=("MatMul",)))
+    if b.name not in TRANSFORMERS:
+        for label, passes in OPENVINO_ROWS:
+            if wanted is None or label in wanted:
+                yield label, (lambda dst, p=passes: qtool_row(b, dst, p, seconds, target="openvino"))
+    for label, passes, target in MSE_ROWS:
+        if (wanted is None or label in wanted) and (b.name not in TRANSFORMERS or not target):
+            yield label, (lambda dst, p=passes, t=target: qtool_row(b, dst, p, seconds, target=t, method="mse"))
+    if wanted is None or "qtool default" in wanted:
+        yield "qtool default", lambda dst: qtool_default(b, dst)
     others = (("ort defaults", lambda dst: ort_defaults(b, dst)),
               ("ort recommended", lambda dst: ort_recommended(b, dst)),
+              ("ort smoothquant", lambda dst: ort_smoothquant(b, dst)),
               ("nncf default", lambda dst: nncf_row(b, dst, None, True)),
               ("nncf MIXED", lambda dst: nncf_row(b, dst, "MIXED", True)),
               ("nncf full bias correction", lambda dst: nncf_row(b, dst, None, False)))
     if b.name in TRANSFORMERS:
-        others = others[:3] + (("nncf transformer", lambda dst: nncf_row(b, dst, None, True, transformer=True)),)
+        others = others[:4] + (("nncf transformer", lambda dst: nncf_row(b, dst, None, True, transformer=True)),)
     for label, fn in others:
+        if label == "ort smoothquant" and not smoothable:
+            continue  # it smooths MatMul/Gemm inputs: the row would be "ort recommended" again
         if wanted is None or label in wanted:
             yield label, fn
 
@@ -252,14 +330,16 @@ def bench_model(name: str, seconds: float, wanted: list[str] | None = None) -> d
             "calib_samples": len(b.calib)}
 
 
-def _best(rows: list[dict], labels: tuple[str, ...]) -> dict | None:
+def _best(rows: list[dict], labels: tuple[str, ...], metric: str = "") -> dict | None:
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     ok = [r for r in rows if r["config"] in labels and "metric" in r]
-    return max(ok, key=lambda r: (r["metric"], r["sqnr_db"] or -1e9), default=None)
+    return max(ok, key=lambda r: (sign * r["metric"], r["sqnr_db"] or -1e9), default=None)
 
 
 def _latency(b: Bench, rows: list[dict]) -> None:
-    picks = [rows[0], _best(rows, ("qtool int8",)), _best(rows, tuple(r for r, _ in QTOOL_ROWS[1:])),
-             _best(rows, ("ort defaults", "ort recommended")), _best(rows, ("nncf default",))]
+    m = b.metric
+    picks = [rows[0], _best(rows, ("qtool int8",), m), _best(rows, tuple(r for r, _ in QTOOL_ROWS[1:]), m),
+             _best(rows, ORT_ROWS, m), _best(rows, ("nncf default",), m)]
     picks = [p for i, p in enumerate(picks) if p is not None and p not in picks[:i]]
     stats = latency_interleaved([p["path"] for p in picks], b.evals[0], rounds=15)
     for p, s in zip(picks, stats):
@@ -272,8 +352,8 @@ def _fmt(v, digits: int = 4) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def _won_back(fp32: float | None, plain: float | None, best: float | None) -> str:
-    if None in (fp32, plain, best) or fp32 - plain <= 0:
+def _won_back(fp32: float | None, plain: float | None, best: float | None, lower: bool = False) -> str:
+    if None in (fp32, plain, best) or (plain - fp32 if lower else fp32 - plain) <= 0:
         return "no loss"
     return f"{(best - plain) / (fp32 - plain):.0%}"
 
@@ -283,25 +363,31 @@ def _summary(results: dict) -> list[str]:
              "Best qtool recovery row: the highest metric (then SQNR) among `+ ...` rows. Won back: "
              "(best recovery - plain) / (fp32 - plain) on the metric, and the same on SQNR where fp32's is "
              "infinite (plain's loss then counted from 60 dB).", "",
-             "| model | fp32 | qtool int8 | best qtool recovery | won back (metric / SQNR) | ort best | NNCF best |",
-             "|---|---|---|---|---|---|---|"]
+             "`qtool default` is `qtool convert MODEL --data CALIB` as a user runs it (its guard may choose "
+             "another scheme than static int8, named in the model's table).", "",
+             "| model | fp32 | qtool int8 | best qtool recovery | won back (metric / SQNR) | qtool default | ort best "
+             "| NNCF best |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         if "error" in res:
             continue
         rows = res["rows"]
-        fp32, plain = rows[0], _best(rows, ("qtool int8",))
-        rec = _best(rows, tuple(label for label, _ in QTOOL_ROWS[1:] + MATMUL_ONLY_ROWS))
-        ort = _best(rows, ("ort defaults", "ort recommended"))
-        nncf = _best(rows, ("nncf default", "nncf MIXED", "nncf full bias correction", "nncf transformer"))
+        m = res["metric"]
+        fp32, plain = rows[0], _best(rows, ("qtool int8",), m)
+        recovery = QTOOL_ROWS[1:] + MATMUL_ONLY_ROWS + OPENVINO_ROWS + MSE_ROWS
+        rec = _best(rows, tuple(label for label, *_ in recovery), m)
+        ort = _best(rows, ORT_ROWS, m)
+        nncf = _best(rows, ("nncf default", "nncf MIXED", "nncf full bias correction", "nncf transformer"), m)
+        default = _best(rows, ("qtool default",), m)
 
         def cell(r):  # noqa: ANN001, ANN202
             return "–" if r is None else f"{_fmt(r.get('metric'))} / {_fmt(r.get('sqnr_db'), 1)} dB"
 
         sq = [min(r.get("sqnr_db") or 0.0, 60.0) if r else None for r in (fp32, plain, rec)]
-        won = f"{_won_back(fp32.get('metric'), plain and plain.get('metric'), rec and rec.get('metric'))} / " \
+        won = f"{_won_back(fp32.get('metric'), plain and plain.get('metric'), rec and rec.get('metric'), m in LOWER_IS_BETTER)} / " \
               f"{_won_back(*sq)}"
         lines.append(f"| {name} | {cell(fp32)} | {cell(plain)} | {cell(rec)} ({rec['config'] if rec else ''}) | "
-                     f"{won} | {cell(ort)} ({ort['config'] if ort else ''}) | {cell(nncf)} "
+                     f"{won} | {cell(default)} | {cell(ort)} ({ort['config'] if ort else ''}) | {cell(nncf)} "
                      f"({nncf['config'] if nncf else ''}) |")
     return lines + [""]
 
@@ -336,9 +422,9 @@ def render(results: dict, seconds: float) -> str:
 def merged_rows(old: list[dict], new: list[dict]) -> list[dict]:
     """The rows of a partial run (``--configs``) in table order, the others from the last run."""
     fresh = {r["config"]: r for r in new}
-    order = ["fp32"] + [label for label, _ in QTOOL_ROWS + MATMUL_ONLY_ROWS] + ["ort defaults", "ort recommended", "nncf default",
-                                                             "nncf MIXED", "nncf full bias correction",
-                                                             "nncf transformer"]
+    qtool_rows = QTOOL_ROWS + MATMUL_ONLY_ROWS + OPENVINO_ROWS + MSE_ROWS
+    order = ["fp32", *(label for label, *_ in qtool_rows), "qtool default", *ORT_ROWS, "nncf default",
+             "nncf MIXED", "nncf full bias correction", "nncf transformer"]
     # An earlier run's latency was timed against other rows under another load: not comparable.
     rows = {r["config"]: {**r, "latency_ms": None, "notes": r.get("notes", []) + ["earlier run"]}
             for r in old if "earlier run" not in r.get("notes", [])}

@@ -126,3 +126,37 @@ def test_matmul_smoothing_converts_end_to_end(tmp_path, capsys):
                 "--no-guard", "--recover", "smoothquant", "--json", "-q"]) == 0
     passes = {p["name"]: p["counts"] for p in json.loads(capsys.readouterr().out)["passes"]}
     assert passes["smoothquant"] == {"inputs smoothed": 1}
+
+
+def test_gated_mlp_smoothing_twice_leaves_no_orphan_weight(tmp_path, capsys):
+    """x -> up/gate MatMuls -> Sigmoid(gate) * up -> down MatMul, with outliers in x and in
+    the product: the up projection's weight is smoothed for x, then scaled again to absorb the
+    down projection's 1/s. The first replacement, unread, must not reach calibration."""
+    import json
+
+    from qtool.cli import run
+
+    k, f = 96, 192
+    wu = (RNG.standard_normal((k, f)) / 8).astype(np.float32)
+    wu[:, 5] *= 60.0  # makes channel 5 of the product an outlier
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "wu"], ["up"], name="up"),
+         helper.make_node("MatMul", ["x", "wg"], ["gate"], name="gate"),
+         helper.make_node("Sigmoid", ["gate"], ["act"], name="act"),
+         helper.make_node("Mul", ["act", "up"], ["h"], name="glu"),
+         helper.make_node("MatMul", ["h", "wd"], ["y"], name="down")],
+        [vi("x", ["N", 4, k])], [vi("y", None)],
+        [init("wu", wu), init("wg", (RNG.standard_normal((k, f)) / 8).astype(np.float32)),
+         init("wd", (RNG.standard_normal((f, k)) / 8).astype(np.float32))])
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for i in range(6):
+        x = RNG.standard_normal((1, 4, k)).astype(np.float32)
+        x[..., 3] *= 80.0
+        np.save(folder / f"s{i}.npy", x)
+    assert run(["convert", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--data", str(folder),
+                "--no-guard", "--recover", "smoothquant", "--json", "-q"]) == 0
+    passes = {p["name"]: p["counts"] for p in json.loads(capsys.readouterr().out)["passes"]}
+    counts = passes["smoothquant"]
+    assert counts["inputs smoothed"] == 2 and any(key.startswith("smoothing folded") for key in counts)

@@ -17,7 +17,14 @@
 
 Entropy and MSE work on |x| (the histogram folded at zero, exact since zero is a bin edge)
 and give ``[max(min, -t), min(max, t)]``; for one-signed data that is ``[0, t]`` or
-``[-t, 0]`` clipped to the data.
+``[-t, 0]`` clipped to the data. No candidate threshold lies at or below every |x| (it
+would clip every value to one point): mse's start above the first occupied |x| bin;
+entropy's start at ``levels`` bins, or, when no |x| lies in the first ``levels`` bins, at
+``levels`` bins above the first occupied one.
+
+The folded histogram is kept in its own bin range, from its first occupied |x| bin (an
+offset ``base``), not from zero: the grid's bins can sit up to 2^40 bin widths from zero
+(a constant tensor of ones has them at 2^39), so counting from zero would need terabytes.
 """
 
 from __future__ import annotations
@@ -29,18 +36,24 @@ import numpy as np
 from qtool.calibration.observers import Histogram
 
 
-def fold(hist: Histogram) -> tuple[np.ndarray, float]:
-    """Counts of |x| on bins ``[j w, (j + 1) w)``, j = 0.., and the bin width ``w``."""
+def fold(hist: Histogram) -> tuple[np.ndarray, float, int]:
+    """Counts of |x| on bins ``[(base + j) w, (base + j + 1) w)``, j = 0.., the bin width
+    ``w`` and ``base``, the first occupied |x| bin (the bins below it are empty).
+
+    At most ``hist.bins`` counts whatever ``start`` is: the occupied grid bins fold onto
+    |x| bins no further apart than they were.
+    """
     w = hist.width
-    grid = hist.start + np.arange(hist.bins)
-    size = int(max(abs(grid[0]), abs(grid[-1]) + 1))
-    folded = np.zeros(size, dtype=np.int64)
-    pos = grid >= 0
-    np.add.at(folded, grid[pos], hist.counts[pos])
-    # bin g < 0 covers [g w, (g + 1) w): its |x| lies in [(-g - 1) w, -g w)
-    np.add.at(folded, -grid[~pos] - 1, hist.counts[~pos])
-    nz = np.nonzero(folded)[0]
-    return folded[: nz[-1] + 1] if nz.size else folded[:1], w
+    occupied = np.nonzero(hist.counts)[0]
+    if occupied.size == 0:
+        return np.zeros(1, dtype=np.int64), w, 0
+    grid = hist.start + occupied
+    # bin g < 0 covers [g w, (g + 1) w): its |x| lies in ((-g - 1) w, -g w]
+    index = np.where(grid >= 0, grid, -grid - 1)
+    base = int(index.min())
+    folded = np.zeros(int(index.max()) - base + 1, dtype=np.int64)
+    np.add.at(folded, index - base, hist.counts[occupied])
+    return folded, w, base
 
 
 def quantile(hist: Histogram, q: float) -> float:
@@ -62,14 +75,16 @@ def quantile(hist: Histogram, q: float) -> float:
     return float(left + frac * (right - left))
 
 
-def _folded_quantile(counts: np.ndarray, w: float, q: float) -> float:
+def _folded_quantile(counts: np.ndarray, w: float, base: int, q: float) -> float:
+    """The q-quantile of |x| from ``fold``'s counts (the bins below ``base`` hold nothing,
+    and q > 0, so the quantile's bin is never among them)."""
     total = counts.sum()
     cum = np.cumsum(counts)
     target = q * total
     j = min(int(np.searchsorted(cum, target, side="left")), counts.size - 1)
     before = cum[j - 1] if j > 0 else 0
     frac = (target - before) / counts[j] if counts[j] else 0.0
-    return float((j + frac) * w)
+    return float((base + j + frac) * w)
 
 
 def percentile_range(hist: Histogram, percentile: float, symmetric: bool) -> tuple[float, float]:
@@ -78,8 +93,8 @@ def percentile_range(hist: Histogram, percentile: float, symmetric: bool) -> tup
     if hist.total == 0:
         return 0.0, 0.0
     if symmetric:
-        counts, w = fold(hist)
-        t = min(_folded_quantile(counts, w, percentile / 100), max(abs(hist.lo), abs(hist.hi)))
+        counts, w, base = fold(hist)
+        t = min(_folded_quantile(counts, w, base, percentile / 100), max(abs(hist.lo), abs(hist.hi)))
         return _clip_symmetric(hist, t)
     tail = (100 - percentile) / 200
     return quantile(hist, tail), quantile(hist, 1 - tail)
@@ -95,23 +110,34 @@ def _one_signed(hist: Histogram) -> bool:
 
 def entropy_range(hist: Histogram, bits: int = 8) -> tuple[float, float]:
     """KL-optimal threshold (see module docstring); searches every candidate bin edge
-    from the number of levels to the max, coarse-to-fine."""
+    from the number of levels (counted from the first occupied bin for data far from
+    zero) to the max, coarse-to-fine."""
     if hist.total == 0:
         return 0.0, 0.0
-    counts, w = fold(hist)
+    counts, w, base = fold(hist)
     levels = 2**bits - 1 if _one_signed(hist) else 2 ** (bits - 1)
-    n = counts.size
-    if n <= levels:
+    n = base + counts.size  # |x| bins from zero to the last occupied one
+    if n <= levels or (base >= levels and n - base <= levels):
         return hist.lo, hist.hi  # fewer occupied bins than levels: nothing to gain
+    # Data far from zero (no |x| in the first `levels` bins): a candidate keeping only a
+    # few bins above the first occupied one clips nearly every value into its last bin,
+    # where P and Q agree (KL 0 at one bin): those would always win. Like the search from
+    # zero, a candidate keeps at least `levels` bins of the data.
+    first = levels if base < levels else base + levels
+    if base < levels:
+        # Every candidate's P then starts at bin 0: searched on the same arrays as always
+        # (the sums of Q below run over them in the same order), for identical results.
+        counts, base = np.concatenate([np.zeros(base, dtype=np.int64), counts]), 0
     p_all = counts.astype(np.float64)
-    if _one_signed(hist):
+    if _one_signed(hist) and base == 0:
         # A ReLU/Clip output piles most of its mass on exact zeros, which the zero point
         # represents exactly whatever the threshold. Left in, that spike dominates the
         # divergence and drives the threshold down to the first candidate (clipping a
         # ReLU6 at 1.0); so the first bin does not vote.
         p_all[0] = 0.0
+    # p_all[j] is |x| bin base + j; candidate i (threshold i w) keeps p_all[: i - base].
     suffix = np.concatenate([np.cumsum(p_all[::-1])[::-1], [0.0]])
-    scaled_index = np.arange(n + 1) * levels
+    scaled_index = (base + np.arange(p_all.size + 1)) * levels
     occupied = p_all > 0
     occupied_f = occupied.astype(np.float64)
     # P's total is the same for every candidate (the tail joins the last bin) and, the
@@ -124,13 +150,14 @@ def entropy_range(hist: Histogram, bits: int = 8) -> tuple[float, float]:
     # depend on the candidate hoisted out: this search is most of entropy calibration's
     # fixed cost (50 tensors: 0.5 s before, at 32 samples a sixth of the run).
     def kl(i: int) -> float:
-        ref = p_all[:i]
+        kept = i - base
+        ref = p_all[:kept]
         p = ref.copy()
-        p[-1] += suffix[i]
-        group = scaled_index[:i] // i
+        p[-1] += suffix[kept]
+        group = scaled_index[:kept] // i
         sums = np.bincount(group, weights=ref, minlength=levels)
-        nonzero = np.bincount(group, weights=occupied_f[:i], minlength=levels)
-        q = np.where(occupied[:i], (sums / nonzero)[group], 0.0)
+        nonzero = np.bincount(group, weights=occupied_f[:kept], minlength=levels)
+        q = np.where(occupied[:kept], (sums / nonzero)[group], 0.0)
         mask = p > 0
         # q is 0 where p > 0 only in the last bin (the clipped tail; every other bin with
         # mass has a non-empty group): smooth Q there so the divergence is large but finite.
@@ -139,33 +166,35 @@ def entropy_range(hist: Histogram, bits: int = 8) -> tuple[float, float]:
         p_n, q_n = p[mask] / (add(p) if total is None else total), q[mask] / add(q)
         return float(add(p_n * np.log(p_n / q_n)))
 
-    candidates = range(levels, n + 1)
+    candidates = range(first, n + 1)
     step = max(1, len(candidates) // 128)
     with np.errstate(divide="ignore", invalid="ignore"):
         best = min(candidates[::step], key=kl)
-        fine = range(max(levels, best - step + 1), min(n, best + step - 1) + 1)
+        fine = range(max(first, best - step + 1), min(n, best + step - 1) + 1)
         best = min(fine, key=kl)
     return _clip_symmetric(hist, best * w)
 
 
 def mse_range(hist: Histogram, bits: int = 8) -> tuple[float, float]:
-    """Threshold minimising the expected squared quantization error (module docstring)."""
+    """Threshold minimising the expected squared quantization error (module docstring),
+    among the bin edges above the first occupied |x| bin."""
     if hist.total == 0:
         return 0.0, 0.0
-    counts, w = fold(hist)
+    counts, w, base = fold(hist)
     steps = 2**bits - 1 if _one_signed(hist) else (2**bits - 1) / 2
     c = counts.astype(np.float64)
-    centers = (np.arange(c.size) + 0.5) * w
-    # tail sums from bin i upward: S0 = sum c, S1 = sum c x, S2 = sum c x^2
+    centers = (base + np.arange(c.size) + 0.5) * w
+    # tail sums from bin base + i upward: S0 = sum c, S1 = sum c x, S2 = sum c x^2 (the
+    # empty bins below base add nothing: s0[0] is the total)
     s0 = np.concatenate([np.cumsum(c[::-1])[::-1], [0.0]])
     s1 = np.concatenate([np.cumsum((c * centers)[::-1])[::-1], [0.0]])
     s2 = np.concatenate([np.cumsum((c * centers**2)[::-1])[::-1], [0.0]])
     i = np.arange(1, c.size + 1)
-    t = i * w
+    t = (base + i) * w
     delta = t / steps
     inside = s0[0] - s0[i]
     err = inside * delta**2 / 12 + s2[i] - 2 * t * s1[i] + t**2 * s0[i]
-    best = int(i[int(np.argmin(err))])
+    best = base + int(i[int(np.argmin(err))])
     return _clip_symmetric(hist, best * w)
 
 

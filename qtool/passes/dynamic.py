@@ -128,11 +128,12 @@ def estimated_sqnr_db(stats: ChannelStats, s: np.ndarray) -> float:
 
 
 def smooth(model: ir.Model, recipe: Recipe, absmax: dict, b: GraphBuilder,
-           report: PassReport, too_noisy: dict[str, str]) -> None:
+           report: PassReport, too_noisy: dict[str, str], alpha: float = SMOOTH_ALPHA) -> None:
     """Move activation outliers into the weights before dynamic quantization (SmoothQuant).
 
     For an input x [.., K] read by MatMuls with weights W [K, N]: ``x W = (x / s)(s W)`` with
-    ``s_k = max|x_k|^a / max_n |W_kn|^(1-a)`` (a = SMOOTH_ALPHA, over every MatMul sharing x).
+    ``s_k = max|x_k|^a / max_n |W_kn|^(1-a)`` over every MatMul sharing x (a = ``alpha``:
+    SMOOTH_ALPHA for dynamic int8; static int8 passes its own).
     Per-tensor dynamic quantization of ``x / s`` then no longer spends its 256 levels on a
     few outlier channels. One Mul by 1/s is inserted per input tensor. An input whose
     estimated SQNR (``estimated_sqnr_db``) stays below MIN_DYNAMIC_SQNR_DB is not smoothed;
@@ -153,7 +154,7 @@ def smooth(model: ir.Model, recipe: Recipe, absmax: dict, b: GraphBuilder,
         wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64)
         valid = (a > 0) & (wmax > 0) & np.isfinite(a)
         s = np.ones_like(a)
-        s[valid] = a[valid] ** SMOOTH_ALPHA / wmax[valid] ** (1 - SMOOTH_ALPHA)
+        s[valid] = a[valid] ** alpha / wmax[valid] ** (1 - alpha)
         s = np.clip(s, 1e-4, 1e4)
         if stats.mean_square is not None and MIN_DYNAMIC_SQNR_DB is not None:
             sqnr = estimated_sqnr_db(stats, s)
