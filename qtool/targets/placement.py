@@ -25,15 +25,18 @@ def activation_qparams(placement: Placement, lo: float, hi: float, dtype: str,
     "by-range": ``z = 0`` always; uint8 with ``s = hi / 255`` when ``lo >= 0`` (after ReLU),
     else int8 with ``s = max(|lo|, |hi|) / 127`` (OpenVINO's LPT and NNCF's convention:
     unsigned for non-negative tensors, signed symmetric otherwise). "signed": int8,
-    ``s = max(|lo|, |hi|) / 127``. "recipe": the recipe's type and symmetry.
+    ``s = max(|lo|, |hi|) / 127``. "recipe": the recipe's type and symmetry. A 16-bit
+    ``dtype`` (A16W8, ``--activation-bits 16``) keeps the placement's sign rule with 16 bits:
+    uint16 ``s = hi / 65535`` or int16 ``s = max(|lo|, |hi|) / 32767``, ``z = 0``.
     Raises DegenerateRange as activation_params does.
     """
+    bits = "16" if dtype.endswith("16") else "8"
     if placement.activation_sign == "by-range":
         if lo >= 0.0:
-            return activation_params(0.0, hi, "uint8", symmetric=False)  # z = 0: lo is 0
-        return activation_params(lo, hi, "int8", symmetric=True)
+            return activation_params(0.0, hi, "uint" + bits, symmetric=False)  # z = 0: lo is 0
+        return activation_params(lo, hi, "int" + bits, symmetric=True)
     if placement.activation_sign == "signed":
-        return activation_params(lo, hi, "int8", symmetric=True)
+        return activation_params(lo, hi, "int" + bits, symmetric=True)
     return activation_params(lo, hi, dtype, symmetric)
 
 

@@ -146,8 +146,11 @@ TARGETS: dict[str, Target] = {
         validator="qnn"),
     "tensorrt": Target(
         "tensorrt", "TensorRT explicit quantization: symmetric s8 Q/DQ on weighted-op inputs",
+        # activation_bits 8: TensorRT's explicit quantization has no 16-bit Q/DQ (the rule
+        # above), so --activation-bits 16 is a usage error rather than a failed validation.
         {"activation_type": "int8", "weight_type": "int8", "symmetric_activations": True,
-         "per_channel": True, "op_types": INT8_COMPUTE_OPS, "allow_opset_upgrade": True},
+         "per_channel": True, "op_types": INT8_COMPUTE_OPS, "allow_opset_upgrade": True,
+         "activation_bits": 8},
         Placement(outputs=False, activation_sign="signed", int32_bias=False,
                   elementwise_constants=False),
         validator="tensorrt"),
