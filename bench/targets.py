@@ -649,6 +649,8 @@ def _saturation_kept(out: Path) -> str:
     if marker not in text:
         return ""
     section = text[text.index(marker):]
+    if "\n## " in section:  # the sections `layers` and `ab` append after it are re-made, not kept
+        section = section[:section.index("\n## ") + 1]
     note = "(kept from an earlier `bench/targets.py saturation` run; not re-run with the tables above)"
     return "\n" + section if note in section else "\n" + section.replace("\n", "\n\n" + note + "\n", 1)
 
