@@ -67,6 +67,19 @@ CONFIGS = [
     ("NNCF OV f32", "ov", "f32", "nncf"),
     ("NNCF OV default", "ov", "default", "nncf"),
 ]
+# --a16w8 NAME: qtool --target openvino --activation-bits 16 (A16W8: 16-bit activations,
+# int8 weights) on each runtime, for its speed beside the int8 rows.
+A16_KEY = "qtool_openvino_a16"
+A16_CONFIGS = [
+    ("qtool openvino A16W8 ORT", "ort", None, A16_KEY),
+    ("qtool openvino A16W8 OV f32", "ov", "f32", A16_KEY),
+    ("qtool openvino A16W8 OV default", "ov", "default", A16_KEY),
+]
+
+
+def configs_for(p: dict) -> list[tuple]:
+    """The configurations of one prepared model: CONFIGS, plus A16W8's when it was made."""
+    return CONFIGS + (A16_CONFIGS if A16_KEY in p["files"] else [])
 
 
 def log(msg: str) -> None:
@@ -79,10 +92,10 @@ def log(msg: str) -> None:
 class OVSession:
     """An OpenVINO compiled model behind onnxruntime's session calls (run, get_outputs)."""
 
-    def __init__(self, path: Path, hint: str):
+    def __init__(self, path: Path, hint: str, threads: int = THREADS):
         import openvino as ov
 
-        cfg = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY"}
+        cfg = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         if hint != "default":
             cfg["INFERENCE_PRECISION_HINT"] = hint
         self.compiled = ov.Core().compile_model(str(path), "CPU", cfg)
@@ -99,12 +112,12 @@ class OVSession:
         return [np.array(result[o]) for o in self.compiled.outputs]
 
 
-def open_session(runtime: str, hint: str | None, path: Path):
+def open_session(runtime: str, hint: str | None, path: Path, threads: int = THREADS):
     if runtime == "ov":
-        return OVSession(path, hint)
+        return OVSession(path, hint, threads)
     from zoo_metrics import session
 
-    return session(path)
+    return session(path, threads)
 
 
 # ---- data and models -----------------------------------------------------------------
@@ -165,11 +178,11 @@ def graph_inputs(path: Path) -> list[str]:
 QTOOL_RECOVERY = ("--recover", "bias")
 
 
-def qtool_convert(name: str, target: str, out: Path) -> dict:
+def qtool_convert(name: str, target: str, out: Path, extra: tuple[str, ...] = ()) -> dict:
     """qtool convert --target TARGET, one shot on the calibration split (--no-guard) with
     bias correction, as nncf.quantize is run: the metric columns then compare placements."""
     cmd = [sys.executable, "-m", "qtool", "--quiet", "convert", str(float_model(name)), "-o", str(out),
-           "--data", str(calib_dir(name)), "--target", target, "--no-guard", *QTOOL_RECOVERY, "--json"]
+           "--data", str(calib_dir(name)), "--target", target, "--no-guard", *QTOOL_RECOVERY, *extra, "--json"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -177,7 +190,7 @@ def qtool_convert(name: str, target: str, out: Path) -> dict:
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"qtool --target {target} failed on {name}: {done.stderr[-2000:]}")
     report = json.loads(done.stdout)
-    return {"seconds": seconds, "fidelity": report.get("fidelity"), "flags": " ".join(QTOOL_RECOVERY)}
+    return {"seconds": seconds, "fidelity": report.get("fidelity"), "flags": " ".join((*QTOOL_RECOVERY, *extra))}
 
 
 def nncf_quantize(name: str, out: Path) -> dict:
@@ -197,7 +210,7 @@ def nncf_quantize(name: str, out: Path) -> dict:
     return {"seconds": time.perf_counter() - t0, "model_type": str(kwargs.get("model_type", "default"))}
 
 
-def prepare(name: str, fresh: bool, remake: tuple[str, ...] = ()) -> dict:
+def prepare(name: str, fresh: bool, remake: tuple[str, ...] = (), a16: bool = False) -> dict:
     folder = WORK / name
     folder.mkdir(parents=True, exist_ok=True)
     files = {"float": float_model(name)}
@@ -205,9 +218,12 @@ def prepare(name: str, fresh: bool, remake: tuple[str, ...] = ()) -> dict:
     notes_path = folder / "notes.json"
     if notes_path.exists() and not fresh:
         notes = json.loads(notes_path.read_text())
-    for key, make in (("qtool_cpu", lambda p: qtool_convert(name, "cpu", p)),
-                      ("qtool_openvino", lambda p: qtool_convert(name, "openvino", p)),
-                      ("nncf", lambda p: nncf_quantize(name, p))):
+    makers = [("qtool_cpu", lambda p: qtool_convert(name, "cpu", p)),
+              ("qtool_openvino", lambda p: qtool_convert(name, "openvino", p)),
+              ("nncf", lambda p: nncf_quantize(name, p))]
+    if a16:
+        makers.append((A16_KEY, lambda p: qtool_convert(name, "openvino", p, ("--activation-bits", "16"))))
+    for key, make in makers:
         path = folder / f"{key}.onnx"
         if fresh or key in remake or not path.exists() or key not in notes:
             log(f"{name}: making {key}")
@@ -244,11 +260,11 @@ def metric(name: str, runtime: str, hint: str | None, path: Path) -> dict:
 # ---- timing --------------------------------------------------------------------------
 
 
-def time_one(runtime: str, hint: str, path: str, feed_path: str) -> None:
+def time_one(runtime: str, hint: str, path: str, feed_path: str, threads: str = str(THREADS)) -> None:
     """Child process: median and min wall time of RUNS inferences, printed as JSON."""
     with np.load(feed_path) as z:
         feed = {k: z[k] for k in z.files}
-    sess = open_session(runtime, None if hint == "-" else hint, Path(path))
+    sess = open_session(runtime, None if hint == "-" else hint, Path(path), int(threads))
     for _ in range(WARMUP):
         sess.run(None, feed)
     times, cpu = [], []
@@ -262,12 +278,12 @@ def time_one(runtime: str, hint: str, path: str, feed_path: str) -> None:
     # count the time the other engineers' jobs hold the cores, so it ranks configurations
     # on a loaded machine (it does count a thread pool's spinning).
     print(json.dumps({"median_ms": float(np.median(times)), "min_ms": float(min(times)),
-                      "cpu_ms": float(np.median(cpu))}))
+                      "p10_ms": float(np.percentile(times, 10)), "cpu_ms": float(np.median(cpu))}))
 
 
 def timed_rounds(prepared: dict, rounds: int) -> dict[str, list[dict]]:
     """Every (model, config) once per round in a fresh process; the order rotates per round."""
-    jobs = [(name, cfg) for name in prepared for cfg in CONFIGS]
+    jobs = [(name, cfg) for name in prepared for cfg in configs_for(prepared[name])]
     out: dict[str, list[dict]] = {}
     for r in range(rounds):
         shift = (r * len(jobs)) // max(rounds, 1)
@@ -426,7 +442,9 @@ def render(prepared: dict, metrics: dict, times: dict, rounds: int, load: str) -
         "## Issue 15's targets: qtool --target openvino against OpenVINO's float and NNCF",
         "",
         "Each side at its faster precision hint (f32 or default, by median wall time); "
-        "ratios > 1 mean qtool is faster. wall / cpu.",
+        "ratios > 1 mean qtool is faster. wall / cpu / p10 (the medians over rounds of each "
+        "process's median wall time, CPU time per inference, and 10th-percentile wall time: "
+        "the p10 is the least disturbed by the other engineers' jobs).",
         "",
         "| model | qtool OV ms (hint) | vs OV f32 float | vs OV default float | vs NNCF int8 | metric qtool / NNCF |",
         "|---|---:|---:|---:|---:|---:|",
@@ -442,10 +460,15 @@ def _load() -> str:
     return open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
 
 
+def _stats(name: str, label: str, times: dict) -> dict:
+    """Medians over rounds of one configuration: wall (per-process median), p10, cpu."""
+    t = times.get(f"{name}|{label}")
+    return {"wall": _median(t), "p10": _median(t, "p10_ms"), "cpu": _median(t, "cpu_ms")}
+
+
 def _best(name: str, times: dict, labels: tuple[str, ...]) -> tuple[str, dict | None]:
     """The label among ``labels`` with the lowest median wall time, and its medians."""
-    got = [(label, {"wall": _median(times.get(f"{name}|{label}")),
-                    "cpu": _median(times.get(f"{name}|{label}"), "cpu_ms")}) for label in labels]
+    got = [(label, _stats(name, label, times)) for label in labels]
     got = [g for g in got if g[1]["wall"] is not None]
     return min(got, key=lambda g: g[1]["wall"]) if got else ("-", None)
 
@@ -453,16 +476,13 @@ def _best(name: str, times: dict, labels: tuple[str, ...]) -> tuple[str, dict | 
 def _verdict(name: str, times: dict, metrics: dict) -> str:
     label, q = _best(name, times, ("qtool openvino OV f32", "qtool openvino OV default"))
     nncf_label, n = _best(name, times, ("NNCF OV f32", "NNCF OV default"))
-    f32 = {"wall": _median(times.get(f"{name}|float OV f32")),
-           "cpu": _median(times.get(f"{name}|float OV f32"), "cpu_ms")}
-    dflt = {"wall": _median(times.get(f"{name}|float OV default")),
-            "cpu": _median(times.get(f"{name}|float OV default"), "cpu_ms")}
+    f32, dflt = _stats(name, "float OV f32", times), _stats(name, "float OV default", times)
 
     def ratio(other: dict | None) -> str:
         if q is None or other is None or not other["wall"]:
             return "-"
-        cpu = f"{other['cpu'] / q['cpu']:.2f}x" if other.get("cpu") and q.get("cpu") else "-"
-        return f"{other['wall'] / q['wall']:.2f}x / {cpu}"
+        return " / ".join(f"{other[k] / q[k]:.2f}x" if other.get(k) and q.get(k) else "-"
+                          for k in ("wall", "cpu", "p10"))
 
     mq, mn = metrics.get(f"{name}|{label}", {}), metrics.get(f"{name}|{nncf_label}", {})
     hint = label.rsplit(" ", 1)[-1]
@@ -475,22 +495,22 @@ def _model_table(name: str, p: dict, metrics: dict, times: dict) -> list[str]:
     f32 = _median(times.get(f"{name}|float OV f32"))
     f32_cpu = _median(times.get(f"{name}|float OV f32"), "cpu_ms")
     lines = [f"## {name} ({kind})", "",
-             "| configuration | latency ms (median) | min ms | cpu ms | vs OV f32 (wall / cpu) | metric | size MB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for label, _runtime, _hint, key in CONFIGS:
+             "| configuration | latency ms (median) | p10 ms | min ms | cpu ms | vs OV f32 (wall / cpu) | metric | size MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, _runtime, _hint, key in configs_for(p):
         t = times.get(f"{name}|{label}")
-        med, cpu = _median(t), _median(t, "cpu_ms")
+        med, cpu, p10 = _median(t), _median(t, "cpu_ms"), _median(t, "p10_ms")
         mins = min((x["min_ms"] for x in t), default=None) if t else None
         m = metrics.get(f"{name}|{label}", {})
         size = Path(p["files"][key]).stat().st_size / 1e6
         speed = f"{f32 / med:.2f}x" if med and f32 else "-"
         speed += f" / {f32_cpu / cpu:.2f}x" if cpu and f32_cpu else ""
-        lines.append(f"| {label} | {_fmt(med)} | {_fmt(mins)} | {_fmt(cpu)} | {speed} | "
+        lines.append(f"| {label} | {_fmt(med)} | {_fmt(p10)} | {_fmt(mins)} | {_fmt(cpu)} | {speed} | "
                      f"{m.get('key', '')} {_fmt(m.get('value'), 4)} | {size:.2f} |")
     notes = p["notes"]
     lines += ["", "conversion time: " + "; ".join(
-        f"qtool --target {k.split('_', 1)[1]} {v.get('seconds', 0):.0f} s" for k, v in notes.items()
-        if k.startswith("qtool")) + "; "
+        f"qtool --target {k.split('_')[1]}{' --activation-bits 16' if k == A16_KEY else ''} "
+        f"{v.get('seconds', 0):.0f} s" for k, v in notes.items() if k.startswith("qtool")) + "; "
         f"NNCF (model type {notes.get('nncf', {}).get('model_type')}) "
         f"{notes.get('nncf', {}).get('seconds', 0):.0f} s.", ""]
     return lines
@@ -530,23 +550,95 @@ def f32_layers(path: Path, hint: str) -> list[str]:
     return out
 
 
+def compiled_layers(path: Path, hint: str) -> dict[tuple[str, str, str], int]:
+    """(layer type, kernel, runtime precision) -> count over OpenVINO's compiled model
+    (runtime info), constants left out: two models with equal counts run the same kernels."""
+    import openvino as ov
+
+    cfg = {"INFERENCE_NUM_THREADS": THREADS}
+    if hint != "default":
+        cfg["INFERENCE_PRECISION_HINT"] = hint
+    runtime = ov.Core().compile_model(str(path), "CPU", cfg).get_runtime_model()
+    out: dict[tuple[str, str, str], int] = {}
+    for op in runtime.get_ordered_ops():
+        info = op.get_rt_info()
+        key = tuple(info[k].astype(str) if k in info else "?"
+                    for k in ("layerType", "primitiveType", "runtimePrecision"))
+        if key[0] != "Const":
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+def graph_difference(a: dict, b: dict) -> str:
+    """How two compiled_layers counts differ, as "identical (N layers)" or the surplus of each."""
+    if a == b:
+        return f"identical ({sum(a.values())} layers)"
+
+    def surplus(x: dict, y: dict) -> str:
+        got = [f"{k[0]} {k[1]} x{x.get(k, 0) - y.get(k, 0)}" for k in sorted(x) if x.get(k, 0) > y.get(k, 0)]
+        return ", ".join(got) or "nothing"
+
+    return f"{sum(a.values())} vs {sum(b.values())} layers; qtool only: {surplus(a, b)}; NNCF only: {surplus(b, a)}"
+
+
 def layers_section(names: list[str]) -> str:
-    """Per model, the f32 layers of qtool --target openvino and of NNCF's int8 (f32 hint)."""
+    """Per model, the f32 layers of qtool --target openvino and of NNCF's int8 (f32 hint),
+    and how the two compiled graphs differ (layer type, kernel, precision)."""
     lines = ["## Layers OpenVINO ran in f32 in the int8 models (f32 hint)", "",
              "From the compiled model's runtime info (`get_runtime_model()`, runtimePrecision), "
              f"leaving out {', '.join(QUIET_LAYERS)}. A FakeQuantize in this list is a Q/DQ pair "
-             "OpenVINO did not fuse into the op before it.", "",
-             "| model | qtool --target openvino | NNCF |", "|---|---|---|"]
+             "OpenVINO did not fuse into the op before it. The last column compares every "
+             "compiled layer's (type, kernel, runtime precision) between the two models.", "",
+             "| model | qtool --target openvino | NNCF | compiled graphs, qtool vs NNCF |", "|---|---|---|---|"]
     for name in names:
-        cells = []
-        for key in ("qtool_openvino", "nncf"):
-            path = WORK / name / f"{key}.onnx"
+        cells, paths = [], [WORK / name / f"{key}.onnx" for key in ("qtool_openvino", "nncf")]
+        for path in paths:
             got = f32_layers(path, "f32") if path.exists() else ["(not converted)"]
             kinds: dict[str, int] = {}
             for layer in got:
                 kinds[layer.split(":")[0]] = kinds.get(layer.split(":")[0], 0) + 1
             cells.append(", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "none")
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+        diff = graph_difference(*(compiled_layers(p, "f32") for p in paths)) if all(p.exists() for p in paths) else "-"
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
+def ab_rounds(files: dict[str, Path], feed: Path, threads: int, rounds: int) -> dict[str, list[dict]]:
+    """Each file on OpenVINO (f32 hint) once per round in a fresh process, the order
+    reversed every other round."""
+    out: dict[str, list[dict]] = {}
+    labels = list(files)
+    for r in range(rounds):
+        for label in labels if r % 2 == 0 else labels[::-1]:
+            cmd = [sys.executable, str(Path(__file__)), "_time", "ov", "f32", str(files[label]), str(feed), str(threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode == 0:
+                out.setdefault(label, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def ab_section(names: list[str], threads: list[int], rounds: int, extra: dict[str, dict[str, Path]]) -> str:
+    """qtool --target openvino against NNCF's int8 alone (no other configuration between
+    them), per thread count: which one is faster once the float rows are out of the way."""
+    lines = ["## A/B: qtool --target openvino against NNCF's int8 on OpenVINO (f32 hint)", "",
+             f"`bench/targets.py ab`: only these models, alternating fresh processes, {rounds} rounds "
+             f"of at least {SECONDS:.0f} s each; medians over rounds. With 1 thread, CPU time per "
+             "inference is the model's own work (no sibling thread spinning while it waits). "
+             f"Load average at start: {_load()}.", "",
+             "| model | threads | model file | wall ms | p10 ms | cpu ms | NNCF / this (wall / p10 / cpu) |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for name in names:
+        files = {"qtool --target openvino": WORK / name / "qtool_openvino.onnx", "NNCF": WORK / name / "nncf.onnx",
+                 **extra.get(name, {})}
+        for t in threads:
+            got = ab_rounds(files, WORK / name / "feed.npz", t, rounds)
+            ref = {k: _median(got.get("NNCF"), k) for k in ("median_ms", "p10_ms", "cpu_ms")}
+            for label in files:
+                mine = {k: _median(got.get(label), k) for k in ("median_ms", "p10_ms", "cpu_ms")}
+                ratio = " / ".join(f"{ref[k] / mine[k]:.2f}x" if ref[k] and mine[k] else "-" for k in mine)
+                lines.append(f"| {name} | {t} | {label} | {_fmt(mine['median_ms'])} | {_fmt(mine['p10_ms'])} | "
+                             f"{_fmt(mine['cpu_ms'])} | {ratio} |")
+    lines += ["", f"Load average at the end: {_load()}."]
     return "\n".join(lines) + "\n"
 
 
@@ -557,6 +649,8 @@ def _saturation_kept(out: Path) -> str:
     if marker not in text:
         return ""
     section = text[text.index(marker):]
+    if "\n## " in section:  # the sections `layers` and `ab` append after it are re-made, not kept
+        section = section[:section.index("\n## ") + 1]
     note = "(kept from an earlier `bench/targets.py saturation` run; not re-run with the tables above)"
     return "\n" + section if note in section else "\n" + section.replace("\n", "\n\n" + note + "\n", 1)
 
@@ -564,13 +658,30 @@ def _saturation_kept(out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_time":
-        time_one(*argv[1:5])
+        time_one(*argv[1:6])
         return 0
     if argv and argv[0] == "layers":  # appends the f32-layer section to the results file
         names = [a for a in argv[1:] if a in MODELS_USED] or list(MODELS_USED)
         with RESULTS.open("a") as f:
             f.write("\n" + layers_section(names))
         log(f"appended the f32-layer section to {RESULTS}")
+        return 0
+    if argv and argv[0] == "ab":  # appends its section to the results file
+        ab = argparse.ArgumentParser(prog="targets.py ab")
+        ab.add_argument("names", nargs="+", choices=list(MODELS_USED))
+        ab.add_argument("--threads", nargs="+", type=int, default=[1, THREADS])
+        ab.add_argument("--rounds", type=int, default=6)
+        ab.add_argument("--extra", nargs="*", default=[], metavar="NAME:LABEL=PATH",
+                        help="another model file of NAME to time beside qtool's and NNCF's")
+        a = ab.parse_args(argv[1:])
+        extra: dict[str, dict[str, Path]] = {}
+        for item in a.extra:
+            name, _, rest = item.partition(":")
+            label, _, path = rest.partition("=")
+            extra.setdefault(name, {})[label] = Path(path)
+        with RESULTS.open("a") as f:
+            f.write("\n" + ab_section(a.names, a.threads, a.rounds, extra))
+        log(f"appended the A/B section to {RESULTS}")
         return 0
     if argv and argv[0] == "saturation":  # appends its section to the results file (or --out)
         rest = argv[1:]
@@ -584,8 +695,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=list(MODELS_USED), default=list(MODELS_USED))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fresh", action="store_true", help="convert again even when cached")
-    parser.add_argument("--remake", nargs="*", default=[], choices=["qtool_cpu", "qtool_openvino", "nncf"],
+    parser.add_argument("--remake", nargs="*", default=[], choices=["qtool_cpu", "qtool_openvino", "nncf", A16_KEY],
                         help="convert these again (e.g. after a placement change), keep the rest")
+    parser.add_argument("--a16w8", nargs="*", default=[], choices=list(MODELS_USED),
+                        help="also time qtool --target openvino --activation-bits 16 on these models")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     load = _load()
@@ -594,10 +707,10 @@ def main(argv: list[str] | None = None) -> int:
         if not float_model(name).exists():
             log(f"{name}: {float_model(name)} missing (bench/zoo.py prepare / bench/corpus.py check); skipped")
             continue
-        prepared[name] = prepare(name, args.fresh, tuple(args.remake))
+        prepared[name] = prepare(name, args.fresh, tuple(args.remake), a16=name in args.a16w8)
     metrics = {}
     for name, p in prepared.items():
-        for label, runtime, hint, key in CONFIGS:
+        for label, runtime, hint, key in configs_for(p):
             log(f"{name}: metric of {label}")
             metrics[f"{name}|{label}"] = metric(name, runtime, hint, p["files"][key])
     times = timed_rounds(prepared, args.rounds)

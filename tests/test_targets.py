@@ -80,6 +80,27 @@ def test_openvino_puts_symmetric_qdq_only_on_int8_op_inputs():
     assert sqnr(proto, model, feeds[0]) > MIN_SQNR_DB
 
 
+def test_openvino_a16w8_keeps_the_sign_rule_with_16_bit_activations():
+    """--target openvino --activation-bits 16: every activation Q is 16-bit with zero
+    point 0 (uint16 after ReLU, int16 otherwise), weights stay int8, and the result is
+    closer to float than the 8-bit conversion of the same model (int8 weights still bound it)."""
+    proto = small_cnn()
+    feeds = feeds_for(proto)
+    ranges = minmax_ranges(proto, feeds)
+    recipe = apply_target(Recipe().override("quantize", target="openvino"))
+    a8, _, _ = convert_model(ir.from_proto(proto), recipe, table=ranges)
+    a16, _, _ = convert_model(ir.from_proto(proto), recipe.override("quantize", activation_bits=16), table=ranges)
+    inits = _inits(a16)
+    types = {q.input[0]: inits[q.input[2]].dtype for q in _nodes(a16, "QuantizeLinear")}
+    relu_out = next(n.output[0] for n in proto.graph.node if n.op_type == "Relu")
+    assert types["x"] == np.int16 and types[relu_out] == np.uint16
+    assert set(types.values()) == {np.dtype(np.int16), np.dtype(np.uint16)}
+    assert not any(inits[q.input[2]].any() for q in _nodes(a16, "QuantizeLinear"))
+    weights = [inits[d.input[0]] for d in _nodes(a16, "DequantizeLinear") if d.input[0] in inits]
+    assert weights and all(w.dtype == np.int8 for w in weights)
+    assert sqnr(proto, a16, feeds[0]) > sqnr(proto, a8, feeds[0]) + 1.0
+
+
 def test_openvino_leaves_bias_adds_and_constant_muls_float():
     proto = make_model(
         [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
@@ -237,6 +258,7 @@ def test_recipe_key_target_applies_the_preset_and_refuses_contradictions():
     (["--target", "qnn", "--dynamic"], "--dynamic"),
     (["--target", "cpu", "--bits", "4"], "--bits 4"),
     (["--target", "cpu", "--activation-type", "int8"], "--activation-type int8"),
+    (["--target", "tensorrt", "--activation-bits", "16"], "activation_bits = 16"),
 ])
 def test_target_with_a_flag_it_contradicts_is_a_usage_error(tmp_path, capsys, args, message):
     proto = small_cnn()

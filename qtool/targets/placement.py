@@ -12,14 +12,10 @@ import onnx_ir as ir
 
 from qtool.config import Recipe
 from qtool.quant.scales import QParams, activation_params
+from qtool.targets.patterns import se_block_conv, self_gated
 from qtool.targets.presets import Placement
 
 ELEMENTWISE = ("Add", "Mul", "Concat")
-# x * f(x), f an element-wise chain of x (SiLU x*sigmoid(x), GELU x*0.5*(1+erf(x/sqrt2)),
-# hard-swish): an activation function the runtime computes in float or fuses into the op
-# before it; NNCF leaves it unquantized (YOLO SiLU, transformer GELU).
-ELEMENTWISE_CHAIN = ("Sigmoid", "HardSigmoid", "Tanh", "Erf", "Relu", "Clip", "Add", "Sub", "Mul", "Div")
-GATE_DEPTH = 6
 
 
 def activation_qparams(placement: Placement, lo: float, hi: float, dtype: str,
@@ -29,15 +25,18 @@ def activation_qparams(placement: Placement, lo: float, hi: float, dtype: str,
     "by-range": ``z = 0`` always; uint8 with ``s = hi / 255`` when ``lo >= 0`` (after ReLU),
     else int8 with ``s = max(|lo|, |hi|) / 127`` (OpenVINO's LPT and NNCF's convention:
     unsigned for non-negative tensors, signed symmetric otherwise). "signed": int8,
-    ``s = max(|lo|, |hi|) / 127``. "recipe": the recipe's type and symmetry.
+    ``s = max(|lo|, |hi|) / 127``. "recipe": the recipe's type and symmetry. A 16-bit
+    ``dtype`` (A16W8, ``--activation-bits 16``) keeps the placement's sign rule with 16 bits:
+    uint16 ``s = hi / 65535`` or int16 ``s = max(|lo|, |hi|) / 32767``, ``z = 0``.
     Raises DegenerateRange as activation_params does.
     """
+    bits = "16" if dtype.endswith("16") else "8"
     if placement.activation_sign == "by-range":
         if lo >= 0.0:
-            return activation_params(0.0, hi, "uint8", symmetric=False)  # z = 0: lo is 0
-        return activation_params(lo, hi, "int8", symmetric=True)
+            return activation_params(0.0, hi, "uint" + bits, symmetric=False)  # z = 0: lo is 0
+        return activation_params(lo, hi, "int" + bits, symmetric=True)
     if placement.activation_sign == "signed":
-        return activation_params(lo, hi, "int8", symmetric=True)
+        return activation_params(lo, hi, "int" + bits, symmetric=True)
     return activation_params(lo, hi, dtype, symmetric)
 
 
@@ -71,35 +70,13 @@ def reduce_weight_range(placement: Placement, p: QParams) -> QParams:
 def admits(placement: Placement, node: ir.Node, is_activation) -> str | None:  # noqa: ANN001
     """Why ``node`` gets no Q/DQ under ``placement`` (None: it does). ``is_activation``
     tells a float activation input from a constant."""
+    if placement.float_se_blocks and se_block_conv(node):
+        return ("squeeze-excitation Conv (pool -> Conv -> act -> Conv -> gate -> Mul) stays float on "
+                "this target, as NNCF's SE_BLOCK ignored pattern leaves it")
     if placement.elementwise_constants or node.op_type not in ELEMENTWISE:
         return None
     if not all(v is not None and is_activation(v) for v in node.inputs):
         return f"{node.op_type} with a constant operand runs in float on this target (no int8 kernel to fuse)"
-    if _self_gated(node):
+    if self_gated(node):
         return "x * f(x) (SiLU, GELU, hard-swish) is an activation function: no int8 kernel, no Q/DQ"
     return None
-
-
-def _self_gated(node: ir.Node) -> bool:
-    """``Mul(g(x), f(x))`` with f and g chains of at most GATE_DEPTH element-wise ops of the
-    same x (their other operands constant): x * sigmoid(x), (x * 0.5) * (1 + erf(x / c))."""
-    if node.op_type != "Mul" or len(node.inputs) != 2 or None in node.inputs:
-        return False
-    a, b = node.inputs
-    return bool(_chain(a) & _chain(b))
-
-
-def _chain(value: ir.Value) -> set[ir.Value]:
-    """``value`` and the values it is an element-wise function of, up to GATE_DEPTH ops."""
-    seen = {value}
-    for _ in range(GATE_DEPTH):
-        p = value.producer()
-        if p is None or p.op_type not in ELEMENTWISE_CHAIN:
-            break
-        moving = [v for v in p.inputs if v is not None and v.const_value is None
-                  and not (v.producer() is not None and v.producer().op_type == "Constant")]
-        if len(moving) != 1:
-            break
-        value = moving[0]
-        seen.add(value)
-    return seen

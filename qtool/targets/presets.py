@@ -34,7 +34,10 @@ openvino (OpenVINO CPU plugin, low-precision transformations): Q/DQ only on the 
   (Gather of a constant) stored int8 per row, rescaled after the lookup (4x smaller, the
   lookup itself is memory-bound). x * f(x) activations (SiLU, GELU, hard-swish) get no
   Q/DQ between their halves: NNCF leaves them float too (checked on a YOLOX detector and
-  PP-OCR; qtool.targets.placement). Average pools get a Q on their input too (NNCF's CPU
+  PP-OCR; qtool.targets.patterns), and neither do the two small Convs of a
+  squeeze-excitation block (pool -> Conv -> act -> Conv -> sigmoid -> Mul with the pooled
+  tensor): NNCF's SE_BLOCK ignored pattern (nncf/onnx/quantization/ignored_patterns.py,
+  create_se_block) leaves them float, weights included. Average pools get a Q on their input too (NNCF's CPU
   config quantizes AVG_POOL). Each Q then moves up through data movement (Reshape,
   Transpose, Slice, Split, MaxPool, nearest Resize...) to the op producing the tensor, and
   a Concat's inputs share one scale, after NNCF's quantizer propagation and "unified
@@ -82,6 +85,8 @@ class Placement:
     a float result (onnxruntime's CPU provider: DQ -> MatMul becomes MatMulIntegerToFloat,
     DQ -> Gemm a QGemm with float output); their output gets a Q only where a quantized op
     reads it, since a Q that only feeds float ops adds rounding and no int8 kernel.
+    ``float_se_blocks``: the two Convs of a squeeze-excitation block stay float
+    (qtool.targets.patterns, NNCF's SE_BLOCK ignored pattern).
     """
 
     outputs: bool = True
@@ -93,6 +98,7 @@ class Placement:
     per_tensor_below_13: bool = False  # opset < 13 without upgrade: per-tensor weights
     propagate: bool = False  # move Qs up through data movement, unify Concat scales
     float_output_ops: frozenset[str] = frozenset({"Gemm", "MatMul"})
+    float_se_blocks: bool = False  # SE blocks' Convs stay float (NNCF's SE_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,7 @@ TARGETS: dict[str, Target] = {
         {"weight_type": "int8", "symmetric_activations": True, "per_channel": True,
          "op_types": (*INT8_COMPUTE_OPS, *OPENVINO_POOLS, "Gather"), "allow_opset_upgrade": True},
         Placement(outputs=False, activation_sign="by-range", int32_bias=False,
-                  elementwise_constants=False, propagate=True)),
+                  elementwise_constants=False, propagate=True, float_se_blocks=True)),
     "qnn": Target(
         "qnn", "onnxruntime QNN EP (Qualcomm HTP): u8 QDQ node units, per-channel Conv only",
         {"activation_type": "uint8", "weight_type": "int8", "symmetric_activations": False,
@@ -140,8 +146,11 @@ TARGETS: dict[str, Target] = {
         validator="qnn"),
     "tensorrt": Target(
         "tensorrt", "TensorRT explicit quantization: symmetric s8 Q/DQ on weighted-op inputs",
+        # activation_bits 8: TensorRT's explicit quantization has no 16-bit Q/DQ (the rule
+        # above), so --activation-bits 16 is a usage error rather than a failed validation.
         {"activation_type": "int8", "weight_type": "int8", "symmetric_activations": True,
-         "per_channel": True, "op_types": INT8_COMPUTE_OPS, "allow_opset_upgrade": True},
+         "per_channel": True, "op_types": INT8_COMPUTE_OPS, "allow_opset_upgrade": True,
+         "activation_bits": 8},
         Placement(outputs=False, activation_sign="signed", int32_bias=False,
                   elementwise_constants=False),
         validator="tensorrt"),
