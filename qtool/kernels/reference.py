@@ -467,3 +467,4 @@ def awq_residual(w, s, block_size: int, bits: int, symmetric: bool) -> np.ndarra
 
 
 # ---- 7. GPTQ (its own module: the column loop is long) ---------------------------
+from qtool.kernels.reference_gptq import gptq_rows  # noqa: E402, F401 - the twins are read as reference.<name>
