@@ -384,8 +384,10 @@ def _summary(results: dict) -> list[str]:
             return "–" if r is None else f"{_fmt(r.get('metric'))} / {_fmt(r.get('sqnr_db'), 1)} dB"
 
         sq = [min(r.get("sqnr_db") or 0.0, 60.0) if r else None for r in (fp32, plain, rec)]
-        won = f"{_won_back(fp32.get('metric'), plain and plain.get('metric'), rec and rec.get('metric'), m in LOWER_IS_BETTER)} / " \
-              f"{_won_back(*sq)}"
+        # A metric in dB (score SQNR) is infinite for fp32: its loss is counted from 60 dB too.
+        cap = 60.0 if fp32.get("metric") == float("inf") else float("inf")
+        met = [min(r["metric"], cap) if r and r.get("metric") is not None else None for r in (fp32, plain, rec)]
+        won = f"{_won_back(*met, m in LOWER_IS_BETTER)} / {_won_back(*sq)}"
         lines.append(f"| {name} | {cell(fp32)} | {cell(plain)} | {cell(rec)} ({rec['config'] if rec else ''}) | "
                      f"{won} | {cell(default)} | {cell(ort)} ({ort['config'] if ort else ''}) | {cell(nncf)} "
                      f"({nncf['config'] if nncf else ''}) |")
