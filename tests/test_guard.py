@@ -335,6 +335,11 @@ def test_choice_weighs_speed_then_size_and_accuracy():
         == "weights"
     # larger (dynamic, 2x the bytes) is not chosen for accuracy alone
     assert _choose([static, attempt("dynamic", 1.08, 2_793_000, 40.2)])[1] == "static"
+    # as fast, under half the size and no less accurate: the smaller file wins (magika's case)
+    dynamic = attempt("dynamic", 1.01, 2_803_000, 26.4)
+    assert _choose([dynamic, attempt("weights", 1.05, 837_000, 26.4)])[1] == "weights"
+    assert _choose([dynamic, attempt("weights", 1.05, 837_000, 25.0)])[1] == "dynamic"  # less accurate
+    assert _choose([dynamic, attempt("weights", 1.05, 1_500_000, 30.0)])[1] == "dynamic"  # not half
     # a faster first candidate is not given up for accuracy at float's speed (the detector's case)
     assert _choose([attempt("static", 0.5, 5_240_000, 20.5), attempt("weights", 1.0, 5_100_000, 34.9)])[1] == "static"
     # clearly faster always wins; a little more accurate does not

@@ -97,6 +97,11 @@ class Attempt:
     def slower(self) -> bool:
         return self.latency_ratio is not None and self.latency_ratio > SLOWER_MARGIN
 
+    @property
+    def no_faster(self) -> bool:
+        """Within timing noise of float or slower: the candidate buys size, not speed."""
+        return self.latency_ratio is not None and self.latency_ratio * SLOWER_MARGIN > 1.0
+
     def worst_db(self) -> float:
         return min((o.segment_sqnr_db for o in self.outputs), default=-math.inf)
 
