@@ -49,6 +49,7 @@ from qtool.quant.scales import (
 )
 from qtool.targets import placement as target_rules
 from qtool.targets import placement_for, propagate
+from qtool.targets.presets import FLOAT_OUTPUT_OPS
 
 Ranges = Mapping[str, tuple[float, float]]
 
@@ -62,9 +63,6 @@ _DTYPES = {
 # A Gather table smaller than this is not worth an int8 copy.
 MIN_GATHER_ELEMENTS = 4096
 FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
-# onnxruntime fuses DQ inputs into these ops without an output Q (float result), so a model
-# output they produce is left unquantized.
-FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")
 
 
 def dequantize_node(b: GraphBuilder, q_value: ir.Value, p: QParams, base: str,
@@ -128,11 +126,11 @@ class _StaticPlan:
     """Per-model state of one QDQ conversion: parameters chosen for each tensor."""
 
     def __init__(self, model: ir.Model, recipe: Recipe, ranges: Ranges, report: PassReport,
-                 wide: set[ir.Value] | None = None, selected: set[ir.Node] | None = None):
+                 wide: set[ir.Value], selected: set[ir.Node]):
         q = recipe.quantize
         self.model, self.recipe, self.ranges, self.report = model, recipe, ranges, report
         self.act_type = q.activation_type
-        self.wide = wide or set()  # activations that get 16 bits (wide_activations)
+        self.wide = wide  # activations that get 16 bits (wide_activations)
         self.symmetric = q.symmetric_activations
         self.per_channel = q.per_channel
         self.b = GraphBuilder(model)
@@ -141,7 +139,7 @@ class _StaticPlan:
         self.weight_cache: dict[tuple, tuple[ir.Value, QParams]] = {}
         self.folds: list[tuple[ir.Node, ir.Node]] = []  # (producer, Relu/Clip)
         self.placement = placement_for(recipe)  # the --target's Q/DQ placement
-        self.selected = selected if selected is not None else set()  # the nodes being quantized
+        self.selected = selected  # the nodes being quantized
 
     # -- activations --------------------------------------------------------------------
     def range_of(self, value: ir.Value) -> tuple[float, float] | None:
@@ -181,7 +179,7 @@ class _StaticPlan:
         if out in self.params or out.name in self.bad or not self.placement.outputs:
             return
         if out.is_graph_output() and node.op_type in FLOAT_OUTPUT_OPS:
-            return  # fused with a float output (QGemm / MatMulIntegerToFloat): no rounding
+            return  # fused with a float output (QGemm / MatMulIntegerToFloat): no rounding, any target
         if node.op_type in self.placement.float_output_ops and not self._read_quantized(out):
             return  # the same fusion; only float ops read it (MatMul-only placement, a residual Add)
         act = self._foldable_activation(out)

@@ -64,6 +64,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# onnxruntime fuses DQ inputs into these ops without an output Q (a float result): a model
+# output they produce stays float on every target, and other outputs per ``float_output_ops``.
+FLOAT_OUTPUT_OPS = frozenset({"Gemm", "MatMul"})
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -97,7 +101,7 @@ class Placement:
     per_channel_ops: frozenset[str] | None = None
     per_tensor_below_13: bool = False  # opset < 13 without upgrade: per-tensor weights
     propagate: bool = False  # move Qs up through data movement, unify Concat scales
-    float_output_ops: frozenset[str] = frozenset({"Gemm", "MatMul"})
+    float_output_ops: frozenset[str] = FLOAT_OUTPUT_OPS
     float_se_blocks: bool = False  # SE blocks' Convs stay float (NNCF's SE_BLOCK)
 
 

@@ -61,7 +61,6 @@ def _accumulate(model, dataset, names: list[str], batch_size: int, limit: int,
     return {name: ActivationStats(*acc) for name, acc in sums.items()}
 
 
-
 def one_blas_thread():
     """BLAS held to one thread (threadpoolctl) where numpy products are many and small, or
     where qtool's own threads already keep the cores busy. OpenBLAS's threads otherwise
