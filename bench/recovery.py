@@ -168,16 +168,12 @@ def qtool_row(b: Bench, dst: Path, passes: tuple[str, ...], seconds: float, op_t
 def qtool_default(b: Bench, dst: Path) -> dict:
     """What a user gets: ``qtool convert MODEL --data CALIB`` (scheme, recovery and guard as the
     default chooses them; the guard holds out part of CALIB), through the command line."""
-    import subprocess
+    from sweep import qtool_cli
 
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-    proc = subprocess.run([sys.executable, "-m", "qtool", "convert", str(b.src), "--data", str(b.calib_dir),
-                           "-o", str(dst), "--json"], capture_output=True, text=True, env=env, timeout=3600)
-    if proc.returncode != 0:
-        tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and "━" not in ln][-2:]
-        raise RuntimeError(f"exit {proc.returncode}: {' '.join(tail)[:200]}")
-    guard = json.loads(proc.stdout).get("guard") or {}
-    return {"notes": [f"chosen: {guard.get('chosen')}"]}
+    row = qtool_cli(b.src, dst, "--data", str(b.calib_dir))
+    if row["exit"] != 0:
+        raise RuntimeError(f"exit {row['exit']}: {' '.join(row['report'][-2:])[:200]}")
+    return {"notes": [f"chosen: {row.get('chosen')}"]}
 
 
 class _Reader:
