@@ -274,8 +274,7 @@ class TensorObserver:
         """
         h = self.histogram
         kernels = _kernels()
-        if (h is None or h.k is None or x.dtype != np.float32 or kernels is None
-                or not hasattr(kernels, "minmax_histogram_pow2")):
+        if h is None or h.k is None or x.dtype != np.float32 or kernels is None:
             return (*batch_minmax(x), False)
         try:
             return kernels.minmax_histogram_pow2(x.reshape(-1), h.k, h.start, h.counts, h.lo, h.hi)
