@@ -323,17 +323,12 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float
     return output_errors(w, [w_hat], hessian)[0]
 
 
-def _quadratic(d: np.ndarray, h: np.ndarray) -> float:
-    """``tr(D H D^T)`` by the Gram matrix (qtool.quant.quadratic)."""
-    return gram_quadratic(d, h)
-
-
 def output_errors(w: np.ndarray, w_hats: list[np.ndarray], hessian: np.ndarray) -> list[float]:
     """``output_error`` of several reconstructions of one ``w`` (its denominator once)."""
     w = np.asarray(w, np.float32)
     h = np.asarray(hessian, np.float64)
-    den = _quadratic(w, h)
-    nums = [_quadratic(w - np.asarray(w_hat, np.float32), h) for w_hat in w_hats]
+    den = gram_quadratic(w, h)
+    nums = [gram_quadratic(w - np.asarray(w_hat, np.float32), h) for w_hat in w_hats]
     return [num / den if den > 0 else num for num in nums]
 
 
@@ -384,8 +379,8 @@ def quantize_weight(
         out_err, rtn_out = measured
     elif stats is not None and algorithm in DATA_AWARE:
         h = stats.hessian
-        den = _quadratic(w, h)
-        out_err, rtn_out = ((_quadratic(x, h) / den if den > 0 else _quadratic(x, h)) for x in (d, d_rtn))
+        den = gram_quadratic(w, h)
+        out_err, rtn_out = ((gram_quadratic(x, h) / den if den > 0 else gram_quadratic(x, h)) for x in (d, d_rtn))
     return QuantOutcome(bq, err, rtn_err, out_err, rtn_out, input_scale)
 
 
@@ -407,7 +402,7 @@ class Algorithm:
     blocks, for activation-aware scaling the per-input-channel scale (else None), and the
     relative output errors (its own, RTN's) when its search measured them (else None)."""
 
-    run: Callable[..., tuple[BlockQuant, np.ndarray | None]]
+    run: Callable[..., tuple[BlockQuant, np.ndarray | None, tuple[float, float] | None]]
     needs_data: bool  # reads calibration activations (ActivationStats)
 
 
