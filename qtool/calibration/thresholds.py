@@ -142,8 +142,9 @@ def entropy_range(hist: Histogram, bits: int = 8) -> tuple[float, float]:
     occupied_f = occupied.astype(np.float64)
     # P's total is the same for every candidate (the tail joins the last bin) and, the
     # counts being integers below 2^53, exact in any summation order: computed once.
-    total = np.add.reduce(p_all) if p_all.sum() < 2.0**53 else None
     add = np.add.reduce  # np.sum's reduction without its Python wrapper: the same sums
+    total = add(p_all)
+    total = total if total < 2.0**53 else None
 
     # The same floating-point operations on the same operands as the textbook form (q =
     # sums[group] / nonzero[group], smoothed where p > 0 and q == 0), with what does not
