@@ -326,4 +326,9 @@ def test_matmul_output_read_only_by_float_ops_stays_float():
     # QNN runs the graph in fixed point: every quantized op's output keeps its Q.
     qnn, _r, _s, _f = static(proto, feeds=feeds, op_types=("MatMul",), target="qnn")
     assert "p" in _quantized_tensors(qnn)
-    assert sqnr(proto, ir.to_proto(model), feeds[0]) > sqnr(proto, ir.to_proto(qnn), feeds[0])
+    # Averaged over the feeds: on one feed the extra rounding can land either way (the first
+    # feed alone decided it wrongly for 4 of 30 weight draws; the mean held for all 30).
+    def mean_sqnr(m):  # noqa: ANN001, ANN202
+        return np.mean([sqnr(proto, ir.to_proto(m), f) for f in feeds])
+
+    assert mean_sqnr(model) > mean_sqnr(qnn)
