@@ -205,6 +205,56 @@ def test_calibrate_observes_selected_tensors_and_roundtrips(tmp_path):
     assert again.to_dict()["tensors"] == table.to_dict()["tensors"]
 
 
+def _conv_relu_model(path, activation):
+    """x[1,2,6,6] -> Conv -> Relu/Clip(0, 1.5) -> Conv -> y: a pre-activation output read
+    only by its activation."""
+    w1 = RNG.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    w2 = RNG.standard_normal((3, 4, 1, 1)).astype(np.float32)
+    act = (helper.make_node("Relu", ["c1"], ["a1"], name="act") if activation == "Relu"
+           else helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"], name="act"))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]), act,
+             helper.make_node("Conv", ["a1", "w2"], ["y"], name="conv2")]
+    inits = [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2"),
+             onnx.numpy_helper.from_array(np.float32(0.0), "lo"), onnx.numpy_helper.from_array(np.float32(1.5), "hi")]
+    onnx.save(onnx_model(nodes, [value_info("x", [1, 2, 6, 6])], [value_info("y", [1, 3, 6, 6])], inits), path)
+    return path
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+def test_pre_activation_output_takes_its_activations_range_unobserved(tmp_path, monkeypatch, activation):
+    """A Conv output read only by its Relu/Clip is not returned by the calibration session
+    (that would stop onnxruntime fusing them): it takes the activation's statistics, and the
+    int8 model is byte for byte the one made from a table that observed it."""
+    import qtool.calibration as calibration_lib
+    from qtool.pipeline import convert_model
+    from qtool.runtime import infer_types
+
+    path = _conv_relu_model(tmp_path / "m.onnx", activation)
+    data = _data(tmp_path / "d", n=8, shape=(1, 2, 6, 6), positive=False)
+    observed = []
+    real = calibration_lib.calibrate_prepared
+
+    def spy(model, data_dir, recipe, names, **kw):  # noqa: ANN001, ANN202
+        observed.append(list(names))
+        return real(model, data_dir, recipe, names, **kw)
+
+    monkeypatch.setattr(calibration_lib, "calibrate_prepared", spy)
+    table = calibrate(path, data, _recipe("minmax"))
+    assert observed == [["x", "a1", "y"]]
+    assert list(table.tensors) == ["x", "c1", "a1", "y"]  # graph order, as before
+    assert table.tensors["c1"] == table.tensors["a1"]
+
+    # The table as it was made before: the pre-activation output observed on its own.
+    model = qmodel_load(path)
+    infer_types(model)
+    full = real(model, data, _recipe("minmax"), ["x", "c1", "a1", "y"])
+    assert full.tensors["c1"].range[0] < 0 < full.tensors["a1"].range[0] + 1e-6  # it did differ
+    recipe = Recipe()
+    got = convert_model(model, recipe, table=table).model
+    want = convert_model(model, recipe, table=full).model
+    assert ir.to_proto(got).SerializeToString() == ir.to_proto(want).SerializeToString()
+
+
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
 def test_shards_merge_to_one_run(tmp_path, method):
     path = _model(tmp_path / "m.onnx")

@@ -36,7 +36,13 @@ from qtool.model import iter_graphs, iter_nodes, require_opset
 from qtool.passes import PassReport
 from qtool.passes.control_flow import unobservable
 from qtool.passes.graph import GraphBuilder, replace_uses
-from qtool.passes.select import excluded, is_float_activation, select_nodes
+from qtool.passes.select import (
+    FOLDABLE_ACTIVATIONS,
+    excluded,
+    foldable_activation,
+    is_float_activation,
+    select_nodes,
+)
 from qtool.passes.wide import qdq_domain, wide_activations
 from qtool.quant.scales import (
     DegenerateRange,
@@ -62,7 +68,6 @@ _DTYPES = {
 }
 # A Gather table smaller than this is not worth an int8 copy.
 MIN_GATHER_ELEMENTS = 4096
-FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
 
 
 def dequantize_node(b: GraphBuilder, q_value: ir.Value, p: QParams, base: str,
@@ -222,15 +227,7 @@ class _StaticPlan:
         return False
 
     def _foldable_activation(self, out: ir.Value) -> ir.Node | None:
-        uses = list(out.uses())
-        if len(uses) != 1 or out.is_graph_output():
-            return None
-        act = uses[0].node
-        if act.op_type not in FOLDABLE_ACTIVATIONS or act.domain not in ("", "ai.onnx"):
-            return None
-        if act.graph is not out.producer().graph or excluded(act, self.recipe.quantize.exclude):
-            return None
-        return act
+        return foldable_activation(out, self.recipe.quantize.exclude)
 
     def _folded_params(self, out: ir.Value, act: ir.Node, rng: tuple[float, float]) -> QParams | None:
         lo_c, hi_c = ops.clip_bounds(act)

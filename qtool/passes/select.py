@@ -17,6 +17,8 @@ from qtool.config import Recipe
 from qtool.model import iter_nodes
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+# Activations the static int8 pass folds into the Q of the op before them (qtool.passes.qdq)
+FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
 _HALF_TYPES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
@@ -36,6 +38,44 @@ def excluded(node: ir.Node, patterns: tuple[str, ...]) -> bool:
     """A node is excluded when a pattern equals its op type or glob-matches its name."""
     name = node.name or ""
     return any(p == node.op_type or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def foldable_activation(out: ir.Value, exclude: tuple[str, ...]) -> ir.Node | None:
+    """The Relu/Clip that is the only reader of ``out`` (in the same graph, not excluded,
+    ``out`` not a graph output), whose clipping the Q of ``out``'s producer can do; or None."""
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    act = uses[0].node
+    if act.op_type not in FOLDABLE_ACTIVATIONS or act.domain not in ("", "ai.onnx"):
+        return None
+    producer = out.producer()
+    if producer is None or act.graph is not producer.graph or excluded(act, exclude):
+        return None
+    return act
+
+
+def folded_ranges(model: ir.Model, names: list[str], exclude: tuple[str, ...]) -> dict[str, str]:
+    """Tensors among ``names`` whose range can be taken from the Relu/Clip after them:
+    {pre-activation output: that activation's output}, for activation outputs also in
+    ``names``.
+
+    Such an output is read only by its activation. Quantized with the activation's range,
+    the values the activation passes are represented the same (the Q folds the clip, or
+    the activation clips what a Q let through), so observing it would only cost time: a
+    returned graph output also stops onnxruntime from fusing the op with its activation
+    (ResNet-18 inference ran 25% slower with its 17 pre-ReLU outputs returned).
+    """
+    wanted = set(names)
+    aliases = {}
+    for node in iter_nodes(model):
+        for out in node.outputs:
+            if out is None or out.name not in wanted:
+                continue
+            act = foldable_activation(out, exclude)
+            if act is not None and act.outputs[0].name in wanted:
+                aliases[out.name] = act.outputs[0].name
+    return aliases
 
 
 def is_float_activation(value: ir.Value | None) -> bool:

@@ -160,7 +160,7 @@ def calibrate(
     """
     from qtool.calibration import calibrate_prepared
     from qtool.errors import CalibrationError
-    from qtool.passes.select import select_nodes
+    from qtool.passes.select import folded_ranges, select_nodes
 
     if not isinstance(model, ir.Model):
         from qtool.model import load
@@ -180,8 +180,20 @@ def calibrate(
             "the recipe quantizes no node of this model, so there is nothing to calibrate",
             "check the recipe's op_types/exclude, or `qtool inspect MODEL` for candidates",
         )
-    table = calibrate_prepared(model, data, recipe, names, shard=shard, on_progress=on_progress,
-                               threads=threads)
+    # A pre-activation output read only by its Relu/Clip takes that activation's statistics
+    # (qtool.passes.select.folded_ranges): the same table, without returning it from the model.
+    aliases = folded_ranges(model, names, recipe.quantize.exclude)
+    table = calibrate_prepared(model, data, recipe, [n for n in names if n not in aliases], shard=shard,
+                               on_progress=on_progress, threads=threads)
+    if aliases:
+        observed, skipped = dict(table.tensors), table.info.get("skipped", {})
+        table.tensors.clear()  # refilled in graph order, as a table of every name would be
+        for name in names:
+            source = aliases.get(name, name)
+            if source in observed:
+                table.tensors[name] = observed[source]
+            elif source != name and source in skipped:  # the activation held +-inf
+                skipped[name] = f"read only by {source}, which {skipped[source]}"
     if unobserved:
         table.info["skipped"] = {**unobserved, **table.info.get("skipped", {})}
     return table
