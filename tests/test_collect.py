@@ -96,3 +96,47 @@ def test_collection_sessions_do_not_spin(tmp_path, monkeypatch):
         sessions.session_options(2).get_session_config_entry("session.intra_op.allow_spinning")
     x = RNG.standard_normal((2, 4)).astype(np.float32)
     assert np.array_equal(session.run(None, {"x": x})[0], np.maximum(x, 0))
+
+
+def test_only_the_requested_tensors_are_computed(tmp_path):
+    """stream_tensors' session returns the requested tensors alone and runs nothing past
+    the last of them: a large head after them (a decoder's vocabulary projection, whose
+    weight is a shared in-memory buffer) is dropped, with the same values as a full run."""
+    import onnxruntime as ort
+
+    from qtool.runtime.collect import SHARED_WEIGHT_BYTES, build_session
+
+    side = 128
+    assert side * side * 4 >= SHARED_WEIGHT_BYTES  # the head's weight is handed over as a buffer
+    w = RNG.standard_normal((4, side)).astype(np.float32)
+    head = RNG.standard_normal((side, side)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"),
+             helper.make_node("Relu", ["mm"], ["act"], name="relu"),
+             helper.make_node("MatMul", ["act", "H"], ["logits"], name="head")]
+    inits = [onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(head, "H")]
+    path, data = _write(tmp_path, nodes, [value_info("logits", ["N", side])], inits)
+    model = load(path)
+    session, outputs = build_session(model, ["mm", "act"], only_requested=True)
+    assert outputs == ["mm", "act"]
+    full, full_outputs = build_session(model, ["mm", "act"])
+    assert full_outputs == ["logits", "mm", "act"]
+    x = {"x": RNG.standard_normal((3, 4)).astype(np.float32)}
+    for got, want in zip(session.run(outputs, x), full.run(["mm", "act"], x)):
+        assert np.array_equal(got, want)
+    with pytest.raises(Exception, match="logits"):  # no node is left to make the head's output
+        session.run(["logits"], x)
+    # the stream's arrays are the float model's values
+    feeds = np.stack([np.load(f) for f in sorted(data.glob("*.npy"))])
+    for _, tensors in stream_tensors(model, Dataset(data, input_specs(model)), ["act"], batch_size=11):
+        assert np.allclose(tensors["act"], np.maximum(feeds @ w, 0), rtol=1e-5, atol=1e-5)
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert plain.run(None, {"x": feeds})[0].shape == (11, side)  # the model itself still has its head
+
+
+def test_requested_graph_inputs_alone_keep_one_output(tmp_path):
+    """Asking only for a graph input leaves the graph one output (a graph needs one)."""
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu")]
+    path, data = _write(tmp_path, nodes, [value_info("y", ["N", 4])])
+    got = _collect(path, data, ["x"], 0, 4)
+    assert [ids for ids, _ in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    assert np.array_equal(got[0][1]["x"][0], np.load(data / "s000.npy"))

@@ -72,9 +72,13 @@ def build_session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     threads: int = 0,
     arena: bool = True,
+    *,
+    only_requested: bool = False,
 ):
     """An onnxruntime session whose outputs are the model's outputs plus ``tensor_names``
-    (``arena``: see qtool.runtime.sessions.session_options).
+    (``arena``: see qtool.runtime.sessions.session_options). ``only_requested``: the
+    outputs are ``tensor_names`` alone, and nodes none of them depends on are left out
+    (a decoder's vocabulary projection, when only the MatMul inputs are wanted).
 
     Returns ``(session, output_names)``. The input model is not modified: the extra
     outputs are added to the serialised copy of the graph.
@@ -142,6 +146,9 @@ def build_session(
             # shape here would be an error.
             info.type.tensor_type.elem_type = int(value.dtype)
         proto.graph.output.append(info)
+    if only_requested:
+        read = _keep_only(proto.graph, set(tensor_names))
+        shared = {name: entry for name, entry in shared.items() if name in read}
 
     # no spinning: idle threads busy-waiting would take the core the caller's statistics need
     options = session_options(threads, arena=arena, inter_op=False, spin=False)
@@ -166,6 +173,43 @@ def build_session(
         if placeholder_dir is not None:
             shutil.rmtree(placeholder_dir, ignore_errors=True)
     return session, [o.name for o in session.get_outputs()]
+
+
+def _keep_only(graph, names: set[str]) -> set[str]:  # noqa: ANN001 - onnx.GraphProto
+    """Make ``names`` the graph's only outputs and drop the nodes none of them needs (a
+    node's subgraphs count every name they read as its input), and the initializers no
+    node left reads. In place; returns the names the kept nodes and outputs read."""
+    outputs = [o for o in graph.output if o.name in names] or list(graph.output[:1])  # a graph needs one
+    outputs = [type(o).FromString(o.SerializeToString()) for o in outputs]  # kept past the clear below
+    needed = {o.name for o in outputs} | names
+    kept = []
+    for node in reversed(graph.node):  # ONNX graphs are topologically sorted
+        if not any(o in needed for o in node.output):
+            continue
+        kept.append(node)
+        needed.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] * attr.HasField("g") + list(attr.graphs):
+                needed.update(_names_read(sub))
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.output[:]
+    graph.output.extend(outputs)
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name not in needed:
+            del graph.initializer[i]
+    return needed
+
+
+def _names_read(graph) -> set[str]:  # noqa: ANN001 - onnx.GraphProto
+    read = set()
+    for node in graph.node:
+        read.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] * attr.HasField("g") + list(attr.graphs):
+                read |= _names_read(sub)
+    return read
 
 
 def _shareable_weights(model: ir.Model) -> dict[str, tuple[ir.Value, np.ndarray]]:
@@ -215,7 +259,8 @@ def stream_tensors(
         raise CalibrationError(
             f"shard {shard[0]}/{shard[1]} is out of range", "use I/N with 0 <= I < N, e.g. 0/4"
         )
-    session, outputs = build_session(model, tensor_names, providers, threads, arena)
+    # only the requested tensors: nothing after the last of them runs
+    session, outputs = build_session(model, tensor_names, providers, threads, arena, only_requested=True)
     input_names = {i.name for i in session.get_inputs()}
     wanted = list(dict.fromkeys(tensor_names))
     bound = _BoundOutputs(session, outputs, reuse) if reuse else None
