@@ -140,3 +140,63 @@ def test_requested_graph_inputs_alone_keep_one_output(tmp_path):
     got = _collect(path, data, ["x"], 0, 4)
     assert [ids for ids, _ in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
     assert np.array_equal(got[0][1]["x"][0], np.load(data / "s000.npy"))
+
+
+def test_weight_only_statistics_equal_a_plain_loop_over_the_samples(tmp_path):
+    """gptq/awq statistics fold each batch on two threads while the next batch runs; every
+    input's sums must still be the in-order float64 sums of each batch's float32 X^T X."""
+    from qtool.config import Recipe
+    from qtool.passes.weight_only import collect_weight_only_stats
+    from qtool.quant.blockwise import batch_moments
+
+    w1 = RNG.standard_normal((4, 64)).astype(np.float32)
+    w2 = RNG.standard_normal((64, 32)).astype(np.float32)
+    w3 = RNG.standard_normal((32, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h1"], name="mm1"),
+             helper.make_node("Relu", ["h1"], ["a1"], name="relu"),
+             helper.make_node("MatMul", ["a1", "W2"], ["h2"], name="mm2"),
+             helper.make_node("MatMul", ["h2", "W3"], ["y"], name="mm3")]
+    inits = [onnx.numpy_helper.from_array(w, n) for w, n in ((w1, "W1"), (w2, "W2"), (w3, "W3"))]
+    path, data = _write(tmp_path, nodes, [value_info("y", ["N", 16])], inits, n=9, shape=(3, 4))
+    recipe = Recipe().override("weight_only", block_size=16, algorithm="gptq")
+    got = collect_weight_only_stats(path, Dataset(data, input_specs(load(path))), recipe, batch_size=2)
+    assert list(got) == ["a1", "h2"]  # x: K = 4 is below one block, that MatMul stays float
+    xs = [np.load(f) for f in sorted(data.glob("*.npy"))]
+    acts = {"a1": [np.maximum(x @ w1, 0) for x in xs]}
+    acts["h2"] = [a @ w2 for a in acts["a1"]]
+    for name, samples in acts.items():
+        batches = [np.concatenate(samples[i:i + 2]) for i in range(0, len(samples), 2)]
+        want = None
+        for b in batches:  # onnxruntime's values, so compare within float32 rounding...
+            xtx = batch_moments(b)[0]
+            want = xtx.astype(np.float64) if want is None else want + xtx
+        assert got[name].count == 9 * 3
+        np.testing.assert_allclose(got[name].xtx, want, rtol=1e-5, atol=1e-4)
+    # ...and exactly the sums a plain loop makes of the arrays onnxruntime returns
+    plain = {}
+    model = load(path)
+    for _, tensors in stream_tensors(model, Dataset(data, input_specs(model)), ["a1", "h2"], batch_size=2):
+        for name, t in tensors.items():
+            xtx = batch_moments(t)[0]
+            plain[name] = xtx.astype(np.float64) if name not in plain else plain[name] + xtx
+    for name in plain:
+        assert np.array_equal(got[name].xtx, plain[name])
+
+
+def test_a_failing_fold_is_raised_and_the_rest_cancelled(tmp_path):
+    from qtool.runtime.collect import fold_behind
+
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu")]
+    path, data = _write(tmp_path, nodes, [value_info("y", ["N", 4])])
+    model = load(path)
+    seen = []
+
+    def fold(ids, tensors):  # noqa: ANN001, ANN202
+        seen.append(ids)
+        if len(seen) == 2:
+            raise ValueError("bad batch")
+
+    stream = stream_tensors(model, Dataset(data, input_specs(model)), ["y"], batch_size=3, reuse=2)
+    with pytest.raises(ValueError, match="bad batch"):
+        list(fold_behind(stream, fold))
+    assert seen[:2] == [[0, 1, 2], [3, 4, 5]] and len(seen) <= 3

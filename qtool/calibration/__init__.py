@@ -178,33 +178,12 @@ def _observe_pipelined(stream, observers: dict, skipped: dict, dataset: Dataset,
                        start: float, on_progress: Callable[[Progress], None] | None) -> int:
     """Fold every batch of ``stream`` (made with ``reuse=2``) on one worker thread while the
     next batch runs; returns the number of samples observed."""
-    from concurrent.futures import ThreadPoolExecutor
+    from qtool.runtime.collect import fold_behind
 
     done = 0
-    pending = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtool-observe") as pool:
-        try:
-            for ids, tensors in stream:
-                if pending is not None:
-                    done += _finish(pending, done, total, start, on_progress)
-                # submitted only once the batch before has been folded: buffers of batch
-                # i are refilled by batch i + 2, which the stream starts after this point
-                pending = (len(ids), pool.submit(_fold, ids, tensors, observers, skipped, dataset))
-                del tensors
-            if pending is not None:
-                done += _finish(pending, done, total, start, on_progress)
-                pending = None
-        finally:
-            if pending is not None:
-                pending[1].cancel()
+    for n in fold_behind(stream, lambda ids, tensors: _fold(ids, tensors, observers, skipped, dataset)):
+        done += n
+        if on_progress is not None:
+            on_progress(Progress(done, total, time.perf_counter() - start))
     return done
-
-
-def _finish(pending: tuple, done: int, total: int, start: float,
-            on_progress: Callable[[Progress], None] | None) -> int:
-    n, future = pending
-    future.result()  # re-raises the fold's error (a NaN names its tensor and sample)
-    if on_progress is not None:
-        on_progress(Progress(done + n, total, time.perf_counter() - start))
-    return n
 

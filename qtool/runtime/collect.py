@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -283,6 +283,38 @@ def stream_tensors(
                 if array.dtype.kind == "f" and not np.isfinite(array).all():
                     raise_non_finite(name, array, ids, dataset)
         yield ids, tensors
+
+
+def fold_behind(stream: Iterator[tuple[list[int], dict[str, np.ndarray]]],
+                fold: Callable[[list[int], dict[str, np.ndarray]], None]) -> Iterator[int]:
+    """Call ``fold(ids, tensors)`` for every batch of ``stream`` on one worker thread while
+    onnxruntime runs the next batch; yield each batch's sample count once its fold is done.
+
+    ``stream`` must come from :func:`stream_tensors` with ``reuse=2`` (or 0): the buffers
+    of batch i are refilled by batch i + 2, which the stream starts only after batch i's
+    fold has finished. Folds run one at a time, in order, so sums come out as a plain loop
+    makes them. A fold's exception is raised here; an early exit cancels what is pending.
+    numpy's products and qtool's kernels release the GIL, so folding overlaps inference.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtool-fold") as pool:
+        try:
+            for ids, tensors in stream:
+                if pending is not None:
+                    pending[1].result()
+                    yield pending[0]
+                pending = (len(ids), pool.submit(fold, ids, tensors))
+                del tensors
+            if pending is not None:
+                n, future = pending
+                pending = None
+                future.result()
+                yield n
+        finally:
+            if pending is not None:
+                pending[1].cancel()
 
 
 class _BoundOutputs:

@@ -37,16 +37,18 @@ def collect_weight_only_stats(
 
 def _accumulate(model, dataset, names: list[str], batch_size: int, limit: int,
                 on_progress: Callable[[int, int], None] | None) -> dict[str, ActivationStats]:
-    from qtool.runtime import stream_tensors
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qtool.runtime.collect import fold_behind, stream_tensors
 
     # Sums kept in place (adding into the first batch's arrays: the same left-to-right
     # sums as chaining ActivationStats.merged, without a new K x K array per batch).
     sums: dict[str, list] = {}
     total = limit or len(getattr(dataset, "samples", [])) or 0
-    done = 0
-    # reuse=1: each batch is folded into the sums before the next one runs
-    for ids, tensors in stream_tensors(model, dataset, names, batch_size=batch_size, limit=limit, reuse=1):
-        for name in names:
+    halves: list[list[str]] = []
+
+    def fold_names(part: list[str], tensors: dict) -> None:
+        for name in part:
             xtx, abs_sum, count = batch_moments(tensors[name])
             if name not in sums:
                 sums[name] = [xtx.astype(np.float64), abs_sum, count]
@@ -55,10 +57,36 @@ def _accumulate(model, dataset, names: list[str], batch_size: int, limit: int,
                 np.add(acc[0], xtx, out=acc[0])  # float32 into the float64 sum, no temporary
                 acc[1] += abs_sum
                 acc[2] += count
-        done += len(ids)
-        if on_progress is not None:
-            on_progress(done, total)
-    return {name: ActivationStats(*acc) for name, acc in sums.items()}
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtool-moments") as helper:
+        def fold(ids: list[int], tensors: dict) -> None:
+            if not halves:
+                halves.extend(_balanced_halves(names, tensors))
+            other = helper.submit(fold_names, halves[1], tensors)
+            fold_names(halves[0], tensors)
+            other.result()
+
+        # Each batch is folded (its inputs in two halves, on two threads) while onnxruntime
+        # runs the next one (two rounds of output buffers). Every input's sums still take
+        # the batches in order: the same sums as a plain loop.
+        stream = stream_tensors(model, dataset, names, batch_size=batch_size, limit=limit, reuse=2)
+        done = 0
+        for n in fold_behind(stream, fold):
+            done += n
+            if on_progress is not None:
+                on_progress(done, total)
+    return {name: ActivationStats(*sums[name]) for name in names if name in sums}
+
+
+def _balanced_halves(names: list[str], tensors: dict) -> list[list[str]]:
+    """``names`` in two lists of about equal X^T X work (K^2 per row), largest first."""
+    halves: list[list[str]] = [[], []]
+    work = [0, 0]
+    for name in sorted(names, key=lambda n: -np.shape(tensors[n])[-1]):
+        side = 0 if work[0] <= work[1] else 1
+        halves[side].append(name)
+        work[side] += np.shape(tensors[name])[-1] ** 2
+    return halves
 
 
 def one_blas_thread():
