@@ -86,34 +86,7 @@ def build_session(
     import onnx
     import onnxruntime as ort
 
-    main_values: dict[str, ir.Value] = {}
-    for node in model.graph:
-        for value in node.outputs:
-            if value is not None:
-                main_values[value.name] = value
-    graph_inputs = {v.name for v in model.graph.inputs}
-    subgraph_values = set()
-    for sub in model.graph.subgraphs():
-        for node in sub:
-            subgraph_values.update(v.name for v in node.outputs if v is not None)
-
-    existing = [v.name for v in model.graph.outputs]
-    extra = []
-    for name in tensor_names:
-        if name in existing or name in graph_inputs or name in extra:
-            continue
-        if name not in main_values:
-            if name in subgraph_values:
-                raise CalibrationError(
-                    f"tensor {name!r} lives inside an If/Loop/Scan subgraph and cannot be observed",
-                    "exclude the node that consumes it (--exclude) or inline the control flow",
-                )
-            raise CalibrationError(
-                f"tensor {name!r} is not produced by any node of the model",
-                "check the tensor name (`qtool inspect MODEL` lists the graph)",
-            )
-        extra.append(name)
-
+    extra, main_values = _extra_outputs(model, tensor_names)
     folder = _external_folder(model)
     shared = _shareable_weights(model) if folder is None else {}
     placeholder_dir = None
@@ -173,6 +146,39 @@ def build_session(
         if placeholder_dir is not None:
             shutil.rmtree(placeholder_dir, ignore_errors=True)
     return session, [o.name for o in session.get_outputs()]
+
+
+def _extra_outputs(model: ir.Model, tensor_names: Sequence[str]) -> tuple[list[str], dict[str, ir.Value]]:
+    """The names to add as graph outputs (not already outputs or inputs), in order, and the
+    main graph's values by name; a name no main-graph node makes is an error naming why."""
+    main_values: dict[str, ir.Value] = {}
+    for node in model.graph:
+        for value in node.outputs:
+            if value is not None:
+                main_values[value.name] = value
+    graph_inputs = {v.name for v in model.graph.inputs}
+    subgraph_values = set()
+    for sub in model.graph.subgraphs():
+        for node in sub:
+            subgraph_values.update(v.name for v in node.outputs if v is not None)
+
+    existing = [v.name for v in model.graph.outputs]
+    extra = []
+    for name in tensor_names:
+        if name in existing or name in graph_inputs or name in extra:
+            continue
+        if name not in main_values:
+            if name in subgraph_values:
+                raise CalibrationError(
+                    f"tensor {name!r} lives inside an If/Loop/Scan subgraph and cannot be observed",
+                    "exclude the node that consumes it (--exclude) or inline the control flow",
+                )
+            raise CalibrationError(
+                f"tensor {name!r} is not produced by any node of the model",
+                "check the tensor name (`qtool inspect MODEL` lists the graph)",
+            )
+        extra.append(name)
+    return extra, main_values
 
 
 def _keep_only(graph, names: set[str]) -> set[str]:  # noqa: ANN001 - onnx.GraphProto
