@@ -108,8 +108,12 @@ class OVSession:
         return [SimpleNamespace(name=i.any_name) for i in self.compiled.inputs]
 
     def run(self, _names, feed: dict) -> list[np.ndarray]:
-        result = self.request.infer(feed)
-        return [np.array(result[o]) for o in self.compiled.outputs]
+        # Copies of the request's own output tensors. Building and dropping the OVDict that
+        # infer() returns cost qtool's PP-OCR model 0.3-0.7 ms more per inference than
+        # NNCF's: OpenVINO reallocated its output each time (13 distinct output buffers
+        # against 3 over 400 runs; see bench/results/targets.md).
+        self.request.infer(feed)
+        return [self.request.get_output_tensor(i).data.copy() for i in range(len(self.compiled.outputs))]
 
 
 def open_session(runtime: str, hint: str | None, path: Path, threads: int = THREADS):

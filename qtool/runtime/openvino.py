@@ -88,9 +88,12 @@ class OpenVINOSession:
     def run(self, names, feed: dict[str, np.ndarray]) -> list[np.ndarray]:  # noqa: ANN001
         """Outputs ``names`` (all when None) for ``feed``, in that order, as owned arrays."""
         names = list(names) if names is not None else [p.name for p in self._outputs]
-        result = self.request.infer(feed)
-        # The request reuses its output buffers on the next call: copy what is returned.
-        return [np.array(result[self.compiled.outputs[self._index[n]]], copy=True) for n in names]
+        self.request.infer(feed)
+        # Copies of the request's own output tensors (it reuses them on the next call). Not
+        # the dict infer() returns: made and dropped on every call, it made OpenVINO
+        # reallocate a PP-OCR recognizer's output each time, 0.3-0.7 ms of a 4.5 ms inference
+        # (bench/results/targets.md).
+        return [self.request.get_output_tensor(self._index[n]).data.copy() for n in names]
 
 
 def _port(port) -> Port:  # noqa: ANN001 - openvino ConstOutput
