@@ -391,3 +391,51 @@ def test_a_static_candidate_that_meets_the_floor_is_also_calibrated_with_mse_ran
     gain = other["outputs"][0]["segment_sqnr_db"] - static["outputs"][0]["segment_sqnr_db"]
     assert guard["chosen"] == (other["label"] if gain >= 1.0 and other["meets_floor"]
                                and other["latency_ratio"] <= 1.1 * static["latency_ratio"] else static["label"])
+
+
+def _reject_fused_candidates(monkeypatch):
+    """onnxruntime as it was on PP-OCR with 16-bit activations under --target openvino: the
+    candidate is a valid graph, but its QDQ fusions ("extended"/"all" optimisation) fail
+    to load it. Only the failure is simulated; every model still runs for real."""
+    from qtool.errors import ModelError
+    from qtool.runtime import sessions
+
+    real = sessions.open_session
+    seen = []
+
+    def open_session(model, provider="cpu", *, optimization="all", role="model", **kw):  # noqa: ANN001, ANN202
+        seen.append((role, optimization))
+        if role == "candidate" and optimization in ("all", "extended"):
+            raise ModelError("onnxruntime cannot load the candidate model: [TypeInferenceError] (simulated)", "")
+        return real(model, provider, optimization=optimization, role=role, **kw)
+
+    monkeypatch.setattr(sessions, "open_session", open_session)
+    import qtool.runtime as runtime_pkg
+    monkeypatch.setattr(runtime_pkg, "open_session", open_session)
+    return seen
+
+
+def test_a_target_that_runs_elsewhere_is_measured_with_qdq_as_written(tmp_path, capsys, monkeypatch):
+    """--target openvino: the guard measures candidates on onnxruntime without its QDQ
+    fusions (OpenVINO's int8 is not onnxruntime's kernels), so a graph those fusions reject
+    is still measured and can be chosen, untimed, with why; on --target cpu the same
+    failure stays a failed candidate."""
+    model = _outlier_mlp(tmp_path / "mlp.onnx")
+    data = _data(tmp_path / "d", (32,))
+    seen = _reject_fused_candidates(monkeypatch)
+    out = tmp_path / "ov.onnx"
+    assert _convert(model, out, "--data", data, "--target", "openvino") == 0
+    report = _report(capsys)
+    chosen = next(a for a in report["guard"]["attempts"] if a["label"] == report["guard"]["chosen"])
+    assert chosen["meets_floor"] and chosen["error"] is None
+    assert chosen["latency_ratio"] is None and "not timed" in chosen["timing"] and "--runtime" in chosen["timing"]
+    assert ("candidate", "basic") in seen
+    assert report["fidelity"]["sqnr_db"] > 15  # measured on the written model the same way
+    assert out.exists()
+
+    seen.clear()
+    out_cpu = tmp_path / "cpu.onnx"
+    assert _convert(model, out_cpu, "--data", data, "--scheme", "int8-static", "--target", "cpu") == 1
+    assert "cannot load the candidate" in capsys.readouterr().err  # no candidate loads: the error itself
+    assert not out_cpu.exists()
+    assert ("candidate", "basic") not in seen

@@ -26,6 +26,8 @@ from qtool.pipeline.guard import (
     Attempt,
     Floor,
     Reference,
+    measured_elsewhere,
+    open_candidate,
     repairs,
     split_holdout,
     time_against_float,
@@ -197,7 +199,6 @@ class Guard:
         return self.prepared[key]
 
     def attempt(self, label: str, recipe: Recipe):  # noqa: ANN201 - (Attempt, Converted | None)
-        from qtool import runtime
         from qtool.model import model_size_bytes, save, weight_bytes
         from qtool.pipeline.flow import convert_model
 
@@ -221,12 +222,22 @@ class Guard:
                                  f"of {self.source_weights / 1e6:.3f} MB)")
                 return attempt, converted
             with self.progress(f"measuring ({label})", None, "samples"):
-                attempt.outputs = self.reference.compare(runtime.open_session(path, "cpu", role="candidate"))
+                attempt.outputs = self.reference.compare(open_candidate(path, recipe, self.runtime))
                 attempt.shortfalls = self.floor.shortfalls(attempt.outputs)
-                float_ms, cand_ms = time_against_float(self.model_path, path, self.reference.feeds[0],
-                                                       self.runtime)
-            attempt.float_ms, attempt.candidate_ms = float_ms, cand_ms
-            attempt.latency_ratio = cand_ms / float_ms if float_ms > 0 else None
+                try:
+                    float_ms, cand_ms = time_against_float(self.model_path, path, self.reference.feeds[0],
+                                                           self.runtime)
+                except QtoolError as exc:
+                    if not measured_elsewhere(recipe, self.runtime):
+                        raise
+                    # onnxruntime's CPU provider is not where this target runs, and its QDQ
+                    # fusions may reject the graph (open_candidate): accuracy stands, speed unknown
+                    float_ms = cand_ms = None
+                    attempt.timing = (f"not timed: {exc.message} (target {recipe.quantize.target}: "
+                                      "time it there with --runtime)")
+            if float_ms is not None:
+                attempt.float_ms, attempt.candidate_ms = float_ms, cand_ms
+                attempt.latency_ratio = cand_ms / float_ms if float_ms > 0 else None
         except Exception as exc:  # noqa: BLE001 - a failed candidate is reported, not fatal
             attempt.error = exc.message if isinstance(exc, QtoolError) else f"{type(exc).__name__}: {exc}"
             self.errors.append(exc)

@@ -37,8 +37,10 @@ def first_sample_fidelity(reference: str | os.PathLike, candidate: str | os.Path
         return None
     feed = dataset.load_sample(0)
     outs = []
-    for path, role in ((reference, "reference"), (candidate, "candidate")):
-        session = runtime.open_session(path, "cpu", role=role)
+    from qtool.pipeline.guard import open_candidate
+
+    # the candidate as the guard measured it (a target that runs elsewhere: Q/DQ as written)
+    for session in (runtime.open_session(reference, "cpu", role="reference"), open_candidate(candidate, recipe)):
         outs.append(list(runtime.run(session, feed).values()))
     ref = [o for o in outs[0] if getattr(o, "dtype", None) is not None and o.dtype.kind == "f"]
     cand = [o for o in outs[1] if getattr(o, "dtype", None) is not None and o.dtype.kind == "f"]

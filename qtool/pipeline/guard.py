@@ -83,6 +83,7 @@ class Attempt:
     path: str | None = None  # where the guard wrote it (its temporary folder)
     seconds: float = 0.0
     error: str | None = None
+    timing: str | None = None  # why the candidate was not timed, when it was not
 
     @property
     def meets_floor(self) -> bool:
@@ -117,6 +118,7 @@ class Attempt:
             "candidate_ms": None if self.candidate_ms is None else round(self.candidate_ms, 4),
             "size_bytes": self.size_bytes,
             "seconds": round(self.seconds, 2),
+            "timing": self.timing,
             "outputs": [o.to_dict() for o in self.outputs],
             "excluded": list(self.recipe.quantize.exclude),
             "activation_bits_16": [r.match for r in self.recipe.layer if r.activation_bits == 16],
@@ -161,6 +163,39 @@ class Reference:
 
         cand = [runtime.run(candidate_session, f, self.names) for f in self.feeds]
         return compare_outputs(self.outputs, cand, self.names)
+
+
+# Targets whose int8 does not run on onnxruntime's CPU kernels (qtool.targets.presets).
+OTHER_RUNTIME_TARGETS = ("openvino", "qnn", "tensorrt")
+
+
+def measured_elsewhere(recipe: Recipe, runtime=None) -> bool:  # noqa: ANN001
+    """Whether the recipe's target runs on another runtime than the one the guard has here
+    (its int8 kernels are not onnxruntime CPU's, and no --runtime for it was given)."""
+    from qtool.runtime import ORT_CPU
+
+    on_ort_cpu = runtime is None or (runtime.name, runtime.device) == (ORT_CPU.name, ORT_CPU.device)
+    return on_ort_cpu and recipe.quantize.target in OTHER_RUNTIME_TARGETS
+
+
+def open_candidate(path, recipe: Recipe, runtime=None):  # noqa: ANN001, ANN201 - a session
+    """The session the guard measures a candidate's outputs with.
+
+    On ``runtime`` (a qtool.runtime.Runtime) when it is not onnxruntime's CPU provider: the
+    accuracy is the deployed runtime's. Otherwise onnxruntime's CPU provider; for a target
+    that runs elsewhere (openvino, qnn, tensorrt) without its QDQ fusions ("basic"
+    optimisation: Q/DQ computed as written, what those runtimes' own int8 reproduces),
+    since its int8 kernels are not what will run. Those fusions also reject valid graphs
+    they were not written for: onnxruntime 1.32 fails to load a 16-bit activation fed
+    through Reshape/Transpose from an 8-bit one into an int8-weight MatMul (its requantize
+    step makes a QuantizeLinear whose output type disagrees with its zero point).
+    """
+    from qtool.runtime import ORT_CPU, open_session
+
+    if runtime is not None and (runtime.name, runtime.device) != (ORT_CPU.name, ORT_CPU.device):
+        return runtime.open(path, role="candidate")
+    basic = measured_elsewhere(recipe, runtime)
+    return open_session(path, "cpu", optimization="basic" if basic else "all", role="candidate")
 
 
 def time_against_float(model_path, candidate_path, feed: dict, runtime=None) -> tuple[float, float]:  # noqa: ANN001
