@@ -348,6 +348,11 @@ def test_choice_weighs_speed_then_size_and_accuracy():
     # the same graph with other calibration ranges (sizes within 1%): only accuracy decides
     assert _choose([static, attempt("mse ranges", 1.08, 1_364_000, 17.5)])[1] == "mse ranges"
     assert _choose([static, attempt("mse ranges", 1.08, 1_364_000, 16.8)])[1] == "static"  # within 1 dB
+    # untimed (a target that runs elsewhere): the same speed, so size and accuracy decide alike
+    untimed = attempt("static", None, 5_190_000, 21.9)
+    assert _choose([untimed, attempt("mse ranges", None, 5_190_000, 26.4)])[1] == "mse ranges"
+    assert _choose([untimed, attempt("mse ranges", None, 5_190_000, 22.2)])[1] == "static"  # within 1 dB
+    assert _choose([untimed, attempt("timed", 0.5, 5_000_000, 30.0)])[1] == "static"  # not comparable
 
 
 def test_an_output_whose_length_the_model_decides_is_compared_on_its_common_part():
