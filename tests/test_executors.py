@@ -87,7 +87,10 @@ def crash_once(marker: str, fn, *args):  # noqa: ANN001, ANN002, ANN201
 
 
 def sleep_forever(pid_file: str) -> None:
-    Path(pid_file).write_text(str(os.getpid()))
+    # written whole or not at all: the test reads it as soon as the name appears
+    tmp = Path(f"{pid_file}.{os.getpid()}.tmp")
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, pid_file)
     time.sleep(60)
 
 
