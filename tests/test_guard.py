@@ -444,3 +444,28 @@ def test_a_target_that_runs_elsewhere_is_measured_with_qdq_as_written(tmp_path, 
     assert "cannot load the candidate" in capsys.readouterr().err  # no candidate loads: the error itself
     assert not out_cpu.exists()
     assert ("candidate", "basic") not in seen
+
+
+def test_runtime_openvino_measures_and_times_candidates_on_openvino(tmp_path, capsys, monkeypatch):
+    """--runtime openvino: the guard's candidates are opened on OpenVINO for their outputs
+    too, not only for timing (the float reference stays on onnxruntime)."""
+    from qtool.runtime import openvino
+
+    model = _outlier_mlp(tmp_path / "mlp.onnx")
+    data = _data(tmp_path / "d", (32,))
+    real = openvino.open_session
+    roles = []
+
+    def spy(model_path, **kw):  # noqa: ANN001, ANN202
+        roles.append(kw.get("role"))
+        return real(model_path, **kw)
+
+    monkeypatch.setattr(openvino, "open_session", spy)
+    out = tmp_path / "ov.onnx"
+    assert _convert(model, out, "--data", data, "--target", "openvino", "--runtime", "openvino") == 0
+    guard = _report(capsys)["guard"]
+    measured = [a for a in guard["attempts"] if a["outputs"]]
+    assert measured and guard["timed_on"].startswith("openvino")
+    assert all(a["timing"] is None and a["latency_ratio"] is not None for a in measured)
+    # each measured candidate: once for its outputs, then a probe and a timed session
+    assert roles.count("candidate") >= 3 * len(measured)
