@@ -229,8 +229,10 @@ class Guard:
                     # onnxruntime's CPU kernels are not what runs this target's int8 (and its
                     # QDQ fusions may reject the graph, see open_candidate): their speed would
                     # only mislead the choice. Accuracy stands; speed is measured with --runtime.
-                    attempt.timing = (f"not timed: target {recipe.quantize.target} does not run on onnxruntime's "
-                                      "CPU provider (--runtime openvino times it on OpenVINO)")
+                    target = recipe.quantize.target
+                    attempt.timing = (f"not timed: target {target} does not run on onnxruntime's CPU provider"
+                                      + (" (--runtime openvino times it on OpenVINO)" if target == "openvino"
+                                         else f" (no runtime here runs {target})"))
                 else:
                     float_ms, cand_ms = time_against_float(self.model_path, path, self.reference.feeds[0],
                                                            self.runtime)
