@@ -209,6 +209,10 @@ STORE_WEIGHTS_HELP = (
     "For a QAT / fake-quant model (float weights behind QuantizeLinear -> DequantizeLinear, as PyTorch, "
     "NNCF, ModelOpt and Brevitas export them): store the weights as the int8/int4 integers they stand "
     "for. The outputs stay bit for bit the same; the file shrinks 3-4x.")
+RUNTIME_HELP = (
+    "Guard: measure and time candidates against float where they will deploy: ort (default) or openvino "
+    "(its default precision; pip install 'qtool[openvino]'). Without it, --target openvino/qnn/tensorrt "
+    "candidates are measured on onnxruntime with Q/DQ as written, and not timed if its fusions reject them.")
 REQUANTIZE_HELP = (
     "For an already-quantized model (QDQ, QOperator, fake-quant, Cast x scale int8 weights): dequantize "
     "it to float first, then convert as usual (every other flag applies), so nothing is quantized twice.")
@@ -250,10 +254,7 @@ def convert_command(
     min_sqnr: float = typer.Option(None, "--min-sqnr", help="Guard floor: worst output (channel group) SQNR in dB [default: 15]."),
     min_agreement: float = typer.Option(None, "--min-agreement", help="Guard floor: argmax agreement with float (logits, per-position scores) or mask IoU at 0.5 (probability maps), 0-1 [default: 0.9]."),
     guard_budget: float = typer.Option(None, "--guard-budget", help="Guard time budget in seconds [default: 600]."),
-    runtime: str = typer.Option(None, "--runtime", help="Guard: measure and time candidates against float where "
-                                "they will deploy: ort (default) or openvino (its default precision; pip install "
-                                "'qtool[openvino]'). Without it, --target openvino/qnn/tensorrt candidates are measured "
-                                "on onnxruntime with Q/DQ as written, and not timed if its fusions reject them."),
+    runtime: str = typer.Option(None, "--runtime", help=RUNTIME_HELP),
     write_best: bool = typer.Option(False, "--write-best", help="When nothing meets the floor, still write the best candidate (exit stays 3)."),
     store_weights: bool = typer.Option(False, "--store-weights", help=STORE_WEIGHTS_HELP),
     requantize: bool = typer.Option(False, "--requantize", help=REQUANTIZE_HELP),

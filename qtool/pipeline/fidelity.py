@@ -31,14 +31,13 @@ def first_sample_fidelity(reference: str | os.PathLike, candidate: str | os.Path
     from qtool import runtime
     from qtool.data import Dataset, input_specs
     from qtool.model import load
+    from qtool.pipeline.guard import open_candidate
 
     dataset = Dataset(data, input_specs(load(reference)), recipe.preprocess)
     if len(dataset) == 0:
         return None
     feed = dataset.load_sample(0)
     outs = []
-    from qtool.pipeline.guard import open_candidate
-
     # the candidate as the guard measured it (a target that runs elsewhere: Q/DQ as written)
     for session in (runtime.open_session(reference, "cpu", role="reference"), open_candidate(candidate, recipe)):
         outs.append(list(runtime.run(session, feed).values()))

@@ -174,8 +174,7 @@ def measured_elsewhere(recipe: Recipe, runtime=None) -> bool:  # noqa: ANN001
     (its int8 kernels are not onnxruntime CPU's, and no --runtime for it was given)."""
     from qtool.runtime import ORT_CPU
 
-    on_ort_cpu = runtime is None or (runtime.name, runtime.device) == (ORT_CPU.name, ORT_CPU.device)
-    return on_ort_cpu and recipe.quantize.target in OTHER_RUNTIME_TARGETS
+    return runtime in (None, ORT_CPU) and recipe.quantize.target in OTHER_RUNTIME_TARGETS
 
 
 def open_candidate(path, recipe: Recipe, runtime=None):  # noqa: ANN001, ANN201 - a session
@@ -192,7 +191,7 @@ def open_candidate(path, recipe: Recipe, runtime=None):  # noqa: ANN001, ANN201 
     """
     from qtool.runtime import ORT_CPU, open_session
 
-    if runtime is not None and (runtime.name, runtime.device) != (ORT_CPU.name, ORT_CPU.device):
+    if runtime not in (None, ORT_CPU):
         return runtime.open(path, role="candidate")
     basic = measured_elsewhere(recipe, runtime)
     return open_session(path, "cpu", optimization="basic" if basic else "all", role="candidate")
@@ -211,7 +210,7 @@ def time_against_float(model_path, candidate_path, feed: dict, runtime=None) -> 
     from qtool.runtime.latency import measure
 
     where = runtime or ORT_CPU
-    on_ort_cpu = where.name == ORT_CPU.name and where.device == ORT_CPU.device
+    on_ort_cpu = where == ORT_CPU
     threads, clock = (1, time.thread_time) if on_ort_cpu else (0, time.perf_counter)
     # By path, so a candidate written with external data (over 2 GB) finds its weights.
     probe = where.open(candidate_path, threads=threads, role="candidate")

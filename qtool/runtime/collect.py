@@ -193,10 +193,7 @@ def _keep_only(graph, names: set[str]) -> set[str]:  # noqa: ANN001 - onnx.Graph
         if not any(o in needed for o in node.output):
             continue
         kept.append(node)
-        needed.update(node.input)
-        for attr in node.attribute:
-            for sub in [attr.g] * attr.HasField("g") + list(attr.graphs):
-                needed.update(_names_read(sub))
+        needed |= _reads(node)
     kept.reverse()
     del graph.node[:]
     graph.node.extend(kept)
@@ -208,13 +205,13 @@ def _keep_only(graph, names: set[str]) -> set[str]:  # noqa: ANN001 - onnx.Graph
     return needed
 
 
-def _names_read(graph) -> set[str]:  # noqa: ANN001 - onnx.GraphProto
-    read = set()
-    for node in graph.node:
-        read.update(node.input)
-        for attr in node.attribute:
-            for sub in [attr.g] * attr.HasField("g") + list(attr.graphs):
-                read |= _names_read(sub)
+def _reads(node) -> set[str]:  # noqa: ANN001 - onnx.NodeProto
+    """The names ``node`` reads: its inputs, and those of every node in its subgraphs."""
+    read = set(node.input)
+    for attr in node.attribute:
+        for sub in [attr.g] * attr.HasField("g") + list(attr.graphs):
+            for inner in sub.node:
+                read |= _reads(inner)
     return read
 
 
