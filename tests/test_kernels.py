@@ -633,6 +633,23 @@ def test_quantize_kn_matches_twin(path, bits):
                                     bs * bits // 8)
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("offset", [1, 2, 3])
+def test_quantize_kn_reads_a_misaligned_weight_in_place(path, offset):
+    """A weight mapped out of a protobuf (qtool.mapped) sits at any byte offset: the kernel
+    reads it where it is and gives the aligned weight's bytes."""
+    w = kn_weight("normal", 257, 83)
+    raw = np.zeros(w.nbytes + 4, np.uint8)
+    raw[offset:offset + w.nbytes] = w.view(np.uint8).reshape(-1)
+    shifted = np.frombuffer(raw.data, np.float32, count=w.size, offset=offset).reshape(w.shape)
+    assert not shifted.flags.aligned
+    for sym in (True, False):
+        want = ref.quantize_kn(w, 4, 32, sym)
+        with on(path):
+            got = k.quantize_kn(shifted, 4, 32, sym)
+        assert_kn_equal(got, want, f"offset {offset} sym={sym}", 16)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_quantize_kn_is_the_weight_only_rtn_rule(bits):
     """The twin equals blockwise.rtn on W^T packed by matmulnbits_tensors: the codes and

@@ -188,6 +188,7 @@ int qt_block_params_mse(const float *x, int64_t rows, int64_t cols, int64_t bloc
  *   zero_points packed uint8 [N, ceil(n_blocks*bits/8)] (asymmetric only; not written,
  *   and may be NULL, when symmetric: the op's default 2^(bits-1) is the z used).
  * bits in {2, 4, 8}; block_size a power of two in [16, 256].
+ * w need not be aligned (any byte offset: a weight mapped from a protobuf file).
  * QT_ERR_NONFINITE on NaN/Inf in w. */
 int qt_quantize_kn(const float *w, int64_t K, int64_t N, int64_t block_size, int bits,
                    int symmetric, uint8_t *b, float *scales, uint8_t *zero_points);

@@ -8,6 +8,10 @@
  * 32-bit words per column (a word holds 32/bits consecutive K rows, low bits first), and
  * only those words are transposed out: 1/(32/bits) of the elements a float transpose
  * would move. The strip's rows stay in L1 between the range and the quantize loops.
+ *
+ * w may sit at any byte offset (a weight memory-mapped out of a protobuf, whose raw data
+ * has no alignment): the vector paths use unaligned loads and the scalar path reads each
+ * element through memcpy, so no aligned copy of the weight is needed.
  */
 #include <math.h>
 #include <string.h>
@@ -54,15 +58,22 @@ static void kn_store(const kn_job *j, int64_t jb, int64_t c, int n, const uint32
     }
 }
 
+/* w[i] for a w of any alignment */
+static inline float kn_load(const float *w, int64_t i) {
+    float v;
+    memcpy(&v, (const unsigned char *)w + i * (int64_t)sizeof(float), sizeof v);
+    return v;
+}
+
 /* One strip of n <= QT_KN_STRIP columns starting at c, block jb (rows k0..k0+kr). */
 static int kn_strip_scalar(const kn_job *j, int64_t jb, int64_t c, int n) {
     const int64_t k0 = jb * j->bs, kr = (j->K - k0) < j->bs ? (j->K - k0) : j->bs;
     float lo[QT_KN_STRIP] = {0}, hi[QT_KN_STRIP] = {0}, s[QT_KN_STRIP], z[QT_KN_STRIP];
     uint32_t words[QT_KN_MAX_WORDS][QT_KN_STRIP];
     for (int64_t r = 0; r < kr; r++) {
-        const float *row = j->w + (k0 + r) * j->N + c;
+        const int64_t row = (k0 + r) * j->N + c;
         for (int i = 0; i < n; i++) {
-            float v = row[i];
+            float v = kn_load(j->w, row + i);
             if (!qt__finite(v)) return QT_ERR_NONFINITE;
             lo[i] = v < lo[i] ? v : lo[i];
             hi[i] = v > hi[i] ? v : hi[i];
@@ -78,9 +89,9 @@ static int kn_strip_scalar(const kn_job *j, int64_t jb, int64_t c, int n) {
                 for (int i = 0; i < n; i++) words[wi][i] |= (uint32_t)z[i] << (e * j->bits);
                 continue;
             }
-            const float *row = j->w + (k0 + r) * j->N + c;
+            const int64_t row = (k0 + r) * j->N + c;
             for (int i = 0; i < n; i++) {
-                float q = nearbyintf(row[i] / s[i]) + z[i];
+                float q = nearbyintf(kn_load(j->w, row + i) / s[i]) + z[i];
                 q = q < 0.0f ? 0.0f : (q > qmax ? qmax : q);
                 words[wi][i] |= (uint32_t)q << (e * j->bits);
             }

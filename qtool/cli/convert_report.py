@@ -7,8 +7,30 @@ from rich.markup import escape
 from rich.table import Table
 
 from qtool.cli.app import console, info
+from qtool.pipeline.summary import GENERIC_REASONS, UNSUPPORTED
 
 MAX_NOTES = 6  # per pass in the human report; --json has them all
+MAX_UNTOUCHED = 8  # op types named on the "left float" line; --json has them all
+
+
+def _split_untouched(ops: dict) -> tuple[dict, dict]:
+    """The table's rows, and the op types the scheme does not handle at all (nothing
+    quantized, no reason but the scheme's generic one): a decoder's 4,900 Unsqueeze, Mul and
+    Concat nodes under weight-only would otherwise bury the rows that say something."""
+    untouched = {op: row for op, row in ops.items()
+                 if not row["quantized"] and row["reasons"] and set(row["reasons"]) <= GENERIC_REASONS}
+    return {op: row for op, row in ops.items() if op not in untouched}, untouched
+
+
+def _untouched_line(untouched: dict) -> str:
+    """``left float: 4890 nodes of 25 op types this scheme does not handle (Unsqueeze 1005, ...)``"""
+    reasons = {reason for row in untouched.values() for reason in row["reasons"]}
+    why = "this scheme does not handle" if reasons == {UNSUPPORTED} else "; ".join(sorted(reasons))
+    ranked = sorted(untouched.items(), key=lambda item: (-item[1]["float"], item[0]))
+    named = ", ".join(f"{op} {row['float']}" for op, row in ranked[:MAX_UNTOUCHED])
+    more = f", {len(ranked) - MAX_UNTOUCHED} more in --json" if len(ranked) > MAX_UNTOUCHED else ""
+    nodes = sum(row["float"] for row in untouched.values())
+    return f"left float: {nodes} node(s) of {len(untouched)} op type(s) {escape(why)} ({named}{more})"
 
 
 def print_report(report: dict) -> None:
@@ -17,10 +39,14 @@ def print_report(report: dict) -> None:
         table = Table(title=f"{report['mode']} ({report['format']})", title_justify="left", show_edge=False)
         for col in ("op", "quantized", "float", "why float"):
             table.add_column(col, justify="right" if col in ("quantized", "float") else "left")
-        for op, row in ops.items():
+        shown, untouched = _split_untouched(ops)
+        for op, row in shown.items():
             reasons = "; ".join(f"{escape(k)} ({v})" for k, v in row["reasons"].items())
             table.add_row(op, str(row["quantized"]), str(row["float"]), reasons)
-        console.print(table)
+        if shown:
+            console.print(table)
+        if untouched:
+            info(_untouched_line(untouched))
     for p in report["passes"]:
         counts = ", ".join(f"{k} {v}" for k, v in p["counts"].items() if v)
         if counts:

@@ -153,7 +153,7 @@ def fidelity_warnings(outputs: Sequence[dict]) -> list[str]:
 
 @contextlib.contextmanager
 def _no_progress(description: str, total: float | None, unit: str = "") -> Iterator[Callable[[int], None]]:
-    yield lambda n=1: None
+    yield lambda n=1, total=None: None
 
 
 def _check_arguments(reference, gates, runs, warmup, batch_size, backend, diagnose) -> None:

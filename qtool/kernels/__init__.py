@@ -377,7 +377,8 @@ def quantize_kn(w, bits: int, block_size: int, symmetric: bool):
     zero_points packed uint8 [N, ceil(n_blocks*bits/8)] or None when symmetric).
     Symmetric: scale = -m / 2**(bits-1) with m the block's signed extreme, z = 2**(bits-1);
     asymmetric: scale = (hi - lo) / qmax, z = clamp(rint(-lo / scale)); formulas in
-    reference.quantize_kn. One pass over w, no float transpose; releases the GIL."""
+    reference.quantize_kn. One pass over w, no float transpose; releases the GIL. w may
+    be misaligned (a weight mapped out of a protobuf): it is read in place, not copied."""
     if not _native():
         return reference.quantize_kn(w, bits, block_size, symmetric)
     w = np.ascontiguousarray(reference.check_kn(w, bits, block_size))

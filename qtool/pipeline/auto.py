@@ -206,7 +206,7 @@ class Guard:
         attempt = Attempt(label, recipe)
         try:
             prepared = self.prepare(recipe)
-            with self.progress(f"converting ({label})", None, "steps"):
+            with self.progress(f"converting ({label})", None, None):
                 converted = convert_model(
                     prepared.model, recipe, table=prepared.table, preprocessed=prepared.preprocessed,
                     activations=prepared.activations, absmax=prepared.absmax, dataset=prepared.dataset,

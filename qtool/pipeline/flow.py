@@ -18,7 +18,7 @@ from qtool.passes import PassReport
 from qtool.pipeline.context import Context, StageProgress
 from qtool.pipeline.guard import Floor
 from qtool.pipeline.plan import ConvertPlan, QuantizedInput
-from qtool.pipeline.progress import ProgressFactory, no_progress
+from qtool.pipeline.progress import ProgressFactory, no_progress, stage_advance
 from qtool.pipeline.schemes import Converted, run_scheme
 from qtool.pipeline.tables import RangeTable
 
@@ -63,8 +63,11 @@ def convert_model(
     on_progress: StageProgress | None = None,
     dataset=None,  # noqa: ANN001 - qtool.data.Dataset
     executor=None,  # noqa: ANN001 - qtool.executors.Executor
+    copy: bool = True,
 ) -> Converted:
-    """Convert an in-memory ``model`` as ``recipe`` says (the input is not modified).
+    """Convert an in-memory ``model`` as ``recipe`` says (the input is not modified, unless
+    ``copy`` is False: then the caller gives ``model`` away and the passes rewrite it in
+    place, which saves cloning the graph, 0.15 s for a 7.5 K-node decoder).
 
     ``table``: a CalibrationTable (or a plain ``{tensor: (lo, hi)}`` mapping) for static
     int8, made on this model. ``preprocessed``: the model has already been through
@@ -76,7 +79,7 @@ def convert_model(
     """
     context = Context(recipe, model, table=table, preprocessed=preprocessed, activations=activations,
                       absmax=absmax, on_progress=on_progress, dataset=dataset, executor=executor)
-    return run_scheme(model, context)
+    return run_scheme(model, context, copy=copy)
 
 
 @dataclass
@@ -216,7 +219,7 @@ def _calibrated(source: ir.Model, data, recipe: Recipe, progress: ProgressFactor
         from qtool.pipeline.schemes import BEFORE_CALIBRATION, run_passes
 
         dataset = data = as_dataset(data, work, recipe)
-        with progress("recovery before calibration", None, "steps"):
+        with progress("recovery before calibration", None, None):
             reports += run_passes(work, Context(recipe, work, preprocessed=True, dataset=dataset),
                                   BEFORE_CALIBRATION)
     with progress("calibrating", None, "samples") as advance:
@@ -261,8 +264,8 @@ def convert_file(
     nothing meets the floor, or nothing was quantized, ``passed`` is False and ``output``
     is written only with ``write_best``. An already-quantized model is refused unless
     ``quantized_input`` says what to do with it (qtool.pipeline.plan.plan_quantized_input).
-    ``loaded``: ``model_path`` as already loaded by the caller (unmodified), so a large
-    model is not parsed twice.
+    ``loaded``: ``model_path`` as already loaded by the caller, so a large model is not
+    parsed twice; it is handed over (the conversion may rewrite it in place).
     """
     from qtool.model import load, model_size_bytes
     from qtool.pipeline.plan import plan_quantized_input
@@ -287,21 +290,24 @@ def convert_file(
                            external_data=external_data, progress=progress, guard=guard,
                            eval_data=eval_data, auto=auto, budget_s=budget_s, write_best=write_best,
                            started=t0, input_reports=input_reports, runtime=runtime, executor=executor,
-                           in_size=in_size)
+                           in_size=in_size, owned=True)
 
 
 def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, *, data, calib,  # noqa: ANN001
                     external_data: bool, progress: ProgressFactory, guard: Floor | None, eval_data,
                     auto: bool, budget_s: float | None, write_best: bool, started: float,
                     input_reports: list[PassReport], runtime=None, executor=None,  # noqa: ANN001
-                    in_size: int | None = None) -> dict:
+                    in_size: int | None = None, owned: bool = False) -> dict:
     """convert_file from the loaded (float) model on: guard or one conversion, save, measure.
-    ``in_size``: the input's bytes on disk, when known (else measured from the file)."""
+    ``in_size``: the input's bytes on disk, when known (else measured from the file).
+    ``owned``: ``source`` is this call's to rewrite (one conversion then needs no copy)."""
     from qtool.model import add_provenance, model_size_bytes, save, weight_bytes
     from qtool.pipeline.plan import plan_for
 
     t0 = started
     guard_report, failure = None, None
+    # measured before a conversion that may rewrite ``source`` in place
+    input_weights, input_external = weight_bytes(source), has_external_data(source)
     if guard is not None and data is not None and calib is None:
         from qtool.pipeline.auto import DEFAULT_BUDGET_SECONDS, guarded
 
@@ -320,7 +326,8 @@ def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, 
             from qtool.pipeline.auto import default_static
 
             recipe, _ = default_static(recipe, source, samples=data is not None and calib is None)
-        converted, prep_reports = _convert_once(source, model_path, recipe, data, calib, progress, executor)
+        converted, prep_reports = _convert_once(source, model_path, recipe, data, calib, progress, executor,
+                                                owned=owned)
     prep_reports = [*input_reports, *prep_reports]
     plan = plan_for(recipe)
     if in_size is None:
@@ -348,7 +355,7 @@ def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, 
         if (few := guard_report["holdout_samples"]) < FEW_HELD_OUT:
             report["warnings"].append(FEW_HELD_OUT_WARNING.format(n=few))
     if converted is not None and failure is None:
-        failure = _not_compressed(converted, weight_bytes(source), plan)
+        failure = _not_compressed(converted, input_weights, plan)
         report["passed"], report["failure"] = failure is None, failure
         report["hint"] = NOT_COMPRESSED_HINT if failure else None
     if converted is None or (failure is not None and not write_best):
@@ -356,7 +363,7 @@ def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, 
         return report
     add_provenance(converted.model, recipe.to_dict(), source=str(model_path))
     saved = save(converted.model, output, input_path=model_path,
-                 external_data=True if external_data or has_external_data(source) else None)
+                 external_data=True if external_data or input_external else None)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     out_size = saved.bytes_written
     report.update(output=str(saved.path), size_bytes={"input": in_size, "output": out_size},
@@ -371,23 +378,20 @@ def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, 
 
 
 def _convert_once(source: ir.Model, model_path: Path, recipe: Recipe, data, calib,  # noqa: ANN001
-                  progress: ProgressFactory, executor=None) -> tuple[Converted, list[PassReport]]:  # noqa: ANN001
-    """The recipe's scheme, once, unmeasured (--no-guard, --calib, or no data)."""
+                  progress: ProgressFactory, executor=None, *,  # noqa: ANN001
+                  owned: bool = False) -> tuple[Converted, list[PassReport]]:
+    """The recipe's scheme, once, unmeasured (--no-guard, --calib, or no data). ``owned``:
+    ``source`` may be rewritten in place."""
     from qtool.pipeline.plan import plan_for
 
     prepared = prepare(source, model_path, recipe, plan_for(recipe), data=data, calib=calib,
                        progress=progress)
-    with progress("converting", None, "steps") as advance:
-        seen = [0]
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            advance(done - seen[0])
-            seen[0] = done
-
+    with progress("converting", None, None) as advance:
         converted = convert_model(
             prepared.model, recipe, table=prepared.table, preprocessed=prepared.preprocessed,
-            activations=prepared.activations, absmax=prepared.absmax, on_progress=on_progress,
+            activations=prepared.activations, absmax=prepared.absmax, on_progress=stage_advance(advance),
             dataset=prepared.dataset, executor=executor,
+            copy=not (owned or prepared.model is not source),  # prepare's working copy is ours too
         )
     return converted, prepared.reports
 

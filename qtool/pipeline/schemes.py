@@ -15,7 +15,13 @@ import onnx_ir as ir
 from qtool.passes import PassReport, recovery
 from qtool.pipeline import steps
 from qtool.pipeline.context import Context
-from qtool.pipeline.summary import ConvertSummary, snapshot, summarize
+from qtool.pipeline.summary import (
+    ACTIVATIONS_FLOAT,
+    UNSUPPORTED,
+    ConvertSummary,
+    snapshot,
+    summarize,
+)
 
 SCHEMES: dict[str, tuple[type, ...]] = {
     "fp16": (steps.HalfPrecision,),
@@ -62,9 +68,11 @@ class Converted(NamedTuple):
     summary: ConvertSummary
 
 
-def run_scheme(model: ir.Model, context: Context) -> Converted:
-    """Run the context's scheme on a copy of ``model`` (the input is never modified)."""
-    model = model.clone()
+def run_scheme(model: ir.Model, context: Context, *, copy: bool = True) -> Converted:
+    """Run the context's scheme on a copy of ``model`` (the input is not modified), or on
+    ``model`` itself when ``copy`` is False (the caller gives it away)."""
+    if copy:
+        model = model.clone()
     reports: list[PassReport] = []
     before = None
     for cls in SCHEMES[context.plan.kind]:
@@ -79,6 +87,5 @@ def run_scheme(model: ir.Model, context: Context) -> Converted:
             reports.append(result.report)
     if before is None:
         before = snapshot(model)
-    unsupported = ("activations stay float in this scheme" if context.plan.kind in ("int8-weights", "fp16-weights")
-                   else "not supported by this scheme")
+    unsupported = ACTIVATIONS_FLOAT if context.plan.kind in ("int8-weights", "fp16-weights") else UNSUPPORTED
     return Converted(model, reports, summarize(before, model, reports, unsupported))

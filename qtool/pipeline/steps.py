@@ -102,6 +102,7 @@ class LowBitLayers(QtoolPass):
 
     def run(self, model):
         from qtool.passes.weight_only import apply_weight_only
+        from qtool.passes.weight_only.items import NO_CONSTANT_WEIGHT
 
         ctx = self.context
         if ctx.plan.kind == "int8-static" and ctx.table is not None:
@@ -110,7 +111,8 @@ class LowBitLayers(QtoolPass):
         part = apply_weight_only(model, ctx.low_bit, 4, on_progress=ctx.stage("weights"))
         # Layers it left alone are the int8 pass's to judge, not "kept float".
         part.notes += [f"{name}: not weight-only ({why}); the int8 pass takes it"
-                       for name, why in part.skipped.items() if not why.startswith("[[layer]]")]
+                       for name, why in part.skipped.items()
+                       if not why.startswith("[[layer]]") and why != NO_CONSTANT_WEIGHT]
         part.skipped = {}
         rewritten = tuple(sorted(glob_escape(n.name) for n in iter_nodes(model)
                                  if n.op_type == "Conv" and n.name not in convs))

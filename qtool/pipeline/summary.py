@@ -43,6 +43,12 @@ _NOT_COMPUTE = {
 
 NodeInfo = tuple[str, str, str]  # (name, op_type, domain)
 
+# The reasons of a node no pass looked at: its op is outside the scheme (an Unsqueeze under
+# weight-only), or, for the weight-storage schemes, an op whose activations stay float.
+UNSUPPORTED = "not supported by this scheme"
+ACTIVATIONS_FLOAT = "activations stay float in this scheme"
+GENERIC_REASONS = frozenset({UNSUPPORTED, ACTIVATIONS_FLOAT})
+
 
 def snapshot(model: ir.Model) -> list[NodeInfo]:
     """The (name, op type, domain) of every node: what ``summarize`` compares against."""
@@ -50,7 +56,7 @@ def snapshot(model: ir.Model) -> list[NodeInfo]:
 
 
 def summarize(before: list[NodeInfo], after: ir.Model, reports: list[PassReport],
-              unsupported: str = "not supported by this scheme") -> ConvertSummary:
+              unsupported: str = UNSUPPORTED) -> ConvertSummary:
     """Count, per op type of the model given to the passes, what became of each node.
 
     A node is "quantized" when it is gone from the output (replaced by an integer op, or

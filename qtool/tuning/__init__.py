@@ -72,7 +72,7 @@ ProgressFactory = Callable[[str, float | None, str], contextlib.AbstractContextM
 
 @contextlib.contextmanager
 def _no_progress(description: str, total: float | None, unit: str = "") -> Iterator[Callable[[int], None]]:
-    yield lambda n=1: None
+    yield lambda n=1, total=None: None
 
 
 @dataclass

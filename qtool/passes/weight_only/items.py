@@ -91,6 +91,11 @@ def _layer_bits(recipe: Recipe, node: ir.Node, weight: ir.Value, bits: int, repo
     return layer_bits
 
 
+# The reason of a MatMul/Gemm/Gather/Conv with nothing to quantize: attention's
+# activation x activation MatMul, a Gather indexing a shape vector.
+NO_CONSTANT_WEIGHT = "no constant float weight"
+
+
 def find_items(model: ir.Model, recipe: Recipe, bits: int, report: PassReport) -> list[Item]:
     wo = recipe.weight_only
     items: list[Item] = []
@@ -102,6 +107,7 @@ def find_items(model: ir.Model, recipe: Recipe, bits: int, report: PassReport) -
             if node.op_type == "Conv":
                 weight = node.inputs[1] if len(node.inputs) > 1 else None
                 if not _const_float(weight) or len(weight.const_value.shape) < 3:
+                    report.skip(name, NO_CONSTANT_WEIGHT)
                     continue
                 layer_bits = _layer_bits(recipe, node, weight, bits, report)
                 if layer_bits is None:
@@ -118,6 +124,7 @@ def find_items(model: ir.Model, recipe: Recipe, bits: int, report: PassReport) -
                     continue
                 weight = node.inputs[0]
                 if not _const_float(weight, 2):
+                    report.skip(name, NO_CONSTANT_WEIGHT)
                     continue
                 if node.attributes.get_int("axis", 0) != 0:
                     report.skip(name, "Gather on an axis other than 0 is left in float")
@@ -126,6 +133,7 @@ def find_items(model: ir.Model, recipe: Recipe, bits: int, report: PassReport) -
             else:
                 weight = node.inputs[1] if len(node.inputs) > 1 else None
                 if not _const_float(weight, 2):
+                    report.skip(name, NO_CONSTANT_WEIGHT)
                     continue
                 kind = "matmul" if node.op_type == "MatMul" else "gemm"
                 if kind == "gemm" and node.attributes.get_int("transA", 0):
