@@ -26,6 +26,9 @@ same files loaded the same way: the floor a calibrator that must run the model c
 "plain, no spin": the same with onnxruntime's idle threads told not to busy-wait
 (``session.intra_op.allow_spinning=0``, as qtool's calibration sessions are): the lower
 floor in CPU seconds, since spinning is CPU a plain run burns between its parallel sections.
+"plain, 2 streams": two one-thread sessions on two threads, each running every other
+sample: how qtool's calibration runs the model on 2 cores (qtool.calibration.parallel_streams),
+so the floor of that way of running it.
 
 Children run with bytecode caching on (PYTHONDONTWRITEBYTECODE dropped), as an installed
 package runs: compiling qtool's sources on every start is not a cost users pay.
@@ -55,7 +58,7 @@ QTOOL_METHODS = ("minmax", "percentile", "entropy", "mse")
 ORT_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 SAMPLE_COUNTS = (32, 64, 256, 1024)
 ORT_CHUNK = 64
-TOOLS = ("plain", "plain, no spin", "onnxruntime", "qtool before", "qtool")
+TOOLS = ("plain", "plain, no spin", "plain, 2 streams", "onnxruntime", "qtool before", "qtool")
 PYTHONPATH_FIRST = ""  # --pythonpath: a folder every child imports from first
 
 
@@ -134,6 +137,27 @@ def run_plain(method: str, samples: int, spin: bool = True) -> dict:
     return {"samples": len(files), "seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
 
 
+def run_plain_streams(method: str, samples: int) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, _ = _paths()
+    files = _files(samples)
+    start, cpu = time.perf_counter(), time.process_time()  # CPU: all threads
+    import onnxruntime as ort
+
+    def stream(part: list[Path]) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        for f in part:
+            session.run(None, {name: _load(f)})
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(stream, [files[0::2], files[1::2]]))
+    return {"samples": len(files), "seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
+
+
 def _op_types() -> list[str]:
     import onnx_ir as ir
 
@@ -180,6 +204,7 @@ def run_ort(method: str, samples: int) -> dict:
 
 
 RUNNERS = {"plain": run_plain, "plain, no spin": lambda m, n: run_plain(m, n, spin=False),
+           "plain, 2 streams": run_plain_streams,
            "onnxruntime": run_ort, "qtool": run_qtool, "qtool before": run_qtool}
 
 
@@ -227,9 +252,9 @@ def table(rows: list[dict], methods, counts) -> str:  # noqa: ANN001
     ]
     wall = [
         "\nWall seconds (median) and peak RSS:\n",
-        "| method | samples | plain | plain, no spin | onnxruntime | qtool before | qtool | "
-        "qtool vs onnxruntime | qtool / plain | qtool peak (MB) | onnxruntime peak (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | samples | plain | plain, no spin | plain, 2 streams | onnxruntime | qtool before | qtool | "
+        "qtool vs onnxruntime | qtool / plain | qtool / plain 2 streams | qtool peak (MB) | onnxruntime peak (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def fmt(v):  # noqa: ANN001, ANN202
@@ -253,9 +278,13 @@ def table(rows: list[dict], methods, counts) -> str:  # noqa: ANN001
             for out, key in ((cpu, "cpu_s"), (wall, "seconds")):
                 p, ps, o = med("plain", key), med("plain, no spin", key), med("onnxruntime", key)
                 b, q = med("qtool before", key), med("qtool", key)
-                cells = [method, n, fmt(p), fmt(ps), fmt(o), fmt(b), fmt(q), ratio(o, q), ratio(q, p)]
-                cells += ([ratio(q, ps), ratio(o, b), ratio(b, p)] if out is cpu
-                          else [peak("qtool", method, n), peak("onnxruntime", method, n)])
+                p2 = med("plain, 2 streams", key)
+                if out is cpu:
+                    cells = [method, n, fmt(p), fmt(ps), fmt(o), fmt(b), fmt(q), ratio(o, q), ratio(q, p),
+                             ratio(q, ps), ratio(o, b), ratio(b, p)]
+                else:
+                    cells = [method, n, fmt(p), fmt(ps), fmt(p2), fmt(o), fmt(b), fmt(q), ratio(o, q), ratio(q, p),
+                             ratio(q, p2), peak("qtool", method, n), peak("onnxruntime", method, n)]
                 out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(cpu + wall)
 

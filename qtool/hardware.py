@@ -39,10 +39,11 @@ def cpu_features() -> dict:
                 model_name = value.strip()
     table = _ARM_FLAGS if machine in ("aarch64", "arm64") else _X86_FLAGS
     present = {label: (flag in flags) for flag, label in table.items()}
-    return {"machine": machine, "model": model_name, "features": present, "cores": _cores()}
+    return {"machine": machine, "model": model_name, "features": present, "cores": available_cores()}
 
 
-def _cores() -> int:
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
     import os
 
     try:

@@ -274,6 +274,81 @@ def test_shards_merge_to_one_run(tmp_path, method):
             assert np.array_equal(m.histogram.counts, stats.histogram.counts)
 
 
+def _streams(monkeypatch, on: bool) -> list:
+    """Force calibration to one stream or two (whatever this machine's cores), and record
+    how many sessions each run opened."""
+    import qtool.calibration as calibration
+    import qtool.hardware as hardware
+    from qtool.runtime import collect
+
+    monkeypatch.setattr(hardware, "available_cores", lambda: 2 if on else 1)
+    opened = []
+    real = collect.build_session
+
+    def counted(*args, **kwargs):
+        opened.append(kwargs.get("threads", args[3] if len(args) > 3 else 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(collect, "build_session", counted)
+    monkeypatch.setattr(calibration, "PARALLEL_MIN_BATCHES", 4)
+    return opened
+
+
+def _same_tables(a: CalibrationTable, b: CalibrationTable) -> None:
+    assert (a.samples, a.ranges(), a.shards) == (b.samples, b.ranges(), b.shards)
+    for name, stats in a.tensors.items():
+        other = b.tensors[name]
+        assert (stats.minmax.lo, stats.minmax.hi, stats.minmax.count, stats.minmax.batches) == (
+            other.minmax.lo, other.minmax.hi, other.minmax.count, other.minmax.batches)
+        if stats.histogram is not None:
+            assert (stats.histogram.k, stats.histogram.start) == (other.histogram.k, other.histogram.start)
+            assert np.array_equal(stats.histogram.counts, other.histogram.counts)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_two_streams_give_the_one_stream_table(tmp_path, monkeypatch, method):
+    """Two one-thread sessions folding every other batch into their own observers, merged:
+    the table of one session over every batch in order, for a whole run and for a shard."""
+    path = _model(tmp_path / "m.onnx")
+    data = _data(tmp_path / "d", n=30, positive=False)
+    recipe = _recipe(method, batch_size=3)
+    opened = _streams(monkeypatch, on=False)
+    one, one_shard = calibrate(path, data, recipe), calibrate(path, data, recipe, shard=(1, 2))
+    assert opened == [0, 0]
+    opened = _streams(monkeypatch, on=True)
+    seen = []
+    two = calibrate(path, data, recipe, on_progress=lambda p: seen.append((p.done, p.total)))
+    two_shard = calibrate(path, data, recipe, shard=(1, 2))
+    assert opened == [1, 1, 1, 1]  # two sessions of one thread per run
+    _same_tables(one, two)
+    _same_tables(one_shard, two_shard)
+    assert [d for d, _ in seen] == list(range(3, 31, 3)) and {t for _, t in seen} == {30}
+
+
+def test_two_streams_only_where_exact_and_affordable(tmp_path, monkeypatch):
+    path = _model(tmp_path / "m.onnx")
+    data = _data(tmp_path / "d", n=30, positive=False)
+    opened = _streams(monkeypatch, on=True)
+    calibrate(path, data, _recipe("minmax", batch_size=3, moving_average=0.9))  # order-dependent
+    calibrate(path, data, _recipe("minmax", batch_size=3), threads=2)  # the caller chose the threads
+    calibrate(path, data, _recipe("minmax", batch_size=10))  # 3 batches: a second session costs more
+    assert opened == [0, 2, 0]
+
+
+def test_two_streams_raise_a_streams_error_and_keep_its_skipped_tensors(tmp_path, monkeypatch):
+    _streams(monkeypatch, on=True)
+    path = _model(tmp_path / "m.onnx", nan_on_negative_input=True)
+    data = _data(tmp_path / "d", n=12)
+    np.save(data / "s007.npy", np.array([0.0, 1.0, 1.0, 1.0], np.float32))  # log(0) = -inf
+    table = calibrate(path, data, _recipe(batch_size=1))
+    assert "s007.npy" in table.info["skipped"]["logx"] and "logx" not in table.ranges()
+    assert table.samples == 12
+    np.save(data / "s010.npy", np.array([1.0, -2.0, 1.0, 1.0], np.float32))  # log(-2): NaN
+    with pytest.raises(CalibrationError) as err:
+        calibrate(path, data, _recipe(batch_size=1))
+    assert "'logx'" in err.value.message and "s010.npy" in err.value.message
+
+
 # -- bad inputs --------------------------------------------------------------------------
 
 

@@ -251,6 +251,15 @@ class TensorObserver:
         self.minmax = MinMax(moving_average)
         self.histogram = Histogram(bins) if histogram else None
 
+    def merged(self, other: TensorObserver) -> TensorObserver:
+        """Both observers' statistics in one: exact (one observer over both streams of
+        batches) for min/max, counts and histograms; see MinMax.merge for moving averages."""
+        out = TensorObserver.__new__(TensorObserver)
+        out.minmax = self.minmax.merge(other.minmax)
+        out.histogram = (None if self.histogram is None or other.histogram is None
+                         else self.histogram.merge(other.histogram))
+        return out
+
     def update(self, x: np.ndarray) -> tuple[float, float]:
         """Observe one batch; returns its (min, max) so the caller can check finiteness."""
         if x.size == 0:

@@ -35,7 +35,6 @@ The package, one module per phase: ``items`` (which weights, at which bits, or w
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -103,7 +102,9 @@ def _check(recipe: Recipe, bits: int, fmt: str, algorithm: str) -> None:
 
 
 def _threads() -> int:
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    from qtool.hardware import available_cores
+
+    return max(1, min(4, available_cores()))
 
 
 def apply_weight_only(
