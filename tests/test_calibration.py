@@ -497,3 +497,40 @@ def test_large_in_memory_weights_reach_onnxruntime_as_shared_buffers(tmp_path, m
     for a, b in zip(shared, inline):
         for name in ("r", "y"):
             np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_sessions_built_from_one_model_on_two_threads_share_its_weights_safely(tmp_path, monkeypatch):
+    """Calibration's two streams build their sessions from one model at once. build_session
+    swaps the large weights for placeholders while it serialises: the threads take turns, so
+    neither serialises the other's placeholders (it did: onnxruntime then read an empty file)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qtool.runtime import collect
+
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((128, 128)).astype(np.float32)  # 64 KiB: shared
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"])]
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx_model(nodes, [value_info("x", ["N", 128])], [value_info("y", ["N", 128])],
+                         [onnx.numpy_helper.from_array(w, "w")]), path)
+    model = ir.load(path)
+    assert set(collect._shareable_weights(model)) == {"w"}
+    real, inside = ir.serde.serialize_model, []
+
+    def slow(m):  # noqa: ANN001, ANN202 - widens the window the swap is open
+        inside.append(threading.get_ident())
+        time.sleep(0.1)
+        return real(m)
+
+    monkeypatch.setattr(ir.serde, "serialize_model", slow)
+    with ThreadPoolExecutor(2) as pool:
+        built = list(pool.map(lambda _: collect.build_session(model, ["h"]), range(2)))
+    assert len(set(inside)) == 2  # both threads serialised
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    for session, outputs in built:
+        got = dict(zip(outputs, session.run(outputs, {"x": x})))
+        np.testing.assert_allclose(got["h"], x @ w, rtol=1e-4, atol=1e-4)
+    assert model.graph.initializers["w"].const_value.numpy() is not None
+    assert not isinstance(model.graph.initializers["w"].const_value, ir.ExternalTensor)

@@ -296,3 +296,6 @@ def test_a_conversion_that_compresses_almost_nothing_fails(tmp_path, capsys):
     assert run(["convert", str(model), "-o", str(out), "--dynamic", "-q"]) == 3
     err = capsys.readouterr().err
     assert "almost nothing was compressed: the weights are 0.96x" in err and not out.exists()
+    # the hint offers the schemes that did not run, not --dynamic again
+    hint = next(line for line in err.splitlines() if line.startswith("hint:"))
+    assert "--data DIR for static int8 on CNNs" in hint and "--dynamic" not in hint

@@ -40,8 +40,18 @@ MIN_TRANSFORMER_MATMULS = 4
 NOT_SMALLER = 0.95  # weights that keep 95% of the input's bytes compressed nothing
 GUARD_HINT = ("keep more layers float (--exclude), try another scheme, lower the floor "
               "(--min-sqnr/--min-agreement), or --write-best to inspect the best candidate")
-NOT_COMPRESSED_HINT = ("the 'why float' column says why each op stayed float; try another scheme "
-                       "(--dynamic for MatMul/Gemm models, --data for static int8 on CNNs, --dtype fp16)")
+# What else to try when a scheme compressed nothing: the schemes other than the one that ran.
+_OTHER_SCHEMES = {
+    "int8-dynamic": "--data DIR for static int8 on CNNs, --bits 4 for MatMul-heavy models, --dtype fp16",
+    "weight-only": "--data DIR for static int8 on CNNs, --dtype fp16",
+    "int8-static": "--dynamic for MatMul/Gemm models, --bits 4, --dtype fp16",
+}
+_ANY_SCHEME = "--dynamic for MatMul/Gemm models, --data for static int8 on CNNs, --dtype fp16"
+
+
+def not_compressed_hint(plan: ConvertPlan) -> str:
+    return ("the 'why float' column says why each op stayed float; try another scheme "
+            f"({_OTHER_SCHEMES.get(plan.kind, _ANY_SCHEME)})")
 
 
 # Measured on the corpus: a recognizer whose static candidate met the floor on 3 held-out
@@ -357,7 +367,7 @@ def _convert_loaded(source: ir.Model, model_path: Path, output, recipe: Recipe, 
     if converted is not None and failure is None:
         failure = _not_compressed(converted, input_weights, plan)
         report["passed"], report["failure"] = failure is None, failure
-        report["hint"] = NOT_COMPRESSED_HINT if failure else None
+        report["hint"] = not_compressed_hint(plan) if failure else None
     if converted is None or (failure is not None and not write_best):
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return report

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +33,10 @@ EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 # hold two more copies of every weight while the session is built.
 SHARED_WEIGHT_BYTES = 1 << 16
 _PLACEHOLDER = "qtool_shared_weights.bin"
+# build_session swaps the model's large weights for placeholders while it serialises the
+# graph, then puts them back: sessions built from one model on several threads (calibration's
+# two streams) take turns, or one would serialise the other's placeholders.
+_SWAP_LOCK = threading.Lock()
 
 
 def infer_types(model: ir.Model) -> bool:
@@ -88,29 +93,8 @@ def build_session(
 
     extra, main_values = _extra_outputs(model, tensor_names)
     folder = _external_folder(model)
-    shared = _shareable_weights(model) if folder is None else {}
-    placeholder_dir = None
-    if shared:
-        # The serialised graph names a placeholder data file for the shared weights (onnxruntime
-        # checks that it exists); add_external_initializers then supplies their values.
-        placeholder_dir = tempfile.mkdtemp(prefix="qtool-")
-        Path(placeholder_dir, _PLACEHOLDER).touch()
-    originals = {}
-    try:
-        for name, (value, array) in shared.items():
-            originals[name] = value.const_value
-            value.const_value = ir.ExternalTensor(
-                _PLACEHOLDER, 0, array.nbytes, value.const_value.dtype, shape=value.const_value.shape,
-                name=name, base_dir=placeholder_dir,
-            )
-        proto = ir.serde.serialize_model(model)
-    except Exception as exc:
-        if placeholder_dir is not None:
-            shutil.rmtree(placeholder_dir, ignore_errors=True)
-        raise ModelError(f"cannot serialise the model for onnxruntime: {exc}", "") from None
-    finally:
-        for name, tensor in originals.items():
-            shared[name][0].const_value = tensor
+    with _SWAP_LOCK:
+        proto, shared, placeholder_dir = _serialized(model, folder)
     for name in extra:
         value = main_values[name]
         info = onnx.ValueInfoProto(name=name)
@@ -213,6 +197,36 @@ def _reads(node) -> set[str]:  # noqa: ANN001 - onnx.NodeProto
             for inner in sub.node:
                 read |= _reads(inner)
     return read
+
+
+def _serialized(model: ir.Model, folder: str | None):  # noqa: ANN202 - (ModelProto, shared, placeholder dir)
+    """The model's proto, its large inline weights named by a placeholder data file instead of
+    copied into the proto (``shared``: name -> (value, array), for add_external_initializers),
+    and that file's folder (None when nothing is shared). Call under _SWAP_LOCK: the model's
+    weights are swapped for the placeholders while it is serialised."""
+    shared = _shareable_weights(model) if folder is None else {}
+    placeholder_dir = None
+    if shared:
+        # The serialised graph names a placeholder data file for the shared weights (onnxruntime
+        # checks that it exists); add_external_initializers then supplies their values.
+        placeholder_dir = tempfile.mkdtemp(prefix="qtool-")
+        Path(placeholder_dir, _PLACEHOLDER).touch()
+    originals = {}
+    try:
+        for name, (value, array) in shared.items():
+            originals[name] = value.const_value
+            value.const_value = ir.ExternalTensor(
+                _PLACEHOLDER, 0, array.nbytes, value.const_value.dtype, shape=value.const_value.shape,
+                name=name, base_dir=placeholder_dir,
+            )
+        return ir.serde.serialize_model(model), shared, placeholder_dir
+    except Exception as exc:
+        if placeholder_dir is not None:
+            shutil.rmtree(placeholder_dir, ignore_errors=True)
+        raise ModelError(f"cannot serialise the model for onnxruntime: {exc}", "") from None
+    finally:
+        for name, tensor in originals.items():
+            shared[name][0].const_value = tensor
 
 
 def _shareable_weights(model: ir.Model) -> dict[str, tuple[ir.Value, np.ndarray]]:
