@@ -427,9 +427,13 @@ def _not_compressed(converted: Converted, input_weight_bytes: int, plan: Convert
     out = weight_bytes(converted.model)
     # The summary matches nodes by name; the weights' size is the ground truth.
     if quantized == 0 and plan.kind != "fp16" and out >= NOT_SMALLER * input_weight_bytes:
-        reasons = "; ".join(f"{op}: {', '.join(row['reasons'])}" for op, row in
-                            converted.summary.to_dict().items() if row["reasons"])
-        return f"nothing was quantized ({reasons or 'no supported op'})"
+        from qtool.pipeline.summary import GENERIC_REASONS
+
+        # the ops the scheme handles, with why each stayed float (not every Add and Concat)
+        reasons = "; ".join(f"{op}: {', '.join(r for r in row['reasons'] if r not in GENERIC_REASONS)}"
+                            for op, row in converted.summary.to_dict().items()
+                            if set(row["reasons"]) - GENERIC_REASONS)
+        return f"nothing was quantized ({reasons or 'no op this scheme handles'})"
     if input_weight_bytes and NOT_SMALLER * input_weight_bytes <= out <= input_weight_bytes:
         # Something was quantized, but not what holds the bytes (a TTS model's --dynamic
         # took only its phoneme embedding: 1.00x).
