@@ -69,7 +69,9 @@ def test_static_with_data_writes_verified_model_and_json_report(tmp_path, capsys
     model, data = _cnn(tmp_path / "m.onnx"), _data(tmp_path / "calib")
     digest = _digest(model)
     out = tmp_path / "q.onnx"
-    assert run(["convert", model, "-o", str(out), "--data", data, "--json", "-q"]) == 0
+    # The scheme named: left to choose, the guard may take int8 weight storage when static
+    # int8 is not clearly faster on this tiny CNN (a loaded machine), which is its job.
+    assert run(["convert", model, "-o", str(out), "--data", data, "--scheme", "int8-static", "--json", "-q"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["mode"] == "int8-static" and report["format"] == "qdq"
     assert report["ops"]["Conv"] == {"quantized": 2, "float": 0, "reasons": {}}

@@ -469,3 +469,65 @@ def test_runtime_openvino_measures_and_times_candidates_on_openvino(tmp_path, ca
     assert all(a["timing"] is None and a["latency_ratio"] is not None for a in measured)
     # each measured candidate: once for its outputs, then a probe and a timed session
     assert roles.count("candidate") >= 3 * len(measured)
+
+
+def _encoder_outputs(path, decomposed_softmax=False):
+    """x[N,6,32] -> projection -> residual Add -> LayerNormalization: the hidden state [N,6,32];
+    its mean over tokens, L2-normalised: a sentence embedding [N,32]; a classifier head on
+    the embedding (MatMul + bias): logits [N,4]; and token probabilities [N,6,32], by a
+    Softmax op or spelled out as exp over its sum."""
+    w = (RNG.standard_normal((32, 32)) * 0.2).astype(np.float32)
+    wc = (RNG.standard_normal((32, 4)) * 0.3).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(wc, "wc"),
+             numpy_helper.from_array(np.ones(32, np.float32), "gamma"),
+             numpy_helper.from_array(np.zeros(32, np.float32), "beta"),
+             numpy_helper.from_array(np.full(4, 0.1, np.float32), "bc"),
+             numpy_helper.from_array(np.array([1], np.int64), "t_axis")]
+    probs = ([helper.make_node("Exp", ["hidden"], ["e"]),
+              helper.make_node("ReduceSum", ["e", "minus1"], ["z"], keepdims=1),
+              helper.make_node("Div", ["e", "z"], ["probs"])] if decomposed_softmax
+             else [helper.make_node("Softmax", ["hidden"], ["probs"], axis=-1)])
+    if decomposed_softmax:
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), "minus1"))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["p"]), helper.make_node("Add", ["x", "p"], ["res"]),
+         helper.make_node("LayerNormalization", ["res", "gamma", "beta"], ["ln"], axis=-1),
+         helper.make_node("Identity", ["ln"], ["hidden"]),
+         helper.make_node("ReduceMean", ["hidden", "t_axis"], ["pooled0"], keepdims=0),
+         helper.make_node("ReduceL2", ["pooled0", "minus1b"], ["norm"], keepdims=1),
+         helper.make_node("Div", ["pooled0", "norm"], ["embedding"]),
+         helper.make_node("MatMul", ["embedding", "wc"], ["l0"]), helper.make_node("Add", ["l0", "bc"], ["logits"]),
+         *probs],
+        "enc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 32])],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["N", 6, 32]),
+         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 32]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 6, 32])],
+        [*inits, numpy_helper.from_array(np.array([-1], np.int64), "minus1b")])
+    return _save(graph, path, opset=18)
+
+
+def test_outputs_the_graph_shows_to_be_features_get_no_argmax_proxy(tmp_path):
+    from qtool.model import load
+    from qtool.pipeline.measure import compare_outputs, feature_outputs
+
+    for decomposed in (False, True):
+        model = load(_encoder_outputs(tmp_path / f"enc{decomposed}.onnx", decomposed))
+        assert feature_outputs(model) == {"hidden", "embedding"}  # logits and probs are scores
+    # A feature's largest component decides nothing: near-ties flip under noise no one sees.
+    ref = np.tile(np.linspace(1.0, 1.001, 32, dtype=np.float32), (8, 1))
+    cand = ref + RNG.standard_normal(ref.shape).astype(np.float32) * 1e-3
+    as_scores, as_features = (compare_outputs([{"o": ref}], [{"o": cand}], ["o"], features)[0]
+                              for features in (frozenset(), frozenset({"o"})))
+    assert as_scores.agreement is not None and as_scores.agreement < 0.5
+    assert as_features.agreement is None and as_features.sqnr_db == as_scores.sqnr_db
+
+
+def test_the_guard_judges_an_embedding_by_sqnr_not_by_its_largest_component(tmp_path, capsys):
+    model = _encoder_outputs(tmp_path / "enc.onnx")
+    data = _data(tmp_path / "d", (6, 32), n=20)
+    assert _convert(model, tmp_path / "q.onnx", "--data", data) == 0
+    attempt = _report(capsys)["guard"]["attempts"][0]
+    by_name = {o["name"]: o for o in attempt["outputs"]}
+    assert by_name["hidden"]["agreement"] is None and by_name["embedding"]["agreement"] is None
+    assert by_name["logits"]["agreement"] is not None and by_name["probs"]["agreement"] is not None

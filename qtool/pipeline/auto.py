@@ -168,7 +168,9 @@ class Guard:
         full = Dataset(data, specs, recipe.preprocess)
         held = Dataset(eval_data, specs, recipe.preprocess) if eval_data is not None else None
         self.calib, self.holdout, self.holdout_note = split_holdout(full, held)
-        self.reference = Reference(model_path, self.holdout)
+        from qtool.pipeline.measure import feature_outputs
+
+        self.reference = Reference(model_path, self.holdout, features=feature_outputs(source))
         self.prepared: dict[str, object] = {}
         self.count = 0
         self.errors: list[Exception] = []

@@ -146,7 +146,9 @@ def split_holdout(dataset, eval_dataset=None):  # noqa: ANN001, ANN201 - qtool.d
 class Reference:
     """The float model's outputs on the held-out samples, computed once."""
 
-    def __init__(self, model_path, holdout, names: list[str] | None = None) -> None:  # noqa: ANN001
+    def __init__(self, model_path, holdout, names: list[str] | None = None,  # noqa: ANN001
+                 features: frozenset[str] = frozenset()) -> None:
+        """``features``: outputs judged without the argmax proxy (measure.feature_outputs)."""
         from qtool import runtime
 
         self.session = runtime.open_session(model_path, "cpu", role="reference")
@@ -156,13 +158,14 @@ class Reference:
         self.names = names or [n for n in (o.name for o in outs)
                                if getattr(first[n], "dtype", None) is not None and first[n].dtype.kind == "f"]
         self.outputs = [first] + [runtime.run(self.session, f) for f in self.feeds[1:]]
+        self.features = features
 
     def compare(self, candidate_session) -> list:  # noqa: ANN001
         from qtool import runtime
         from qtool.pipeline.measure import compare_outputs
 
         cand = [runtime.run(candidate_session, f, self.names) for f in self.feeds]
-        return compare_outputs(self.outputs, cand, self.names)
+        return compare_outputs(self.outputs, cand, self.names, self.features)
 
 
 # Targets whose int8 does not run on onnxruntime's CPU kernels (qtool.targets.presets).

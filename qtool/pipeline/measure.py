@@ -10,7 +10,9 @@ Per output, over the held-out samples:
   coordinates in pixels and class probabilities concatenated into one tensor are judged
   apart while a classifier's logits stay one group;
 - ``agreement``: argmax agreement along the last axis for classifier logits [N, C] and
-  per-position scores [N, T, V] (greedy tokens, CTC characters). Where one class is float's
+  per-position scores [N, T, V] (greedy tokens, CTC characters); not for an output the
+  graph shows to be features (``feature_outputs``: an encoder's normalised hidden state, a
+  pooled or L2-normalised sentence embedding), whose largest component decides nothing. Where one class is float's
   choice at most positions of [N, T, V] scores (a CTC recognizer's blank: 74% of the
   positions of a PP-OCR line), positions where both models pick it are left out, as a
   mask's background is: counting them let a recognizer at 0.96 agreement lose 4.6% of its
@@ -27,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_ir as ir
 
 # Channels whose reference RMS is below this fraction of the output's largest channel RMS
 # carry no signal worth a segment of their own.
@@ -59,6 +62,53 @@ def proxy_applies(shape: tuple[int, ...]) -> bool:
     return (len(shape) == 2 and shape[1] >= MIN_VOCAB) or (len(shape) == 3 and shape[2] >= RANK3_MIN_VOCAB)
 
 
+# Ops an output passes through unchanged in meaning (layout, shape, type, a selected token).
+_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast", "Slice", "Gather"}
+# Producers of scores: a classifier's last product, or a (log-)probability.
+_SCORE_OPS = {"MatMul", "Gemm", "Softmax", "LogSoftmax", "Sigmoid", "MatMulNBits", "MatMulInteger",
+              "DynamicQuantizeMatMul", "QGemm", "FusedMatMul"}
+# Producers of features: normalisation (an encoder's last LayerNorm, an L2-normalised
+# embedding: x / ||x||), pooling over tokens (ReduceMean, or sum / count), BERT's Tanh pooler.
+_FEATURE_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+                "SkipSimplifiedLayerNormalization", "RMSNormalization", "LpNormalization", "ReduceMean",
+                "ReduceSum", "ReduceL2", "Div", "Tanh"}
+
+
+def feature_outputs(model: ir.Model) -> frozenset[str]:
+    """The graph outputs that are features, not scores: walking back from the output through
+    data movement and affine constants (a LayerNorm's gamma and beta, a classifier's bias),
+    the first producer normalises or pools (``_FEATURE_OPS``). A decomposed softmax (exp over
+    its sum) is scores. Anything else keeps the argmax proxy its shape gives it."""
+    return frozenset(v.name for v in model.graph.outputs if v.name and _output_kind(v) == "features")
+
+
+def _output_kind(value: ir.Value) -> str:
+    for _ in range(32):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return "unknown"
+        op = node.op_type
+        if op in _SCORE_OPS or (op == "Div" and _produced_by(node.inputs[0], "Exp")):
+            return "scores"
+        if op in _FEATURE_OPS:
+            return "features"
+        if op in _PASS_THROUGH and node.inputs:
+            value = node.inputs[0]
+            continue
+        varying = [v for v in node.inputs if v is not None and v.const_value is None
+                   and not _produced_by(v, "Constant")]
+        if op in ("Add", "Sub", "Mul") and len(varying) == 1:
+            value = varying[0]
+            continue
+        return "unknown"
+    return "unknown"
+
+
+def _produced_by(value: ir.Value | None, op: str) -> bool:
+    node = value.producer() if value is not None else None
+    return node is not None and node.op_type == op
+
+
 def map_shaped(shape: tuple[int, ...]) -> bool:
     """One score per pixel: [N, 1, H, W] or [N, H, W] (not [N, T, V] scores, see above)."""
     if proxy_applies(shape) or len(shape) not in (3, 4) or (len(shape) == 4 and shape[1] != 1):
@@ -86,6 +136,7 @@ class OutputAccumulator:
     batches: int = 0
     shape_moved: int = 0  # batches where the candidate's output shape differs from float's
     is_map: bool | None = None  # None: not decided; False once a value leaves [0, 1]
+    features: bool = False  # the graph says this output is features (feature_outputs): no argmax
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         r = np.asarray(reference, np.float64)
@@ -115,7 +166,7 @@ class OutputAccumulator:
                 self.channel_signal = self.channel_signal + sig
                 self.channel_noise = self.channel_noise + noi
             self.channel_count += r.size // r.shape[axis]
-        if proxy_applies(r.shape):
+        if not self.features and proxy_applies(r.shape):
             self.proxy = True
             a, b = np.argmax(r, axis=-1), np.argmax(c, axis=-1)
             if r.ndim == 3:  # decided in result(), once the background class is known
@@ -227,9 +278,10 @@ def _round(x: float) -> float | str:
 
 
 def compare_outputs(references: list[dict[str, np.ndarray]], candidates: list[dict[str, np.ndarray]],
-                    names: list[str]) -> list[OutputFidelity]:
-    """Fidelity of each float output in ``names`` over paired per-batch output dicts."""
-    accs = {n: OutputAccumulator(n) for n in names}
+                    names: list[str], features: frozenset[str] = frozenset()) -> list[OutputFidelity]:
+    """Fidelity of each float output in ``names`` over paired per-batch output dicts;
+    ``features`` (``feature_outputs``) are judged without the argmax proxy."""
+    accs = {n: OutputAccumulator(n, features=n in features) for n in names}
     for ref, cand in zip(references, candidates):
         for n in names:
             accs[n].add(ref[n], cand[n])
