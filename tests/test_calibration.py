@@ -333,6 +333,20 @@ def test_two_streams_only_where_exact_and_affordable(tmp_path, monkeypatch):
     calibrate(path, data, _recipe("minmax", batch_size=3), threads=2)  # the caller chose the threads
     calibrate(path, data, _recipe("minmax", batch_size=10))  # 3 batches: a second session costs more
     assert opened == [0, 2, 0]
+    # one batch of the observed tensors (known shapes, batch 3): x [3,4] and mm/act [3,3] float32
+    import qtool.calibration as calibration
+    from qtool.calibration import known_batch_bytes
+    from qtool.passes.preprocess import preprocess
+    from qtool.runtime import infer_types
+
+    model = qmodel_load(path)
+    preprocess(model)
+    infer_types(model)
+    assert known_batch_bytes(model, ["x", "mm", "act"], 3) == (12 + 9 + 9) * 4
+    monkeypatch.setattr(calibration, "PARALLEL_MAX_BATCH_BYTES", 12 * 4)  # two batches would not fit
+    opened.clear()
+    calibrate(path, data, _recipe("minmax", batch_size=3))
+    assert opened == [0]
 
 
 def test_two_streams_raise_a_streams_error_and_keep_its_skipped_tensors(tmp_path, monkeypatch):
