@@ -11,6 +11,8 @@ Workloads (each result compared bit for bit across the executors that ran it):
 - tune's sensitivity: SmolLM2-135M, 4-bit candidates per role group, perplexity on a few
   search samples (``--tune-limit``), ``uniform=False``; the whole tune is timed, and the
   sensitivity phase is most of it.
+- gptq: SmolLM2-135M to 4 bits (blocks of 128) from its 32 calibration windows; the
+  statistics run here, the 211 layers on the executor; the written initializers compared.
 - cluster: 2 Ray nodes started here (``ray start --head --num-cpus 1`` and ``ray start
   --address ... --num-cpus 1``, each with its own object store), the driver connecting
   through Ray Client (``ray://127.0.0.1:PORT``); calibration by path and with shipped data,
@@ -111,6 +113,26 @@ def run_tune(executor_name: str, limit: int, name: str) -> tuple[float, str]:
     key = json.dumps([(c.label, c.metric, c.sqnr_db) for c in result.candidates] + [result.bits])
     shutil.rmtree(out.parent, ignore_errors=True)
     return seconds, key + f"|{result.measured} measured"
+
+
+def run_gptq(executor_name: str) -> tuple[float, str]:
+    import hashlib
+
+    from qtool.config import load_recipe
+    from qtool.model import load
+    from qtool.pipeline import convert_model, plan_for, prepare
+
+    model, calib = _zoo("smollm2", "calib")
+    recipe = load_recipe("int4-weight-only").override("weight_only", algorithm="gptq", block_size=128)
+    start = time.perf_counter()
+    prepared = prepare(load(model), model, recipe, plan_for(recipe), data=calib)
+    converted = convert_model(prepared.model, recipe, activations=prepared.activations, copy=False,
+                              executor=EXECUTORS.get(executor_name))
+    seconds = time.perf_counter() - start
+    digest = hashlib.sha256()
+    for name, value in sorted(converted.model.graph.initializers.items()):
+        digest.update(name.encode() + value.const_value.numpy().tobytes())
+    return seconds, digest.hexdigest()
 
 
 EXECUTORS: dict = {}
@@ -235,7 +257,10 @@ def write_report(path: Path, results: dict, args) -> None:  # noqa: ANN001
                         ("tune", f"tune (sensitivity, 4-bit candidates, --limit "
                                  f"{results.get('tune_limit', args.tune_limit)}, uniform off, "
                                  f"{results.get('tune_rounds', args.rounds)} timed round(s) after the first): "
-                                 f"{results.get('tune_model', args.tune_model)}")):
+                                 f"{results.get('tune_model', args.tune_model)}"),
+                        ("gptq", f"gptq: SmolLM2-135M, 4 bits, blocks of 128, 32 calibration windows "
+                                 f"(statistics in this process, layers on the executor; "
+                                 f"{results.get('gptq_rounds', args.rounds)} timed round(s) after the first)")):
         if name not in results:
             continue
         res = results[name]
@@ -290,10 +315,14 @@ MODEL_TEXT = """## How each workload scales to N nodes
   worker, alone, after the shards: it measures a node, not the cluster.
 - **batch** runs one model per task: embarrassingly parallel up to the number of models;
   its longest model is the floor. Models, data and outputs go by path (shared storage).
-- **GPTQ/AWQ** layers were not fanned out (see the report): each layer's inputs are the
-  previous quantized layer's outputs, so only the layers of one block that share recorded
-  inputs are independent, and moving a decoder's activations between nodes costs more than
-  it saves on two cores.
+- **GPTQ/AWQ** fan out per layer: qtool records every layer's input statistics (X^T X,
+  sum |X|) from the float model in one pass, so given those the layers are independent.
+  Serial: that statistics pass (the float model over the calibration windows, on the driver)
+  and rewriting the graph. Over the network: per layer its fp32 weight and its K x K
+  statistics out (SmolLM2: 1.3-3.5 MB of weight and 2.7-19 MB of float64 statistics per layer),
+  its codes and scales back; a few layers per worker are in flight at a time. The quantize
+  phase divides by N; the statistics pass does not (fan the windows out as calibration does
+  to go further).
 """
 
 
@@ -305,7 +334,7 @@ def main() -> None:
     ap.add_argument("--tune-model", choices=sorted(TUNE_METRIC), default="smollm2")
     ap.add_argument("--cluster-samples", type=int, default=0, help="calibration samples on the cluster [default: --samples]")
     ap.add_argument("--nodes", type=int, default=2)
-    ap.add_argument("--only", choices=("calibration", "tune", "cluster"), action="append")
+    ap.add_argument("--only", choices=("calibration", "tune", "gptq", "cluster"), action="append")
     ap.add_argument("--keep", action="store_true", help="keep the other workloads' results of the last run "
                     "(the work folder's scale.json) in the report")
     ap.add_argument("--from", dest="sources", type=Path, action="append",
@@ -319,7 +348,7 @@ def main() -> None:
         write_report(args.output, merged, args)
         print(args.output.read_text())
         return
-    only = args.only or ["calibration", "tune", "cluster"]
+    only = args.only or ["calibration", "tune", "gptq", "cluster"]
     WORK.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     names = ["1 process", "local x2", "ray x2"]
@@ -335,6 +364,10 @@ def main() -> None:
         if "tune" in only:
             results["tune"] = measure(run_tune, names, args.rounds, args.tune_limit, args.tune_model)
             results.update(tune_model=args.tune_model, tune_limit=args.tune_limit, tune_rounds=args.rounds)
+            saved.write_text(json.dumps(results, default=str))
+        if "gptq" in only:
+            results["gptq"] = measure(run_gptq, names, args.rounds)
+            results["gptq_rounds"] = args.rounds
             saved.write_text(json.dumps(results, default=str))
     finally:
         close_executors()

@@ -288,6 +288,20 @@ def test_gptq_and_awq_layers_are_identical_on_one_two_processes_and_ray(tmp_path
 # -- batch ------------------------------------------------------------------------------
 
 
+def test_local_workers_hold_blas_to_their_share_of_the_cores(monkeypatch):
+    """Each of K local workers gets cores // K BLAS threads: left at its default, every
+    worker's OpenBLAS took every core and spun (gptq's layers on 2 workers ran at 0.54x)."""
+    from threadpoolctl import threadpool_info
+
+    import qtool.hardware
+
+    monkeypatch.setattr(qtool.hardware, "available_cores", lambda: 2)  # read when the pool starts
+    with LocalExecutor(2) as executor:
+        infos = executor.map([Task(f"blas {i}", threadpool_info, ()) for i in range(2)])
+    blas = [pool for info in infos for pool in info if pool["user_api"] == "blas"]
+    assert blas and {pool["num_threads"] for pool in blas} == {1}
+
+
 def test_batch_runs_every_model_and_sums_up_in_one_exit_code(tmp_path, local2):
     from qtool.cli import run
     from qtool.executors import InlineExecutor
