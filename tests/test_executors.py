@@ -145,15 +145,23 @@ def test_a_failed_shard_names_itself(tmp_path, local2, ray_executor):
         assert err.value.hint
 
 
-def test_calibrate_cli_executor_flags(tmp_path):
+def test_calibrate_cli_executor_flags(tmp_path, capsys, monkeypatch):
+    import qtool.hardware
     from qtool.cli import run
 
     model, data = cnn(tmp_path / "m.onnx"), images(tmp_path / "d", labels=False)
     single, two = tmp_path / "one.json", tmp_path / "two.json"
     assert run(["calibrate", model, "--data", data, "-o", str(single), "-q"]) == 0
+    monkeypatch.setattr(qtool.hardware, "available_cores", lambda: 2)
+    capsys.readouterr()
     assert run(["calibrate", model, "--data", data, "-o", str(two), "--executor", "local", "--workers", "2",
                 "--ship-data", "-q"]) == 0
+    # two local workers on two cores are said to be no faster, even with -q
+    assert "warning: 2 local workers on 2 cores: one process already uses every core" in capsys.readouterr().err
     assert json.loads(single.read_text())["tensors"] == json.loads(two.read_text())["tensors"]
+    monkeypatch.setattr(qtool.hardware, "available_cores", lambda: 8)
+    assert run(["calibrate", model, "--data", data, "-o", str(two), "--workers", "2", "-q"]) == 0
+    assert "local workers" not in capsys.readouterr().err
     assert run(["calibrate", model, "--data", data, "-o", str(two), "--ship-data", "-q"]) == 2
     assert run(["calibrate", model, "--data", data, "-o", str(two), "--executor", "slurm", "-q"]) == 2
 

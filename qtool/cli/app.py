@@ -191,6 +191,18 @@ def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/yellow] {message}")
 
 
+def warn_if_workers_cannot_help(executor) -> None:  # noqa: ANN001 - qtool.executors.Executor
+    """Say when local workers will be no faster: on K or fewer cores one process already
+    keeps every core busy (calibration's two sessions, gptq's layers on threads)."""
+    from qtool.hardware import available_cores
+
+    cores = available_cores()
+    if getattr(executor, "kind", None) == "local" and executor.workers > 1 and cores <= executor.workers:
+        warn(f"{executor.workers} local workers on {cores} cores: one process already uses every core, "
+             "so this is no faster (calibration 1.01x, gptq 0.90x on 2 cores, bench/results/scale.md); "
+             "workers pay off with more cores each or on a Ray cluster (--executor ray://HOST:PORT)")
+
+
 def debug(message: str) -> None:
     if settings.verbose:
         console.print(f"[dim]{message}[/dim]")

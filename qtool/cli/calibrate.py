@@ -13,7 +13,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from qtool.calibration.thresholds import METHODS
-from qtool.cli.app import app, console, emit_json, info, progress, settings, warn
+from qtool.cli.app import (
+    app,
+    console,
+    emit_json,
+    info,
+    progress,
+    settings,
+    warn,
+    warn_if_workers_cannot_help,
+)
 from qtool.executors import EXECUTOR_HELP
 
 # The choices are the calibration registry's, so a new method needs no CLI edit.
@@ -150,6 +159,7 @@ def _run_workers(model, data, r, executor, workers, threads, ship_data) -> objec
     from qtool.executors.calibrate import calibrate_sharded
 
     with make_executor(executor, workers) as ex:
+        warn_if_workers_cannot_help(ex)
         per = threads or max(1, (os.cpu_count() or 1) // ex.workers)
         with progress(f"calibrating ({ex.describe()})", ex.workers, "shards") as advance:
             return calibrate_sharded(model, data, r, ex, threads=per, ship=ship_data,

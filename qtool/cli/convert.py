@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from qtool.cli.app import app, emit_json, progress, settings, warn
+from qtool.cli.app import app, emit_json, progress, settings, warn, warn_if_workers_cannot_help
 from qtool.cli.convert_report import print_report
 from qtool.quant.blockwise import ALGORITHMS
 
@@ -335,7 +335,9 @@ def _layer_executor(spec: str | None, workers: int, recipe):  # noqa: ANN001, AN
         raise UsageError("--workers/--executor fan out gptq/awq layer work, and this conversion has none",
                          "add --bits 4 --algorithm gptq --data DIR, or drop --workers/--executor "
                          "(`qtool calibrate --workers` fans out calibration)")
-    return make_executor(spec, workers)
+    executor = make_executor(spec, workers)
+    warn_if_workers_cannot_help(executor)
+    return executor
 
 
 def _finish(report: dict, json_out: bool) -> None:
