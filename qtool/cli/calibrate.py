@@ -52,7 +52,7 @@ def calibrate_command(
     workers: int = typer.Option(1, "--workers", metavar="K", help="Run K shard processes here and merge."),
     executor: str = typer.Option(None, "--executor", metavar="local|ray|ray://HOST:PORT", help=EXECUTOR_HELP + " One shard per worker, merged exactly."),
     ship_data: bool = typer.Option(False, "--ship-data", help="With --executor/--workers: read the samples here and send each shard's arrays to its worker (Ray's object store), for workers that cannot see --data."),
-    threads: int = typer.Option(0, "--threads", metavar="T", help="onnxruntime threads per process, 0 for auto."),
+    threads: int = typer.Option(0, "--threads", metavar="T", help="onnxruntime threads per process. 0 (auto): on 2+ cores, from 32 batches, two sessions of half the cores each run every other batch (the same table, faster); a number gives one session of that many threads."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Observe the activations the recipe quantizes and write their ranges to a table.
