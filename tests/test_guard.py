@@ -496,11 +496,13 @@ def _encoder_outputs(path, decomposed_softmax=False):
          helper.make_node("ReduceMean", ["hidden", "t_axis"], ["pooled0"], keepdims=0),
          helper.make_node("ReduceL2", ["pooled0", "minus1b"], ["norm"], keepdims=1),
          helper.make_node("Div", ["pooled0", "norm"], ["embedding"]),
+         helper.make_node("Concat", ["embedding", "embedding"], ["pair"], axis=-1),  # sentence-transformers' style
          helper.make_node("MatMul", ["embedding", "wc"], ["l0"]), helper.make_node("Add", ["l0", "bc"], ["logits"]),
          *probs],
         "enc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 32])],
         [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["N", 6, 32]),
          helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 32]),
+         helper.make_tensor_value_info("pair", TensorProto.FLOAT, ["N", 64]),
          helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4]),
          helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 6, 32])],
         [*inits, numpy_helper.from_array(np.array([-1], np.int64), "minus1b")])
@@ -513,7 +515,7 @@ def test_outputs_the_graph_shows_to_be_features_get_no_argmax_proxy(tmp_path):
 
     for decomposed in (False, True):
         model = load(_encoder_outputs(tmp_path / f"enc{decomposed}.onnx", decomposed))
-        assert feature_outputs(model) == {"hidden", "embedding"}  # logits and probs are scores
+        assert feature_outputs(model) == {"hidden", "embedding", "pair"}  # logits and probs are scores
     # A feature's largest component decides nothing: near-ties flip under noise no one sees.
     ref = np.tile(np.linspace(1.0, 1.001, 32, dtype=np.float32), (8, 1))
     cand = ref + RNG.standard_normal(ref.shape).astype(np.float32) * 1e-3
@@ -530,4 +532,5 @@ def test_the_guard_judges_an_embedding_by_sqnr_not_by_its_largest_component(tmp_
     attempt = _report(capsys)["guard"]["attempts"][0]
     by_name = {o["name"]: o for o in attempt["outputs"]}
     assert by_name["hidden"]["agreement"] is None and by_name["embedding"]["agreement"] is None
+    assert by_name["pair"]["agreement"] is None
     assert by_name["logits"]["agreement"] is not None and by_name["probs"]["agreement"] is not None

@@ -77,8 +77,9 @@ _FEATURE_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayer
 def feature_outputs(model: ir.Model) -> frozenset[str]:
     """The graph outputs that are features, not scores: walking back from the output through
     data movement and affine constants (a LayerNorm's gamma and beta, a classifier's bias),
-    the first producer normalises or pools (``_FEATURE_OPS``). A decomposed softmax (exp over
-    its sum) is scores. Anything else keeps the argmax proxy its shape gives it."""
+    the first producer normalises or pools (``_FEATURE_OPS``); a Concat of features is
+    features (sentence-transformers' pooled embedding). A decomposed softmax (exp over its
+    sum) is scores. Anything else keeps the argmax proxy its shape gives it."""
     return frozenset(v.name for v in model.graph.outputs if v.name and _output_kind(v) == "features")
 
 
@@ -97,6 +98,9 @@ def _output_kind(value: ir.Value) -> str:
             continue
         varying = [v for v in node.inputs if v is not None and v.const_value is None
                    and not _produced_by(v, "Constant")]
+        if op == "Concat" and varying:  # one kind when every part is of it (a pooled embedding)
+            kinds = {_output_kind(v) for v in varying}
+            return kinds.pop() if len(kinds) == 1 else "unknown"
         if op in ("Add", "Sub", "Mul") and len(varying) == 1:
             value = varying[0]
             continue
