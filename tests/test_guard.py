@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -516,6 +517,13 @@ def test_outputs_the_graph_shows_to_be_features_get_no_argmax_proxy(tmp_path):
     for decomposed in (False, True):
         model = load(_encoder_outputs(tmp_path / f"enc{decomposed}.onnx", decomposed))
         assert feature_outputs(model) == {"hidden", "embedding", "pair"}  # logits and probs are scores
+    # logits divided by a constant temperature are still logits (Div by a constant is affine)
+    logits = model.graph.outputs[3]
+    assert logits.name == "logits"
+    scaled = ir.node("Div", [logits, ir.Value(name="t", const_value=ir.tensor(np.float32(2.0)))])
+    model.graph.append(scaled)
+    model.graph.outputs.append(scaled.outputs[0])
+    assert feature_outputs(model) == {"hidden", "embedding", "pair"}
     # A feature's largest component decides nothing: near-ties flip under noise no one sees.
     ref = np.tile(np.linspace(1.0, 1.001, 32, dtype=np.float32), (8, 1))
     cand = ref + RNG.standard_normal(ref.shape).astype(np.float32) * 1e-3

@@ -12,11 +12,11 @@ Per output, over the held-out samples:
 - ``agreement``: argmax agreement along the last axis for classifier logits [N, C] and
   per-position scores [N, T, V] (greedy tokens, CTC characters); not for an output the
   graph shows to be features (``feature_outputs``: an encoder's normalised hidden state, a
-  pooled or L2-normalised sentence embedding), whose largest component decides nothing. Where one class is float's
-  choice at most positions of [N, T, V] scores (a CTC recognizer's blank: 74% of the
-  positions of a PP-OCR line), positions where both models pick it are left out, as a
-  mask's background is: counting them let a recognizer at 0.96 agreement lose 4.6% of its
-  characters, while its agreement on the other positions was 0.86. For a probability map
+  pooled or L2-normalised sentence embedding), whose largest component decides nothing.
+  Where one class is float's choice at most positions of [N, T, V] scores (a CTC
+  recognizer's blank: 74% of the positions of a PP-OCR line), positions where both models
+  pick it are left out, as a mask's background is: counting them let a recognizer at 0.96
+  agreement lose 4.6% of its characters, while its agreement on the other positions was 0.86. For a probability map
   ([N, 1, H, W] or [N, H, W] whose float values all lie in [0, 1]: text-detection, matting
   and saliency heads) the IoU of the two maps thresholded at 0.5, since SQNR on a map that
   is mostly background says little about the mask a user cuts from it; else None.
@@ -89,15 +89,18 @@ def _output_kind(value: ir.Value) -> str:
         if node is None:
             return "unknown"
         op = node.op_type
+        varying = [v for v in node.inputs if v is not None and v.const_value is None
+                   and not _produced_by(v, "Constant")]
         if op in _SCORE_OPS or (op == "Div" and _produced_by(node.inputs[0], "Exp")):
             return "scores"
+        if op == "Div" and varying == [node.inputs[0]]:  # by a constant (a temperature): affine
+            value = varying[0]
+            continue
         if op in _FEATURE_OPS:
             return "features"
         if op in _PASS_THROUGH and node.inputs:
             value = node.inputs[0]
             continue
-        varying = [v for v in node.inputs if v is not None and v.const_value is None
-                   and not _produced_by(v, "Constant")]
         if op == "Concat" and varying:  # one kind when every part is of it (a pooled embedding)
             kinds = {_output_kind(v) for v in varying}
             return kinds.pop() if len(kinds) == 1 else "unknown"
