@@ -542,3 +542,18 @@ def test_the_guard_judges_an_embedding_by_sqnr_not_by_its_largest_component(tmp_
     assert by_name["hidden"]["agreement"] is None and by_name["embedding"]["agreement"] is None
     assert by_name["pair"]["agreement"] is None
     assert by_name["logits"]["agreement"] is not None and by_name["probs"]["agreement"] is not None
+
+
+def test_eval_reports_no_argmax_agreement_for_features(tmp_path):
+    """`qtool eval -r` reports each output's argmax agreement, except where the graph shows
+    features (the guard's rule), on one process and sharded."""
+    from qtool.eval import evaluate
+    from qtool.eval.sharded import evaluate_sharded
+    from qtool.executors import InlineExecutor
+
+    model = _encoder_outputs(tmp_path / "enc.onnx")
+    data = _data(tmp_path / "d", (6, 32), n=4)
+    for report in (evaluate(model, data, reference=model),
+                   evaluate_sharded(model, data, executor=InlineExecutor(), reference=model)):
+        agreement = {o["name"]: o["argmax_agreement"] for o in report.outputs}
+        assert agreement == {"hidden": None, "embedding": None, "pair": None, "logits": 1.0, "probs": 1.0}

@@ -135,6 +135,19 @@ CATASTROPHIC_SQNR_DB = 3.0
 CATASTROPHIC_COSINE = 0.9
 
 
+def without_feature_agreement(outputs: list[dict], reference) -> list[dict]:  # noqa: ANN001 - a path
+    """``outputs`` with no argmax agreement for those the reference's graph shows to be
+    features (qtool.pipeline.measure.feature_outputs: a hidden state, a sentence embedding),
+    whose largest component decides nothing; the guard judges them the same way."""
+    if reference is None or not outputs:
+        return outputs
+    from qtool.model import load
+    from qtool.pipeline.measure import feature_outputs
+
+    features = feature_outputs(load(reference))
+    return [{**o, "argmax_agreement": None} if o["name"] in features else o for o in outputs]
+
+
 def fidelity_warnings(outputs: Sequence[dict]) -> list[str]:
     """A warning per output whose SQNR or cosine to the reference is catastrophic."""
     warnings = []
@@ -327,7 +340,7 @@ def _collect(run: _Run, comparisons: dict, across: dict, native_backend) -> None
             entry["reference"] = r
             entry["drop"] = (r - entry["candidate"]) if m.higher_is_better else (entry["candidate"] - r)
         report.metrics.append(entry)
-    report.outputs = [c.result() for c in comparisons.values()]
+    report.outputs = without_feature_agreement([c.result() for c in comparisons.values()], run.reference)
     for (a, b, n), comp in across.items():
         res = comp.result()
         report.consistency.append({"a": f"onnxruntime:{a}", "b": f"onnxruntime:{b}", "output": n,

@@ -123,7 +123,7 @@ def evaluate_sharded(candidate: str | os.PathLike, data: str | os.PathLike, *, e
     """``qtool.eval.evaluate`` with the dataset pass fanned out over ``executor`` in ``shards``
     tasks (0: one per worker); see the module doc. ``ship``: send each shard's samples
     through the object store instead of the workers reading ``data`` by path."""
-    from qtool.eval.evaluate import fidelity_warnings
+    from qtool.eval.evaluate import fidelity_warnings, without_feature_agreement
 
     if diagnose or backend != "onnxruntime" or list(providers) not in ([], ["cpu"]):
         raise UsageError("--executor shards the dataset pass on CPU workers; --diagnose, --backend native "
@@ -150,6 +150,7 @@ def evaluate_sharded(candidate: str | os.PathLike, data: str | os.PathLike, *, e
     with _bar(progress, "latency (one worker)", None, "runs"):
         report = executor.map([Task("latency", latency_report, (str(candidate), payloads[0], one))])[0]
     _fill(report, records, plan["metrics"], reference is not None)
+    report.outputs = without_feature_agreement(report.outputs, ref)
     report.data["samples"] = plan["count"]
     report.data["folder"] = str(data)
     report.data["labels"] = (str(labels) if labels is not None
