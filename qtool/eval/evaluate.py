@@ -135,16 +135,10 @@ CATASTROPHIC_SQNR_DB = 3.0
 CATASTROPHIC_COSINE = 0.9
 
 
-def without_feature_agreement(outputs: list[dict], reference) -> list[dict]:  # noqa: ANN001 - a path
-    """``outputs`` with no argmax agreement for those the reference's graph shows to be
-    features (qtool.pipeline.measure.feature_outputs: a hidden state, a sentence embedding),
-    whose largest component decides nothing; the guard judges them the same way."""
-    if reference is None or not outputs:
-        return outputs
-    from qtool.model import load
-    from qtool.pipeline.measure import feature_outputs
-
-    features = feature_outputs(load(reference))
+def without_feature_agreement(outputs: list[dict], features: frozenset[str]) -> list[dict]:
+    """``outputs`` with no argmax agreement for ``features``: the outputs the reference's graph
+    shows to be features (qtool.pipeline.measure.feature_outputs: a hidden state, a sentence
+    embedding), whose largest component decides nothing; the guard judges them the same way."""
     return [{**o, "argmax_agreement": None} if o["name"] in features else o for o in outputs]
 
 
@@ -243,16 +237,21 @@ class _Run:
     labels: object
     cand_metrics: list
     ref_metrics: list
+    features: frozenset[str] = frozenset()  # the reference's feature outputs (measure.feature_outputs)
 
 
 def _setup(candidate, data, reference, labels, metrics, batch_size, limit, preprocess) -> _Run:
     from qtool.data import Dataset, input_specs, read_labels_file
     from qtool.model import model_size_bytes
+    from qtool.pipeline.measure import feature_outputs
 
     cand_ir = _load_ir(candidate, "candidate")
     specs = input_specs(cand_ir)
+    features: frozenset[str] = frozenset()
     if reference is not None:
-        _check_same_interface(cand_ir, _load_ir(reference, "reference"))
+        ref_ir = _load_ir(reference, "reference")
+        _check_same_interface(cand_ir, ref_ir)
+        features = feature_outputs(ref_ir)
     dataset = Dataset(data, specs, preprocess)
     count = len(dataset) if limit <= 0 else min(limit, len(dataset))
     if labels is not None:
@@ -291,7 +290,7 @@ def _setup(candidate, data, reference, labels, metrics, batch_size, limit, prepr
     }
     return _Run(report, dataset, count, candidate, reference, [v.name for v in cand_ir.graph.outputs],
                 label_array, [m.fresh() for m in metric_objs],
-                [m.fresh() for m in metric_objs] if reference is not None else [])
+                [m.fresh() for m in metric_objs] if reference is not None else [], features)
 
 
 def _dataset_pass(run: _Run, specs: list, threads: int, backend: str,
@@ -340,7 +339,7 @@ def _collect(run: _Run, comparisons: dict, across: dict, native_backend) -> None
             entry["reference"] = r
             entry["drop"] = (r - entry["candidate"]) if m.higher_is_better else (entry["candidate"] - r)
         report.metrics.append(entry)
-    report.outputs = without_feature_agreement([c.result() for c in comparisons.values()], run.reference)
+    report.outputs = without_feature_agreement([c.result() for c in comparisons.values()], run.features)
     for (a, b, n), comp in across.items():
         res = comp.result()
         report.consistency.append({"a": f"onnxruntime:{a}", "b": f"onnxruntime:{b}", "output": n,

@@ -88,8 +88,7 @@ def run_matrix(run, runtimes: list[Runtime], *, floor, max_drop, threads: int, r
                warmup: int, timing: str, rounds: int, progress) -> tuple[dict, list[Deployment]]:
     """Measure every deployment (``run``: evaluate's set-up, with dataset and metrics);
     returns the report's ``runtimes`` section and the deployments (with their latency)."""
-    from qtool.model import load
-    from qtool.pipeline.measure import OutputAccumulator, feature_outputs
+    from qtool.pipeline.measure import OutputAccumulator
     from qtool.runtime.timing import planned_runs, time_pairs
 
     rows = [Deployment(m, rt) for rt in runtimes for m in ("reference", "candidate")]
@@ -100,8 +99,8 @@ def run_matrix(run, runtimes: list[Runtime], *, floor, max_drop, threads: int, r
         s = row.runtime.open(paths[row.model], threads=threads, role=row.model)
         row.precision = getattr(s, "precision", "")
         sessions.append(s)
-    features = feature_outputs(load(run.reference))  # judged without the argmax proxy, as the guard does
-    accs = [{n: OutputAccumulator(n, features=n in features) for n in run.outputs} for _ in rows]
+    # features are judged without the argmax proxy, as the guard does
+    accs = [{n: OutputAccumulator(n, features=n in run.features) for n in run.outputs} for _ in rows]
     comps = [{n: metrics_mod.OutputComparison(n) for n in run.outputs} for _ in rows]
     metric_sets = [[m.fresh() for m in run.cand_metrics] for _ in rows]
     truth_metrics = [m.fresh() for m in run.cand_metrics]

@@ -150,7 +150,11 @@ def evaluate_sharded(candidate: str | os.PathLike, data: str | os.PathLike, *, e
     with _bar(progress, "latency (one worker)", None, "runs"):
         report = executor.map([Task("latency", latency_report, (str(candidate), payloads[0], one))])[0]
     _fill(report, records, plan["metrics"], reference is not None)
-    report.outputs = without_feature_agreement(report.outputs, ref)
+    if ref is not None:
+        from qtool.model import load
+        from qtool.pipeline.measure import feature_outputs
+
+        report.outputs = without_feature_agreement(report.outputs, feature_outputs(load(ref)))
     report.data["samples"] = plan["count"]
     report.data["folder"] = str(data)
     report.data["labels"] = (str(labels) if labels is not None
