@@ -143,16 +143,17 @@ def calibrate_prepared(
     def new_observer() -> TensorObserver:
         return TensorObserver(c.bins, histogram, c.moving_average)
 
-    observers = {n: new_observer() for n in names}
     start = time.perf_counter()
     skipped: dict[str, str] = {}
     per_stream = parallel_streams(model, names, batch_size=batch_size, batches=-(-total // batch_size),
                                   moving_average=c.moving_average, threads=threads)
+    observers: dict[str, TensorObserver] = {}  # filled by the streams' merge
     if per_stream:
         done = _observe_parallel(model, dataset, names, new_observer, observers, skipped, batch_size=batch_size,
                                  limit=count, shard=shard, threads=per_stream, total=total, start=start,
                                  on_progress=on_progress)
     else:
+        observers.update((n, new_observer()) for n in names)
         # Two rounds of output buffers: onnxruntime fills one while a worker thread folds the
         # other into the observers (the kernels release the GIL), so observing overlaps the
         # next batch's inference. Batches are folded one at a time, in order: the same table.
@@ -230,8 +231,8 @@ def _observe_parallel(model: ir.Model, dataset: Dataset, names: list[str],
                       start: float, on_progress: Callable[[Progress], None] | None) -> int:
     """Observe ``shard``'s batches in two streams (shards ``(i, 2n)`` and ``(i + n, 2n)``,
     which together are shard ``(i, n)``), each a session of ``threads`` threads folding its
-    own batches into its own observers; then merge into ``observers`` (exact: min/max and
-    histograms do not depend on the order). A stream's error stops the other and is raised
+    own batches into its own observers; then merge them into ``observers`` (exact: min/max
+    and histograms do not depend on the order), leaving out the ``skipped`` tensors. A stream's error stops the other and is raised
     here. Returns the number of samples observed."""
     import queue
     import threading
@@ -276,9 +277,7 @@ def _observe_parallel(model: ir.Model, dataset: Dataset, names: list[str],
         for name, why in part_skipped.items():
             skipped.setdefault(name, why)
     for name in names:
-        if name in skipped:
-            observers.pop(name, None)
-        else:
+        if name not in skipped:
             observers[name] = parts[0][0][name].merged(parts[1][0][name])
     return done
 

@@ -401,7 +401,7 @@ def _convert_once(source: ir.Model, model_path: Path, recipe: Recipe, data, cali
             prepared.model, recipe, table=prepared.table, preprocessed=prepared.preprocessed,
             activations=prepared.activations, absmax=prepared.absmax, on_progress=stage_advance(advance),
             dataset=prepared.dataset, executor=executor,
-            copy=not (owned or prepared.model is not source),  # prepare's working copy is ours too
+            copy=prepared.model is source and not owned,  # prepare's working copy is ours too
         )
     return converted, prepared.reports
 
