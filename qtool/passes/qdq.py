@@ -187,7 +187,7 @@ class _StaticPlan:
             return  # fused with a float output (QGemm / MatMulIntegerToFloat): no rounding, any target
         if node.op_type in self.placement.float_output_ops and not self._read_quantized(out):
             return  # the same fusion; only float ops read it (MatMul-only placement, a residual Add)
-        act = self._foldable_activation(out)
+        act = foldable_activation(out, self.recipe.quantize.exclude)
         rng = self.ranges.get(out.name)
         if rng is None and act is not None:
             rng = self.ranges.get(act.outputs[0].name)  # the fold only needs the ReLU's range
@@ -225,9 +225,6 @@ class _StaticPlan:
             elif use.idx in ops.activation_inputs(reader):
                 return True
         return False
-
-    def _foldable_activation(self, out: ir.Value) -> ir.Node | None:
-        return foldable_activation(out, self.recipe.quantize.exclude)
 
     def _folded_params(self, out: ir.Value, act: ir.Node, rng: tuple[float, float]) -> QParams | None:
         lo_c, hi_c = ops.clip_bounds(act)
